@@ -1,0 +1,84 @@
+"""Train-step time of ArbNet MLPs over their dense twins (same virtual shapes, nn.Linear), one process.
+
+    python benchmarks/bench_arbnet.py [--steps 20] [--device cpu|cuda]
+
+Each row times SGD-with-momentum steps (forward, backward, step) of both nets, interleaved in rounds
+so that machine noise hits both alike, and prints the median ratio against its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sharetune.models.arbnet import PAPER_MLPS, ArbNetMLP
+
+CASES = [
+    # name, dataset, batch, ArbNet options, target ratio
+    ("mnist dirichlet table=1000", "mnist", 128, dict(hash="dirichlet", alpha=1.0, table_size=1000), 1.10),
+    ("cifar10 uniform 10%", "cifar10", 512, dict(hash="uniform", compression=0.1), 1.15),
+    ("cifar10 uniform 10%", "cifar10", 128, dict(hash="uniform", compression=0.1), 1.30),
+]
+
+
+def dense_twin(dataset: str) -> nn.Module:
+    in_features, hidden, classes = PAPER_MLPS[dataset]
+    widths = [in_features, *hidden, classes]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ELU(), nn.BatchNorm1d(fan_out)]
+    return nn.Sequential(*layers)
+
+
+def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run(steps: int) -> float:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
+    for name, dataset, batch, options, target in CASES:
+        torch.manual_seed(0)
+        in_features = PAPER_MLPS[dataset][0]
+        x = torch.randn(batch, in_features, device=args.device)
+        y = torch.randint(0, 10, (batch,), device=args.device)
+        arb = step_timer(ArbNetMLP.paper(dataset, **options).to(args.device), x, y)
+        dense = step_timer(dense_twin(dataset).to(args.device), x, y)
+        arb(2), dense(2)  # warm-up: JIT compilation, allocator, caches
+        ratios, dense_times = [], []
+        for _ in range(args.rounds):
+            d = dense(args.steps)
+            ratios.append(arb(args.steps) / d)
+            dense_times.append(d)
+        ratio = statistics.median(ratios)
+        verdict = "ok" if ratio <= target else "OVER"
+        print(
+            f"{name:28s} batch {batch:4d}: arbnet/dense = {ratio:.3f} (target <= {target:.2f}, {verdict}); "
+            f"dense step {statistics.median(dense_times) * 1e3:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
