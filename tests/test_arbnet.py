@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
+from sharetune.models.table_ops import KERNEL_ENV
+
+
+@pytest.fixture(params=["numba", "torch"])
+def kernel(request, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("options", [dict(hash="uniform"), dict(hash="hashednets", sign=True), dict(hash="dirichlet", alpha=0.3, sparsity=0.25)])
+def test_table_gradient_is_the_per_bucket_sum_of_the_dense_gradient(kernel, options):
+    torch.manual_seed(0)
+    layer = ArbLinear(37, 23, table_size=50, **options)
+    x = torch.randn(8, 37)
+    weight = layer.dense_weight()
+    weight.retain_grad()
+    F.linear(x, weight, layer.bias).square().sum().backward()
+    signs = torch.ones(layer.index.numel()) if layer.sign is None else layer.sign.float()
+    expected = torch.zeros(layer.table_size + 1, dtype=torch.float64)
+    expected.index_add_(0, layer.index.long(), (weight.grad.flatten() * signs).double())
+    torch.testing.assert_close(layer.table.grad.double(), expected[:-1], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_weight_reads_the_table(kernel):
+    layer = ArbLinear(5, 4, table_size=7, hash="uniform", seed=3)
+    weight = layer.dense_weight().detach()
+    assert torch.equal(weight.flatten(), layer.table.detach()[layer.index.long()])
+
+
+def test_conv2d_as_arbnet_matches_conv2d(kernel):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
+    layer = conv2d_as_arbnet(conv, (9, 9))
+    assert layer.table.numel() == conv.weight.numel()  # only the kernel is stored
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(layer(x.flatten(1)), conv(x).flatten(1), rtol=1e-5, atol=1e-5)
+
+
+def test_rnn_weight_reuse_is_a_modulus_hash_over_stacked_layers(kernel):
+    torch.manual_seed(0)
+    hidden, steps = 6, 4
+    rnn = nn.RNN(hidden, hidden, bias=False, batch_first=True)
+    # one ArbNet layer per unrolled step, all numbered sequentially: step t uses ids [t*H*H, (t+1)*H*H)
+    stacked = ArbLinear(hidden, hidden * steps * 2, table_size=hidden * hidden * 2, hash="modulus")
+    with torch.no_grad():
+        stacked.table.copy_(torch.cat([rnn.weight_ih_l0.flatten(), rnn.weight_hh_l0.flatten()]))
+    weights = stacked.dense_weight().view(steps * 2, hidden, hidden)
+    x = torch.randn(3, steps, hidden)
+    h = torch.zeros(3, hidden)
+    for t in range(steps):
+        h = torch.tanh(x[:, t] @ weights[2 * t].T + h @ weights[2 * t + 1].T)
+    torch.testing.assert_close(h, rnn(x)[1][0], rtol=1e-5, atol=1e-6)
+
+
+def test_sparsity_is_exact_and_never_trained(kernel):
+    layer = ArbLinear(50, 40, table_size=100, hash="uniform", sparsity=0.3, seed=1)
+    zeros = lambda: int((layer.dense_weight() == 0).sum())
+    assert zeros() == round(0.3 * 2000) and layer.sparsity() == pytest.approx(0.3)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(16, 50)).square().mean().backward()
+        opt.step()
+    assert zeros() == 600
+
+
+def test_state_dict_round_trips_exactly():
+    layer = ArbLinear(30, 20, table_size=64, hash="dirichlet", alpha=0.5, sparsity=0.1, seed=5)
+    assert layer.index.dtype == torch.int32
+    other = ArbLinear(30, 20, table_size=64, hash="uniform", seed=99)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.index, layer.index) and torch.equal(other.dense_weight(), layer.dense_weight())
+    buffer = __import__("io").BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer))
+    assert torch.equal(other.dense_weight(), layer.dense_weight())
+
+
+def test_entropy_and_load_factor():
+    balanced = ArbLinear(100, 100, table_size=1000, hash="modulus")
+    assert round(balanced.entropy(), 2) == 6.91  # ln(1000): the paper's uniform 1000-entry table
+    assert balanced.load_factor() == 10.0
+    skewed = ArbLinear(100, 100, table_size=1000, hash="dirichlet", alpha=0.05)
+    assert skewed.entropy() < balanced.entropy()
+
+
+def test_paper_mlps_and_compression():
+    mnist = ArbNetMLP.paper("mnist", hash="dirichlet", alpha=1.0, table_size=1000)
+    assert [(l.in_features, l.out_features, l.table_size) for l in mnist.arb_layers()] == [(784, 200, 1000), (200, 200, 1000), (200, 10, 1000)]
+    assert mnist(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    cifar = ArbNetMLP.paper("cifar10", hash="uniform", compression=0.1)
+    assert [l.table_size for l in cifar.arb_layers()] == [614400, 400000, 400000, 400000, 400000, 2000]
+    mixed = ArbNetMLP(10, [8], 3, hash=["identity", "neighborhood"], radius=[None, 2], table_size=[None, 5])
+    assert [l.table_size for l in mixed.arb_layers()] == [80, 5]
+    with pytest.raises(ValueError, match="table_size/compression"):
+        ArbNetMLP(10, [8], 3, hash="uniform")
+    with pytest.raises(ValueError, match="hash: expected 2 values"):
+        ArbNetMLP(10, [8], 3, hash=["uniform"], table_size=5)
+
+
+def test_identity_arbnet_equals_dense_linear():
+    layer = ArbLinear(6, 5, table_size=30, hash="identity")
+    dense = nn.Linear(6, 5)
+    with torch.no_grad():
+        dense.weight.copy_(layer.table.view(5, 6))
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), dense(x))
+    assert math.isclose(layer.entropy(), math.log(30))

@@ -1,0 +1,97 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sharetune.cli import app
+from sharetune.data import DataError, load
+from sharetune.data.datasets import add_label_noise
+from sharetune.data.fetch import read_idx
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root, n_train=20, n_test=10):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in [("train", n_train), ("t10k", n_test)]:
+        arrays[split] = (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
+        write_idx(raw / f"{split}-images-idx3-ubyte", arrays[split][0])
+        write_idx(raw / f"{split}-labels-idx1-ubyte", arrays[split][1])
+    return arrays
+
+
+def test_idx_files_parse_and_load_through_torchvision(tmp_path):
+    arrays = make_mnist(tmp_path)
+    data = load("mnist", tmp_path)
+    assert data.x_train.shape == (20, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
+    assert torch.equal(data.y_train, torch.as_tensor(arrays["train"][1]))
+    pixels = torch.as_tensor(arrays["train"][0], dtype=torch.float32) / 255
+    torch.testing.assert_close(data.x_train[:, 0], (pixels - 0.1307) / 0.3081)
+    assert np.array_equal(read_idx(tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte"), arrays["t10k"][1])
+
+
+def test_read_idx_handles_gzip_and_rejects_garbage(tmp_path):
+    array = np.arange(24).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), array)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
+    write_idx(tmp_path / "short", array)
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
+    with pytest.raises(DataError, match="header says"):
+        read_idx(tmp_path / "short")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.13, 0.5, 1.0])
+def test_label_noise_fraction_is_exact(fraction):
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
+    noisy = add_label_noise(labels, fraction, 10, seed=3)
+    assert int((noisy != labels).sum()) == round(fraction * 1000)
+    assert torch.equal(noisy, add_label_noise(labels, fraction, 10, seed=3))
+
+
+def test_load_applies_label_noise():
+    clean, noisy = load("synthetic"), load("synthetic", label_noise=0.25)
+    assert int((clean.y_train != noisy.y_train).sum()) == 128
+
+
+def test_mnist1d_generates_offline():
+    data = load("mnist1d")
+    assert data.x_train.shape == (4000, 40) and data.num_classes == 10
+    assert abs(float(data.x_train.mean())) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "arbnet", "--dataset", "imagenet"], "dataset: unknown dataset 'imagenet'; allowed: cifar10"),
+        (["train", "arbnet", "--dataset", "mnist", "--data-dir", "{empty}"], "sharetune data fetch mnist"),
+        (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
+        (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
+        (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="root: .* is not a directory"):
+        load("mnist", tmp_path / "file")

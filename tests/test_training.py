@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from typer.testing import CliRunner
+
+from sharetune.cli import app
+from sharetune.data import load
+from sharetune.models.arbnet import ArbNetMLP
+from sharetune.training import Recipe, train_epochs
+
+
+def test_arbnet_learns_mnist1d_well_above_chance():
+    data = load("mnist1d")
+    model = ArbNetMLP(40, [200, 200], 10, hash="dirichlet", alpha=1.0, table_size=4000)
+    results = list(train_epochs(model, data, Recipe(epochs=8, lr=0.05), device="cpu"))
+    assert len(results) == 8
+    assert results[-1].test_accuracy > 0.35  # chance is 0.10
+    assert results[-1].train_accuracy > results[0].train_accuracy
+
+
+def test_learning_rate_drops_tenfold_after_four_epochs_without_better_train_accuracy():
+    data = load("synthetic")
+    model = ArbNetMLP(64, [16], 4, hash="uniform", table_size=50)
+    results = list(train_epochs(model, data, Recipe(epochs=20, lr=1e-5), device="cpu"))  # too small to learn
+    best, flat, lr = -1.0, 0, 1e-5
+    for r in results:
+        if r.train_accuracy > best * (1 + 1e-4):  # ReduceLROnPlateau's default relative threshold
+            best, flat = r.train_accuracy, 0
+        else:
+            flat += 1
+        if flat == 4:
+            lr, flat = lr / 10, 0
+        assert r.lr == pytest.approx(lr)
+    assert results[-1].lr < 1e-5
+
+
+def test_diverging_run_stops_and_says_so():
+    data = load("synthetic")
+    model = ArbNetMLP(64, [16], 4, hash="uniform", table_size=50)
+    results = list(train_epochs(model, data, Recipe(epochs=5, lr=1e30), device="cpu"))
+    assert results[-1].diverged and len(results) < 5
+    assert not any(r.diverged for r in results[:-1])
+
+
+def test_cli_train_prints_json_metrics():
+    result = CliRunner().invoke(app, ["train", "arbnet", "--dataset", "synthetic", "--hash", "neighborhood", "--radius", "3", "--table-size", "64", "--epochs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert {"test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs", "entropy", "diverged", "epoch_seconds"} <= set(metrics)
+    assert metrics["epoch"] == 2 and metrics["unique_params"] < metrics["virtual_params"]
