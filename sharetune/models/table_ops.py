@@ -5,6 +5,8 @@ segmented sum. On CPU the fastest kernels we measured are small Numba loops: the
 across all cores, and the scatter gives each core a private copy of the table (it stays in cache)
 and sums the copies at the end, avoiding atomics. Elsewhere (CUDA, other dtypes, no Numba) we use
 `index_select`, whose autograd backward is `index_add_`: on CUDA that beats sort-based scatters.
+Layers under NUMBA_MIN_WEIGHTS also take that path on CPU: there a parallel launch costs more
+than it saves.
 
 Index convention: entry `table_size` is the reserved zero slot (sparsity); it reads as 0 and
 never receives a gradient.
@@ -58,7 +60,7 @@ def _scatter_loop(grad, index, sign, out, threads):  # pragma: no cover - compil
 
 
 # Below this many weights a parallel launch costs more than it saves: PyTorch's ops win there.
-NUMBA_MIN_WEIGHTS = 1 << 18
+NUMBA_MIN_WEIGHTS = 1 << 14
 
 if numba is not None:
     _gather = njit(parallel=True, fastmath=True, boundscheck=False, cache=True)(_gather_loop)
