@@ -9,7 +9,7 @@ from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
 from sharetune.models.table_ops import KERNEL_ENV
 
 
-@pytest.fixture(params=["numba", "torch"])
+@pytest.fixture(params=["numba", "sparse", "torch"])
 def kernel(request, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, request.param)
     return request.param
@@ -116,3 +116,17 @@ def test_identity_arbnet_equals_dense_linear():
     x = torch.randn(3, 6)
     torch.testing.assert_close(layer(x), dense(x))
     assert math.isclose(layer.entropy(), math.log(30))
+
+
+def test_plan_follows_the_index_through_copies_and_loads(kernel):
+    import copy
+
+    layer = ArbLinear(20, 30, table_size=40, hash="uniform", seed=1)
+    x = torch.randn(2, 20)
+    before = layer(x)
+    clone = copy.deepcopy(layer)
+    torch.testing.assert_close(clone(x), before)
+    other = ArbLinear(20, 30, table_size=40, hash="modulus")
+    other(x)  # builds a plan for the modulus index
+    other.load_state_dict(layer.state_dict())  # overwrites the index in place
+    torch.testing.assert_close(other(x), before)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharetune.models.hashes import compute_hash
-from sharetune.models.table_ops import gather_table
+from sharetune.models.table_ops import TablePlan, plan_key
 
 
 class ArbLinear(nn.Module):
@@ -85,10 +85,22 @@ class ArbLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The materialised `out x in` weight (differentiable with respect to the table)."""
-        return gather_table(self.table, self.index, self.sign).view(self.out_features, self.in_features)
+        return self.table_plan().gather(self.table).view(self.out_features, self.in_features)
+
+    def table_plan(self) -> TablePlan:
+        """Kernel data derived from the index; rebuilt only when the index or the device changes."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.key != plan_key(self.index, self.sign):
+            plan = self.__dict__["_plan"] = TablePlan(self.index, self.sign, self.table_size)
+        return plan
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_plan", None)  # derived data: rebuilt on first use after unpickling or copying
+        return state
 
     def usage(self) -> Tensor:
         """How many virtual weights read each table entry (the zero slot excluded)."""

@@ -15,6 +15,7 @@ never receives a gradient.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -59,22 +60,75 @@ def _scatter_loop(grad, index, sign, out, threads):  # pragma: no cover - compil
         out[j] = total
 
 
-# Below this many weights a parallel launch costs more than it saves: PyTorch's ops win there.
-NUMBA_MIN_WEIGHTS = 1 << 14
+# Below this many weights a Numba launch costs more than it saves (its thread pool and PyTorch's
+# contend for the cores); there a sparse matrix-vector product, which runs on PyTorch's own
+# threads, is the fastest backward we measured.
+NUMBA_MIN_WEIGHTS = 1 << 18
+KERNELS = ("numba", "sparse", "torch")
 
 if numba is not None:
     _gather = njit(parallel=True, fastmath=True, boundscheck=False, cache=True)(_gather_loop)
     _scatter = njit(parallel=True, fastmath=True, boundscheck=False, cache=True)(_scatter_loop)
 
+_NO_SIGN = torch.empty(0, dtype=torch.int8)
 
-def _use_numba(table: Tensor, weights: int) -> bool:
+
+def choose_kernel(device: torch.device, weights: int) -> str:
     choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "numba", "torch"):
-        raise ValueError(f"{KERNEL_ENV}: must be auto, numba or torch, got {choice!r}")
-    eligible = numba is not None and table.device.type == "cpu" and table.dtype == torch.float32
-    if choice == "numba" and not eligible:
-        raise RuntimeError(f"{KERNEL_ENV}=numba needs numba and a float32 CPU table")
-    return choice == "numba" or (eligible and choice == "auto" and weights >= NUMBA_MIN_WEIGHTS)
+    if choice not in ("auto", *KERNELS):
+        raise ValueError(f"{KERNEL_ENV}: must be auto, {', '.join(KERNELS)}; got {choice!r}")
+    if device.type != "cpu":
+        return "torch"
+    if choice == "numba" and numba is None:
+        raise RuntimeError(f"{KERNEL_ENV}=numba needs the numba package")
+    if choice != "auto":
+        return choice
+    return "numba" if numba is not None and weights >= NUMBA_MIN_WEIGHTS else "sparse"
+
+
+class TablePlan:
+    """What a fixed index lets us precompute for one device, built once and reused every step."""
+
+    def __init__(self, index: Tensor, sign: Tensor | None, table_size: int) -> None:
+        self.key = plan_key(index, sign)
+        self.table_size = table_size
+        self.kernel = choose_kernel(index.device, index.numel())
+        self.index = index
+        self.sign = _NO_SIGN if sign is None else sign
+        if self.kernel == "numba":
+            return
+        self.index64 = index.long()  # index_select is fastest with int64 on CPU
+        self.has_zero_slot = bool((index == table_size).any())
+        self.sign_values = None if sign is None else sign.float()
+        if self.kernel == "sparse":
+            kept = (index < table_size).nonzero().squeeze(1)
+            values = torch.ones(len(kept)) if sign is None else sign[kept].float()
+            entries = torch.stack([index[kept].long(), kept])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": matrix-vector is stable
+                warnings.simplefilter("ignore", UserWarning)
+                shape = (table_size, index.numel())
+                csr = torch.sparse_coo_tensor(entries, values, shape).coalesce().to_sparse_csr()
+                # int32 indices: MKL's kernel takes them as they are; int64 ones are converted every call
+                self.transpose = torch.sparse_csr_tensor(
+                    csr.crow_indices().int(), csr.col_indices().int(), csr.values(), shape
+                )
+
+    def gather(self, table: Tensor) -> Tensor:
+        if self.kernel == "numba" and table.dtype == torch.float32:
+            return _NumbaGather.apply(table, self)
+        if self.kernel == "sparse" and table.dtype == torch.float32:
+            return _SparseGather.apply(table, self)
+        return self.index_select(table)
+
+    def index_select(self, table: Tensor) -> Tensor:
+        padded = torch.cat([table, table.new_zeros(1)]) if self.has_zero_slot else table
+        values = padded.index_select(0, self.index64)
+        return values if self.sign_values is None else values * self.sign_values.to(values.dtype)
+
+
+def plan_key(index: Tensor, sign: Tensor | None) -> tuple:
+    """Changes whenever the index is replaced or written in place (e.g. by load_state_dict)."""
+    return (index.data_ptr(), index._version, index.device, None if sign is None else (sign.data_ptr(), sign._version))
 
 
 def _threads() -> int:
@@ -86,29 +140,27 @@ def _threads() -> int:
 
 class _NumbaGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: Tensor, index: Tensor, sign: Tensor) -> Tensor:
-        ctx.save_for_backward(index, sign)
-        ctx.table_size = table.shape[0]
-        out = torch.empty(index.shape[0], dtype=table.dtype)
+    def forward(ctx, table: Tensor, plan: TablePlan) -> Tensor:
+        ctx.plan = plan
+        out = torch.empty(plan.index.shape[0], dtype=table.dtype)
         _threads()
-        _gather(table.detach().contiguous().numpy(), index.numpy(), sign.numpy(), out.numpy())
+        _gather(table.detach().contiguous().numpy(), plan.index.numpy(), plan.sign.numpy(), out.numpy())
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        index, sign = ctx.saved_tensors
-        out = torch.empty(ctx.table_size, dtype=grad.dtype)
-        _scatter(grad.contiguous().numpy(), index.numpy(), sign.numpy(), out.numpy(), _threads())
-        return out, None, None
+        plan = ctx.plan
+        out = torch.empty(plan.table_size, dtype=grad.dtype)
+        _scatter(grad.contiguous().numpy(), plan.index.numpy(), plan.sign.numpy(), out.numpy(), _threads())
+        return out, None
 
 
-_NO_SIGN = torch.empty(0, dtype=torch.int8)
+class _SparseGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: Tensor, plan: TablePlan) -> Tensor:
+        ctx.plan = plan
+        return plan.index_select(table.detach())
 
-
-def gather_table(table: Tensor, index: Tensor, sign: Tensor | None = None) -> Tensor:
-    """Return `table[index] * sign` (flat), with index == len(table) reading as a fixed zero."""
-    if _use_numba(table, index.shape[0]):
-        return _NumbaGather.apply(table, index, _NO_SIGN if sign is None else sign)
-    padded = torch.cat([table, table.new_zeros(1)])
-    values = padded.index_select(0, index)
-    return values if sign is None else values * sign.to(values.dtype)
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.mv(ctx.plan.transpose, grad.contiguous()), None
