@@ -41,24 +41,34 @@ def _gather_loop(table, index, sign, out):  # pragma: no cover - compiled by Num
             out[i] = 0.0
 
 
-def _scatter_loop(grad, index, sign, out, threads):  # pragma: no cover - compiled by Numba
-    size = out.shape[0]
+def _scatter_loop(grad, positions, local, starts, part_lo, sign, out):  # pragma: no cover - compiled
+    # Part p owns table entries [part_lo[p], part_lo[p+1]) and the weights positions[starts[p]:starts[p+1]],
+    # so threads never write the same entry and each part's slice of the table stays in cache.
     signed = sign.shape[0] > 0
-    n = index.shape[0]
-    private = np.zeros((threads, size), dtype=out.dtype)
-    chunk = (n + threads - 1) // threads
-    for t in prange(threads):
-        acc = private[t]
-        for i in range(t * chunk, min(n, (t + 1) * chunk)):
-            j = index[i]
-            if j < size:
-                acc[j] += grad[i] * sign[i] if signed else grad[i]
-    for j in prange(size):
-        total = out.dtype.type(0)
-        for t in range(threads):
-            total += private[t, j]
-        out[j] = total
+    for p in prange(starts.shape[0] - 1):
+        lo = part_lo[p]
+        for j in range(lo, part_lo[p + 1]):
+            out[j] = 0.0
+        for k in range(starts[p], starts[p + 1]):
+            i = positions[k]
+            out[lo + local[k]] += grad[i] * sign[i] if signed else grad[i]
 
+
+def _partition(index: np.ndarray, table_size: int, parts: int):
+    """Group weights by the table part they read, positions ascending within a part."""
+    part_lo = np.linspace(0, table_size, parts + 1).astype(np.int64)
+    kept = np.flatnonzero(index < table_size).astype(np.int32)
+    part = np.searchsorted(part_lo, index[kept], side="right") - 1
+    order = np.argsort(part, kind="stable")
+    positions = kept[order]
+    local = (index[positions] - part_lo[part[order]]).astype(np.int32)
+    starts = np.zeros(parts + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(np.bincount(part, minlength=parts))
+    return positions, local, starts, part_lo
+
+
+# Bytes of table a scatter part may own: a few hundred KB stays in a core's L2 beside the streams.
+PART_BYTES = 512 * 1024
 
 # Below this many weights a Numba launch costs more than it saves (its thread pool and PyTorch's
 # contend for the cores); there a sparse matrix-vector product, which runs on PyTorch's own
@@ -96,6 +106,10 @@ class TablePlan:
         self.index = index
         self.sign = _NO_SIGN if sign is None else sign
         if self.kernel == "numba":
+            threads = numba.config.NUMBA_NUM_THREADS
+            parts = max(1, -(-table_size * 4 // PART_BYTES))
+            parts = -(-parts // threads) * threads  # whole rounds of threads
+            self.partition = _partition(index.numpy(), table_size, parts)
             return
         self.index64 = index.long()  # index_select is fastest with int64 on CPU
         self.has_zero_slot = bool((index == table_size).any())
@@ -151,7 +165,8 @@ class _NumbaGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         plan = ctx.plan
         out = torch.empty(plan.table_size, dtype=grad.dtype)
-        _scatter(grad.contiguous().numpy(), plan.index.numpy(), plan.sign.numpy(), out.numpy(), _threads())
+        _threads()
+        _scatter(grad.contiguous().numpy(), *plan.partition, plan.sign.numpy(), out.numpy())
         return out, None
 
 
