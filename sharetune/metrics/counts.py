@@ -26,14 +26,18 @@ class ParamCount:
 
 def count_params(model: nn.Module) -> ParamCount:
     unique = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
-    virtual = 0
-    for _, module in model.named_modules(remove_duplicate=False):  # a module used twice counts twice
-        counter = getattr(module, "virtual_parameter_count", None)
-        if counter is not None:
-            virtual += counter()
-        else:
-            virtual += sum(p.numel() for p in module.parameters(recurse=False))
-    return ParamCount(unique=unique, virtual=virtual)
+    return ParamCount(unique=unique, virtual=_virtual(model))
+
+
+def _virtual(module: nn.Module) -> int:
+    """Modules that know their dense equivalent (ArbLinear, SPIN aliases) answer for their subtree;
+    a module placed at two positions is counted at both."""
+    counter = getattr(module, "virtual_parameter_count", None)
+    if counter is not None:
+        return counter()
+    own = sum(p.numel() for p in module.parameters(recurse=False))
+    children = [m for m in module._modules.values() if m is not None]  # children() drops repeats
+    return own + sum(_virtual(child) for child in children)
 
 
 def _bn_no_training(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

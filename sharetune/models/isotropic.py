@@ -1,0 +1,70 @@
+"""Isotropic networks for SPIN: ConvMixer and DeiT from timm, and an isotropic ConvNeXt.
+
+Every builder returns a model whose repeated layers sit in `model.blocks`, which is what
+`sharetune.models.spin.share` walks.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.layers import DropPath
+from timm.models.convmixer import ConvMixer
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def convmixer(
+    dim: int = 768, depth: int = 32, patch_size: int = 14, kernel_size: int = 3,
+    num_classes: int = 1000, in_chans: int = 3, act: str = "relu", **kwargs,
+) -> nn.Module:
+    """ConvMixer C/D/P/K (SPIN uses ReLU; timm's default is GELU)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act: unknown activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
+    kwargs.pop("img_size", None)  # fully convolutional: any image size works
+    return ConvMixer(dim, depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
+                     num_classes=num_classes, act_layer=ACTIVATIONS[act], **kwargs)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block (Liu et al. 2022): 7x7 depthwise conv, LayerNorm, 4x MLP, layer scale, residual."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, mlp_ratio: int = 4, layer_scale: float = 1e-6, drop_path: float = 0.0):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv_dw(x).permute(0, 2, 3, 1)
+        y = self.mlp(self.norm(y)) * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class ConvNeXtIsotropic(nn.Module):
+    """The isotropic ConvNeXt of the ConvNeXt paper (section 5): a 16x16 patch stem, `depth` blocks at
+    one width, global average pooling, LayerNorm and a linear head. ConvNeXt-S-iso: dim 384, depth 18."""
+
+    def __init__(self, dim: int = 384, depth: int = 18, patch_size: int = 16, kernel_size: int = 7,
+                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0, **kwargs):
+        super().__init__()
+        kwargs.pop("img_size", None)
+        if kwargs:
+            raise ValueError(f"{next(iter(kwargs))}: not an option of convnext_isotropic")
+        self.stem = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, kernel_size, drop_path=r) for r in rates])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+def deit(variant: str, **kwargs) -> nn.Module:
+    """DeiT-Ti / DeiT-S from timm (no pretrained weights: nothing is fetched from a hub)."""
+    return timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, **kwargs)

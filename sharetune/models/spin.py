@@ -1,0 +1,209 @@
+"""SPIN (Lin et al.): cross-layer weight sharing in isotropic networks.
+
+A `SharingPlan` maps each of a network's L layers to an entry of a weight bank. `share` applies a
+plan to chosen sub-modules of every block: the first layer of each bank entry keeps its module
+(moved into `model.spin_bank`), and every layer using that entry gets an `Alias` that runs the
+bank's module. Parameters live only in the bank, so `parameters()`, `state_dict()`, checkpoints,
+optimizers and EMAs see each entry once, and `count_params` reports the shared count.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+MAPPINGS = ("sequential", "strided", "pyramid", "random")
+DISTRIBUTIONS = ("uniform", "front", "middle", "back")
+
+
+def _choice(field: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field}: unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def _group_sizes(layers: int, entries: int, mapping: str) -> list[int]:
+    """Layers per bank entry for the contiguous mappings; rounding leaves the last entry smaller."""
+    if mapping == "pyramid":  # triangular profile: entries near the centre take more layers
+        weights = np.array([min(k + 1, entries - k) for k in range(entries)], dtype=float)
+        exact = weights / weights.sum() * (layers - entries) + 1
+        sizes = np.floor(exact).astype(int)
+        for k in np.argsort(-(exact - sizes), kind="stable")[: layers - sizes.sum()]:
+            sizes[k] += 1
+        return sizes.tolist()
+    rate = math.ceil(layers / entries)
+    return [min(rate, layers - k * rate) for k in range(entries) if layers - k * rate > 0]
+
+
+def _section_ids(layers: int, rate: float, mapping: str, seed: int) -> list[int]:
+    entries = math.ceil(layers / rate)
+    if mapping == "strided":
+        return [i % entries for i in range(layers)]
+    if mapping == "random":
+        sequential = _section_ids(layers, rate, "sequential", seed)
+        return np.random.default_rng(seed).permutation(sequential).tolist()
+    sizes = _group_sizes(layers, entries, mapping)
+    return [entry for entry, size in enumerate(sizes) for _ in range(size)]
+
+
+@dataclass(frozen=True)
+class SharingPlan:
+    """`bank_ids[i]` is the bank entry layer i uses; entries are numbered 0..P-1 in order of first use."""
+
+    bank_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ids = list(self.bank_ids)
+        if not ids:
+            raise ValueError("plan: must cover at least one layer")
+        first_use = list(dict.fromkeys(ids))
+        if sorted(first_use) != list(range(len(first_use))):
+            raise ValueError(f"plan: bank ids must be 0..{len(first_use) - 1} with none skipped, got {ids}")
+        object.__setattr__(self, "bank_ids", tuple(int(i) for i in ids))
+
+    @property
+    def depth(self) -> int:
+        return len(self.bank_ids)
+
+    @property
+    def num_entries(self) -> int:
+        return len(set(self.bank_ids))
+
+    @property
+    def share_rate(self) -> float:
+        return self.depth / self.num_entries
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[int], depth: int | None = None) -> "SharingPlan":
+        if depth is not None and len(ids) != depth:
+            raise ValueError(f"plan: covers {len(ids)} layers but the model has {depth}; each layer needs one bank id")
+        first_use = {}
+        return cls(tuple(first_use.setdefault(i, len(first_use)) for i in ids))
+
+    @classmethod
+    def from_notation(cls, text: str, depth: int | None = None) -> "SharingPlan":
+        """The paper's N x S notation: "[4x1,1x2,2x3]" is 4 entries used once, 1 used twice, 2 used 3 times."""
+        groups = re.findall(r"(\d+)\s*[xX×]\s*(\d+)", text)
+        if not groups or re.sub(r"[\s\[\]]", "", text) != ",".join(f"{n}x{s}" for n, s in groups).replace("X", "x"):
+            raise ValueError(f"plan: {text!r} is not N x S notation, e.g. [4x1,1x2,2x3,1x2,4x1]")
+        ids: list[int] = []
+        for count, size in ((int(n), int(s)) for n, s in groups):
+            if count < 1 or size < 1:
+                raise ValueError(f"plan: {count}x{size}: counts and share rates must be >= 1")
+            for _ in range(count):
+                ids += [len(set(ids))] * size
+        return cls.from_ids(ids, depth)
+
+    @classmethod
+    def from_topology(
+        cls, depth: int, rate: float, mapping: str = "sequential", distribution: str = "uniform", seed: int = 0
+    ) -> "SharingPlan":
+        """A mapping x distribution at an overall share rate (depth / bank entries), as in SPIN Table 1.
+
+        Non-uniform distributions share only a section (front, middle or back) at rate + 1 and keep the
+        other layers unshared, sized so the whole network still meets `rate` (depth 32, rate 2: 24 shared
+        layers at rate 3 and 8 unshared).
+        """
+        _choice("mapping", mapping, MAPPINGS)
+        _choice("distribution", distribution, DISTRIBUTIONS)
+        if not 1 <= rate <= depth:
+            raise ValueError(f"rate: must be between 1 and the depth ({depth}), got {rate}")
+        if distribution == "uniform" or rate == 1:
+            return cls.from_ids(_section_ids(depth, rate, mapping, seed))
+        section_rate = rate + 1
+        shared = round(depth * (1 - 1 / rate) / (1 - 1 / section_rate) / section_rate) * section_rate
+        shared = min(depth, max(int(section_rate), int(shared)))
+        start = {"front": 0, "back": depth - shared, "middle": (depth - shared) // 2}[distribution]
+        section = _section_ids(shared, section_rate, mapping, seed)
+        ids = list(range(start)) + [start + i for i in section]
+        ids += [start + max(section) + 1 + k for k in range(depth - start - shared)]
+        return cls.from_ids(ids)
+
+    def notation(self) -> str:
+        """Runs of equal group sizes in N x S form (contiguous plans only)."""
+        sizes = [self.bank_ids.count(e) for e in range(self.num_entries)]
+        runs: list[list[int]] = []
+        for size in sizes:
+            if runs and runs[-1][1] == size:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, size])
+        return "[" + ",".join(f"{n}x{s}" for n, s in runs) + "]"
+
+
+def make_plan(depth: int, spec: "SharingPlan | str | Sequence[int] | dict") -> SharingPlan:
+    """Accept a plan, N x S notation, a list of bank ids, or {rate, mapping, distribution, seed}."""
+    if isinstance(spec, SharingPlan):
+        plan = spec
+    elif isinstance(spec, str):
+        plan = SharingPlan.from_notation(spec)
+    elif isinstance(spec, dict):
+        allowed = {"rate", "mapping", "distribution", "seed"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(f"sharing: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        plan = SharingPlan.from_topology(depth, **spec)
+    else:
+        plan = SharingPlan.from_ids(list(spec))
+    if plan.depth != depth:
+        raise ValueError(f"plan: covers {plan.depth} layers but the model has {depth}")
+    return plan
+
+
+class Alias(nn.Module):
+    """Runs a module owned by the weight bank. Holds no parameters of its own."""
+
+    def __init__(self, target: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["target"] = target  # not registered: the bank owns it
+
+    def forward(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+    def virtual_parameter_count(self) -> int:
+        from sharetune.metrics.counts import count_params
+
+        return count_params(self.target).virtual
+
+    def extra_repr(self) -> str:
+        return f"-> {type(self.target).__name__}"
+
+
+class WeightBank(nn.ModuleDict):
+    """The unique modules of a shared model; counted through the layers that use them."""
+
+    def virtual_parameter_count(self) -> int:
+        return 0
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path) if path else module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent), name, value)
+
+
+def share(model: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], *, blocks: str = "blocks") -> nn.Module:
+    """Share `components` (sub-module paths inside each block; "" for the whole block) across `model.<blocks>`."""
+    layers = _get(model, blocks)
+    plan = make_plan(len(layers), plan)
+    bank = WeightBank()
+    for component in components:
+        owners: dict[int, nn.Module] = {}
+        for layer, entry in enumerate(plan.bank_ids):
+            path = f"{layer}.{component}" if component else str(layer)
+            module = _get(layers, path)
+            if entry not in owners:
+                owners[entry] = module
+                bank[f"{component.replace('.', '_') or 'block'}__{entry}"] = module
+            _set(layers, path, Alias(owners[entry]))
+    model.spin_bank = bank
+    model.sharing_plan = plan
+    return model

@@ -1,0 +1,112 @@
+import io
+import itertools
+
+import pytest
+import torch
+
+from sharetune.metrics import count_macs, count_params
+from sharetune.models import create_model
+from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
+
+
+@pytest.mark.parametrize("mapping, distribution", list(itertools.product(MAPPINGS, DISTRIBUTIONS)))
+@pytest.mark.parametrize("depth, rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4)])
+def test_every_topology_covers_each_layer_once_with_the_right_bank(mapping, distribution, depth, rate):
+    plan = SharingPlan.from_topology(depth, rate, mapping, distribution, seed=1)
+    assert plan.depth == depth
+    entries = plan.num_entries
+    if distribution == "uniform" or rate == 1:
+        assert entries == -(-depth // rate)
+    else:
+        assert abs(depth / entries - rate) <= 0.5 * rate  # the section's rate is rate + 1, the rest unshared
+    assert sorted(set(plan.bank_ids)) == list(range(entries))
+
+
+def test_paper_topologies_at_depth_32_rate_2():
+    assert SharingPlan.from_topology(32, 2, "sequential").bank_ids[:4] == (0, 0, 1, 1)
+    assert SharingPlan.from_topology(32, 2, "strided").bank_ids[:3] == (0, 1, 2)
+    assert SharingPlan.from_topology(32, 2, "strided").bank_ids[16] == 0
+    for distribution in ("front", "middle", "back"):
+        assert SharingPlan.from_topology(32, 2, "sequential", distribution).num_entries == 16
+    middle = SharingPlan.from_topology(32, 2, "pyramid", "middle")
+    assert middle.bank_ids[:4] == (0, 1, 2, 3) and middle.bank_ids[-4:] == (12, 13, 14, 15)
+    random = SharingPlan.from_topology(32, 2, "random", seed=3)
+    assert random != SharingPlan.from_topology(32, 2, "sequential") and random.num_entries == 16
+
+
+def test_notation_reproduces_the_middle_pyramid_of_table_1():
+    plan = SharingPlan.from_notation("[4x1,1x2,2x3,2x4,2x3,1x2,4x1]")
+    assert plan.depth == 32 and plan.num_entries == 16 and plan.share_rate == 2
+    assert plan.notation() == "[4x1,1x2,2x3,2x4,2x3,1x2,4x1]"
+
+
+def test_uneven_rate_leaves_the_last_entry_smaller():
+    plan = SharingPlan.from_topology(18, 4)
+    assert plan.num_entries == 5 and plan.bank_ids.count(4) == 2
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: SharingPlan.from_topology(8, 0.5), "rate: must be between 1 and the depth"),
+        (lambda: SharingPlan.from_topology(8, 9), "rate: must be between 1 and the depth"),
+        (lambda: SharingPlan.from_topology(8, 2, "zigzag"), "mapping: unknown value 'zigzag'; allowed: sequential"),
+        (lambda: SharingPlan.from_topology(8, 2, distribution="edges"), "distribution: unknown value 'edges'"),
+        (lambda: SharingPlan.from_notation("4 by 2"), "not N x S notation"),
+        (lambda: SharingPlan((0, 2)), "plan: bank ids must be 0..1"),
+        (lambda: create_model("convmixer", dim=8, depth=4, sharing="[1x2]"), "plan: covers 2 layers but the model has 4"),
+        (lambda: create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "components": ["fins"]}), "components: unknown component 'fins'"),
+        (lambda: create_model("resnet50"), "model: unknown model 'resnet50'"),
+    ],
+)
+def test_bad_plans_are_refused_with_the_field_named(build, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        build()
+
+
+def test_spin_parameter_counts_match_the_paper():
+    millions = lambda model: count_params(model).unique / 1e6
+    convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
+    assert abs(millions(create_model("convmixer", **convmixer)) - 20.46) < 0.01
+    rate2 = create_model("convmixer", **convmixer, sharing={"rate": 2, "mapping": "sequential", "distribution": "uniform", "components": ["pointwise"]})
+    assert abs(millions(rate2) - 11.02) < 0.01
+    assert round(millions(create_model("convmixer", **convmixer, sharing={"rate": 4})), 1) == 6.3
+    assert round(count_macs(rate2, (3, 224, 224)) / 1e9, 2) == 5.03  # sharing leaves MACs unchanged
+    assert count_params(rate2).virtual == count_params(create_model("convmixer", **convmixer)).virtual
+    assert round(millions(create_model("deit_tiny", sharing={"rate": 2})), 2) == 3.05
+    assert round(millions(create_model("deit_tiny", sharing={"rate": 3})), 2) == 2.16
+    assert round(millions(create_model("convnext_isotropic", dim=384, depth=18)), 1) == 22.3
+
+
+def small_shared_convmixer():
+    torch.manual_seed(0)
+    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"]})
+
+
+def test_each_bank_entry_is_stored_and_updated_once():
+    model = small_shared_convmixer()
+    names = list(model.state_dict())
+    pointwise = [n for n in names if n.startswith("spin_bank.1__") and n.endswith("weight")]
+    assert len(pointwise) == 2  # depth 4 at rate 2
+    assert not any(n.startswith("blocks.1.1.") for n in names)  # the aliases hold nothing
+    stored = [n for n in names if "running" not in n and "num_batches" not in n]
+    assert len(stored) == len(list(model.parameters()))  # every stored tensor is one trainable parameter
+    before = model.spin_bank["1__0"].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    grad = model.spin_bank["1__0"].weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.spin_bank["1__0"].weight.detach(), before - 0.1 * grad)
+
+
+def test_checkpoint_reloads_into_an_equal_model():
+    model = small_shared_convmixer().eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(1)
+    other = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"]}).eval()
+    other.load_state_dict(torch.load(buffer))
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(other(x), model(x))
+    assert count_params(other).unique < count_params(other).virtual
