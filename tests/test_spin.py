@@ -110,3 +110,52 @@ def test_checkpoint_reloads_into_an_equal_model():
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(other(x), model(x))
     assert count_params(other).unique < count_params(other).virtual
+
+
+def test_transforms_reproduce_table_2_counts():
+    convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
+    for groups, params, gmacs in [(1, 11.05, 5.04), (16, 11.20, 5.17), (64, 11.80, 5.63)]:
+        model = create_model("convmixer", **convmixer, sharing={"rate": 2, "transform_groups": groups})
+        assert abs(count_params(model).unique / 1e6 - params) < 0.03
+        assert abs(count_macs(model, (3, 224, 224)) / 1e9 - gmacs) < 0.015
+
+
+def test_transforms_start_as_plain_sharing():
+    shared = small_shared_convmixer().eval()
+    transformed = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"], "transform_groups": 4}).eval()
+    transformed.load_state_dict(shared.state_dict(), strict=False)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(transformed(x), shared(x))
+
+
+@pytest.mark.parametrize("strategy", ["choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv"])
+def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy):
+    from sharetune.models import fold
+
+    torch.manual_seed(0)
+    pretrained = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
+    fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"rate": 2, "fusion": strategy})
+    x = torch.randn(4, 1, 8, 8)
+    fused(x).square().sum().backward()
+    entry = fused.spin_bank["1__0"]
+    grads = [v.grad for v in entry.sources]
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    if strategy != "choose_first":
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)  # every V_j learns
+    for name in ("alpha", "mix"):
+        if hasattr(entry, name):
+            assert getattr(entry, name).grad.abs().sum() > 0  # and so do the fusion weights
+    fused.eval()
+    folded = fold(fused)
+    torch.testing.assert_close(folded(x), fused(x), rtol=1e-5, atol=1e-5)
+    assert count_params(folded).unique < count_params(fused).unique
+    assert count_params(folded).unique == count_params(small_shared_convmixer_pointwise()).unique
+
+
+def small_shared_convmixer_pointwise():
+    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2})
+
+
+def test_fusion_without_pretrained_weights_is_refused():
+    with pytest.raises(ValueError, match="fusion: needs pretrained"):
+        create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "fusion": "mean"})

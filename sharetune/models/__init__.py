@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from sharetune.models.arbnet import ArbLinear, ArbNetMLP
 from sharetune.models.isotropic import ConvNeXtIsotropic, convmixer, deit
+from sharetune.models.fusion import add_transforms, fold, fuse
 from sharetune.models.spin import SharingPlan, share
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -36,25 +40,46 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, *, sharing: dict | str | list | SharingPlan | None = None, **kwargs) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    sharing: dict | str | list | SharingPlan | None = None,
+    pretrained: str | Path | dict | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build `name`; `pretrained` is an unshared state_dict (or its file) loaded before sharing.
+
+    `sharing` as a dict takes the plan keys (rate, mapping, distribution, seed, or `plan` for N x S
+    notation or bank ids) plus `components`, `transform_groups` (Table 2) and `fusion` (Table 3,
+    needs `pretrained`).
+    """
     if name not in _MODELS:
         raise ValueError(f"model: unknown model {name!r}; allowed: {', '.join(model_names())}")
     model = _MODELS[name](**kwargs)
+    if pretrained is not None:
+        state = pretrained if isinstance(pretrained, dict) else torch.load(pretrained, map_location="cpu")
+        model.load_state_dict(state)
     if sharing is None:
         return model
     if name not in COMPONENT_PATHS:
         raise ValueError(f"sharing: {name} has no repeated blocks to share; SPIN models: {', '.join(COMPONENT_PATHS)}")
-    components = DEFAULT_COMPONENTS[name]
-    plan = sharing
-    if isinstance(sharing, dict):
-        plan = dict(sharing)
-        components = plan.pop("components", components)
-        plan = plan.pop("plan", plan) if "plan" in plan else plan
+    options = dict(sharing) if isinstance(sharing, dict) else {"plan": sharing}
+    components = options.pop("components", DEFAULT_COMPONENTS[name])
+    groups = options.pop("transform_groups", None)
+    strategy = options.pop("fusion", None)
+    plan = options.pop("plan", options)
     paths = COMPONENT_PATHS[name]
     unknown = [c for c in components if c not in paths]
     if unknown:
         raise ValueError(f"components: unknown component {unknown[0]!r} for {name}; allowed: {', '.join(paths)}")
-    return share(model, plan, [paths[c] for c in components])
+    targets = [paths[c] for c in components]
+    if strategy is not None:
+        if pretrained is None:
+            raise ValueError("fusion: needs pretrained= weights of the unshared model")
+        model = fuse(model, plan, targets, strategy)
+    else:
+        model = share(model, plan, targets)
+    return model if groups is None else add_transforms(model, targets, groups)
 
 
-__all__ = ["ArbLinear", "ArbNetMLP", "SharingPlan", "create_model", "model_names", "share"]
+__all__ = ["ArbLinear", "ArbNetMLP", "SharingPlan", "add_transforms", "create_model", "fold", "fuse", "model_names", "share"]
