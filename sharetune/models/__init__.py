@@ -27,12 +27,16 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 # What SPIN shares by default: ConvMixer's pointwise convs (Table 1); whole blocks elsewhere.
 DEFAULT_COMPONENTS = {"convmixer": ["pointwise"], "convnext_isotropic": ["block"], "deit_tiny": ["block"], "deit_small": ["block"]}
-# Component names -> sub-module paths inside one block.
+# Component names -> paths inside one block: sub-modules, or single parameters (SPIN Table 9 shares
+# ConvMixer's pointwise and depthwise weights, the conv biases and the BatchNorms separately).
 COMPONENT_PATHS = {
-    "convmixer": {"pointwise": "1", "depthwise": "0.fn.0", "depthwise_bn": "0.fn.2", "pointwise_bn": "3"},
-    "convnext_isotropic": {"block": "", "depthwise": "conv_dw", "mlp": "mlp", "norm": "norm"},
-    "deit_tiny": {"block": "", "attn": "attn", "mlp": "mlp"},
-    "deit_small": {"block": "", "attn": "attn", "mlp": "mlp"},
+    "convmixer": {
+        "pointwise": ["1.weight"], "depthwise": ["0.fn.0.weight"], "bias": ["1.bias", "0.fn.0.bias"],
+        "batchnorm": ["0.fn.2", "3"], "pointwise_conv": ["1"], "depthwise_conv": ["0.fn.0"],
+    },
+    "convnext_isotropic": {"block": [""], "depthwise": ["conv_dw"], "mlp": ["mlp"], "norm": ["norm"]},
+    "deit_tiny": {"block": [""], "attn": ["attn"], "mlp": ["mlp"]},
+    "deit_small": {"block": [""], "attn": ["attn"], "mlp": ["mlp"]},
 }
 
 
@@ -72,14 +76,19 @@ def create_model(
     unknown = [c for c in components if c not in paths]
     if unknown:
         raise ValueError(f"components: unknown component {unknown[0]!r} for {name}; allowed: {', '.join(paths)}")
-    targets = [paths[c] for c in components]
+    targets = [path for c in components for path in paths[c]]
     if strategy is not None:
         if pretrained is None:
             raise ValueError("fusion: needs pretrained= weights of the unshared model")
-        model = fuse(model, plan, targets, strategy)
-    else:
-        model = share(model, plan, targets)
-    return model if groups is None else add_transforms(model, targets, groups)
+        return fuse(model, plan, [_layer_path(model, t) for t in targets], strategy)  # fuses whole layers
+    model = share(model, plan, targets)
+    return model if groups is None else add_transforms(model, [t for t in targets if t.endswith("weight")], groups)
+
+
+def _layer_path(model: nn.Module, path: str) -> str:
+    """The layer a parameter path belongs to ("1.weight" -> "1"); module paths stay as they are."""
+    parent, _, leaf = path.rpartition(".")
+    return parent if leaf in ("weight", "bias") else path
 
 
 __all__ = ["ArbLinear", "ArbNetMLP", "SharingPlan", "add_transforms", "create_model", "fold", "fuse", "model_names", "share"]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.models.spin import Alias, SharingPlan, WeightBank, _get, _set, make_plan
+from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, _get, _set, make_plan
 
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
 
@@ -99,28 +99,25 @@ class TransformedLayer(nn.Module):
     which matches SPIN Table 2's parameter counts. Starts as the identity, i.e. plain sharing.
     """
 
-    def __init__(self, shared: nn.Module, group_size: int) -> None:
+    def __init__(self, layer: nn.Module, group_size: int) -> None:
         super().__init__()
-        channels = shared.weight.shape[0]
+        channels = layer.weight.shape[0]
         if group_size < 1 or channels % group_size:
             raise ValueError(f"transform_groups: must divide the {channels} channels, got {group_size}")
-        self.__dict__["shared"] = shared
+        self.layer = layer  # its weight is a bank alias; its bias (if not shared) stays its own
         self.group_size = group_size
         groups = channels // group_size
         self.scale = nn.Parameter(torch.eye(group_size).repeat(groups, 1, 1))  # groups x G x G
         self.shift = nn.Parameter(torch.zeros(channels))
 
     def weight(self) -> Tensor:
-        w = self.shared.weight
+        w = self.layer.weight
         grouped = w.reshape(self.scale.shape[0], self.group_size, -1)
         mixed = torch.bmm(self.scale, grouped).reshape_as(w)
         return mixed + self.shift.view(-1, *[1] * (w.dim() - 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _apply(self.shared, x, self.weight(), self.shared.bias)
-
-    def virtual_parameter_count(self) -> int:
-        return self.shared.weight.numel() + (0 if self.shared.bias is None else self.shared.bias.numel()) + self.scale.numel() + self.shift.numel()
+        return _apply(self.layer, x, self.weight(), self.layer.bias)
 
 
 def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], strategy: str, *, blocks: str = "blocks") -> nn.Module:
@@ -133,25 +130,26 @@ def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, 
         for entry in range(plan.num_entries):
             members = [i for i, e in enumerate(plan.bank_ids) if e == entry]
             fused = FusedLayer([_get(layers, f"{i}.{component}") for i in members], strategy)
-            bank[f"{component.replace('.', '_')}__{entry}"] = fused
+            bank.add_module(f"{component.replace('.', '_')}__{entry}", fused)
             for i in members:
                 _set(layers, f"{i}.{component}", Alias(fused))
     model.spin_bank, model.sharing_plan = bank, plan
     return model
 
 
-def add_transforms(model: nn.Module, components: Sequence[str], group_size: int, *, blocks: str = "blocks") -> nn.Module:
-    """Give every layer after the first user of a bank entry its own lightweight transform."""
+def add_transforms(model: nn.Module, weights: Sequence[str], group_size: int, *, blocks: str = "blocks") -> nn.Module:
+    """Give every layer after the first user of a shared weight ("1.weight") its own transform."""
     layers = _get(model, blocks)
     seen: set[int] = set()
     for i in range(len(layers)):
-        for component in components:
-            alias = _get(layers, f"{i}.{component}")
-            if not isinstance(alias, Alias):
-                raise ValueError(f"components: {component!r} is not shared; share it before adding transforms")
-            if id(alias.target) in seen:
-                _set(layers, f"{i}.{component}", TransformedLayer(alias.target, group_size))
-            seen.add(id(alias.target))
+        for weight in weights:
+            path = f"{i}.{weight.rpartition('.')[0]}"
+            layer = _get(layers, path)
+            if "weight" not in layer.__dict__.get(ALIASED, ()):
+                raise ValueError(f"components: {weight!r} is not shared; share it before adding transforms")
+            if id(layer.weight) in seen:
+                _set(layers, path, TransformedLayer(layer, group_size))
+            seen.add(id(layer.weight))
     return model
 
 
@@ -160,9 +158,10 @@ def fold(model: nn.Module) -> nn.Module:
     """Constant-fold every FusedLayer into a plain layer: a shared model with the same outputs."""
     model = copy.deepcopy(model)
     folded = {}
-    for name, module in list(model.spin_bank.items()):
+    for name, module in list(model.spin_bank.named_children()):
         if isinstance(module, FusedLayer):
-            folded[id(module)] = model.spin_bank[name] = module.folded()
+            folded[id(module)] = module.folded()
+            setattr(model.spin_bank, name, folded[id(module)])
     for module in model.modules():
         if isinstance(module, Alias) and id(module.target) in folded:
             module.__dict__["target"] = folded[id(module.target)]

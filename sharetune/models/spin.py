@@ -174,11 +174,24 @@ class Alias(nn.Module):
         return f"-> {type(self.target).__name__}"
 
 
-class WeightBank(nn.ModuleDict):
-    """The unique modules of a shared model; counted through the layers that use them."""
+class WeightBank(nn.Module):
+    """The unique modules and parameters of a shared model; counted through the layers that use them."""
 
     def virtual_parameter_count(self) -> int:
         return 0
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+ALIASED = "_spin_aliased"  # per module: names of parameters it reads from the bank
+
+
+def alias_parameter(module: nn.Module, name: str, shared: nn.Parameter) -> None:
+    """Make `module.<name>` read a bank parameter without registering (and so storing) it again."""
+    module._parameters.pop(name, None)
+    module.__dict__[name] = shared
+    module.__dict__.setdefault(ALIASED, set()).add(name)
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -191,18 +204,31 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
 
 
 def share(model: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], *, blocks: str = "blocks") -> nn.Module:
-    """Share `components` (sub-module paths inside each block; "" for the whole block) across `model.<blocks>`."""
+    """Share `components` across the layers in `model.<blocks>`.
+
+    A component is a path inside one block: a sub-module ("attn", "" for the whole block) or a single
+    parameter ("1.weight"), which shares that tensor and leaves the rest of its module unshared.
+    """
     layers = _get(model, blocks)
     plan = make_plan(len(layers), plan)
-    bank = WeightBank()
+    bank = getattr(model, "spin_bank", None) or WeightBank()
     for component in components:
-        owners: dict[int, nn.Module] = {}
+        parent, _, leaf = component.rpartition(".")
+        is_parameter = leaf in dict(_get(layers, f"0.{parent}" if parent else "0").named_parameters(recurse=False))
+        key = component.replace(".", "_") or "block"
+        owners: dict[int, nn.Module | nn.Parameter] = {}
         for layer, entry in enumerate(plan.bank_ids):
+            if is_parameter:
+                module = _get(layers, f"{layer}.{parent}" if parent else str(layer))
+                if entry not in owners:
+                    owners[entry] = getattr(module, leaf)
+                    bank.register_parameter(f"{key}__{entry}", owners[entry])
+                alias_parameter(module, leaf, owners[entry])
+                continue
             path = f"{layer}.{component}" if component else str(layer)
-            module = _get(layers, path)
             if entry not in owners:
-                owners[entry] = module
-                bank[f"{component.replace('.', '_') or 'block'}__{entry}"] = module
+                owners[entry] = _get(layers, path)
+                bank.add_module(f"{key}__{entry}", owners[entry])
             _set(layers, path, Alias(owners[entry]))
     model.spin_bank = bank
     model.sharing_plan = plan
