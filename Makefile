@@ -28,6 +28,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_arbnet.py
+	$(BIN)/python benchmarks/bench_spin.py
 
 clean:
 	rm -rf $(VENV)
