@@ -130,3 +130,11 @@ def test_plan_follows_the_index_through_copies_and_loads(kernel):
     other(x)  # builds a plan for the modulus index
     other.load_state_dict(layer.state_dict())  # overwrites the index in place
     torch.testing.assert_close(other(x), before)
+
+
+def test_float64_tables_fall_back_to_index_select(kernel):
+    layer = ArbLinear(20, 30, table_size=40, hash="hashednets", sign=True, sparsity=0.2).double()
+    weight = layer.dense_weight()
+    assert weight.dtype == torch.float64
+    expected = torch.cat([layer.table, layer.table.new_zeros(1)])[layer.index.long()] * layer.sign
+    torch.testing.assert_close(weight.flatten(), expected)

@@ -1,4 +1,4 @@
-"""Model metrics: parameter and MAC counts (more: entropy, CKA, Pareto fronts)."""
+"""Model metrics: unique and virtual parameter counts, multiply-adds per sample."""
 
 from sharetune.metrics.counts import ParamCount, count_macs, count_params
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -110,11 +111,7 @@ class TablePlan:
             parts = max(1, -(-table_size * 4 // PART_BYTES))
             parts = -(-parts // threads) * threads  # whole rounds of threads
             self.partition = _partition(index.numpy(), table_size, parts)
-            return
-        self.index64 = index.long()  # index_select is fastest with int64 on CPU
-        self.has_zero_slot = bool((index == table_size).any())
-        self.sign_values = None if sign is None else sign.float()
-        if self.kernel == "sparse":
+        elif self.kernel == "sparse":
             kept = (index < table_size).nonzero().squeeze(1)
             values = torch.ones(len(kept)) if sign is None else sign[kept].float()
             entries = torch.stack([index[kept].long(), kept])
@@ -127,6 +124,14 @@ class TablePlan:
                     csr.crow_indices().int(), csr.col_indices().int(), csr.values(), shape
                 )
 
+    @cached_property
+    def index64(self) -> Tensor:
+        return self.index.long()  # index_select is fastest with int64 on CPU
+
+    @cached_property
+    def has_zero_slot(self) -> bool:
+        return bool((self.index == self.table_size).any())
+
     def gather(self, table: Tensor) -> Tensor:
         if self.kernel == "numba" and table.dtype == torch.float32:
             return _NumbaGather.apply(table, self)
@@ -137,7 +142,7 @@ class TablePlan:
     def index_select(self, table: Tensor) -> Tensor:
         padded = torch.cat([table, table.new_zeros(1)]) if self.has_zero_slot else table
         values = padded.index_select(0, self.index64)
-        return values if self.sign_values is None else values * self.sign_values.to(values.dtype)
+        return values if not len(self.sign) else values * self.sign.to(values.dtype)
 
 
 def plan_key(index: Tensor, sign: Tensor | None) -> tuple:
