@@ -51,3 +51,15 @@ def test_cka_plan_groups_similar_neighbours_within_the_budget():
     plan = cka_plan(similarity, rate=2)
     assert plan.bank_ids == (0, 0, 0, 1, 2, 2)
     assert plan.num_entries == 3
+
+
+def test_cka_mapping_builds_a_plan_from_a_pretrained_model():
+    torch.manual_seed(0)
+    arch = dict(dim=8, depth=6, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
+    pretrained = create_model("convmixer", **arch).state_dict()
+    data = torch.randn(64, 1, 8, 8)
+    model = create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka", "rate": 2})
+    plan = model.sharing_plan
+    assert plan.num_entries == 3 and list(plan.bank_ids) == sorted(plan.bank_ids)  # contiguous groups
+    with pytest.raises(ValueError, match="mapping: 'cka' needs pretrained"):
+        create_model("convmixer", **arch, sharing={"mapping": "cka", "rate": 2})

@@ -49,13 +49,15 @@ def create_model(
     *,
     sharing: dict | str | list | SharingPlan | None = None,
     pretrained: str | Path | dict | None = None,
+    cka_data: torch.Tensor | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build `name`; `pretrained` is an unshared state_dict (or its file) loaded before sharing.
 
     `sharing` as a dict takes the plan keys (rate, mapping, distribution, seed, or `plan` for N x S
     notation or bank ids) plus `components`, `transform_groups` (Table 2) and `fusion` (Table 3,
-    needs `pretrained`).
+    needs `pretrained`). `mapping="cka"` groups contiguous layers whose outputs on `cka_data` are
+    most alike in the pretrained model (beyond the paper, which only suggests CKA as a guide).
     """
     if name not in _MODELS:
         raise ValueError(f"model: unknown model {name!r}; allowed: {', '.join(model_names())}")
@@ -72,6 +74,8 @@ def create_model(
     groups = options.pop("transform_groups", None)
     strategy = options.pop("fusion", None)
     plan = options.pop("plan", options)
+    if isinstance(plan, dict) and plan.get("mapping") == "cka":
+        plan = _cka_plan(model, plan, pretrained is not None, cka_data)
     paths = COMPONENT_PATHS[name]
     unknown = [c for c in components if c not in paths]
     if unknown:
@@ -83,6 +87,18 @@ def create_model(
         return fuse(model, plan, [_layer_path(model, t) for t in targets], strategy)  # fuses whole layers
     model = share(model, plan, targets)
     return model if groups is None else add_transforms(model, [t for t in targets if t.endswith("weight")], groups)
+
+
+def _cka_plan(model: nn.Module, options: dict, has_pretrained: bool, data: torch.Tensor | None) -> SharingPlan:
+    from sharetune.analysis import cka_matrix, cka_plan
+
+    if not has_pretrained or data is None:
+        raise ValueError("mapping: 'cka' needs pretrained= weights and cka_data= inputs to compare layers on")
+    unknown = sorted(set(options) - {"mapping", "rate"})
+    if unknown:
+        raise ValueError(f"sharing: {unknown[0]!r} does not apply to the cka mapping; it takes: rate")
+    batches = list(torch.split(data, 64))
+    return cka_plan(cka_matrix(model, batches), options.get("rate", 2))
 
 
 def _layer_path(model: nn.Module, path: str) -> str:
