@@ -38,6 +38,7 @@ def test_notation_reproduces_the_middle_pyramid_of_table_1():
     plan = SharingPlan.from_notation("[4x1,1x2,2x3,2x4,2x3,1x2,4x1]")
     assert plan.depth == 32 and plan.num_entries == 16 and plan.share_rate == 2
     assert plan.notation() == "[4x1,1x2,2x3,2x4,2x3,1x2,4x1]"
+    assert SharingPlan.from_notation("[4X1, 1×2,2x3,2x4,2x3,1x2,4x1]") == plan
 
 
 def test_uneven_rate_leaves_the_last_entry_smaller():

@@ -88,8 +88,9 @@ class SharingPlan:
     @classmethod
     def from_notation(cls, text: str, depth: int | None = None) -> "SharingPlan":
         """The paper's N x S notation: "[4x1,1x2,2x3]" is 4 entries used once, 1 used twice, 2 used 3 times."""
-        groups = re.findall(r"(\d+)\s*[xX×]\s*(\d+)", text)
-        if not groups or re.sub(r"[\s\[\]]", "", text) != ",".join(f"{n}x{s}" for n, s in groups).replace("X", "x"):
+        compact = re.sub(r"[\s\[\]]", "", text).replace("X", "x").replace("×", "x")
+        groups = re.findall(r"(\d+)x(\d+)", compact)
+        if not groups or compact != ",".join(f"{n}x{s}" for n, s in groups):
             raise ValueError(f"plan: {text!r} is not N x S notation, e.g. [4x1,1x2,2x3,1x2,4x1]")
         ids: list[int] = []
         for count, size in ((int(n), int(s)) for n, s in groups):
