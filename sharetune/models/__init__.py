@@ -6,9 +6,8 @@ components}, N x S notation ("[4x1,1x2,...]"), a list of bank ids, or a SharingP
 
 from __future__ import annotations
 
-from typing import Callable
-
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -84,7 +83,7 @@ def create_model(
     if strategy is not None:
         if pretrained is None:
             raise ValueError("fusion: needs pretrained= weights of the unshared model")
-        return fuse(model, plan, [_layer_path(model, t) for t in targets], strategy)  # fuses whole layers
+        return fuse(model, plan, [_layer_path(t) for t in targets], strategy)  # fuses whole layers
     model = share(model, plan, targets)
     return model if groups is None else add_transforms(model, [t for t in targets if t.endswith("weight")], groups)
 
@@ -101,7 +100,7 @@ def _cka_plan(model: nn.Module, options: dict, has_pretrained: bool, data: torch
     return cka_plan(cka_matrix(model, batches), options.get("rate", 2))
 
 
-def _layer_path(model: nn.Module, path: str) -> str:
+def _layer_path(path: str) -> str:
     """The layer a parameter path belongs to ("1.weight" -> "1"); module paths stay as they are."""
     parent, _, leaf = path.rpartition(".")
     return parent if leaf in ("weight", "bias") else path

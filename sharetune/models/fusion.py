@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, _get, _set, make_plan
+from sharetune.models.spin import ALIASED, Alias, SharingPlan, _get, _set, share
 
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
 
@@ -123,18 +123,7 @@ class TransformedLayer(nn.Module):
 def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], strategy: str, *, blocks: str = "blocks") -> nn.Module:
     """A shared copy of `pretrained` whose bank entries fuse the pretrained layers they replace."""
     model = copy.deepcopy(pretrained)
-    layers = _get(model, blocks)
-    plan = make_plan(len(layers), plan)
-    bank = WeightBank()
-    for component in components:
-        for entry in range(plan.num_entries):
-            members = [i for i, e in enumerate(plan.bank_ids) if e == entry]
-            fused = FusedLayer([_get(layers, f"{i}.{component}") for i in members], strategy)
-            bank.add_module(f"{component.replace('.', '_')}__{entry}", fused)
-            for i in members:
-                _set(layers, f"{i}.{component}", Alias(fused))
-    model.spin_bank, model.sharing_plan = bank, plan
-    return model
+    return share(model, plan, components, blocks=blocks, make_entry=lambda layers: FusedLayer(layers, strategy))
 
 
 def add_transforms(model: nn.Module, weights: Sequence[str], group_size: int, *, blocks: str = "blocks") -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -77,6 +77,10 @@ class SharingPlan:
     @property
     def share_rate(self) -> float:
         return self.depth / self.num_entries
+
+    def members(self, entry: int) -> list[int]:
+        """The layers that use bank entry `entry`."""
+        return [layer for layer, e in enumerate(self.bank_ids) if e == entry]
 
     @classmethod
     def from_ids(cls, ids: Sequence[int], depth: int | None = None) -> "SharingPlan":
@@ -204,11 +208,20 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(_get(module, parent), name, value)
 
 
-def share(model: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], *, blocks: str = "blocks") -> nn.Module:
+def share(
+    model: nn.Module,
+    plan: SharingPlan | str | Sequence[int] | dict,
+    components: Sequence[str],
+    *,
+    blocks: str = "blocks",
+    make_entry: Callable[[list[nn.Module]], nn.Module] | None = None,
+) -> nn.Module:
     """Share `components` across the layers in `model.<blocks>`.
 
     A component is a path inside one block: a sub-module ("attn", "" for the whole block) or a single
     parameter ("1.weight"), which shares that tensor and leaves the rest of its module unshared.
+    `make_entry` builds a bank entry from the sub-modules it replaces (default: keep the first one;
+    fusion passes a FusedLayer).
     """
     layers = _get(model, blocks)
     plan = make_plan(len(layers), plan)
@@ -217,20 +230,20 @@ def share(model: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, comp
         parent, _, leaf = component.rpartition(".")
         is_parameter = leaf in dict(_get(layers, f"0.{parent}" if parent else "0").named_parameters(recurse=False))
         key = component.replace(".", "_") or "block"
-        owners: dict[int, nn.Module | nn.Parameter] = {}
-        for layer, entry in enumerate(plan.bank_ids):
+        for entry in range(plan.num_entries):
+            members = plan.members(entry)
             if is_parameter:
-                module = _get(layers, f"{layer}.{parent}" if parent else str(layer))
-                if entry not in owners:
-                    owners[entry] = getattr(module, leaf)
-                    bank.register_parameter(f"{key}__{entry}", owners[entry])
-                alias_parameter(module, leaf, owners[entry])
+                modules = [_get(layers, f"{layer}.{parent}" if parent else str(layer)) for layer in members]
+                shared = getattr(modules[0], leaf)
+                bank.register_parameter(f"{key}__{entry}", shared)
+                for module in modules:
+                    alias_parameter(module, leaf, shared)
                 continue
-            path = f"{layer}.{component}" if component else str(layer)
-            if entry not in owners:
-                owners[entry] = _get(layers, path)
-                bank.add_module(f"{key}__{entry}", owners[entry])
-            _set(layers, path, Alias(owners[entry]))
+            paths = [f"{layer}.{component}" if component else str(layer) for layer in members]
+            owner = (make_entry or (lambda modules: modules[0]))([_get(layers, path) for path in paths])
+            bank.add_module(f"{key}__{entry}", owner)
+            for path in paths:
+                _set(layers, path, Alias(owner))
     model.spin_bank = bank
     model.sharing_plan = plan
     return model
