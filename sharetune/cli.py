@@ -93,3 +93,139 @@ def train_arbnet(
     metrics = {**static, **(result.as_dict() if result else {})}
     metrics["diverged"] = int(metrics.get("diverged", 0))
     typer.echo(json.dumps(metrics, indent=None if as_json else 2))
+
+
+presets_app = typer.Typer(help="Paper experiments as ready-made search specs.", invoke_without_command=True)
+app.add_typer(presets_app, name="presets")
+
+
+@presets_app.callback()
+def presets_list(ctx: typer.Context) -> None:
+    """List the presets, one line each."""
+    if ctx.invoked_subcommand is None:
+        from sharetune.spaces import describe
+
+        for name, description in describe():
+            typer.echo(f"{name:22s} {description}")
+
+
+@presets_app.command("show")
+def presets_show(name: str, scale: str = typer.Option("reduced", help="reduced (laptop) or full (cluster)")) -> None:
+    """Print a preset as YAML, to start a custom spec from."""
+    from sharetune.spaces import SpecError, parse_spec, preset
+
+    try:
+        typer.echo(parse_spec(preset(name, scale)).to_yaml(), nl=False)
+    except SpecError as err:
+        fail(str(err))
+
+
+@app.command("search")
+def search(
+    source: str = typer.Argument(..., help="a spec YAML file or a preset name (see `sharetune presets`)"),
+    overrides: list[str] = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)"),
+    scale: str = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="number of trials"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+    storage: str = typer.Option("results", help="where the search folder goes: a local path, shared filesystem or URI"),
+    name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
+    report_dir: Path = typer.Option(Path("reports"), "--report-dir", help="where the final report goes"),
+) -> None:
+    """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command."""
+    from sharetune.search import tuner
+    from sharetune.spaces import SpecError, load_spec
+
+    if num_samples is not None:
+        overrides = [*overrides, f"budget.num_samples={num_samples}"]
+    try:
+        spec = load_spec(source, overrides, scale)
+        result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
+    except (SpecError, DataError, FileNotFoundError) as err:
+        fail(str(err))
+    _finish(result, report_dir)
+
+
+@app.command("resume")
+def resume(
+    path: Path = typer.Argument(..., help="the search folder printed by `sharetune search`"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)"),
+    report_dir: Path = typer.Option(Path("reports"), "--report-dir"),
+) -> None:
+    """Continue an interrupted search: nothing lost, nothing run twice."""
+    from sharetune.search import tuner
+
+    try:
+        result = tuner.resume(path, address=address)
+    except (FileNotFoundError, DataError) as err:
+        fail(str(err))
+    _finish(result, report_dir)
+
+
+@app.command("report")
+def report(
+    source: str = typer.Argument(..., help="a search folder or an MLflow experiment name"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: reports/NAME)"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri"),
+) -> None:
+    """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
+    from sharetune.search import report as reports
+    from sharetune.search.tuner import mlflow_location
+
+    try:
+        if Path(source).is_dir():
+            location = mlflow_location(source)
+            trials = reports.trials_from_folder(source)
+            uri, parent = location["tracking_uri"], reports.parent_of(source, location["tracking_uri"], location["experiment"])
+        else:
+            uri = reports.tracking_uri(mlflow_uri)
+            trials, parent = reports.trials_from_mlflow(source, uri)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    _print_report(reports.build_report(trials, out or Path("reports") / Path(source).name), uri, parent)
+
+
+def _finish(result, report_dir: Path) -> None:
+    from sharetune.search import report as reports
+
+    trials = reports.trials_from_folder(result.path)
+    parent = reports.parent_of(result.path, result.mlflow_uri, result.spec.name)
+    typer.echo(f"\nsearch folder: {result.path}  (continue it with: sharetune resume {result.path})")
+    ranked = trials.sort_values(list(result.spec.objectives)[0], ascending=list(result.spec.objectives.values())[0] == "min")
+    columns = ["trial_id", "status", *[m for m in result.spec.objectives], *[c for c in result.spec.dimensions if c in trials]]
+    typer.echo("top trials:\n" + ranked[list(dict.fromkeys(columns))].head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _print_report(reports.build_report(trials, report_dir / Path(result.path).name), result.mlflow_uri, parent)
+
+
+def _print_report(built, uri: str, parent: str | None) -> None:
+    from sharetune.search import report as reports
+
+    for cost, front in built.fronts.items():
+        if not front.empty:
+            typer.echo(f"\nPareto front, test_accuracy against {cost} (hypervolume {built.hypervolume[cost]:.4f}):")
+            typer.echo(reports.front_table(front, cost))
+    typer.echo(f"\nreport: {built.files[0].parent}")
+    if parent is not None:
+        reports.log_report(built, uri, parent)
+        typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}")
+
+
+@app.command("ui")
+def ui(
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store to show (default: the embedded SQLite store)"),
+    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the store in use."""
+    import os
+    import sys
+
+    from sharetune.search.mlflow_logger import DEFAULT_ARTIFACTS, tracking_uri
+
+    uri = tracking_uri(mlflow_uri)
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"the tracking server already serves the UI: {uri}")
+        return
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(sys.executable, command)

@@ -66,21 +66,24 @@ def train_epochs(
     *,
     device: torch.device | str | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
     start_epoch: int = 0,
 ) -> Iterator[EpochResult]:
-    """Train `model` on `data`, yielding one EpochResult per epoch; stops early if the loss diverges."""
+    """Train `model` on `data`, yielding one EpochResult per epoch; stops early if the loss diverges.
+
+    Pass the optimizer and scheduler (and `start_epoch`) restored from a checkpoint to resume: each
+    epoch's data order depends only on the seed and the epoch, so a resumed run sees the same batches.
+    """
     device = pick_device(str(device) if device is not None else None)
     model.to(device)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     optimizer = optimizer or make_optimizer(model, recipe)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=0.1, patience=recipe.plateau_epochs - 1
-    )  # PyTorch lowers the rate after `patience` bad epochs *plus one*
-    gen = torch.Generator().manual_seed(recipe.seed)
+    scheduler = scheduler or make_scheduler(optimizer, recipe)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         model.train()
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
         order = torch.randperm(len(x_train), generator=gen).to(device)
         total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for start in range(0, len(order), recipe.batch_size):
@@ -117,3 +120,8 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    # PyTorch lowers the rate after `patience` bad epochs *plus one*
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=recipe.plateau_epochs - 1)

@@ -1,5 +1,6 @@
-"""Model metrics: unique and virtual parameter counts, multiply-adds per sample."""
+"""Parameter and MAC counts, and Pareto fronts with their hypervolume."""
 
 from sharetune.metrics.counts import ParamCount, count_macs, count_params
+from sharetune.metrics.pareto import hypervolume_2d, pareto_mask
 
-__all__ = ["ParamCount", "count_macs", "count_params"]
+__all__ = ["ParamCount", "count_macs", "count_params", "hypervolume_2d", "pareto_mask"]

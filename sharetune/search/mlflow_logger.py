@@ -1,0 +1,108 @@
+"""Tune -> MLflow: one parent run per search, one nested child run per trial, batched writes.
+
+Ray's MLflowLoggerCallback makes flat runs and one request per metric; this callback runs on the
+driver and writes through MlflowClient.log_batch, so it works the same against a local SQLite store
+and a remote tracking server. Runs are found again by tags, so a resumed search adds no duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from sharetune.spaces.settings import METRICS
+
+SEARCH_TAG = "sharetune.search_path"
+TRIAL_TAG = "sharetune.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+DEFAULT_STORE = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """--mlflow-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store ./mlflow.db."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local = client.tracking_uri.startswith("sqlite:")  # a server chooses its own artifact store
+    location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_parent(client: MlflowClient, experiment: str, search_path: str):
+    runs = client.search_runs([experiment], f"tags.`{SEARCH_TAG}` = '{search_path}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def _batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class MlflowLogger(tune.Callback):
+    def __init__(self, uri: str, experiment: str, search_path: str, params: dict, tags: dict) -> None:
+        self.uri, self.experiment, self.search_path = uri, experiment, search_path
+        self.params, self.tags = params, tags
+        self.client: MlflowClient | None = None
+        self.parent_id: str | None = None
+        self.children: dict[str, str] = {}
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "client": None, "children": {}}
+
+    def setup(self, **info) -> None:
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = experiment_id(self.client, self.experiment)
+        parent = find_parent(self.client, self.experiment_id, self.search_path)
+        if parent is None:
+            tags = {**self.tags, SEARCH_TAG: self.search_path}
+            run = self.client.create_run(self.experiment_id, run_name=Path(self.search_path).name, tags=tags)
+            self.parent_id = run.info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
+            for batch in _batched(params):
+                self.client.log_batch(self.parent_id, params=batch)
+        else:
+            self.parent_id = parent.info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=10000)
+        self.children = {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children if TRIAL_TAG in run.data.tags}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id in self.children:  # resumed: keep logging into the same run
+            self.client.update_run(self.children[trial.trial_id], status="RUNNING")
+            return
+        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
+        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
+        self.children[trial.trial_id] = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(trial.config.items())]
+        for batch in _batched(params):
+            self.client.log_batch(run.info.run_id, params=batch)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        now, step = int(time.time() * 1000), int(result.get("training_iteration", 0))
+        metrics = [Metric(k, float(result[k]), now, step) for k in METRICS if isinstance(result.get(k), (int, float))]
+        tags = [RunTag("diverged", "true")] if result.get("diverged") else []
+        self.client.log_batch(self.children[trial.trial_id], metrics=metrics, tags=tags)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        diverged = bool((trial.last_result or {}).get("diverged"))
+        self.client.set_terminated(self.children[trial.trial_id], status="FAILED" if diverged else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        run_id = self.children.get(trial.trial_id)
+        if run_id is not None:
+            self.client.set_tag(run_id, "error", str(getattr(trial, "error_file", "") or "trial raised"))
+            self.client.set_terminated(run_id, status="FAILED")
+
+    def on_experiment_end(self, trials, **info) -> None:
+        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+        self.client.set_terminated(self.parent_id, status="FINISHED" if finished else "KILLED")

@@ -1,0 +1,181 @@
+"""Reports: every trial as a table, Pareto fronts with hypervolume, and the papers' plots.
+
+Source: a search folder (Tune's state) or an MLflow experiment name (its latest search's child runs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; works without a display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from sharetune.metrics import hypervolume_2d, pareto_mask
+from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, find_parent, tracking_uri
+from sharetune.spaces.settings import METRICS
+
+ACCURACY = "test_accuracy"
+COSTS = ("unique_params", "macs")  # each gets a front: accuracy up, cost down
+
+
+@dataclass
+class Report:
+    trials: pd.DataFrame
+    fronts: dict[str, pd.DataFrame] = field(default_factory=dict)  # cost -> front rows
+    hypervolume: dict[str, float] = field(default_factory=dict)  # cost -> normalised hypervolume
+    files: list[Path] = field(default_factory=list)
+
+
+def trials_from_folder(folder: str | Path) -> pd.DataFrame:
+    from ray import tune
+
+    rows = []
+    for trial in tune.ExperimentAnalysis(str(folder)).trials:
+        last = trial.last_result or {}
+        rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get("training_iteration", 0),
+                     "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
+                     **{m: last.get(m, math.nan) for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The child runs of the experiment's latest search, and that search's parent run id."""
+    client = MlflowClient(tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"experiment: no MLflow experiment {experiment!r} in {client.tracking_uri}")
+    parents = client.search_runs([found.experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
+    parent_id = parents[0].info.run_id
+    runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+    rows = [{"trial_id": r.data.tags.get("sharetune.trial_id"), "status": r.info.status,
+             **{k: _number(v) for k, v in r.data.params.items()}, **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
+            for r in runs]
+    return pd.DataFrame(rows), parent_id
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return None if text == "None" else text
+
+
+def pareto(trials: pd.DataFrame, cost: str) -> tuple[pd.DataFrame, float]:
+    """Front of accuracy against `cost`, and its hypervolume normalised to [0, 1] by the box from
+    (accuracy 0, 1.1 x the largest cost) to (accuracy 1, cost 0)."""
+    usable = trials[(trials.get("diverged", 0).fillna(0) == 0)].dropna(subset=[ACCURACY, cost])
+    if usable.empty:
+        return usable, 0.0
+    points = usable[[ACCURACY, cost]].to_numpy(float)
+    mask = pareto_mask(points, [True, False])
+    reference = (0.0, 1.1 * points[:, 1].max())
+    volume = hypervolume_2d(points, [True, False], reference) / reference[1]
+    return usable[mask].sort_values(cost), volume
+
+
+def _label(trials: pd.DataFrame) -> str | None:
+    """What distinguishes SPIN trials in the papers' tables."""
+    for column in ("variant", "fusion", "transform_groups", "mapping", "hash"):
+        if column in trials and trials[column].nunique(dropna=False) > 1:
+            return column
+    return None
+
+
+def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(trials[cost], trials[ACCURACY], s=18, alpha=0.5, label="trials")
+    ax.step(front[cost], front[ACCURACY], where="post", color="C3", marker="o", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set(xlabel=cost, ylabel=ACCURACY, title=f"{ACCURACY} against {cost}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
+    """Accuracy against `x`, one line per sparsity (ArbNet Figures 2-4)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    groups = trials.groupby("sparsity") if "sparsity" in trials else [("all", trials)]
+    for sparsity, group in groups:
+        group = group.sort_values(x)
+        ax.plot(group[x], group[ACCURACY], marker="o", label=f"sparsity {sparsity}")
+    if log:
+        ax.set_xscale("log")
+    ax.set(xlabel=x, ylabel=ACCURACY, title=f"{ACCURACY} against {x}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_labelled(trials: pd.DataFrame, label: str, path: Path) -> None:
+    """Accuracy against unique parameters per topology / fusion / variant (SPIN Tables 1-5)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for value, group in trials.groupby(trials[label].astype(str)):
+        ax.scatter(group["unique_params"], group[ACCURACY], s=30, label=f"{label} {value}")
+    ax.set(xlabel="unique_params", ylabel=ACCURACY, title=f"{ACCURACY} against parameters, by {label}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
+    """Write trials.csv/.parquet, fronts and plots under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(trials)
+    for name in ("trials.csv", "trials.parquet"):
+        path = out / name
+        (trials.to_csv(path, index=False) if name.endswith("csv") else trials.astype({c: str for c in trials.select_dtypes("object")}).to_parquet(path, index=False))
+        report.files.append(path)
+    done = trials[trials["status"].isin(["TERMINATED", "FINISHED", "FAILED"])].dropna(subset=[ACCURACY])
+    for cost in COSTS:
+        front, volume = pareto(done, cost)
+        report.fronts[cost], report.hypervolume[cost] = front, volume
+        if not front.empty:
+            _plot_front(done, front, cost, out / f"pareto_{cost}.png")
+            report.files.append(out / f"pareto_{cost}.png")
+    healthy = done[done["diverged"].fillna(0) == 0]
+    for x, log in (("alpha", True), ("entropy", False), ("radius", False)):
+        if x in healthy and healthy[x].notna().sum() > 1 and ("alpha" in healthy or x != "entropy"):
+            _plot_lines(healthy.dropna(subset=[x]), x, out / f"accuracy_vs_{x}.png", log)
+            report.files.append(out / f"accuracy_vs_{x}.png")
+    label = _label(healthy)
+    if label is not None:
+        _plot_labelled(healthy, label, out / f"accuracy_vs_params_by_{label}.png")
+        report.files.append(out / f"accuracy_vs_params_by_{label}.png")
+    return report
+
+
+def log_report(report: Report, uri: str, parent_id: str) -> None:
+    """Attach the report to the search's parent run."""
+    client = MlflowClient(uri)
+    for path in report.files:
+        client.log_artifact(parent_id, str(path), artifact_path="report")
+    for cost, volume in report.hypervolume.items():
+        client.log_metric(parent_id, f"hypervolume_{cost}", volume)
+
+
+def parent_of(folder: str | Path, uri: str, experiment: str) -> str | None:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    parent = found and find_parent(client, found.experiment_id, str(Path(folder).resolve()))
+    return parent.info.run_id if parent else None
+
+
+def front_table(front: pd.DataFrame, cost: str) -> str:
+    columns = [c for c in ("trial_id", ACCURACY, cost, "hash", "alpha", "radius", "sparsity", "variant", "fusion") if c in front]
+    return front[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")

@@ -1,0 +1,49 @@
+"""Paper experiments as named specs, each at a reduced (laptop) scale with a `full` (cluster) scale.
+
+A preset file is a spec plus `scales: {full: {...}}`, the changes that restore the paper's scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from sharetune.spaces.spec import SearchSpec, SpecError, apply_overrides, parse_spec, read_spec_file
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SCALES = ("reduced", "full")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset(name: str, scale: str = "reduced") -> dict:
+    """The preset's spec as a dict, at `scale`."""
+    if name not in preset_names():
+        raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(preset_names())}")
+    if scale not in SCALES:
+        raise SpecError(f"scale: unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
+    raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+    changes = raw.pop("scales", {}).get(scale, {})
+    for key, value in changes.items():
+        replace = key == "variants" or not isinstance(value, dict)  # dimensions merge one level: each is replaced whole
+        raw[key] = value if replace else {**raw.get(key, {}), **value}
+    return raw
+
+
+def load_spec(source: str | Path, overrides: list[str] = (), scale: str = "reduced") -> SearchSpec:
+    """A spec from a YAML file or a preset name, with `--set key=value` overrides applied."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"spec: no such file {path}")
+        raw = read_spec_file(path)
+    else:
+        raw = preset(str(source), scale)
+    return parse_spec(apply_overrides(raw, list(overrides)))
+
+
+def describe() -> list[tuple[str, str]]:
+    return [(name, yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()).get("description", "")) for name in preset_names()]

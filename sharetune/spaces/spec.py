@@ -1,0 +1,296 @@
+"""A search spec: what to search, how, and with what budget. YAML in, validated model out.
+
+    name: arbnet-dirichlet
+    family: arbnet                  # arbnet | spin
+    data: {name: mnist}
+    fixed: {hash: dirichlet, table_size: 1000, epochs: 3}
+    dimensions:
+      alpha: {loguniform: [0.001, 1000]}
+      sparsity: {choice: [0.0, 0.5, 0.9]}
+    objectives: {test_accuracy: max, unique_params: min}
+    sampler: nsga2
+    budget: {num_samples: 16, max_concurrent: 2}
+
+Every fixed value and every value a dimension can take is checked against the family's settings
+(sharetune.spaces.settings) before Ray starts; errors name the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sharetune.data import DATASETS
+from sharetune.spaces.settings import FAMILIES, METRICS
+
+SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2", "motpe")
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
+# Dimensions that only exist for one value of another setting (sampled only then).
+CONDITIONS = {"alpha": ("hash", "dirichlet"), "radius": ("hash", "neighborhood")}
+Scalar = Union[bool, int, float, str, None]
+
+
+class SpecError(ValueError):
+    """A spec the user must fix; the message names the field and the allowed values."""
+
+
+class Dimension(BaseModel):
+    """One searched setting: exactly one of choice, uniform, loguniform, int, logint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    choice: Optional[list[Scalar]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    int: Optional[tuple[builtins.int, builtins.int]] = None
+    logint: Optional[tuple[builtins.int, builtins.int]] = None
+    step: Optional[float] = Field(None, gt=0)
+    when: Optional[dict[str, list[Scalar]]] = None  # sample only when these settings have these values
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Dimension":
+        kinds = [k for k in ("choice", "uniform", "loguniform", "int", "logint") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of: choice, uniform, loguniform, int, logint")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice: needs at least one value")
+        low_high = self.bounds()
+        if low_high and low_high[0] > low_high[1]:
+            raise ValueError(f"{self.kind}: low {low_high[0]} is above high {low_high[1]}")
+        if self.kind in ("loguniform", "logint") and low_high[0] <= 0:
+            raise ValueError(f"{self.kind}: bounds must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "int", "logint") if getattr(self, k) is not None)
+
+    def bounds(self) -> tuple[float, float] | None:
+        return None if self.kind == "choice" else getattr(self, self.kind)
+
+    def extremes(self) -> list[Scalar]:
+        """Values that, if valid, make every value of the dimension valid (settings are intervals)."""
+        return list(self.choice) if self.choice is not None else list(self.bounds())
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_samples: Optional[int] = Field(None, ge=1)  # default: the grid's size, else 16
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    time_limit_s: Optional[float] = Field(None, gt=0)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)  # fractions share one GPU between trials
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "mnist"
+    root: Optional[str] = None  # default: ./data or $SHARETUNE_DATA
+    train_subset: Optional[int] = Field(None, ge=1)  # reduced scale: the first N training examples
+    test_subset: Optional[int] = Field(None, ge=1)
+    label_noise: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known(self) -> "DataSpec":
+        key = self.name.lower().replace("-", "_")
+        if key not in DATASETS:
+            raise ValueError(f"name: unknown dataset {self.name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return self
+
+
+class Scheduler(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(3, gt=1)
+
+
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "search"
+    description: str = ""
+    family: Literal["arbnet", "spin"]
+    data: DataSpec = DataSpec()
+    fixed: dict[str, Any] = {}
+    dimensions: dict[str, Dimension] = {}
+    objectives: dict[str, Literal["max", "min"]] = {"test_accuracy": "max"}
+    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    sampler_options: dict[str, Any] = {}
+    scheduler: Optional[Scheduler] = None
+    budget: Budget = Budget()
+    resources: Resources = Resources()
+    seed: int = 0
+    optuna_storage: Optional[str] = None  # an RDB URL (sqlite:///optuna.db) so optuna-dashboard can show the study
+    variants: dict[str, dict[str, Any]] = {}  # named bundles of settings a `variant` dimension picks
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpec":
+        if not self.objectives:
+            raise ValueError("objectives: list at least one metric")
+        for metric in self.objectives:
+            if metric not in METRICS:
+                raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        multi = len(self.objectives) > 1
+        if multi and self.scheduler is not None:
+            raise ValueError("scheduler: ASHA prunes on one metric; a search with several objectives cannot use it")
+        if multi and self.sampler in SINGLE_OBJECTIVE_SAMPLERS:
+            raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use nsga2, motpe, tpe, gp or random")
+        settings = FAMILIES[self.family]
+        for name in [*self.fixed, *self.dimensions]:
+            if name not in settings.model_fields and name != "variant":
+                raise ValueError(f"{name}: not a {self.family} setting; allowed: {', '.join(settings.model_fields)}, variant")
+        overlap = set(self.fixed) & set(self.dimensions)
+        if overlap:
+            raise ValueError(f"{sorted(overlap)[0]}: both fixed and searched; keep it in one place")
+        self._check_variants()
+        self._check_values()
+        if self.sampler == "grid":
+            for name, dim in self.dimensions.items():
+                if dim.kind != "choice" or self.condition(name):
+                    raise ValueError(f"dimensions.{name}: the grid sampler needs unconditional `choice` dimensions")
+        return self
+
+    def _check_variants(self) -> None:
+        names = self.dimensions["variant"].choice if "variant" in self.dimensions else [self.fixed["variant"]] if "variant" in self.fixed else []
+        if names is None:
+            raise ValueError("dimensions.variant: must be a `choice` of variant names")
+        for name in names:
+            if name not in self.variants:
+                raise ValueError(f"variant: unknown variant {name!r}; allowed: {', '.join(self.variants) or '(none defined)'}")
+
+    def condition(self, name: str) -> dict[str, list[Scalar]]:
+        """The settings this dimension depends on: its own `when`, or the built-in ones (alpha, radius)."""
+        dim = self.dimensions.get(name)
+        if dim is not None and dim.when is not None:
+            return dim.when
+        if name in CONDITIONS and CONDITIONS[name][0] in self.dimensions:
+            setting, value = CONDITIONS[name]
+            return {setting: [value]}
+        return {}
+
+    def _check_values(self) -> None:
+        """Validate every combination of dimension extremes (and variant) with the fixed settings."""
+        settings = FAMILIES[self.family]
+        names = list(self.dimensions)
+        for name, dim in self.dimensions.items():
+            for key in dim.when or {}:
+                if key not in self.dimensions and key not in self.fixed:
+                    raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
+        options = [self.dimensions[n].extremes() for n in names]
+        if math.prod(len(o) for o in options) > 4096:  # huge grids: check each dimension on its own
+            combos = [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
+        else:
+            combos = [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
+        for combo in combos:
+            config = {**self.fixed, **combo}
+            config = {k: v for k, v in config.items() if not self._inactive(k, config)}
+            config.update(self.variants.get(config.pop("variant", None), {}))
+            try:
+                resolved = settings(**config)
+            except ValidationError as err:
+                raise ValueError(_describe(err, where=self._where)) from None
+            self._check_pretrained(resolved)
+
+    def _where(self, loc: tuple) -> str:
+        if not loc:
+            return ""
+        section = "dimensions" if loc[0] in self.dimensions else "fixed" if loc[0] in self.fixed else "variants"
+        return ".".join([section, *map(str, loc)])
+
+    def _inactive(self, name: str, config: dict) -> bool:
+        return any(config.get(key) not in values for key, values in self.condition(name).items())
+
+    def _check_pretrained(self, settings) -> None:
+        if getattr(settings, "fusion", None) is not None and not (settings.pretrained or settings.pretrain_epochs):
+            raise ValueError("fusion: needs pretrained weights; set pretrained (a state_dict file) or pretrain_epochs > 0")
+        if getattr(settings, "pretrained", None) and not Path(settings.pretrained).is_file():
+            raise ValueError(f"pretrained: no such file {settings.pretrained}")
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def grid_size(self) -> int:
+        return math.prod(len(d.choice) for d in self.dimensions.values())
+
+    def num_samples(self) -> int:
+        if self.budget.num_samples is not None:
+            return self.budget.num_samples
+        return self.grid_size() if self.sampler == "grid" else 16
+
+    def max_epochs(self) -> int:
+        epochs = [self.fixed.get("epochs")] + [v.get("epochs") for v in self.variants.values()]
+        if "epochs" in self.dimensions:
+            epochs += self.dimensions["epochs"].extremes()
+        return int(max([e for e in epochs if e is not None], default=FAMILIES[self.family].model_fields["epochs"].default))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None)
+
+
+def _describe(err: ValidationError, where: Callable[[tuple], str] = lambda loc: ".".join(map(str, loc))) -> str:
+    """One line per problem: 'field.path: message'."""
+    lines = []
+    for problem in err.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "literal_error":
+            message = f"got {problem['input']!r}; allowed: {problem['ctx']['expected']}"
+        elif problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            message = f"got {problem['input']!r}; {message[0].lower()}{message[1:]}"
+        path = where(problem["loc"])
+        lines.append(f"{path}: {message}" if path else message)
+    return "; ".join(lines)
+
+
+def parse_spec(raw: dict) -> SearchSpec:
+    """Validate a spec dict; raise SpecError naming the field and what is allowed."""
+    if not isinstance(raw, dict):
+        raise SpecError("spec: expected a mapping of keys (name, family, dimensions, ...)")
+    try:
+        return SearchSpec(**raw)
+    except ValidationError as err:
+        raise SpecError(_describe(err)) from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set: expected key=value (e.g. budget.num_samples=8), got {item!r}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {key}: {part} is not a mapping")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def read_spec_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"spec: {path} is not valid YAML: {err}") from None
+    return raw or {}
