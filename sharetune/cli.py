@@ -229,3 +229,7 @@ def ui(
                "--port", str(port), "--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
     os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    app()

@@ -139,7 +139,10 @@ def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
     report = Report(trials)
     for name in ("trials.csv", "trials.parquet"):
         path = out / name
-        (trials.to_csv(path, index=False) if name.endswith("csv") else trials.astype({c: str for c in trials.select_dtypes("object")}).to_parquet(path, index=False))
+        if name.endswith("csv"):
+            trials.to_csv(path, index=False)
+        else:  # Parquet columns need one type: a choice of None and strings is stored as text
+            trials.astype({c: str for c in trials.columns if trials[c].dtype == object}).to_parquet(path, index=False)
         report.files.append(path)
     done = trials[trials["status"].isin(["TERMINATED", "FINISHED", "FAILED"])].dropna(subset=[ACCURACY])
     for cost in COSTS:

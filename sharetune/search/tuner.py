@@ -8,6 +8,7 @@ need nothing but the folder.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ def _trainable(spec: SearchSpec, data: TensorData, pretrained: dict | None):
     return tune.with_resources(tune.with_parameters(train_trial, data=data, pretrained=pretrained), resources)
 
 
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # Tune's default repeats the whole config in the folder name
+
+
 def _folder(storage: str, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
 
@@ -151,12 +156,17 @@ def run(spec: SearchSpec, *, storage: str = DEFAULT_STORAGE, address: str | None
         _trainable(spec, data, pretrained),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples(),
                                     max_concurrent_trials=spec.budget.max_concurrent,
-                                    time_budget_s=spec.budget.time_limit_s),
+                                    time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     tuner.fit()
     return Search(spec, str(folder), uri)
+
+
+# Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is
+# the point, so its warning about it is noise.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _optuna_storage(url: str | None):

@@ -16,14 +16,24 @@ from torch import nn
 
 from sharetune.data import TensorData
 from sharetune.metrics import count_macs, count_params
+from sharetune.models.fusion import FusedLayer, fold
 from sharetune.trainables.build import build_model, settings_of
 from sharetune.training import Recipe, make_optimizer, make_scheduler, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
 
 
+def deployed(model: nn.Module) -> nn.Module:
+    """The model as it ships: fused layers folded to one weight each (SPIN Table 3 counts these)."""
+    inner = model[-1] if isinstance(model, nn.Sequential) else model
+    if not any(isinstance(m, FusedLayer) for m in inner.modules()):
+        return model
+    return nn.Sequential(model[0], fold(inner)) if inner is not model else fold(model)
+
+
 def static_metrics(model: nn.Module, data: TensorData) -> dict[str, float]:
     """What does not change while training: sizes, cost, and how the weights are shared."""
+    model = deployed(model)
     params = count_params(model)
     metrics = {
         "unique_params": params.unique,

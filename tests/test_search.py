@@ -1,0 +1,167 @@
+"""The search service end to end: a real local Ray, real Optuna, a real MLflow SQLite store."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+from helpers import tiny_spec
+from mlflow.tracking import MlflowClient
+
+from sharetune.metrics import pareto_mask
+from sharetune.search import report, tuner
+from sharetune.spaces import METRICS, parse_spec
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def search(tmp_path: Path, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
+    spec = parse_spec(tiny_spec(**changes))
+    result = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    return result, report.trials_from_folder(result.path), MlflowClient(result.mlflow_uri)
+
+
+def runs(client: MlflowClient, name: str):
+    experiment = client.get_experiment_by_name(name)
+    every = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_path):
+    result, trials, client = search(
+        tmp_path, objectives={"test_accuracy": "max", "unique_params": "min"}, sampler="nsga2",
+        sampler_options={"population_size": 4}, dimensions={
+            "hash": {"choice": ["uniform", "dirichlet"]}, "alpha": {"loguniform": [0.01, 10.0]},
+            "table_size": {"choice": [8, 64, 512]}}, fixed={"epochs": 2, "hidden": [16]},
+    )
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    parents, children = runs(client, "tiny")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == "nsga2"
+    assert parent.data.tags["sharetune.search_path"] == result.path and parent.data.tags["sharetune.git_commit"]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs", "entropy",
+                "share_rate", "diverged", "epoch_seconds"} <= set(child.data.metrics)
+        assert child.data.params["family"] == "arbnet" and "table_size" in child.data.params
+        history = client.get_metric_history(child.info.run_id, "test_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+    built = report.build_report(trials, tmp_path / "report")
+    front = built.fronts["unique_params"]
+    assert not front.empty and 0 < built.hypervolume["unique_params"] <= 1
+    points = trials[["test_accuracy", "unique_params"]].to_numpy(float)
+    assert set(front["trial_id"]) == set(trials["trial_id"][pareto_mask(points, [True, False])])
+    assert {"trials.csv", "trials.parquet", "pareto_unique_params.png", "pareto_macs.png"} <= {p.name for p in built.files}
+    assert len(pd.read_parquet(tmp_path / "report" / "trials.parquet")) == 4
+    report.log_report(built, result.mlflow_uri, parent.info.run_id)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/trials.csv" in logged
+
+
+def test_grid_search_enumerates_exactly_its_grid(tmp_path):
+    _, trials, _ = search(
+        tmp_path, sampler="grid", budget={"max_concurrent": 2},
+        dimensions={"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}},
+    )
+    assert len(trials) == 6
+    assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(
+        (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
+
+
+def test_a_diverging_trial_is_reported_and_the_others_finish(tmp_path):
+    _, trials, client = search(
+        tmp_path, sampler="grid", budget={"max_concurrent": 2}, fixed={"table_size": 64, "epochs": 3, "hidden": [16]},
+        dimensions={"lr": {"choice": [0.1, 1e30]}},
+    )
+    by_lr = trials.set_index("lr")
+    assert by_lr.loc[1e30, "diverged"] == 1 and by_lr.loc[1e30, "epochs_done"] == 1 and math.isnan(by_lr.loc[1e30, "loss"])
+    assert by_lr.loc[0.1, "diverged"] == 0 and by_lr.loc[0.1, "epochs_done"] == 3
+    _, children = runs(client, "tiny")
+    status = {c.data.params["lr"]: (c.info.status, c.data.tags.get("diverged")) for c in children}
+    assert status == {"1e+30": ("FAILED", "true"), "0.1": ("FINISHED", None)}
+
+
+def test_single_objective_search_with_asha_and_spin_models(tmp_path):
+    _, trials, _ = search(
+        tmp_path, family="spin", sampler="tpe", scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 2, "lr": 0.05},
+        dimensions={"share_rate": {"choice": [1, 2, 4]}, "mapping": {"choice": ["sequential", "strided"]}},
+    )
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    for _, trial in trials.iterrows():
+        assert trial["share_rate"] == pytest.approx(trial["virtual_params"] / trial["unique_params"])
+        assert trial["unique_params"] < trial["virtual_params"] or trial["share_rate"] == 1
+
+
+def test_fusion_search_pretrains_once_and_fuses(tmp_path):
+    result, trials, _ = search(
+        tmp_path, family="spin", sampler="grid", budget={"max_concurrent": 2},
+        fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "share_rate": 2, "pretrain_epochs": 1},
+        dimensions={"fusion": {"choice": [None, "mean", "channel_weighted_mean"]}},
+    )
+    assert (Path(result.path) / "pretrained.pt").is_file()
+    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
+    params = trials.set_index(trials["fusion"].fillna("none"))["unique_params"]
+    # counted as deployed (folded); fusion shares whole layers, biases too (SPIN Table 3: 10.84 M vs 11.02 M)
+    assert params["channel_weighted_mean"] == params["mean"] == params["none"] - (4 - 2) * 16
+
+
+def _result_lines(folder: Path) -> list[int]:
+    return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
+
+
+def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
+    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
+                     data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "results" / "run"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (len(_result_lines(folder)) >= 2 and _result_lines(folder)[-1] >= 15):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # mid-search: one trial done, one running, one not started
+    process.communicate(timeout=120)
+    interrupted = report.trials_from_folder(folder)
+    assert (interrupted["status"] != "TERMINATED").any()
+
+    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = report.trials_from_folder(folder)
+    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parents, children = runs(client, "tiny")
+    assert len(parents) == 1 and len(children) == 3
+    assert sorted(c.data.params["hash"] for c in children) == ["modulus", "neighborhood", "uniform"]
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
+        assert sorted(steps) == list(range(1, 16))  # every epoch once: resumed from its checkpoint
+        assert child.info.status == "FINISHED"
+
+
+def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_spec(sampler="grid")))
+    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "bad.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "dimensions.alpha: the grid sampler needs unconditional `choice` dimensions" in done.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()

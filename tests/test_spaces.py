@@ -1,0 +1,127 @@
+"""Search specs: presets, validation errors, overrides and the Optuna space they define."""
+
+import optuna
+import pytest
+import yaml
+from helpers import tiny_spec as tiny
+
+from sharetune.search.samplers import SAMPLERS, make_sampler
+from sharetune.spaces import SCALES, SpecError, load_spec, parse_spec, preset, preset_names
+from sharetune.spaces.space import OptunaSpace
+
+PAPER_PRESETS = {"arbnet-dirichlet", "arbnet-neighborhood", "spin-topology", "spin-transform", "spin-fusion",
+                 "spin-scaling", "weight-sharing"}
+
+
+def test_every_paper_experiment_has_a_preset_valid_at_both_scales():
+    assert PAPER_PRESETS <= set(preset_names())
+    for name in preset_names():
+        for scale in SCALES:
+            spec = load_spec(name, scale=scale)
+            assert spec.name == name
+    full, reduced = load_spec("spin-scaling", scale="full"), load_spec("spin-scaling")
+    assert full.variants["c768-d32-r224-share2"] == {"dim": 768, "depth": 32, "img_size": 224, "share_rate": 2}
+    assert "c128-d8-r32" not in full.variants and "c128-d8-r32" in reduced.variants
+
+
+def test_shown_yaml_is_a_spec_that_round_trips():
+    spec = load_spec("weight-sharing")
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+
+
+def test_grid_presets_enumerate_their_grid():
+    spec = load_spec("arbnet-dirichlet")
+    assert spec.sampler == "grid" and spec.num_samples() == 4 * 4
+    assert load_spec("spin-topology").num_samples() == 8
+
+
+def test_set_overrides_parse_yaml_values():
+    spec = load_spec("weight-sharing", ["budget.num_samples=3", "data.name=synthetic", "fixed.hidden=[8, 8]"])
+    assert spec.num_samples() == 3 and spec.data.name == "synthetic" and spec.fixed["hidden"] == [8, 8]
+    with pytest.raises(SpecError, match="--set: expected key=value"):
+        load_spec("weight-sharing", ["budget.num_samples"])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"family": "cnn"}, "family: got 'cnn'; allowed: 'arbnet' or 'spin'"),
+        ({"fixed": {"tabel_size": 3}}, "tabel_size: not a arbnet setting; allowed: .*table_size"),
+        ({"fixed": {"table_size": 0}}, r"fixed.table_size: got 0; input should be greater than or equal to 1"),
+        ({"dimensions": {"sparsity": {"choice": [0.1, 1.5]}}}, "dimensions.sparsity: got 1.5"),
+        ({"dimensions": {"hash": {"choice": ["uniform", "md5"]}}}, "dimensions.hash: unknown hash 'md5'; allowed: dirichlet"),
+        ({"dimensions": {"alpha": {"uniform": [2.0, 1.0]}}}, "dimensions.alpha: uniform: low 2.0 is above high 1.0"),
+        ({"fixed": {"hash": "uniform", "alpha": 1.0}, "dimensions": {}}, "alpha: applies only to hash 'dirichlet'"),
+        ({"objectives": {"accuracy": "max"}}, "objectives: unknown metric 'accuracy'; allowed: test_accuracy"),
+        ({"objectives": {"test_accuracy": "up"}}, "objectives.test_accuracy: got 'up'; allowed: 'max' or 'min'"),
+        ({"objectives": {"test_accuracy": "max", "macs": "min"}, "scheduler": {"name": "asha"}}, "scheduler: ASHA prunes on one metric"),
+        ({"objectives": {"test_accuracy": "max", "macs": "min"}, "sampler": "cmaes"}, "sampler: cmaes is single-objective"),
+        ({"sampler": "grid"}, "dimensions.alpha: the grid sampler needs unconditional `choice` dimensions"),
+        ({"sampler": "bayes"}, "sampler: got 'bayes'; allowed: 'tpe', 'random', 'grid', 'gp', 'cmaes', 'nsga2' or 'motpe'"),
+        ({"data": {"name": "imagenet"}}, "data: name: unknown dataset 'imagenet'; allowed: cifar10"),
+        ({"resources": {"gpu": -1}}, "resources.gpu: got -1"),
+    ],
+)
+def test_bad_specs_name_the_field_and_the_allowed_values(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(tiny(**changes))
+
+
+def test_spin_combinations_are_checked():
+    spin = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "fixed": {"share_rate": 2}}
+    with pytest.raises(SpecError, match="fusion: needs pretrained weights"):
+        parse_spec({**spin, "dimensions": {"fusion": {"choice": [None, "mean"]}}})
+    with pytest.raises(SpecError, match="mapping: got 'diagonal'; allowed: 'sequential'"):
+        parse_spec({**spin, "dimensions": {"mapping": {"choice": ["sequential", "diagonal"]}}})
+    with pytest.raises(SpecError, match="components: unknown component 'attn' for convmixer; allowed: pointwise"):
+        parse_spec({**spin, "fixed": {"share_rate": 2, "components": "pointwise,attn"}})
+    with pytest.raises(SpecError, match="variant: unknown variant 'huge'"):
+        parse_spec({**spin, "dimensions": {"variant": {"choice": ["huge"]}}})
+    with pytest.raises(SpecError, match="preset: unknown preset 'spin'; allowed: arbnet-dirichlet"):
+        load_spec("spin")
+
+
+def test_bad_sampler_options_fail_before_ray():
+    with pytest.raises(SpecError, match="sampler_options: nsga2 sampler rejected"):
+        make_sampler(parse_spec(tiny(sampler="nsga2", sampler_options={"populaton": 4})))
+
+
+def test_space_samples_alpha_only_for_the_dirichlet_hash():
+    spec = parse_spec(tiny())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = OptunaSpace(spec)
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        constants = space(trial)
+        assert constants == {"family": "arbnet", "table_size": 64, "epochs": 1, "hidden": [16]}
+        assert ("alpha" in trial.params) == (trial.params["hash"] == "dirichlet")
+        seen.add(trial.params["hash"])
+        study.tell(trial, 0.5)
+    assert seen == {"uniform", "dirichlet"}
+
+
+def test_variants_become_trial_settings():
+    spec = load_spec("spin-scaling")
+    study = optuna.create_study(sampler=make_sampler(spec))
+    trial = study.ask()
+    constants = OptunaSpace(spec)(trial)
+    assert {k: constants[k] for k in spec.variants[trial.params["variant"]]} == spec.variants[trial.params["variant"]]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_builds_and_drives_the_space(name):
+    multi = name not in ("cmaes",)
+    changes = {"sampler": name}
+    if name == "grid":
+        changes["dimensions"] = {"hash": {"choice": ["uniform", "dirichlet"]}}
+    if multi:
+        changes["objectives"] = {"test_accuracy": "max", "unique_params": "min"}
+    spec = parse_spec(tiny(**changes))
+    study = optuna.create_study(sampler=make_sampler(spec), directions=["maximize", "minimize"][: len(spec.objectives)])
+    for step in range(2):
+        trial = study.ask()
+        OptunaSpace(spec)(trial)
+        study.tell(trial, [0.5 + step / 10, 100.0][: len(spec.objectives)])
+    assert len(study.trials) == 2
