@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/sharetune data fetch mnist --root $(DATA)
-	$(BIN)/sharetune train arbnet --dataset mnist --hash dirichlet --alpha 1.0 --table-size 1000 --epochs 5 --data-dir $(DATA)
+	$(BIN)/sharetune search weight-sharing --set data.root=$(DATA)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
@@ -72,14 +73,21 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     report.log_report(built, result.mlflow_uri, parent.info.run_id)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/trials.csv" in logged
+    from_mlflow, parent_id = report.trials_from_mlflow("tiny", result.mlflow_uri)
+    assert parent_id == parent.info.run_id
+    assert sorted(from_mlflow["trial_id"]) == sorted(trials["trial_id"])
+    assert from_mlflow.set_index("trial_id")["test_accuracy"].to_dict() == trials.set_index("trial_id")["test_accuracy"].to_dict()
 
 
-def test_grid_search_enumerates_exactly_its_grid(tmp_path):
+def test_grid_search_enumerates_exactly_its_grid_into_an_optuna_storage(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
     _, trials, _ = search(
-        tmp_path, sampler="grid", budget={"max_concurrent": 2},
+        tmp_path, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
         dimensions={"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}},
     )
     assert len(trials) == 6
+    study = optuna.load_study(study_name="tiny", storage=storage)  # what optuna-dashboard shows
+    assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(
         (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
 
@@ -146,6 +154,7 @@ def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
     trials = report.trials_from_folder(folder)
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -154,7 +163,7 @@ def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
     assert sorted(c.data.params["hash"] for c in children) == ["modulus", "neighborhood", "uniform"]
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
-        assert sorted(steps) == list(range(1, 16))  # every epoch once: resumed from its checkpoint
+        assert sorted(steps) == list(range(1, 16))  # every epoch once
         assert child.info.status == "FINISHED"
 
 
@@ -165,3 +174,26 @@ def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
     assert done.returncode == 2
     assert "dimensions.alpha: the grid sampler needs unconditional `choice` dimensions" in done.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_ui_serves_the_store_on_loopback(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    process = subprocess.Popen([sys.executable, "-m", "sharetune.cli", "ui", "--mlflow-uri", uri, "--port", str(port)],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, status = time.monotonic() + 120, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

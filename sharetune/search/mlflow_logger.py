@@ -55,9 +55,10 @@ class MlflowLogger(tune.Callback):
         self.client: MlflowClient | None = None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
+        self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "client": None, "children": {}}
+        return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}}
 
     def setup(self, **info) -> None:
         self.client = MlflowClient(self.uri)
@@ -78,7 +79,12 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id in self.children:  # resumed: keep logging into the same run
-            self.client.update_run(self.children[trial.trial_id], status="RUNNING")
+            run_id = self.children[trial.trial_id]
+            self.client.update_run(run_id, status="RUNNING")
+            # An interrupt can land between a reported epoch and Tune's record of its checkpoint; that
+            # epoch then trains again from the checkpoint before it. Log each epoch once.
+            history = self.client.get_metric_history(run_id, "test_accuracy")
+            self.logged_steps[trial.trial_id] = max((m.step for m in history), default=0)
             return
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
@@ -88,7 +94,9 @@ class MlflowLogger(tune.Callback):
             self.client.log_batch(run.info.run_id, params=batch)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        now, step = int(time.time() * 1000), int(result.get("training_iteration", 0))
+        now, step = int(time.time() * 1000), int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self.logged_steps.get(trial.trial_id, 0):
+            return
         metrics = [Metric(k, float(result[k]), now, step) for k in METRICS if isinstance(result.get(k), (int, float))]
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(self.children[trial.trial_id], metrics=metrics, tags=tags)

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -97,6 +98,7 @@ def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path
     ax.scatter(trials[cost], trials[ACCURACY], s=18, alpha=0.5, label="trials")
     ax.step(front[cost], front[ACCURACY], where="post", color="C3", marker="o", label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
     ax.set(xlabel=cost, ylabel=ACCURACY, title=f"{ACCURACY} against {cost}")
     ax.legend()
     fig.tight_layout()

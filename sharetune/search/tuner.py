@@ -156,7 +156,8 @@ def run(spec: SearchSpec, *, storage: str = DEFAULT_STORAGE, address: str | None
         _trainable(spec, data, pretrained),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples(),
                                     max_concurrent_trials=spec.budget.max_concurrent,
-                                    time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname),
+                                    time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
+                                    reuse_actors=True),  # a worker per trial costs seconds of imports
         run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
