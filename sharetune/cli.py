@@ -128,11 +128,13 @@ def search(
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="number of trials"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
-    storage: str = typer.Option("results", help="where the search folder goes: a local path, shared filesystem or URI"),
+    storage: str = typer.Option("results", envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
     report_dir: Path = typer.Option(Path("reports"), "--report-dir", help="where the final report goes"),
 ) -> None:
-    """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command."""
+    """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command.
+
+    SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
     from sharetune.search import tuner
     from sharetune.spaces import SpecError, load_spec
 
@@ -229,6 +231,65 @@ def ui(
                "--port", str(port), "--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
     os.execv(sys.executable, command)
+
+
+DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="the Ray dashboard, http://HEAD:8265")
+
+
+@app.command("submit")
+def submit(
+    source: str = typer.Argument(..., help="a spec YAML file or a preset name"),
+    address: Optional[str] = DASHBOARD,
+    overrides: list[str] = typer.Option([], "--set", help="change a spec field: key.path=value"),
+    scale: str = typer.Option("reduced", help="preset scale: reduced or full"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking server as the cluster reaches it (default: the head's $MLFLOW_TRACKING_URI)"),
+    storage: Optional[str] = typer.Option(None, help="search folder on the cluster: shared filesystem or URI (default: the head's $SHARETUNE_STORAGE)"),
+    name: Optional[str] = typer.Option(None, help="search folder name"),
+) -> None:
+    """Submit a search to a Ray cluster as a Ray Job; the spec is validated here first."""
+    from sharetune.search import jobs
+    from sharetune.spaces import SpecError, load_spec
+
+    if num_samples is not None:
+        overrides = [*overrides, f"budget.num_samples={num_samples}"]
+    try:
+        spec = load_spec(source, overrides, scale)
+    except SpecError as err:
+        fail(str(err))
+    job = jobs.submit(spec, address, mlflow_uri=mlflow_uri, storage=storage, name=name)
+    typer.echo(job)
+    flag = f" --address {address}" if address else ""
+    typer.echo(f"follow it: sharetune logs {job} --follow{flag}; status: sharetune status {job}{flag}", err=True)
+
+
+@app.command("status")
+def status(job: str = typer.Argument(..., help="the id `sharetune submit` printed"), address: Optional[str] = DASHBOARD) -> None:
+    """A submitted search's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from sharetune.search import jobs
+
+    state, message = jobs.status(address, job)
+    typer.echo(f"{state.value}{': ' + message if message else ''}")
+
+
+@app.command("logs")
+def logs(
+    job: str = typer.Argument(...), address: Optional[str] = DASHBOARD,
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
+) -> None:
+    """A submitted search's output (its live progress lines included)."""
+    from sharetune.search import jobs
+
+    for chunk in jobs.logs(address, job, follow):
+        typer.echo(chunk, nl=False)
+
+
+@app.command("stop")
+def stop(job: str = typer.Argument(...), address: Optional[str] = DASHBOARD) -> None:
+    """Stop a submitted search; its folder keeps what finished, so `sharetune resume` can continue it."""
+    from sharetune.search import jobs
+
+    typer.echo("stopping" if jobs.stop(address, job) else "already ended")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ statistics, so a training loop slices batches from memory instead of running a D
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DEFAULT_ROOT = Path("data")
+DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 
 
 class DataError(RuntimeError):

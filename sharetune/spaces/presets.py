@@ -5,6 +5,7 @@ A preset file is a spec plus `scales: {full: {...}}`, the changes that restore t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -34,9 +35,15 @@ def preset(name: str, scale: str = "reduced") -> dict:
 
 
 def load_spec(source: str | Path, overrides: list[str] = (), scale: str = "reduced") -> SearchSpec:
-    """A spec from a YAML file or a preset name, with `--set key=value` overrides applied."""
+    """A spec from a YAML file, a preset name, or `env:NAME` (YAML in an environment variable, which
+    is how a submitted Ray Job receives it), with `--set key=value` overrides applied."""
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
+    if str(source).startswith("env:"):
+        variable = str(source)[4:]
+        if variable not in os.environ:
+            raise SpecError(f"spec: environment variable {variable} is not set")
+        raw = yaml.safe_load(os.environ[variable]) or {}
+    elif path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise SpecError(f"spec: no such file {path}")
         raw = read_spec_file(path)

@@ -1,0 +1,163 @@
+"""The cluster path with real parts: a two-node Ray cluster on loopback with token auth, PostgreSQL
+behind an MLflow tracking server, and `sharetune submit` / `status` / `logs` as users run them."""
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from glob import glob
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import tiny_spec
+from mlflow.tracking import MlflowClient
+
+from sharetune.search import report
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(versions[-1]).parent if versions else None
+
+
+def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
+
+
+def run(command: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, **kwargs)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@contextlib.contextmanager
+def postgres(folder: Path):
+    """A real PostgreSQL server in a temporary data directory, on loopback."""
+    pg = postgres_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL server binaries not found (make test installs Debian's postgresql)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    folder.mkdir()
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    port, data = free_port(), folder / "data"
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    run([*as_postgres, str(pg / "initdb"), "-D", str(data), "-U", "sharetune", "--auth=trust"], env)
+    run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
+         "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"], env)
+    try:
+        run([*as_postgres, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "sharetune", "mlflow"], env)
+        yield f"postgresql://sharetune@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], env=env,
+                       capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend: str, artifacts: Path):
+    port = free_port()
+    log = open(artifacts.parent / "mlflow-server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
+         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server", 180, process)
+        except (RuntimeError, TimeoutError) as err:
+            log.flush()
+            raise RuntimeError(f"{err}:\n{(artifacts.parent / 'mlflow-server.log').read_text()[-3000:]}") from None
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+
+
+@contextlib.contextmanager
+def ray_cluster(env: dict, temp: Path):
+    """Head and a second node, each with one CPU and a resource of its own, token auth on."""
+    port, dashboard = free_port(), free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--temp-dir", str(temp),
+             "--resources", json.dumps({"node_a": 1}), *common], env)
+        run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--resources", json.dumps({"node_b": 1}), *common], env)
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
+
+
+def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
+    with tempfile.TemporaryDirectory(prefix="sharetune-cluster-") as scratch:
+        root = Path(scratch)
+        os.chmod(root, 0o755)  # the postgres user must reach its data directory
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               "PATH": f"{BIN}:{os.environ['PATH']}"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        (root / "artifacts").mkdir()
+        spec = tiny_spec(name="cluster", budget={"num_samples": 4, "max_concurrent": 2},
+                         fixed={"table_size": 64, "epochs": 3, "hidden": [256, 256]})
+        (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+        with postgres(root / "pg") as backend, mlflow_server(backend, root / "artifacts") as tracking, \
+                ray_cluster(env, root / "ray") as dashboard:
+            submitted = sharetune("submit", "spec.yaml", "--address", dashboard, "--mlflow-uri", tracking,
+                                  "--storage", str(root / "results"), "--name", "run", env=env, cwd=root)
+            job = submitted.stdout.strip()
+
+            def finished() -> bool:
+                state = sharetune("status", job, "--address", dashboard, env=env, cwd=root).stdout
+                assert not state.startswith(("FAILED", "STOPPED")), state + sharetune("logs", job, "--address", dashboard, env=env, cwd=root).stdout
+                return state.startswith("SUCCEEDED")
+
+            wait_for(finished, "the submitted search", 600)
+            logs = sharetune("logs", job, "--address", dashboard, env=env, cwd=root).stdout
+            assert "4/4 done" in logs and "Pareto front" in logs
+
+            trials = report.trials_from_folder(root / "results" / "run")
+            assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+            assert trials["node_id"].nunique() == 2  # trials ran on both nodes
+
+            client = MlflowClient(tracking)
+            experiment = client.get_experiment_by_name("cluster")
+            runs = client.search_runs([experiment.experiment_id])
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            assert len(runs) == 5 and len(children) == 4
+            assert {r.data.tags["sharetune.trial_id"] for r in children} == set(trials["trial_id"])
+            assert all(r.info.status == "FINISHED" for r in runs)
