@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   ?= data
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean postgres
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ demo: $(VENV)/.installed
 	$(BIN)/sharetune data fetch mnist --root $(DATA)
 	$(BIN)/sharetune search weight-sharing --set data.root=$(DATA)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev postgres
 	$(BIN)/python -m pytest tests
+
+# The cluster test runs a real PostgreSQL server: install Debian's when it is missing (as root).
+postgres:
+	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "note: no PostgreSQL server here; the cluster test will be skipped"
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_arbnet.py

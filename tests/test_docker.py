@@ -1,0 +1,94 @@
+"""The Docker and Kubernetes files, checked the way CI can without a Docker engine."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+DOCKER = Path(__file__).parent.parent / "docker"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+RAY_SERVICES = ("ray-head", "worker")
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME:-default} interpolation."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], text)
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKER.rglob("Dockerfile*")), ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    done = subprocess.run([str(HADOLINT), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_is_multi_stage_non_root_and_bakes_no_secrets():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "ARG FLAVOR=cpu" in text and "base-cuda" in text and "pytorch/pytorch:" in text
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 3 and "COPY --from=build" in text
+    runtime = text.split("AS runtime", 1)[1]
+    assert re.search(r"^USER 1000", runtime, re.M) and "apt-get" not in runtime and "gcc" not in runtime
+    assert not re.search(r"(TOKEN|PASSWORD|SECRET)\s*=", text, re.I)
+
+
+def test_compose_has_every_service_with_a_healthcheck():
+    services = compose()["services"]
+    assert set(services) == {"ray-head", "worker", "mlflow", "postgres"}
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_published_ports_bind_to_loopback_unless_overridden():
+    published = [(name, port) for name, s in compose()["services"].items() for port in s.get("ports", [])]
+    assert published and "worker" not in {name for name, _ in published}  # workers scale: no host ports
+    for name, port in published:
+        assert expand(port, {}).startswith("127.0.0.1:"), f"{name}: {port}"
+        assert expand(port, {"SHARETUNE_BIND": "0.0.0.0"}).startswith("0.0.0.0:")
+
+
+def test_ray_token_auth_is_on_everywhere_and_comes_from_a_secret():
+    spec = compose()
+    for name in RAY_SERVICES:
+        service = spec["services"][name]
+        assert service["environment"]["RAY_AUTH_MODE"] == "token"
+        assert service["environment"]["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_token"
+        assert "ray_token" in service["secrets"] and "container_name" not in service
+    assert spec["secrets"]["ray_token"] == {"file": "./secrets/ray_token"}
+    assert (DOCKER / "secrets" / ".gitignore").read_text().startswith("*")  # never committed
+
+
+def test_mlflow_server_allows_its_service_name_and_stores_in_postgres():
+    mlflow = " ".join(compose()["services"]["mlflow"]["command"])
+    assert '--allowed-hosts "mlflow:5000' in mlflow and "postgresql://" in mlflow and "--serve-artifacts" in mlflow
+    assert compose()["services"]["ray-head"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_gpu_override_reserves_devices_for_workers():
+    gpu = yaml.safe_load((DOCKER / "compose.gpu.yaml").read_text())["services"]["worker"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "--num-gpus" in gpu["command"]
+
+
+@pytest.mark.parametrize("name, kind", [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifests(name, kind):
+    manifest = yaml.safe_load((DOCKER / "kuberay" / name).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == kind
+    cluster = manifest["spec"] if kind == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__  # head, workers and clients on one Ray version
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+    if kind == "RayJob":
+        from sharetune.spaces import parse_spec
+
+        shipped = yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])["env_vars"]["SHARETUNE_SPEC"]
+        assert parse_spec(yaml.safe_load(shipped)).multi_objective
