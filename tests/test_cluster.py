@@ -133,7 +133,7 @@ def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
         env.pop("MLFLOW_TRACKING_URI", None)
         (root / "artifacts").mkdir()
         spec = tiny_spec(name="cluster", budget={"num_samples": 4, "max_concurrent": 2},
-                         fixed={"table_size": 64, "epochs": 3, "hidden": [256, 256]})
+                         fixed={"table_size": 64, "epochs": 8, "hidden": [1024, 1024]})  # long enough to overlap
         (root / "spec.yaml").write_text(yaml.safe_dump(spec))
         with postgres(root / "pg") as backend, mlflow_server(backend, root / "artifacts") as tracking, \
                 ray_cluster(env, root / "ray") as dashboard:
