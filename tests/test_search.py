@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search import report, tuner
-from sharetune.spaces import METRICS, parse_spec
+from sharetune.spaces import parse_spec
 
 
 

@@ -14,7 +14,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only; works without a display
 import matplotlib.pyplot as plt
 import matplotlib.ticker
-import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
