@@ -149,6 +149,8 @@ def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
             wait_for(finished, "the submitted search", 600)
             logs = sharetune("logs", job, "--address", dashboard, env=env, cwd=root).stdout
             assert "4/4 done" in logs and "Pareto front" in logs
+            followed = sharetune("logs", job, "--follow", "--address", dashboard, env=env, cwd=root).stdout
+            assert "Pareto front" in followed  # streams to the end, then returns
 
             trials = report.trials_from_folder(root / "results" / "run")
             assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
@@ -161,3 +163,14 @@ def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
             assert len(runs) == 5 and len(children) == 4
             assert {r.data.tags["sharetune.trial_id"] for r in children} == set(trials["trial_id"])
             assert all(r.info.status == "FINISHED" for r in runs)
+
+            # a second, long search: `sharetune stop` ends it
+            second = sharetune("submit", "spec.yaml", "--address", dashboard, "--mlflow-uri", tracking, "--set",
+                               "fixed.epochs=500", "--storage", str(root / "results"), "--name", "long",
+                               env=env, cwd=root).stdout.strip()
+            def state() -> str:
+                return sharetune("status", second, "--address", dashboard, env=env, cwd=root).stdout
+
+            wait_for(lambda: state().startswith("RUNNING"), "the second search")
+            assert sharetune("stop", second, "--address", dashboard, env=env, cwd=root).stdout.strip() == "stopping"
+            wait_for(lambda: state().startswith("STOPPED"), "the stopped search")
