@@ -141,7 +141,7 @@ def search(
         overrides = [*overrides, f"budget.num_samples={num_samples}"]
     try:
         spec = load_spec(source, overrides, scale)
-        result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
+        result = tuner.run(spec, storage_path=storage, address=address, mlflow_uri=mlflow_uri, name=name)
     except (SpecError, DataError, FileNotFoundError) as err:
         fail(str(err))
     _finish(result, report_dir)
@@ -149,7 +149,7 @@ def search(
 
 @app.command("resume")
 def resume(
-    path: Path = typer.Argument(..., help="the search folder printed by `sharetune search`"),
+    path: str = typer.Argument(..., help="the search folder printed by `sharetune search` (a path or URI)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)"),
     report_dir: Path = typer.Option(Path("reports"), "--report-dir"),
 ) -> None:
@@ -171,10 +171,11 @@ def report(
 ) -> None:
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
     from sharetune.search import report as reports
+    from sharetune.search import storage, tuner
     from sharetune.search.tuner import mlflow_location
 
     try:
-        if Path(source).is_dir():
+        if storage.is_search_folder(source, tuner.SPEC_FILE):
             location = mlflow_location(source)
             trials = reports.trials_from_folder(source)
             uri, parent = location["tracking_uri"], reports.parent_of(source, location["tracking_uri"], location["experiment"])
@@ -183,7 +184,7 @@ def report(
             trials, parent = reports.trials_from_mlflow(source, uri)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    _print_report(reports.build_report(trials, out or Path("reports") / Path(source).name), uri, parent)
+    _print_report(reports.build_report(trials, out or Path("reports") / source.rstrip("/").rpartition("/")[2]), uri, parent)
 
 
 def _finish(result, report_dir: Path) -> None:
@@ -195,7 +196,7 @@ def _finish(result, report_dir: Path) -> None:
     ranked = trials.sort_values(list(result.spec.objectives)[0], ascending=list(result.spec.objectives.values())[0] == "min")
     columns = ["trial_id", "status", *[m for m in result.spec.objectives], *[c for c in result.spec.dimensions if c in trials]]
     typer.echo("top trials:\n" + ranked[list(dict.fromkeys(columns))].head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    _print_report(reports.build_report(trials, report_dir / Path(result.path).name), result.mlflow_uri, parent)
+    _print_report(reports.build_report(trials, report_dir / result.path.rpartition("/")[2]), result.mlflow_uri, parent)
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:

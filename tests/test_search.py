@@ -29,9 +29,10 @@ def local_ray():
     ray.shutdown()
 
 
-def search(tmp_path: Path, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
+def search(tmp_path: Path, storage_path: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
     spec = parse_spec(tiny_spec(**changes))
-    result = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    result = tuner.run(spec, storage_path=storage_path or str(tmp_path / "results"),
+                       mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
     return result, report.trials_from_folder(result.path), MlflowClient(result.mlflow_uri)
 
 
@@ -79,13 +80,16 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     assert from_mlflow.set_index("trial_id")["test_accuracy"].to_dict() == trials.set_index("trial_id")["test_accuracy"].to_dict()
 
 
-def test_grid_search_enumerates_exactly_its_grid_into_an_optuna_storage(tmp_path):
+def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    _, trials, _ = search(
-        tmp_path, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
+    uri = (tmp_path / "bucket").as_uri()  # file://: the pyarrow filesystem path s3:// and gs:// take too
+    result, trials, _ = search(
+        tmp_path, storage_path=uri, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
         dimensions={"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}},
     )
     assert len(trials) == 6
+    assert result.path.startswith("file://") and tuner.read_spec(result.path).sampler == "grid"
+    assert (tmp_path / "bucket" / Path(result.path).name / "sharetune-spec.yaml").is_file()
     study = optuna.load_study(study_name="tiny", storage=storage)  # what optuna-dashboard shows
     assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(

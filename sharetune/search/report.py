@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import hypervolume_2d, pareto_mask
+from sharetune.search import storage
 from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, find_parent, tracking_uri
 from sharetune.spaces.settings import METRICS
 
@@ -37,7 +38,7 @@ def trials_from_folder(folder: str | Path) -> pd.DataFrame:
     from ray import tune
 
     rows = []
-    for trial in tune.ExperimentAnalysis(str(folder)).trials:
+    for trial in tune.ExperimentAnalysis(storage.canonical(folder)).trials:
         last = trial.last_result or {}
         rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get("training_iteration", 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
@@ -176,7 +177,7 @@ def log_report(report: Report, uri: str, parent_id: str) -> None:
 def parent_of(folder: str | Path, uri: str, experiment: str) -> str | None:
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    parent = found and find_parent(client, found.experiment_id, str(Path(folder).resolve()))
+    parent = found and find_parent(client, found.experiment_id, storage.canonical(folder))
     return parent.info.run_id if parent else None
 
 

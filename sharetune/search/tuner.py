@@ -7,6 +7,7 @@ need nothing but the folder.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import TensorData, load
+from sharetune.search import storage
 from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
 from sharetune.search.progress import Progress
 from sharetune.search.samplers import make_sampler
@@ -41,7 +43,7 @@ DEFAULT_STORAGE = "results"
 @dataclass
 class Search:
     spec: SearchSpec
-    path: str  # the search folder: storage/name (a local path or a URI)
+    path: str  # the search folder, storage/name: an absolute path or a URI
     mlflow_uri: str
 
 
@@ -87,15 +89,19 @@ def pretrain(spec: SearchSpec, data: TensorData) -> dict:
     return {k: v.cpu() for k, v in inner.state_dict().items()}
 
 
-def pretrained_weights(spec: SearchSpec, data: TensorData, folder: Path) -> dict | None:
+def pretrained_weights(spec: SearchSpec, data: TensorData, folder: str) -> dict | None:
+    """The unshared weights fusion starts from: the spec's file, the search's cached copy, or new."""
     if spec.family != "spin" or not _may_fuse(spec):
         return None
-    cached = folder / PRETRAINED_FILE
-    source = spec.fixed.get("pretrained") or (cached if cached.is_file() else None)
-    if source is not None:
-        return torch.load(source, map_location="cpu")
+    if spec.fixed.get("pretrained"):
+        return torch.load(spec.fixed["pretrained"], map_location="cpu")
+    cached = storage.read(folder, PRETRAINED_FILE)
+    if cached is not None:
+        return torch.load(io.BytesIO(cached), map_location="cpu")
     state = pretrain(spec, data)
-    torch.save(state, cached)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write(folder, PRETRAINED_FILE, buffer.getvalue())
     return state
 
 
@@ -121,20 +127,16 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default repeats the whole config in the folder name
 
 
-def _folder(storage: str, name: str) -> Path:
-    return Path(storage).expanduser().resolve() / name
-
-
-def run(spec: SearchSpec, *, storage: str = DEFAULT_STORAGE, address: str | None = None,
+def run(spec: SearchSpec, *, storage_path: str = DEFAULT_STORAGE, address: str | None = None,
         mlflow_uri: str | None = None, name: str | None = None, progress: bool = True) -> Search:
+    """`storage_path`: a local folder, a shared filesystem, or an object store URI."""
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     data = load_data(spec)
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = _folder(storage, name)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / SPEC_FILE).write_text(spec.to_yaml())
+    folder = storage.join(storage_path, name)
+    storage.write(folder, SPEC_FILE, spec.to_yaml().encode())
     uri = tracking_uri(mlflow_uri)
-    (folder / MLFLOW_FILE).write_text(json.dumps({"tracking_uri": uri, "experiment": spec.name}))
+    storage.write(folder, MLFLOW_FILE, json.dumps({"tracking_uri": uri, "experiment": spec.name}).encode())
     start_ray(address)
     pretrained = pretrained_weights(spec, data, folder)
     metrics, modes = list(spec.objectives), list(spec.objectives.values())
@@ -149,7 +151,7 @@ def run(spec: SearchSpec, *, storage: str = DEFAULT_STORAGE, address: str | None
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=metrics[0], mode=modes[0],
                                   max_t=spec.max_epochs(), grace_period=spec.scheduler.grace_period,
                                   reduction_factor=spec.scheduler.reduction_factor)
-    callbacks = [MlflowLogger(uri, spec.name, str(folder), _parent_params(spec), {**_metadata(), "sharetune.preset": spec.name})]
+    callbacks = [MlflowLogger(uri, spec.name, folder, _parent_params(spec), {**_metadata(), "sharetune.preset": spec.name})]
     if progress:
         callbacks.append(Progress(spec.objectives, spec.num_samples()))
     tuner = tune.Tuner(
@@ -158,11 +160,11 @@ def run(spec: SearchSpec, *, storage: str = DEFAULT_STORAGE, address: str | None
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
-        run_config=tune.RunConfig(name=name, storage_path=str(folder.parent), callbacks=callbacks, verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage.canonical(storage_path), callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
     tuner.fit()
-    return Search(spec, str(folder), uri)
+    return Search(spec, folder, uri)
 
 
 # Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is
@@ -178,26 +180,30 @@ def _optuna_storage(url: str | None):
     return optuna.storages.RDBStorage(url)
 
 
+def _read(folder: str, filename: str) -> bytes:
+    data = storage.read(folder, filename)
+    if data is None:
+        raise FileNotFoundError(f"{folder}: not a sharetune search folder (no {filename})")
+    return data
+
+
 def read_spec(folder: str | Path) -> SearchSpec:
-    path = Path(folder) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not a sharetune search folder (no {SPEC_FILE})")
-    return parse_spec(yaml.safe_load(path.read_text()))
+    return parse_spec(yaml.safe_load(_read(str(folder), SPEC_FILE)))
 
 
 def resume(folder: str | Path, *, address: str | None = None) -> Search:
     """Continue an interrupted search: finished trials stay, unfinished ones restart from their
     last checkpoint, errored ones are retried; the MLflow runs are found again by their tags."""
-    folder = Path(folder).expanduser().resolve()
+    folder = storage.canonical(folder)
     spec = read_spec(folder)
     data = load_data(spec)
     start_ray(address)
     pretrained = pretrained_weights(spec, data, folder)
-    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained), resume_errored=True)
+    tuner = tune.Tuner.restore(folder, trainable=_trainable(spec, data, pretrained), resume_errored=True)
     tuner.fit()
-    return Search(spec, str(folder), mlflow_location(folder)["tracking_uri"])
+    return Search(spec, folder, mlflow_location(folder)["tracking_uri"])
 
 
 def mlflow_location(folder: str | Path) -> dict:
     """{tracking_uri, experiment} of a search folder."""
-    return json.loads((Path(folder) / MLFLOW_FILE).read_text())
+    return json.loads(_read(storage.canonical(folder), MLFLOW_FILE))
