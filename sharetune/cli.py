@@ -119,28 +119,44 @@ def presets_show(name: str, scale: str = typer.Option("reduced", help="reduced (
         fail(str(err))
 
 
-@app.command("search")
-def search(
-    source: str = typer.Argument(..., help="a spec YAML file or a preset name (see `sharetune presets`)"),
-    overrides: list[str] = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)"),
-    scale: str = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="number of trials"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
-    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
-    storage: str = typer.Option("results", envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI"),
-    name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
-    report_dir: Path = typer.Option(Path("reports"), "--report-dir", help="where the final report goes"),
-) -> None:
-    """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command.
+SOURCE = typer.Argument(..., help="a spec YAML file or a preset name (see `sharetune presets`)")
+OVERRIDES = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)")
+SCALE = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)")
+NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
+REPORT_DIR = typer.Option(Path("reports"), "--report-dir", help="where the final report goes")
 
-    SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
-    from sharetune.search import tuner
+
+def _load_spec(source: str, overrides: list[str], scale: str, num_samples: Optional[int]):
     from sharetune.spaces import SpecError, load_spec
 
     if num_samples is not None:
         overrides = [*overrides, f"budget.num_samples={num_samples}"]
     try:
-        spec = load_spec(source, overrides, scale)
+        return load_spec(source, overrides, scale)
+    except SpecError as err:
+        fail(str(err))
+
+
+@app.command("search")
+def search(
+    source: str = SOURCE,
+    overrides: list[str] = OVERRIDES,
+    scale: str = SCALE,
+    num_samples: Optional[int] = NUM_SAMPLES,
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+    storage: str = typer.Option("results", envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI"),
+    name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
+    report_dir: Path = REPORT_DIR,
+) -> None:
+    """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command.
+
+    SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
+    from sharetune.search import tuner
+    from sharetune.spaces import SpecError
+
+    spec = _load_spec(source, overrides, scale, num_samples)
+    try:
         result = tuner.run(spec, storage_path=storage, address=address, mlflow_uri=mlflow_uri, name=name)
     except (SpecError, DataError, FileNotFoundError) as err:
         fail(str(err))
@@ -151,7 +167,7 @@ def search(
 def resume(
     path: str = typer.Argument(..., help="the search folder printed by `sharetune search` (a path or URI)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)"),
-    report_dir: Path = typer.Option(Path("reports"), "--report-dir"),
+    report_dir: Path = REPORT_DIR,
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import tuner
@@ -172,13 +188,10 @@ def report(
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
     from sharetune.search import report as reports
     from sharetune.search import storage, tuner
-    from sharetune.search.tuner import mlflow_location
 
     try:
         if storage.is_search_folder(source, tuner.SPEC_FILE):
-            location = mlflow_location(source)
-            trials = reports.trials_from_folder(source)
-            uri, parent = location["tracking_uri"], reports.parent_of(source, location["tracking_uri"], location["experiment"])
+            trials, uri, parent = _folder_trials(source)
         else:
             uri = reports.tracking_uri(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
@@ -187,16 +200,25 @@ def report(
     _print_report(reports.build_report(trials, out or Path("reports") / source.rstrip("/").rpartition("/")[2]), uri, parent)
 
 
+def _folder_trials(folder: str):
+    """A search folder's trials, its tracking URI, and its MLflow parent run (None if not found)."""
+    from sharetune.search import report as reports
+    from sharetune.search.tuner import mlflow_location
+
+    location = mlflow_location(folder)
+    uri = location["tracking_uri"]
+    return reports.trials_from_folder(folder), uri, reports.parent_of(folder, uri, location["experiment"])
+
+
 def _finish(result, report_dir: Path) -> None:
     from sharetune.search import report as reports
 
-    trials = reports.trials_from_folder(result.path)
-    parent = reports.parent_of(result.path, result.mlflow_uri, result.spec.name)
+    trials, uri, parent = _folder_trials(result.path)
     typer.echo(f"\nsearch folder: {result.path}  (continue it with: sharetune resume {result.path})")
     ranked = trials.sort_values(list(result.spec.objectives)[0], ascending=list(result.spec.objectives.values())[0] == "min")
     columns = ["trial_id", "status", *[m for m in result.spec.objectives], *[c for c in result.spec.dimensions if c in trials]]
     typer.echo("top trials:\n" + ranked[list(dict.fromkeys(columns))].head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    _print_report(reports.build_report(trials, report_dir / result.path.rpartition("/")[2]), result.mlflow_uri, parent)
+    _print_report(reports.build_report(trials, report_dir / result.path.rpartition("/")[2]), uri, parent)
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:
@@ -221,14 +243,14 @@ def ui(
     import os
     import sys
 
-    from sharetune.search.mlflow_logger import DEFAULT_ARTIFACTS, tracking_uri
+    from sharetune.search.mlflow_logger import local_artifacts, tracking_uri
 
     uri = tracking_uri(mlflow_uri)
     if uri.startswith(("http://", "https://")):
         typer.echo(f"the tracking server already serves the UI: {uri}")
         return
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--default-artifact-root", Path(DEFAULT_ARTIFACTS).resolve().as_uri()]
+               "--port", str(port), "--default-artifact-root", local_artifacts()]
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
     os.execv(sys.executable, command)
 
@@ -238,25 +260,19 @@ DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", hel
 
 @app.command("submit")
 def submit(
-    source: str = typer.Argument(..., help="a spec YAML file or a preset name"),
+    source: str = SOURCE,
     address: Optional[str] = DASHBOARD,
-    overrides: list[str] = typer.Option([], "--set", help="change a spec field: key.path=value"),
-    scale: str = typer.Option("reduced", help="preset scale: reduced or full"),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples"),
+    overrides: list[str] = OVERRIDES,
+    scale: str = SCALE,
+    num_samples: Optional[int] = NUM_SAMPLES,
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking server as the cluster reaches it (default: the head's $MLFLOW_TRACKING_URI)"),
     storage: Optional[str] = typer.Option(None, help="search folder on the cluster: shared filesystem or URI (default: the head's $SHARETUNE_STORAGE)"),
     name: Optional[str] = typer.Option(None, help="search folder name"),
 ) -> None:
     """Submit a search to a Ray cluster as a Ray Job; the spec is validated here first."""
     from sharetune.search import jobs
-    from sharetune.spaces import SpecError, load_spec
 
-    if num_samples is not None:
-        overrides = [*overrides, f"budget.num_samples={num_samples}"]
-    try:
-        spec = load_spec(source, overrides, scale)
-    except SpecError as err:
-        fail(str(err))
+    spec = _load_spec(source, overrides, scale, num_samples)
     job = jobs.submit(spec, address, mlflow_uri=mlflow_uri, storage=storage, name=name)
     typer.echo(job)
     flag = f" --address {address}" if address else ""

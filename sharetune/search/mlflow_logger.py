@@ -29,12 +29,17 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
 
 
+def local_artifacts() -> str:
+    """Artifact root beside the embedded store: ./mlartifacts."""
+    return Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     local = client.tracking_uri.startswith("sqlite:")  # a server chooses its own artifact store
-    location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local else None
+    location = local_artifacts() if local else None
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import hypervolume_2d, pareto_mask
 from sharetune.search import storage
-from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, find_parent, tracking_uri
+from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, find_parent, tracking_uri
 from sharetune.spaces.settings import METRICS
 
 ACCURACY = "test_accuracy"
@@ -57,7 +57,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
     runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
-    rows = [{"trial_id": r.data.tags.get("sharetune.trial_id"), "status": r.info.status,
+    rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status,
              **{k: _number(v) for k, v in r.data.params.items()}, **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
             for r in runs]
     return pd.DataFrame(rows), parent_id
@@ -139,13 +139,10 @@ def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(trials)
-    for name in ("trials.csv", "trials.parquet"):
-        path = out / name
-        if name.endswith("csv"):
-            trials.to_csv(path, index=False)
-        else:  # Parquet columns need one type: a choice of None and strings is stored as text
-            trials.astype({c: str for c in trials.columns if trials[c].dtype == object}).to_parquet(path, index=False)
-        report.files.append(path)
+    trials.to_csv(out / "trials.csv", index=False)
+    # Parquet columns need one type: a choice of None and strings is stored as text
+    trials.astype({c: str for c in trials.columns if trials[c].dtype == object}).to_parquet(out / "trials.parquet", index=False)
+    report.files += [out / "trials.csv", out / "trials.parquet"]
     done = trials[trials["status"].isin(["TERMINATED", "FINISHED", "FAILED"])].dropna(subset=[ACCURACY])
     for cost in COSTS:
         front, volume = pareto(done, cost)

@@ -1,12 +1,13 @@
 """Spec -> Ray Tune run: data into the object store once, OptunaSearch, optional ASHA, MLflow.
 
-Everything that can be wrong with a spec fails in `prepare` (validation, sampler, data) before Ray
+Everything that can be wrong with a spec fails in `run` (validation, sampler, data) before Ray
 starts. The search folder (storage/name) holds Tune's state plus the spec, so `resume` and `report`
 need nothing but the folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -31,8 +32,9 @@ from sharetune.search.samplers import make_sampler
 from sharetune.spaces import SearchSpec, parse_spec
 from sharetune.spaces.space import OptunaSpace
 from sharetune.trainables import train_trial
-from sharetune.trainables.build import build_spin, settings_of
-from sharetune.training import Recipe, train_epochs
+from sharetune.trainables.build import build_spin, settings_of, unwrap
+from sharetune.trainables.trial import recipe_of
+from sharetune.training import train_epochs
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
@@ -78,15 +80,14 @@ def _parent_params(spec: SearchSpec) -> dict:
 
 def pretrain(spec: SearchSpec, data: TensorData) -> dict:
     """Train the unshared network once per search: the weights SPIN's fusion strategies start from."""
-    settings = settings_of({"family": spec.family, **spec.fixed})
+    config = {"family": spec.family, **spec.fixed}
+    settings = settings_of(config)
     model = build_spin(settings, data, unshared=True)
-    recipe = Recipe(epochs=settings.pretrain_epochs, lr=settings.lr, momentum=settings.momentum,
-                    batch_size=settings.batch_size, weight_decay=settings.weight_decay, seed=settings.seed)
+    recipe = dataclasses.replace(recipe_of(config), epochs=settings.pretrain_epochs)
     for result in train_epochs(model, data, recipe):
         print(f"pretraining the unshared {settings.model}: epoch {result.epoch}/{recipe.epochs}, "
               f"test accuracy {result.test_accuracy:.4f}", flush=True)
-    inner = model[-1] if isinstance(model, torch.nn.Sequential) else model  # drop the Resize wrapper
-    return {k: v.cpu() for k, v in inner.state_dict().items()}
+    return {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def pretrained_weights(spec: SearchSpec, data: TensorData, folder: str) -> dict | None:

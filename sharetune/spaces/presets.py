@@ -26,7 +26,7 @@ def preset(name: str, scale: str = "reduced") -> dict:
         raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(preset_names())}")
     if scale not in SCALES:
         raise SpecError(f"scale: unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
-    raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())
+    raw = read_spec_file(PRESET_DIR / f"{name}.yaml")
     changes = raw.pop("scales", {}).get(scale, {})
     for key, value in changes.items():
         replace = key == "variants" or not isinstance(value, dict)  # dimensions merge one level: each is replaced whole
@@ -53,4 +53,4 @@ def load_spec(source: str | Path, overrides: list[str] = (), scale: str = "reduc
 
 
 def describe() -> list[tuple[str, str]]:
-    return [(name, yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()).get("description", "")) for name in preset_names()]
+    return [(name, read_spec_file(PRESET_DIR / f"{name}.yaml").get("description", "")) for name in preset_names()]

@@ -34,6 +34,7 @@ SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 # Dimensions that only exist for one value of another setting (sampled only then).
 CONDITIONS = {"alpha": ("hash", "dirichlet"), "radius": ("hash", "neighborhood")}
 Scalar = Union[bool, int, float, str, None]
+KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
 
 class SpecError(ValueError):
@@ -55,9 +56,8 @@ class Dimension(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Dimension":
-        kinds = [k for k in ("choice", "uniform", "loguniform", "int", "logint") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError("give exactly one of: choice, uniform, loguniform, int, logint")
+        if sum(getattr(self, k) is not None for k in KINDS) != 1:
+            raise ValueError(f"give exactly one of: {', '.join(KINDS)}")
         if self.choice is not None and not self.choice:
             raise ValueError("choice: needs at least one value")
         low_high = self.bounds()
@@ -69,7 +69,7 @@ class Dimension(BaseModel):
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("choice", "uniform", "loguniform", "int", "logint") if getattr(self, k) is not None)
+        return next(k for k in KINDS if getattr(self, k) is not None)
 
     def bounds(self) -> tuple[float, float] | None:
         return None if self.kind == "choice" else getattr(self, self.kind)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from sharetune.data import TensorData
 from sharetune.models import create_model
 from sharetune.models.arbnet import PAPER_MLPS
-from sharetune.spaces.settings import ArbNetSettings, SpinSettings
+from sharetune.spaces.settings import FAMILIES, ArbNetSettings, SpinSettings
 
 
 class Resize(nn.Module):
@@ -20,6 +20,11 @@ class Resize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a `Resize` wrapper (build_spin adds one when img_size differs)."""
+    return model[-1] if isinstance(model, nn.Sequential) and isinstance(model[0], Resize) else model
 
 
 def build_arbnet(s: ArbNetSettings, data: TensorData) -> nn.Module:
@@ -63,7 +68,5 @@ def build_model(config: dict, data: TensorData, pretrained: dict | None = None) 
 
 def settings_of(config: dict) -> ArbNetSettings | SpinSettings:
     """The trial's settings: Ray/Optuna's config minus the bookkeeping keys."""
-    from sharetune.spaces.settings import FAMILIES
-
     cls = FAMILIES[config["family"]]
     return cls(**{k: v for k, v in config.items() if k in cls.model_fields})

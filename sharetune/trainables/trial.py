@@ -17,7 +17,7 @@ from torch import nn
 from sharetune.data import TensorData
 from sharetune.metrics import count_macs, count_params
 from sharetune.models.fusion import FusedLayer, fold
-from sharetune.trainables.build import build_model, settings_of
+from sharetune.trainables.build import build_model, settings_of, unwrap
 from sharetune.training import Recipe, make_optimizer, make_scheduler, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
@@ -25,7 +25,7 @@ CHECKPOINT = "trial.pt"
 
 def deployed(model: nn.Module) -> nn.Module:
     """The model as it ships: fused layers folded to one weight each (SPIN Table 3 counts these)."""
-    inner = model[-1] if isinstance(model, nn.Sequential) else model
+    inner = unwrap(model)
     if not any(isinstance(m, FusedLayer) for m in inner.modules()):
         return model
     return nn.Sequential(model[0], fold(inner)) if inner is not model else fold(model)
