@@ -1,12 +1,12 @@
 """Gather virtual weights from a hash table, and scatter their gradients back.
 
 The index never changes during training, so the forward is one gather and the backward one
-segmented sum. On CPU the fastest kernels we measured are small Numba loops: the gather runs
-across all cores, and the scatter gives each core a private copy of the table (it stays in cache)
-and sums the copies at the end, avoiding atomics. Elsewhere (CUDA, other dtypes, no Numba) we use
-`index_select`, whose autograd backward is `index_add_`: on CUDA that beats sort-based scatters.
-Layers under NUMBA_MIN_WEIGHTS also take that path on CPU: there a parallel launch costs more
-than it saves.
+segmented sum whose layout is precomputed once. On CPU the fastest kernels we measured are small
+C++ OpenMP loops (`table_kernels.cpp`, built on first use): they run on PyTorch's own thread pool,
+the gather across all cores and the scatter with each core owning a cache-sized part of the table
+(no atomics). Without a compiler, CPU layers gather with `index_select` and scatter with a sparse
+matrix-vector product (CSR, int32 indices), the fastest pure-PyTorch pair we measured. On CUDA,
+`index_select`, whose autograd backward is `index_add_`, beats sort-based scatters.
 
 Index convention: entry `table_size` is the reserved zero slot (sparsity); it reads as 0 and
 never receives a gradient.
@@ -22,40 +22,36 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps exotic platforms working
-    numba = None
+from sharetune.models.native import table_kernels
 
-KERNEL_ENV = "SHARETUNE_TABLE_KERNEL"  # "auto" (default), "numba" or "torch": for benchmarks
+KERNEL_ENV = "SHARETUNE_TABLE_KERNEL"  # "auto" (default), "native", "sparse" or "torch": for benchmarks
+KERNELS = ("native", "sparse", "torch")
 
-
-def _gather_loop(table, index, sign, out):  # pragma: no cover - compiled by Numba
-    size = table.shape[0]
-    signed = sign.shape[0] > 0
-    for i in prange(index.shape[0]):
-        j = index[i]
-        if j < size:
-            out[i] = table[j] * sign[i] if signed else table[j]
-        else:
-            out[i] = 0.0
+# Bytes of table a scatter part may own: a few hundred KB stays in a core's L2 beside the streams.
+PART_BYTES = 512 * 1024
+# Tables up to this many entries are scattered through private copies (four per thread fit in
+# L2), which needs no precomputed layout; larger ones through cache-sized parts.
+SMALL_TABLE = 1 << 14
+# Weights per thread below which another thread costs more than it saves.
+GRAIN = 1 << 15
 
 
-def _scatter_loop(grad, positions, local, starts, part_lo, sign, out):  # pragma: no cover - compiled
-    # Part p owns table entries [part_lo[p], part_lo[p+1]) and the weights positions[starts[p]:starts[p+1]],
-    # so threads never write the same entry and each part's slice of the table stays in cache.
-    signed = sign.shape[0] > 0
-    for p in prange(starts.shape[0] - 1):
-        lo = part_lo[p]
-        for j in range(lo, part_lo[p + 1]):
-            out[j] = 0.0
-        for k in range(starts[p], starts[p + 1]):
-            i = positions[k]
-            out[lo + local[k]] += grad[i] * sign[i] if signed else grad[i]
+def choose_kernel(index: Tensor) -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", *KERNELS):
+        raise ValueError(f"{KERNEL_ENV}: must be auto, {', '.join(KERNELS)}; got {choice!r}")
+    if index.device.type != "cpu":
+        return "torch"
+    if index.dtype != torch.int32:  # tables of 2**31 entries or more: beyond the C++ kernels' int32
+        return "sparse"
+    if choice == "native" and table_kernels() is None:
+        raise RuntimeError(f"{KERNEL_ENV}=native needs a C++ compiler with OpenMP (set CXX)")
+    if choice != "auto":
+        return choice
+    return "native" if table_kernels() is not None else "sparse"
 
 
-def _partition(index: np.ndarray, table_size: int, parts: int):
+def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
     """Group weights by the table part they read, positions ascending within a part."""
     part_lo = np.linspace(0, table_size, parts + 1).astype(np.int64)
     kept = np.flatnonzero(index < table_size).astype(np.int32)
@@ -65,36 +61,12 @@ def _partition(index: np.ndarray, table_size: int, parts: int):
     local = (index[positions] - part_lo[part[order]]).astype(np.int32)
     starts = np.zeros(parts + 1, dtype=np.int64)
     starts[1:] = np.cumsum(np.bincount(part, minlength=parts))
-    return positions, local, starts, part_lo
+    return [torch.from_numpy(a) for a in (positions, local, starts, part_lo)]
 
 
-# Bytes of table a scatter part may own: a few hundred KB stays in a core's L2 beside the streams.
-PART_BYTES = 512 * 1024
-
-# Below this many weights a Numba launch costs more than it saves (its thread pool and PyTorch's
-# contend for the cores); there a sparse matrix-vector product, which runs on PyTorch's own
-# threads, is the fastest backward we measured.
-NUMBA_MIN_WEIGHTS = 1 << 18
-KERNELS = ("numba", "sparse", "torch")
-
-if numba is not None:
-    _gather = njit(parallel=True, fastmath=True, boundscheck=False, cache=True)(_gather_loop)
-    _scatter = njit(parallel=True, fastmath=True, boundscheck=False, cache=True)(_scatter_loop)
-
-_NO_SIGN = torch.empty(0, dtype=torch.int8)
-
-
-def choose_kernel(device: torch.device, weights: int) -> str:
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", *KERNELS):
-        raise ValueError(f"{KERNEL_ENV}: must be auto, {', '.join(KERNELS)}; got {choice!r}")
-    if device.type != "cpu":
-        return "torch"
-    if choice == "numba" and numba is None:
-        raise RuntimeError(f"{KERNEL_ENV}=numba needs the numba package")
-    if choice != "auto":
-        return choice
-    return "numba" if numba is not None and weights >= NUMBA_MIN_WEIGHTS else "sparse"
+def _threads(weights: int) -> int:
+    """PyTorch's thread budget (Ray sets it per trial), fewer for small layers."""
+    return max(1, min(torch.get_num_threads(), weights // GRAIN))
 
 
 class TablePlan:
@@ -103,11 +75,12 @@ class TablePlan:
     def __init__(self, index: Tensor, sign: Tensor | None, table_size: int) -> None:
         self.key = plan_key(index, sign)
         self.table_size = table_size
-        self.kernel = choose_kernel(index.device, index.numel())
+        self.kernel = choose_kernel(index)
         self.index = index
-        self.sign = _NO_SIGN if sign is None else sign
-        if self.kernel == "numba":
-            threads = numba.config.NUMBA_NUM_THREADS
+        self.sign = sign
+        self.partition: list[Tensor] | None = None  # native kernel, large tables: see _partition
+        if self.kernel == "native" and table_size > SMALL_TABLE:
+            threads = _threads(index.numel())
             parts = max(1, -(-table_size * 4 // PART_BYTES))
             parts = -(-parts // threads) * threads  # whole rounds of threads
             self.partition = _partition(index.numpy(), table_size, parts)
@@ -132,17 +105,20 @@ class TablePlan:
     def has_zero_slot(self) -> bool:
         return bool((self.index == self.table_size).any())
 
+    def padded(self, table: Tensor) -> Tensor:
+        """The table with its zero slot appended, when some weight reads it."""
+        return torch.cat([table, table.new_zeros(1)]) if self.has_zero_slot else table
+
     def gather(self, table: Tensor) -> Tensor:
-        if self.kernel == "numba" and table.dtype == torch.float32:
-            return _NumbaGather.apply(table, self)
+        if self.kernel == "native" and table.dtype == torch.float32:
+            return _NativeGather.apply(table, self)
         if self.kernel == "sparse" and table.dtype == torch.float32:
             return _SparseGather.apply(table, self)
         return self.index_select(table)
 
     def index_select(self, table: Tensor) -> Tensor:
-        padded = torch.cat([table, table.new_zeros(1)]) if self.has_zero_slot else table
-        values = padded.index_select(0, self.index64)
-        return values if not len(self.sign) else values * self.sign.to(values.dtype)
+        values = self.padded(table).index_select(0, self.index64)
+        return values if self.sign is None else values * self.sign.to(values.dtype)
 
 
 def plan_key(index: Tensor, sign: Tensor | None) -> tuple:
@@ -150,28 +126,40 @@ def plan_key(index: Tensor, sign: Tensor | None) -> tuple:
     return (index.data_ptr(), index._version, index.device, None if sign is None else (sign.data_ptr(), sign._version))
 
 
-def _threads() -> int:
-    """Numba follows torch's thread budget (Ray sets it per trial)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
+def _address(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
-class _NumbaGather(torch.autograd.Function):
+class _NativeGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, plan: TablePlan) -> Tensor:
         ctx.plan = plan
-        out = torch.empty(plan.index.shape[0], dtype=table.dtype)
-        _threads()
-        _gather(table.detach().contiguous().numpy(), plan.index.numpy(), plan.sign.numpy(), out.numpy())
+        padded = plan.padded(table.detach().contiguous())
+        out = torch.empty(plan.index.numel(), dtype=table.dtype)
+        n = out.numel()
+        table_kernels().sharetune_gather(
+            padded.data_ptr(), plan.index.data_ptr(), _address(plan.sign), out.data_ptr(), n, _threads(n)
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         plan = ctx.plan
+        grad = grad.contiguous()
+        threads = _threads(grad.numel())
+        if plan.partition is None:
+            out = torch.empty(plan.table_size + 1, dtype=grad.dtype)  # the last entry collects the zero slot
+            table_kernels().sharetune_scatter_small(
+                grad.data_ptr(), plan.index.data_ptr(), _address(plan.sign), grad.numel(), plan.table_size,
+                out.data_ptr(), threads,
+            )
+            return out[: plan.table_size], None
         out = torch.empty(plan.table_size, dtype=grad.dtype)
-        _threads()
-        _scatter(grad.contiguous().numpy(), *plan.partition, plan.sign.numpy(), out.numpy())
+        positions, local, starts, part_lo = plan.partition
+        table_kernels().sharetune_scatter(
+            grad.data_ptr(), positions.data_ptr(), local.data_ptr(), _address(plan.sign),
+            starts.data_ptr(), part_lo.data_ptr(), len(starts) - 1, out.data_ptr(), threads,
+        )
         return out, None
 
 

@@ -1,0 +1,73 @@
+"""Build the C++ table kernels once per machine and load them with ctypes.
+
+Compiled with `-march=native` on the machine that runs them (a Ray worker may sit on another CPU
+than the head), cached under $SHARETUNE_CACHE (default ~/.cache/sharetune) by a hash of the source,
+flags, compiler and CPU. No compiler, or a failed build, leaves the caller on PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch  # noqa: F401  - loaded first, so the kernels bind to PyTorch's OpenMP runtime
+
+SOURCE = Path(__file__).with_name("table_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+CACHE_ENV = "SHARETUNE_CACHE"
+
+
+def _cpu_identity() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next((line for line in lines if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sharetune")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:  # read-only home (some containers): a per-user temp folder still works
+        return Path(tempfile.gettempdir())
+
+
+def _build(compiler: str, target: Path) -> str | None:
+    """Compile to a private file and move it into place: concurrent workers never see half a library."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
+    if done.returncode:
+        partial.unlink(missing_ok=True)
+        return done.stderr.strip()[-500:] or f"{compiler} exited with {done.returncode}"
+    os.replace(partial, target)
+    return None
+
+
+@functools.cache
+def table_kernels() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        warnings.warn("sharetune: no C++ compiler found, ArbNet layers use PyTorch's slower kernels", stacklevel=2)
+        return None
+    fingerprint = "\n".join([SOURCE.read_text(), *FLAGS, compiler, platform.machine(), _cpu_identity()])
+    target = _cache_dir() / f"table_kernels-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.so"
+    if not target.exists() and (error := _build(compiler, target)):
+        warnings.warn(f"sharetune: building the C++ table kernels failed, using PyTorch's: {error}", stacklevel=2)
+        return None
+    lib = ctypes.CDLL(str(target))
+    pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.sharetune_gather.argtypes = [pointer, pointer, pointer, pointer, size, count]
+    lib.sharetune_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, size, pointer, count]
+    lib.sharetune_scatter_small.argtypes = [pointer, pointer, pointer, size, size, pointer, count]
+    lib.sharetune_gather.restype = lib.sharetune_scatter.restype = lib.sharetune_scatter_small.restype = None
+    return lib

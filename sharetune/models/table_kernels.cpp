@@ -1,0 +1,92 @@
+// CPU kernels for ArbNet's hash tables: gather the virtual weights, scatter-add their gradients.
+//
+// Compiled on first use by sharetune/models/native.py and called through ctypes. The OpenMP pragmas
+// run on the OpenMP runtime PyTorch already loaded (same soname), so these loops share one thread
+// pool with PyTorch's matmuls instead of fighting a second pool for the cores.
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+
+// out[i] = table[index[i]] (* sign[i]) for i in [lo, hi). `table` holds every index value: the
+// caller pads the zero slot. GCC's cost model does not emit gathers for this loop on its own, and
+// explicit 8-wide gathers are 1.3x to 2.5x faster than scalar loads here.
+static void gather_range(const float* __restrict table, const int32_t* __restrict index,
+                         const int8_t* __restrict sign, float* __restrict out, int64_t lo, int64_t hi) {
+  int64_t i = lo;
+#if defined(__AVX2__)
+  for (; i + 8 <= hi; i += 8) {
+    __m256 v = _mm256_i32gather_ps(table, _mm256_loadu_si256((const __m256i*)(index + i)), 4);
+    if (sign) v = _mm256_mul_ps(v, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(sign + i)))));
+    _mm256_storeu_ps(out + i, v);
+  }
+#endif
+  for (; i < hi; ++i) out[i] = sign ? table[index[i]] * sign[i] : table[index[i]];
+}
+
+void sharetune_gather(const float* table, const int32_t* index, const int8_t* sign, float* out, int64_t n,
+                      int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), count = omp_get_num_threads();
+    gather_range(table, index, sign, out, n * t / count, n * (t + 1) / count);
+  }
+}
+
+// Small tables (they fit in L1/L2 several times over): each thread sums its slice of the weights
+// into four interleaved private copies of the table, so that weights reading the same entry a few
+// positions apart do not wait on each other's stores, then the copies are added up.
+// out has size + 1 entries: the last one collects the zero slot and is ignored by the caller.
+void sharetune_scatter_small(const float* __restrict grad, const int32_t* __restrict index,
+                             const int8_t* __restrict sign, int64_t n, int64_t size, float* __restrict out,
+                             int threads) {
+  const int64_t width = size + 1;
+  std::vector<float> partial((int64_t)threads * width, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), count = omp_get_num_threads();
+    std::vector<float> copies(4 * width, 0.f);
+    float* c = copies.data();
+    int64_t i = n * t / count, hi = n * (t + 1) / count;
+    for (; i + 4 <= hi; i += 4) {
+      for (int u = 0; u < 4; ++u) c[u * width + index[i + u]] += sign ? grad[i + u] * sign[i + u] : grad[i + u];
+    }
+    for (; i < hi; ++i) c[index[i]] += sign ? grad[i] * sign[i] : grad[i];
+    float* mine = partial.data() + (int64_t)t * width;
+    for (int64_t j = 0; j < width; ++j) mine[j] = (c[j] + c[width + j]) + (c[2 * width + j] + c[3 * width + j]);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < width; ++j) {
+      float s = 0.f;
+      for (int u = 0; u < count; ++u) s += partial[(int64_t)u * width + j];
+      out[j] = s;
+    }
+  }
+}
+
+// Large tables: out[j] = sum of grad[i] (* sign[i]) over the weights i that read entry j.
+// Part p owns entries [part_lo[p], part_lo[p+1]) and the weights positions[starts[p]:starts[p+1]]
+// (ascending), stored with their entry relative to part_lo[p] in `local`. Threads never write the
+// same entry, so no atomics, and a part's slice of the table stays in cache while it is summed.
+void sharetune_scatter(const float* __restrict grad, const int32_t* __restrict positions,
+                       const int32_t* __restrict local, const int8_t* __restrict sign,
+                       const int64_t* __restrict starts, const int64_t* __restrict part_lo, int64_t parts,
+                       float* __restrict out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t p = 0; p < parts; ++p) {
+    float* part = out + part_lo[p];
+    std::memset(part, 0, sizeof(float) * (part_lo[p + 1] - part_lo[p]));
+    if (sign) {
+      for (int64_t k = starts[p]; k < starts[p + 1]; ++k) part[local[k]] += grad[positions[k]] * sign[positions[k]];
+    } else {
+      for (int64_t k = starts[p]; k < starts[p + 1]; ++k) part[local[k]] += grad[positions[k]];
+    }
+  }
+}
+
+}  // extern "C"
