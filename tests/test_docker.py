@@ -33,7 +33,9 @@ def test_dockerfile_is_multi_stage_non_root_and_bakes_no_secrets():
     assert "ARG FLAVOR=cpu" in text and "base-cuda" in text and "pytorch/pytorch:" in text
     assert len(re.findall(r"^FROM ", text, re.M)) >= 3 and "COPY --from=build" in text
     runtime = text.split("AS runtime", 1)[1]
-    assert re.search(r"^USER 1000", runtime, re.M) and "apt-get" not in runtime and "gcc" not in runtime
+    assert re.search(r"^USER 1000", runtime, re.M)
+    # the one package the runtime installs is the compiler of ArbNet's kernels, without apt's lists
+    assert "install -y --no-install-recommends g++" in runtime and "rm -rf /var/lib/apt/lists/*" in runtime
     assert not re.search(r"(TOKEN|PASSWORD|SECRET)\s*=", text, re.I)
 
 
