@@ -1,14 +1,17 @@
 """Train-step time of ArbNet MLPs over their dense twins (same virtual shapes, nn.Linear), one process.
 
-    python benchmarks/bench_arbnet.py [--steps 20] [--device cpu|cuda]
+    python benchmarks/bench_arbnet.py [--rounds 9] [--seconds 0.5] [--device cpu|cuda]
 
 Each row times SGD-with-momentum steps (forward, backward, step) of both nets, interleaved in rounds
-so that machine noise hits both alike, and prints the median ratio against its target.
+so that machine noise hits both alike, and prints the median ratio against its target. A round runs
+as many steps as fill `--seconds` of dense steps: millisecond steps need hundreds to average out
+the scheduler's jitter.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -54,8 +57,8 @@ def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
@@ -66,11 +69,12 @@ def main() -> None:
         y = torch.randint(0, 10, (batch,), device=args.device)
         arb = step_timer(ArbNetMLP.paper(dataset, **options).to(args.device), x, y)
         dense = step_timer(dense_twin(dataset).to(args.device), x, y)
-        arb(2), dense(2)  # warm-up: JIT compilation, allocator, caches
+        arb(2)  # warm-up: kernel build, allocator, caches
+        steps = max(2, math.ceil(args.seconds / dense(2)))
         ratios, dense_times = [], []
         for _ in range(args.rounds):
-            d = dense(args.steps)
-            ratios.append(arb(args.steps) / d)
+            d = dense(steps)
+            ratios.append(arb(steps) / d)
             dense_times.append(d)
         ratio = statistics.median(ratios)
         verdict = "ok" if ratio <= target else "OVER"

@@ -144,3 +144,17 @@ def test_float64_tables_fall_back_to_index_select(kernel):
     assert weight.dtype == torch.float64
     expected = torch.cat([layer.table, layer.table.new_zeros(1)])[layer.index.long()] * layer.sign
     torch.testing.assert_close(weight.flatten(), expected)
+
+
+def test_mlp_gathers_its_layers_together_with_the_same_gradients(kernel, monkeypatch):
+    torch.manual_seed(0)
+    options = dict(hash=["uniform", "hashednets", "dirichlet"], alpha=[None, None, 0.5], table_size=[50, 40, 30], sparsity=[0.1, 0.0, 0.2])
+    model = ArbNetMLP(30, [20, 20], 5, **options)
+    x = torch.randn(16, 30)
+    model(x).square().sum().backward()
+    monkeypatch.setenv(KERNEL_ENV, "torch")  # reference: each layer on its own through index_select
+    reference = ArbNetMLP(30, [20, 20], 5, **options)
+    reference.load_state_dict(model.state_dict())
+    reference(x).square().sum().backward()
+    for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
+        torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-4, atol=1e-5)

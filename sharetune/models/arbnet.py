@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharetune.models.hashes import compute_hash
-from sharetune.models.table_ops import TablePlan, plan_key
+from sharetune.models.table_ops import TablePlan, gather_tables, plan_key
 
 
 class ArbLinear(nn.Module):
@@ -94,8 +94,9 @@ class ArbLinear(nn.Module):
             plan = self.__dict__["_plan"] = TablePlan(self.index, self.sign, self.table_size)
         return plan
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """`weight`: this layer's dense weight when the caller gathered it already (`gather_weights`)."""
+        return F.linear(x, self.dense_weight() if weight is None else weight, self.bias)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -128,6 +129,13 @@ class ArbLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"table_size={self.table_size}, hash={self.hash_name}"
         )
+
+
+def gather_weights(layers: Sequence[ArbLinear]) -> list[Tensor]:
+    """The dense weights of several layers, gathered together (one autograd node on CPU)."""
+    plans = [layer.table_plan() for layer in layers]
+    flat = gather_tables(plans, [layer.table for layer in layers])
+    return [weight.view(layer.out_features, layer.in_features) for weight, layer in zip(flat, layers)]
 
 
 # The paper's networks (section 4.3): input width, hidden widths, classes.
@@ -212,7 +220,11 @@ class ArbNetMLP(nn.Module):
         return sum(layer.entropy() for layer in layers) / len(layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x.flatten(1))
+        weights = iter(gather_weights(self.arb_layers()))
+        x = x.flatten(1)
+        for module in self.layers:
+            x = module(x, next(weights)) if isinstance(module, ArbLinear) else module(x)
+        return x
 
 
 def conv2d_index(

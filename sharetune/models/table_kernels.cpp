@@ -42,11 +42,12 @@ void sharetune_gather(const float* table, const int32_t* index, const int8_t* si
 // into four interleaved private copies of the table, so that weights reading the same entry a few
 // positions apart do not wait on each other's stores, then the copies are added up.
 // out has size + 1 entries: the last one collects the zero slot and is ignored by the caller.
-void sharetune_scatter_small(const float* __restrict grad, const int32_t* __restrict index,
-                             const int8_t* __restrict sign, int64_t n, int64_t size, float* __restrict out,
-                             int threads) {
-  const int64_t width = size + 1;
-  std::vector<float> partial((int64_t)threads * width, 0.f);
+}  // extern "C"
+
+template <bool Signed>
+static void scatter_small(const float* __restrict grad, const int32_t* __restrict index,
+                          const int8_t* __restrict sign, int64_t n, int64_t width, float* __restrict partial,
+                          float* __restrict out, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num(), count = omp_get_num_threads();
@@ -54,10 +55,10 @@ void sharetune_scatter_small(const float* __restrict grad, const int32_t* __rest
     float* c = copies.data();
     int64_t i = n * t / count, hi = n * (t + 1) / count;
     for (; i + 4 <= hi; i += 4) {
-      for (int u = 0; u < 4; ++u) c[u * width + index[i + u]] += sign ? grad[i + u] * sign[i + u] : grad[i + u];
+      for (int u = 0; u < 4; ++u) c[u * width + index[i + u]] += Signed ? grad[i + u] * sign[i + u] : grad[i + u];
     }
-    for (; i < hi; ++i) c[index[i]] += sign ? grad[i] * sign[i] : grad[i];
-    float* mine = partial.data() + (int64_t)t * width;
+    for (; i < hi; ++i) c[index[i]] += Signed ? grad[i] * sign[i] : grad[i];
+    float* mine = partial + (int64_t)t * width;
     for (int64_t j = 0; j < width; ++j) mine[j] = (c[j] + c[width + j]) + (c[2 * width + j] + c[3 * width + j]);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -66,6 +67,18 @@ void sharetune_scatter_small(const float* __restrict grad, const int32_t* __rest
       for (int u = 0; u < count; ++u) s += partial[(int64_t)u * width + j];
       out[j] = s;
     }
+  }
+}
+
+extern "C" {
+
+void sharetune_scatter_small(const float* grad, const int32_t* index, const int8_t* sign, int64_t n, int64_t size,
+                             float* out, int threads) {
+  std::vector<float> partial((int64_t)threads * (size + 1));
+  if (sign) {
+    scatter_small<true>(grad, index, sign, n, size + 1, partial.data(), out, threads);
+  } else {
+    scatter_small<false>(grad, index, sign, n, size + 1, partial.data(), out, threads);
   }
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +33,6 @@ PART_BYTES = 512 * 1024
 # Tables up to this many entries are scattered through private copies (four per thread fit in
 # L2), which needs no precomputed layout; larger ones through cache-sized parts.
 SMALL_TABLE = 1 << 14
-# Weights per thread below which another thread costs more than it saves.
-GRAIN = 1 << 15
 
 
 def choose_kernel(index: Tensor) -> str:
@@ -64,11 +63,6 @@ def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
     return [torch.from_numpy(a) for a in (positions, local, starts, part_lo)]
 
 
-def _threads(weights: int) -> int:
-    """PyTorch's thread budget (Ray sets it per trial), fewer for small layers."""
-    return max(1, min(torch.get_num_threads(), weights // GRAIN))
-
-
 class TablePlan:
     """What a fixed index lets us precompute for one device, built once and reused every step."""
 
@@ -80,7 +74,7 @@ class TablePlan:
         self.sign = sign
         self.partition: list[Tensor] | None = None  # native kernel, large tables: see _partition
         if self.kernel == "native" and table_size > SMALL_TABLE:
-            threads = _threads(index.numel())
+            threads = _threads()
             parts = max(1, -(-table_size * 4 // PART_BYTES))
             parts = -(-parts // threads) * threads  # whole rounds of threads
             self.partition = _partition(index.numpy(), table_size, parts)
@@ -109,9 +103,12 @@ class TablePlan:
         """The table with its zero slot appended, when some weight reads it."""
         return torch.cat([table, table.new_zeros(1)]) if self.has_zero_slot else table
 
+    def native(self, table: Tensor) -> bool:
+        return self.kernel == "native" and table.dtype == torch.float32
+
     def gather(self, table: Tensor) -> Tensor:
-        if self.kernel == "native" and table.dtype == torch.float32:
-            return _NativeGather.apply(table, self)
+        if self.native(table):
+            return _NativeGather.apply((self,), table)[0]
         if self.kernel == "sparse" and table.dtype == torch.float32:
             return _SparseGather.apply(table, self)
         return self.index_select(table)
@@ -120,10 +117,57 @@ class TablePlan:
         values = self.padded(table).index_select(0, self.index64)
         return values if self.sign is None else values * self.sign.to(values.dtype)
 
+    def native_gather(self, table: Tensor) -> Tensor:
+        padded = self.padded(table.contiguous())  # held here: the kernel reads it through a raw pointer
+        out = torch.empty(self.index.numel(), dtype=table.dtype)
+        table_kernels().sharetune_gather(
+            padded.data_ptr(), self.index.data_ptr(), _address(self.sign), out.data_ptr(), out.numel(), _threads()
+        )
+        return out
+
+    def native_scatter(self, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        if self.partition is None:
+            out = torch.empty(self.table_size + 1, dtype=grad.dtype)  # the last entry collects the zero slot
+            table_kernels().sharetune_scatter_small(
+                grad.data_ptr(), self.index.data_ptr(), _address(self.sign), grad.numel(), self.table_size,
+                out.data_ptr(), _threads(),
+            )
+            return out[: self.table_size]
+        out = torch.empty(self.table_size, dtype=grad.dtype)
+        positions, local, starts, part_lo = self.partition
+        table_kernels().sharetune_scatter(
+            grad.data_ptr(), positions.data_ptr(), local.data_ptr(), _address(self.sign),
+            starts.data_ptr(), part_lo.data_ptr(), len(starts) - 1, out.data_ptr(), _threads(),
+        )
+        return out
+
+
+def gather_tables(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
+    """The virtual weights of several layers; small native tables share one autograd node.
+
+    A Python autograd node costs tens of microseconds, as much as the kernels of an MNIST-sized
+    layer. Large tables keep a node each, so that each scatter runs as soon as its gradient is
+    computed, while that gradient is still in cache, instead of after the whole backward pass.
+    """
+    native = [i for i, (plan, table) in enumerate(zip(plans, tables)) if plan.native(table) and plan.partition is None]
+    weights = [None if i in native else plan.gather(table) for i, (plan, table) in enumerate(zip(plans, tables))]
+    if native:
+        gathered = _NativeGather.apply(tuple(plans[i] for i in native), *(tables[i] for i in native))
+        for i, weight in zip(native, gathered):
+            weights[i] = weight
+    return weights
+
 
 def plan_key(index: Tensor, sign: Tensor | None) -> tuple:
     """Changes whenever the index is replaced or written in place (e.g. by load_state_dict)."""
     return (index.data_ptr(), index._version, index.device, None if sign is None else (sign.data_ptr(), sign._version))
+
+
+def _threads() -> int:
+    """PyTorch's thread budget (Ray sets it per trial). Always all of it, even for small layers:
+    an OpenMP team of another size costs more to set up than the extra threads save."""
+    return torch.get_num_threads()
 
 
 def _address(tensor: Tensor | None) -> int | None:
@@ -132,35 +176,13 @@ def _address(tensor: Tensor | None) -> int | None:
 
 class _NativeGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: Tensor, plan: TablePlan) -> Tensor:
-        ctx.plan = plan
-        padded = plan.padded(table.detach().contiguous())
-        out = torch.empty(plan.index.numel(), dtype=table.dtype)
-        n = out.numel()
-        table_kernels().sharetune_gather(
-            padded.data_ptr(), plan.index.data_ptr(), _address(plan.sign), out.data_ptr(), n, _threads(n)
-        )
-        return out
+    def forward(ctx, plans: tuple[TablePlan, ...], *tables: Tensor) -> tuple[Tensor, ...]:
+        ctx.plans = plans
+        return tuple(plan.native_gather(table) for plan, table in zip(plans, tables))
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        plan = ctx.plan
-        grad = grad.contiguous()
-        threads = _threads(grad.numel())
-        if plan.partition is None:
-            out = torch.empty(plan.table_size + 1, dtype=grad.dtype)  # the last entry collects the zero slot
-            table_kernels().sharetune_scatter_small(
-                grad.data_ptr(), plan.index.data_ptr(), _address(plan.sign), grad.numel(), plan.table_size,
-                out.data_ptr(), threads,
-            )
-            return out[: plan.table_size], None
-        out = torch.empty(plan.table_size, dtype=grad.dtype)
-        positions, local, starts, part_lo = plan.partition
-        table_kernels().sharetune_scatter(
-            grad.data_ptr(), positions.data_ptr(), local.data_ptr(), _address(plan.sign),
-            starts.data_ptr(), part_lo.data_ptr(), len(starts) - 1, out.data_ptr(), threads,
-        )
-        return out, None
+    def backward(ctx, *grads: Tensor):
+        return None, *(plan.native_scatter(grad) for plan, grad in zip(ctx.plans, grads))
 
 
 class _SparseGather(torch.autograd.Function):
