@@ -7,6 +7,7 @@ from torch import nn
 
 from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
 from sharetune.models import table_ops
+from sharetune.models.native import table_kernels
 from sharetune.models.table_ops import KERNEL_ENV, KERNELS
 
 
@@ -158,3 +159,20 @@ def test_mlp_gathers_its_layers_together_with_the_same_gradients(kernel, monkeyp
     reference(x).square().sum().backward()
     for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
         torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARETUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    table_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the C.. table kernels failed"):
+            assert table_kernels() is None
+        layer = ArbLinear(20, 10, table_size=30)
+        assert layer.table_plan().kernel == "sparse"
+        with pytest.raises(RuntimeError, match="SHARETUNE_TABLE_KERNEL=native needs a C.. compiler"):
+            monkeypatch.setenv(KERNEL_ENV, "native")
+            ArbLinear(20, 10, table_size=30).table_plan()
+    finally:
+        table_kernels.cache_clear()
+    assert not list(tmp_path.iterdir())  # no half-built library left behind

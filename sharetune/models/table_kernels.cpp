@@ -11,13 +11,13 @@
 #include <immintrin.h>
 #endif
 
-extern "C" {
+namespace {
 
 // out[i] = table[index[i]] (* sign[i]) for i in [lo, hi). `table` holds every index value: the
 // caller pads the zero slot. GCC's cost model does not emit gathers for this loop on its own, and
 // explicit 8-wide gathers are 1.3x to 2.5x faster than scalar loads here. Outputs larger than a
 // core's L2 are written with streaming stores (about 15% faster): they would only evict the table.
-static void gather_range(const float* __restrict table, const int32_t* __restrict index,
+void gather_range(const float* __restrict table, const int32_t* __restrict index,
                          const int8_t* __restrict sign, float* __restrict out, int64_t lo, int64_t hi,
                          bool stream) {
   int64_t i = lo;
@@ -36,23 +36,11 @@ static void gather_range(const float* __restrict table, const int32_t* __restric
   for (; i < hi; ++i) out[i] = sign ? table[index[i]] * sign[i] : table[index[i]];
 }
 
-void sharetune_gather(const float* table, const int32_t* index, const int8_t* sign, float* out, int64_t n,
-                      int threads) {
-  // streaming stores need 32-byte aligned addresses: PyTorch aligns to 64, and threads split at multiples of 8
-  const bool stream = n * sizeof(float) > (2 << 20) && reinterpret_cast<uintptr_t>(out) % 32 == 0;
-#pragma omp parallel num_threads(threads)
-  {
-    int t = omp_get_thread_num(), count = omp_get_num_threads();
-    int64_t blocks = n / 8;
-    int64_t lo = blocks * t / count * 8, hi = t == count - 1 ? n : blocks * (t + 1) / count * 8;
-    gather_range(table, index, sign, out, lo, hi, stream);
-  }
-}
-
-}  // extern "C"
-
+// Small tables (they fit in L1/L2 several times over): each thread sums its slice of the weights
+// into four interleaved private copies of the table, so that weights reading the same entry a few
+// positions apart do not wait on each other's stores, then the copies are added up.
 template <bool Signed>
-static void scatter_small(const float* __restrict grad, const int32_t* __restrict index,
+void scatter_small(const float* __restrict grad, const int32_t* __restrict index,
                           const int8_t* __restrict sign, int64_t n, int64_t width, float* __restrict partial,
                           float* __restrict out, int threads) {
 #pragma omp parallel num_threads(threads)
@@ -77,8 +65,24 @@ static void scatter_small(const float* __restrict grad, const int32_t* __restric
   }
 }
 
+}  // namespace
+
 extern "C" {
 
+void sharetune_gather(const float* table, const int32_t* index, const int8_t* sign, float* out, int64_t n,
+                      int threads) {
+  // streaming stores need 32-byte aligned addresses: PyTorch aligns to 64, and threads split at multiples of 8
+  const bool stream = n * sizeof(float) > (2 << 20) && reinterpret_cast<uintptr_t>(out) % 32 == 0;
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num(), count = omp_get_num_threads();
+    int64_t blocks = n / 8;
+    int64_t lo = blocks * t / count * 8, hi = t == count - 1 ? n : blocks * (t + 1) / count * 8;
+    gather_range(table, index, sign, out, lo, hi, stream);
+  }
+}
+
+// out has size + 1 entries: the last one collects the zero slot and is ignored by the caller.
 void sharetune_scatter_small(const float* grad, const int32_t* index, const int8_t* sign, int64_t n, int64_t size,
                              float* out, int threads) {
   std::vector<float> partial((int64_t)threads * (size + 1));
