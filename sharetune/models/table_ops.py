@@ -3,8 +3,8 @@
 The index never changes during training, so the forward is one gather and the backward one
 segmented sum whose layout is precomputed once. On CPU the fastest kernels we measured are small
 C++ OpenMP loops (`table_kernels.cpp`, built on first use): they run on PyTorch's own thread pool,
-the gather across all cores and the scatter with each core owning a cache-sized part of the table
-(no atomics). Without a compiler, CPU layers gather with `index_select` and scatter with a sparse
+the gather as vector gathers across all cores, the scatter with each core owning a cache-sized part
+of a large table (no atomics) or summing into private copies of a small one. Without a compiler, CPU layers gather with `index_select` and scatter with a sparse
 matrix-vector product (CSR, int32 indices), the fastest pure-PyTorch pair we measured. On CUDA,
 `index_select`, whose autograd backward is `index_add_`, beats sort-based scatters.
 
