@@ -66,8 +66,8 @@ def table_kernels() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(str(target))
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sharetune_gather.argtypes = [pointer, pointer, pointer, pointer, size, count]
+    lib.sharetune_gather.argtypes = [size, pointer, pointer, pointer, pointer, pointer, count]
+    lib.sharetune_scatter_small.argtypes = [size, pointer, pointer, pointer, pointer, pointer, pointer, count]
     lib.sharetune_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, size, pointer, count]
-    lib.sharetune_scatter_small.argtypes = [pointer, pointer, pointer, size, size, pointer, count]
     lib.sharetune_gather.restype = lib.sharetune_scatter.restype = lib.sharetune_scatter_small.restype = None
     return lib

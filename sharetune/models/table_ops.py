@@ -14,6 +14,7 @@ never receives a gradient.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from functools import cached_property
@@ -117,23 +118,8 @@ class TablePlan:
         values = self.padded(table).index_select(0, self.index64)
         return values if self.sign is None else values * self.sign.to(values.dtype)
 
-    def native_gather(self, table: Tensor) -> Tensor:
-        padded = self.padded(table.contiguous())  # held here: the kernel reads it through a raw pointer
-        out = torch.empty(self.index.numel(), dtype=table.dtype)
-        table_kernels().sharetune_gather(
-            padded.data_ptr(), self.index.data_ptr(), _address(self.sign), out.data_ptr(), out.numel(), _threads()
-        )
-        return out
-
-    def native_scatter(self, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        if self.partition is None:
-            out = torch.empty(self.table_size + 1, dtype=grad.dtype)  # the last entry collects the zero slot
-            table_kernels().sharetune_scatter_small(
-                grad.data_ptr(), self.index.data_ptr(), _address(self.sign), grad.numel(), self.table_size,
-                out.data_ptr(), _threads(),
-            )
-            return out[: self.table_size]
+    def scatter_parts(self, grad: Tensor) -> Tensor:
+        """The large-table scatter, through the precomputed parts."""
         out = torch.empty(self.table_size, dtype=grad.dtype)
         positions, local, starts, part_lo = self.partition
         table_kernels().sharetune_scatter(
@@ -174,15 +160,50 @@ def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*map(_address, tensors))
+
+
+def _sizes(values: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _native_gather(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
+    padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
+    outs = [torch.empty(plan.index.numel(), dtype=torch.float32) for plan in plans]
+    table_kernels().sharetune_gather(
+        len(plans), _pointers(padded), _pointers([plan.index for plan in plans]), _pointers([plan.sign for plan in plans]),
+        _pointers(outs), _sizes([out.numel() for out in outs]), _threads(),
+    )
+    return outs
+
+
+def _native_scatter(plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
+    grads = [grad.contiguous() for grad in grads]
+    small = [i for i, plan in enumerate(plans) if plan.partition is None]
+    outs = [torch.empty(plans[i].table_size + 1, dtype=torch.float32) for i in small]  # + the zero slot's sum
+    if small:
+        table_kernels().sharetune_scatter_small(
+            len(small), _pointers([grads[i] for i in small]), _pointers([plans[i].index for i in small]),
+            _pointers([plans[i].sign for i in small]), _sizes([grads[i].numel() for i in small]),
+            _sizes([plans[i].table_size for i in small]), _pointers(outs), _threads(),
+        )
+    summed = dict(zip(small, outs))
+    return [
+        summed[i][: plan.table_size] if i in summed else plan.scatter_parts(grad)
+        for i, (plan, grad) in enumerate(zip(plans, grads))
+    ]
+
+
 class _NativeGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans: tuple[TablePlan, ...], *tables: Tensor) -> tuple[Tensor, ...]:
         ctx.plans = plans
-        return tuple(plan.native_gather(table) for plan, table in zip(plans, tables))
+        return tuple(_native_gather(plans, tables))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        return None, *(plan.native_scatter(grad) for plan, grad in zip(ctx.plans, grads))
+        return None, *_native_scatter(ctx.plans, grads)
 
 
 class _SparseGather(torch.autograd.Function):
