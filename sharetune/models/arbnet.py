@@ -85,7 +85,7 @@ class ArbLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The materialised `out x in` weight (differentiable with respect to the table)."""
-        return self.table_plan().gather(self.table).view(self.out_features, self.in_features)
+        return gather_weights([self])[0]
 
     def table_plan(self) -> TablePlan:
         """Kernel data derived from the index; rebuilt only when the index or the device changes."""

@@ -3,8 +3,8 @@
 // Compiled on first use by sharetune/models/native.py and called through ctypes. The OpenMP pragmas
 // run on the OpenMP runtime PyTorch already loaded (same soname), so these loops share one thread
 // pool with PyTorch's matmuls instead of fighting a second pool for the cores.
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <omp.h>
 #include <vector>
@@ -19,8 +19,7 @@ namespace {
 // explicit 8-wide gathers are 1.3x to 2.5x faster than scalar loads here. Outputs larger than a
 // core's L2 are written with streaming stores (about 15% faster): they would only evict the table.
 void gather_range(const float* __restrict table, const int32_t* __restrict index,
-                         const int8_t* __restrict sign, float* __restrict out, int64_t lo, int64_t hi,
-                         bool stream) {
+                  const int8_t* __restrict sign, float* __restrict out, int64_t lo, int64_t hi, bool stream) {
   int64_t i = lo;
 #if defined(__AVX2__)
   for (; i + 8 <= hi; i += 8) {

@@ -4,9 +4,10 @@ The index never changes during training, so the forward is one gather and the ba
 segmented sum whose layout is precomputed once. On CPU the fastest kernels we measured are small
 C++ OpenMP loops (`table_kernels.cpp`, built on first use): they run on PyTorch's own thread pool,
 the gather as vector gathers across all cores, the scatter with each core owning a cache-sized part
-of a large table (no atomics) or summing into private copies of a small one. Without a compiler, CPU layers gather with `index_select` and scatter with a sparse
-matrix-vector product (CSR, int32 indices), the fastest pure-PyTorch pair we measured. On CUDA,
-`index_select`, whose autograd backward is `index_add_`, beats sort-based scatters.
+of a large table (no atomics) or summing into private copies of a small one. Without a compiler,
+CPU layers gather with `index_select` and scatter with a sparse matrix-vector product (CSR, int32
+indices), the fastest pure-PyTorch pair we measured. On CUDA, `index_select`, whose autograd
+backward is `index_add_`, beats sort-based scatters.
 
 Index convention: entry `table_size` is the reserved zero slot (sparsity); it reads as 0 and
 never receives a gradient.
