@@ -91,7 +91,7 @@ class ArbLinear(nn.Module):
         """Kernel data derived from the index; rebuilt only when the index or the device changes."""
         plan = self.__dict__.get("_plan")
         if plan is None or plan.key != plan_key(self.index, self.sign):
-            plan = self.__dict__["_plan"] = TablePlan(self.index, self.sign, self.table_size)
+            plan = self.__dict__["_plan"] = TablePlan(self.index, self.sign, self.table_size, (self.out_features, self.in_features))
         return plan
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -133,9 +133,7 @@ class ArbLinear(nn.Module):
 
 def gather_weights(layers: Sequence[ArbLinear]) -> list[Tensor]:
     """The dense weights of several layers, gathered together (one autograd node on CPU)."""
-    plans = [layer.table_plan() for layer in layers]
-    flat = gather_tables(plans, [layer.table for layer in layers])
-    return [weight.view(layer.out_features, layer.in_features) for weight, layer in zip(flat, layers)]
+    return gather_tables([layer.table_plan() for layer in layers], [layer.table for layer in layers])
 
 
 # The paper's networks (section 4.3): input width, hidden widths, classes.
@@ -212,7 +210,7 @@ class ArbNetMLP(nn.Module):
         return cls(in_features, hidden, num_classes, **kwargs)
 
     def arb_layers(self) -> list[ArbLinear]:
-        return [m for m in self.modules() if isinstance(m, ArbLinear)]
+        return [m for m in self.layers if isinstance(m, ArbLinear)]
 
     def entropy(self) -> float:
         """Mean table-usage entropy over layers (nats)."""

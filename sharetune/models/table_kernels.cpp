@@ -49,13 +49,26 @@ void accumulate(const float* __restrict grad, const int32_t* __restrict index, c
   for (; i < hi; ++i) copies[index[i]] += Signed ? grad[i] * sign[i] : grad[i];
 }
 
-// This thread's share of [0, n), split at multiples of 8 (the gather's vector width).
-void share(int64_t n, int64_t& lo, int64_t& hi) {
-  int t = omp_get_thread_num(), count = omp_get_num_threads();
-  int64_t blocks = n / 8;
-  lo = blocks * t / count * 8;
-  hi = t == count - 1 ? n : blocks * (t + 1) / count * 8;
-}
+// Work items: the layers' weights cut into chunks, handed out dynamically. A worker thread that a
+// virtual machine wakes late (tens of microseconds, as long as an MNIST layer's whole gather) then
+// finds the work done instead of holding everyone at the end of the region.
+constexpr int64_t kChunk = 1 << 14;  // a multiple of 8: chunks start at the gather's vector width
+
+struct Chunks {
+  std::vector<int64_t> first;  // each layer's first chunk, then the total
+
+  Chunks(int64_t layers, const int64_t* sizes) : first(layers + 1, 0) {
+    for (int64_t l = 0; l < layers; ++l) first[l + 1] = first[l] + (sizes[l] + kChunk - 1) / kChunk;
+  }
+  int64_t count() const { return first.back(); }
+  // The layer of chunk c, and the weights [lo, hi) it covers.
+  int64_t locate(int64_t c, const int64_t* sizes, int64_t& lo, int64_t& hi) const {
+    const int64_t l = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    lo = (c - first[l]) * kChunk;
+    hi = std::min(sizes[l], lo + kChunk);
+    return l;
+  }
+};
 
 }  // namespace
 
@@ -66,45 +79,54 @@ extern "C" {
 
 void sharetune_gather(int64_t layers, const float* const* tables, const int32_t* const* indices,
                       const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads) {
-#pragma omp parallel num_threads(threads)
-  for (int64_t l = 0; l < layers; ++l) {
-    // streaming stores need 32-byte aligned addresses: PyTorch aligns to 64, and shares split at multiples of 8
-    const bool stream = sizes[l] * sizeof(float) > (2 << 20) && reinterpret_cast<uintptr_t>(outs[l]) % 32 == 0;
+  const Chunks chunks(layers, sizes);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks.count(); ++c) {
     int64_t lo, hi;
-    share(sizes[l], lo, hi);
+    const int64_t l = chunks.locate(c, sizes, lo, hi);
+    // streaming stores need 32-byte aligned addresses: PyTorch aligns to 64, and chunks start at multiples of 8
+    const bool stream = sizes[l] * sizeof(float) > (2 << 20) && reinterpret_cast<uintptr_t>(outs[l]) % 32 == 0;
     gather_range(tables[l], indices[l], signs[l], outs[l], lo, hi, stream);
   }
 }
 
-// outs[l] has table_sizes[l] + 1 entries: the last one collects the zero slot; the caller drops it.
+// outs[l] has table_sizes[l] entries; the weights that read the zero slot (index table_sizes[l])
+// are summed into a last private entry that is dropped.
 void sharetune_scatter_small(int64_t layers, const float* const* grads, const int32_t* const* indices,
                              const int8_t* const* signs, const int64_t* sizes, const int64_t* table_sizes,
                              float* const* outs, int threads) {
-  int64_t widest = 0;
-  for (int64_t l = 0; l < layers; ++l) widest = std::max(widest, table_sizes[l] + 1);
-  std::vector<float> partial((int64_t)threads * widest);
+  const Chunks chunks(layers, sizes);
+  std::vector<int64_t> offset(layers + 1, 0);  // each layer's entries (zero slot included) in a thread's sums
+  for (int64_t l = 0; l < layers; ++l) offset[l + 1] = offset[l] + table_sizes[l] + 1;
+  const int64_t entries = offset[layers];
+  std::vector<float> partial((int64_t)threads * entries);
 #pragma omp parallel num_threads(threads)
   {
-    int t = omp_get_thread_num(), count = omp_get_num_threads();
-    std::vector<float> copies(4 * widest);
+    std::vector<float> copies(4 * entries, 0.f);  // layer l: four copies of its entries from 4 * offset[l]
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < chunks.count(); ++c) {
+      int64_t lo, hi;
+      const int64_t l = chunks.locate(c, sizes, lo, hi);
+      float* mine = copies.data() + 4 * offset[l];
+      if (signs[l]) {
+        accumulate<true>(grads[l], indices[l], signs[l], lo, hi, table_sizes[l] + 1, mine);
+      } else {
+        accumulate<false>(grads[l], indices[l], signs[l], lo, hi, table_sizes[l] + 1, mine);
+      }
+    }
+    float* sums = partial.data() + (int64_t)omp_get_thread_num() * entries;
     for (int64_t l = 0; l < layers; ++l) {
       const int64_t width = table_sizes[l] + 1;
-      std::fill(copies.begin(), copies.begin() + 4 * width, 0.f);
-      int64_t lo, hi;
-      share(sizes[l], lo, hi);
-      if (signs[l]) {
-        accumulate<true>(grads[l], indices[l], signs[l], lo, hi, width, copies.data());
-      } else {
-        accumulate<false>(grads[l], indices[l], signs[l], lo, hi, width, copies.data());
-      }
-      const float* c = copies.data();
-      float* mine = partial.data() + (int64_t)t * width;
-      for (int64_t j = 0; j < width; ++j) mine[j] = (c[j] + c[width + j]) + (c[2 * width + j] + c[3 * width + j]);
+      const float* c = copies.data() + 4 * offset[l];
+      for (int64_t j = 0; j < width; ++j) sums[offset[l] + j] = (c[j] + c[width + j]) + (c[2 * width + j] + c[3 * width + j]);
+    }
+    const int count = omp_get_num_threads();
 #pragma omp barrier
-#pragma omp for schedule(static)
-      for (int64_t j = 0; j < width; ++j) {
+    for (int64_t l = 0; l < layers; ++l) {
+#pragma omp for schedule(static) nowait
+      for (int64_t j = 0; j < table_sizes[l]; ++j) {
         float s = 0.f;
-        for (int u = 0; u < count; ++u) s += partial[(int64_t)u * width + j];
+        for (int u = 0; u < count; ++u) s += partial[(int64_t)u * entries + offset[l] + j];
         outs[l][j] = s;
       }
     }

@@ -68,9 +68,10 @@ def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
 class TablePlan:
     """What a fixed index lets us precompute for one device, built once and reused every step."""
 
-    def __init__(self, index: Tensor, sign: Tensor | None, table_size: int) -> None:
+    def __init__(self, index: Tensor, sign: Tensor | None, table_size: int, shape: tuple[int, ...]) -> None:
         self.key = plan_key(index, sign)
         self.table_size = table_size
+        self.shape = shape  # of the gathered weights: a view node per step costs microseconds
         self.kernel = choose_kernel(index)
         self.index = index
         self.sign = sign
@@ -117,7 +118,8 @@ class TablePlan:
 
     def index_select(self, table: Tensor) -> Tensor:
         values = self.padded(table).index_select(0, self.index64)
-        return values if self.sign is None else values * self.sign.to(values.dtype)
+        values = values if self.sign is None else values * self.sign.to(values.dtype)
+        return values.view(self.shape)
 
     def scatter_parts(self, grad: Tensor) -> Tensor:
         """The large-table scatter, through the precomputed parts."""
@@ -131,7 +133,8 @@ class TablePlan:
 
 
 def gather_tables(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
-    """The virtual weights of several layers; small native tables share one autograd node.
+    """The virtual weights of several layers, each in its plan's shape; small native tables share one
+    autograd node.
 
     A Python autograd node costs tens of microseconds, as much as the kernels of an MNIST-sized
     layer. Large tables keep a node each, so that each scatter runs as soon as its gradient is
@@ -162,7 +165,7 @@ def _address(tensor: Tensor | None) -> int | None:
 
 
 def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*map(_address, tensors))
+    return (ctypes.c_void_p * len(tensors))(*[None if tensor is None else tensor.data_ptr() for tensor in tensors])
 
 
 def _sizes(values: Sequence[int]) -> ctypes.Array:
@@ -171,10 +174,10 @@ def _sizes(values: Sequence[int]) -> ctypes.Array:
 
 def _native_gather(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
     padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
-    outs = [torch.empty(plan.index.numel(), dtype=torch.float32) for plan in plans]
+    outs = [torch.empty(plan.shape) for plan in plans]
     table_kernels().sharetune_gather(
         len(plans), _pointers(padded), _pointers([plan.index for plan in plans]), _pointers([plan.sign for plan in plans]),
-        _pointers(outs), _sizes([out.numel() for out in outs]), _threads(),
+        _pointers(outs), _sizes([plan.index.numel() for plan in plans]), _threads(),
     )
     return outs
 
@@ -182,7 +185,7 @@ def _native_gather(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list
 def _native_scatter(plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
     grads = [grad.contiguous() for grad in grads]
     small = [i for i, plan in enumerate(plans) if plan.partition is None]
-    outs = [torch.empty(plans[i].table_size + 1, dtype=torch.float32) for i in small]  # + the zero slot's sum
+    outs = [torch.empty(plans[i].table_size, dtype=torch.float32) for i in small]
     if small:
         table_kernels().sharetune_scatter_small(
             len(small), _pointers([grads[i] for i in small]), _pointers([plans[i].index for i in small]),
@@ -190,10 +193,7 @@ def _native_scatter(plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list
             _sizes([plans[i].table_size for i in small]), _pointers(outs), _threads(),
         )
     summed = dict(zip(small, outs))
-    return [
-        summed[i][: plan.table_size] if i in summed else plan.scatter_parts(grad)
-        for i, (plan, grad) in enumerate(zip(plans, grads))
-    ]
+    return [summed[i] if i in summed else plan.scatter_parts(grad) for i, (plan, grad) in enumerate(zip(plans, grads))]
 
 
 class _NativeGather(torch.autograd.Function):
@@ -215,4 +215,4 @@ class _SparseGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return torch.mv(ctx.plan.transpose, grad.contiguous()), None
+        return torch.mv(ctx.plan.transpose, grad.reshape(-1)), None
