@@ -90,8 +90,9 @@ class ArbLinear(nn.Module):
     def table_plan(self) -> TablePlan:
         """Kernel data derived from the index; rebuilt only when the index or the device changes."""
         plan = self.__dict__.get("_plan")
-        if plan is None or plan.key != plan_key(self.index, self.sign):
-            plan = self.__dict__["_plan"] = TablePlan(self.index, self.sign, self.table_size, (self.out_features, self.in_features))
+        index, sign = self._buffers["index"], self._buffers["sign"]  # Module.__getattr__ costs a microsecond a step
+        if plan is None or plan.key != plan_key(index, sign):
+            plan = self.__dict__["_plan"] = TablePlan(index, sign, self.table_size, (self.out_features, self.in_features))
         return plan
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -133,7 +134,7 @@ class ArbLinear(nn.Module):
 
 def gather_weights(layers: Sequence[ArbLinear]) -> list[Tensor]:
     """The dense weights of several layers, gathered together (one autograd node on CPU)."""
-    return gather_tables([layer.table_plan() for layer in layers], [layer.table for layer in layers])
+    return gather_tables([layer.table_plan() for layer in layers], [layer._parameters["table"] for layer in layers])
 
 
 # The paper's networks (section 4.3): input width, hidden widths, classes.

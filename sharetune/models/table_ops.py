@@ -76,6 +76,7 @@ class TablePlan:
         self.index = index
         self.sign = sign
         self.partition: list[Tensor] | None = None  # native kernel, large tables: see _partition
+        self.batches: dict[tuple[int, ...], _NativeBatch] = {}  # native calls that start with this plan
         if self.kernel == "native" and table_size > SMALL_TABLE:
             threads = _threads()
             parts = max(1, -(-table_size * 4 // PART_BYTES))
@@ -141,6 +142,8 @@ def gather_tables(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[
     computed, while that gradient is still in cache, instead of after the whole backward pass.
     """
     native = [i for i, (plan, table) in enumerate(zip(plans, tables)) if plan.native(table) and plan.partition is None]
+    if len(native) == len(plans):  # the common case, and every step: no bookkeeping
+        return list(_NativeGather.apply(tuple(plans), *tables))
     weights = [None if i in native else plan.gather(table) for i, (plan, table) in enumerate(zip(plans, tables))]
     if native:
         gathered = _NativeGather.apply(tuple(plans[i] for i in native), *(tables[i] for i in native))
@@ -171,40 +174,61 @@ def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
 def _sizes(values: Sequence[int]) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
+class _NativeBatch:
+    """The layers one native call gathers, with the call's arguments that never change.
 
-def _native_gather(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
-    padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
-    outs = [torch.empty(plan.shape) for plan in plans]
-    table_kernels().sharetune_gather(
-        len(plans), _pointers(padded), _pointers([plan.index for plan in plans]), _pointers([plan.sign for plan in plans]),
-        _pointers(outs), _sizes([plan.index.numel() for plan in plans]), _threads(),
-    )
-    return outs
+    Built once per set of plans and cached on the first one (`_native_batch`): in a training step,
+    each Python operation around the kernels costs about a microsecond, and an MNIST layer's kernels
+    only tens. Holds the other plans, so that their ids, the cache key, are not reused.
+    """
 
+    def __init__(self, plans: Sequence[TablePlan]) -> None:
+        self.others = plans[1:]
+        self.count = len(plans)
+        self.shapes = [plan.shape for plan in plans]
+        self.table_sizes = [plan.table_size for plan in plans]
+        self.indices = _pointers([plan.index for plan in plans])
+        self.signs = _pointers([plan.sign for plan in plans])
+        self.sizes = _sizes([plan.index.numel() for plan in plans])
+        self.table_size_array = _sizes(self.table_sizes)
 
-def _native_scatter(plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
-    grads = [grad.contiguous() for grad in grads]
-    small = [i for i, plan in enumerate(plans) if plan.partition is None]
-    outs = [torch.empty(plans[i].table_size, dtype=torch.float32) for i in small]
-    if small:
-        table_kernels().sharetune_scatter_small(
-            len(small), _pointers([grads[i] for i in small]), _pointers([plans[i].index for i in small]),
-            _pointers([plans[i].sign for i in small]), _sizes([grads[i].numel() for i in small]),
-            _sizes([plans[i].table_size for i in small]), _pointers(outs), _threads(),
+    def gather(self, plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
+        padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
+        outs = [torch.empty(shape) for shape in self.shapes]
+        table_kernels().sharetune_gather(
+            self.count, _pointers(padded), self.indices, self.signs, _pointers(outs), self.sizes, _threads()
         )
-    summed = dict(zip(small, outs))
-    return [summed[i] if i in summed else plan.scatter_parts(grad) for i, (plan, grad) in enumerate(zip(plans, grads))]
+        return outs
+
+    def scatter(self, plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
+        grads = [grad.contiguous() for grad in grads]
+        if plans[0].partition is not None:  # a large table: always alone, see gather_tables
+            return [plans[0].scatter_parts(grads[0])]
+        outs = [torch.empty(size) for size in self.table_sizes]
+        table_kernels().sharetune_scatter_small(
+            self.count, _pointers(grads), self.indices, self.signs, self.sizes, self.table_size_array,
+            _pointers(outs), _threads(),
+        )
+        return outs
+
+
+def _native_batch(plans: tuple[TablePlan, ...]) -> _NativeBatch:
+    key = tuple(map(id, plans[1:]))
+    batch = plans[0].batches.get(key)
+    if batch is None:
+        batch = plans[0].batches[key] = _NativeBatch(plans)
+    return batch
 
 
 class _NativeGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans: tuple[TablePlan, ...], *tables: Tensor) -> tuple[Tensor, ...]:
-        ctx.plans = plans
-        return tuple(_native_gather(plans, tables))
+        ctx.plans, ctx.batch = plans, _native_batch(plans)
+        return tuple(ctx.batch.gather(plans, tables))
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        return None, *_native_scatter(ctx.plans, grads)
+        return None, *ctx.batch.scatter(ctx.plans, grads)
 
 
 class _SparseGather(torch.autograd.Function):
