@@ -5,7 +5,8 @@
 Each row times SGD-with-momentum steps (forward, backward, step) of both nets, interleaved in rounds
 so that machine noise hits both alike, and prints the median ratio against its target. A round runs
 as many steps as fill `--seconds` of dense steps: millisecond steps need hundreds to average out
-the scheduler's jitter.
+the scheduler's jitter. Like sharetune's training loop, it first lets glibc keep freed memory
+(`keep_freed_memory`), for both nets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from sharetune.models.arbnet import PAPER_MLPS, ArbNetMLP
+from sharetune.training import keep_freed_memory
 
 CASES = [
     # name, dataset, batch, ArbNet options, target ratio
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as sharetune's training loop does, for both nets
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     for name, dataset, batch, options, target in CASES:
         torch.manual_seed(0)

@@ -7,6 +7,8 @@ callers (the CLI, Ray Tune trainables) report each epoch as it ends.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -59,6 +61,21 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
     return correct / len(x)
 
 
+@functools.cache
+def keep_freed_memory() -> None:
+    """Let glibc keep the memory a training step frees, for the next step, instead of returning it.
+
+    Every step frees and reallocates the same tens of MB (ArbNet's gathered weights, autograd's
+    weight gradients). With glibc's adaptive defaults some of it goes back to the OS and the next
+    step faults it in again: 20 K page faults and a 15-30% slower CIFAR ArbNet step at batch 512.
+    This keeps up to 1 GB of freed memory, as jemalloc or tcmalloc would. No-op without glibc.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap
+        mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap back only past 1 GB free
+
+
 def train_epochs(
     model: nn.Module,
     data: TensorData,
@@ -74,6 +91,7 @@ def train_epochs(
     Pass the optimizer and scheduler (and `start_epoch`) restored from a checkpoint to resume: each
     epoch's data order depends only on the seed and the epoch, so a resumed run sees the same batches.
     """
+    keep_freed_memory()
     device = pick_device(str(device) if device is not None else None)
     model.to(device)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)

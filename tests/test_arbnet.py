@@ -161,6 +161,18 @@ def test_mlp_gathers_its_layers_together_with_the_same_gradients(kernel, monkeyp
         torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_table_gradients_are_the_same_bit_for_bit_on_every_run(kernel):
+    torch.manual_seed(0)
+    model = ArbNetMLP(784, [200], 10, hash="dirichlet", alpha=0.5, table_size=500)  # 156 800 weights: ten chunks
+    x = torch.randn(32, 784)
+    runs = []
+    for _ in range(10):
+        model.zero_grad()
+        model(x).square().sum().backward()
+        runs.append([layer.table.grad.clone() for layer in model.arb_layers()])
+    assert all(torch.equal(got, want) for run in runs[1:] for got, want in zip(run, runs[0]))
+
+
 def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARETUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails

@@ -92,7 +92,8 @@ class ArbLinear(nn.Module):
         plan = self.__dict__.get("_plan")
         index, sign = self._buffers["index"], self._buffers["sign"]  # Module.__getattr__ costs a microsecond a step
         if plan is None or plan.key != plan_key(index, sign):
-            plan = self.__dict__["_plan"] = TablePlan(index, sign, self.table_size, (self.out_features, self.in_features))
+            shape = (self.out_features, self.in_features)
+            plan = self.__dict__["_plan"] = TablePlan(index, sign, self.table_size, shape)
         return plan
 
     def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:

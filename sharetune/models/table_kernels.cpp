@@ -49,9 +49,9 @@ void accumulate(const float* __restrict grad, const int32_t* __restrict index, c
   for (; i < hi; ++i) copies[index[i]] += Signed ? grad[i] * sign[i] : grad[i];
 }
 
-// Work items: the layers' weights cut into chunks, handed out dynamically. A worker thread that a
-// virtual machine wakes late (tens of microseconds, as long as an MNIST layer's whole gather) then
-// finds the work done instead of holding everyone at the end of the region.
+// Work items: the layers' weights cut into chunks. The gather hands them out dynamically: a worker
+// thread that a virtual machine wakes late (tens of microseconds, as long as an MNIST layer's whole
+// gather) then finds the work done instead of holding everyone at the end of the region.
 constexpr int64_t kChunk = 1 << 14;  // a multiple of 8: chunks start at the gather's vector width
 
 struct Chunks {
@@ -103,7 +103,8 @@ void sharetune_scatter_small(int64_t layers, const float* const* grads, const in
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> copies(4 * entries, 0.f);  // layer l: four copies of its entries from 4 * offset[l]
-#pragma omp for schedule(dynamic, 1) nowait
+    // static: which thread sums which weights, and so the rounding, must not change from run to run
+#pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < chunks.count(); ++c) {
       int64_t lo, hi;
       const int64_t l = chunks.locate(c, sizes, lo, hi);
