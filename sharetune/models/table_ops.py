@@ -34,7 +34,8 @@ KERNELS = ("native", "sparse", "torch")
 # beside the streams; 1 MB parts beat 512 KB ones by 5-10% on the CIFAR layers.
 PART_BYTES = 1 << 20
 # Tables up to this many entries are scattered through private copies (four per thread fit in
-# L2), which needs no precomputed layout; larger ones through cache-sized parts.
+# L2), which needs no precomputed layout; larger ones through cache-sized parts. Their indices,
+# zero slot included, also fit in 16 bits, which the small-table kernels take.
 SMALL_TABLE = 1 << 14
 
 
@@ -77,12 +78,15 @@ class TablePlan:
         self.index = index
         self.sign = sign
         self.partition: list[Tensor] | None = None  # native kernel, large tables: see _partition
+        self.index16: Tensor | None = None  # native kernel, small tables: the index in 16 bits
         self.batches: dict[tuple[int, ...], _NativeBatch] = {}  # native calls that start with this plan
         if self.kernel == "native" and table_size > SMALL_TABLE:
             threads = _threads()
             parts = max(1, -(-table_size * 4 // PART_BYTES))
             parts = -(-parts // threads) * threads  # whole rounds of threads
             self.partition = _partition(index.numpy(), table_size, parts)
+        elif self.kernel == "native":
+            self.index16 = index.to(torch.int16)  # read as uint16: entries up to SMALL_TABLE
         elif self.kernel == "sparse":
             kept = (index < table_size).nonzero().squeeze(1)
             values = torch.ones(len(kept)) if sign is None else sign[kept].float()
@@ -189,7 +193,8 @@ class _NativeBatch:
         self.count = len(plans)
         self.shapes = [plan.shape for plan in plans]
         self.table_sizes = [plan.table_size for plan in plans]
-        self.indices = _pointers([plan.index for plan in plans])
+        self.small = plans[0].partition is None  # else a large table, alone: see gather_tables
+        self.indices = _pointers([plan.index16 if self.small else plan.index for plan in plans])
         self.signs = _pointers([plan.sign for plan in plans])
         self.sizes = _sizes([plan.index.numel() for plan in plans])
         self.table_size_array = _sizes(self.table_sizes)
@@ -197,14 +202,14 @@ class _NativeBatch:
     def gather(self, plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
         padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
         outs = [torch.empty(shape) for shape in self.shapes]
-        table_kernels().sharetune_gather(
-            self.count, _pointers(padded), self.indices, self.signs, _pointers(outs), self.sizes, _threads()
-        )
+        kernels = table_kernels()
+        gather = kernels.sharetune_gather_small if self.small else kernels.sharetune_gather
+        gather(self.count, _pointers(padded), self.indices, self.signs, _pointers(outs), self.sizes, _threads())
         return outs
 
     def scatter(self, plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
         grads = [grad.contiguous() for grad in grads]
-        if plans[0].partition is not None:  # a large table: always alone, see gather_tables
+        if not self.small:
             return [plans[0].scatter_parts(grads[0])]
         outs = [torch.empty(size) for size in self.table_sizes]
         table_kernels().sharetune_scatter_small(
