@@ -173,6 +173,41 @@ def test_table_gradients_are_the_same_bit_for_bit_on_every_run(kernel):
     assert all(torch.equal(got, want) for run in runs[1:] for got, want in zip(run, runs[0]))
 
 
+def test_gathered_weights_are_never_overwritten_while_held_and_reuse_memory_once_free(kernel):
+    layer = ArbLinear(30, 20, table_size=50, hash="uniform")
+    held = layer.dense_weight().detach()  # shares the gathered memory
+    snapshot = held.clone()
+    with torch.no_grad():
+        layer.table.add_(1.0)
+    fresh = layer.dense_weight()
+    assert torch.equal(held, snapshot) and torch.equal(fresh, snapshot + 1.0)
+    if kernel == "native":  # native gathers write into the last call's memory when nobody holds it
+        address = fresh.data_ptr()
+        del held, fresh
+        assert layer.dense_weight().data_ptr() == address
+
+
+def test_two_forwards_before_one_backward_keep_their_own_weights(kernel, monkeypatch):
+    torch.manual_seed(0)
+    model = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40)
+    x1, x2 = torch.randn(8, 30), torch.randn(8, 30)
+    first = model(x1)
+    with torch.no_grad():
+        model.arb_layers()[-1].table.mul_(2.0)  # the second forward gathers other weights
+    (first.square().sum() + model(x2).square().sum()).backward()
+    monkeypatch.setenv(KERNEL_ENV, "torch")
+    reference = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        reference.arb_layers()[-1].table.div_(2.0)
+    first = reference(x1)
+    with torch.no_grad():
+        reference.arb_layers()[-1].table.mul_(2.0)
+    (first.square().sum() + reference(x2).square().sum()).backward()
+    for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
+        torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("SHARETUNE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
