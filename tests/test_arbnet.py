@@ -187,6 +187,15 @@ def test_gathered_weights_are_never_overwritten_while_held_and_reuse_memory_once
         assert layer.dense_weight().data_ptr() == address
 
 
+def test_without_pytorchs_storage_use_count_every_gather_allocates(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")  # a private function: a later PyTorch may drop it
+    monkeypatch.setenv(KERNEL_ENV, "native")
+    layer = ArbLinear(30, 20, table_size=50, hash="uniform")
+    # nothing holds the first weights, yet the second call cannot know it: it allocates (while the
+    # first buffer is still referenced, so at another address)
+    assert layer.dense_weight().data_ptr() != layer.dense_weight().data_ptr()
+
+
 def test_two_forwards_before_one_backward_keep_their_own_weights(kernel, monkeypatch):
     torch.manual_seed(0)
     model = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40)

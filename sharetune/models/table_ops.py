@@ -210,12 +210,17 @@ class _NativeBatch:
     def outputs(self) -> list[Tensor]:
         """Tensors for this call's weights, in the last call's memory once nothing else holds it
         (the step's graph is gone): 1% of an MNIST step goes to allocating and first touching it."""
-        if not self.buffers or any(_holders(storage) != idle for storage, idle in zip(self.storages, self.idle)):
+        if not self._buffers_free():
             self.buffers = [torch.empty(shape) for shape in self.shapes]
             self.storages = [StorageWeakRef(buffer.untyped_storage()) for buffer in self.buffers]
             self.idle = [_holders(storage) for storage in self.storages]  # only self.buffers hold them
             self.addresses = _pointers(self.buffers)
         return [buffer.detach() for buffer in self.buffers]
+
+    def _buffers_free(self) -> bool:
+        """False when the count is unknown (see `_holders`): then every call allocates."""
+        holders = [_holders(storage) for storage in self.storages] if self.buffers else [None]
+        return None not in holders and holders == self.idle
 
     def gather(self, plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
         padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
