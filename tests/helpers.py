@@ -1,4 +1,10 @@
-"""Tiny specs for tests: synthetic data, small nets, a handful of epochs."""
+"""Tiny specs for tests (synthetic data, small nets, a handful of epochs), and the devices to test on."""
+
+import pytest
+import torch
+
+# CUDA runs where a GPU is present, and shows as skipped elsewhere
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 def tiny_spec(**changes) -> dict:

@@ -5,76 +5,101 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sharetune.models import arbnet
 from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
 from sharetune.models import table_ops
 from sharetune.models.native import table_kernels
 from sharetune.models.table_ops import KERNEL_ENV, KERNELS
 
 
-@pytest.fixture(params=[*KERNELS, "native-parts"])
+@pytest.fixture(params=[*KERNELS, "native-parts", "cuda"])
 def kernel(request, monkeypatch):
-    """Every CPU kernel; `native-parts` sends even these small tables through the large-table layout."""
+    """Every CPU kernel; `native-parts` sends even these small tables through the large-table layout;
+    `cuda` (where a GPU is present) runs the test's layers on the GPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # references in full float32
     if request.param == "native-parts":
         monkeypatch.setattr(table_ops, "SMALL_TABLE", 0)
-    monkeypatch.setenv(KERNEL_ENV, request.param.removesuffix("-parts"))
+    monkeypatch.setenv(KERNEL_ENV, request.param.removesuffix("-parts").replace("cuda", "auto"))
     return request.param
+
+
+@pytest.fixture
+def device(kernel) -> str:
+    return "cuda" if kernel == "cuda" else "cpu"
+
+
+def plain_weights(layers) -> list[torch.Tensor]:
+    """Reference weights: each layer's table read by plain indexing, through none of our kernels."""
+    return [
+        (torch.cat([l.table, l.table.new_zeros(1)])[l.index.long()] * (1 if l.sign is None else l.sign)).view(l.out_features, l.in_features)
+        for l in layers
+    ]
+
+
+@pytest.fixture
+def plain_reference(monkeypatch):
+    """After this is called, ArbNetMLPs gather through `plain_weights`: a reference to compare with."""
+    return lambda: monkeypatch.setattr(arbnet, "gather_weights", plain_weights)
 
 
 @pytest.mark.parametrize("options", [dict(hash="uniform"), dict(hash="hashednets", sign=True), dict(hash="dirichlet", alpha=0.3, sparsity=0.25)])
 @pytest.mark.parametrize("shape", [(37, 23, 50), (800, 700, 30_000)], ids=["small", "large"])
-def test_table_gradient_is_the_per_bucket_sum_of_the_dense_gradient(kernel, options, shape):
+def test_table_gradient_is_the_per_bucket_sum_of_the_dense_gradient(device, options, shape):
     torch.manual_seed(0)
     in_features, out_features, table_size = shape
-    layer = ArbLinear(in_features, out_features, table_size=table_size, **options)
-    x = torch.randn(8, in_features)
+    layer = ArbLinear(in_features, out_features, table_size=table_size, **options).to(device)
+    x = torch.randn(8, in_features, device=device)
     weight = layer.dense_weight()
     weight.retain_grad()
     F.linear(x, weight, layer.bias).square().sum().backward()
-    signs = torch.ones(layer.index.numel()) if layer.sign is None else layer.sign.float()
-    expected = torch.zeros(layer.table_size + 1, dtype=torch.float64)
+    signs = torch.ones(layer.index.numel(), device=device) if layer.sign is None else layer.sign.float()
+    expected = torch.zeros(layer.table_size + 1, dtype=torch.float64, device=device)
     expected.index_add_(0, layer.index.long(), (weight.grad.flatten() * signs).double())
     torch.testing.assert_close(layer.table.grad.double(), expected[:-1], rtol=1e-5, atol=1e-5)
 
 
-def test_dense_weight_reads_the_table(kernel):
-    layer = ArbLinear(5, 4, table_size=7, hash="uniform", seed=3)
+def test_dense_weight_reads_the_table(device):
+    layer = ArbLinear(5, 4, table_size=7, hash="uniform", seed=3).to(device)
     weight = layer.dense_weight().detach()
     assert torch.equal(weight.flatten(), layer.table.detach()[layer.index.long()])
 
 
-def test_conv2d_as_arbnet_matches_conv2d(kernel):
+def test_conv2d_as_arbnet_matches_conv2d(device):
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
-    layer = conv2d_as_arbnet(conv, (9, 9))
+    conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1).to(device)
+    layer = conv2d_as_arbnet(conv, (9, 9)).to(device)
     assert layer.table.numel() == conv.weight.numel()  # only the kernel is stored
-    x = torch.randn(2, 3, 9, 9)
+    x = torch.randn(2, 3, 9, 9, device=device)
     torch.testing.assert_close(layer(x.flatten(1)), conv(x).flatten(1), rtol=1e-5, atol=1e-5)
 
 
-def test_rnn_weight_reuse_is_a_modulus_hash_over_stacked_layers(kernel):
+def test_rnn_weight_reuse_is_a_modulus_hash_over_stacked_layers(device):
     torch.manual_seed(0)
     hidden, steps = 6, 4
-    rnn = nn.RNN(hidden, hidden, bias=False, batch_first=True)
+    rnn = nn.RNN(hidden, hidden, bias=False, batch_first=True).to(device)
     # one ArbNet layer per unrolled step, all numbered sequentially: step t uses ids [t*H*H, (t+1)*H*H)
-    stacked = ArbLinear(hidden, hidden * steps * 2, table_size=hidden * hidden * 2, hash="modulus")
+    stacked = ArbLinear(hidden, hidden * steps * 2, table_size=hidden * hidden * 2, hash="modulus").to(device)
     with torch.no_grad():
         stacked.table.copy_(torch.cat([rnn.weight_ih_l0.flatten(), rnn.weight_hh_l0.flatten()]))
     weights = stacked.dense_weight().view(steps * 2, hidden, hidden)
-    x = torch.randn(3, steps, hidden)
-    h = torch.zeros(3, hidden)
+    x = torch.randn(3, steps, hidden, device=device)
+    h = torch.zeros(3, hidden, device=device)
     for t in range(steps):
         h = torch.tanh(x[:, t] @ weights[2 * t].T + h @ weights[2 * t + 1].T)
-    torch.testing.assert_close(h, rnn(x)[1][0], rtol=1e-5, atol=1e-6)
+    atol = 1e-5 if device == "cuda" else 1e-6  # cuDNN's RNN sums in another order than the loop's matmuls
+    torch.testing.assert_close(h, rnn(x)[1][0], rtol=1e-5, atol=atol)
 
 
-def test_sparsity_is_exact_and_never_trained(kernel):
-    layer = ArbLinear(50, 40, table_size=100, hash="uniform", sparsity=0.3, seed=1)
+def test_sparsity_is_exact_and_never_trained(device):
+    layer = ArbLinear(50, 40, table_size=100, hash="uniform", sparsity=0.3, seed=1).to(device)
     zeros = lambda: int((layer.dense_weight() == 0).sum())
     assert zeros() == round(0.3 * 2000) and layer.sparsity() == pytest.approx(0.3)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
     for _ in range(5):
         opt.zero_grad()
-        layer(torch.randn(16, 50)).square().mean().backward()
+        layer(torch.randn(16, 50, device=device)).square().mean().backward()
         opt.step()
     assert zeros() == 600
 
@@ -125,43 +150,49 @@ def test_identity_arbnet_equals_dense_linear():
     assert math.isclose(layer.entropy(), math.log(30))
 
 
-def test_plan_follows_the_index_through_copies_and_loads(kernel):
+def test_plan_follows_the_index_through_copies_loads_and_devices(device):
     import copy
 
     layer = ArbLinear(20, 30, table_size=40, hash="uniform", seed=1)
     x = torch.randn(2, 20)
-    before = layer(x)
+    before = layer(x)  # builds a CPU plan
+    layer.to(device)
+    x = x.to(device)
+    torch.testing.assert_close(layer(x), before.to(device))
     clone = copy.deepcopy(layer)
-    torch.testing.assert_close(clone(x), before)
-    other = ArbLinear(20, 30, table_size=40, hash="modulus")
+    torch.testing.assert_close(clone(x), before.to(device))
+    other = ArbLinear(20, 30, table_size=40, hash="modulus").to(device)
     other(x)  # builds a plan for the modulus index
     other.load_state_dict(layer.state_dict())  # overwrites the index in place
-    torch.testing.assert_close(other(x), before)
+    torch.testing.assert_close(other(x), before.to(device))
+    torch.testing.assert_close(layer.cpu()(x.cpu()), before)
 
 
-def test_float64_tables_fall_back_to_index_select(kernel):
-    layer = ArbLinear(20, 30, table_size=40, hash="hashednets", sign=True, sparsity=0.2).double()
+def test_float64_tables_fall_back_to_index_select(device):
+    layer = ArbLinear(20, 30, table_size=40, hash="hashednets", sign=True, sparsity=0.2).double().to(device)
     weight = layer.dense_weight()
     assert weight.dtype == torch.float64
-    expected = torch.cat([layer.table, layer.table.new_zeros(1)])[layer.index.long()] * layer.sign
-    torch.testing.assert_close(weight.flatten(), expected)
+    torch.testing.assert_close(weight, plain_weights([layer])[0])
 
 
-def test_mlp_gathers_its_layers_together_with_the_same_gradients(kernel, monkeypatch):
+def test_mlp_gathers_its_layers_together_with_the_same_gradients(device, plain_reference):
     torch.manual_seed(0)
     options = dict(hash=["uniform", "hashednets", "dirichlet"], alpha=[None, None, 0.5], table_size=[50, 40, 30], sparsity=[0.1, 0.0, 0.2])
-    model = ArbNetMLP(30, [20, 20], 5, **options)
+    model = ArbNetMLP(30, [20, 20], 5, **options).to(device)
     x = torch.randn(16, 30)
-    model(x).square().sum().backward()
-    monkeypatch.setenv(KERNEL_ENV, "torch")  # reference: each layer on its own through index_select
+    model(x.to(device)).square().sum().backward()
+    plain_reference()  # on CPU
     reference = ArbNetMLP(30, [20, 20], 5, **options)
     reference.load_state_dict(model.state_dict())
     reference(x).square().sum().backward()
+    atol = 1e-4 if device == "cuda" else 1e-5  # CUDA's matmuls sum in another order than CPU's
     for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
-        torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-4, atol=atol)
 
 
 def test_table_gradients_are_the_same_bit_for_bit_on_every_run(kernel):
+    if kernel == "cuda":
+        pytest.skip("CUDA's index_add_ sums with atomics, in an order that may change from run to run")
     torch.manual_seed(0)
     model = ArbNetMLP(784, [200], 10, hash="dirichlet", alpha=0.5, table_size=500)  # 156 800 weights: ten chunks
     x = torch.randn(32, 784)
@@ -173,8 +204,8 @@ def test_table_gradients_are_the_same_bit_for_bit_on_every_run(kernel):
     assert all(torch.equal(got, want) for run in runs[1:] for got, want in zip(run, runs[0]))
 
 
-def test_gathered_weights_are_never_overwritten_while_held_and_reuse_memory_once_free(kernel):
-    layer = ArbLinear(30, 20, table_size=50, hash="uniform")
+def test_gathered_weights_are_never_overwritten_while_held_and_reuse_memory_once_free(kernel, device):
+    layer = ArbLinear(30, 20, table_size=50, hash="uniform").to(device)
     held = layer.dense_weight().detach()  # shares the gathered memory
     snapshot = held.clone()
     with torch.no_grad():
@@ -196,15 +227,15 @@ def test_without_pytorchs_storage_use_count_every_gather_allocates(monkeypatch):
     assert layer.dense_weight().data_ptr() != layer.dense_weight().data_ptr()
 
 
-def test_two_forwards_before_one_backward_keep_their_own_weights(kernel, monkeypatch):
+def test_two_forwards_before_one_backward_keep_their_own_weights(device, plain_reference):
     torch.manual_seed(0)
-    model = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40)
+    model = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40).to(device)
     x1, x2 = torch.randn(8, 30), torch.randn(8, 30)
-    first = model(x1)
+    first = model(x1.to(device))
     with torch.no_grad():
         model.arb_layers()[-1].table.mul_(2.0)  # the second forward gathers other weights
-    (first.square().sum() + model(x2).square().sum()).backward()
-    monkeypatch.setenv(KERNEL_ENV, "torch")
+    (first.square().sum() + model(x2.to(device)).square().sum()).backward()
+    plain_reference()  # on CPU
     reference = ArbNetMLP(30, [20], 5, hash="uniform", table_size=40)
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -213,8 +244,9 @@ def test_two_forwards_before_one_backward_keep_their_own_weights(kernel, monkeyp
     with torch.no_grad():
         reference.arb_layers()[-1].table.mul_(2.0)
     (first.square().sum() + reference(x2).square().sum()).backward()
+    atol = 1e-4 if device == "cuda" else 1e-5  # as in the test above
     for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
-        torch.testing.assert_close(layer.table.grad, expected.table.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-5, atol=atol)
 
 
 def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ from sharetune.metrics import count_macs, count_params
 from sharetune.models import create_model
 from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
 
+from helpers import DEVICES
+
 
 @pytest.mark.parametrize("mapping, distribution", list(itertools.product(MAPPINGS, DISTRIBUTIONS)))
 @pytest.mark.parametrize("depth, rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4)])
@@ -104,8 +106,9 @@ def small_shared_convmixer():
     return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"]})
 
 
-def test_each_bank_entry_is_stored_and_updated_once():
-    model = small_shared_convmixer()
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_bank_entry_is_stored_and_updated_once(device):
+    model = small_shared_convmixer().to(device)  # moving keeps every alias on the one bank tensor
     names = list(model.state_dict())
     pointwise = [n for n in names if n.startswith("spin_bank.1_weight__")]
     assert len(pointwise) == 2  # depth 4 at rate 2
@@ -117,7 +120,7 @@ def test_each_bank_entry_is_stored_and_updated_once():
     assert model.blocks[0][1].weight is shared and model.blocks[1][1].weight is shared
     before = shared.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    model(torch.randn(2, 1, 8, 8, device=device)).sum().backward()
     grad = shared.grad.clone()
     opt.step()
     torch.testing.assert_close(shared.detach(), before - 0.1 * grad)  # one update, from both layers' gradients
@@ -153,14 +156,16 @@ def test_transforms_start_as_plain_sharing():
     torch.testing.assert_close(transformed(x), shared(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv"])
-def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy):
+def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy, device, monkeypatch):
     from sharetune.models import fold
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the fold is compared in full float32
     torch.manual_seed(0)
     pretrained = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
-    fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"rate": 2, "fusion": strategy})
-    x = torch.randn(4, 1, 8, 8)
+    fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"rate": 2, "fusion": strategy}).to(device)
+    x = torch.randn(4, 1, 8, 8, device=device)
     fused(x).square().sum().backward()
     entry = fused.spin_bank["1__0"]  # the fused pointwise layer of bank entry 0
     grads = [v.grad for v in entry.sources]

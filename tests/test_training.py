@@ -10,11 +10,14 @@ from sharetune.data import load
 from sharetune.models.arbnet import ArbNetMLP
 from sharetune.training import Recipe, train_epochs
 
+from helpers import DEVICES
 
-def test_arbnet_learns_mnist1d_well_above_chance():
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_arbnet_learns_mnist1d_well_above_chance(device):
     data = load("mnist1d")
     model = ArbNetMLP(40, [200, 200], 10, hash="dirichlet", alpha=1.0, table_size=4000)
-    results = list(train_epochs(model, data, Recipe(epochs=8, lr=0.05), device="cpu"))
+    results = list(train_epochs(model, data, Recipe(epochs=8, lr=0.05), device=device))
     assert len(results) == 8
     assert results[-1].test_accuracy > 0.35  # chance is 0.10
     assert results[-1].train_accuracy > results[0].train_accuracy

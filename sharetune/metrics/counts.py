@@ -50,8 +50,15 @@ def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return sdpa_flop(query_shape, key_shape, value_shape)
 
 
+# Inference BatchNorm reaches the counter as a different op per device and backend (CPU: the first;
+# CUDA with an affine: cuDNN's), so every variant gets the same formula. An op is seen once: the
+# counter never sees the ops another one calls.
+_BATCH_NORMS = (
+    aten._native_batch_norm_legit_no_training, aten._batch_norm_no_update, aten.native_batch_norm,
+    aten.cudnn_batch_norm, aten.miopen_batch_norm,
+)
 _EXTRA_FORMULAS = {
-    aten._native_batch_norm_legit_no_training: _bn_no_training,
+    **{op: _bn_no_training for op in _BATCH_NORMS},
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
 }
 
