@@ -1,18 +1,20 @@
 """Train-step time of ArbNet MLPs over their dense twins (same virtual shapes, nn.Linear), one process.
 
-    python benchmarks/bench_arbnet.py [--rounds 9] [--seconds 0.5] [--device cpu|cuda]
+    python benchmarks/bench_arbnet.py [--seconds 4.5] [--block 0.05] [--device cpu|cuda]
 
-Each row times SGD-with-momentum steps (forward, backward, step) of both nets, interleaved in rounds
-so that machine noise hits both alike, and prints the median ratio against its target. A round runs
-as many steps as fill `--seconds` of dense steps: millisecond steps need hundreds to average out
-the scheduler's jitter. Like sharetune's training loop, it first lets glibc keep freed memory
-(`keep_freed_memory`), for both nets.
+Each row times SGD-with-momentum steps (forward, backward, step) of both nets in alternating short
+blocks (dense, ArbNet, ArbNet, dense, ...; each block as many steps as fill `--block` seconds of
+dense steps, at least one) for about `--seconds` per net, and prints the median over pairs of
+blocks of ArbNet's time over the dense twin's, against its target, with the middle half of the
+pairs' ratios. On a shared virtual machine the speed drifts by 20-40% within a second: short
+blocks make the drift hit both nets alike, and the median drops the pairs a burst of noise hit.
+Like sharetune's training loop, it first lets glibc keep freed memory (`keep_freed_memory`), for
+both nets.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -57,10 +59,25 @@ def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return run
 
 
+def compare(arb, dense, seconds: float, block_seconds: float) -> tuple[list[float], list[float]]:
+    """Per pair of blocks: ArbNet time over dense time, and the dense step time."""
+    steps = max(1, round(block_seconds / dense(2)))
+    pairs = max(9, round(seconds / (steps * dense(steps))))
+    ratios, dense_times = [], []
+    for i in range(pairs):
+        if i % 2:  # alternate the order: whichever runs second never always finds the caches warm
+            a, d = arb(steps), dense(steps)
+        else:
+            d, a = dense(steps), arb(steps)
+        ratios.append(a / d)
+        dense_times.append(d)
+    return ratios, dense_times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--seconds", type=float, default=4.5)
+    parser.add_argument("--block", type=float, default=0.05)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     keep_freed_memory()  # as sharetune's training loop does, for both nets
@@ -73,17 +90,13 @@ def main() -> None:
         arb = step_timer(ArbNetMLP.paper(dataset, **options).to(args.device), x, y)
         dense = step_timer(dense_twin(dataset).to(args.device), x, y)
         arb(2)  # warm-up: kernel build, allocator, caches
-        steps = max(2, math.ceil(args.seconds / dense(2)))
-        ratios, dense_times = [], []
-        for _ in range(args.rounds):
-            d = dense(steps)
-            ratios.append(arb(steps) / d)
-            dense_times.append(d)
+        ratios, dense_times = compare(arb, dense, args.seconds, args.block)
         ratio = statistics.median(ratios)
+        low, _, high = statistics.quantiles(ratios, n=4)
         verdict = "ok" if ratio <= target else "OVER"
         print(
-            f"{name:28s} batch {batch:4d}: arbnet/dense = {ratio:.3f} (target <= {target:.2f}, {verdict}); "
-            f"dense step {statistics.median(dense_times) * 1e3:.2f} ms"
+            f"{name:28s} batch {batch:4d}: arbnet/dense = {ratio:.3f} (target <= {target:.2f}, {verdict}; "
+            f"middle half {low:.2f}-{high:.2f}); dense step {statistics.median(dense_times) * 1e3:.2f} ms"
         )
 
 
