@@ -4,35 +4,22 @@
 
 Rows: train step of the shared model / unshared (target <= 1.02); train step with fusion in
 training / unshared (target <= 1.10); inference of the folded model / the shared one (1.00).
-Timings are interleaved in rounds and the median ratio is printed.
+Each pair is timed as `timing.compare` does (alternating short blocks, median over pairs), after
+`keep_freed_memory`, as in sharetune's training loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from sharetune.models import create_model, fold
+from sharetune.training import keep_freed_memory
+from timing import Step, compare, train_step
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
-def inference(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def inference(model: torch.nn.Module, x: torch.Tensor) -> Step:
     model.eval()
 
     def run() -> None:
@@ -42,34 +29,16 @@ def inference(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def timed(fn: Callable[[], None], steps: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / steps
-
-
-def ratio(candidate: Callable[[], None], baseline: Callable[[], None], steps: int, rounds: int, device: str) -> float:
-    candidate(), baseline()
-    ratios = []
-    for _ in range(rounds):
-        base = timed(baseline, steps, device)
-        ratios.append(timed(candidate, steps, device) / base)
-    return statistics.median(ratios)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=30.0, help="time per model per row (CPU steps take about a second)")
+    parser.add_argument("--block", type=float, default=0.05, help="seconds per block of steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as sharetune's training loop does, for every model
     arch = dict(dim=args.dim, depth=args.depth, patch_size=2, kernel_size=5, num_classes=10)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, device=args.device)
@@ -79,13 +48,14 @@ def main() -> None:
     fused = create_model("convmixer", **arch, pretrained=unshared.state_dict(), sharing={"rate": 2, "fusion": "channel_weighted_mean"}).to(args.device)
     folded = fold(fused).to(args.device)
     print(f"ConvMixer-{args.dim}/{args.depth} 32x32 batch {args.batch}, device={args.device}, threads={torch.get_num_threads()}")
-    rows = [
-        ("train: shared / unshared", ratio(train_step(shared, x, y), train_step(unshared, x, y), args.steps, args.rounds, args.device), "<= 1.02"),
-        ("train: fusion / unshared", ratio(train_step(fused, x, y), train_step(unshared, x, y), args.steps, args.rounds, args.device), "<= 1.10"),
-        ("infer: folded / shared", ratio(inference(folded, x), inference(shared, x), args.steps, args.rounds, args.device), "~ 1.00"),
+    rows = [  # steps made when their row runs: each sets its models' train or eval mode
+        ("train: shared / unshared", lambda: (train_step(shared, x, y), train_step(unshared, x, y)), "<= 1.02"),
+        ("train: fusion / unshared", lambda: (train_step(fused, x, y), train_step(unshared, x, y)), "<= 1.10"),
+        ("infer: folded / shared", lambda: (inference(folded, x), inference(shared, x)), "~ 1.00"),
     ]
-    for name, value, target in rows:
-        print(f"{name:28s} {value:.3f}  (target {target})")
+    for name, steps, target in rows:
+        ratio, spread, _ = compare(*steps(), args.device, args.seconds, args.block)
+        print(f"{name:28s} {ratio:.3f}  (target {target}; {spread})")
 
 
 if __name__ == "__main__":

@@ -191,10 +191,11 @@ def test_fusion_without_pretrained_weights_is_refused():
         create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "fusion": "mean"})
 
 
-def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset, device):
     from sharetune.training import Recipe, train_epochs
 
     torch.manual_seed(0)
     model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"rate": 2, "mapping": "sequential"})
-    results = list(train_epochs(model, mnist_subset, Recipe(epochs=3, lr=0.05, batch_size=64), device="cpu"))
+    results = list(train_epochs(model, mnist_subset, Recipe(epochs=3, lr=0.05, batch_size=64), device=device))
     assert results[-1].test_accuracy > 0.7  # chance is 0.1
