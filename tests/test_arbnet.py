@@ -190,6 +190,26 @@ def test_mlp_gathers_its_layers_together_with_the_same_gradients(device, plain_r
         torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-4, atol=atol)
 
 
+def test_layers_gathered_together_match_plain_indexing(device):
+    torch.manual_seed(0)
+    layers = [
+        ArbLinear(30, 20, table_size=50, hash="hashednets", sign=True, sparsity=0.2, seed=1).to(device),
+        ArbLinear(20, 20, table_size=40, hash="uniform", seed=2).to(device),
+        ArbLinear(20, 5, table_size=30, hash="dirichlet", alpha=0.5, sparsity=0.1, seed=3).to(device),
+    ]
+    probes = [torch.randn(layer.out_features, layer.in_features, device=device) for layer in layers]
+    grads = []
+    for gather in (arbnet.gather_weights, plain_weights):
+        for layer in layers:
+            layer.table.grad = None
+        weights = gather(layers)
+        sum((w * p).sum() for w, p in zip(weights, probes)).backward()
+        grads.append(([w.detach() for w in weights], [layer.table.grad for layer in layers]))
+    (weights, table_grads), (expected_weights, expected_grads) = grads
+    for got, want in zip(weights + table_grads, expected_weights + expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_table_gradients_are_the_same_bit_for_bit_on_every_run(kernel):
     if kernel == "cuda":
         pytest.skip("CUDA's index_add_ sums with atomics, in an order that may change from run to run")
