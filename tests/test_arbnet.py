@@ -11,13 +11,17 @@ from sharetune.models import table_ops
 from sharetune.models.native import table_kernels
 from sharetune.models.table_ops import KERNEL_ENV, KERNELS
 
+from helpers import DEVICES
 
-@pytest.fixture(params=[*KERNELS, "native-parts", "cuda"])
+CUDA = DEVICES[1]  # skipped where no GPU is present
+# table gradients compared across devices: CUDA's matmuls sum in another order than CPU's
+GRAD_ATOL = {"cpu": 1e-5, "cuda": 1e-4}
+
+
+@pytest.fixture(params=[*KERNELS, "native-parts", CUDA])
 def kernel(request, monkeypatch):
     """Every CPU kernel; `native-parts` sends even these small tables through the large-table layout;
     `cuda` (where a GPU is present) runs the test's layers on the GPU."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # references in full float32
     if request.param == "native-parts":
         monkeypatch.setattr(table_ops, "SMALL_TABLE", 0)
@@ -185,9 +189,8 @@ def test_mlp_gathers_its_layers_together_with_the_same_gradients(device, plain_r
     reference = ArbNetMLP(30, [20, 20], 5, **options)
     reference.load_state_dict(model.state_dict())
     reference(x).square().sum().backward()
-    atol = 1e-4 if device == "cuda" else 1e-5  # CUDA's matmuls sum in another order than CPU's
     for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
-        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-4, atol=atol)
+        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-4, atol=GRAD_ATOL[device])
 
 
 def test_layers_gathered_together_match_plain_indexing(device):
@@ -264,9 +267,8 @@ def test_two_forwards_before_one_backward_keep_their_own_weights(device, plain_r
     with torch.no_grad():
         reference.arb_layers()[-1].table.mul_(2.0)
     (first.square().sum() + reference(x2).square().sum()).backward()
-    atol = 1e-4 if device == "cuda" else 1e-5  # as in the test above
     for layer, expected in zip(model.arb_layers(), reference.arb_layers()):
-        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(layer.table.grad.cpu(), expected.table.grad, rtol=1e-5, atol=GRAD_ATOL[device])
 
 
 def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, monkeypatch):
