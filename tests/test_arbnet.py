@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,26 @@ def test_table_gradient_is_the_per_bucket_sum_of_the_dense_gradient(device, opti
     expected = torch.zeros(layer.table_size + 1, dtype=torch.float64, device=device)
     expected.index_add_(0, layer.index.long(), (weight.grad.flatten() * signs).double())
     torch.testing.assert_close(layer.table.grad.double(), expected[:-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_table_gradient_with_weights_far_apart(device, signed):
+    """Weights that read the table thousands of positions apart (the rest read the zero slot): the
+    large-table scatter steps over such gaps in several moves, the longest one at a time."""
+    longest = (1 << (32 - table_ops.LOCAL_BITS)) - 1
+    steps = [1, longest, longest + 1, 2 * longest, 2 * longest + 1, 50_000]
+    positions = np.cumsum([0, *steps])
+    table_size = 30_000
+    index = np.full(100 * 1000, table_size)
+    index[positions] = [0, 29_999, 0, 15_000, 29_999, 7, 15_001]
+    sign = np.where(np.arange(index.size) % 3 == 0, -1, 1).astype(np.int8) if signed else None
+    layer = ArbLinear.from_index(index.reshape(100, 1000), table_size, sign=sign).to(device)
+    grad = torch.randn(100, 1000, device=device)
+    (layer.dense_weight() * grad).sum().backward()
+    expected = torch.zeros(table_size + 1, dtype=torch.float64, device=device)
+    signs = 1 if layer.sign is None else layer.sign.double()
+    expected.index_add_(0, layer.index.long(), grad.flatten().double() * signs)
+    torch.testing.assert_close(layer.table.grad.double(), expected[:-1], rtol=1e-6, atol=1e-6)
 
 
 def test_dense_weight_reads_the_table(device):

@@ -68,7 +68,7 @@ def table_kernels() -> ctypes.CDLL | None:
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.sharetune_gather.argtypes = lib.sharetune_gather_small.argtypes = [size, pointer, pointer, pointer, pointer, pointer, count]
     lib.sharetune_scatter_small.argtypes = [size, pointer, pointer, pointer, pointer, pointer, pointer, count]
-    lib.sharetune_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, size, pointer, count]
+    lib.sharetune_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, size, count, pointer, count]
     for kernel in (lib.sharetune_gather, lib.sharetune_gather_small, lib.sharetune_scatter, lib.sharetune_scatter_small):
         kernel.restype = None
     return lib

@@ -55,17 +55,28 @@ def choose_kernel(index: Tensor) -> str:
     return "native" if table_kernels() is not None else "sparse"
 
 
+# Bits of a scatter word that hold the entry within its part (all ones: skip); the rest hold the step.
+LOCAL_BITS = (PART_BYTES // 4).bit_length()
+
+
 def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
-    """Group weights by the table part they read, positions ascending within a part."""
+    """Each part's weights as the words `sharetune_scatter` reads (see there), and where each part's start."""
     part_lo = np.linspace(0, table_size, parts + 1).astype(np.int64)
-    kept = np.flatnonzero(index < table_size).astype(np.int32)
+    assert (np.diff(part_lo) < (1 << LOCAL_BITS) - 1).all(), "a part's entries must fit beside the skip value"
+    kept = np.flatnonzero(index < table_size)
     part = np.searchsorted(part_lo, index[kept], side="right") - 1
-    order = np.argsort(part, kind="stable")
-    positions = kept[order]
-    local = (index[positions] - part_lo[part[order]]).astype(np.int32)
+    order = np.argsort(part, kind="stable")  # by part, positions ascending within one
+    positions, part = kept[order], part[order]
+    local = index[positions] - part_lo[part]
+    first = np.r_[True, part[1:] != part[:-1]]
+    steps = np.where(first, positions, positions - np.roll(positions, 1))
+    longest = (1 << (32 - LOCAL_BITS)) - 1
+    skips = np.maximum(steps - 1, 0) // longest  # words that only step `longest` ahead, before the weight's
+    words = np.full(len(steps) + skips.sum(), (longest << LOCAL_BITS) | ((1 << LOCAL_BITS) - 1), dtype=np.uint32)
+    words[np.cumsum(skips + 1) - 1] = ((steps - skips * longest) << LOCAL_BITS) | local
     starts = np.zeros(parts + 1, dtype=np.int64)
-    starts[1:] = np.cumsum(np.bincount(part, minlength=parts))
-    return [torch.from_numpy(a) for a in (positions, local, starts, part_lo)]
+    starts[1:] = np.cumsum(np.bincount(part, weights=skips + 1, minlength=parts)).astype(np.int64)
+    return [torch.from_numpy(words.view(np.int32)), torch.from_numpy(starts), torch.from_numpy(part_lo)]
 
 
 class TablePlan:
@@ -131,10 +142,10 @@ class TablePlan:
     def scatter_parts(self, grad: Tensor) -> Tensor:
         """The large-table scatter, through the precomputed parts."""
         out = torch.empty(self.table_size, dtype=grad.dtype)
-        positions, local, starts, part_lo = self.partition
+        words, starts, part_lo = self.partition
         table_kernels().sharetune_scatter(
-            grad.data_ptr(), positions.data_ptr(), local.data_ptr(), _address(self.sign),
-            starts.data_ptr(), part_lo.data_ptr(), len(starts) - 1, out.data_ptr(), _threads(),
+            grad.data_ptr(), words.data_ptr(), _address(self.sign), starts.data_ptr(), part_lo.data_ptr(),
+            len(starts) - 1, LOCAL_BITS, out.data_ptr(), _threads(),
         )
         return out
 
