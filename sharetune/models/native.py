@@ -66,7 +66,8 @@ def table_kernels() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(str(target))
     pointer, size, count = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.sharetune_gather.argtypes = lib.sharetune_gather_small.argtypes = [size, pointer, pointer, pointer, pointer, pointer, count]
+    lib.sharetune_gather.argtypes = [size, pointer, pointer, pointer, pointer, pointer, count]
+    lib.sharetune_gather_small.argtypes = [*lib.sharetune_gather.argtypes, count]
     lib.sharetune_scatter_small.argtypes = [size, pointer, pointer, pointer, pointer, pointer, pointer, count]
     lib.sharetune_scatter.argtypes = [pointer, pointer, pointer, pointer, pointer, size, count, pointer, count]
     for kernel in (lib.sharetune_gather, lib.sharetune_gather_small, lib.sharetune_scatter, lib.sharetune_scatter_small):

@@ -22,15 +22,17 @@ __m256i load8(const uint16_t* index) { return _mm256_cvtepu16_epi32(_mm_loadu_si
 #endif
 
 // out[i] = table[index[i]] (* sign[i]) for i in [lo, hi). `table` holds every index value: the
-// caller pads the zero slot. GCC's cost model does not emit gathers for this loop on its own, and
-// explicit 8-wide gathers are 1.3x to 2.5x faster than scalar loads here. Outputs larger than a
-// core's L2 are written with streaming stores (about 15% faster): they would only evict the table.
+// caller pads the zero slot. GCC's cost model does not emit gathers for this loop on its own; explicit
+// 8-wide gathers (`vector`) are 1.3x to 2.5x faster than scalar loads on the Intel CPUs we measured,
+// and on AMD Zen 4 too for tables beyond L1, but 1.5x slower there for tables in L1: the caller
+// chooses. Outputs larger than a core's L2 are written with streaming stores (1-15% faster training
+// steps): they would only evict the table.
 template <typename Index>
-void gather_range(const float* __restrict table, const Index* __restrict index,
-                  const int8_t* __restrict sign, float* __restrict out, int64_t lo, int64_t hi, bool stream) {
+void gather_range(const float* __restrict table, const Index* __restrict index, const int8_t* __restrict sign,
+                  float* __restrict out, int64_t lo, int64_t hi, bool vector, bool stream) {
   int64_t i = lo;
 #if defined(__AVX2__)
-  for (; i + 8 <= hi; i += 8) {
+  for (; vector && i + 8 <= hi; i += 8) {
     __m256 v = _mm256_i32gather_ps(table, load8(index + i), 4);
     if (sign) v = _mm256_mul_ps(v, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(sign + i)))));
     if (stream) {
@@ -39,7 +41,7 @@ void gather_range(const float* __restrict table, const Index* __restrict index,
       _mm256_storeu_ps(out + i, v);
     }
   }
-  if (stream) _mm_sfence();
+  if (vector && stream) _mm_sfence();
 #endif
   for (; i < hi; ++i) out[i] = sign ? table[index[i]] * sign[i] : table[index[i]];
 }
@@ -80,7 +82,7 @@ struct Chunks {
 
 template <typename Index>
 void gather_layers(int64_t layers, const float* const* tables, const Index* const* indices,
-                   const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads) {
+                   const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads, bool vector) {
   const Chunks chunks(layers, sizes);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks.count(); ++c) {
@@ -88,7 +90,7 @@ void gather_layers(int64_t layers, const float* const* tables, const Index* cons
     const int64_t l = chunks.locate(c, sizes, lo, hi);
     // streaming stores need 32-byte aligned addresses: PyTorch aligns to 64, and chunks start at multiples of 8
     const bool stream = sizes[l] * sizeof(float) > (2 << 20) && reinterpret_cast<uintptr_t>(outs[l]) % 32 == 0;
-    gather_range(tables[l], indices[l], signs[l], outs[l], lo, hi, stream);
+    gather_range(tables[l], indices[l], signs[l], outs[l], lo, hi, vector, stream);
   }
 }
 
@@ -121,12 +123,13 @@ extern "C" {
 
 void sharetune_gather(int64_t layers, const float* const* tables, const int32_t* const* indices,
                       const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads) {
-  gather_layers(layers, tables, indices, signs, outs, sizes, threads);
+  gather_layers(layers, tables, indices, signs, outs, sizes, threads, true);
 }
 
 void sharetune_gather_small(int64_t layers, const float* const* tables, const uint16_t* const* indices,
-                            const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads) {
-  gather_layers(layers, tables, indices, signs, outs, sizes, threads);
+                            const int8_t* const* signs, float* const* outs, const int64_t* sizes, int threads,
+                            int vector) {
+  gather_layers(layers, tables, indices, signs, outs, sizes, threads, vector);
 }
 
 // outs[l] has table_sizes[l] entries; the weights that read the zero slot (index table_sizes[l])

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import statistics
+import time
 import warnings
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Sequence
 
 import numpy as np
@@ -180,6 +182,22 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+@cache
+def vector_gathers_pay() -> bool:
+    """Whether explicit vector gathers beat scalar loads from a table in L1 (see gather_range in
+    table_kernels.cpp): they do on the Intel CPUs we measured and not on AMD Zen 4, where scalar loads
+    make an MNIST training step 2-4% faster. Timed once per process, on one thread, in about a millisecond."""
+    table, index, out = torch.randn(1001), torch.randint(0, 1001, (1 << 16,), dtype=torch.int16), torch.empty(1 << 16)
+    args = (1, _pointers([table]), _pointers([index]), _pointers([None]), _pointers([out]), _sizes([index.numel()]), 1)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(25):
+        for vector, times in seconds.items():
+            start = time.perf_counter()
+            table_kernels().sharetune_gather_small(*args, vector)
+            times.append(time.perf_counter() - start)
+    return statistics.median(seconds[True]) < statistics.median(seconds[False])
+
+
 def _address(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -251,9 +269,11 @@ class _NativeBatch:
     def gather(self, plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[Tensor]:
         padded = [plan.padded(table.contiguous()) for plan, table in zip(plans, tables)]  # held: read by address
         outs = self.weights.get()
-        kernels = table_kernels()
-        gather = kernels.sharetune_gather_small if self.small else kernels.sharetune_gather
-        gather(self.count, self._point_at(padded), self.indices, self.signs, self.weights.addresses, self.sizes, _threads())
+        args = (self.count, self._point_at(padded), self.indices, self.signs, self.weights.addresses, self.sizes, _threads())
+        if self.small:
+            table_kernels().sharetune_gather_small(*args, vector_gathers_pay())
+        else:
+            table_kernels().sharetune_gather(*args)
         return outs
 
     def scatter(self, plans: Sequence[TablePlan], grads: Sequence[Tensor]) -> list[Tensor]:
