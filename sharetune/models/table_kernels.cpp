@@ -137,19 +137,24 @@ void sharetune_gather_small(int64_t layers, const float* const* tables, const ui
 void sharetune_scatter_small(int64_t layers, const float* const* grads, const uint16_t* const* indices,
                              const int8_t* const* signs, const int64_t* sizes, const int64_t* table_sizes,
                              float* const* outs, int threads) {
-  const Chunks chunks(layers, sizes);
   std::vector<int64_t> offset(layers + 1, 0);  // each layer's entries (zero slot included) in a thread's sums
-  for (int64_t l = 0; l < layers; ++l) offset[l + 1] = offset[l] + table_sizes[l] + 1;
+  int64_t weights = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    offset[l + 1] = offset[l] + table_sizes[l] + 1;
+    weights += sizes[l];
+  }
   const int64_t entries = offset[layers];
   std::vector<float> partial((int64_t)threads * entries);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> copies(4 * entries, 0.f);  // layer l: four copies of its entries from 4 * offset[l]
-    // static: which thread sums which weights, and so the rounding, must not change from run to run
-#pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < chunks.count(); ++c) {
-      int64_t lo, hi;
-      const int64_t l = chunks.locate(c, sizes, lo, hi);
+    // Each thread sums an equal run of the layers' weights, laid end to end: which thread sums which
+    // weights, and so the rounding, depends only on the thread count, never on timing.
+    const int thread = omp_get_thread_num(), count = omp_get_num_threads();
+    const int64_t begin = weights * thread / count, end = weights * (thread + 1) / count;
+    for (int64_t l = 0, first = 0; l < layers; first += sizes[l++]) {
+      const int64_t lo = std::max<int64_t>(begin - first, 0), hi = std::min(end - first, sizes[l]);
+      if (lo >= hi) continue;
       float* mine = copies.data() + 4 * offset[l];
       if (signs[l]) {
         accumulate<true>(grads[l], indices[l], signs[l], lo, hi, table_sizes[l] + 1, mine);
@@ -157,13 +162,12 @@ void sharetune_scatter_small(int64_t layers, const float* const* grads, const ui
         accumulate<false>(grads[l], indices[l], signs[l], lo, hi, table_sizes[l] + 1, mine);
       }
     }
-    float* sums = partial.data() + (int64_t)omp_get_thread_num() * entries;
+    float* sums = partial.data() + (int64_t)thread * entries;
     for (int64_t l = 0; l < layers; ++l) {
       const int64_t width = table_sizes[l] + 1;
       const float* c = copies.data() + 4 * offset[l];
       for (int64_t j = 0; j < width; ++j) sums[offset[l] + j] = (c[j] + c[width + j]) + (c[2 * width + j] + c[3 * width + j]);
     }
-    const int count = omp_get_num_threads();
 #pragma omp barrier
     for (int64_t l = 0; l < layers; ++l) {
 #pragma omp for schedule(static) nowait
