@@ -3,8 +3,9 @@
 The index never changes during training, so the forward is one gather and the backward one
 segmented sum whose layout is precomputed once. On CPU the fastest kernels we measured are small
 C++ OpenMP loops (`table_kernels.cpp`, built on first use): they run on PyTorch's own thread pool,
-the gather as vector gathers across all cores, the scatter with each core owning a cache-sized part
-of a large table (no atomics) or summing into private copies of a small one. Without a compiler,
+the gather across all cores (vector gathers or scalar loads, whichever this CPU runs faster), the
+scatter with each core owning a cache-sized part of a large table (no atomics) or summing into
+private copies of a small one. Without a compiler,
 CPU layers gather with `index_select` and scatter with a sparse matrix-vector product (CSR, int32
 indices), the fastest pure-PyTorch pair we measured. On CUDA, `index_select`, whose autograd
 backward is `index_add_`, beats sort-based scatters.
@@ -62,7 +63,7 @@ LOCAL_BITS = (PART_BYTES // 4).bit_length()
 
 
 def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
-    """Each part's weights as the words `sharetune_scatter` reads (see there), and where each part's start."""
+    """Each part's weights as the words `sharetune_scatter` reads (see there), and where each part starts."""
     part_lo = np.linspace(0, table_size, parts + 1).astype(np.int64)
     assert (np.diff(part_lo) < (1 << LOCAL_BITS) - 1).all(), "a part's entries must fit beside the skip value"
     kept = np.flatnonzero(index < table_size)
@@ -74,10 +75,10 @@ def _partition(index: np.ndarray, table_size: int, parts: int) -> list[Tensor]:
     steps = np.where(first, positions, positions - np.roll(positions, 1))
     longest = (1 << (32 - LOCAL_BITS)) - 1
     skips = np.maximum(steps - 1, 0) // longest  # words that only step `longest` ahead, before the weight's
-    words = np.full(len(steps) + skips.sum(), (longest << LOCAL_BITS) | ((1 << LOCAL_BITS) - 1), dtype=np.uint32)
-    words[np.cumsum(skips + 1) - 1] = ((steps - skips * longest) << LOCAL_BITS) | local
-    starts = np.zeros(parts + 1, dtype=np.int64)
-    starts[1:] = np.cumsum(np.bincount(part, weights=skips + 1, minlength=parts)).astype(np.int64)
+    ends = np.r_[0, np.cumsum(skips + 1)]  # weight k's words end at ends[k + 1]
+    words = np.full(ends[-1], (longest << LOCAL_BITS) | ((1 << LOCAL_BITS) - 1), dtype=np.uint32)
+    words[ends[1:] - 1] = ((steps - skips * longest) << LOCAL_BITS) | local
+    starts = ends[np.searchsorted(part, np.arange(parts + 1))]
     return [torch.from_numpy(words.view(np.int32)), torch.from_numpy(starts), torch.from_numpy(part_lo)]
 
 
