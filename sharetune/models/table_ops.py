@@ -5,10 +5,9 @@ segmented sum whose layout is precomputed once. On CPU the fastest kernels we me
 C++ OpenMP loops (`table_kernels.cpp`, built on first use): they run on PyTorch's own thread pool,
 the gather across all cores (vector gathers or scalar loads, whichever this CPU runs faster), the
 scatter with each core owning a cache-sized part of a large table (no atomics) or summing into
-private copies of a small one. Without a compiler,
-CPU layers gather with `index_select` and scatter with a sparse matrix-vector product (CSR, int32
-indices), the fastest pure-PyTorch pair we measured. On CUDA, `index_select`, whose autograd
-backward is `index_add_`, beats sort-based scatters.
+private copies of a small one. Without a compiler, CPU layers gather with `index_select` and scatter
+with a sparse matrix-vector product (CSR, int32 indices), the fastest pure-PyTorch pair we measured.
+On CUDA, `index_select`, whose autograd backward is `index_add_`, beats sort-based scatters.
 
 Index convention: entry `table_size` is the reserved zero slot (sparsity); it reads as 0 and
 never receives a gradient.
@@ -187,7 +186,7 @@ def _threads() -> int:
 def vector_gathers_pay() -> bool:
     """Whether explicit vector gathers beat scalar loads from a table in L1 (see gather_range in
     table_kernels.cpp): they do on the Intel CPUs we measured and not on AMD Zen 4, where scalar loads
-    make an MNIST training step 2-4% faster. Timed once per process, on one thread, in about a millisecond."""
+    make an MNIST training step 2-4% faster. Timed once per process, on one thread, in about 2 ms."""
     table, index, out = torch.randn(1001), torch.randint(0, 1001, (1 << 16,), dtype=torch.int16), torch.empty(1 << 16)
     args = (1, _pointers([table]), _pointers([index]), _pointers([None]), _pointers([out]), _sizes([index.numel()]), 1)
     seconds: dict[bool, list[float]] = {True: [], False: []}
@@ -254,6 +253,7 @@ class _NativeBatch:
         self.shapes = [plan.shape for plan in plans]
         self.table_sizes = [plan.table_size for plan in plans]
         self.small = plans[0].partition is None  # else a large table, alone: see gather_tables
+        self.vector_gathers = self.small and vector_gathers_pay()  # large tables always gather with vectors
         self.indices = _pointers([plan.index16 if self.small else plan.index for plan in plans])
         self.signs = _pointers([plan.sign for plan in plans])
         self.sizes = _sizes([plan.index.numel() for plan in plans])
@@ -272,7 +272,7 @@ class _NativeBatch:
         outs = self.weights.get()
         args = (self.count, self._point_at(padded), self.indices, self.signs, self.weights.addresses, self.sizes, _threads())
         if self.small:
-            table_kernels().sharetune_gather_small(*args, vector_gathers_pay())
+            table_kernels().sharetune_gather_small(*args, self.vector_gathers)
         else:
             table_kernels().sharetune_gather(*args)
         return outs
