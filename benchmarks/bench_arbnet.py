@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from timing import compare, train_step
 from torch import nn
 
 from sharetune.models.arbnet import PAPER_MLPS, ArbNetMLP
 from sharetune.training import keep_freed_memory
-from timing import compare, train_step
 
 CASES = [
     # name, dataset, batch, ArbNet options, target ratio

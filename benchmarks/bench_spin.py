@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from timing import Step, compare, train_step
 
 from sharetune.models import create_model, fold
 from sharetune.training import keep_freed_memory
-from timing import Step, compare, train_step
 
 
 def inference(model: torch.nn.Module, x: torch.Tensor) -> Step:

@@ -40,58 +40,49 @@ def data_fetch(
 @train_app.command("arbnet")
 def train_arbnet(
     dataset: str = typer.Option("mnist", help="dataset name; the paper nets are sized for mnist and cifar10"),
-    hash: str = typer.Option("dirichlet", "--hash", help="hash function"),
+    hash: Optional[str] = typer.Option(None, "--hash", help="hash function [default: dirichlet]"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (dirichlet hash)"),
     radius: Optional[int] = typer.Option(None, help="neighbourhood radius (neighborhood hash)"),
-    sparsity: float = typer.Option(0.0, help="fraction of virtual weights fixed at zero"),
-    table_size: Optional[int] = typer.Option(None, "--table-size", help="table entries per layer"),
+    sparsity: Optional[float] = typer.Option(None, help="fraction of virtual weights fixed at zero [default: 0]"),
+    table_size: Optional[int] = typer.Option(None, "--table-size", help="table entries per layer [default: 1000]"),
     compression: Optional[float] = typer.Option(None, help="table entries per weight, e.g. 0.1"),
-    epochs: int = typer.Option(5, help="training epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
+    epochs: Optional[int] = typer.Option(None, help="training epochs [default: 5]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 128]"),
+    lr: Optional[float] = typer.Option(None, help="learning rate [default: 0.1]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="dataset root"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     as_json: bool = typer.Option(False, "--json", help="print the final metrics as JSON only"),
 ) -> None:
-    """Train the paper's ArbNet MLP once and print its metrics."""
-    from sharetune.data import load
-    from sharetune.models.arbnet import ArbNetMLP
-    from sharetune.metrics import count_macs, count_params
-    from sharetune.training import Recipe, train_epochs
+    """Train the paper's ArbNet MLP once and print its metrics (the settings and builder a search trial uses)."""
+    from pydantic import ValidationError
 
-    if table_size is None and compression is None:
-        table_size = 1000
+    from sharetune.data import load
+    from sharetune.metrics import TrialMetrics
+    from sharetune.spaces import ArbNetSettings, describe_error
+    from sharetune.trainables import build_model, costs_of
+    from sharetune.training import train_epochs
+
+    options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
+               "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     try:
-        data = load(dataset, data_dir, seed=seed)
-        in_features = data.x_train[0].numel()
-        hidden = (2000,) * 5 if in_features == 3072 else (200, 200)
-        model = ArbNetMLP(
-            in_features, hidden, data.num_classes, hash=hash, alpha=alpha, radius=radius,
-            sparsity=sparsity, table_size=table_size if compression is None else None,
-            compression=compression, seed=seed,
-        )
+        settings = ArbNetSettings(**{k: v for k, v in options.items() if v is not None})  # the defaults' owner
+        data = load(dataset, data_dir, seed=settings.seed)
+        model = build_model(settings, data)
+    except ValidationError as err:
+        fail(describe_error(err, value_last=True))
     except (DataError, ValueError) as err:
         fail(str(err))
-    params = count_params(model)
-    static = {
-        "unique_params": params.unique,
-        "virtual_params": params.virtual,
-        "macs": count_macs(model, data.input_shape),
-        "entropy": model.entropy(),
-    }
+    costs = costs_of(model, data)
     if not as_json:
-        typer.echo(f"{dataset}: ArbNet {hash}, {params.unique:,} unique / {params.virtual:,} virtual parameters")
-    result = None
-    for result in train_epochs(model, data, Recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed), device=device):
+        typer.echo(f"{dataset}: ArbNet {settings.hash}, {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters")
+    for epoch in train_epochs(model, data, settings, device=device):
         if not as_json:
             typer.echo(
-                f"epoch {result.epoch:3d}  loss {result.loss:.4f}  train {result.train_accuracy:.4f}  "
-                f"test {result.test_accuracy:.4f}  lr {result.lr:g}  {result.epoch_seconds:.1f}s"
+                f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
+                f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
             )
-    metrics = {**static, **(result.as_dict() if result else {})}
-    metrics["diverged"] = int(metrics.get("diverged", 0))
-    typer.echo(json.dumps(metrics, indent=None if as_json else 2))
+    typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
 
 
 presets_app = typer.Typer(help="Paper experiments as ready-made search specs.", invoke_without_command=True)
@@ -157,7 +148,7 @@ def search(
 
     spec = _load_spec(source, overrides, scale, num_samples)
     try:
-        result = tuner.run(spec, storage_path=storage, address=address, mlflow_uri=mlflow_uri, name=name)
+        result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
     except (SpecError, DataError, FileNotFoundError) as err:
         fail(str(err))
     _finish(result, report_dir)
@@ -170,10 +161,10 @@ def resume(
     report_dir: Path = REPORT_DIR,
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
-    from sharetune.search import tuner
+    from sharetune.search import SearchFolder, tuner
 
     try:
-        result = tuner.resume(path, address=address)
+        result = tuner.resume(SearchFolder(path), address=address)
     except (FileNotFoundError, DataError) as err:
         fail(str(err))
     _finish(result, report_dir)
@@ -186,48 +177,37 @@ def report(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri"),
 ) -> None:
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
+    from sharetune.search import SearchFolder, parent_run_of, tracking_uri
     from sharetune.search import report as reports
-    from sharetune.search import storage, tuner
 
+    folder = SearchFolder(source)
     try:
-        if storage.is_search_folder(source, tuner.SPEC_FILE):
-            trials, uri, parent = _folder_trials(source)
+        if folder.is_search():
+            trials = reports.trials_from_folder(folder)
+            uri, parent = parent_run_of(folder)
         else:
-            uri = reports.tracking_uri(mlflow_uri)
+            uri = tracking_uri(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     _print_report(reports.build_report(trials, out or Path("reports") / source.rstrip("/").rpartition("/")[2]), uri, parent)
 
 
-def _folder_trials(folder: str):
-    """A search folder's trials, its tracking URI, and its MLflow parent run (None if not found)."""
-    from sharetune.search import report as reports
-    from sharetune.search.tuner import mlflow_location
-
-    location = mlflow_location(folder)
-    uri = location["tracking_uri"]
-    return reports.trials_from_folder(folder), uri, reports.parent_of(folder, uri, location["experiment"])
-
-
 def _finish(result, report_dir: Path) -> None:
+    from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
 
-    trials, uri, parent = _folder_trials(result.path)
-    typer.echo(f"\nsearch folder: {result.path}  (continue it with: sharetune resume {result.path})")
-    ranked = trials.sort_values(list(result.spec.objectives)[0], ascending=list(result.spec.objectives.values())[0] == "min")
-    columns = ["trial_id", "status", *[m for m in result.spec.objectives], *[c for c in result.spec.dimensions if c in trials]]
-    typer.echo("top trials:\n" + ranked[list(dict.fromkeys(columns))].head(5).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    _print_report(reports.build_report(trials, report_dir / result.path.rpartition("/")[2]), uri, parent)
+    trials = reports.trials_from_folder(result.folder)
+    typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
+    typer.echo(console.top_trials(trials, result.spec))
+    _print_report(reports.build_report(trials, report_dir / result.folder.name), *parent_run_of(result.folder))
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:
+    from sharetune.search import console
     from sharetune.search import report as reports
 
-    for cost, front in built.fronts.items():
-        if not front.empty:
-            typer.echo(f"\nPareto front, test_accuracy against {cost} (hypervolume {built.hypervolume[cost]:.4f}):")
-            typer.echo(reports.front_table(front, cost))
+    typer.echo(console.fronts(built), nl=False)
     typer.echo(f"\nreport: {built.files[0].parent}")
     if parent is not None:
         reports.log_report(built, uri, parent)

@@ -3,6 +3,9 @@
 SGD (lr 0.1, momentum 0.9); the learning rate drops 10x once training accuracy has not improved
 for four epochs; evaluation on the test split after every epoch. `train_epochs` is a generator so
 callers (the CLI, Ray Tune trainables) report each epoch as it ends.
+
+`Recipe` owns the training settings and their defaults; every model family's trial settings extend
+it (sharetune.spaces.settings), so a trial's settings are its recipe.
 """
 
 from __future__ import annotations
@@ -11,39 +14,29 @@ import ctypes
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from sharetune.data import TensorData
+from sharetune.metrics import EpochMetrics
 
 
-@dataclass
-class Recipe:
-    epochs: int = 10
-    lr: float = 0.1
-    momentum: float = 0.9
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    plateau_epochs: int = 4  # epochs without a better training accuracy before lr /= 10
-    seed: int = 0
+class Recipe(BaseModel):
+    """The training recipe's settings, validated (bad values fail with the field's name)."""
 
+    model_config = ConfigDict(extra="forbid")
 
-@dataclass
-class EpochResult:
-    epoch: int
-    train_accuracy: float
-    test_accuracy: float
-    loss: float
-    lr: float
-    epoch_seconds: float
-    diverged: bool = False
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items()}
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(128, ge=2)
+    weight_decay: float = Field(0.0, ge=0)
+    plateau_epochs: int = Field(4, ge=1)  # epochs without a better training accuracy before lr /= 10
+    seed: int = Field(0, ge=0)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -85,8 +78,8 @@ def train_epochs(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
     start_epoch: int = 0,
-) -> Iterator[EpochResult]:
-    """Train `model` on `data`, yielding one EpochResult per epoch; stops early if the loss diverges.
+) -> Iterator[EpochMetrics]:
+    """Train `model` on `data`, yielding one EpochMetrics per epoch; stops early if the loss diverges.
 
     Pass the optimizer and scheduler (and `start_epoch`) restored from a checkpoint to resume: each
     epoch's data order depends only on the seed and the epoch, so a resumed run sees the same batches.
@@ -121,7 +114,7 @@ def train_epochs(
         diverged = not math.isfinite(mean_loss)
         test_accuracy = 0.0 if diverged else evaluate(model, x_test, y_test)
         scheduler.step(train_accuracy)
-        yield EpochResult(
+        yield EpochMetrics(
             epoch=epoch + 1,
             train_accuracy=train_accuracy,
             test_accuracy=test_accuracy,

@@ -4,15 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICES
 from torch import nn
 
-from sharetune.models import arbnet
+from sharetune.models import arbnet, table_ops
 from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
-from sharetune.models import table_ops
 from sharetune.models.native import table_kernels
 from sharetune.models.table_ops import KERNEL_ENV, KERNELS
-
-from helpers import DEVICES
 
 CUDA = DEVICES[1]  # skipped where no GPU is present
 # table gradients compared across devices: CUDA's matmuls sum in another order than CPU's
@@ -301,11 +299,11 @@ def test_a_failed_kernel_build_falls_back_to_pytorch_with_a_warning(tmp_path, mo
     try:
         with pytest.warns(UserWarning, match="building the C.. table kernels failed"):
             assert table_kernels() is None
-        layer = ArbLinear(20, 10, table_size=30)
+        layer = ArbLinear(20, 10, table_size=30, hash="uniform")
         assert layer.table_plan().kernel == "sparse"
         monkeypatch.setenv(KERNEL_ENV, "native")
         with pytest.raises(RuntimeError, match="SHARETUNE_TABLE_KERNEL=native needs a C.. compiler"):
-            ArbLinear(20, 10, table_size=30).table_plan()
+            ArbLinear(20, 10, table_size=30, hash="uniform").table_plan()
     finally:
         table_kernels.cache_clear()
     assert not list(tmp_path.iterdir())  # no half-built library left behind

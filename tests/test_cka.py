@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from sharetune.analysis import cka_matrix, cka_plan, linear_cka, plot_cka
-from sharetune.models import create_model
+from sharetune.analysis import cka_matrix, linear_cka, plot_cka
+from sharetune.models import cka_plan, create_model
 
 
 def batches(x, size=32):

@@ -1,13 +1,12 @@
 import pytest
 import torch
-from torch import nn
+from helpers import DEVICES
 from timm.models.convmixer import ConvMixer
+from torch import nn
 
 from sharetune.metrics import count_macs, count_params
 from sharetune.models import create_model
 from sharetune.models.arbnet import ArbNetMLP
-
-from helpers import DEVICES
 
 
 def test_shared_modules_count_once_as_unique_and_per_use_as_virtual():

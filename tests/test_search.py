@@ -21,7 +21,6 @@ from sharetune.search import report, tuner
 from sharetune.spaces import parse_spec
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -29,11 +28,11 @@ def local_ray():
     ray.shutdown()
 
 
-def search(tmp_path: Path, storage_path: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
+def search(tmp_path: Path, storage: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
     spec = parse_spec(tiny_spec(**changes))
-    result = tuner.run(spec, storage_path=storage_path or str(tmp_path / "results"),
+    result = tuner.run(spec, storage=storage or str(tmp_path / "results"),
                        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
-    return result, report.trials_from_folder(result.path), MlflowClient(result.mlflow_uri)
+    return result, report.trials_from_folder(result.folder), MlflowClient(result.mlflow_uri)
 
 
 def runs(client: MlflowClient, name: str):
@@ -56,11 +55,11 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == "nsga2"
-    assert parent.data.tags["sharetune.search_path"] == result.path and parent.data.tags["sharetune.git_commit"]
+    assert parent.data.tags["sharetune.search_path"] == result.folder and parent.data.tags["sharetune.git_commit"]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs", "entropy",
-                "share_rate", "diverged", "epoch_seconds"} <= set(child.data.metrics)
+                "effective_share_rate", "lr", "diverged", "epoch_seconds"} <= set(child.data.metrics)
         assert child.data.params["family"] == "arbnet" and "table_size" in child.data.params
         history = client.get_metric_history(child.info.run_id, "test_accuracy")
         assert sorted(m.step for m in history) == [1, 2]
@@ -84,12 +83,12 @@ def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     uri = (tmp_path / "bucket").as_uri()  # file://: the pyarrow filesystem path s3:// and gs:// take too
     result, trials, _ = search(
-        tmp_path, storage_path=uri, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
+        tmp_path, storage=uri, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
         dimensions={"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}},
     )
     assert len(trials) == 6
-    assert result.path.startswith("file://") and tuner.read_spec(result.path).sampler == "grid"
-    assert (tmp_path / "bucket" / Path(result.path).name / "sharetune-spec.yaml").is_file()
+    assert result.folder.startswith("file://") and result.folder.spec().sampler == "grid"
+    assert (tmp_path / "bucket" / Path(result.folder).name / "sharetune-spec.yaml").is_file()
     study = optuna.load_study(study_name="tiny", storage=storage)  # what optuna-dashboard shows
     assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(
@@ -117,8 +116,8 @@ def test_single_objective_search_with_asha_and_spin_models(tmp_path):
     )
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
     for _, trial in trials.iterrows():
-        assert trial["share_rate"] == pytest.approx(trial["virtual_params"] / trial["unique_params"])
-        assert trial["unique_params"] < trial["virtual_params"] or trial["share_rate"] == 1
+        assert trial["effective_share_rate"] == pytest.approx(trial["virtual_params"] / trial["unique_params"])
+        assert trial["unique_params"] < trial["virtual_params"] or trial["effective_share_rate"] == 1
 
 
 def test_fusion_search_pretrains_once_and_fuses(tmp_path):
@@ -127,7 +126,7 @@ def test_fusion_search_pretrains_once_and_fuses(tmp_path):
         fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "share_rate": 2, "pretrain_epochs": 1},
         dimensions={"fusion": {"choice": [None, "mean", "channel_weighted_mean"]}},
     )
-    assert (Path(result.path) / "pretrained.pt").is_file()
+    assert (Path(result.folder) / "pretrained.pt").is_file()
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
     params = trials.set_index(trials["fusion"].fillna("none"))["unique_params"]
     # counted as deployed (folded); fusion shares whole layers, biases too (SPIN Table 3: 10.84 M vs 11.02 M)

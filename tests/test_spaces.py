@@ -5,8 +5,7 @@ import pytest
 import yaml
 from helpers import tiny_spec as tiny
 
-from sharetune.search.samplers import SAMPLERS, make_sampler
-from sharetune.spaces import SCALES, SpecError, load_spec, parse_spec, preset_names
+from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset_names
 from sharetune.spaces.space import OptunaSpace
 
 PAPER_PRESETS = {"arbnet-dirichlet", "arbnet-neighborhood", "spin-topology", "spin-transform", "spin-fusion",

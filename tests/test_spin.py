@@ -3,12 +3,11 @@ import itertools
 
 import pytest
 import torch
+from helpers import DEVICES
 
 from sharetune.metrics import count_macs, count_params
 from sharetune.models import create_model
 from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
-
-from helpers import DEVICES
 
 
 @pytest.mark.parametrize("mapping, distribution", list(itertools.product(MAPPINGS, DISTRIBUTIONS)))

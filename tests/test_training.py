@@ -2,15 +2,13 @@ import json
 
 import pytest
 import torch
-
+from helpers import DEVICES
 from typer.testing import CliRunner
 
 from sharetune.cli import app
 from sharetune.data import load
 from sharetune.models.arbnet import ArbNetMLP
 from sharetune.training import Recipe, train_epochs
-
-from helpers import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

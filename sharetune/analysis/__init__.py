@@ -1,5 +1,5 @@
-"""Representation analysis: linear CKA between layers and CKA-guided sharing plans."""
+"""Representation analysis: linear CKA between layers, and its heatmap."""
 
-from sharetune.analysis.cka import cka_matrix, cka_plan, linear_cka, plot_cka
+from sharetune.analysis.cka import cka_matrix, linear_cka, plot_cka
 
-__all__ = ["cka_matrix", "cka_plan", "linear_cka", "plot_cka"]
+__all__ = ["cka_matrix", "linear_cka", "plot_cka"]

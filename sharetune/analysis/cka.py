@@ -2,7 +2,7 @@
 
 HSIC is accumulated over minibatches in float64, so CKA of large activations over a whole dataset
 fits in memory and stays numerically stable. SPIN (Figures 3, 4, 7, 8) uses it to see which layers
-are similar; `cka_plan` turns that into a sharing plan, which the paper only suggests.
+are similar; `sharetune.models.spin.cka_plan` turns that into a sharing plan (SPIN's `mapping: cka`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from sharetune.models.spin import SharingPlan
 
 
 def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:
@@ -83,35 +81,6 @@ def cka_matrix(model_a: nn.Module, batches: Iterable[Tensor], model_b: nn.Module
     if acc is None:
         raise ValueError("batches: no data given")
     return acc.cka().numpy()
-
-
-def cka_plan(similarity: np.ndarray, rate: float) -> SharingPlan:
-    """Contiguous groups of mutually similar layers: exactly ceil(L / rate) bank entries, chosen by
-    dynamic programming to minimise the summed dissimilarity (1 - CKA) over pairs within a group."""
-    depth = similarity.shape[0]
-    if not 1 <= rate <= depth:
-        raise ValueError(f"rate: must be between 1 and the depth ({depth}), got {rate}")
-    entries = int(np.ceil(depth / rate))
-    distance = 1.0 - np.asarray(similarity, dtype=float)
-    cost = np.zeros((depth + 1, depth + 1))  # cost[i, j]: group of layers i..j-1
-    for i in range(depth):
-        for j in range(i + 2, depth + 1):
-            cost[i, j] = cost[i, j - 1] + distance[i:j - 1, j - 1].sum()
-    best = np.full((entries + 1, depth + 1), np.inf)
-    cut = np.zeros((entries + 1, depth + 1), dtype=int)
-    best[0, 0] = 0.0
-    for groups in range(1, entries + 1):
-        for end in range(groups, depth + 1):
-            starts = np.arange(groups - 1, end)
-            totals = best[groups - 1, starts] + cost[starts, end]
-            k = int(np.argmin(totals))
-            best[groups, end], cut[groups, end] = totals[k], starts[k]
-    bounds, end = [], depth
-    for groups in range(entries, 0, -1):
-        bounds.append((cut[groups, end], end))
-        end = cut[groups, end]
-    ids = [entry for entry, (start, stop) in enumerate(reversed(bounds)) for _ in range(start, stop)]
-    return SharingPlan.from_ids(ids)
 
 
 def plot_cka(matrix: np.ndarray, path: str | Path, title: str = "Linear CKA between layers") -> Path:

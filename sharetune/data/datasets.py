@@ -56,7 +56,7 @@ def _register(name: str) -> Callable[[Loader], Loader]:
     return wrap
 
 
-def _torchvision(name: str, cls_name: str, classes: int) -> Loader:
+def torchvision_loader(name: str, cls_name: str, classes: int) -> Loader:
     def loader(root: Path, seed: int):
         import torchvision.datasets as tvd
 
@@ -79,14 +79,16 @@ def _images(data) -> np.ndarray:
     return array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
 
 
-for _name, _cls, _classes in [
-    ("mnist", "MNIST", 10),
-    ("fashion_mnist", "FashionMNIST", 10),
-    ("kmnist", "KMNIST", 10),
-    ("cifar10", "CIFAR10", 10),
-    ("cifar100", "CIFAR100", 100),
-]:
-    _register(_name)(_torchvision(_name, _cls, _classes))
+# torchvision's image sets: name -> (torchvision class, classes); `fetch` downloads the same ones
+TORCHVISION_SETS = {
+    "mnist": ("MNIST", 10),
+    "fashion_mnist": ("FashionMNIST", 10),
+    "kmnist": ("KMNIST", 10),
+    "cifar10": ("CIFAR10", 10),
+    "cifar100": ("CIFAR100", 100),
+}
+for _name, (_cls, _classes) in TORCHVISION_SETS.items():
+    _register(_name)(torchvision_loader(_name, _cls, _classes))
 
 
 @_register("mnist1d")
@@ -114,10 +116,11 @@ def _synthetic(root: Path, seed: int, n_train: int = 512, n_test: int = 256, cla
     return x_train, y_train, x_test, y_test, classes
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, field: str = "dataset") -> str:
+    """The registry's key for `name` (any case, - or _); DataError naming `field` if unknown."""
     key = name.lower().replace("-", "_")
     if key not in DATASETS:
-        raise DataError(f"dataset: unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
     return key
 
 
@@ -142,8 +145,12 @@ def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tens
     return (x_train - mean) / std, (x_test - mean) / std
 
 
-def load(name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0) -> TensorData:
-    """Load `name` into memory: normalised float32 inputs and int64 labels, train and test splits."""
+def load(
+    name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0,
+    train_subset: int | None = None, test_subset: int | None = None,
+) -> TensorData:
+    """Load `name` into memory: normalised float32 inputs and int64 labels, train and test splits;
+    `train_subset`/`test_subset` keep the first N examples of each (reduced scale)."""
     key = canonical_name(name)
     root = Path(root) if root is not None else DEFAULT_ROOT
     if root.exists() and not root.is_dir():
@@ -153,4 +160,6 @@ def load(name: str, root: str | Path | None = None, *, label_noise: float = 0.0,
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
     if label_noise:
         y_train = add_label_noise(y_train, label_noise, classes, seed)
-    return TensorData(key, x_train.contiguous(), y_train, x_test.contiguous(), torch.as_tensor(np.asarray(y_test), dtype=torch.int64), classes)
+    y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
+    train, test = slice(0, train_subset), slice(0, test_subset)
+    return TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes)

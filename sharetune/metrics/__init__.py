@@ -1,6 +1,10 @@
-"""Parameter and MAC counts, and Pareto fronts with their hypervolume."""
+"""What a trial measures: parameter and MAC counts, the trial's metric record, Pareto fronts."""
 
-from sharetune.metrics.counts import ParamCount, count_macs, count_params
+from sharetune.metrics.counts import ParamCount, count_macs, count_params, model_costs
 from sharetune.metrics.pareto import hypervolume_2d, pareto_mask
+from sharetune.metrics.record import METRICS, STEP, EpochMetrics, ModelCosts, TrialMetrics
 
-__all__ = ["ParamCount", "count_macs", "count_params", "hypervolume_2d", "pareto_mask"]
+__all__ = [
+    "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
+    "hypervolume_2d", "model_costs", "pareto_mask",
+]

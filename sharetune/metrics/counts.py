@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
+from sharetune.metrics.record import ModelCosts
+
 aten = torch.ops.aten
 
 
@@ -76,3 +78,16 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def model_costs(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCosts:
+    """Sizes and cost of `model` as given (fold fused SPIN layers first to count what deploys)."""
+    params = count_params(model)
+    entropy = getattr(model, "entropy", None)  # ArbNet: table-usage entropy (eq. 7)
+    return ModelCosts(
+        unique_params=params.unique,
+        virtual_params=params.virtual,
+        macs=count_macs(model, input_shape),
+        effective_share_rate=params.virtual / params.unique,
+        entropy=entropy() if entropy is not None else None,
+    )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharetune.models.hashes import compute_hash
+from sharetune.models.registry import register_model
 from sharetune.models.table_ops import TablePlan, gather_tables, plan_key
 
 
@@ -33,7 +34,7 @@ class ArbLinear(nn.Module):
         out_features: int,
         *,
         table_size: int,
-        hash: str = "uniform",
+        hash: str,
         alpha: float | None = None,
         radius: int | None = None,
         sparsity: float = 0.0,
@@ -153,6 +154,7 @@ def _per_layer(value, count: int, field: str) -> list:
     return [value] * count
 
 
+@register_model("arbnet_mlp")
 class ArbNetMLP(nn.Module):
     """The paper's MLP: [ArbLinear -> ELU -> BatchNorm] per layer, the output layer included.
 
@@ -167,7 +169,7 @@ class ArbNetMLP(nn.Module):
         hidden: Sequence[int] = (200, 200),
         num_classes: int = 10,
         *,
-        hash: str | Sequence[str] = "uniform",
+        hash: str | Sequence[str],
         table_size: int | Sequence[int] | None = None,
         compression: float | None = None,
         alpha: float | Sequence[float] | None = None,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.models.spin import ALIASED, Alias, SharingPlan, _get, _set, share
+from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, replace_submodule, share, submodule
 
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
 
@@ -128,30 +128,37 @@ def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, 
 
 def add_transforms(model: nn.Module, weights: Sequence[str], group_size: int, *, blocks: str = "blocks") -> nn.Module:
     """Give every layer after the first user of a shared weight ("1.weight") its own transform."""
-    layers = _get(model, blocks)
+    layers = submodule(model, blocks)
     seen: set[int] = set()
     for i in range(len(layers)):
         for weight in weights:
             path = f"{i}.{weight.rpartition('.')[0]}"
-            layer = _get(layers, path)
+            layer = submodule(layers, path)
             if "weight" not in layer.__dict__.get(ALIASED, ()):
                 raise ValueError(f"components: {weight!r} is not shared; share it before adding transforms")
             if id(layer.weight) in seen:
-                _set(layers, path, TransformedLayer(layer, group_size))
+                replace_submodule(layers, path, TransformedLayer(layer, group_size))
             seen.add(id(layer.weight))
     return model
 
 
 @torch.no_grad()
 def fold(model: nn.Module) -> nn.Module:
-    """Constant-fold every FusedLayer into a plain layer: a shared model with the same outputs."""
+    """Constant-fold every FusedLayer into a plain layer: a shared model with the same outputs.
+    Works on wrapped models too (every weight bank inside `model` is folded)."""
     model = copy.deepcopy(model)
     folded = {}
-    for name, module in list(model.spin_bank.named_children()):
-        if isinstance(module, FusedLayer):
-            folded[id(module)] = module.folded()
-            setattr(model.spin_bank, name, folded[id(module)])
+    for bank in [m for m in model.modules() if isinstance(m, WeightBank)]:
+        for name, module in list(bank.named_children()):
+            if isinstance(module, FusedLayer):
+                folded[id(module)] = module.folded()
+                setattr(bank, name, folded[id(module)])
     for module in model.modules():
         if isinstance(module, Alias) and id(module.target) in folded:
             module.__dict__["target"] = folded[id(module.target)]
     return model
+
+
+def deployed(model: nn.Module) -> nn.Module:
+    """The model as it ships: fused layers folded to one weight each (SPIN Table 3 counts these)."""
+    return fold(model) if any(isinstance(m, FusedLayer) for m in model.modules()) else model

@@ -44,6 +44,12 @@ def hash_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def hashes_taking(option: str) -> list[str]:
+    """The hashes that declare `option` (alpha: dirichlet; radius: neighborhood). A hash's signature is
+    the one definition of which setting applies to it: validation and the search space read it here."""
+    return [name for name in hash_names() if option in hash_options(name)]
+
+
 def get_hash(name: str) -> HashFn:
     try:
         return _HASHES[name]

@@ -1,10 +1,12 @@
 """Isotropic networks for SPIN: ConvMixer and DeiT from timm, and an isotropic ConvNeXt.
 
 Every builder returns a model whose repeated layers sit in `model.blocks`, which is what
-`sharetune.models.spin.share` walks.
+`sharetune.models.spin.share` walks, and registers with the components SPIN can share in a block.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import timm
 import torch
@@ -12,17 +14,29 @@ from timm.layers import DropPath
 from timm.models.convmixer import ConvMixer
 from torch import Tensor, nn
 
+from sharetune.models.registry import register_model
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
+# Shared by default (SPIN Table 1): ConvMixer's pointwise convs; Table 9 shares its pointwise and
+# depthwise weights, the conv biases and the BatchNorms separately, or whole layers.
+CONVMIXER_COMPONENTS = {
+    "pointwise": ("1.weight",), "depthwise": ("0.fn.0.weight",), "bias": ("1.bias", "0.fn.0.bias"),
+    "batchnorm": ("0.fn.2", "3"), "pointwise_conv": ("1",), "depthwise_conv": ("0.fn.0",),
+}
+CONVNEXT_COMPONENTS = {"block": ("",), "depthwise": ("conv_dw",), "mlp": ("mlp",), "norm": ("norm",)}
+DEIT_COMPONENTS = {"block": ("",), "attn": ("attn",), "mlp": ("mlp",)}
+
+
+@register_model("convmixer", components=CONVMIXER_COMPONENTS, default_components=("pointwise",))
 def convmixer(
     dim: int = 768, depth: int = 32, patch_size: int = 14, kernel_size: int = 3,
     num_classes: int = 1000, in_chans: int = 3, act: str = "relu", **kwargs,
 ) -> nn.Module:
-    """ConvMixer C/D/P/K (SPIN uses ReLU; timm's default is GELU)."""
+    """ConvMixer C/D/P/K (SPIN uses ReLU; timm's default is GELU). Fully convolutional: any image size."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act: unknown activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
-    kwargs.pop("img_size", None)  # fully convolutional: any image size works
     return ConvMixer(dim, depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
                      num_classes=num_classes, act_layer=ACTIVATIONS[act], **kwargs)
 
@@ -44,16 +58,14 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
+@register_model("convnext_isotropic", components=CONVNEXT_COMPONENTS, default_components=("block",))
 class ConvNeXtIsotropic(nn.Module):
     """The isotropic ConvNeXt of the ConvNeXt paper (section 5): a 16x16 patch stem, `depth` blocks at
     one width, global average pooling, LayerNorm and a linear head. ConvNeXt-S-iso: dim 384, depth 18."""
 
     def __init__(self, dim: int = 384, depth: int = 18, patch_size: int = 16, kernel_size: int = 7,
-                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0, **kwargs):
+                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
         super().__init__()
-        kwargs.pop("img_size", None)
-        if kwargs:
-            raise ValueError(f"{next(iter(kwargs))}: not an option of convnext_isotropic")
         self.stem = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, kernel_size, drop_path=r) for r in rates])
@@ -65,6 +77,16 @@ class ConvNeXtIsotropic(nn.Module):
         return self.head(self.norm(x.mean((2, 3))))
 
 
-def deit(variant: str, **kwargs) -> nn.Module:
-    """DeiT-Ti / DeiT-S from timm (no pretrained weights: nothing is fetched from a hub)."""
-    return timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, **kwargs)
+def deit(
+    variant: str, dim: int | None = None, depth: int | None = None, patch_size: int = 16, img_size: int = 224,
+    num_classes: int = 1000, in_chans: int = 3, **kwargs,
+) -> nn.Module:
+    """DeiT-Ti / DeiT-S from timm (no pretrained weights: nothing is fetched from a hub); `dim` is timm's
+    embed_dim, so every isotropic model takes the same architecture settings."""
+    sizes = {k: v for k, v in {"embed_dim": dim, "depth": depth}.items() if v is not None}
+    return timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, patch_size=patch_size, img_size=img_size,
+                             num_classes=num_classes, in_chans=in_chans, **sizes, **kwargs)
+
+
+for _variant in ("tiny", "small"):
+    register_model(f"deit_{_variant}", components=DEIT_COMPONENTS, default_components=("block",))(partial(deit, _variant))

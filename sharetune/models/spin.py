@@ -17,7 +17,14 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import nn
 
+from sharetune.metrics.counts import count_params
+
+# How layers map to bank entries. The topologies need only the depth (SharingPlan.from_topology);
+# "cka" groups contiguous layers whose outputs are most alike in a pretrained model (`cka_plan`;
+# beyond the paper, which only suggests CKA as a guide).
 MAPPINGS = ("sequential", "strided", "pyramid", "random")
+SIMILARITY_MAPPINGS = ("cka",)
+ALL_MAPPINGS = MAPPINGS + SIMILARITY_MAPPINGS
 DISTRIBUTIONS = ("uniform", "front", "middle", "back")
 
 
@@ -114,6 +121,8 @@ class SharingPlan:
         other layers unshared, sized so the whole network still meets `rate` (depth 32, rate 2: 24 shared
         layers at rate 3 and 8 unshared).
         """
+        if mapping in SIMILARITY_MAPPINGS:
+            raise ValueError(f"mapping: {mapping!r} groups layers by their similarity in a pretrained model; use cka_plan")
         _choice("mapping", mapping, MAPPINGS)
         _choice("distribution", distribution, DISTRIBUTIONS)
         if not 1 <= rate <= depth:
@@ -171,8 +180,6 @@ class Alias(nn.Module):
         return self.target(*args, **kwargs)
 
     def virtual_parameter_count(self) -> int:
-        from sharetune.metrics.counts import count_params
-
         return count_params(self.target).virtual
 
     def extra_repr(self) -> str:
@@ -199,13 +206,14 @@ def alias_parameter(module: nn.Module, name: str, shared: nn.Parameter) -> None:
     module.__dict__.setdefault(ALIASED, set()).add(name)
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
+def submodule(module: nn.Module, path: str) -> nn.Module:
+    """`module.get_submodule(path)`, with "" for the module itself (a whole block)."""
     return module.get_submodule(path) if path else module
 
 
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+def replace_submodule(module: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
-    setattr(_get(module, parent), name, value)
+    setattr(submodule(module, parent), name, value)
 
 
 def share(
@@ -223,27 +231,56 @@ def share(
     `make_entry` builds a bank entry from the sub-modules it replaces (default: keep the first one;
     fusion passes a FusedLayer).
     """
-    layers = _get(model, blocks)
+    layers = submodule(model, blocks)
     plan = make_plan(len(layers), plan)
     bank = getattr(model, "spin_bank", None) or WeightBank()
     for component in components:
         parent, _, leaf = component.rpartition(".")
-        is_parameter = leaf in dict(_get(layers, f"0.{parent}" if parent else "0").named_parameters(recurse=False))
+        is_parameter = leaf in dict(submodule(layers, f"0.{parent}" if parent else "0").named_parameters(recurse=False))
         key = component.replace(".", "_") or "block"
         for entry in range(plan.num_entries):
             members = plan.members(entry)
             if is_parameter:
-                modules = [_get(layers, f"{layer}.{parent}" if parent else str(layer)) for layer in members]
+                modules = [submodule(layers, f"{layer}.{parent}" if parent else str(layer)) for layer in members]
                 shared = getattr(modules[0], leaf)
                 bank.register_parameter(f"{key}__{entry}", shared)
                 for module in modules:
                     alias_parameter(module, leaf, shared)
                 continue
             paths = [f"{layer}.{component}" if component else str(layer) for layer in members]
-            owner = (make_entry or (lambda modules: modules[0]))([_get(layers, path) for path in paths])
+            owner = (make_entry or (lambda modules: modules[0]))([submodule(layers, path) for path in paths])
             bank.add_module(f"{key}__{entry}", owner)
             for path in paths:
-                _set(layers, path, Alias(owner))
+                replace_submodule(layers, path, Alias(owner))
     model.spin_bank = bank
     model.sharing_plan = plan
     return model
+
+
+def cka_plan(similarity: np.ndarray, rate: float) -> SharingPlan:
+    """Contiguous groups of mutually similar layers: exactly ceil(L / rate) bank entries, chosen by
+    dynamic programming to minimise the summed dissimilarity (1 - CKA) over pairs within a group."""
+    depth = similarity.shape[0]
+    if not 1 <= rate <= depth:
+        raise ValueError(f"rate: must be between 1 and the depth ({depth}), got {rate}")
+    entries = int(np.ceil(depth / rate))
+    distance = 1.0 - np.asarray(similarity, dtype=float)
+    cost = np.zeros((depth + 1, depth + 1))  # cost[i, j]: group of layers i..j-1
+    for i in range(depth):
+        for j in range(i + 2, depth + 1):
+            cost[i, j] = cost[i, j - 1] + distance[i:j - 1, j - 1].sum()
+    best = np.full((entries + 1, depth + 1), np.inf)
+    cut = np.zeros((entries + 1, depth + 1), dtype=int)
+    best[0, 0] = 0.0
+    for groups in range(1, entries + 1):
+        for end in range(groups, depth + 1):
+            starts = np.arange(groups - 1, end)
+            totals = best[groups - 1, starts] + cost[starts, end]
+            k = int(np.argmin(totals))
+            best[groups, end], cut[groups, end] = totals[k], starts[k]
+    bounds, end = [], depth
+    for groups in range(entries, 0, -1):
+        bounds.append((cut[groups, end], end))
+        end = cut[groups, end]
+    ids = [entry for entry, (start, stop) in enumerate(reversed(bounds)) for _ in range(start, stop)]
+    return SharingPlan.from_ids(ids)

@@ -3,21 +3,27 @@
 Ray's MLflowLoggerCallback makes flat runs and one request per metric; this callback runs on the
 driver and writes through MlflowClient.log_batch, so it works the same against a local SQLite store
 and a remote tracking server. Runs are found again by tags, so a resumed search adds no duplicates.
+Child runs get every config value as a param and every metric of sharetune.metrics.METRICS (at
+the epoch as step), so a setting and a metric never share a name.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from sharetune.spaces.settings import METRICS
+from sharetune.metrics import METRICS, STEP
+from sharetune.search.storage import SearchFolder
+from sharetune.spaces import SearchSpec
 
-SEARCH_TAG = "sharetune.search_path"
+SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 TRIAL_TAG = "sharetune.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_STORE = "mlflow.db"
@@ -43,9 +49,42 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def find_parent(client: MlflowClient, experiment: str, search_path: str):
-    runs = client.search_runs([experiment], f"tags.`{SEARCH_TAG}` = '{search_path}'", max_results=1)
+def find_parent(client: MlflowClient, experiment: str, folder: SearchFolder):
+    runs = client.search_runs([experiment], f"tags.`{SEARCH_TAG}` = '{folder}'", max_results=1)
     return runs[0] if runs else None
+
+
+def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
+    """The folder's tracking URI and its search's parent run id (None if MLflow has no such run)."""
+    uri, experiment = folder.mlflow()
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    parent = found and find_parent(client, found.experiment_id, folder)
+    return uri, parent.info.run_id if parent else None
+
+
+def source_tags() -> dict[str, str]:
+    """The package version and git commit the search ran."""
+    try:
+        package = version("sharetune")
+    except PackageNotFoundError:
+        package = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"sharetune.version": package, "sharetune.git_commit": commit}
+
+
+def parent_params(spec: SearchSpec) -> dict:
+    """What the search's parent run shows of its spec."""
+    params = {"name": spec.name, "family": spec.family, "dataset": spec.data.name, "sampler": spec.sampler,
+              "objectives": ",".join(f"{k}:{v}" for k, v in spec.objectives.items()),
+              "num_samples": spec.num_samples(), "scheduler": spec.scheduler.name if spec.scheduler else "none"}
+    params.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
+    params.update({f"dimension.{k}": f"{d.kind} {d.choice if d.kind == 'choice' else d.bounds()}" for k, d in spec.dimensions.items()})
+    return params
 
 
 def _batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
@@ -54,13 +93,17 @@ def _batched(items: list, size: int = 100):  # MLflow caps params per log_batch 
 
 
 class MlflowLogger(tune.Callback):
-    def __init__(self, uri: str, experiment: str, search_path: str, params: dict, tags: dict) -> None:
-        self.uri, self.experiment, self.search_path = uri, experiment, search_path
+    def __init__(self, uri: str, experiment: str, folder: SearchFolder, params: dict, tags: dict) -> None:
+        self.uri, self.experiment, self.folder = uri, experiment, folder
         self.params, self.tags = params, tags
         self.client: MlflowClient | None = None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
         self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow
+
+    @classmethod
+    def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
+        return cls(uri, spec.name, folder, parent_params(spec), {**source_tags(), "sharetune.preset": spec.name})
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
         return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}}
@@ -68,10 +111,10 @@ class MlflowLogger(tune.Callback):
     def setup(self, **info) -> None:
         self.client = MlflowClient(self.uri)
         self.experiment_id = experiment_id(self.client, self.experiment)
-        parent = find_parent(self.client, self.experiment_id, self.search_path)
+        parent = find_parent(self.client, self.experiment_id, self.folder)
         if parent is None:
-            tags = {**self.tags, SEARCH_TAG: self.search_path}
-            run = self.client.create_run(self.experiment_id, run_name=Path(self.search_path).name, tags=tags)
+            tags = {**self.tags, SEARCH_TAG: str(self.folder)}
+            run = self.client.create_run(self.experiment_id, run_name=self.folder.name, tags=tags)
             self.parent_id = run.info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
             for batch in _batched(params):
@@ -99,7 +142,7 @@ class MlflowLogger(tune.Callback):
             self.client.log_batch(run.info.run_id, params=batch)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        now, step = int(time.time() * 1000), int(result.get("epoch", result.get("training_iteration", 0)))
+        now, step = int(time.time() * 1000), int(result.get(STEP, result.get("training_iteration", 0)))
         if step <= self.logged_steps.get(trial.trial_id, 0):
             return
         metrics = [Metric(k, float(result[k]), now, step) for k in METRICS if isinstance(result.get(k), (int, float))]

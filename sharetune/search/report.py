@@ -17,10 +17,9 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sharetune.metrics import hypervolume_2d, pareto_mask
-from sharetune.search import storage
-from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, find_parent, tracking_uri
-from sharetune.spaces.settings import METRICS
+from sharetune.metrics import METRICS, hypervolume_2d, pareto_mask
+from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
+from sharetune.search.storage import SearchFolder
 
 ACCURACY = "test_accuracy"
 COSTS = ("unique_params", "macs")  # each gets a front: accuracy up, cost down
@@ -34,11 +33,12 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
-def trials_from_folder(folder: str | Path) -> pd.DataFrame:
+def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
+    """One row per trial: its settings (config) and its last reported metrics, side by side."""
     from ray import tune
 
     rows = []
-    for trial in tune.ExperimentAnalysis(storage.canonical(folder)).trials:
+    for trial in tune.ExperimentAnalysis(str(SearchFolder(folder))).trials:
         last = trial.last_result or {}
         rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get("training_iteration", 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
@@ -169,15 +169,3 @@ def log_report(report: Report, uri: str, parent_id: str) -> None:
         client.log_artifact(parent_id, str(path), artifact_path="report")
     for cost, volume in report.hypervolume.items():
         client.log_metric(parent_id, f"hypervolume_{cost}", volume)
-
-
-def parent_of(folder: str | Path, uri: str, experiment: str) -> str | None:
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    parent = found and find_parent(client, found.experiment_id, storage.canonical(folder))
-    return parent.info.run_id if parent else None
-
-
-def front_table(front: pd.DataFrame, cost: str) -> str:
-    columns = [c for c in ("trial_id", ACCURACY, cost, "hash", "alpha", "radius", "sparsity", "variant", "fusion") if c in front]
-    return front[columns].to_string(index=False, float_format=lambda v: f"{v:.4g}")

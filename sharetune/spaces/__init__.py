@@ -1,10 +1,14 @@
-"""Search spaces: specs (YAML or presets), their validation, and the Optuna space they define."""
+"""Search spaces: trial settings, specs (YAML or presets) and their validation, the Optuna space and
+sampler they define."""
 
 from sharetune.spaces.presets import SCALES, describe, load_spec, preset, preset_names
-from sharetune.spaces.settings import FAMILIES, METRICS
-from sharetune.spaces.spec import SAMPLERS, SearchSpec, SpecError, parse_spec
+from sharetune.spaces.samplers import SAMPLERS
+from sharetune.spaces.settings import FAMILIES, ArbNetSettings, FamilySettings, SpinSettings, trial_settings
+from sharetune.spaces.space import OptunaSpace, make_sampler
+from sharetune.spaces.spec import SearchSpec, SpecError, describe_error, parse_spec
 
 __all__ = [
-    "FAMILIES", "METRICS", "SAMPLERS", "SCALES", "SearchSpec", "SpecError", "describe", "load_spec",
-    "parse_spec", "preset", "preset_names",
+    "FAMILIES", "SAMPLERS", "SCALES", "ArbNetSettings", "FamilySettings", "OptunaSpace", "SearchSpec", "SpecError",
+    "SpinSettings", "describe", "describe_error", "load_spec", "make_sampler", "parse_spec", "preset", "preset_names",
+    "trial_settings",
 ]

@@ -1,51 +1,49 @@
 """What one trial can be configured with, per model family, and the allowed values of each setting.
 
-A search spec's fixed settings and every value its dimensions can take are checked against these
-models, so a typo or an impossible combination fails before Ray starts.
+These models own every default: a search spec's fixed settings and every value its dimensions can
+take are checked against them before Ray starts, each trial parses its config into one of them
+once, and the CLI's `train` command builds one from its options. Each extends the training
+`Recipe`, so a trial's settings are its recipe.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from sharetune.models import COMPONENT_PATHS
-from sharetune.models.fusion import FUSIONS
-from sharetune.models.hashes import hash_names
-from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS
+from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS, get_model, shareable_model_names
+from sharetune.models.hashes import hash_names, hashes_taking
+from sharetune.training import Recipe
 
-# Metric names: the same in Ray results, MLflow and reports.
-METRICS = (
-    "test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs",
-    "entropy", "share_rate", "diverged", "epoch_seconds",
-)
+DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size nor compression is given
 
 
-class TrainSettings(BaseModel):
-    """The training recipe's knobs (sharetune.training.Recipe)."""
+class FamilySettings(Recipe):
+    """A model family's trial settings: the recipe plus the model's own."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    batch_size: int = Field(128, ge=2)
-    weight_decay: float = Field(0.0, ge=0)
-    plateau_epochs: int = Field(4, ge=1)
-    seed: int = Field(0, ge=0)
+    @classmethod
+    def conditions(cls) -> dict[str, dict[str, list]]:
+        """Settings that apply only for some values of another: {setting: {other: [values]}}."""
+        return {}
 
 
-class ArbNetSettings(TrainSettings):
+class ArbNetSettings(FamilySettings):
     """The ArbNet paper MLP: a hash per layer over a table per layer."""
 
     hash: str = "dirichlet"
-    alpha: Optional[float] = Field(None, gt=0)
+    alpha: Optional[float] = Field(None, gt=0)  # None: the hash's own default
     radius: Optional[int] = Field(None, ge=0)
-    sparsity: float = Field(0.0, ge=0, lt=1)
-    table_size: Optional[int] = Field(None, ge=1)
+    sparsity: float = 0.0  # fraction of virtual weights read as zero
+    table_size: Optional[int] = Field(None, ge=1)  # default: DEFAULT_TABLE_SIZE, unless compression is given
     compression: Optional[float] = Field(None, gt=0, le=1)
     hidden: Optional[list[int]] = None  # default: the paper's net for the dataset
+
+    @classmethod
+    def conditions(cls) -> dict[str, dict[str, list]]:
+        """A hash option (alpha, radius) applies only to the hashes that declare it."""
+        return {name: {"hash": hashes_taking(name)} for name in cls.model_fields if hashes_taking(name)}
 
     @field_validator("hash")
     @classmethod
@@ -54,41 +52,50 @@ class ArbNetSettings(TrainSettings):
             raise ValueError(f"unknown hash {value!r}; allowed: {', '.join(hash_names())}")
         return value
 
+    @field_validator("sparsity")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise PydanticCustomError("less_than", "must be in [0, 1)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "ArbNetSettings":
-        if self.alpha is not None and self.hash != "dirichlet":
-            raise ValueError(f"alpha: applies only to hash 'dirichlet', not {self.hash!r}")
-        if self.radius is not None and self.hash != "neighborhood":
-            raise ValueError(f"radius: applies only to hash 'neighborhood', not {self.hash!r}")
+        for name, condition in self.conditions().items():
+            allowed = condition["hash"]
+            if getattr(self, name) is not None and self.hash not in allowed:
+                raise ValueError(f"{name}: applies only to hash {' or '.join(map(repr, allowed))}, not {self.hash!r}")
         if self.table_size is not None and self.compression is not None:
             raise ValueError("table_size, compression: give one, not both")
+        if self.table_size is None and self.compression is None and self.hash != "identity":
+            self.table_size = DEFAULT_TABLE_SIZE
         return self
 
 
-SPIN_MODELS = tuple(COMPONENT_PATHS)
+SPIN_MODELS = tuple(shareable_model_names())
 
 
-class SpinSettings(TrainSettings):
+class SpinSettings(FamilySettings):
     """A SPIN isotropic net (create_model) with a sharing plan, transforms or fusion."""
 
     model: Literal[SPIN_MODELS] = "convmixer"  # type: ignore[valid-type]
-    dim: Optional[int] = Field(None, ge=1)
+    dim: Optional[int] = Field(None, ge=1)  # None (dim ... img_size): the model's own default
     depth: Optional[int] = Field(None, ge=1)
     patch_size: Optional[int] = Field(None, ge=1)
     kernel_size: Optional[int] = Field(None, ge=1)
-    img_size: Optional[int] = Field(None, ge=1)  # resolution the inputs are resized to
-    share_rate: float = Field(1.0, ge=1)  # 1: no sharing
-    mapping: Literal[MAPPINGS] = "sequential"  # type: ignore[valid-type]
+    img_size: Optional[int] = Field(None, ge=1)  # resolution the inputs are resized to; default: the data's
+    share_rate: float = Field(1.0, ge=1)  # layers per bank entry (SPIN's L/P); 1: no sharing
+    mapping: Literal[ALL_MAPPINGS] = "sequential"  # type: ignore[valid-type]
     distribution: Literal[DISTRIBUTIONS] = "uniform"  # type: ignore[valid-type]
     components: Optional[str] = None  # comma-separated; default: the model's (Table 1: pointwise)
     transform_groups: Optional[int] = Field(None, ge=1)
     fusion: Optional[Literal[FUSIONS]] = None  # type: ignore[valid-type]
-    pretrain_epochs: int = Field(0, ge=0)  # fusion: epochs the unshared model trains first
-    pretrained: Optional[str] = None  # fusion: an unshared state_dict file instead of pretraining
+    pretrain_epochs: int = Field(0, ge=0)  # fusion, cka: epochs the unshared model trains first
+    pretrained: Optional[str] = None  # fusion, cka: an unshared state_dict file instead of pretraining
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpinSettings":
-        allowed = COMPONENT_PATHS[self.model]
+        allowed = get_model(self.model).components
         for name in self.component_list() or []:
             if name not in allowed:
                 raise ValueError(f"components: unknown component {name!r} for {self.model}; allowed: {', '.join(allowed)}")
@@ -96,10 +103,22 @@ class SpinSettings(TrainSettings):
             raise ValueError("fusion, transform_groups: these do not combine; choose one")
         if self.fusion is not None and self.share_rate == 1:
             raise ValueError("fusion: needs share_rate > 1")
+        if self.mapping == "cka" and self.distribution != "uniform":
+            raise ValueError("distribution: the cka mapping groups the whole depth by similarity; use 'uniform'")
         return self
 
     def component_list(self) -> list[str] | None:
         return None if self.components is None else [c.strip() for c in self.components.split(",") if c.strip()]
 
+    def needs_pretrained(self) -> bool:
+        """Fusion and the CKA mapping start from the unshared model's trained weights."""
+        return self.share_rate > 1 and (self.fusion is not None or self.mapping == "cka")
 
-FAMILIES: dict[str, type[TrainSettings]] = {"arbnet": ArbNetSettings, "spin": SpinSettings}
+
+FAMILIES: dict[str, type[FamilySettings]] = {"arbnet": ArbNetSettings, "spin": SpinSettings}
+
+
+def trial_settings(config: dict) -> FamilySettings:
+    """A trial's config (Ray/Optuna's: family, fixed and sampled values) as its typed settings."""
+    cls = FAMILIES[config["family"]]
+    return cls(**{k: v for k, v in config.items() if k in cls.model_fields})

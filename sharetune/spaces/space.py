@@ -1,4 +1,4 @@
-"""Spec -> Optuna define-by-run space (what OptunaSearch samples each trial from)."""
+"""Spec -> what Optuna samples: the define-by-run space and the sampler (from the sampler table)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 import optuna
 
-from sharetune.spaces.spec import Dimension, SearchSpec
+from sharetune.spaces.samplers import SAMPLERS
+from sharetune.spaces.spec import Dimension, SearchSpec, SpecError
 
 
 def suggest(trial: optuna.Trial, name: str, dim: Dimension) -> Any:
@@ -37,5 +38,10 @@ class OptunaSpace:
         return {"family": spec.family, **spec.fixed, **spec.variants.get(variant, {})}
 
 
-def grid(spec: SearchSpec) -> dict[str, list]:
-    return {name: list(dim.choice) for name, dim in spec.dimensions.items()}
+def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler with its `sampler_options` (seeded by the spec); bad options are a SpecError."""
+    options = {"seed": spec.seed, **spec.sampler_options}
+    try:
+        return SAMPLERS[spec.sampler].build(spec, options)
+    except (TypeError, ValueError, ImportError) as err:
+        raise SpecError(f"sampler_options: {spec.sampler} sampler rejected {spec.sampler_options}: {err}") from None

@@ -26,13 +26,11 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sharetune.data import DATASETS
-from sharetune.spaces.settings import FAMILIES, METRICS
+from sharetune.data import DataError, canonical_name
+from sharetune.metrics import METRICS
+from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
+from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 
-SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2", "motpe")
-SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
-# Dimensions that only exist for one value of another setting (sampled only then).
-CONDITIONS = {"alpha": ("hash", "dirichlet"), "radius": ("hash", "neighborhood")}
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 
@@ -106,9 +104,10 @@ class DataSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> "DataSpec":
-        key = self.name.lower().replace("-", "_")
-        if key not in DATASETS:
-            raise ValueError(f"name: unknown dataset {self.name!r}; allowed: {', '.join(sorted(DATASETS))}")
+        try:
+            canonical_name(self.name, field="name")
+        except DataError as err:
+            raise ValueError(str(err)) from None
         return self
 
 
@@ -130,7 +129,7 @@ class SearchSpec(BaseModel):
     fixed: dict[str, Any] = {}
     dimensions: dict[str, Dimension] = {}
     objectives: dict[str, Literal["max", "min"]] = {"test_accuracy": "max"}
-    sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
+    sampler: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
     sampler_options: dict[str, Any] = {}
     scheduler: Optional[Scheduler] = None
     budget: Budget = Budget()
@@ -149,8 +148,9 @@ class SearchSpec(BaseModel):
         multi = len(self.objectives) > 1
         if multi and self.scheduler is not None:
             raise ValueError("scheduler: ASHA prunes on one metric; a search with several objectives cannot use it")
-        if multi and self.sampler in SINGLE_OBJECTIVE_SAMPLERS:
-            raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use nsga2, motpe, tpe, gp or random")
+        if multi and not SAMPLERS[self.sampler].multi_objective:
+            raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use "
+                             f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
         settings = FAMILIES[self.family]
         for name in [*self.fixed, *self.dimensions]:
             if name not in settings.model_fields and name != "variant":
@@ -175,37 +175,42 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"variant: unknown variant {name!r}; allowed: {', '.join(self.variants) or '(none defined)'}")
 
     def condition(self, name: str) -> dict[str, list[Scalar]]:
-        """The settings this dimension depends on: its own `when`, or the built-in ones (alpha, radius)."""
+        """The settings this dimension depends on: its own `when`, or, where the setting it depends on
+        is searched, the family's (alpha only for the dirichlet hash, ...)."""
         dim = self.dimensions.get(name)
         if dim is not None and dim.when is not None:
             return dim.when
-        if name in CONDITIONS and CONDITIONS[name][0] in self.dimensions:
-            setting, value = CONDITIONS[name]
-            return {setting: [value]}
-        return {}
+        built_in = FAMILIES[self.family].conditions().get(name, {})
+        return {key: values for key, values in built_in.items() if key in self.dimensions}
 
     def _check_values(self) -> None:
         """Validate every combination of dimension extremes (and variant) with the fixed settings."""
-        settings = FAMILIES[self.family]
-        names = list(self.dimensions)
         for name, dim in self.dimensions.items():
             for key in dim.when or {}:
                 if key not in self.dimensions and key not in self.fixed:
                     raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
+        for settings in self.extreme_settings():
+            self._check_pretrained(settings)
+
+    def extreme_settings(self) -> list[FamilySettings]:
+        """One trial's settings per combination of dimension extremes (and variant) with the fixed
+        settings: since every setting's allowed values are intervals, what all trials range over."""
+        names = list(self.dimensions)
         options = [self.dimensions[n].extremes() for n in names]
-        if math.prod(len(o) for o in options) > 4096:  # huge grids: check each dimension on its own
+        if math.prod(len(o) for o in options) > 4096:  # huge grids: each dimension on its own
             combos = [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
         else:
             combos = [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
+        resolved = []
         for combo in combos:
             config = {**self.fixed, **combo}
             config = {k: v for k, v in config.items() if not self._inactive(k, config)}
             config.update(self.variants.get(config.pop("variant", None), {}))
             try:
-                resolved = settings(**config)
+                resolved.append(FAMILIES[self.family](**config))
             except ValidationError as err:
-                raise ValueError(_describe(err, where=self._where)) from None
-            self._check_pretrained(resolved)
+                raise ValueError(describe_error(err, where=self._where)) from None
+        return resolved
 
     def _where(self, loc: tuple) -> str:
         if not loc:
@@ -217,9 +222,12 @@ class SearchSpec(BaseModel):
         return any(config.get(key) not in values for key, values in self.condition(name).items())
 
     def _check_pretrained(self, settings) -> None:
-        if getattr(settings, "fusion", None) is not None and not (settings.pretrained or settings.pretrain_epochs):
-            raise ValueError("fusion: needs pretrained weights; set pretrained (a state_dict file) or pretrain_epochs > 0")
-        if getattr(settings, "pretrained", None) and not Path(settings.pretrained).is_file():
+        if not isinstance(settings, SpinSettings):
+            return
+        if settings.needs_pretrained() and not (settings.pretrained or settings.pretrain_epochs):
+            needs = "fusion" if settings.fusion is not None else "mapping: 'cka'"
+            raise ValueError(f"{needs}: needs pretrained weights; set pretrained (a state_dict file) or pretrain_epochs > 0")
+        if settings.pretrained and not Path(settings.pretrained).is_file():
             raise ValueError(f"pretrained: no such file {settings.pretrained}")
 
     @property
@@ -244,17 +252,25 @@ class SearchSpec(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None)
 
 
-def _describe(err: ValidationError, where: Callable[[tuple], str] = lambda loc: ".".join(map(str, loc))) -> str:
-    """One line per problem: 'field.path: message'."""
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda loc: ".".join(map(str, loc)),
+                   *, value_last: bool = False) -> str:
+    """One line for all problems: 'field.path: got X; message' (`value_last`: 'field: message, got X',
+    which reads better for a command-line option)."""
     lines = []
     for problem in err.errors():
         message = problem["msg"].removeprefix("Value error, ")
+        got = None
         if problem["type"] == "literal_error":
-            message = f"got {problem['input']!r}; allowed: {problem['ctx']['expected']}"
+            got, message = problem["input"], f"allowed: {problem['ctx']['expected']}"
         elif problem["type"] == "extra_forbidden":
             message = "unknown key"
-        elif problem["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            message = f"got {problem['input']!r}; {message[0].lower()}{message[1:]}"
+        elif problem["type"] in RANGE_ERRORS:
+            got, message = problem["input"], f"{message[0].lower()}{message[1:]}"
+        if got is not None:
+            message = f"{message}, got {got!r}" if value_last else f"got {got!r}; {message}"
         path = where(problem["loc"])
         lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
@@ -267,7 +283,7 @@ def parse_spec(raw: dict) -> SearchSpec:
     try:
         return SearchSpec(**raw)
     except ValidationError as err:
-        raise SpecError(_describe(err)) from None
+        raise SpecError(describe_error(err)) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -1,6 +1,10 @@
-"""Ray Tune trainables: thin wrappers that build a model from a trial's config, train, and report."""
+"""Ray Tune trainables: a trial's typed settings -> model -> training -> one metrics record per epoch.
 
-from sharetune.trainables.build import build_model, settings_of
-from sharetune.trainables.trial import static_metrics, train_trial
+This is the package's public face; `sharetune.search` and the CLI import only these names.
+"""
 
-__all__ = ["build_model", "settings_of", "static_metrics", "train_trial"]
+from sharetune.trainables.build import build_model, costs_of
+from sharetune.trainables.pretraining import PRETRAINED_FILE, WeightStore, pretrained_weights
+from sharetune.trainables.trial import train_trial
+
+__all__ = ["PRETRAINED_FILE", "WeightStore", "build_model", "costs_of", "pretrained_weights", "train_trial"]

@@ -1,14 +1,17 @@
-"""Trial config -> model: the one place that turns validated settings into create_model calls."""
+"""Trial settings -> model and its costs: the one place the CLI and the trainable build models."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sharetune.data import TensorData
-from sharetune.models import create_model
-from sharetune.models.arbnet import PAPER_MLPS
-from sharetune.spaces.settings import FAMILIES, ArbNetSettings, SpinSettings
+from sharetune.metrics import ModelCosts, model_costs
+from sharetune.models import PAPER_MLPS, create_model, deployed, get_model
+from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings
+
+CKA_SAMPLES = 256  # training inputs the cka mapping compares layers on
 
 
 class Resize(nn.Module):
@@ -30,43 +33,43 @@ def unwrap(model: nn.Module) -> nn.Module:
 def build_arbnet(s: ArbNetSettings, data: TensorData) -> nn.Module:
     in_features = data.x_train[0].numel()
     paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), (200, 200))
-    table_size = s.table_size if s.table_size is not None or s.compression is not None or s.hash == "identity" else 1000
     return create_model(
         "arbnet_mlp", in_features=in_features, hidden=tuple(s.hidden or paper), num_classes=data.num_classes,
-        hash=s.hash, alpha=s.alpha, radius=s.radius, sparsity=s.sparsity, table_size=table_size,
+        hash=s.hash, alpha=s.alpha, radius=s.radius, sparsity=s.sparsity, table_size=s.table_size,
         compression=s.compression, seed=s.seed,
     )
 
 
 def build_spin(s: SpinSettings, data: TensorData, pretrained: dict | None = None, *, unshared: bool = False) -> nn.Module:
-    """`unshared=True` builds the plain network (what fusion's pretrained weights come from)."""
+    """`unshared=True` builds the plain network (what fusion's and cka's pretrained weights come from)."""
     in_chans, height = data.input_shape[0], data.input_shape[-1]
     img_size = s.img_size or height
-    options = {k: v for k, v in {"depth": s.depth, "patch_size": s.patch_size}.items() if v is not None}
-    if s.dim is not None:
-        options["embed_dim" if s.model.startswith("deit") else "dim"] = s.dim
-    if s.kernel_size is not None and not s.model.startswith("deit"):
-        options["kernel_size"] = s.kernel_size
-    if s.model.startswith("deit"):
-        options["img_size"] = img_size
-    sharing = None
+    resize = Resize(img_size) if img_size != height else None
+    entry = get_model(s.model)
+    architecture = {"dim": s.dim, "depth": s.depth, "patch_size": s.patch_size, "kernel_size": s.kernel_size, "img_size": img_size}
+    options = {k: v for k, v in architecture.items() if v is not None and k in entry.options}
+    sharing, cka_data = None, None
     if not unshared and s.share_rate > 1:
-        sharing = {"rate": s.share_rate, "mapping": s.mapping, "distribution": s.distribution, "seed": s.seed}
+        if s.mapping == "cka":
+            sharing = {"rate": s.share_rate, "mapping": s.mapping}
+            with torch.no_grad():
+                cka_data = data.x_train[:CKA_SAMPLES] if resize is None else resize(data.x_train[:CKA_SAMPLES])
+        else:
+            sharing = {"rate": s.share_rate, "mapping": s.mapping, "distribution": s.distribution, "seed": s.seed}
         extras = {"components": s.component_list(), "transform_groups": s.transform_groups, "fusion": s.fusion}
         sharing.update({k: v for k, v in extras.items() if v is not None})
-    fused = sharing is not None and s.fusion is not None
-    model = create_model(s.model, sharing=sharing, pretrained=pretrained if fused else None,
+    starts_from = pretrained if sharing is not None and s.needs_pretrained() else None
+    model = create_model(s.model, sharing=sharing, pretrained=starts_from, cka_data=cka_data,
                          num_classes=data.num_classes, in_chans=in_chans, **options)
-    return nn.Sequential(Resize(img_size), model) if img_size != height else model
+    return model if resize is None else nn.Sequential(resize, model)
 
 
-def build_model(config: dict, data: TensorData, pretrained: dict | None = None) -> nn.Module:
-    family = config["family"]
-    settings = settings_of(config)
-    return build_arbnet(settings, data) if family == "arbnet" else build_spin(settings, data, pretrained)
+def build_model(settings: FamilySettings, data: TensorData, pretrained: dict | None = None) -> nn.Module:
+    if isinstance(settings, ArbNetSettings):
+        return build_arbnet(settings, data)
+    return build_spin(settings, data, pretrained)
 
 
-def settings_of(config: dict) -> ArbNetSettings | SpinSettings:
-    """The trial's settings: Ray/Optuna's config minus the bookkeeping keys."""
-    cls = FAMILIES[config["family"]]
-    return cls(**{k: v for k, v in config.items() if k in cls.model_fields})
+def costs_of(model: nn.Module, data: TensorData) -> ModelCosts:
+    """What does not change while training, counted as the model deploys (fused layers folded)."""
+    return model_costs(deployed(model), data.input_shape)

@@ -1,0 +1,51 @@
+"""Every metric a trial reports, as one typed record; the names Ray results, MLflow and reports use.
+
+A trial's metrics have two producers: `model_costs` (sharetune.metrics.counts) measures what the
+configuration costs before training, and `sharetune.training.train_epochs` fills one
+`EpochMetrics` per epoch. `TrialMetrics` is both, flattened into one row per reported epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """What a configuration stores and costs; fixed while it trains."""
+
+    unique_params: int  # what is stored and trained: a shared tensor once, an ArbNet table at its size
+    virtual_params: int  # what the dense, unshared model of the same shapes holds
+    macs: int  # multiply-adds per sample (fvcore's convention, as SPIN counts)
+    effective_share_rate: float  # virtual / unique parameters (SPIN Table 7)
+    entropy: float | None = None  # ArbNet: table-usage entropy in nats (eq. 7); None for other models
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch of training and its evaluation."""
+
+    epoch: int  # 1-based; the step of every metric in MLflow
+    test_accuracy: float
+    train_accuracy: float
+    loss: float  # mean training loss over the epoch
+    lr: float  # the learning rate after the epoch's schedule step
+    epoch_seconds: float
+    diverged: bool = False  # the loss turned NaN or infinite; training stopped
+
+
+@dataclass(frozen=True)
+class TrialMetrics:
+    """What a trial reports after each epoch."""
+
+    costs: ModelCosts
+    epoch: EpochMetrics
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Flat name -> number; flags as 0/1, and metrics a model does not have left out."""
+        values = {**asdict(self.epoch), **asdict(self.costs)}
+        return {k: int(v) if isinstance(v, bool) else v for k, v in values.items() if v is not None}
+
+
+STEP = "epoch"
+METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)

@@ -1,0 +1,31 @@
+"""What a search prints on the console: its top trials and its Pareto fronts, as text tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from sharetune.search.report import ACCURACY, Report
+from sharetune.spaces import SearchSpec
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
+    """The best trials by the first objective, with every objective and searched setting."""
+    first, mode = next(iter(spec.objectives.items()))
+    ranked = trials.sort_values(first, ascending=mode == "min")
+    columns = ["trial_id", "status", *spec.objectives, *[c for c in spec.dimensions if c in trials]]
+    return "top trials:\n" + _table(ranked[list(dict.fromkeys(columns))].head(count))
+
+
+def front_table(front: pd.DataFrame, cost: str) -> str:
+    columns = [c for c in ("trial_id", ACCURACY, cost, "hash", "alpha", "radius", "sparsity", "variant", "fusion") if c in front]
+    return _table(front[columns])
+
+
+def fronts(report: Report) -> str:
+    """Each non-empty front with its hypervolume."""
+    return "".join(f"\nPareto front, {ACCURACY} against {cost} (hypervolume {report.hypervolume[cost]:.4f}):\n"
+                   f"{front_table(front, cost)}\n" for cost, front in report.fronts.items() if not front.empty)

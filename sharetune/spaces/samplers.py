@@ -1,0 +1,44 @@
+"""The Optuna samplers a spec's `sampler` names: one table of name, builder and whether it handles
+several objectives. The spec validates against it; `make_sampler` builds from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import optuna
+
+if TYPE_CHECKING:
+    from sharetune.spaces.spec import SearchSpec
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's exhaustive grid, with Tune deciding when the search ends (num_samples is the grid's
+    size). Optuna's own would call `study.stop()` after the last cell, which raises outside
+    `study.optimize` and so inside Tune's ask-and-tell loop."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
+def grid(spec: SearchSpec) -> dict[str, list]:
+    """The grid sampler's cells: every dimension is a `choice` (the spec checks)."""
+    return {name: list(dim.choice) for name, dim in spec.dimensions.items()}
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    build: Callable[[SearchSpec, dict[str, Any]], optuna.samplers.BaseSampler]  # (spec, options with the seed)
+    multi_objective: bool
+
+
+SAMPLERS: dict[str, SamplerEntry] = {
+    "tpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**kw), True),
+    "random": SamplerEntry(lambda spec, kw: optuna.samplers.RandomSampler(**kw), True),
+    "grid": SamplerEntry(lambda spec, kw: GridSampler(grid(spec), **kw), True),  # exhaustive: the paper sweeps
+    "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True),
+    "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False),
+    "nsga2": SamplerEntry(lambda spec, kw: optuna.samplers.NSGAIISampler(**kw), True),
+    "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True),
+}
+MULTI_OBJECTIVE_SAMPLERS = tuple(name for name, entry in SAMPLERS.items() if entry.multi_objective)
