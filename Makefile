@@ -24,6 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/sharetune search weight-sharing --set data.root=$(DATA)
 
 test: $(VENV)/.installed-dev postgres
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 # The cluster test runs a real PostgreSQL server: install Debian's when it is missing (as root).

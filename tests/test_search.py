@@ -120,6 +120,31 @@ def test_single_objective_search_with_asha_and_spin_models(tmp_path):
         assert trial["unique_params"] < trial["virtual_params"] or trial["effective_share_rate"] == 1
 
 
+def test_share_rate_setting_and_effective_share_rate_metric_both_reach_the_report_and_mlflow(tmp_path):
+    arch = {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3}
+    result, trials, client = search(
+        tmp_path, family="spin", sampler="grid", budget={"max_concurrent": 2}, fixed={**arch, "share_rate": 2, "epochs": 2},
+        dimensions={"mapping": {"choice": ["sequential", "strided"]}},
+    )
+    # ConvMixer-16/4/2/3 on 1x8x8 inputs, 4 classes: stem 1*16*4+16 conv + 32 BN, per block 16*9+16 depthwise
+    # + 32 BN + 16*16+16 pointwise + 32 BN, head 16*4+4; rate 2 stores two of the four pointwise weights.
+    virtual = (64 + 16 + 32) + 4 * (144 + 16 + 32 + 256 + 16 + 32) + (64 + 4)
+    effective = virtual / (virtual - 2 * 256)
+    built = report.build_report(trials, tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert len(table) == 2 and set(table["share_rate"]) == {2}
+    assert table["effective_share_rate"].tolist() == pytest.approx([effective] * 2)  # 1.31
+    assert "trials.csv" in {p.name for p in built.files}
+    _, children = runs(client, "tiny")
+    assert len(children) == 2
+    for child in children:
+        assert child.data.params["share_rate"] == "2"
+        assert child.data.metrics["effective_share_rate"] == pytest.approx(effective)
+        lr = client.get_metric_history(child.info.run_id, "lr")
+        assert sorted(m.step for m in lr) == [1, 2] and {m.value for m in lr} == {0.1}
+    assert set(trials["final_lr"]) == {0.1}
+
+
 def test_fusion_search_pretrains_once_and_fuses(tmp_path):
     result, trials, _ = search(
         tmp_path, family="spin", sampler="grid", budget={"max_concurrent": 2},

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from sharetune.metrics import METRICS, hypervolume_2d, pareto_mask
 from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
 from sharetune.search.storage import SearchFolder
+from sharetune.spaces import FAMILIES
 
 ACCURACY = "test_accuracy"
 COSTS = ("unique_params", "macs")  # each gets a front: accuracy up, cost down
@@ -42,8 +43,17 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
         last = trial.last_result or {}
         rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get("training_iteration", 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
-                     **{m: last.get(m, math.nan) for m in METRICS}})
+                     **_metric_columns(last)})
     return pd.DataFrame(rows)
+
+
+SETTINGS = {name for family in FAMILIES.values() for name in family.model_fields}
+
+
+def _metric_columns(metrics: dict) -> dict:
+    """The last value of every metric, beside the settings without overwriting one: a metric named
+    like a setting (`lr`, the last epoch's rate; the setting is the initial one) is `final_<name>`."""
+    return {f"final_{m}" if m in SETTINGS else m: metrics.get(m, math.nan) for m in METRICS}
 
 
 def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -58,7 +68,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
     parent_id = parents[0].info.run_id
     runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
     rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status,
-             **{k: _number(v) for k, v in r.data.params.items()}, **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
+             **{k: _number(v) for k, v in r.data.params.items()}, **_metric_columns(r.data.metrics)}
             for r in runs]
     return pd.DataFrame(rows), parent_id
 

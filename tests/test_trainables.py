@@ -1,0 +1,53 @@
+"""Trial settings -> model, without Ray: the builders, the costs, and the pretraining SPIN starts from."""
+
+import pytest
+from helpers import tiny_spec
+
+from sharetune.data import load
+from sharetune.spaces import SpecError, SpinSettings, parse_spec
+from sharetune.trainables import PRETRAINED_FILE, build_model, costs_of, pretrained_weights
+
+ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
+
+
+class MemoryStore(dict):
+    """A WeightStore in memory (a search passes its folder)."""
+
+    def read(self, filename):
+        return self.get(filename)
+
+    def write(self, filename, data):
+        self[filename] = data
+
+
+def test_a_cka_mapped_trial_starts_from_the_searchs_pretrained_weights_and_groups_contiguous_layers():
+    data = load("synthetic")
+    spec = parse_spec(tiny_spec(family="spin", fixed={**ARCH, "share_rate": 2, "mapping": "cka", "pretrain_epochs": 1},
+                                dimensions={}))
+    store = MemoryStore()
+    pretrained = pretrained_weights(spec, data, store)
+    assert set(store) == {PRETRAINED_FILE} and pretrained_weights(spec, data, store).keys() == pretrained.keys()
+    model = build_model(SpinSettings(**ARCH, share_rate=2, mapping="cka", pretrain_epochs=1), data, pretrained)
+    plan = model.sharing_plan
+    assert plan.num_entries == 2 and list(plan.bank_ids) == sorted(plan.bank_ids)
+    assert costs_of(model, data).unique_params < costs_of(build_model(SpinSettings(**ARCH), data), data).unique_params
+
+
+def test_searches_that_never_fuse_or_map_by_cka_pretrain_nothing():
+    spec = parse_spec(tiny_spec(family="spin", fixed={**ARCH, "share_rate": 2}, dimensions={}))
+    store = MemoryStore()
+    assert pretrained_weights(spec, load("synthetic"), store) is None and not store
+
+
+def test_the_cka_mapping_needs_pretrained_weights_and_the_uniform_distribution():
+    with pytest.raises(SpecError, match="mapping: 'cka': needs pretrained weights; set pretrained"):
+        parse_spec(tiny_spec(family="spin", fixed={"share_rate": 2, "mapping": "cka"}, dimensions={}))
+    with pytest.raises(SpecError, match="distribution: the cka mapping groups the whole depth"):
+        parse_spec(tiny_spec(family="spin", fixed={"share_rate": 2, "mapping": "cka", "distribution": "middle",
+                                                   "pretrain_epochs": 1}, dimensions={}))
+
+
+def test_a_resized_spin_trial_counts_the_network_at_its_resolution():
+    data = load("synthetic")  # 8 x 8 inputs, resized to 16 x 16
+    small, large = (costs_of(build_model(SpinSettings(**ARCH, img_size=size), data), data) for size in (8, 16))
+    assert small.unique_params == large.unique_params and large.macs > 3 * small.macs
