@@ -262,15 +262,15 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
     lines = []
     for problem in err.errors():
         message = problem["msg"].removeprefix("Value error, ")
-        got = None
         if problem["type"] == "literal_error":
-            got, message = problem["input"], f"allowed: {problem['ctx']['expected']}"
+            message = f"allowed: {problem['ctx']['expected']}"
         elif problem["type"] == "extra_forbidden":
             message = "unknown key"
         elif problem["type"] in RANGE_ERRORS:
-            got, message = problem["input"], f"{message[0].lower()}{message[1:]}"
-        if got is not None:
-            message = f"{message}, got {got!r}" if value_last else f"got {got!r}; {message}"
+            message = f"{message[0].lower()}{message[1:]}"
+        if problem["type"] == "literal_error" or problem["type"] in RANGE_ERRORS:  # say what was given
+            got = repr(problem["input"])
+            message = f"{message}, got {got}" if value_last else f"got {got}; {message}"
         path = where(problem["loc"])
         lines.append(f"{path}: {message}" if path else message)
     return "; ".join(lines)
