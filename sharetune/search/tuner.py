@@ -51,12 +51,13 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default repeats the whole config in the folder name
 
 
-def run(spec: SearchSpec, *, storage: str | Path = DEFAULT_STORAGE, address: str | None = None,
+def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | None = None,
         mlflow_uri: str | None = None, name: str | None = None, progress: bool = True) -> Search:
-    """`storage`: where the search folder goes (a local folder, a shared filesystem, or a URI)."""
+    """`storage`: where the search folder goes (a local folder, a shared filesystem, or a URI; default
+    DEFAULT_STORAGE)."""
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     data = load_data(spec)
-    folder = SearchFolder.at(storage, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.save_spec(spec)
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sharetune.data import DataError, canonical_name
+from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
 from sharetune.metrics import METRICS
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
@@ -95,7 +95,7 @@ class Resources(BaseModel):
 class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "mnist"
+    name: str = DEFAULT_DATASET
     root: Optional[str] = None  # default: ./data or $SHARETUNE_DATA
     train_subset: Optional[int] = Field(None, ge=1)  # reduced scale: the first N training examples
     test_subset: Optional[int] = Field(None, ge=1)

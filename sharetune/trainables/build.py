@@ -31,10 +31,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_arbnet(s: ArbNetSettings, data: TensorData) -> nn.Module:
+    """The paper's net for the data's input width (Section 4.3), unless `hidden` says otherwise."""
     in_features = data.x_train[0].numel()
-    paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), (200, 200))
+    paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), None)
+    hidden = s.hidden or paper
     return create_model(
-        "arbnet_mlp", in_features=in_features, hidden=tuple(s.hidden or paper), num_classes=data.num_classes,
+        "arbnet_mlp", in_features=in_features, num_classes=data.num_classes, **({"hidden": tuple(hidden)} if hidden else {}),
         hash=s.hash, alpha=s.alpha, radius=s.radius, sparsity=s.sparsity, table_size=s.table_size,
         compression=s.compression, seed=s.seed,
     )
