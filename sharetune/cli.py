@@ -37,6 +37,16 @@ def data_fetch(
     typer.echo(f"{name}: ready under {where}")
 
 
+EPOCHS = typer.Option(None, help="training epochs [default: 5]")
+BATCH_SIZE = typer.Option(None, "--batch-size", help="[default: 128]")
+LR = typer.Option(None, help="learning rate [default: the recipe's]")
+RECIPE = typer.Option(None, help="arbnet or spin: the training bundle [default: the family's]")
+SEED = typer.Option(None, help="[default: 0]")
+DATA_DIR = typer.Option(DEFAULT_ROOT, "--data-dir", envvar="SHARETUNE_DATA", help="dataset root")
+DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when available)")
+AS_JSON = typer.Option(False, "--json", help="print the final metrics as JSON only")
+
+
 @train_app.command("arbnet")
 def train_arbnet(
     dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name; the paper nets are sized for mnist and cifar10"),
@@ -46,36 +56,66 @@ def train_arbnet(
     sparsity: Optional[float] = typer.Option(None, help="fraction of virtual weights fixed at zero [default: 0]"),
     table_size: Optional[int] = typer.Option(None, "--table-size", help="table entries per layer [default: 1000]"),
     compression: Optional[float] = typer.Option(None, help="table entries per weight, e.g. 0.1"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs [default: 5]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 128]"),
-    lr: Optional[float] = typer.Option(None, help="learning rate [default: 0.1]"),
-    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
-    data_dir: Path = typer.Option(DEFAULT_ROOT, "--data-dir", envvar="SHARETUNE_DATA", help="dataset root"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
-    as_json: bool = typer.Option(False, "--json", help="print the final metrics as JSON only"),
+    epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
+    recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
+    device: Optional[str] = DEVICE, as_json: bool = AS_JSON,
 ) -> None:
     """Train the paper's ArbNet MLP once and print its metrics (the settings and builder a search trial uses)."""
+    options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
+               "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe, "seed": seed}
+    _train_one("arbnet", options, dataset, data_dir, device, as_json)
+
+
+@train_app.command("spin")
+def train_spin(
+    dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name, or imagefolder with --data-dir ROOT"),
+    model: Optional[str] = typer.Option(None, help="convmixer, convnext_isotropic, deit_tiny, deit_small [default: convmixer]"),
+    dim: Optional[int] = typer.Option(None), depth: Optional[int] = typer.Option(None),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size"), kernel_size: Optional[int] = typer.Option(None, "--kernel-size"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="resolution the model sees [default: the data's]"),
+    share_rate: Optional[float] = typer.Option(None, "--share-rate", help="layers per bank entry [default: 1, no sharing]"),
+    mapping: Optional[str] = typer.Option(None, help="sequential, strided, pyramid, random or cka"),
+    distribution: Optional[str] = typer.Option(None, help="uniform, front, middle or back"),
+    components: Optional[str] = typer.Option(None, help="comma-separated components to share [default: the model's]"),
+    transform_groups: Optional[int] = typer.Option(None, "--transform-groups"),
+    fusion: Optional[str] = typer.Option(None, help="fuse from an unshared model pretrained here first (--pretrain-epochs)"),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs"),
+    epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
+    recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
+    device: Optional[str] = DEVICE, as_json: bool = AS_JSON,
+) -> None:
+    """Train one SPIN model (shared, transformed or fused) once and print its metrics, as a search trial would."""
+    options = {"model": model, "dim": dim, "depth": depth, "patch_size": patch_size, "kernel_size": kernel_size,
+               "img_size": img_size, "share_rate": share_rate, "mapping": mapping, "distribution": distribution,
+               "components": components, "transform_groups": transform_groups, "fusion": fusion,
+               "pretrain_epochs": pretrain_epochs, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe,
+               "seed": seed}
+    _train_one("spin", options, dataset, data_dir, device, as_json)
+
+
+def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device: str | None, as_json: bool) -> None:
+    """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does."""
     from pydantic import ValidationError
 
     from sharetune.data import load
     from sharetune.metrics import TrialMetrics
-    from sharetune.spaces import ArbNetSettings, describe_error
-    from sharetune.trainables import build_model, costs_of
+    from sharetune.spaces import FAMILIES, describe_error
+    from sharetune.trainables import build_model, costs_of, pretrain
     from sharetune.training import train_epochs
 
-    options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
-               "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
     try:
-        settings = ArbNetSettings(**{k: v for k, v in options.items() if v is not None})  # the defaults' owner
-        data = load(dataset, data_dir, seed=settings.seed)
-        model = build_model(settings, data)
+        settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
+        data = load(dataset, data_dir, seed=settings.seed).with_resolution(settings.resolution)
+        pretrained = pretrain(settings, data) if settings.needs_pretrained() else None
+        model = build_model(settings, data, pretrained)
     except ValidationError as err:
         fail(describe_error(err, value_last=True))
     except (DataError, ValueError) as err:
         fail(str(err))
     costs = costs_of(model, data)
     if not as_json:
-        typer.echo(f"{dataset}: ArbNet {settings.hash}, {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters")
+        typer.echo(f"{dataset}: {family} {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters, "
+                   f"{costs.macs:,} MACs; recipe {settings.recipe}")
     for epoch in train_epochs(model, data, settings, device=device):
         if not as_json:
             typer.echo(

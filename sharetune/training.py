@@ -1,11 +1,16 @@
-"""The ArbNet paper's training recipe (section 4.3), shared by the CLI and every trainable.
+"""Training recipes, shared by the CLI and every trainable: the ArbNet paper's and SPIN's, on timm.
 
-SGD (lr 0.1, momentum 0.9); the learning rate drops 10x once training accuracy has not improved
-for four epochs; evaluation on the test split after every epoch. `train_epochs` is a generator so
-callers (the CLI, Ray Tune trainables) report each epoch as it ends.
+`arbnet` (ArbNet section 4.3): SGD with momentum 0.9 at lr 0.1; the rate drops 10x once training
+accuracy has not improved for four epochs. `spin` (SPIN appendix C, ConvMixer's recipe): AdamW at
+lr 0.01 for 640 images a step (64 per GPU on 10 GPUs; scaled linearly with the batch), weight decay 2e-5 except on norms and
+biases, one cosine cycle with its warm-up (one-cycle), label smoothing 0.1, RandAugment
+rand-m9-mstd0.5-inc1, MixUp 0.8 / CutMix 1.0, random erasing 0.25, gradients clipped at norm 5.
+Every piece is a setting of its own; one left out comes from the chosen bundle.
 
 `Recipe` owns the training settings and their defaults; every model family's trial settings extend
-it (sharetune.spaces.settings), so a trial's settings are its recipe.
+it (sharetune.spaces.settings), so a trial's settings are its recipe. `train_epochs` is a generator
+so callers (the CLI, Ray Tune trainables) report each epoch as it ends; it evaluates on every split
+the data has (val for selection, test) after each epoch.
 """
 
 from __future__ import annotations
@@ -14,44 +19,99 @@ import ctypes
 import functools
 import math
 import time
-from typing import Iterator
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from sharetune.data import TensorData
+from sharetune.data import Augment, Batches
 from sharetune.metrics import EpochMetrics
+
+SCHEDULES = ("plateau", "cosine", "onecycle")
+# The bundles a `recipe` names. 0 (or "none") turns a piece off; lr_batch 0: lr is used as given.
+RECIPES: dict[str, dict] = {
+    "arbnet": {
+        "optimizer": "momentum", "lr": 0.1, "lr_batch": 0, "momentum": 0.9, "weight_decay": 0.0, "schedule": "plateau",
+        "warmup_epochs": 0, "label_smoothing": 0.0, "mixup": 0.0, "cutmix": 0.0, "randaugment": "none",
+        "random_erasing": 0.0, "grad_clip": 0.0, "ema_decay": 0.0,
+    },
+    "spin": {
+        "optimizer": "adamw", "lr": 0.01, "lr_batch": 640, "momentum": 0.9, "weight_decay": 2e-5, "schedule": "onecycle",
+        "warmup_epochs": 0, "label_smoothing": 0.1, "mixup": 0.8, "cutmix": 1.0, "randaugment": "rand-m9-mstd0.5-inc1",
+        "random_erasing": 0.25, "grad_clip": 5.0, "ema_decay": 0.0,
+    },
+}
 
 
 class Recipe(BaseModel):
-    """The training recipe's settings, validated (bad values fail with the field's name)."""
+    """The training settings, validated (bad values fail with the field's name). A piece left None
+    takes the `recipe` bundle's value when the settings are parsed."""
 
     model_config = ConfigDict(extra="forbid")
 
+    recipe: Literal[tuple(RECIPES)] = "arbnet"  # type: ignore[valid-type]
     epochs: int = Field(5, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(128, ge=2)
-    weight_decay: float = Field(0.0, ge=0)
-    plateau_epochs: int = Field(4, ge=1)  # epochs without a better training accuracy before lr /= 10
     seed: int = Field(0, ge=0)
+    plateau_epochs: int = Field(4, ge=1)  # plateau schedule: epochs without a better train accuracy before lr /= 10
+    optimizer: Optional[str] = None  # timm's names: momentum (SGD), sgd (Nesterov), adamw, lamb, ...
+    lr: Optional[float] = Field(None, gt=0)
+    lr_batch: Optional[int] = Field(None, ge=0)  # the batch `lr` is given for; the rate scales linearly from it
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    schedule: Optional[Literal[SCHEDULES]] = None  # type: ignore[valid-type]
+    warmup_epochs: Optional[int] = Field(None, ge=0)  # cosine: epochs of linear warm-up
+    label_smoothing: Optional[float] = Field(None, ge=0, lt=1)
+    mixup: Optional[float] = Field(None, ge=0)  # MixUp's beta alpha
+    cutmix: Optional[float] = Field(None, ge=0)  # CutMix's beta alpha
+    randaugment: Optional[str] = None  # timm's RandAugment config, or "none"
+    random_erasing: Optional[float] = Field(None, ge=0, le=1)
+    grad_clip: Optional[float] = Field(None, ge=0)  # max gradient norm
+    ema_decay: Optional[float] = Field(None, ge=0, lt=1)  # model EMA (timm's ModelEmaV3); evaluation uses it
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str | None) -> str | None:
+        from timm.optim import list_optimizers
+
+        if value is not None and value not in list_optimizers():
+            raise ValueError(f"unknown optimizer {value!r}; allowed: timm's, e.g. momentum, sgd, adamw, lamb")
+        return value
+
+    @field_validator("randaugment")
+    @classmethod
+    def _known_randaugment(cls, value: str | None) -> str | None:
+        if value not in (None, "none"):
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(value, {})
+            except (AssertionError, ValueError, KeyError, IndexError) as err:
+                raise ValueError(f"not a RandAugment config like rand-m9-mstd0.5-inc1 ({err})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _from_bundle(self) -> "Recipe":
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after the warm-up of {self.epochs}")
+        return self
+
+    @property
+    def scaled_lr(self) -> float:
+        return self.lr * self.batch_size / self.lr_batch if self.lr_batch else self.lr
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(None if self.randaugment == "none" else self.randaugment, self.random_erasing)
 
 
 def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of `model` in eval mode."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
-    return correct / len(x)
 
 
 @functools.cache
@@ -69,70 +129,159 @@ def keep_freed_memory() -> None:
         mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap back only past 1 GB free
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups with no weight decay on norm layers and biases (each shared tensor once)."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for name, p in model.named_parameters() if "bias" in name.rpartition(".")[2]}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+
+
+class TrainingState:
+    """Everything a recipe updates besides the model: optimizer, schedule, EMA, MixUp/CutMix. Its
+    `state_dict` (with the model's) resumes a trial exactly."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, steps_per_epoch: int, num_classes: int) -> None:
+        from timm.optim import create_optimizer_v2
+
+        self.recipe, self.updates = recipe, 0
+        self.optimizer = create_optimizer_v2(decay_groups(model, recipe.weight_decay), opt=recipe.optimizer,
+                                             lr=recipe.scaled_lr, momentum=recipe.momentum)
+        self.scheduler = _scheduler(self.optimizer, recipe, steps_per_epoch)
+        self.ema = None
+        if recipe.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=recipe.ema_decay)
+        self.mixup = None
+        if recipe.mixup or recipe.cutmix:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, switch_prob=0.5,
+                               label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's loss and logits (MixUp/CutMix mix the batch and soften its targets)."""
+        if self.mixup is None:
+            logits = model(x)
+            return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing), logits
+        if len(x) % 2:  # timm mixes pairs
+            x, y = x[:-1], y[:-1]
+        mixed, soft = self.mixup(x, y)
+        logits = model(mixed)
+        return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean(), logits
+
+    def step(self, model: nn.Module, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), self.recipe.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if self.recipe.schedule == "onecycle":
+            self.scheduler.step()
+        elif self.recipe.schedule == "cosine":
+            self.scheduler.step_update(self.updates)
+        if self.ema is not None:
+            self.ema.update(model, step=self.updates)
+
+    def end_epoch(self, train_accuracy: float) -> None:
+        if self.recipe.schedule == "plateau":
+            self.scheduler.step(train_accuracy)
+
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        return model if self.ema is None else self.ema.module
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "updates": self.updates,
+                "ema": None if self.ema is None else self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.updates = state["updates"]
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
+    if recipe.schedule == "plateau":  # PyTorch lowers the rate after `patience` bad epochs *plus one*
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=recipe.plateau_epochs - 1)
+    if recipe.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.scaled_lr, total_steps=recipe.epochs * steps_per_epoch,
+                                                   cycle_momentum=False)
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy of `model` in eval mode."""
+    model.eval()
+    correct = seen = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    return correct / seen
+
+
 def train_epochs(
     model: nn.Module,
-    data: TensorData,
+    data: Batches,
     recipe: Recipe,
     *,
     device: torch.device | str | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+    state: TrainingState | None = None,
     start_epoch: int = 0,
+    workers: int = 0,
 ) -> Iterator[EpochMetrics]:
     """Train `model` on `data`, yielding one EpochMetrics per epoch; stops early if the loss diverges.
 
-    Pass the optimizer and scheduler (and `start_epoch`) restored from a checkpoint to resume: each
-    epoch's data order depends only on the seed and the epoch, so a resumed run sees the same batches.
+    Pass the TrainingState restored from a checkpoint (and `start_epoch`) to resume: each epoch's
+    data order depends only on the seed and the epoch, so a resumed run sees the same batches.
+    `workers`: DataLoader processes for data streamed from disk.
     """
     keep_freed_memory()
     device = pick_device(str(device) if device is not None else None)
     model.to(device)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
-    optimizer = optimizer or make_optimizer(model, recipe)
-    scheduler = scheduler or make_scheduler(optimizer, recipe)
+    state = state or TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(x_train), generator=gen).to(device)
         total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for start in range(0, len(order), recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
-            if len(batch) < 2 and seen:  # BatchNorm cannot train on one sample
-                continue
-            logits = model(x_train[batch])
-            loss = F.cross_entropy(logits, y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * len(batch)
-            correct += (logits.argmax(1) == y_train[batch]).sum()
-            seen += len(batch)
+        for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):
+            loss, logits = state.loss(model, x, y)
+            state.step(model, loss)
+            total_loss += loss.detach() * len(logits)
+            correct += (logits.argmax(1) == y[: len(logits)]).sum()
+            seen += len(logits)
         mean_loss = float(total_loss) / seen
         train_accuracy = float(correct) / seen
         diverged = not math.isfinite(mean_loss)
-        test_accuracy = 0.0 if diverged else evaluate(model, x_test, y_test)
-        scheduler.step(train_accuracy)
+        evaluated = state.evaluated(model)
+        accuracy = {split: 0.0 if diverged else evaluate(evaluated, data.eval_batches(split, device, workers=workers))
+                    for split in data.splits()}
+        state.end_epoch(train_accuracy)
         yield EpochMetrics(
             epoch=epoch + 1,
+            test_accuracy=accuracy["test"],
+            val_accuracy=accuracy.get("val"),
             train_accuracy=train_accuracy,
-            test_accuracy=test_accuracy,
             loss=mean_loss,
-            lr=optimizer.param_groups[0]["lr"],
+            lr=state.lr,
             epoch_seconds=time.perf_counter() - started,
             diverged=diverged,
         )
         if diverged:
             return
-
-
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    # PyTorch lowers the rate after `patience` bad epochs *plus one*
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=recipe.plateau_epochs - 1)

@@ -1,6 +1,22 @@
-"""Datasets as in-memory tensors: `load(name)` once, then train from memory."""
+"""Datasets: the small sets as in-memory tensors, ImageNet-style folders streamed from disk; both
+answer the calls in `sharetune.data.batches`, so a training loop takes either."""
 
-from sharetune.data.datasets import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError, TensorData, canonical_name, load
+from sharetune.data.batches import SPLITS, Augment, Batches, stratified_split
+from sharetune.data.datasets import (
+    DATASETS,
+    DEFAULT_DATASET,
+    DEFAULT_ROOT,
+    FOLDER,
+    DataError,
+    TensorData,
+    canonical_name,
+    dataset_names,
+    load,
+)
 from sharetune.data.fetch import fetch
+from sharetune.data.folders import ImageFolderData
 
-__all__ = ["DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "DataError", "TensorData", "canonical_name", "fetch", "load"]
+__all__ = [
+    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "SPLITS", "Augment", "Batches", "DataError",
+    "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "fetch", "load", "stratified_split",
+]

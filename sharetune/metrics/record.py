@@ -27,6 +27,7 @@ class EpochMetrics:
 
     epoch: int  # 1-based; the step of every metric in MLflow
     test_accuracy: float
+    val_accuracy: float | None  # on the split held out of training for selection; None without one
     train_accuracy: float
     loss: float  # mean training loss over the epoch
     lr: float  # the learning rate after the epoch's schedule step

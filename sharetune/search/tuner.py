@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sharetune.data import TensorData, load
+from sharetune.data import Batches, load
 from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
 from sharetune.search.progress import Progress
 from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder
@@ -32,7 +32,7 @@ class Search:
     mlflow_uri: str
 
 
-def load_data(spec: SearchSpec) -> TensorData:
+def load_data(spec: SearchSpec) -> Batches:
     return load(**spec.data.model_dump())
 
 
@@ -42,7 +42,7 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _trainable(spec: SearchSpec, data: TensorData, pretrained: dict | None):
+def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None):
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     return tune.with_resources(tune.with_parameters(train_trial, data=data, pretrained=pretrained), resources)
 

@@ -15,7 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS, get_model, shareable_model_names
 from sharetune.models.hashes import hash_names, hashes_taking
-from sharetune.training import Recipe
+from sharetune.training import RECIPES, Recipe
 
 DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size nor compression is given
 
@@ -27,6 +27,15 @@ class FamilySettings(Recipe):
     def conditions(cls) -> dict[str, dict[str, list]]:
         """Settings that apply only for some values of another: {setting: {other: [values]}}."""
         return {}
+
+    @property
+    def resolution(self) -> int | None:
+        """The image size the model sees, where the trial sets one (None: the data's)."""
+        return None
+
+    def needs_pretrained(self) -> bool:
+        """Whether the model starts from a pretrained unshared one (SPIN's fusion and cka mapping)."""
+        return False
 
 
 class ArbNetSettings(FamilySettings):
@@ -76,7 +85,10 @@ SPIN_MODELS = tuple(shareable_model_names())
 
 
 class SpinSettings(FamilySettings):
-    """A SPIN isotropic net (create_model) with a sharing plan, transforms or fusion."""
+    """A SPIN isotropic net (create_model) with a sharing plan, transforms or fusion; trained with the
+    SPIN paper's recipe unless `recipe` says otherwise."""
+
+    recipe: Literal[tuple(RECIPES)] = "spin"  # type: ignore[valid-type]
 
     model: Literal[SPIN_MODELS] = "convmixer"  # type: ignore[valid-type]
     dim: Optional[int] = Field(None, ge=1)  # None (dim ... img_size): the model's own default
@@ -110,8 +122,11 @@ class SpinSettings(FamilySettings):
     def component_list(self) -> list[str] | None:
         return None if self.components is None else [c.strip() for c in self.components.split(",") if c.strip()]
 
+    @property
+    def resolution(self) -> int | None:
+        return self.img_size
+
     def needs_pretrained(self) -> bool:
-        """Fusion and the CKA mapping start from the unshared model's trained weights."""
         return self.share_rate > 1 and (self.fusion is not None or self.mapping == "cka")
 
 

@@ -100,7 +100,12 @@ class DataSpec(BaseModel):
     train_subset: Optional[int] = Field(None, ge=1)  # reduced scale: the first N training examples
     test_subset: Optional[int] = Field(None, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    # Held out of the training set, stratified and seeded, for selection: searching on the test split
+    # would fit the hyperparameters to it. 0: no val split (select on test_accuracy, as ArbNet did).
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    img_size: int = Field(224, ge=8)  # imagefolder: the resolution images are cropped and resized to
+    workers: Optional[int] = Field(None, ge=0)  # imagefolder: DataLoader workers (default: the trial's CPUs)
 
     @model_validator(mode="after")
     def _known(self) -> "DataSpec":
@@ -128,7 +133,7 @@ class SearchSpec(BaseModel):
     data: DataSpec = DataSpec()
     fixed: dict[str, Any] = {}
     dimensions: dict[str, Dimension] = {}
-    objectives: dict[str, Literal["max", "min"]] = {"test_accuracy": "max"}
+    objectives: dict[str, Literal["max", "min"]] = {"val_accuracy": "max"}
     sampler: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
     sampler_options: dict[str, Any] = {}
     scheduler: Optional[Scheduler] = None
@@ -145,6 +150,8 @@ class SearchSpec(BaseModel):
         for metric in self.objectives:
             if metric not in METRICS:
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        if "val_accuracy" in self.objectives and not self.data.val_fraction:
+            raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
         multi = len(self.objectives) > 1
         if multi and self.scheduler is not None:
             raise ValueError("scheduler: ASHA prunes on one metric; a search with several objectives cannot use it")

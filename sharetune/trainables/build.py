@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.data import TensorData
+from sharetune.data import Batches
 from sharetune.metrics import ModelCosts, model_costs
 from sharetune.models import PAPER_MLPS, create_model, deployed, get_model
 from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings
@@ -30,9 +32,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model[-1] if isinstance(model, nn.Sequential) and isinstance(model[0], Resize) else model
 
 
-def build_arbnet(s: ArbNetSettings, data: TensorData) -> nn.Module:
+def build_arbnet(s: ArbNetSettings, data: Batches) -> nn.Module:
     """The paper's net for the data's input width (Section 4.3), unless `hidden` says otherwise."""
-    in_features = data.x_train[0].numel()
+    in_features = math.prod(data.input_shape)
     paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), None)
     hidden = s.hidden or paper
     return create_model(
@@ -42,7 +44,7 @@ def build_arbnet(s: ArbNetSettings, data: TensorData) -> nn.Module:
     )
 
 
-def build_spin(s: SpinSettings, data: TensorData, pretrained: dict | None = None, *, unshared: bool = False) -> nn.Module:
+def build_spin(s: SpinSettings, data: Batches, pretrained: dict | None = None, *, unshared: bool = False) -> nn.Module:
     """`unshared=True` builds the plain network (what fusion's and cka's pretrained weights come from)."""
     in_chans, height = data.input_shape[0], data.input_shape[-1]
     img_size = s.img_size or height
@@ -55,7 +57,8 @@ def build_spin(s: SpinSettings, data: TensorData, pretrained: dict | None = None
         if s.mapping == "cka":
             sharing = {"rate": s.share_rate, "mapping": s.mapping}
             with torch.no_grad():
-                cka_data = data.x_train[:CKA_SAMPLES] if resize is None else resize(data.x_train[:CKA_SAMPLES])
+                cka_data = data.sample_inputs(CKA_SAMPLES)
+                cka_data = cka_data if resize is None else resize(cka_data)
         else:
             sharing = {"rate": s.share_rate, "mapping": s.mapping, "distribution": s.distribution, "seed": s.seed}
         extras = {"components": s.component_list(), "transform_groups": s.transform_groups, "fusion": s.fusion}
@@ -66,12 +69,12 @@ def build_spin(s: SpinSettings, data: TensorData, pretrained: dict | None = None
     return model if resize is None else nn.Sequential(resize, model)
 
 
-def build_model(settings: FamilySettings, data: TensorData, pretrained: dict | None = None) -> nn.Module:
+def build_model(settings: FamilySettings, data: Batches, pretrained: dict | None = None) -> nn.Module:
     if isinstance(settings, ArbNetSettings):
         return build_arbnet(settings, data)
     return build_spin(settings, data, pretrained)
 
 
-def costs_of(model: nn.Module, data: TensorData) -> ModelCosts:
+def costs_of(model: nn.Module, data: Batches) -> ModelCosts:
     """What does not change while training, counted as the model deploys (fused layers folded)."""
     return model_costs(deployed(model), data.input_shape)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from sharetune.data import TensorData
+from sharetune.data import Batches
 from sharetune.spaces import SearchSpec, SpinSettings, trial_settings
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.training import train_epochs
@@ -25,8 +25,9 @@ class WeightStore(Protocol):
     def write(self, filename: str, data: bytes) -> None: ...
 
 
-def pretrain(settings: SpinSettings, data: TensorData) -> dict:
+def pretrain(settings: SpinSettings, data: Batches) -> dict:
     """Train the unshared network for `pretrain_epochs` with the trial's recipe; its state_dict on CPU."""
+    data = data.with_resolution(settings.resolution)
     model = build_spin(settings, data, unshared=True)
     recipe = settings.model_copy(update={"epochs": settings.pretrain_epochs})
     for epoch in train_epochs(model, data, recipe):
@@ -35,10 +36,10 @@ def pretrain(settings: SpinSettings, data: TensorData) -> dict:
     return {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def pretrained_weights(spec: SearchSpec, data: TensorData, store: WeightStore) -> dict | None:
+def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore) -> dict | None:
     """The unshared weights a search's trials start from: the spec's file, the store's copy, or new
     (from the fixed settings); None when no trial fuses or maps by CKA."""
-    if not any(isinstance(s, SpinSettings) and s.needs_pretrained() for s in spec.extreme_settings()):
+    if not any(s.needs_pretrained() for s in spec.extreme_settings()):
         return None
     settings = trial_settings({"family": spec.family, **spec.fixed})
     if settings.pretrained:

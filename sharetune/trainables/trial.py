@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: parse the trial's config once, build, train with the recipe, report.
 
-Every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (model, optimizer and
-lr-scheduler state), so a trial interrupted mid-search resumes at the next epoch.
+Every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (the model and the
+recipe's TrainingState: optimizer, schedule, EMA), so an interrupted trial resumes at its next epoch.
 """
 
 from __future__ import annotations
@@ -13,41 +13,40 @@ import ray
 import torch
 from ray import tune
 
-from sharetune.data import TensorData
+from sharetune.data import Batches
 from sharetune.metrics import TrialMetrics
 from sharetune.spaces import trial_settings
 from sharetune.trainables.build import build_model, costs_of
-from sharetune.training import make_optimizer, make_scheduler, pick_device, train_epochs
+from sharetune.training import TrainingState, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
 
 
-def train_trial(config: dict, data: TensorData, pretrained: dict | None = None) -> None:
-    """Ray Tune entry point; `data` and `pretrained` come once per search through the object store."""
+def train_trial(config: dict, data: Batches, pretrained: dict | None = None) -> None:
+    """Ray Tune entry point; `data` (tensors, or a folder's description) and `pretrained` come once per
+    search through the object store. A folder streams through as many loader workers as the trial has CPUs."""
     settings = trial_settings(config)
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))
+    data = data.with_resolution(settings.resolution)  # a folder decodes at the trial's resolution
+    cpus = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+    torch.set_num_threads(cpus)
     torch.manual_seed(settings.seed)
     model = build_model(settings, data, pretrained)
     costs = costs_of(model, data)
     device = pick_device()
     model.to(device)
-    optimizer = make_optimizer(model, settings)
-    scheduler = make_scheduler(optimizer, settings)
+    training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
     start_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        training.load_state_dict(state["training"])
         start_epoch = state["epoch"]
     node = ray.get_runtime_context().get_node_id()
-    for epoch in train_epochs(model, data, settings, device=device, optimizer=optimizer, scheduler=scheduler, start_epoch=start_epoch):
+    for epoch in train_epochs(model, data, settings, device=device, state=training, start_epoch=start_epoch, workers=cpus):
         with tempfile.TemporaryDirectory() as folder:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch.epoch}
+            state = {"model": model.state_dict(), "training": training.state_dict(), "epoch": epoch.epoch}
             torch.save(state, Path(folder) / CHECKPOINT)
             tune.report({**TrialMetrics(costs, epoch).as_dict(), "node_id": node},
                         checkpoint=tune.Checkpoint.from_directory(folder))

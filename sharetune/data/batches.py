@@ -1,0 +1,64 @@
+"""What a training loop asks of a dataset, whether it lives in memory or streams from disk.
+
+`TensorData` (in memory) and `ImageFolderData` (files, through a DataLoader) both answer these
+calls, so models and recipes never care where batches come from. Each epoch's order depends only on
+the seed and the epoch, so a resumed trial sees the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+SPLITS = ("val", "test")  # val: held out of train for selection; test: the dataset's own test split
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-image augmentation for training batches (folder sets decode and augment in the loader's
+    workers; in-memory image tensors take random erasing only: RandAugment needs decoded images)."""
+
+    randaugment: str | None = None  # timm's RandAugment config, e.g. rand-m9-mstd0.5-inc1
+    random_erasing: float = 0.0  # probability per image
+
+
+class Batches(Protocol):
+    name: str
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    def splits(self) -> tuple[str, ...]: ...
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
+                      augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def sample_inputs(self, count: int) -> Tensor: ...
+
+    def with_resolution(self, size: int | None) -> "Batches": ...
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> Tensor:
+    """The training examples' order in `epoch`: a permutation seeded by (seed, epoch) alone."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (train, held out): round(fraction x n_c) examples of every class c, chosen by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = round(fraction * len(members))
+        held.append(members[:count])
+        train.append(members[count:])
+    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(held)).values

@@ -1,0 +1,187 @@
+"""ImageNet-style folders streamed from disk: root/train/<class>/*.jpg|png, root/val/<class>/...
+
+The layout is checked once where the search starts (before Ray); each trial lists the files again
+on its own node (a shared filesystem, or a local copy per node) and streams them through a
+DataLoader whose worker processes decode and augment (timm's transforms). Nothing of it travels
+through Ray's object store. The folder's val/ is the test split (as ImageNet's is used); the val
+split for selection is a stratified share of train/.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sharetune.data.batches import Augment, epoch_order, stratified_split
+from sharetune.data.datasets import EVAL_BATCH, DataError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
+
+
+def _classes(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; {LAYOUT}")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise DataError(f"{folder}: no class folders; {LAYOUT}")
+    return classes
+
+
+def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    files = []
+    for label, name in enumerate(classes):
+        images = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+        if not images:
+            raise DataError(f"{folder / name}: an empty class folder (no .jpg or .png); add its images or remove it")
+        files += [(path, label) for path in images]
+    return files
+
+
+class _Images(Dataset):
+    """Decodes and transforms one file; an unreadable one comes back as its path, to be counted."""
+
+    def __init__(self, files: list[tuple[str, int]], transform) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        path, label = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except (OSError, ValueError, SyntaxError):
+            return path
+
+
+def _collate(items: list) -> tuple[Tensor, Tensor, list[str]]:
+    good = [item for item in items if isinstance(item, tuple)]
+    bad = [item for item in items if isinstance(item, str)]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+class _EpochSampler(Sampler):
+    """The epoch's seeded order; set before each epoch, so persistent workers keep running."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter(epoch_order(self.size, self.seed, self.epoch).tolist())
+
+
+@dataclass
+class ImageFolderData:
+    """An ImageNet-layout folder; picklable and small (the file lists are made on each node)."""
+
+    root: Path
+    classes: list[str]
+    img_size: int = 224
+    val_fraction: float = 0.0
+    seed: int = 0
+    workers: int | None = None  # DataLoader workers; None: the caller's (a trial's CPUs)
+    train_subset: int | None = None
+    test_subset: int | None = None
+    name: str = "imagefolder"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # file lists, loaders
+    skipped: set = field(default_factory=set, repr=False, compare=False)  # unreadable files seen
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": {}, "skipped": set()}
+
+    @classmethod
+    def open(cls, root: str | Path, **options) -> "ImageFolderData":
+        """Check the layout (both splits, the same classes, no empty class folder) and list it once."""
+        root = Path(root)
+        train, val = _classes(root / "train"), _classes(root / "val")
+        if train != val:
+            missing = sorted(set(train) ^ set(val))
+            raise DataError(f"{root}: train/ and val/ hold different classes (e.g. {missing[0]!r}); "
+                            f"give both splits the same class folders")
+        data = cls(root, train, **options)
+        data._lists()
+        return data
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.img_size, self.img_size)
+
+    def splits(self) -> tuple[str, ...]:
+        return ("val", "test") if self.val_fraction else ("test",)
+
+    def _lists(self) -> dict[str, list[tuple[str, int]]]:
+        if "lists" not in self._cache:
+            train = _files(self.root / "train", self.classes)[: self.train_subset]
+            test = _files(self.root / "val", self.classes)[: self.test_subset]
+            lists = {"train": train, "test": test}
+            if self.val_fraction:
+                kept, held = stratified_split(torch.tensor([label for _, label in train]), self.val_fraction, self.seed)
+                lists = {"train": [train[i] for i in kept.tolist()], "val": [train[i] for i in held.tolist()], "test": test}
+            self._cache["lists"] = lists
+        return self._cache["lists"]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self._lists()["train"]) // batch_size)
+
+    def _loader(self, split: str, batch_size: int, device: torch.device, workers: int, augment: Augment | None) -> DataLoader:
+        key = (split, batch_size, str(device), workers, augment)
+        if key not in self._cache:
+            from timm.data import create_transform
+
+            training = augment is not None
+            transform = create_transform(self.img_size, is_training=training, **(
+                {"auto_augment": augment.randaugment, "re_prob": augment.random_erasing, "re_mode": "pixel"} if training else {}))
+            files = self._lists()[split]
+            workers = self.workers if self.workers is not None else workers
+            self._cache[key] = DataLoader(
+                _Images(files, transform), batch_size=batch_size, collate_fn=_collate, num_workers=workers,
+                sampler=_EpochSampler(len(files), self.seed) if training else None,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            )
+        return self._cache[key]
+
+    def _stream(self, loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y, bad in loader:
+            self.skipped.update(bad)
+            if len(x):
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
+                      augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        loader = self._loader("train", batch_size, device, workers, augment)
+        loader.sampler.seed, loader.sampler.epoch = seed, epoch
+        before = len(self.skipped)
+        yield from self._stream(loader, device)
+        if len(self.skipped) > before:
+            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
+                          f"(e.g. {sorted(self.skipped)[0]}); replace or remove them", stacklevel=2)
+
+    def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        yield from self._stream(self._loader(split, EVAL_BATCH, device, workers, None), device)
+
+    def with_resolution(self, size: int | None) -> "ImageFolderData":
+        """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
+        return self if size is None or size == self.img_size else replace(self, img_size=size, _cache={}, skipped=set())
+
+    def sample_inputs(self, count: int) -> Tensor:
+        x, _ = next(self.eval_batches("test", torch.device("cpu")))
+        return x[:count]

@@ -1,0 +1,64 @@
+"""Datasets from disk: the ImageNet layout streamed through a DataLoader, the validation split, and
+the errors a bad folder gets."""
+
+import collections
+
+import pytest
+import torch
+from helpers import image_folder
+
+from sharetune.data import DataError, ImageFolderData, load, stratified_split
+from sharetune.models import create_model
+from sharetune.training import Recipe, train_epochs
+
+CPU = torch.device("cpu")
+
+
+def test_the_val_split_is_exact_stratified_and_disjoint():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    train, val = stratified_split(labels, 0.1, seed=3)
+    assert collections.Counter(labels[val].tolist()) == {0: 5, 1: 3, 2: 2}
+    assert not set(train.tolist()) & set(val.tolist()) and sorted([*train.tolist(), *val.tolist()]) == list(range(100))
+    assert torch.equal(stratified_split(labels, 0.1, seed=3)[1], val) and not torch.equal(stratified_split(labels, 0.1, seed=4)[1], val)
+    data = load("synthetic", val_fraction=0.25)
+    assert len(data.x_val) + len(data.x_train) == 512 and data.splits() == ("val", "test")
+
+
+def test_a_folder_streams_its_splits_in_a_seeded_order(tmp_path):
+    data = load("imagefolder", image_folder(tmp_path), img_size=16, val_fraction=0.25, seed=1)
+    assert isinstance(data, ImageFolderData) and data.num_classes == 3 and data.input_shape == (3, 16, 16)
+    lists = data._lists()
+    assert [len(lists[s]) for s in ("train", "val", "test")] == [54, 18, 24]
+    assert collections.Counter(label for _, label in lists["val"]) == {0: 6, 1: 6, 2: 6}
+    assert not {p for p, _ in lists["val"]} & {p for p, _ in lists["train"]}
+    first = [y.tolist() for _, y in data.train_batches(2, 8, seed=5, device=CPU, workers=2)]
+    again = [y.tolist() for _, y in load("imagefolder", tmp_path, img_size=16, val_fraction=0.25, seed=1).train_batches(2, 8, seed=5, device=CPU)]
+    assert first == again  # a resumed trial sees the same batches, whatever the loader's workers
+    assert first != [y.tolist() for _, y in data.train_batches(3, 8, seed=5, device=CPU, workers=2)]
+    x, _ = next(data.eval_batches("test", CPU))
+    assert x.shape == (24, 3, 16, 16) and data.with_resolution(24).input_shape == (3, 24, 24)
+
+
+def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
+    image_folder(tmp_path)
+    (tmp_path / "train" / "class_1" / "broken.png").write_bytes(b"not a png at all")
+    data = load("imagefolder", tmp_path, img_size=16)
+    model = create_model("convmixer", dim=8, depth=2, patch_size=4, kernel_size=3, num_classes=3)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images so far \(e.g. .*broken.png\); replace or remove"):
+        results = list(train_epochs(model, data, Recipe(recipe="spin", epochs=2, batch_size=16), workers=2))
+    assert len(results) == 2 and not results[-1].diverged
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: __import__("shutil").rmtree(root / "val"), r"val: no such folder; an image folder needs root/train/<class>"),
+        (lambda root: (root / "train" / "class_3").mkdir(), r"train/ and val/ hold different classes \(e.g. 'class_3'\)"),
+        (lambda root: [p.unlink() for p in (root / "val" / "class_2").iterdir()], r"val/class_2: an empty class folder"),
+    ],
+    ids=["no val", "other classes", "empty class"],
+)
+def test_a_bad_folder_gets_one_line_naming_the_path_and_the_fix(tmp_path, damage, message):
+    damage(image_folder(tmp_path))
+    with pytest.raises(DataError, match=message):
+        load("imagefolder", tmp_path)
