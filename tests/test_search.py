@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import ray
 import yaml
-from helpers import tiny_spec
+from helpers import image_folder, tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
@@ -225,3 +225,48 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(tmp_path):
+    root = image_folder(tmp_path / "images", per_class=40, test_per_class=10)
+    spec = {"name": "folders", "family": "spin", "sampler": "grid", "budget": {"max_concurrent": 1},
+            "data": {"name": "imagefolder", "root": str(root), "img_size": 16, "val_fraction": 0.2, "workers": 2},
+            "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
+                      "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
+            "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "results" / "run"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (_result_lines(folder) and _result_lines(folder)[-1] >= 3):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # mid-trial: the first trial has reported three of its eight epochs
+    process.communicate(timeout=120)
+    assert (report.trials_from_folder(folder)["status"] != "TERMINATED").any()
+    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = report.trials_from_folder(folder)
+    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
+    assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    _, children = runs(client, "folders")
+    for child in children:
+        for metric in ("val_accuracy", "test_accuracy", "lr"):
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == list(range(1, 9))
+
+
+def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
+    root = image_folder(tmp_path / "images", per_class=2, test_per_class=1)
+    for image in (root / "val" / "class_0").iterdir():
+        image.unlink()
+    spec = tiny_spec(family="spin", data={"name": "imagefolder", "root": str(root)}, dimensions={}, fixed={"epochs": 1})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "bad.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: {root}/val/class_0: an empty class folder (no .jpg or .png); add its images or remove it" in done.stderr
+    assert not (tmp_path / "results").exists()

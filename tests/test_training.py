@@ -52,3 +52,29 @@ def test_cli_train_prints_json_metrics():
     metrics = json.loads(result.output.strip().splitlines()[-1])
     assert {"test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs", "entropy", "diverged", "epoch_seconds"} <= set(metrics)
     assert metrics["epoch"] == 2 and metrics["unique_params"] < metrics["virtual_params"]
+
+
+def test_timms_optimizer_and_ema_see_a_shared_spin_tensor_once():
+    from sharetune.models import create_model
+    from sharetune.training import TrainingState
+
+    torch.manual_seed(0)
+    model = create_model("convmixer", dim=8, depth=4, patch_size=2, kernel_size=3, num_classes=4, in_chans=1, sharing={"rate": 2})
+    state = TrainingState(model, Recipe(recipe="spin", ema_decay=0.5, mixup=0, cutmix=0), steps_per_epoch=4, num_classes=4)
+    unique = list(model.parameters())
+    in_optimizer = [p for group in state.optimizer.param_groups for p in group["params"]]
+    assert len(in_optimizer) == len({id(p) for p in in_optimizer}) == len(unique)
+    bank = model.spin_bank.get_parameter("1_weight__0")
+    decays = {id(p): group["weight_decay"] for group in state.optimizer.param_groups for p in group["params"]}
+    assert decays[id(bank)] == 2e-5 and decays[id(model.stem[2].weight)] == 0.0  # no decay on norms
+    ema_bank = state.ema.module.spin_bank.get_parameter("1_weight__0")
+    assert len(list(state.ema.module.parameters())) == len(unique)
+    for step in range(2):  # timm's EMA copies the model at its first update, then averages
+        loss, _ = state.loss(model, torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,)))
+        state.step(model, loss)
+        if step == 0:
+            torch.testing.assert_close(ema_bank, bank.detach())
+            before = bank.detach().clone()
+    torch.testing.assert_close(ema_bank, 0.5 * before + 0.5 * bank.detach())  # averaged once, not twice
+    aliased = model.blocks[1][1].weight  # the second layer of entry 0 reads the bank's tensor
+    assert aliased is bank and state.ema.module.blocks[1][1].weight is ema_bank

@@ -59,9 +59,10 @@ class _Images(Dataset):
         path, label = self.files[index]
         try:
             with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), label
-        except (OSError, ValueError, SyntaxError):
+                decoded = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image we can read
             return path
+        return self.transform(decoded), label
 
 
 def _collate(items: list) -> tuple[Tensor, Tensor, list[str]]:
