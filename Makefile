@@ -37,6 +37,7 @@ postgres:
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_arbnet.py
 	$(BIN)/python benchmarks/bench_spin.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV)
