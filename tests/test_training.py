@@ -78,3 +78,14 @@ def test_timms_optimizer_and_ema_see_a_shared_spin_tensor_once():
     torch.testing.assert_close(ema_bank, 0.5 * before + 0.5 * bank.detach())  # averaged once, not twice
     aliased = model.blocks[1][1].weight  # the second layer of entry 0 reads the bank's tensor
     assert aliased is bank and state.ema.module.blocks[1][1].weight is ema_bank
+
+
+def test_cli_trains_one_spin_model_as_a_trial_would():
+    args = ["train", "spin", "--dataset", "synthetic", "--dim", "16", "--depth", "4", "--patch-size", "2", "--kernel-size", "3",
+            "--share-rate", "2", "--epochs", "2", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["epoch"] == 2 and metrics["effective_share_rate"] == pytest.approx(2164 / 1652)  # as in the search test
+    bad = CliRunner().invoke(app, ["train", "spin", "--dataset", "synthetic", "--mapping", "diagonal"])
+    assert bad.exit_code == 2 and "mapping: allowed: 'sequential', 'strided', 'pyramid', 'random' or 'cka', got 'diagonal'" in bad.output
