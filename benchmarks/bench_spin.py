@@ -10,10 +10,8 @@ Each pair is timed as `timing.compare` does (alternating short blocks, median ov
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import Step, compare, train_step
+from timing import Step, compare, convmixer_arguments, train_step
 
 from sharetune.models import create_model, fold
 from sharetune.training import keep_freed_memory
@@ -30,11 +28,7 @@ def inference(model: torch.nn.Module, x: torch.Tensor) -> Step:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=30.0, help="time per model per row (CPU steps take about a second)")
+    parser = convmixer_arguments(__doc__.splitlines()[0], seconds=30.0)  # CPU steps take about a second
     parser.add_argument("--block", type=float, default=0.05, help="seconds per block of steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

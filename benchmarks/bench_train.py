@@ -11,14 +11,13 @@ sharetune's images per second over the plain loop's (target >= 0.95).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from timing import compare
+from timing import compare, convmixer_arguments
 
 from sharetune.data import TensorData, load
 from sharetune.models import create_model
@@ -95,12 +94,8 @@ def plain_epoch(model, data, recipe: Recipe, workers: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = convmixer_arguments(__doc__.splitlines()[0], seconds=60.0)
     parser.add_argument("--images", type=int, default=256, help="training images per epoch (one call)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="time per loop per row")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     recipe = Recipe(recipe="spin", epochs=10**6, batch_size=args.batch)

@@ -9,6 +9,7 @@ both alike, and the median drops the pairs a burst of noise hit.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -17,6 +18,16 @@ import torch
 import torch.nn.functional as F
 
 Step = Callable[[], None]
+
+
+def convmixer_arguments(description: str | None, seconds: float) -> argparse.ArgumentParser:
+    """The options the ConvMixer benchmarks share: the model, the batch, the time per side."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=seconds, help="time per model per row")
+    return parser
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:

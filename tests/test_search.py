@@ -163,26 +163,32 @@ def _result_lines(folder: Path) -> list[int]:
     return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
 
 
-def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
-                     data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
+def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Run `sharetune search` on `spec`, Ctrl-C it once `interrupt_when(result line counts)` holds,
+    check that something was left unfinished, then `sharetune resume` the folder."""
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     folder = tmp_path / "results" / "run"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (len(_result_lines(folder)) >= 2 and _result_lines(folder)[-1] >= 15):
+    while time.monotonic() < deadline and not interrupt_when(_result_lines(folder)):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # mid-search: one trial done, one running, one not started
+    process.send_signal(signal.SIGINT)
     process.communicate(timeout=120)
-    interrupted = report.trials_from_folder(folder)
-    assert (interrupted["status"] != "TERMINATED").any()
-
+    assert (report.trials_from_folder(folder)["status"] != "TERMINATED").any()
     resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return folder, env, resumed
+
+
+def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
+    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
+                     data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
+    # mid-search: one trial done, one running, one not started
+    folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: len(lines) >= 2 and lines[-1] >= 15)
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
     trials = report.trials_from_folder(folder)
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
@@ -235,21 +241,8 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
             "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    folder = tmp_path / "results" / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (_result_lines(folder) and _result_lines(folder)[-1] >= 3):
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # mid-trial: the first trial has reported three of its eight epochs
-    process.communicate(timeout=120)
-    assert (report.trials_from_folder(folder)["status"] != "TERMINATED").any()
-    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # mid-trial: the first trial has reported three of its eight epochs
+    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3)
     trials = report.trials_from_folder(folder)
     assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
     assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
