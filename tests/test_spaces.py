@@ -34,6 +34,11 @@ def test_grid_presets_enumerate_their_grid():
     assert load_spec("spin-topology").num_samples() == 8
 
 
+def test_set_overrides_keep_the_order_of_the_objectives():
+    spec = load_spec("weight-sharing", ["budget.num_samples=3"])
+    assert list(spec.objectives) == ["val_accuracy", "unique_params"]
+
+
 def test_set_overrides_parse_yaml_values():
     spec = load_spec("weight-sharing", ["budget.num_samples=3", "data.name=synthetic", "fixed.hidden=[8, 8]"])
     assert spec.num_samples() == 3 and spec.data.name == "synthetic" and spec.fixed["hidden"] == [8, 8]

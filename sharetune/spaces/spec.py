@@ -18,6 +18,7 @@ Every fixed value and every value a dimension can take is checked against the fa
 from __future__ import annotations
 
 import builtins
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -295,7 +296,7 @@ def parse_spec(raw: dict) -> SearchSpec:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null)."""
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
