@@ -129,7 +129,7 @@ def keep_freed_memory() -> None:
         mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: give the heap back only past 1 GB free
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
