@@ -160,9 +160,11 @@ class TrainingState:
         self.mixup = None
         if recipe.mixup or recipe.cutmix:
             from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
 
             self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, switch_prob=0.5,
                                label_smoothing=recipe.label_smoothing, num_classes=num_classes)
+            self.soft_loss = SoftTargetCrossEntropy()
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's loss and logits (MixUp/CutMix mix the batch and soften its targets)."""
@@ -173,7 +175,7 @@ class TrainingState:
             x, y = x[:-1], y[:-1]
         mixed, soft = self.mixup(x, y)
         logits = model(mixed)
-        return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean(), logits
+        return self.soft_loss(logits, soft), logits
 
     def step(self, model: nn.Module, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
