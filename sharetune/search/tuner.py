@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import Batches, load
 from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
+from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
@@ -70,17 +71,12 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
         sampler=sampler, study_name=spec.name, seed=spec.seed,
         storage=_optuna_storage(spec.optuna_storage),
     )
-    scheduler = None
-    if spec.scheduler is not None:
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metrics[0], mode=modes[0],
-                                  max_t=spec.max_epochs(), grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
     callbacks = [MlflowLogger.for_search(spec, folder, uri)]
     if progress:
         callbacks.append(Progress(spec.objectives, spec.num_samples()))
     tuner = tune.Tuner(
         _trainable(spec, data, pretrained),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples(),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_samples(),
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
@@ -89,6 +85,18 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     )
     tuner.fit()
     return Search(spec, folder, uri)
+
+
+def _scheduler(spec: SearchSpec):
+    """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them."""
+    if spec.scheduler is None:
+        return None
+    options = {"max_t": spec.scheduler.max_t or spec.max_epochs(), "grace_period": spec.scheduler.grace_period,
+               "reduction_factor": spec.scheduler.reduction_factor}
+    if spec.scheduler.name == "moasha":
+        return MOASHA(spec.objectives, **options)
+    (metric, mode), = spec.objectives.items()
+    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, **options)
 
 
 # Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is

@@ -118,11 +118,14 @@ class DataSpec(BaseModel):
 
 
 class Scheduler(BaseModel):
+    """Early stopping: asha (one objective) or moasha (several; sharetune.search.moasha)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["asha"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    name: Literal["asha", "moasha"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs before the first rung
     reduction_factor: float = Field(3, gt=1)
+    max_t: Optional[int] = Field(None, ge=1)  # epochs of a full trial; default: the spec's most epochs
 
 
 class SearchSpec(BaseModel):
@@ -154,8 +157,10 @@ class SearchSpec(BaseModel):
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
             raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
         multi = len(self.objectives) > 1
-        if multi and self.scheduler is not None:
-            raise ValueError("scheduler: ASHA prunes on one metric; a search with several objectives cannot use it")
+        if multi and self.scheduler is not None and self.scheduler.name == "asha":
+            raise ValueError("scheduler: ASHA prunes on one metric; for several objectives use name: moasha")
+        if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
+            raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
         if multi and not SAMPLERS[self.sampler].multi_objective:
             raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")

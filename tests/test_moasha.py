@@ -1,0 +1,104 @@
+"""Multi-objective successive halving: the ranking, the scheduler's decisions, and a real search."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import ray
+from helpers import tiny_spec
+from ray.tune.experiment import Trial
+
+from sharetune.search import report, tuner
+from sharetune.search.moasha import MOASHA, crowding, fronts, ranks_ahead
+from sharetune.spaces import SpecError, parse_spec
+
+OBJECTIVES = {"test_accuracy": "max", "unique_params": "min"}
+
+
+def test_fronts_and_crowding_rank_a_known_set():
+    points = np.array([[0, 3], [1, 1], [3, 0], [2, 2], [3, 3]], float)  # minimised
+    assert [f.tolist() for f in fronts(points)] == [[0, 1, 2], [3], [4]]
+    assert crowding(points[[0, 1, 2]]).tolist() == [math.inf, 2.0, math.inf]
+    assert [ranks_ahead(points, i) for i in range(5)] == [0, 2, 0, 3, 4]  # the front's middle point after its ends
+
+
+def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead():
+    scheduler = MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3)
+    assert list(scheduler.rungs) == [1, 3]
+
+    def report_at(name: str, epoch: int, accuracy: float, params: int) -> str:
+        trial = Trial("train_trial", stub=True, trial_id=name)
+        return scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "test_accuracy": accuracy, "unique_params": params})
+
+    assert report_at("a", 1, 0.5, 100) == "CONTINUE"  # first at its rung
+    assert report_at("b", 1, 0.9, 50) == "CONTINUE"  # dominates a
+    assert report_at("c", 1, 0.4, 200) == "STOP"  # dominated by both; 2 of 3 ahead >= ceil(3/3)
+    assert report_at("d", 1, 0.95, 400) == "CONTINUE"  # non-dominated, an extreme of the front
+    assert report_at("a", 2, 0.6, 100) == "CONTINUE"  # between rungs: no decision
+    assert report_at("a", 3, 0.6, 100) == "CONTINUE" and report_at("a", 3, 0.6, 100) == "CONTINUE"  # decided once
+    assert report_at("b", 3, 0.5, 60) == "CONTINUE"  # b and a: neither dominates, both extremes
+    assert report_at("d", 3, 0.3, 400) == "STOP"  # dominated by a and b at the second rung
+    assert scheduler.stopped == 2
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"objectives": {"test_accuracy": "max"}, "scheduler": {"name": "moasha"}},
+         "scheduler: moasha ranks several objectives; for one objective use name: asha"),
+        ({"objectives": OBJECTIVES, "scheduler": {"name": "asha"}}, "scheduler: ASHA prunes on one metric; for several objectives use name: moasha"),
+        ({"objectives": OBJECTIVES, "scheduler": {"name": "hyperband"}}, "scheduler.name: got 'hyperband'; allowed: 'asha' or 'moasha'"),
+        ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha", "reduction_factor": 1}}, "scheduler.reduction_factor: got 1"),
+    ],
+)
+def test_bad_scheduler_specs_name_the_field(changes, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(tiny_spec(**changes))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung_values(tmp_path, local_ray):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    spec = parse_spec(tiny_spec(
+        objectives=OBJECTIVES, sampler="grid", optuna_storage=storage, budget={"max_concurrent": 1},
+        scheduler={"name": "moasha", "grace_period": 1, "reduction_factor": 2}, data={"name": "synthetic", "val_fraction": 0},
+        fixed={"epochs": 4, "hidden": [16], "hash": "uniform"},
+        dimensions={"lr": {"choice": [0.1, 1e-9]}, "table_size": {"choice": [8, 64, 512]}},
+    ))
+    result = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    trials = report.trials_from_folder(result.folder)  # in the order they started, one at a time
+    assert len(trials) == 6 and set(trials["status"]) == {"TERMINATED"}
+    epochs = {row.trial_id: [json.loads(line) for line in (Path(result.folder) / f"trial_{row.trial_id}" / "result.json").open()]
+              for row in trials.itertuples()}
+    # Replay each rung in arrival order with the ranking: the scheduler stopped exactly the trials it says.
+    for rung in (1, 2):
+        recorded = []
+        for row in trials.itertuples():
+            if row.epochs_done < rung:
+                continue
+            at_rung = epochs[row.trial_id][rung - 1]
+            recorded.append([-at_rung["test_accuracy"], at_rung["unique_params"]])
+            stop = ranks_ahead(np.array(recorded), len(recorded) - 1) >= math.ceil(len(recorded) / 2)
+            assert (row.epochs_done == rung) == stop, (rung, row.trial_id)
+    # The known part: the trained net with 8-entry tables dominates every untrained one, so each
+    # untrained trial that reached the first rung after it stopped there.
+    best = trials[(trials["lr"] == 0.1) & (trials["table_size"] == 8)].index[0]
+    later_untrained = trials[(trials["lr"] == 1e-9) & (trials.index > best)]
+    assert len(later_untrained) and set(later_untrained["epochs_done"]) == {1}
+    assert (trials["epochs_done"] == 4).any()
+    # What the sampler was told: every trial complete, with its objectives where it stopped.
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    told = {(t.params["lr"], t.params["table_size"]): t for t in study.trials}
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for row in trials.itertuples():
+        last = epochs[row.trial_id][-1]
+        assert told[(row.lr, row.table_size)].values == pytest.approx([last["test_accuracy"], last["unique_params"]])
