@@ -224,14 +224,15 @@ def report(
     folder = SearchFolder(source)
     try:
         if folder.is_search():
-            trials = reports.trials_from_folder(folder)
+            trials, reference = reports.trials_from_folder(folder), folder.spec().hypervolume_reference
             uri, parent = parent_run_of(folder)
         else:
             uri = tracking_uri(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
+            reference = reports.reference_of(uri, parent)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2]), uri, parent)
+    _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference), uri, parent)
 
 
 def _finish(result, report_dir: Path) -> None:
@@ -241,7 +242,8 @@ def _finish(result, report_dir: Path) -> None:
     trials = reports.trials_from_folder(result.folder)
     typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
     typer.echo(console.top_trials(trials, result.spec))
-    _print_report(reports.build_report(trials, report_dir / result.folder.name), *parent_run_of(result.folder))
+    built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference)
+    _print_report(built, *parent_run_of(result.folder))
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:

@@ -49,4 +49,5 @@ class TrialMetrics:
 
 
 STEP = "epoch"
+COSTS = ("unique_params", "macs")  # what reports trade accuracy against: a Pareto front each
 METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)

@@ -26,6 +26,7 @@ def front_table(front: pd.DataFrame, cost: str) -> str:
 
 
 def fronts(report: Report) -> str:
-    """Each non-empty front with its hypervolume."""
-    return "".join(f"\nPareto front, {ACCURACY} against {cost} (hypervolume {report.hypervolume[cost]:.4f}):\n"
-                   f"{front_table(front, cost)}\n" for cost, front in report.fronts.items() if not front.empty)
+    """Each non-empty front with its hypervolume, and a line for each front there is not."""
+    shown = "".join(f"\nPareto front, {ACCURACY} against {cost} (hypervolume {report.hypervolume[cost]:.4f}):\n"
+                    f"{front_table(front, cost)}\n" for cost, front in report.fronts.items() if not front.empty)
+    return shown + "".join(f"\nno front against {cost}: {why}\n" for cost, why in report.skipped.items())

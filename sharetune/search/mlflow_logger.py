@@ -83,6 +83,7 @@ def parent_params(spec: SearchSpec) -> dict:
               "objectives": ",".join(f"{k}:{v}" for k, v in spec.objectives.items()),
               "num_samples": spec.num_samples(), "scheduler": spec.scheduler.name if spec.scheduler else "none"}
     params.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
+    params.update({f"hypervolume_reference.{k}": v for k, v in spec.hypervolume_reference.items()})
     params.update({f"dimension.{k}": f"{d.kind} {d.choice if d.kind == 'choice' else d.bounds()}" for k, d in spec.dimensions.items()})
     return params
 

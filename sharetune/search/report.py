@@ -17,13 +17,16 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sharetune.metrics import METRICS, hypervolume_2d, pareto_mask
+from sharetune.metrics import COSTS, METRICS, hypervolume_2d, pareto_mask
 from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
 
 ACCURACY = "test_accuracy"
-COSTS = ("unique_params", "macs")  # each gets a front: accuracy up, cost down
+# A front's reference cost, unless the spec sets one: the dense, unshared model's (for parameters its
+# virtual count; MACs do not change with sharing), so it depends on the problem, not on the results.
+DENSE_COST = {"unique_params": "virtual_params", "macs": "macs"}
+LEGEND_GROUPS = 4  # continuous settings are binned to this many legend entries
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Report:
     trials: pd.DataFrame
     fronts: dict[str, pd.DataFrame] = field(default_factory=dict)  # cost -> front rows
     hypervolume: dict[str, float] = field(default_factory=dict)  # cost -> normalised hypervolume
+    skipped: dict[str, str] = field(default_factory=dict)  # cost -> why it has no front
     files: list[Path] = field(default_factory=list)
 
 
@@ -82,17 +86,33 @@ def _number(text: str):
     return None if text == "None" else text
 
 
-def pareto(trials: pd.DataFrame, cost: str) -> tuple[pd.DataFrame, float]:
+def reference_cost(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None = None) -> float:
+    """The spec's reference cost for `cost`, else the dense model's (the largest one searched)."""
+    if reference and cost in reference:
+        return float(reference[cost])
+    return float(trials[DENSE_COST[cost]].max())
+
+
+def pareto(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None = None) -> tuple[pd.DataFrame, float]:
     """Front of accuracy against `cost`, and its hypervolume normalised to [0, 1] by the box from
-    (accuracy 0, 1.1 x the largest cost) to (accuracy 1, cost 0)."""
+    the reference point (accuracy 0, `reference_cost`) to (accuracy 1, cost 0)."""
     usable = trials[(trials.get("diverged", 0).fillna(0) == 0)].dropna(subset=[ACCURACY, cost])
     if usable.empty:
         return usable, 0.0
     points = usable[[ACCURACY, cost]].to_numpy(float)
     mask = pareto_mask(points, [True, False])
-    reference = (0.0, 1.1 * points[:, 1].max())
-    volume = hypervolume_2d(points, [True, False], reference) / reference[1]
+    ceiling = reference_cost(usable, cost, reference)
+    volume = hypervolume_2d(points, [True, False], (0.0, ceiling)) / ceiling
     return usable[mask].sort_values(cost), volume
+
+
+def legend_groups(values: pd.Series) -> pd.Series:
+    """Readable legend labels: a continuous setting in LEGEND_GROUPS ranges (2 significant digits), values to 3."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.isna().any() or numeric.nunique() <= LEGEND_GROUPS:
+        return values.map(lambda v: f"{v:.3g}" if isinstance(v, float) else str(v))
+    bins = pd.qcut(numeric, LEGEND_GROUPS, duplicates="drop")
+    return bins.map(lambda b: f"{max(b.left, numeric.min()):.2g}-{b.right:.2g}").astype(str)
 
 
 def _label(trials: pd.DataFrame) -> str | None:
@@ -119,7 +139,7 @@ def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path
 def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
     """Accuracy against `x`, one line per sparsity (ArbNet Figures 2-4)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = trials.groupby("sparsity") if "sparsity" in trials else [("all", trials)]
+    groups = trials.groupby(legend_groups(trials["sparsity"])) if "sparsity" in trials else [("all", trials)]
     for sparsity, group in groups:
         group = group.sort_values(x)
         ax.plot(group[x], group[ACCURACY], marker="o", label=f"sparsity {sparsity}")
@@ -135,7 +155,7 @@ def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
 def _plot_labelled(trials: pd.DataFrame, label: str, path: Path) -> None:
     """Accuracy against unique parameters per topology / fusion / variant (SPIN Tables 1-5)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for value, group in trials.groupby(trials[label].astype(str)):
+    for value, group in trials.groupby(legend_groups(trials[label])):
         ax.scatter(group["unique_params"], group[ACCURACY], s=30, label=f"{label} {value}")
     ax.set(xlabel="unique_params", ylabel=ACCURACY, title=f"{ACCURACY} against parameters, by {label}")
     ax.legend(fontsize=7)
@@ -144,8 +164,9 @@ def _plot_labelled(trials: pd.DataFrame, label: str, path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
-    """Write trials.csv/.parquet, fronts and plots under `out`."""
+def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, float] | None = None) -> Report:
+    """Write trials.csv/.parquet, fronts and plots under `out`; `reference`: the spec's reference
+    costs for the hypervolume (default: the dense model's)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(trials)
@@ -155,7 +176,11 @@ def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
     report.files += [out / "trials.csv", out / "trials.parquet"]
     done = trials[trials["status"].isin(["TERMINATED", "FINISHED", "FAILED"])].dropna(subset=[ACCURACY])
     for cost in COSTS:
-        front, volume = pareto(done, cost)
+        if cost in done and done[cost].nunique() == 1:
+            report.skipped[cost] = (f"every trial has {cost} {done[cost].iloc[0]:.4g}: no trade-off against it to plot "
+                                    f"or measure")
+            continue
+        front, volume = pareto(done, cost, reference)
         report.fronts[cost], report.hypervolume[cost] = front, volume
         if not front.empty:
             _plot_front(done, front, cost, out / f"pareto_{cost}.png")
@@ -170,6 +195,13 @@ def build_report(trials: pd.DataFrame, out: str | Path) -> Report:
         _plot_labelled(healthy, label, out / f"accuracy_vs_params_by_{label}.png")
         report.files.append(out / f"accuracy_vs_params_by_{label}.png")
     return report
+
+
+def reference_of(uri: str, parent_id: str) -> dict[str, float]:
+    """The reference costs a search's parent run records (its spec's `hypervolume_reference`)."""
+    params = MlflowClient(uri).get_run(parent_id).data.params
+    prefix = "hypervolume_reference."
+    return {k.removeprefix(prefix): float(v) for k, v in params.items() if k.startswith(prefix)}
 
 
 def log_report(report: Report, uri: str, parent_id: str) -> None:

@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
-from sharetune.metrics import METRICS
+from sharetune.metrics import COSTS, METRICS
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 
@@ -146,6 +146,8 @@ class SearchSpec(BaseModel):
     seed: int = 0
     optuna_storage: Optional[str] = None  # an RDB URL (sqlite:///optuna.db) so optuna-dashboard can show the study
     variants: dict[str, dict[str, Any]] = {}  # named bundles of settings a `variant` dimension picks
+    # The reference costs hypervolumes are measured from (default: the dense, unshared model's)
+    hypervolume_reference: dict[str, float] = {}
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpec":
@@ -154,6 +156,9 @@ class SearchSpec(BaseModel):
         for metric in self.objectives:
             if metric not in METRICS:
                 raise ValueError(f"objectives: unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+        for cost, value in self.hypervolume_reference.items():
+            if cost not in COSTS or not value > 0:
+                raise ValueError(f"hypervolume_reference: {cost}: {value!r}; give a cost above 0 for any of {', '.join(COSTS)}")
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
             raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
         multi = len(self.objectives) > 1

@@ -1,0 +1,47 @@
+"""Reports without a search: fronts against a fixed reference point, fronts with nothing to trade, legends."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import tiny_spec
+
+from sharetune.search import console, report
+from sharetune.spaces import SpecError, parse_spec
+
+
+def trials(accuracy, unique, virtual=2000, macs=5000) -> pd.DataFrame:
+    count = len(accuracy)
+    return pd.DataFrame({"trial_id": [f"t{i}" for i in range(count)], "status": ["TERMINATED"] * count, "diverged": [0] * count,
+                         "test_accuracy": accuracy, "unique_params": unique, "virtual_params": [virtual] * count,
+                         "macs": [macs] * count if np.isscalar(macs) else macs, "sparsity": np.linspace(0, 0.9, count)})
+
+
+def test_the_hypervolume_is_measured_from_the_dense_models_cost_whatever_the_results():
+    one = report.pareto(trials([0.9], [1000]), "unique_params")[1]
+    assert one == pytest.approx(0.9 * (2000 - 1000) / 2000)
+    # another search of the same problem found other trials; its reference (accuracy 0, 2000) is the same
+    other = report.pareto(trials([0.9, 0.5], [1000, 1900]), "unique_params")[1]
+    assert other == pytest.approx(one)  # the second point adds nothing: it is dominated
+    assert report.pareto(trials([0.9], [1000]), "unique_params", {"unique_params": 4000})[1] == pytest.approx(0.9 * 3000 / 4000)
+
+
+def test_a_front_whose_cost_never_changes_is_not_plotted_and_says_why(tmp_path):
+    built = report.build_report(trials([0.5, 0.7, 0.9], [300, 600, 1200]), tmp_path)
+    assert "macs" not in built.hypervolume and not (tmp_path / "pareto_macs.png").exists()
+    assert built.skipped["macs"] == "every trial has macs 5000: no trade-off against it to plot or measure"
+    assert "no front against macs: every trial has macs 5000" in console.fronts(built)
+    assert (tmp_path / "pareto_unique_params.png").is_file() and 0 < built.hypervolume["unique_params"] <= 1
+
+
+def test_continuous_settings_get_a_few_readable_legend_groups():
+    labels = report.legend_groups(pd.Series(np.random.default_rng(0).uniform(0, 0.9, 17)))
+    assert labels.nunique() == report.LEGEND_GROUPS and max(map(len, labels.unique())) <= 11
+    assert report.legend_groups(pd.Series([0.1, 0.30000000000000004])).tolist() == ["0.1", "0.3"]
+    assert report.legend_groups(pd.Series(["uniform", "dirichlet"])).tolist() == ["uniform", "dirichlet"]
+
+
+def test_a_spec_may_set_the_reference_costs_and_only_those():
+    spec = parse_spec(tiny_spec(hypervolume_reference={"unique_params": 2e5}))
+    assert spec.hypervolume_reference == {"unique_params": 2e5}
+    with pytest.raises(SpecError, match="hypervolume_reference: flops: 1.0; give a cost above 0 for any of unique_params, macs"):
+        parse_spec(tiny_spec(hypervolume_reference={"flops": 1.0}))
