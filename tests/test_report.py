@@ -29,7 +29,7 @@ def test_a_front_whose_cost_never_changes_is_not_plotted_and_says_why(tmp_path):
     built = report.build_report(trials([0.5, 0.7, 0.9], [300, 600, 1200]), tmp_path)
     assert "macs" not in built.hypervolume and not (tmp_path / "pareto_macs.png").exists()
     assert built.skipped["macs"] == "every trial has macs 5000: no trade-off against it to plot or measure"
-    assert "no front against macs: every trial has macs 5000" in console.fronts(built)
+    assert "Pareto front, test_accuracy against macs: none; every trial has macs 5000" in console.fronts(built)
     assert (tmp_path / "pareto_unique_params.png").is_file() and 0 < built.hypervolume["unique_params"] <= 1
 
 

@@ -29,4 +29,4 @@ def fronts(report: Report) -> str:
     """Each non-empty front with its hypervolume, and a line for each front there is not."""
     shown = "".join(f"\nPareto front, {ACCURACY} against {cost} (hypervolume {report.hypervolume[cost]:.4f}):\n"
                     f"{front_table(front, cost)}\n" for cost, front in report.fronts.items() if not front.empty)
-    return shown + "".join(f"\nno front against {cost}: {why}\n" for cost, why in report.skipped.items())
+    return shown + "".join(f"\nPareto front, {ACCURACY} against {cost}: none; {why}\n" for cost, why in report.skipped.items())
