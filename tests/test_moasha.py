@@ -31,8 +31,10 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
 
     def report_at(name: str, epoch: int, accuracy: float, params: int) -> str:
         trial = Trial("train_trial", stub=True, trial_id=name)
-        return scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "test_accuracy": accuracy, "unique_params": params})
+        return scheduler.on_trial_result(None, trial, {"epoch": epoch, "test_accuracy": accuracy, "unique_params": params})
 
+    cost_only = scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id="a"), {"epoch": 0, "unique_params": 100})
+    assert cost_only == "CONTINUE"  # the costs, before training: no rung
     assert report_at("a", 1, 0.5, 100) == "CONTINUE"  # first at its rung
     assert report_at("b", 1, 0.9, 50) == "CONTINUE"  # dominates a
     assert report_at("c", 1, 0.4, 200) == "STOP"  # dominated by both; 2 of 3 ahead >= ceil(3/3)
@@ -85,7 +87,7 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
         for row in trials.itertuples():
             if row.epochs_done < rung:
                 continue
-            at_rung = epochs[row.trial_id][rung - 1]
+            at_rung = next(e for e in epochs[row.trial_id] if e["epoch"] == rung)
             recorded.append([-at_rung["test_accuracy"], at_rung["unique_params"]])
             stop = ranks_ahead(np.array(recorded), len(recorded) - 1) >= math.ceil(len(recorded) / 2)
             assert (row.epochs_done == rung) == stop, (rung, row.trial_id)

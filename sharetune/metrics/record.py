@@ -10,15 +10,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+def _numbers(*records) -> dict[str, float | int]:
+    """Records as one flat name -> number map: flags as 0/1, metrics a model does not have left out."""
+    values = {k: v for record in records for k, v in asdict(record).items()}
+    return {k: int(v) if isinstance(v, bool) else v for k, v in values.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class ModelCosts:
-    """What a configuration stores and costs; fixed while it trains."""
+    """What a configuration stores and costs; fixed while it trains, so known (and reported, at epoch
+    0) before its first batch."""
 
     unique_params: int  # what is stored and trained: a shared tensor once, an ArbNet table at its size
     virtual_params: int  # what the dense, unshared model of the same shapes holds
     macs: int  # multiply-adds per sample (fvcore's convention, as SPIN counts)
     effective_share_rate: float  # virtual / unique parameters (SPIN Table 7)
     entropy: float | None = None  # ArbNet: table-usage entropy in nats (eq. 7); None for other models
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {STEP: 0, **_numbers(self)}
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,7 @@ class TrialMetrics:
     epoch: EpochMetrics
 
     def as_dict(self) -> dict[str, float | int]:
-        """Flat name -> number; flags as 0/1, and metrics a model does not have left out."""
-        values = {**asdict(self.epoch), **asdict(self.costs)}
-        return {k: int(v) if isinstance(v, bool) else v for k, v in values.items() if v is not None}
+        return _numbers(self.epoch, self.costs)
 
 
 STEP = "epoch"

@@ -100,7 +100,7 @@ class MlflowLogger(tune.Callback):
         self.client: MlflowClient | None = None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
-        self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow
+        self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow (0: the costs)
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
@@ -131,9 +131,10 @@ class MlflowLogger(tune.Callback):
             run_id = self.children[trial.trial_id]
             self.client.update_run(run_id, status="RUNNING")
             # An interrupt can land between a reported epoch and Tune's record of its checkpoint; that
-            # epoch then trains again from the checkpoint before it. Log each epoch once.
-            history = self.client.get_metric_history(run_id, "test_accuracy")
-            self.logged_steps[trial.trial_id] = max((m.step for m in history), default=0)
+            # epoch then trains again from the checkpoint before it. Log each epoch once. Every report,
+            # the costs' at epoch 0 too, carries unique_params.
+            history = self.client.get_metric_history(run_id, "unique_params")
+            self.logged_steps[trial.trial_id] = max((m.step for m in history), default=-1)
             return
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
@@ -143,8 +144,10 @@ class MlflowLogger(tune.Callback):
             self.client.log_batch(run.info.run_id, params=batch)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        now, step = int(time.time() * 1000), int(result.get(STEP, result.get("training_iteration", 0)))
-        if step <= self.logged_steps.get(trial.trial_id, 0):
+        if STEP not in result:
+            return
+        now, step = int(time.time() * 1000), int(result[STEP])
+        if step <= self.logged_steps.get(trial.trial_id, -1):
             return
         metrics = [Metric(k, float(result[k]), now, step) for k in METRICS if isinstance(result.get(k), (int, float))]
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []

@@ -22,6 +22,8 @@ import math
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from sharetune.metrics import STEP
+
 
 def fronts(points: np.ndarray) -> list[np.ndarray]:
     """Non-dominated sorting of rows (all minimised): the indices of each front, best first."""
@@ -58,7 +60,7 @@ def ranks_ahead(points: np.ndarray, index: int) -> int:
 
 class MOASHA(FIFOScheduler):
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
-                 time_attr: str = "training_iteration") -> None:
+                 time_attr: str = STEP) -> None:
         super().__init__()
         self.objectives = dict(objectives)
         self.signs = np.array([-1.0 if mode == "max" else 1.0 for mode in objectives.values()])  # all minimised

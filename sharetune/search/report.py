@@ -17,7 +17,7 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sharetune.metrics import COSTS, METRICS, hypervolume_2d, pareto_mask
+from sharetune.metrics import COSTS, METRICS, STEP, hypervolume_2d, pareto_mask
 from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
@@ -45,7 +45,7 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
     rows = []
     for trial in tune.ExperimentAnalysis(str(SearchFolder(folder))).trials:
         last = trial.last_result or {}
-        rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get("training_iteration", 0),
+        rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get(STEP, 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
     return pd.DataFrame(rows)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import Batches, load
+from sharetune.metrics import STEP
 from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
@@ -66,7 +68,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     pretrained = pretrained_weights(spec, data, folder)
     metrics, modes = list(spec.objectives), list(spec.objectives.values())
     single = not spec.multi_objective
-    searcher = OptunaSearch(
+    searcher = EpochOptunaSearch(
         OptunaSpace(spec), metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
         sampler=sampler, study_name=spec.name, seed=spec.seed,
         storage=_optuna_storage(spec.optuna_storage),
@@ -87,6 +89,15 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     return Search(spec, folder, uri)
 
 
+class EpochOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, told each epoch's result at its epoch: a trial's first report, its costs
+    before training (epoch 0), carries no accuracy for Optuna's pruners to see."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get(STEP, 0) > 0:
+            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result[STEP]})
+
+
 def _scheduler(spec: SearchSpec):
     """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them."""
     if spec.scheduler is None:
@@ -96,12 +107,15 @@ def _scheduler(spec: SearchSpec):
     if spec.scheduler.name == "moasha":
         return MOASHA(spec.objectives, **options)
     (metric, mode), = spec.objectives.items()
-    return ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, **options)
+    return ASHAScheduler(time_attr=STEP, metric=metric, mode=mode, **options)  # epoch 0 (the costs) has no metric
 
 
 # Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is
 # the point, so its warning about it is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune checks that every result carries the objectives; the costs' report before training cannot
+# carry the accuracy, and the metrics' names come from one typed record (sharetune.metrics).
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def _optuna_storage(url: str | None):

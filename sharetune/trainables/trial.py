@@ -1,6 +1,6 @@
 """The Ray Tune function trainable: parse the trial's config once, build, train with the recipe, report.
 
-Every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (the model and the
+A trial reports its costs (parameters, MACs) once before training, as epoch 0; then every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (the model and the
 recipe's TrainingState: optimizer, schedule, EMA), so an interrupted trial resumes at its next epoch.
 """
 
@@ -44,6 +44,8 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None = None) -> 
         training.load_state_dict(state["training"])
         start_epoch = state["epoch"]
     node = ray.get_runtime_context().get_node_id()
+    if checkpoint is None:  # the costs are known now: report them before the first batch (as epoch 0)
+        tune.report({**costs.as_dict(), "node_id": node})
     for epoch in train_epochs(model, data, settings, device=device, state=training, start_epoch=start_epoch, workers=cpus):
         with tempfile.TemporaryDirectory() as folder:
             state = {"model": model.state_dict(), "training": training.state_dict(), "epoch": epoch.epoch}
