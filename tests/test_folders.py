@@ -37,6 +37,9 @@ def test_a_folder_streams_its_splits_in_a_seeded_order(tmp_path):
     assert first != [y.tolist() for _, y in data.train_batches(3, 8, seed=5, device=CPU, workers=2)]
     x, _ = next(data.eval_batches("test", CPU))
     assert x.shape == (24, 3, 16, 16) and data.with_resolution(24).input_shape == (3, 24, 24)
+    subset = load("imagefolder", tmp_path, train_subset=9, test_subset=6)._lists()
+    assert collections.Counter(label for _, label in subset["train"]) == {0: 3, 1: 3, 2: 3}  # every class alike
+    assert collections.Counter(label for _, label in subset["test"]) == {0: 2, 1: 2, 2: 2}
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):

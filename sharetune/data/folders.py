@@ -9,6 +9,7 @@ split for selection is a stratified share of train/.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -37,13 +38,14 @@ def _classes(folder: Path) -> list[str]:
 
 
 def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    files = []
+    """(path, label) of every image, the classes interleaved, so that the first N hold them all alike."""
+    per_class = []
     for label, name in enumerate(classes):
         images = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
         if not images:
             raise DataError(f"{folder / name}: an empty class folder (no .jpg or .png); add its images or remove it")
-        files += [(path, label) for path in images]
-    return files
+        per_class.append([(path, label) for path in images])
+    return [item for row in itertools.zip_longest(*per_class) for item in row if item is not None]
 
 
 class _Images(Dataset):
@@ -76,8 +78,8 @@ def _collate(items: list) -> tuple[Tensor, Tensor, list[str]]:
 class _EpochSampler(Sampler):
     """The epoch's seeded order; set before each epoch, so persistent workers keep running."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int) -> None:
+        self.size, self.seed, self.epoch = size, 0, 0
 
     def __len__(self) -> int:
         return self.size
@@ -155,7 +157,7 @@ class ImageFolderData:
             workers = self.workers if self.workers is not None else workers
             self._cache[key] = DataLoader(
                 _Images(files, transform), batch_size=batch_size, collate_fn=_collate, num_workers=workers,
-                sampler=_EpochSampler(len(files), self.seed) if training else None,
+                sampler=_EpochSampler(len(files)) if training else None,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             )
         return self._cache[key]
