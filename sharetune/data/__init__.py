@@ -1,7 +1,7 @@
 """Datasets: the small sets as in-memory tensors, ImageNet-style folders streamed from disk; both
 answer the calls in `sharetune.data.batches`, so a training loop takes either."""
 
-from sharetune.data.batches import SPLITS, Augment, Batches, stratified_split
+from sharetune.data.batches import Augment, Batches, stratified_split
 from sharetune.data.datasets import (
     DATASETS,
     DEFAULT_DATASET,
@@ -17,6 +17,6 @@ from sharetune.data.fetch import fetch
 from sharetune.data.folders import ImageFolderData
 
 __all__ = [
-    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "SPLITS", "Augment", "Batches", "DataError",
+    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "Augment", "Batches", "DataError",
     "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "fetch", "load", "stratified_split",
 ]

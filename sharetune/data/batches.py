@@ -13,8 +13,6 @@ from typing import Iterator, Protocol
 import torch
 from torch import Tensor
 
-SPLITS = ("val", "test")  # val: held out of train for selection; test: the dataset's own test split
-
 
 @dataclass(frozen=True)
 class Augment:
@@ -32,7 +30,8 @@ class Batches(Protocol):
     @property
     def input_shape(self) -> tuple[int, ...]: ...
 
-    def splits(self) -> tuple[str, ...]: ...
+    def splits(self) -> tuple[str, ...]:
+        """The evaluated splits: "val" (held out of train for selection) where there is one, and "test"."""
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
 
