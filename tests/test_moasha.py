@@ -54,6 +54,8 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
         ({"objectives": OBJECTIVES, "scheduler": {"name": "asha"}}, "scheduler: ASHA prunes on one metric; for several objectives use name: moasha"),
         ({"objectives": OBJECTIVES, "scheduler": {"name": "hyperband"}}, "scheduler.name: got 'hyperband'; allowed: 'asha' or 'moasha'"),
         ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha", "reduction_factor": 1}}, "scheduler.reduction_factor: got 1"),
+        ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha", "grace_period": 2}},
+         r"scheduler.grace_period: 2 epochs leaves no rung below a full trial's 2; give fewer than 2"),
     ],
 )
 def test_bad_scheduler_specs_name_the_field(changes, message):

@@ -166,6 +166,11 @@ class SearchSpec(BaseModel):
             raise ValueError("scheduler: ASHA prunes on one metric; for several objectives use name: moasha")
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
             raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
+        if self.scheduler is not None:
+            full = self.scheduler.max_t or self.max_epochs()
+            if self.scheduler.grace_period >= full:
+                raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
+                                 f"trial's {full}; give fewer than {full}")
         if multi and not SAMPLERS[self.sampler].multi_objective:
             raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
