@@ -198,3 +198,11 @@ def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset, device):
     model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"rate": 2, "mapping": "sequential"})
     results = list(train_epochs(model, mnist_subset, Recipe(epochs=3, lr=0.05, batch_size=64), device=device))
     assert results[-1].test_accuracy > 0.7  # chance is 0.1
+
+
+def test_every_isotropic_model_takes_the_same_architecture_settings_and_names_a_wrong_one():
+    for name in ("convmixer", "convnext_isotropic"):  # fully convolutional: the resolution changes nothing
+        small = create_model(name, dim=8, depth=2, patch_size=4, kernel_size=3, num_classes=3, img_size=32)
+        assert count_params(small) == count_params(create_model(name, dim=8, depth=2, patch_size=4, kernel_size=3, num_classes=3))
+    with pytest.raises(ValueError, match="bogus: not an option of convnext_isotropic; it takes: dim, depth"):
+        create_model("convnext_isotropic", dim=8, depth=2, bogus=1)

@@ -32,9 +32,10 @@ DEIT_COMPONENTS = {"block": ("",), "attn": ("attn",), "mlp": ("mlp",)}
 @register_model("convmixer", components=CONVMIXER_COMPONENTS, default_components=("pointwise",))
 def convmixer(
     dim: int = 768, depth: int = 32, patch_size: int = 14, kernel_size: int = 3,
-    num_classes: int = 1000, in_chans: int = 3, act: str = "relu", **kwargs,
+    num_classes: int = 1000, in_chans: int = 3, act: str = "relu", img_size: int | None = None, **kwargs,
 ) -> nn.Module:
-    """ConvMixer C/D/P/K (SPIN uses ReLU; timm's default is GELU). Fully convolutional: any image size."""
+    """ConvMixer C/D/P/K (SPIN uses ReLU; timm's default is GELU). Fully convolutional: any image size,
+    so `img_size` is accepted (every isotropic model takes it) and changes nothing."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act: unknown activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
     return ConvMixer(dim, depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
@@ -64,8 +65,8 @@ class ConvNeXtIsotropic(nn.Module):
     one width, global average pooling, LayerNorm and a linear head. ConvNeXt-S-iso: dim 384, depth 18."""
 
     def __init__(self, dim: int = 384, depth: int = 18, patch_size: int = 16, kernel_size: int = 7,
-                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0):
-        super().__init__()
+                 num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0, img_size: int | None = None):
+        super().__init__()  # fully convolutional up to its pooling: `img_size` changes nothing
         self.stem = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         rates = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, kernel_size, drop_path=r) for r in rates])
