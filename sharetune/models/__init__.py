@@ -8,7 +8,6 @@ a dict {rate, mapping, distribution, seed, components, transform_groups, fusion}
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -38,20 +37,13 @@ def create_model(
     most alike in the pretrained model.
     """
     entry = get_model(name)
-    _check_options(entry, kwargs)
+    entry.check_options(kwargs)
     model = entry.builder(**kwargs)
     if pretrained is not None:
         model.load_state_dict(pretrained if isinstance(pretrained, dict) else torch.load(pretrained, map_location="cpu"))
     if sharing is None:
         return model
     return apply_sharing(model, entry, sharing, pretrained=pretrained is not None, cka_data=cka_data)
-
-
-def _check_options(entry: ModelEntry, kwargs: dict) -> None:
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(entry.builder).parameters.values())
-    unknown = [k for k in kwargs if k not in entry.options]
-    if unknown and not takes_any:
-        raise ValueError(f"{unknown[0]}: not an option of {entry.name}; it takes: {', '.join(entry.options)}")
 
 
 __all__ = [

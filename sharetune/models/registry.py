@@ -34,6 +34,13 @@ class ModelEntry:
         params = inspect.signature(self.builder).parameters.values()
         return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
+    def check_options(self, options: dict) -> None:
+        """One clear error for an option the builder does not name (and passes to no **kwargs)."""
+        params = inspect.signature(self.builder).parameters.values()
+        unknown = [k for k in options if k not in self.options]
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+            raise ValueError(f"{unknown[0]}: not an option of {self.name}; it takes: {', '.join(self.options)}")
+
 
 _MODELS: dict[str, ModelEntry] = {}
 
