@@ -4,7 +4,8 @@ Ray's MLflowLoggerCallback makes flat runs and one request per metric; this call
 driver and writes through MlflowClient.log_batch, so it works the same against a local SQLite store
 and a remote tracking server. Runs are found again by tags, so a resumed search adds no duplicates.
 Child runs get every config value as a param and every metric of sharetune.metrics.METRICS (at
-the epoch as step), so a setting and a metric never share a name.
+the epoch as step; the costs also at step 0, before training). MLflow keeps params and metrics
+apart, so the `lr` setting (the initial rate) and the `lr` metric (each epoch's) both show.
 """
 
 from __future__ import annotations
