@@ -1,3 +1,4 @@
+import io
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from helpers import DEVICES
 from torch import nn
 
-from sharetune.models import arbnet, table_ops
+from sharetune.models import arbnet, hashes, table_ops
 from sharetune.models.arbnet import ArbLinear, ArbNetMLP, conv2d_as_arbnet
 from sharetune.models.native import table_kernels
 from sharetune.models.table_ops import KERNEL_ENV, KERNELS
@@ -135,11 +136,67 @@ def test_state_dict_round_trips_exactly():
     other = ArbLinear(30, 20, table_size=64, hash="uniform", seed=99)
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.index, layer.index) and torch.equal(other.dense_weight(), layer.dense_weight())
-    buffer = __import__("io").BytesIO()
-    torch.save(layer.state_dict(), buffer)
-    buffer.seek(0)
-    other.load_state_dict(torch.load(buffer))
+    other.load_state_dict(torch.load(io.BytesIO(saved(layer.state_dict())), weights_only=True))
     assert torch.equal(other.dense_weight(), layer.dense_weight())
+
+
+def saved(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_holds_the_tables_and_the_index_is_rebuilt_at_load():
+    model = ArbNetMLP.paper("mnist", hash="dirichlet", alpha=0.5, sparsity=0.2, table_size=1000, seed=3)
+    x = torch.randn(8, 784)
+    model(x).sum().backward()  # the native kernels' plans (packed 16-bit index) exist now: derived, not saved
+    model.eval()
+    state = model.state_dict()
+    assert not [k for k in state if k.endswith(("index", "sign"))]
+    data = saved(state)
+    unique = sum(p.numel() for p in model.parameters())
+    statistics = sum(b.numel() for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers())
+    assert len(data) <= 1.1 * 4 * (unique + statistics) + 8 * 1024  # + torch's zip format, about 6 KB here
+    loaded = torch.load(io.BytesIO(data), weights_only=True)
+    for other in (ArbNetMLP.paper("mnist", hash="dirichlet", alpha=0.5, sparsity=0.2, table_size=1000, seed=3),
+                  ArbNetMLP.paper("mnist", hash="uniform", table_size=1000, seed=9)):  # another recipe: rebuilt from the saved one
+        other.load_state_dict(loaded)
+        assert torch.equal(other.eval()(x), model(x))
+        assert [torch.equal(a.index, b.index) for a, b in zip(other.arb_layers(), model.arb_layers())] == [True] * 3
+
+
+def test_signs_are_rebuilt_too_and_layers_built_from_an_index_store_it():
+    signed = ArbLinear(30, 20, table_size=64, hash="hashednets", sign=True, seed=2)
+    plain = ArbLinear(30, 20, table_size=64, hash="hashednets", seed=7)
+    plain.load_state_dict(torch.load(io.BytesIO(saved(signed.state_dict())), weights_only=True))
+    assert torch.equal(plain.sign, signed.sign) and torch.equal(plain.dense_weight(), signed.dense_weight())
+    custom = ArbLinear.from_index(np.arange(12).reshape(3, 4)[::-1] % 5, 5)
+    assert "index" in custom.state_dict()
+    other = ArbLinear.from_index(np.zeros((3, 4), dtype=int), 5)
+    other.load_state_dict(torch.load(io.BytesIO(saved(custom.state_dict())), weights_only=True))
+    assert torch.equal(other.dense_weight(), custom.dense_weight())
+
+
+def test_a_user_hash_keeps_its_index_in_checkpoints_unless_it_declares_itself_deterministic():
+    @hashes.register_hash("test_global_rng")
+    def global_rng(shape, table_size, rng):  # draws from NumPy's global generator: not a function of the seed
+        return hashes.Hashed(np.random.randint(0, table_size, int(np.prod(shape))))
+
+    @hashes.register_hash("test_declared", deterministic=True)
+    def declared(shape, table_size, rng):
+        return hashes.Hashed(rng.integers(0, table_size, int(np.prod(shape))))
+
+    try:
+        layer = ArbLinear(30, 20, table_size=64, hash="test_global_rng")
+        assert "index" in layer.state_dict()
+        other = ArbLinear(30, 20, table_size=64, hash="test_global_rng")
+        assert not torch.equal(other.index, layer.index)
+        other.load_state_dict(torch.load(io.BytesIO(saved(layer.state_dict())), weights_only=True))
+        assert torch.equal(other.dense_weight(), layer.dense_weight())
+        assert "index" not in ArbLinear(30, 20, table_size=64, hash="test_declared").state_dict()
+    finally:
+        for name in ("test_global_rng", "test_declared"):
+            hashes._HASHES.pop(name)
 
 
 def test_entropy_and_load_factor():

@@ -1,8 +1,10 @@
 """ArbNet (Chang & Lipson): MLP layers whose virtual weights are read from a hash table.
 
 Every virtual weight w_i of a layer is `table[h(i)]` for a hash h computed once, before training.
-Collisions are weight sharing. The index is a persistent int32 buffer, so `state_dict` holds the
-exact sharing pattern and reloads it bit for bit.
+Collisions are weight sharing. The index (an int32 buffer) is a function of the layer's recipe (hash,
+options, sparsity, seed) and shape, so for a deterministic hash (`register_hash(deterministic=True)`,
+all built-in ones) `state_dict` holds only the recipe and the index is recomputed at load: a
+checkpoint is the size of the tables. Other hashes, and layers built `from_index`, store the index.
 
 Sparsity (the paper leaves it undefined): a reserved zero entry. Exactly round(sparsity * n) of a
 layer's n virtual weights, chosen by the layer's seed, map to an extra slot that always reads 0 and
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.models.hashes import compute_hash
+from sharetune.models.hashes import Hashed, compute_hash, is_deterministic
 from sharetune.models.registry import register_model
 from sharetune.models.table_ops import TablePlan, gather_tables, plan_key
 
@@ -44,17 +46,11 @@ class ArbLinear(nn.Module):
     ) -> None:
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity: must be in [0, 1), got {sparsity}")
-        hashed = compute_hash(
-            hash, (out_features, in_features), table_size, seed, alpha=alpha, radius=radius, sign=sign
-        )
-        index = hashed.index
-        zeros = round(sparsity * index.size)
-        if zeros:
-            index = index.copy()
-            index[np.random.default_rng((seed, 1)).permutation(index.size)[:zeros]] = table_size
+        recipe = {"hash": hash, "alpha": alpha, "radius": radius, "sign": sign, "sparsity": sparsity, "seed": seed}
+        hashed = hashed_index(recipe, (out_features, in_features), table_size)
         super().__init__()
-        self._setup(in_features, out_features, table_size, index, hashed.sign, bias)
-        self.hash_name = hash
+        self._setup(in_features, out_features, table_size, hashed.index, hashed.sign, bias, stored=not is_deterministic(hash))
+        self.hash_name, self.recipe = hash, recipe
 
     @classmethod
     def from_index(
@@ -69,20 +65,40 @@ class ArbLinear(nn.Module):
         index = np.asarray(index)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(index.shape[1], index.shape[0], table_size, index.ravel(), sign, bias)
-        layer.hash_name = "custom"
+        layer._setup(index.shape[1], index.shape[0], table_size, index.ravel(), sign, bias, stored=True)
+        layer.hash_name, layer.recipe = "custom", None
         return layer
 
     def _setup(
-        self, in_features: int, out_features: int, table_size: int, index: np.ndarray, sign, bias: bool
+        self, in_features: int, out_features: int, table_size: int, index: np.ndarray, sign, bias: bool, *, stored: bool
     ) -> None:
+        """`stored`: whether `state_dict` holds the index (else the recipe rebuilds it, see set_extra_state)."""
         self.in_features, self.out_features, self.table_size = in_features, out_features, table_size
-        dtype = torch.int32 if table_size < 2**31 - 1 else torch.int64
-        self.register_buffer("index", torch.as_tensor(np.asarray(index), dtype=dtype).contiguous())
-        self.register_buffer("sign", None if sign is None else torch.as_tensor(np.asarray(sign), dtype=torch.int8))
+        index_tensor, sign_tensor = self._index_tensors(index, sign)
+        self.register_buffer("index", index_tensor, persistent=stored)
+        self.register_buffer("sign", sign_tensor, persistent=stored)
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, so dense and hashed nets start alike
         self.table = nn.Parameter(torch.empty(table_size).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
+
+    def _index_tensors(self, index: np.ndarray, sign: np.ndarray | None) -> tuple[Tensor, Tensor | None]:
+        dtype = torch.int32 if self.table_size < 2**31 - 1 else torch.int64
+        index_tensor = torch.as_tensor(np.asarray(index), dtype=dtype).contiguous()
+        return index_tensor, None if sign is None else torch.as_tensor(np.asarray(sign), dtype=torch.int8)
+
+    def get_extra_state(self) -> dict | None:
+        """The recipe the index is computed from (None: built `from_index`); a few hundred bytes."""
+        return self.recipe
+
+    def set_extra_state(self, recipe: dict | None) -> None:
+        """A loaded recipe other than this layer's recomputes the index, where it is not stored."""
+        if recipe is None or recipe == self.recipe or "index" not in self._non_persistent_buffers_set:
+            return
+        hashed = hashed_index(recipe, (self.out_features, self.in_features), self.table_size)
+        index, sign = self._index_tensors(hashed.index, hashed.sign)
+        device = self._buffers["index"].device
+        self.index, self.sign = index.to(device), None if sign is None else sign.to(device)
+        self.hash_name, self.recipe = recipe["hash"], dict(recipe)
 
     def dense_weight(self) -> Tensor:
         """The materialised `out x in` weight (differentiable with respect to the table)."""
@@ -132,6 +148,19 @@ class ArbLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"table_size={self.table_size}, hash={self.hash_name}"
         )
+
+
+def hashed_index(recipe: dict, shape: tuple[int, int], table_size: int) -> Hashed:
+    """A layer's index and signs from its recipe: the hash over `table_size` entries, then exactly
+    round(sparsity * n) weights, chosen by the seed, moved to the zero slot (entry `table_size`)."""
+    options = {k: recipe[k] for k in ("alpha", "radius", "sign")}
+    hashed = compute_hash(recipe["hash"], shape, table_size, recipe["seed"], **options)
+    zeros = round(recipe["sparsity"] * hashed.index.size)
+    if not zeros:
+        return hashed
+    index = hashed.index.copy()
+    index[np.random.default_rng((recipe["seed"], 1)).permutation(index.size)[:zeros]] = table_size
+    return Hashed(index, hashed.sign)
 
 
 def gather_weights(layers: Sequence[ArbLinear]) -> list[Tensor]:

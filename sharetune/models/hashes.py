@@ -3,7 +3,9 @@
 A hash is a small function registered by name. It receives the layer's virtual weight shape, the
 table size, a seeded NumPy generator and its own keyword options, and returns a `Hashed` index.
 Indices are computed once, before training (ArbNet section 1.1), so speed matters less than
-reproducibility: every hash draws only from the generator it is given.
+reproducibility: every hash draws only from the generator it is given. A hash registered with
+`deterministic=True` promises that (same shape, table size, seed and options: same index), so an
+ArbNet layer saves only its recipe and recomputes the index at load; any other hash's index is saved.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 HashFn = Callable[..., "Hashed"]
 _HASHES: dict[str, HashFn] = {}
+_DETERMINISTIC: set[str] = set()
 
 
 @dataclass
@@ -24,14 +27,21 @@ class Hashed:
     sign: np.ndarray | None = None  # optional +-1 per virtual weight (HashedNets' sign hash)
 
 
-def register_hash(name: str) -> Callable[[HashFn], HashFn]:
-    """Register `fn(shape, table_size, rng, **options) -> Hashed` under `name`."""
+def register_hash(name: str, *, deterministic: bool = False) -> Callable[[HashFn], HashFn]:
+    """Register `fn(shape, table_size, rng, **options) -> Hashed` under `name`. `deterministic`: the
+    index depends only on the arguments and draws only from `rng`, so checkpoints need not store it."""
 
     def wrap(fn: HashFn) -> HashFn:
         _HASHES[name] = fn
+        (_DETERMINISTIC.add if deterministic else _DETERMINISTIC.discard)(name)
         return fn
 
     return wrap
+
+
+def is_deterministic(name: str) -> bool:
+    """Whether `name`'s index can be recomputed from its recipe instead of stored."""
+    return name in _DETERMINISTIC
 
 
 def hash_names() -> list[str]:
@@ -78,7 +88,7 @@ def compute_hash(
     return hashed
 
 
-@register_hash("identity")
+@register_hash("identity", deterministic=True)
 def identity_hash(shape: tuple[int, ...], table_size: int, rng: np.random.Generator) -> Hashed:
     """No sharing: a plain dense layer (ArbNet section 2.1)."""
     n = int(np.prod(shape))
@@ -87,19 +97,19 @@ def identity_hash(shape: tuple[int, ...], table_size: int, rng: np.random.Genera
     return Hashed(np.arange(n, dtype=np.int64))
 
 
-@register_hash("modulus")
+@register_hash("modulus", deterministic=True)
 def modulus_hash(shape: tuple[int, ...], table_size: int, rng: np.random.Generator) -> Hashed:
     """Eq. 1: w_i = table[i mod n]; an RNN's reuse across unrolled steps (section 2.3)."""
     return Hashed(np.arange(int(np.prod(shape)), dtype=np.int64) % table_size)
 
 
-@register_hash("uniform")
+@register_hash("uniform", deterministic=True)
 def uniform_hash(shape: tuple[int, ...], table_size: int, rng: np.random.Generator) -> Hashed:
     """Eq. 2: every weight picks an entry uniformly at random."""
     return Hashed(rng.integers(0, table_size, int(np.prod(shape)), dtype=np.int64))
 
 
-@register_hash("dirichlet")
+@register_hash("dirichlet", deterministic=True)
 def dirichlet_hash(
     shape: tuple[int, ...], table_size: int, rng: np.random.Generator, *, alpha: float = 1.0
 ) -> Hashed:
@@ -112,7 +122,7 @@ def dirichlet_hash(
     return Hashed(index.astype(np.int64))
 
 
-@register_hash("neighborhood")
+@register_hash("neighborhood", deterministic=True)
 def neighborhood_hash(
     shape: tuple[int, ...], table_size: int, rng: np.random.Generator, *, radius: int = 0
 ) -> Hashed:
@@ -133,7 +143,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
-@register_hash("hashednets")
+@register_hash("hashednets", deterministic=True)
 def hashednets_hash(
     shape: tuple[int, ...], table_size: int, rng: np.random.Generator, *, sign: bool = False
 ) -> Hashed:
