@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_arbnet.py
 	$(BIN)/python benchmarks/bench_spin.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV)
