@@ -47,6 +47,25 @@ def test_set_overrides_parse_yaml_values():
 
 
 @pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=3", "epochs: unknown key; did you mean fixed.epochs?"),
+        ("dataset=cifar10", "dataset: unknown key; did you mean data.name?"),
+        ("data.dataset=cifar10", "data.dataset: unknown key; did you mean data.name?"),
+        ("budget.num_sample=3", "budget.num_sample: unknown key; did you mean budget.num_samples?"),
+        ("fixd.epochs=3", "fixd: unknown key; did you mean fixed?"),
+        ("scheduler={name: asha, grace: 1}", "scheduler.grace: unknown key; did you mean scheduler.grace_period?"),
+        ("sampler_option={}", "sampler_option: unknown key; did you mean sampler_options?"),
+        ("colour=red", "colour: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_set_key_suggests_the_nearest_valid_path(override, message):
+    with pytest.raises(SpecError) as raised:
+        load_spec("weight-sharing", [override])
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
     "changes, message",
     [
         ({"bogus": 1}, "bogus: unknown key"),

@@ -31,6 +31,7 @@ from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
 from sharetune.metrics import COSTS, METRICS
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
+from sharetune.spaces.suggest import nearest_path, spec_paths
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
@@ -288,7 +289,8 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
         if problem["type"] == "literal_error":
             message = f"allowed: {problem['ctx']['expected']}"
         elif problem["type"] == "extra_forbidden":
-            message = "unknown key"
+            suggestion = nearest_path(where(problem["loc"]), spec_paths(SearchSpec, FAMILIES.values()))
+            message = "unknown key" + (f"; did you mean {suggestion}?" if suggestion else "")
         elif problem["type"] in RANGE_ERRORS:
             message = f"{message[0].lower()}{message[1:]}"
         if problem["type"] == "literal_error" or problem["type"] in RANGE_ERRORS:  # say what was given
