@@ -11,17 +11,25 @@ Every piece is a setting of its own; one left out comes from the chosen bundle.
 it (sharetune.spaces.settings), so a trial's settings are its recipe. `train_epochs` is a generator
 so callers (the CLI, Ray Tune trainables) report each epoch as it ends; it evaluates on every split
 the data has (val for selection, test) after each epoch.
+
+Speed settings, where the hardware has them: `precision` (autocast to bf16 or fp16, the latter with a
+gradient scaler), `channels_last` for convolutional models, `compile` (torch.compile; a model that
+fails to compile warns once and trains eagerly). Under torch.distributed (a Ray Train worker) every
+metric is summed over the ranks, so an epoch's accuracy and loss are the whole data's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import time
-from typing import Iterator, Literal, Optional
+import warnings
+from typing import Callable, Iterator, Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
@@ -30,6 +38,8 @@ from sharetune.data import Augment, Batches
 from sharetune.metrics import EpochMetrics
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The bundles a `recipe` names. 0 (or "none") turns a piece off; lr_batch 0: lr is used as given.
 RECIPES: dict[str, dict] = {
     "arbnet": {
@@ -70,6 +80,9 @@ class Recipe(BaseModel):
     random_erasing: Optional[float] = Field(None, ge=0, le=1)
     grad_clip: Optional[float] = Field(None, ge=0)  # max gradient norm
     ema_decay: Optional[float] = Field(None, ge=0, lt=1)  # model EMA (timm's ModelEmaV3); evaluation uses it
+    precision: Optional[Literal[PRECISIONS]] = None  # type: ignore[valid-type]  # None: bf16 on a CUDA device that has it, else fp32
+    channels_last: Optional[bool] = None  # None: on for convolutional models on CUDA
+    compile: bool = False  # torch.compile the model (falls back to eager, with one warning, if it fails)
 
     @field_validator("optimizer")
     @classmethod
@@ -114,6 +127,61 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The precision a run trains in: the setting, or by default bf16 where the device computes in it
+    (CUDA since Ampere) and fp32 elsewhere. One the device lacks fails here, naming the setting: fp16
+    on a CPU would only be slower (no fp16 kernels), so it is refused rather than emulated."""
+    cuda = device.type == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision is None:
+        return "bf16" if bf16 else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError(f"precision: fp16 needs a CUDA device (this run is on {device.type}); allowed here: fp32, bf16")
+    if precision == "bf16" and cuda and not bf16:
+        raise ValueError(f"precision: {torch.cuda.get_device_name(device)} has no bf16; allowed here: fp32, fp16")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where the forward pass runs in `precision` (fp32: as it is)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def channels_last(model: nn.Module, recipe: Recipe, device: torch.device) -> bool:
+    """Whether images go channels-last: the setting, or by default for convolutional models on CUDA
+    (where cuDNN's NHWC kernels, and tensor cores under autocast, are faster)."""
+    wanted = recipe.channels_last if recipe.channels_last is not None else device.type == "cuda"
+    return wanted and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+class EagerFallback:
+    """`torch.compile(model)`, called like the model; a failure to compile (no compiler, an
+    unsupported operation) warns once and every later call runs the model eagerly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.compiled = model, torch.compile(model)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # noqa: BLE001 - dynamo and inductor raise many kinds; eager re-raises real bugs
+                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {reason}); training eagerly", stacklevel=2)
+                self.compiled = None
+        return self.model(x)
+
+
+def summed(values: Tensor) -> Tensor:
+    """`values` summed over the ranks of a distributed run (as they are in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
 @functools.cache
 def keep_freed_memory() -> None:
     """Let glibc keep the memory a training step frees, for the next step, instead of returning it.
@@ -149,6 +217,9 @@ class TrainingState:
         from timm.optim import create_optimizer_v2
 
         self.recipe, self.updates = recipe, 0
+        self.device = next(model.parameters()).device  # the model is on its device before its state is made
+        self.precision = resolve_precision(recipe.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")  # bf16 needs none
         self.optimizer = create_optimizer_v2(decay_groups(model, recipe.weight_decay), opt=recipe.optimizer,
                                              lr=recipe.scaled_lr, momentum=recipe.momentum)
         self.scheduler = _scheduler(self.optimizer, recipe, steps_per_epoch)
@@ -166,23 +237,30 @@ class TrainingState:
                                label_smoothing=recipe.label_smoothing, num_classes=num_classes)
             self.soft_loss = SoftTargetCrossEntropy()
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's loss and logits (MixUp/CutMix mix the batch and soften its targets)."""
-        if self.mixup is None:
+    def loss(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's loss and logits, the forward pass in the run's precision (MixUp/CutMix mix the
+        batch and soften its targets). `model`: the module, or what runs it (DDP, torch.compile)."""
+        if self.mixup is not None:
+            if len(x) % 2:  # timm mixes pairs
+                x, y = x[:-1], y[:-1]
+            x, soft = self.mixup(x, y)
+        with autocast(self.precision, self.device):
             logits = model(x)
+        logits = logits.float()  # the loss in fp32, as autocast would compute it
+        if self.mixup is None:
             return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing), logits
-        if len(x) % 2:  # timm mixes pairs
-            x, y = x[:-1], y[:-1]
-        mixed, soft = self.mixup(x, y)
-        logits = model(mixed)
         return self.soft_loss(logits, soft), logits
 
     def step(self, model: nn.Module, loss: Tensor) -> None:
+        """Backward and update; under fp16 through the gradient scaler (which skips a step whose
+        gradients overflowed and lowers its scale)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.recipe.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), self.recipe.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.updates += 1
         if self.recipe.schedule == "onecycle":
             self.scheduler.step()
@@ -204,7 +282,7 @@ class TrainingState:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "updates": self.updates,
-                "ema": None if self.ema is None else self.ema.state_dict()}
+                "ema": None if self.ema is None else self.ema.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -212,6 +290,8 @@ class TrainingState:
         self.updates = state["updates"]
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if state.get("scaler"):  # empty when the scaler is off (not fp16)
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
@@ -228,13 +308,15 @@ def _scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy of `model` in eval mode."""
+def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], precision: str = "fp32") -> float:
+    """Top-1 accuracy of `model` in eval mode, over every rank's share of the split when distributed."""
     model.eval()
-    correct = seen = 0
+    correct, seen = torch.zeros((), dtype=torch.int64, device=next(model.parameters()).device), 0
     for x, y in batches:
-        correct += int((model(x).argmax(1) == y).sum())
+        with autocast(precision, x.device):
+            correct += (model(x).argmax(1) == y).sum()
         seen += len(y)
+    correct, seen = summed(torch.stack([correct, correct.new_tensor(seen)])).tolist()
     return correct / seen
 
 
@@ -247,32 +329,43 @@ def train_epochs(
     state: TrainingState | None = None,
     start_epoch: int = 0,
     workers: int = 0,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> Iterator[EpochMetrics]:
     """Train `model` on `data`, yielding one EpochMetrics per epoch; stops early if the loss diverges.
 
     Pass the TrainingState restored from a checkpoint (and `start_epoch`) to resume: each epoch's
     data order depends only on the seed and the epoch, so a resumed run sees the same batches.
-    `workers`: DataLoader processes for data streamed from disk.
+    `workers`: DataLoader processes for data streamed from disk. `wrap`: what the training forward
+    runs through (a Ray Train worker's DistributedDataParallel); evaluation runs the model itself.
+    After each epoch `state.epoch_samples` holds the examples this process trained on.
     """
     keep_freed_memory()
     device = pick_device(str(device) if device is not None else None)
     model.to(device)
+    layout = torch.channels_last if channels_last(model, recipe, device) else None
+    if layout is not None:
+        model.to(memory_format=layout)
     state = state or TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
+    forward = wrap(model) if wrap is not None else model
+    forward = EagerFallback(forward) if recipe.compile else forward
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         model.train()
         total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):
-            loss, logits = state.loss(model, x, y)
+            if layout is not None:
+                x = x.contiguous(memory_format=layout)
+            loss, logits = state.loss(forward, x, y)
             state.step(model, loss)
             total_loss += loss.detach() * len(logits)
             correct += (logits.argmax(1) == y[: len(logits)]).sum()
             seen += len(logits)
-        mean_loss = float(total_loss) / seen
-        train_accuracy = float(correct) / seen
+        state.epoch_samples = seen
+        mean_loss, correct, seen = summed(torch.stack([total_loss, correct, total_loss.new_tensor(seen)])).tolist()
+        mean_loss, train_accuracy = mean_loss / seen, correct / seen
         diverged = not math.isfinite(mean_loss)
         evaluated = state.evaluated(model)
-        accuracy = {split: 0.0 if diverged else evaluate(evaluated, data.eval_batches(split, device, workers=workers))
+        accuracy = {split: 0.0 if diverged else evaluate(evaluated, data.eval_batches(split, device, workers=workers), state.precision)
                     for split in data.splits()}
         state.end_epoch(train_accuracy)
         yield EpochMetrics(

@@ -7,7 +7,8 @@ the gather across all cores (vector gathers or scalar loads, whichever this CPU 
 scatter with each core owning a cache-sized part of a large table (no atomics) or summing into
 private copies of a small one. Without a compiler, CPU layers gather with `index_select` and scatter
 with a sparse matrix-vector product (CSR, int32 indices), the fastest pure-PyTorch pair we measured.
-On CUDA, `index_select`, whose autograd backward is `index_add_`, beats sort-based scatters.
+On CUDA, `index_select`, whose autograd backward is `index_add_`, beats sort-based scatters; a net's
+layers are gathered by one of them, from their tables laid end to end (`_IndexSelectBatch`).
 
 Index convention: entry `table_size` is the reserved zero slot (sparsity); it reads as 0 and
 never receives a gradient.
@@ -93,7 +94,7 @@ class TablePlan:
         self.sign = sign
         self.partition: list[Tensor] | None = None  # native kernel, large tables: see _partition
         self.index16: Tensor | None = None  # native kernel, small tables: the index in 16 bits
-        self.batches: dict[tuple[int, ...], _NativeBatch] = {}  # native calls that start with this plan
+        self.batches: dict[tuple, _NativeBatch | _IndexSelectBatch] = {}  # batched calls that start with this plan
         if self.kernel == "native" and table_size > SMALL_TABLE:
             threads = _threads()
             parts = max(1, -(-table_size * 4 // PART_BYTES))
@@ -163,6 +164,8 @@ def gather_tables(plans: Sequence[TablePlan], tables: Sequence[Tensor]) -> list[
     native = [i for i, (plan, table) in enumerate(zip(plans, tables)) if plan.native(table) and plan.partition is None]
     if native and len(native) == len(plans):  # the common case, and every step: no bookkeeping
         return list(_NativeGather.apply(tuple(plans), *tables))
+    if len(plans) > 1 and all(plan.kernel == "torch" for plan in plans) and len({t.dtype for t in tables}) == 1:
+        return _batch(plans, _IndexSelectBatch).gather(tables)  # CUDA: a few launches for the whole net
     weights = [None if i in native else plan.gather(table) for i, (plan, table) in enumerate(zip(plans, tables))]
     if native:
         gathered = _NativeGather.apply(tuple(plans[i] for i in native), *(tables[i] for i in native))
@@ -242,7 +245,7 @@ class _ReusedBuffers:
 class _NativeBatch:
     """The layers one native call gathers, with the call's arguments that never change.
 
-    Built once per set of plans and cached on the first one (`_native_batch`): in a training step,
+    Built once per set of plans and cached on the first one (`_batch`): in a training step,
     each Python operation around the kernels costs about a microsecond, and an MNIST layer's kernels
     only tens. Holds the other plans, so that their ids, the cache key, are not reused.
     """
@@ -289,18 +292,51 @@ class _NativeBatch:
         return outs
 
 
-def _native_batch(plans: tuple[TablePlan, ...]) -> _NativeBatch:
-    key = tuple(map(id, plans[1:]))
+class _IndexSelectBatch:
+    """Several layers' tables read by one `index_select` (on CUDA, where each kernel launch costs as
+    much as a small layer's gather): the tables laid end to end with one zero slot after them, and
+    every layer's index shifted to its table's place, made once and kept on the device.
+
+    A step is then one concatenation, one gather and, with signs, one multiplication, whatever the
+    number of layers; autograd's backward is one `index_add_` and views of its result.
+    """
+
+    def __init__(self, plans: Sequence[TablePlan]) -> None:
+        self.others = plans[1:]  # held, so that their ids (the cache key) are not reused
+        starts = np.cumsum([0] + [plan.table_size for plan in plans])
+        zero = int(starts[-1])  # the shared zero slot
+        self.index = torch.cat([torch.where(plan.index64 == plan.table_size, zero, plan.index64 + int(start))
+                                for plan, start in zip(plans, starts)])
+        signs = [plan.sign for plan in plans]
+        self.sign = None if all(s is None for s in signs) else torch.cat(
+            [torch.ones(p.index.numel(), dtype=torch.int8, device=p.index.device) if s is None else s for p, s in zip(plans, signs)])
+        self.sizes = [plan.index.numel() for plan in plans]
+        self.shapes = [plan.shape for plan in plans]
+        self.typed: dict[torch.dtype, tuple[Tensor, Tensor | None]] = {}  # per table dtype: zero slot, signs
+
+    def gather(self, tables: Sequence[Tensor]) -> list[Tensor]:
+        dtype = tables[0].dtype
+        if dtype not in self.typed:
+            self.typed[dtype] = (self.index.new_zeros(1, dtype=dtype), None if self.sign is None else self.sign.to(dtype))
+        zero, sign = self.typed[dtype]
+        values = torch.cat([*tables, zero]).index_select(0, self.index)
+        values = values if sign is None else values * sign
+        return [part.view(shape) for part, shape in zip(values.split(self.sizes), self.shapes)]
+
+
+def _batch(plans: Sequence[TablePlan], kind: type):
+    """The `kind` of batch for these plans, built once and cached on the first plan."""
+    key = (kind, *map(id, plans[1:]))
     batch = plans[0].batches.get(key)
     if batch is None:
-        batch = plans[0].batches[key] = _NativeBatch(plans)
+        batch = plans[0].batches[key] = kind(plans)
     return batch
 
 
 class _NativeGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans: tuple[TablePlan, ...], *tables: Tensor) -> tuple[Tensor, ...]:
-        ctx.plans, ctx.batch = plans, _native_batch(plans)
+        ctx.plans, ctx.batch = plans, _batch(plans, _NativeBatch)
         return tuple(ctx.batch.gather(plans, tables))
 
     @staticmethod

@@ -90,8 +90,9 @@ class Budget(BaseModel):
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)  # fractions share one GPU between trials
+    cpu: float = Field(1.0, gt=0)  # per worker
+    gpu: float = Field(0.0, ge=0)  # per worker; fractions share one GPU between trials (or workers)
+    workers: int = Field(1, ge=1)  # >1: each trial is a Ray Train data-parallel job of this many workers
 
 
 class DataSpec(BaseModel):
@@ -215,6 +216,9 @@ class SearchSpec(BaseModel):
                     raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
         for settings in self.extreme_settings():
             self._check_pretrained(settings)
+            if settings.precision == "fp16" and not self.resources.gpu:
+                raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
+                                 "allowed: fp32, bf16")
 
     def extreme_settings(self) -> list[FamilySettings]:
         """One trial's settings per combination of dimension extremes (and variant) with the fixed
