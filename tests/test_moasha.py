@@ -100,7 +100,7 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
     assert len(later_untrained) and set(later_untrained["epochs_done"]) == {1}
     assert (trials["epochs_done"] == 4).any()
     # What the sampler was told: every trial complete, with its objectives where it stopped.
-    study = optuna.load_study(study_name="tiny", storage=storage)
+    study = optuna.load_study(study_name=result.folder.name, storage=storage)
     told = {(t.params["lr"], t.params["table_size"]): t for t in study.trials}
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     for row in trials.itertuples():

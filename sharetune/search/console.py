@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sharetune.search.report import ACCURACY, Report
+from sharetune.search.report import ACCURACY, SKIPPED, Report
 from sharetune.spaces import SearchSpec
 
 
@@ -13,11 +13,14 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
-    """The best trials by the first objective, with every objective and searched setting."""
+    """The best trials (configurations, where seeds repeat) by the first objective, with every
+    objective (mean and standard deviation over repeats) and searched setting."""
     first, mode = next(iter(spec.objectives.items()))
-    ranked = trials.sort_values(first, ascending=mode == "min")
-    columns = ["trial_id", "status", *spec.objectives, *[c for c in spec.dimensions if c in trials]]
-    return "top trials:\n" + _table(ranked[list(dict.fromkeys(columns))].head(count))
+    trained = trials[~trials["status"].isin(SKIPPED)]
+    ranked = trained.sort_values(first, ascending=mode == "min")
+    objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
+    columns = ["trial_id", "status", "repeats", *objectives, *[c for c in spec.dimensions if c in trials]]
+    return "top trials:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in trials]].head(count))
 
 
 def front_table(front: pd.DataFrame, cost: str) -> str:

@@ -4,8 +4,10 @@ Ray's MLflowLoggerCallback makes flat runs and one request per metric; this call
 driver and writes through MlflowClient.log_batch, so it works the same against a local SQLite store
 and a remote tracking server. Runs are found again by tags, so a resumed search adds no duplicates.
 Child runs get every config value as a param and every metric of sharetune.metrics.METRICS (at
-the epoch as step; the costs also at step 0, before training). MLflow keeps params and metrics
-apart, so the `lr` setting (the initial rate) and the `lr` metric (each epoch's) both show.
+the epoch as step; the costs also at step 0, before training). Proposals the searcher
+answered without training (the search folder's skipped list) get a finished child run each, tagged
+`sharetune.kind` infeasible (with their costs at step 0) or duplicate (`sharetune.duplicate_of`: the
+first one's trials). MLflow keeps params and metrics apart, so the `lr` setting (the initial rate) and the `lr` metric (each epoch's) both show.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from sharetune.metrics import METRICS, STEP
+from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec
 
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 TRIAL_TAG = "sharetune.trial_id"
+KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
+CONFIGURATION_TAG = "sharetune.configuration"  # its Optuna trial number
+DUPLICATE_TAG = "sharetune.duplicate_of"
 PARENT_TAG = "mlflow.parentRunId"
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -102,13 +108,14 @@ class MlflowLogger(tune.Callback):
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
         self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow (0: the costs)
+        self.skipped_logged: set[int] = set()  # configuration numbers with a run
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
         return cls(uri, spec.name, folder, parent_params(spec), {**source_tags(), "sharetune.preset": spec.name})
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}}
+        return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}, "skipped_logged": set()}
 
     def setup(self, **info) -> None:
         self.client = MlflowClient(self.uri)
@@ -126,8 +133,35 @@ class MlflowLogger(tune.Callback):
             self.client.update_run(self.parent_id, status="RUNNING")
         children = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=10000)
         self.children = {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children if TRIAL_TAG in run.data.tags}
+        self.skipped_logged = {int(run.data.tags[CONFIGURATION_TAG]) for run in children if CONFIGURATION_TAG in run.data.tags}
+
+    def _log_params(self, run_id: str, config: dict) -> None:
+        params = [Param(k, str(v)[:6000]) for k, v in sorted(config.items())]
+        for batch in _batched(params):
+            self.client.log_batch(run_id, params=batch)
+
+    def log_skipped(self) -> None:
+        """A finished child run for each proposal answered without training since the last call."""
+        for entry in self.folder.skipped():
+            number = entry["config"][CONFIGURATION]
+            if number in self.skipped_logged:
+                continue
+            tags = {PARENT_TAG: self.parent_id, KIND_TAG: entry["kind"], CONFIGURATION_TAG: str(number)}
+            if entry["kind"] == "duplicate":
+                tags[DUPLICATE_TAG] = ",".join(entry["duplicate_of_trials"])
+                name = f"duplicate of configuration {entry['duplicate_of']}"
+            else:
+                name = f"infeasible configuration {number}"
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            self._log_params(run_id, entry["config"])
+            now = int(time.time() * 1000)
+            costs = [Metric(k, float(v), now, 0) for k, v in entry.get("costs", {}).items() if k in METRICS]
+            self.client.log_batch(run_id, metrics=costs)
+            self.client.set_terminated(run_id, status="FINISHED")
+            self.skipped_logged.add(number)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.log_skipped()  # the searcher answers those on its way to this trial
         if trial.trial_id in self.children:  # resumed: keep logging into the same run
             run_id = self.children[trial.trial_id]
             self.client.update_run(run_id, status="RUNNING")
@@ -140,9 +174,7 @@ class MlflowLogger(tune.Callback):
         tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
         run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
         self.children[trial.trial_id] = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in sorted(trial.config.items())]
-        for batch in _batched(params):
-            self.client.log_batch(run.info.run_id, params=batch)
+        self._log_params(run.info.run_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if STEP not in result:
@@ -165,5 +197,6 @@ class MlflowLogger(tune.Callback):
             self.client.set_terminated(run_id, status="FAILED")
 
     def on_experiment_end(self, trials, **info) -> None:
+        self.log_skipped()
         finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
         self.client.set_terminated(self.parent_id, status="FINISHED" if finished else "KILLED")

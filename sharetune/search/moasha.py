@@ -9,7 +9,7 @@ So, as in ASHA, the first trial at a rung always continues, a trial is stopped o
 are clearly better, and roughly the top 1/reduction_factor go on.
 
 What the sampler is told about a stopped trial: its objectives at the rung where it stopped, as a
-complete trial (Tune reports a stopped trial's last result to OptunaSearch). That is a choice with
+complete trial (Tune reports a stopped trial's last result to the searcher). That is a choice with
 a bias: a stopped trial looks worse than it would have been trained in full, so the sampler leans
 away from configurations that start slowly; telling it "pruned" instead would bias it the other way,
 since NSGA-II and TPE would then learn nothing from most trials.

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import COSTS, METRICS, STEP, hypervolume_2d, pareto_mask
 from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
+from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
 
@@ -32,6 +33,7 @@ LEGEND_GROUPS = 4  # continuous settings are binned to this many legend entries
 @dataclass
 class Report:
     trials: pd.DataFrame
+    configurations: pd.DataFrame  # a row per configuration (repeats as mean and _std); `trials` without repeats
     fronts: dict[str, pd.DataFrame] = field(default_factory=dict)  # cost -> front rows
     hypervolume: dict[str, float] = field(default_factory=dict)  # cost -> normalised hypervolume
     skipped: dict[str, str] = field(default_factory=dict)  # cost -> why it has no front
@@ -39,15 +41,21 @@ class Report:
 
 
 def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
-    """One row per trial: its settings (config) and its last reported metrics, side by side."""
+    """One row per trial: its settings (config) and its last reported metrics, side by side; then a
+    row per proposal answered without training (status INFEASIBLE, with its costs, or DUPLICATE)."""
     from ray import tune
 
+    folder = SearchFolder(folder)
     rows = []
-    for trial in tune.ExperimentAnalysis(str(SearchFolder(folder))).trials:
+    for trial in tune.ExperimentAnalysis(str(folder)).trials:
         last = trial.last_result or {}
         rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get(STEP, 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
+    for entry in folder.skipped():
+        first = {"duplicate_of": ",".join(entry["duplicate_of_trials"])} if entry["kind"] == "duplicate" else {}
+        rows.append({"trial_id": None, "status": entry["kind"].upper(), "epochs_done": 0, **entry["config"],
+                     **_metric_columns(entry.get("costs", {})), **first})
     return pd.DataFrame(rows)
 
 
@@ -84,6 +92,30 @@ def _number(text: str):
         except ValueError:
             pass
     return None if text == "None" else text
+
+
+TRAINED = ("TERMINATED", "FINISHED", "FAILED")  # Tune's and MLflow's statuses of a trial that trained to its end
+SKIPPED = ("INFEASIBLE", "DUPLICATE")  # proposals the searcher answered without training
+
+
+def configurations(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: the trials of its repeats (seeds) as the mean of each metric, with
+    `<metric>_std` (sample standard deviation) and `repeats` (how many trained). Tables without
+    repeats come back unchanged."""
+    trained = trials[trials["status"].isin(TRAINED)]
+    if CONFIGURATION not in trials or not trained[CONFIGURATION].duplicated().any():
+        return trials
+    metrics = [c for c in _metric_columns({}) if c in trained]
+    groups = trained.groupby(CONFIGURATION, sort=False)
+    table = groups.first()
+    table[metrics] = groups[metrics].mean()
+    spread = groups[metrics].std().add_suffix("_std")
+    table = pd.concat([table, spread], axis=1)
+    table["repeats"] = groups.size()
+    table["trial_id"] = groups["trial_id"].agg(",".join)
+    table["seed"] = groups["seed"].agg(lambda seeds: ",".join(map(str, seeds)))
+    rest = trials[~trials["status"].isin(TRAINED)]
+    return pd.concat([table.reset_index(), rest], ignore_index=True)
 
 
 def reference_cost(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None = None) -> float:
@@ -123,9 +155,16 @@ def _label(trials: pd.DataFrame) -> str | None:
     return None
 
 
+def _error_bars(rows: pd.DataFrame) -> pd.Series | None:
+    """The accuracy's standard deviation over repeated seeds, where the rows have one."""
+    column = f"{ACCURACY}_std"
+    return rows[column].fillna(0) if column in rows else None
+
+
 def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(trials[cost], trials[ACCURACY], s=18, alpha=0.5, label="trials")
+    ax.errorbar(trials[cost], trials[ACCURACY], yerr=_error_bars(trials), fmt="o", ms=4, alpha=0.5, capsize=2,
+                label="trials")
     ax.step(front[cost], front[ACCURACY], where="post", color="C3", marker="o", label="Pareto front")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
@@ -142,7 +181,7 @@ def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
     groups = trials.groupby(legend_groups(trials["sparsity"])) if "sparsity" in trials else [("all", trials)]
     for sparsity, group in groups:
         group = group.sort_values(x)
-        ax.plot(group[x], group[ACCURACY], marker="o", label=f"sparsity {sparsity}")
+        ax.errorbar(group[x], group[ACCURACY], yerr=_error_bars(group), marker="o", capsize=2, label=f"sparsity {sparsity}")
     if log:
         ax.set_xscale("log")
     ax.set(xlabel=x, ylabel=ACCURACY, title=f"{ACCURACY} against {x}")
@@ -156,7 +195,8 @@ def _plot_labelled(trials: pd.DataFrame, label: str, path: Path) -> None:
     """Accuracy against unique parameters per topology / fusion / variant (SPIN Tables 1-5)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for value, group in trials.groupby(legend_groups(trials[label])):
-        ax.scatter(group["unique_params"], group[ACCURACY], s=30, label=f"{label} {value}")
+        ax.errorbar(group["unique_params"], group[ACCURACY], yerr=_error_bars(group), fmt="o", capsize=2,
+                    label=f"{label} {value}")
     ax.set(xlabel="unique_params", ylabel=ACCURACY, title=f"{ACCURACY} against parameters, by {label}")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -169,12 +209,16 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
     costs for the hypervolume (default: the dense model's)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(trials)
+    report = Report(trials, configurations(trials))
     trials.to_csv(out / "trials.csv", index=False)
     # Parquet columns need one type: a choice of None and strings is stored as text
     trials.astype({c: str for c in trials.columns if trials[c].dtype == object}).to_parquet(out / "trials.parquet", index=False)
     report.files += [out / "trials.csv", out / "trials.parquet"]
-    done = trials[trials["status"].isin(["TERMINATED", "FINISHED", "FAILED"])].dropna(subset=[ACCURACY])
+    if report.configurations is not trials:  # repeated seeds: the fronts and plots are of their means
+        report.configurations.to_csv(out / "configurations.csv", index=False)
+        report.files.append(out / "configurations.csv")
+    table = report.configurations
+    done = table[table["status"].isin(TRAINED)].dropna(subset=[ACCURACY])
     for cost in COSTS:
         if cost in done and done[cost].nunique() == 1:
             report.skipped[cost] = (f"every trial has {cost} {done[cost].iloc[0]:.4g}: no trade-off against it to plot "
@@ -211,3 +255,20 @@ def log_report(report: Report, uri: str, parent_id: str) -> None:
         client.log_artifact(parent_id, str(path), artifact_path="report")
     for cost, volume in report.hypervolume.items():
         client.log_metric(parent_id, f"hypervolume_{cost}", volume)
+    for name, value in best_configuration(report).items():
+        client.log_metric(parent_id, name, value)
+
+
+def best_configuration(report: Report) -> dict[str, float]:
+    """Where seeds repeat: the accuracies of the configuration with the best mean val accuracy (test
+    accuracy without a val split), as mean and standard deviation over its seeds."""
+    table = report.configurations
+    if "repeats" not in table:
+        return {}
+    ranking = "val_accuracy" if table.get("val_accuracy", pd.Series(dtype=float)).notna().any() else ACCURACY
+    done = table.dropna(subset=[ranking])
+    if done.empty:
+        return {}
+    best = done.loc[done[ranking].idxmax()]
+    return {f"best_{name}_{part}": float(best[name if part == "mean" else f"{name}_std"])
+            for name in dict.fromkeys([ranking, ACCURACY]) for part in ("mean", "std")}

@@ -18,6 +18,7 @@ from sharetune.spaces import SearchSpec, parse_spec
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
+SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training (infeasible, duplicates)
 DEFAULT_STORAGE = "results"
 
 
@@ -94,3 +95,21 @@ class SearchFolder(str):
         """(tracking URI, experiment name) of the search's MLflow runs."""
         location = json.loads(self._required(MLFLOW_FILE))
         return location["tracking_uri"], location["experiment"]
+
+    @staticmethod
+    def trial_dirname(trial_id: str) -> str:
+        """A trial's folder inside the search's (Tune's default repeats the whole config in the name)."""
+        return f"trial_{trial_id}"
+
+    def trial_results(self, trial_id: str) -> list[dict]:
+        """Every result a trial reported (Tune's result.json), oldest first."""
+        data = self.read(f"{self.trial_dirname(trial_id)}/result.json")
+        return [json.loads(line) for line in data.decode().splitlines() if line] if data else []
+
+    def save_skipped(self, entries: list[dict]) -> None:
+        self.write(SKIPPED_FILE, "".join(json.dumps(entry) + "\n" for entry in entries).encode())
+
+    def skipped(self) -> list[dict]:
+        """The proposals the searcher answered without training, oldest first."""
+        data = self.read(SKIPPED_FILE)
+        return [json.loads(line) for line in data.decode().splitlines() if line] if data else []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import random
+import warnings
 from typing import Any
 
 import optuna
@@ -21,21 +24,22 @@ def suggest(trial: optuna.Trial, name: str, dim: Dimension) -> Any:
 
 class OptunaSpace:
     """Define-by-run space. Samples unconditional dimensions first, then those whose condition holds
-    (alpha only for dirichlet, ...); returns the fixed settings, the family and the chosen variant's
-    settings as constants. A class, not a closure, so Tune can pickle the searcher's state."""
+    (alpha only for dirichlet, ...); returns the trial's whole config: the family, the fixed settings,
+    the sampled ones and the chosen variant's. A class, not a closure, so Tune can pickle the searcher."""
 
     def __init__(self, spec: SearchSpec) -> None:
         self.spec = spec
-        self.order = sorted(spec.dimensions, key=lambda name: bool(spec.condition(name)))
+        self.conditions = {name: spec.condition(name) for name in spec.dimensions}  # read once: each reads signatures
+        self.order = sorted(spec.dimensions, key=lambda name: bool(self.conditions[name]))
 
     def __call__(self, trial: optuna.Trial) -> dict:
         spec, chosen = self.spec, {}
         for name in self.order:
             known = {**spec.fixed, **chosen}
-            if all(known.get(key) in values for key, values in spec.condition(name).items()):
+            if all(known.get(key) in values for key, values in self.conditions[name].items()):
                 chosen[name] = suggest(trial, name, spec.dimensions[name])
         variant = chosen.get("variant", spec.fixed.get("variant"))
-        return {"family": spec.family, **spec.fixed, **spec.variants.get(variant, {})}
+        return {"family": spec.family, **spec.fixed, **chosen, **spec.variants.get(variant, {})}
 
 
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
@@ -45,3 +49,40 @@ def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
         return SAMPLERS[spec.sampler].build(spec, options)
     except (TypeError, ValueError, ImportError) as err:
         raise SpecError(f"sampler_options: {spec.sampler} sampler rejected {spec.sampler_options}: {err}") from None
+
+
+REHEARSAL_ROUNDS = 1  # trials past the warm-up: the first the sampler's own model proposes
+MAX_REHEARSAL = 256  # a longer warm-up is rehearsed in part (a search that long meets the rest later)
+
+
+def warmup_trials(sampler: optuna.samplers.BaseSampler, spec: SearchSpec) -> int:
+    """Trials the sampler proposes before its model starts: its warm-up option, as given or its default."""
+    option = SAMPLERS[spec.sampler].warmup_option
+    if option is None:
+        return 0
+    given = spec.sampler_options.get(option, inspect.signature(type(sampler)).parameters[option].default)
+    return given if isinstance(given, int) else 0  # another type fails in the rehearsal's first round
+
+
+def rehearse_sampler(spec: SearchSpec) -> None:
+    """Drive a fresh copy of the spec's sampler through its warm-up and a few model-based rounds on the
+    spec's space, telling it made-up objective values, so options that fail only once its model starts
+    (TPE's `gamma` at trial 11) fail before Ray starts. SpecError naming the option on failure."""
+    sampler = make_sampler(spec)
+    rounds = min(warmup_trials(sampler, spec) + REHEARSAL_ROUNDS, MAX_REHEARSAL)
+    values, space = random.Random(spec.seed), OptunaSpace(spec)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=sampler, directions=[f"{m}imize" for m in spec.objectives.values()])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental-feature notices, fallbacks to independent sampling
+            while len(study.trials) < rounds:
+                trial = study.ask()
+                space(trial)
+                study.tell(trial, [values.random() for _ in spec.objectives])
+    except Exception as err:  # whatever the sampler raises on these options, the user fixes them
+        raise SpecError(f"sampler_options: {spec.sampler} sampler with {spec.sampler_options} fails at trial "
+                        f"{len(study.trials)} of a dry run: {type(err).__name__}: {err}") from None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
