@@ -235,6 +235,40 @@ def report(
     _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference), uri, parent)
 
 
+@app.command("export")
+def export(
+    folder: str = typer.Argument(..., help="the search folder (a path or URI)"),
+    trial: str = typer.Option(..., "--trial", help="the trial id (as `sharetune report` lists it)"),
+    out: Path = typer.Option(..., "--out", help="the file to write"),
+) -> None:
+    """Write a trial's deployable model (fused layers folded) and settings to one torch file; load it
+    with sharetune.trainables.load_exported(FILE), without Ray or MLflow."""
+    from sharetune.search import SearchFolder
+    from sharetune.search.export import export as export_model
+
+    try:
+        export_model(SearchFolder(folder), trial, out)
+    except (FileNotFoundError, ValueError, DataError) as err:
+        fail(str(err))
+    typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r})")
+
+
+@app.command("list")
+def list_searches(
+    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folders are [default: results]"),
+) -> None:
+    """Past searches under the storage, newest first: name, start, status, trials done, best objectives, folder."""
+    import pandas as pd
+
+    from sharetune.search.listing import past_searches, table_rows
+
+    try:
+        searches = past_searches(storage)
+    except FileNotFoundError as err:
+        fail(str(err))
+    typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
+
+
 def _finish(result, report_dir: Path) -> None:
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
@@ -262,20 +296,28 @@ def ui(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store to show (default: the embedded SQLite store)"),
     port: int = typer.Option(5000, help="port on 127.0.0.1"),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the store in use."""
-    import os
-    import sys
-
-    from sharetune.search.mlflow_logger import local_artifacts, tracking_uri
+    """Start one light MLflow UI (one worker, no job runner) on 127.0.0.1 for the store in use; says when it is ready."""
+    from sharetune.search import tracking_uri
+    from sharetune.search.mlflow_ui import READY_TIMEOUT_S, start_ui, wait_until_ready
 
     uri = tracking_uri(mlflow_uri)
     if uri.startswith(("http://", "https://")):
         typer.echo(f"the tracking server already serves the UI: {uri}")
         return
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--default-artifact-root", local_artifacts()]
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    os.execv(sys.executable, command)
+    typer.echo(f"starting the MLflow UI for {uri}")
+    server = start_ui(uri, port)
+    try:
+        if not wait_until_ready(server, port):
+            code = server.poll()
+            fail(f"--port {port}: the MLflow server " + (f"exited with code {code} (is the port in use?)" if code is not None
+                                                          else f"did not answer within {READY_TIMEOUT_S:.0f} s"))
+        typer.echo(f"MLflow UI ready on http://127.0.0.1:{port} (Ctrl-C stops it)")
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait()
 
 
 DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="the Ray dashboard, http://HEAD:8265")

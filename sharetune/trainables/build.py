@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,14 @@ class Resize(nn.Module):
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What building a model reads of its data: enough to rebuild an exported model without the data."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a `Resize` wrapper (build_spin adds one when img_size differs)."""
     return model[-1] if isinstance(model, nn.Sequential) and isinstance(model[0], Resize) else model
@@ -44,8 +53,12 @@ def build_arbnet(s: ArbNetSettings, data: Batches) -> nn.Module:
     )
 
 
-def build_spin(s: SpinSettings, data: Batches, pretrained: dict | None = None, *, unshared: bool = False) -> nn.Module:
-    """`unshared=True` builds the plain network (what fusion's and cka's pretrained weights come from)."""
+def build_spin(
+    s: SpinSettings, data: Batches | DataShape, pretrained: dict | None = None, *, unshared: bool = False,
+    plan: list[int] | None = None,
+) -> nn.Module:
+    """`unshared=True` builds the plain network (what fusion's and cka's pretrained weights come from);
+    `plan`: bank ids to share by instead of the mapping's (an exported model's: cka's came from data)."""
     in_chans, height = data.input_shape[0], data.input_shape[-1]
     img_size = s.img_size or height
     resize = Resize(img_size) if img_size != height else None
@@ -54,7 +67,9 @@ def build_spin(s: SpinSettings, data: Batches, pretrained: dict | None = None, *
     options = {k: v for k, v in architecture.items() if v is not None and k in entry.options}
     sharing, cka_data = None, None
     if not unshared and s.share_rate > 1:
-        if s.mapping == "cka":
+        if plan is not None:
+            sharing = {"plan": plan}
+        elif s.mapping == "cka":
             sharing = {"rate": s.share_rate, "mapping": s.mapping}
             with torch.no_grad():
                 cka_data = data.sample_inputs(CKA_SAMPLES)
@@ -69,10 +84,12 @@ def build_spin(s: SpinSettings, data: Batches, pretrained: dict | None = None, *
     return model if resize is None else nn.Sequential(resize, model)
 
 
-def build_model(settings: FamilySettings, data: Batches, pretrained: dict | None = None) -> nn.Module:
+def build_model(
+    settings: FamilySettings, data: Batches | DataShape, pretrained: dict | None = None, plan: list[int] | None = None
+) -> nn.Module:
     if isinstance(settings, ArbNetSettings):
         return build_arbnet(settings, data)
-    return build_spin(settings, data, pretrained)
+    return build_spin(settings, data, pretrained, plan=plan)
 
 
 def costs_of(model: nn.Module, data: Batches) -> ModelCosts:

@@ -1,0 +1,82 @@
+"""Past searches under a storage location, read from their folders: what `sharetune list` shows.
+
+A search folder holds its spec (written before Ray starts, so its time is the search's start) and
+Tune's state (each trial's status and last results). Whether a search still runs cannot be told from
+its folder; one with trials left is `incomplete` (interrupted, running, or out of time), and
+`sharetune resume` continues it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from pyarrow import fs
+
+from sharetune.search.storage import DEFAULT_STORAGE, SPEC_FILE, SearchFolder, canonical
+
+ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
+
+
+def tune_trials(folder: SearchFolder) -> list:
+    """Tune's trials of a search; none where Tune has written no state (yet)."""
+    from ray import tune
+
+    try:
+        return tune.ExperimentAnalysis(str(folder)).trials
+    except ValueError:  # no experiment_state-*.json
+        return []
+
+
+@dataclass(frozen=True)
+class PastSearch:
+    folder: SearchFolder
+    name: str
+    started: datetime | None
+    planned: int  # trials the budget asks for
+    done: int  # trials that ended, failed ones included
+    failed: int
+    pending: int  # trials Tune has but that have not ended
+    best: dict[str, float]  # objective -> its best last value over the trials
+
+    @property
+    def status(self) -> str:
+        return "finished" if self.done >= self.planned and not self.pending else "incomplete"
+
+
+def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
+    spec = folder.spec()
+    trials = tune_trials(folder)
+    statuses = [trial.status for trial in trials]
+    best = {}
+    for objective, mode in spec.objectives.items():
+        values = [v for t in trials if isinstance(v := (t.last_result or {}).get(objective), (int, float)) and not math.isnan(v)]
+        if values:
+            best[objective] = max(values) if mode == "max" else min(values)
+    return PastSearch(folder, spec.name, started, spec.num_samples(), done=sum(s in ENDED for s in statuses),
+                      failed=statuses.count("ERROR"), pending=sum(s not in ENDED for s in statuses), best=best)
+
+
+def past_searches(storage: str | None = None) -> list[PastSearch]:
+    """The searches under `storage` (a path or URI; default DEFAULT_STORAGE), newest first.
+    FileNotFoundError when `storage` does not exist."""
+    filesystem, root = fs.FileSystem.from_uri(canonical(storage or DEFAULT_STORAGE))
+    if filesystem.get_file_info(root).type != fs.FileType.Directory:
+        raise FileNotFoundError(f"--storage: no folder {canonical(storage or DEFAULT_STORAGE)}")
+    searches = []
+    for entry in filesystem.get_file_info(fs.FileSelector(root)):
+        spec_file = filesystem.get_file_info(f"{entry.path}/{SPEC_FILE}")
+        if entry.type == fs.FileType.Directory and spec_file.type == fs.FileType.File:
+            folder = SearchFolder.at(storage or DEFAULT_STORAGE, entry.base_name)
+            searches.append(describe(folder, spec_file.mtime.astimezone() if spec_file.mtime else None))
+    return sorted(searches, key=lambda s: s.started.timestamp() if s.started else 0.0, reverse=True)
+
+
+def table_rows(searches: list[PastSearch]) -> list[dict[str, str]]:
+    """One row of text per search, for the console."""
+    return [{
+        "name": s.name, "started": s.started.strftime("%Y-%m-%d %H:%M") if s.started else "?", "status": s.status,
+        "trials": f"{s.done}/{s.planned}" + (f" ({s.failed} failed)" if s.failed else ""),
+        "best": ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
+    } for s in searches]

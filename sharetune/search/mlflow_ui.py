@@ -1,0 +1,41 @@
+"""One light MLflow UI for a local store: a single uvicorn worker and no job runner.
+
+`mlflow ui` by default starts four server workers and MLflow 3's job runner with its huey
+consumers, 15 processes in all, for a UI one person reads; this starts `mlflow server` with one
+worker and job execution off (3 processes with the caller), and tells when it answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+from sharetune.search.mlflow_logger import local_artifacts
+
+HOST = "127.0.0.1"
+# MLflow 3 runs GenAI jobs (and their periodic tasks) in huey consumer processes the UI never uses
+LIGHT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+READY_TIMEOUT_S = 300.0  # a loaded machine takes minutes to import MLflow's server
+
+
+def start_ui(uri: str, port: int) -> subprocess.Popen:
+    """`mlflow server` for the store `uri` on HOST:`port`, one worker, artifacts beside the store."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
+               "--port", str(port), "--default-artifact-root", local_artifacts(), "--workers", "1"]
+    return subprocess.Popen(command, env={**os.environ, **LIGHT_ENV})
+
+
+def wait_until_ready(server: subprocess.Popen, port: int, timeout_s: float = READY_TIMEOUT_S) -> bool:
+    """Whether the server answers its health check before it exits or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.2)
+    return False

@@ -1,0 +1,139 @@
+"""Past searches: `sharetune list` and `sharetune export` on real finished tiny searches (a local Ray, Tune's
+own state and checkpoints), and the light `sharetune ui`."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from helpers import tiny_spec
+from typer.testing import CliRunner
+
+from sharetune.cli import app
+from sharetune.search import SearchFolder, report, tuner
+from sharetune.search.listing import past_searches
+from sharetune.spaces import parse_spec, trial_settings
+from sharetune.trainables import build_model, load_exported, pretrained_weights
+
+SPIN = {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "share_rate": 2, "pretrain_epochs": 1,
+        "fusion": "channel_weighted_mean"}
+
+
+@pytest.fixture(scope="module")
+def searches(tmp_path_factory) -> tuple[Path, tuner.Search, tuner.Search]:
+    """Two finished searches in one storage: ArbNets, and fused SPIN nets (one plan by topology, one by CKA)."""
+    root = tmp_path_factory.mktemp("past")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        options = {"storage": str(root / "results"), "mlflow_uri": f"sqlite:///{root}/mlflow.db", "progress": False}
+        arbnet = tuner.run(parse_spec(tiny_spec(budget={"num_samples": 2, "max_concurrent": 2})), name="arbnet", **options)
+        spin = tuner.run(parse_spec(tiny_spec(
+            name="fused", family="spin", sampler="grid", budget={"max_concurrent": 2}, fixed=SPIN,
+            dimensions={"mapping": {"choice": ["strided", "cka"]}})), name="spin", **options)
+    finally:
+        ray.shutdown()
+    return root, arbnet, spin
+
+
+def checkpointed_model(folder: SearchFolder, trial_id: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A trial's model as training left it (built from its config, loaded from Tune's checkpoint), and inputs."""
+    from ray import tune
+
+    spec = folder.spec()
+    trial = next(t for t in tune.ExperimentAnalysis(folder).trials if t.trial_id == trial_id)
+    data = tuner.load_data(spec)
+    model = build_model(trial_settings(trial.config), data, pretrained_weights(spec, data, folder))
+    checkpoint = torch.load(Path(trial.checkpoint.path) / "trial.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), data.sample_inputs(32)
+
+
+def test_an_exported_model_computes_what_the_trial_trained(searches, tmp_path):
+    _, arbnet, spin = searches
+    for search in (arbnet, spin):
+        for trial_id in report.trials_from_folder(search.folder)["trial_id"]:
+            out = tmp_path / f"{trial_id}.pt"
+            result = CliRunner().invoke(app, ["export", search.folder, "--trial", trial_id, "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            reference, inputs = checkpointed_model(search.folder, trial_id)
+            exported = load_exported(out)  # reads with weights_only=True
+            with torch.no_grad():
+                torch.testing.assert_close(exported(inputs), reference(inputs), rtol=1e-5, atol=1e-6)
+            state = torch.load(out, weights_only=True)["state_dict"]
+            assert not [k for k in state if k.endswith(("index", "sources.0", "sources.1"))]  # derived or folded away
+            assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in reference.parameters()) or search is arbnet
+
+
+def test_export_names_a_bad_folder_or_trial_in_one_line(searches, tmp_path):
+    root, arbnet, _ = searches
+    for args, message in [
+        ([str(root / "results"), "--trial", "nope"], "not a sharetune search folder (no sharetune-spec.yaml)"),
+        ([arbnet.folder, "--trial", "nope"], "--trial: no trial 'nope' in"),
+    ]:
+        result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "model.pt")])
+        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / "model.pt").exists()
+
+
+def test_list_shows_each_past_search_newest_first(searches):
+    root, arbnet, spin = searches
+    unstarted = SearchFolder.at(root / "results", "unstarted")  # its spec written, then stopped before Tune started
+    unstarted.save_spec(parse_spec(tiny_spec(name="unstarted")))
+    found = {s.folder: s for s in past_searches(str(root / "results"))}
+    assert list(found) == [unstarted, spin.folder, arbnet.folder]
+    for search in (arbnet, spin):
+        trials = report.trials_from_folder(search.folder)
+        listed = found[search.folder]
+        assert (listed.name, listed.status, listed.done, listed.planned, listed.failed) == (
+            search.spec.name, "finished", len(trials), search.spec.num_samples(), 0)
+        assert listed.best == {"test_accuracy": trials["test_accuracy"].max()}
+    assert (found[unstarted].status, found[unstarted].done, found[unstarted].best) == ("incomplete", 0, {})
+    result = CliRunner().invoke(app, ["list", "--storage", str(root / "results")])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.strip().splitlines()
+    assert header.split() == ["name", "started", "status", "trials", "best", "folder"]
+    assert [row.split()[0] for row in rows] == ["unstarted", "fused", "tiny"]
+    assert "finished" in rows[2] and "2/2" in rows[2] and arbnet.folder in rows[2]
+    missing = CliRunner().invoke(app, ["list", "--storage", str(root / "nowhere")])
+    assert missing.exit_code == 2 and "--storage: no folder" in missing.output
+
+
+def session_commands(session: int) -> list[str]:
+    """The command lines of the processes in a session (Linux /proc)."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[3]) == session:
+                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+    return commands
+
+
+def test_ui_is_one_light_server_that_says_when_it_is_ready(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "ui.log"
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "sharetune.cli", "ui", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                                    "--port", str(port)], cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while f"MLflow UI ready on http://127.0.0.1:{port}" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200  # ready means serving
+        time.sleep(3)  # MLflow's job runner, were it on, would have started by now
+        commands = session_commands(process.pid)
+        assert len(commands) <= 3 and not [c for c in commands if "huey" in c or "job_runner" in c], commands
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
