@@ -45,3 +45,20 @@ def test_a_spec_may_set_the_reference_costs_and_only_those():
     assert spec.hypervolume_reference == {"unique_params": 2e5}
     with pytest.raises(SpecError, match="hypervolume_reference: flops: 1.0; give a cost above 0 for any of unique_params, macs"):
         parse_spec(tiny_spec(hypervolume_reference={"flops": 1.0}))
+
+def test_repeated_seeds_become_one_row_per_configuration_with_their_spread(tmp_path):
+    seeds = trials([0.6, 0.8, 0.3, 0.5], [300, 300, 900, 900]).assign(
+        configuration=[0, 0, 1, 1], seed=[0, 1, 0, 1], val_accuracy=[0.7, 0.9, 0.2, 0.4])
+    skipped = pd.DataFrame({"status": ["INFEASIBLE"], "configuration": [2], "unique_params": [5000]})
+    built = report.build_report(pd.concat([seeds, skipped], ignore_index=True), tmp_path)
+    table = built.configurations.set_index("configuration")
+    assert table.loc[0, "test_accuracy"] == pytest.approx(0.7) and table.loc[0, "test_accuracy_std"] == pytest.approx(0.02 ** 0.5)
+    assert table.loc[1, "repeats"] == 2 and table.loc[1, "trial_id"] == "t2,t3" and table.loc[1, "seed"] == "0,1"
+    assert table.loc[2, "status"] == "INFEASIBLE"  # kept, but no front or plot point
+    assert list(built.fronts["unique_params"]["configuration"]) == [0]  # the means: 0.7 at 300 dominates 0.4 at 900
+    assert (tmp_path / "configurations.csv").is_file() and (tmp_path / "pareto_unique_params.png").is_file()
+    # the parent run gets the best configuration by val accuracy: its accuracies, mean and spread
+    assert report.best_configuration(built) == pytest.approx({
+        "best_val_accuracy_mean": 0.8, "best_val_accuracy_std": 0.02 ** 0.5,
+        "best_test_accuracy_mean": 0.7, "best_test_accuracy_std": 0.02 ** 0.5})
+    assert "repeats" in console.top_trials(built.configurations, parse_spec(tiny_spec()))

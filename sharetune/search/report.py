@@ -113,7 +113,7 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     table = pd.concat([table, spread], axis=1)
     table["repeats"] = groups.size()
     table["trial_id"] = groups["trial_id"].agg(",".join)
-    table["seed"] = groups["seed"].agg(lambda seeds: ",".join(map(str, seeds)))
+    table["seed"] = groups["seed"].agg(lambda seeds: ",".join(str(int(seed)) for seed in seeds))
     rest = trials[~trials["status"].isin(TRAINED)]
     return pd.concat([table.reset_index(), rest], ignore_index=True)
 
