@@ -2,7 +2,8 @@
 
 `TensorData` (in memory) and `ImageFolderData` (files, through a DataLoader) both answer these
 calls, so models and recipes never care where batches come from. Each epoch's order depends only on
-the seed and the epoch, so a resumed trial sees the batches it would have seen.
+the seed and the epoch, so a resumed trial sees the batches it would have seen, and the workers of a
+data-parallel trial (`shard`) each take their part of the same batches.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class Batches(Protocol):
     def sample_inputs(self, count: int) -> Tensor: ...
 
     def with_resolution(self, size: int | None) -> "Batches": ...
+
+    def shard(self, rank: int, world: int) -> "Batches":
+        """Rank `rank` of `world` data-parallel workers' share: of every training batch (`batch_size`
+        stays the whole step's) and of every evaluated split, so that the ranks' shares add up to it."""
+
+
+def share(count: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous part of `count` items split `world` ways (sizes differ by at most one)."""
+    return slice(count * rank // world, count * (rank + 1) // world)
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> Tensor:

@@ -8,7 +8,8 @@ statistics, so a training loop slices batches from memory instead of running a D
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharetune.data.batches import Augment, epoch_order, stratified_split
+from sharetune.data.batches import Augment, epoch_order, share, stratified_split
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
@@ -40,10 +41,19 @@ class TensorData:
     num_classes: int
     x_val: Tensor | None = None
     y_val: Tensor | None = None
+    rank: int = 0  # a data-parallel worker's share (see shard)
+    world: int = 1
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> its copies
 
-    def __getstate__(self) -> dict:  # Ray ships the tensors; device copies stay where they were made
-        return {**self.__dict__, "_on_device": {}}
+    def __getstate__(self) -> dict:
+        """Tensors travel as NumPy arrays, which Ray's object store hands to every trial without a copy
+        (a tensor is unpickled afresh: about a second per trial for MNIST); device copies stay behind."""
+        return {k: v.numpy() if isinstance(v, Tensor) else v for k, v in {**self.__dict__, "_on_device": {}}.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        with warnings.catch_warnings(action="ignore", category=UserWarning):  # the store's arrays are read-only;
+            tensors = {k: torch.from_numpy(v) for k, v in state.items() if isinstance(v, np.ndarray)}  # nothing writes them
+        self.__dict__.update(state, **tensors)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -69,12 +79,15 @@ class TensorData:
         order = epoch_order(len(x), seed, epoch).to(device)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            if len(batch) < 2 and start:  # BatchNorm cannot train on one sample
+            if len(batch) < 2 * self.world and start:  # BatchNorm cannot train on one sample (per worker)
                 continue
+            batch = batch[share(len(batch), self.rank, self.world)]
             yield (x[batch] if erase is None else erase(x[batch].clone())), y[batch]
 
     def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         x, y = self._tensors(split, device)
+        part = share(len(x), self.rank, self.world)
+        x, y = x[part], y[part]
         for start in range(0, len(x), EVAL_BATCH):
             yield x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
 
@@ -84,6 +97,9 @@ class TensorData:
     def with_resolution(self, size: int | None) -> "TensorData":
         """In memory the images keep their size (a model resizes them: sharetune.trainables.Resize)."""
         return self
+
+    def shard(self, rank: int, world: int) -> "TensorData":
+        return replace(self, rank=rank, world=world, _on_device={})
 
 
 def _eraser(probability: float, device: torch.device):

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sharetune.data.batches import Augment, epoch_order, stratified_split
+from sharetune.data.batches import Augment, epoch_order, share, stratified_split
 from sharetune.data.datasets import EVAL_BATCH, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -75,17 +75,21 @@ def _collate(items: list) -> tuple[Tensor, Tensor, list[str]]:
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
-class _EpochSampler(Sampler):
-    """The epoch's seeded order; set before each epoch, so persistent workers keep running."""
+class _EpochBatches(Sampler):
+    """A distributed batch sampler: the epoch's seeded order cut into batches of `batch_size`, and of
+    each batch the rank's share, so `world` workers step through the single process's batches
+    together. Seed and epoch are set before each epoch, so persistent workers keep running."""
 
-    def __init__(self, size: int) -> None:
-        self.size, self.seed, self.epoch = size, 0, 0
-
-    def __len__(self) -> int:
-        return self.size
+    def __init__(self, size: int, batch_size: int, rank: int, world: int) -> None:
+        self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
+        self.seed, self.epoch = 0, 0
 
     def __iter__(self):
-        return iter(epoch_order(self.size, self.seed, self.epoch).tolist())
+        order = epoch_order(self.size, self.seed, self.epoch).tolist()
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) >= 2 * self.world or not start:  # as in memory: no one-image batch for BatchNorm
+                yield batch[share(len(batch), self.rank, self.world)]
 
 
 @dataclass
@@ -101,6 +105,8 @@ class ImageFolderData:
     train_subset: int | None = None
     test_subset: int | None = None
     name: str = "imagefolder"
+    rank: int = 0  # a data-parallel worker's share (see shard)
+    world: int = 1
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # file lists, loaders
     skipped: set = field(default_factory=set, repr=False, compare=False)  # unreadable files seen
 
@@ -155,9 +161,12 @@ class ImageFolderData:
                 {"auto_augment": augment.randaugment, "re_prob": augment.random_erasing, "re_mode": "pixel"} if training else {}))
             files = self._lists()[split]
             workers = self.workers if self.workers is not None else workers
+            if training:
+                batching = {"batch_sampler": _EpochBatches(len(files), batch_size, self.rank, self.world)}
+            else:
+                files, batching = files[share(len(files), self.rank, self.world)], {"batch_size": batch_size}
             self._cache[key] = DataLoader(
-                _Images(files, transform), batch_size=batch_size, collate_fn=_collate, num_workers=workers,
-                sampler=_EpochSampler(len(files)) if training else None,
+                _Images(files, transform), collate_fn=_collate, num_workers=workers, **batching,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             )
         return self._cache[key]
@@ -171,7 +180,7 @@ class ImageFolderData:
     def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
                       augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         loader = self._loader("train", batch_size, device, workers, augment)
-        loader.sampler.seed, loader.sampler.epoch = seed, epoch
+        loader.batch_sampler.seed, loader.batch_sampler.epoch = seed, epoch
         before = len(self.skipped)
         yield from self._stream(loader, device)
         if len(self.skipped) > before:
@@ -184,6 +193,9 @@ class ImageFolderData:
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
         return self if size is None or size == self.img_size else replace(self, img_size=size, _cache={}, skipped=set())
+
+    def shard(self, rank: int, world: int) -> "ImageFolderData":
+        return replace(self, rank=rank, world=world, _cache={}, skipped=set())
 
     def sample_inputs(self, count: int) -> Tensor:
         x, _ = next(self.eval_batches("test", torch.device("cpu")))

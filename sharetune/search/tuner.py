@@ -45,9 +45,13 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None):
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    return tune.with_resources(tune.with_parameters(train_trial, data=data, pretrained=pretrained), resources)
+def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder: SearchFolder):
+    """A trial takes its resources itself, or with several workers only starts them: Ray Train places
+    them, and the trial's driver holds a token of memory (Tune places nothing without a resource)."""
+    distributed = spec.resources.workers > 1
+    resources = {"cpu": 0, "memory": 1 << 20} if distributed else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    trainable = tune.with_parameters(train_trial, data=data, pretrained=pretrained, resources=spec.resources, storage=str(folder))
+    return tune.with_resources(trainable, resources)
 
 
 def trial_dirname(trial) -> str:
@@ -77,7 +81,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     if progress:
         callbacks.append(Progress(spec.objectives, spec.num_samples()))
     tuner = tune.Tuner(
-        _trainable(spec, data, pretrained),
+        _trainable(spec, data, pretrained, folder),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_samples(),
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
@@ -133,6 +137,6 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     data = load_data(spec)
     start_ray(address)
     pretrained = pretrained_weights(spec, data, folder)
-    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained), resume_errored=True)
+    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
     tuner.fit()
     return Search(spec, folder, folder.mlflow()[0])

@@ -1,0 +1,67 @@
+"""One trial on several workers: a Ray Train `TorchTrainer` (DDP) started by the Tune trial.
+
+Ray Train 2 runs inside Tune this way: the Tune trial is a light driver (no CPU of its own) that
+starts a TorchTrainer, whose controller places the `resources.workers` workers (each `cpu` CPUs and
+`gpu` GPUs, on any nodes) and relays rank 0's reports to Tune (`TuneReportCallback`). Every rank runs
+the same trial (`run_trial`) on its share of each batch (`Batches.shard`) with the model wrapped in
+DistributedDataParallel; the metrics are summed over the ranks in `train_epochs`, so every rank reports
+the whole data's; rank 0 writes the checkpoint. The Train run is named after the trial and kept in the
+search folder, so a resumed search's trial finds its checkpoint again and every rank resumes from it.
+
+GPUs: NCCL when each worker has a whole GPU; gloo when workers share one (NCCL refuses two ranks on
+one device) and on CPUs.
+"""
+
+from __future__ import annotations
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray import tune
+from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from ray.tune.integration.ray_train import TuneReportCallback
+from torch import nn
+
+from sharetune.data import Batches
+from sharetune.spaces.spec import Resources
+from sharetune.trainables.trial import run_trial
+from sharetune.training import TrainingState
+
+RUNS = "train_runs"  # inside the search folder: one Ray Train run per distributed trial
+
+
+def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
+    """The Tune trial's driver: run the trial on `resources.workers` Ray Train workers and wait for them."""
+    per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": config, "data": data, "pretrained": pretrained, "cpus": max(1, int(resources.cpu))},
+        torch_config=TorchConfig(backend="nccl" if resources.gpu >= 1 else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(name=f"trial_{tune.get_context().get_trial_id()}", storage_path=f"{storage}/{RUNS}",
+                                       callbacks=[TuneReportCallback()],
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    """DDP over the model as it is (already on the worker's device). A shared SPIN tensor is one
+    parameter, read by several layers: DDP sees and reduces it once, and every parameter is used in
+    every step, so no unused-parameter search is needed."""
+    return prepare_model(model, move_to_device=False)
+
+
+def rank_samples(state: TrainingState) -> dict:
+    """How many examples each rank trained on in the epoch (they add up to the epoch's)."""
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, state.epoch_samples)
+    return {"world_size": len(counts), "rank_samples": counts}
+
+
+def _worker(loop: dict) -> None:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    run_trial(loop["config"], loop["data"].shard(rank, world), loop["pretrained"], session=ray.train,
+              cpus=loop["cpus"], device=torch.device(get_device()), wrap=_ddp, rank=rank, extra=rank_samples)

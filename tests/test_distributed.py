@@ -1,0 +1,66 @@
+"""Trials on several workers: Ray Train's TorchTrainer (DDP, gloo on CPU) inside a real Tune search."""
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from helpers import tiny_spec
+
+from sharetune.search import tuner
+from sharetune.spaces import parse_spec, trial_settings
+from sharetune.trainables import build_model
+from sharetune.training import train_epochs
+
+# A model whose outputs do not depend on how a batch is split (LayerNorm, no BatchNorm), trained
+# without random augmentation, on 512 examples in batches of 64: 32 per worker, every step.
+FIXED = {"model": "convnext_isotropic", "dim": 8, "depth": 2, "patch_size": 2, "kernel_size": 3, "share_rate": 2,
+         "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "epochs": 2}
+
+
+def ddp_spec(**changes) -> dict:
+    return tiny_spec(**{"family": "spin", "fixed": FIXED, "dimensions": {}, "data": {"name": "synthetic", "val_fraction": 0},
+                        "resources": {"workers": 2, "cpu": 1}, "budget": {"num_samples": 1, "max_concurrent": 1}, **changes})
+
+
+def results(folder: Path) -> list[dict]:
+    (trial,) = folder.glob("trial_*/result.json")
+    return [json.loads(line) for line in trial.read_text().splitlines()]
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_two_worker_trial_trains_on_both_ranks_and_reports_the_single_process_metrics(tmp_path, local_ray):
+    spec = parse_spec(ddp_spec())
+    search = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    reported = results(Path(search.folder))
+    epochs = [r for r in reported if r["epoch"] > 0]
+    assert [r["epoch"] for r in reported] == [0, 1, 2]
+    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in epochs)  # both ranks, the whole epoch
+    assert (Path(search.folder) / "train_runs").is_dir()  # the Ray Train run, where a resumed trial finds its checkpoint
+    data = tuner.load_data(spec)
+    settings = trial_settings({"family": "spin", **spec.fixed})
+    torch.manual_seed(settings.seed)
+    alone = list(train_epochs(build_model(settings, data), data, settings, device="cpu"))
+    for ddp, single in zip(epochs, alone):
+        assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
+        assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
+        assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
+
+
+def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint(tmp_path):
+    from test_search import interrupt_then_resume
+
+    spec = ddp_spec(fixed={**FIXED, "epochs": 6})
+    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3)
+    reported = results(folder)  # Tune restarts the trial's own record; its workers resume from Ray Train's checkpoint
+    epochs = [r["epoch"] for r in reported]
+    assert epochs[0] >= 3 and epochs == list(range(epochs[0], 7))  # from the checkpoint on: no epoch trained twice
+    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported)
+    assert "1/1 done" in resumed.stdout
