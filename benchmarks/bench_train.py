@@ -97,6 +97,7 @@ def main() -> None:
     parser = convmixer_arguments(__doc__.splitlines()[0], seconds=60.0)
     parser.add_argument("--images", type=int, default=256, help="training images per epoch (one call)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--precision", choices=["bf16", "fp16"], help="also time sharetune's loop in this precision against fp32")
     args = parser.parse_args()
     recipe = Recipe(recipe="spin", epochs=10**6, batch_size=args.batch)
     arch = dict(dim=args.dim, depth=args.depth, patch_size=2, kernel_size=5, num_classes=10)
@@ -114,6 +115,15 @@ def main() -> None:
                                           "cpu", args.seconds, block=0.0)
             print(f"{name:28s} sharetune {args.images / (base * ratio):7.1f} img/s, plain {args.images / base:7.1f} img/s: "
                   f"{1 / ratio:.3f} of the plain loop (target >= 0.95; time ratio {spread})")
+        if args.precision:  # on the default device (CUDA where present): autocast on against off, in memory
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            fast, full = create_model("convmixer", **arch), create_model("convmixer", **arch)
+            mixed = recipe.model_copy(update={"precision": args.precision})
+            ratio, spread, base = compare(sharetune_epoch(fast, memory, mixed, args.workers),
+                                          sharetune_epoch(full, memory, recipe.model_copy(update={"precision": "fp32"}), args.workers),
+                                          device, args.seconds, block=0.0)
+            print(f"{args.precision} / fp32 on {device:6s} sharetune {args.images / (base * ratio):7.1f} img/s against "
+                  f"{args.images / base:7.1f} img/s: time ratio {ratio:.3f} ({spread})")
 
 
 if __name__ == "__main__":
