@@ -47,7 +47,7 @@ def runs(client: MlflowClient, name: str):
 def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_path):
     result, trials, client = search(
         tmp_path, objectives={"test_accuracy": "max", "unique_params": "min"}, sampler="nsga2",
-        sampler_options={"population_size": 4}, dimensions={
+        description="tables against accuracy", sampler_options={"population_size": 4}, dimensions={
             "hash": {"choice": ["uniform", "dirichlet"]}, "alpha": {"loguniform": [0.01, 10.0]},
             "table_size": {"choice": [8, 64, 512]}}, fixed={"epochs": 2, "hidden": [16]},
     )
@@ -57,8 +57,20 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == "nsga2"
     assert parent.data.tags["sharetune.search_path"] == result.folder and parent.data.tags["sharetune.git_commit"]
+    # MLflow as the comparison tool: the UI opens on the runs; readable names; every effective setting
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.note.content"] == "tables against accuracy"
+    assert client.download_artifacts(parent.info.run_id, "spec.yaml", str(tmp_path)) and parse_spec(
+        yaml.safe_load((tmp_path / "spec.yaml").read_text())).sampler == "nsga2"
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        config = child.data.params
+        hash_part = config["hash"] + (f" a={float(config['alpha']):.3g}" if config["hash"] == "dirichlet" else "")
+        assert child.info.run_name == f"{hash_part} ts={config['table_size']} #{child.data.tags['sharetune.trial_id'][-4:]}"
+        assert {"lr": "0.1", "batch_size": "128", "recipe": "arbnet", "sparsity": "0.0", "seed": "0"}.items() <= config.items()
+        assert child.data.tags["mlflow.source.git.commit"] and child.data.tags["mlflow.user"]
+        (dataset,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert dataset.dataset.name == "synthetic" and dataset.dataset.source == "generated" and len(dataset.dataset.digest) == 10
         assert {"test_accuracy", "train_accuracy", "loss", "unique_params", "virtual_params", "macs", "entropy",
                 "effective_share_rate", "lr", "diverged", "epoch_seconds"} <= set(child.data.metrics)
         assert child.data.params["family"] == "arbnet" and "table_size" in child.data.params

@@ -7,6 +7,7 @@ from sharetune.data.datasets import (
     DEFAULT_DATASET,
     DEFAULT_ROOT,
     FOLDER,
+    GENERATED,
     DataError,
     TensorData,
     canonical_name,
@@ -17,6 +18,6 @@ from sharetune.data.fetch import fetch
 from sharetune.data.folders import ImageFolderData
 
 __all__ = [
-    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "Augment", "Batches", "DataError",
+    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "GENERATED", "Augment", "Batches", "DataError",
     "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "fetch", "load", "stratified_split",
 ]

@@ -12,20 +12,31 @@ first one's trials). MLflow keeps params and metrics apart, so the `lr` setting 
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import os
 import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 from ray import tune
 
+from sharetune.data import DEFAULT_ROOT, GENERATED
 from sharetune.metrics import METRICS, STEP
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
-from sharetune.spaces import SearchSpec
+from sharetune.spaces import SearchSpec, trial_settings
 
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 TRIAL_TAG = "sharetune.trial_id"
@@ -33,6 +44,8 @@ KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered witho
 CONFIGURATION_TAG = "sharetune.configuration"  # its Optuna trial number
 DUPLICATE_TAG = "sharetune.duplicate_of"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -48,12 +61,17 @@ def local_artifacts() -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if need be, tagged as model training: without the tag MLflow 3's
+    UI guesses a GenAI experiment and opens on traces instead of the runs."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    local = client.tracking_uri.startswith("sqlite:")  # a server chooses its own artifact store
-    location = local_artifacts() if local else None
-    return client.create_experiment(name, artifact_location=location)
+    if found is None:
+        local = client.tracking_uri.startswith("sqlite:")  # a server chooses its own artifact store
+        experiment = client.create_experiment(name, artifact_location=local_artifacts() if local else None)
+    else:
+        experiment = found.experiment_id
+    if found is None or found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment
 
 
 def find_parent(client: MlflowClient, experiment: str, folder: SearchFolder):
@@ -71,7 +89,8 @@ def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
 
 
 def source_tags() -> dict[str, str]:
-    """The package version and git commit the search ran."""
+    """The package version and git commit the search ran, and who ran it, as sharetune's tags and
+    MLflow's standard ones (which the UI shows in its source and user columns)."""
     try:
         package = version("sharetune")
     except PackageNotFoundError:
@@ -81,7 +100,41 @@ def source_tags() -> dict[str, str]:
                                 text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return {"sharetune.version": package, "sharetune.git_commit": commit}
+    return {"sharetune.version": package, "sharetune.git_commit": commit, MLFLOW_GIT_COMMIT: commit,
+            MLFLOW_USER: getpass.getuser(), MLFLOW_SOURCE_NAME: "sharetune", MLFLOW_SOURCE_TYPE: "LOCAL"}
+
+
+def dataset_of(spec: SearchSpec) -> Dataset:
+    """The search's data as an MLflow dataset: its name, a digest of what selects the examples (name,
+    root, subsets, seeds, val split), and where it comes from."""
+    settings = spec.data.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    source = str(Path(spec.data.root or DEFAULT_ROOT).resolve()) if spec.data.name not in GENERATED else "generated"
+    return Dataset(name=spec.data.name, digest=digest, source_type="local", source=source,
+                   profile=json.dumps(settings))
+
+
+def initials(setting: str) -> str:
+    """`table_size` -> `ts`: short enough for a run name."""
+    return "".join(word[0] for word in setting.split("_"))
+
+
+def run_name(config: dict, searched: list[str], trial_id: str) -> str:
+    """`dirichlet a=0.1 s=0.5 #3f2a`: the searched values (text bare, numbers after their setting's
+    initials) and the end of the trial id."""
+    parts = []
+    for name in searched:
+        value = config.get(name)
+        if isinstance(value, str):
+            parts.append(value)
+        elif value is not None:
+            parts.append(f"{initials(name)}={value:.3g}" if isinstance(value, float) else f"{initials(name)}={value}")
+    return " ".join([*parts, f"#{trial_id[-4:]}"])
+
+
+def effective_params(config: dict) -> dict:
+    """Every setting a trial trains with, the defaults it did not set included, beside its config."""
+    return {**trial_settings(config).model_dump(mode="json"), **config}
 
 
 def parent_params(spec: SearchSpec) -> dict:
@@ -101,9 +154,14 @@ def _batched(items: list, size: int = 100):  # MLflow caps params per log_batch 
 
 
 class MlflowLogger(tune.Callback):
-    def __init__(self, uri: str, experiment: str, folder: SearchFolder, params: dict, tags: dict) -> None:
+    def __init__(self, uri: str, experiment: str, folder: SearchFolder, params: dict, tags: dict, *,
+                 searched: list[str] = (), dataset: Dataset | None = None, spec_yaml: str = "",
+                 description: str = "") -> None:
+        """`searched`: the settings that name a child run; `dataset`: what each child trains on;
+        `spec_yaml` and `description`: the parent run's spec artifact and note."""
         self.uri, self.experiment, self.folder = uri, experiment, folder
         self.params, self.tags = params, tags
+        self.searched, self.dataset, self.spec_yaml, self.description = list(searched), dataset, spec_yaml, description
         self.client: MlflowClient | None = None
         self.parent_id: str | None = None
         self.children: dict[str, str] = {}
@@ -112,7 +170,9 @@ class MlflowLogger(tune.Callback):
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
-        return cls(uri, spec.name, folder, parent_params(spec), {**source_tags(), "sharetune.preset": spec.name})
+        searched = [*spec.dimensions, *(["seed"] if spec.repeats > 1 else [])]
+        return cls(uri, spec.name, folder, parent_params(spec), {**source_tags(), "sharetune.preset": spec.name},
+                   searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
         return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}, "skipped_logged": set()}
@@ -122,12 +182,14 @@ class MlflowLogger(tune.Callback):
         self.experiment_id = experiment_id(self.client, self.experiment)
         parent = find_parent(self.client, self.experiment_id, self.folder)
         if parent is None:
-            tags = {**self.tags, SEARCH_TAG: str(self.folder)}
+            tags = {**self.tags, SEARCH_TAG: str(self.folder), **({NOTE_TAG: self.description} if self.description else {})}
             run = self.client.create_run(self.experiment_id, run_name=self.folder.name, tags=tags)
             self.parent_id = run.info.run_id
             params = [Param(k, str(v)[:6000]) for k, v in self.params.items()]
             for batch in _batched(params):
                 self.client.log_batch(self.parent_id, params=batch)
+            if self.spec_yaml:
+                self.client.log_text(self.parent_id, self.spec_yaml, "spec.yaml")
         else:
             self.parent_id = parent.info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")
@@ -171,10 +233,13 @@ class MlflowLogger(tune.Callback):
             history = self.client.get_metric_history(run_id, "unique_params")
             self.logged_steps[trial.trial_id] = max((m.step for m in history), default=-1)
             return
-        tags = {PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
-        run = self.client.create_run(self.experiment_id, run_name=str(trial), tags=tags)
+        tags = {**self.tags, PARENT_TAG: self.parent_id, TRIAL_TAG: trial.trial_id}
+        run = self.client.create_run(self.experiment_id, run_name=run_name(trial.config, self.searched, trial.trial_id),
+                                     tags=tags)
         self.children[trial.trial_id] = run.info.run_id
-        self._log_params(run.info.run_id, trial.config)
+        self._log_params(run.info.run_id, effective_params(trial.config))
+        if self.dataset is not None:
+            self.client.log_inputs(run.info.run_id, [DatasetInput(self.dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if STEP not in result:
