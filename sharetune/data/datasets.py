@@ -21,6 +21,7 @@ from sharetune.data.batches import Augment, epoch_order, share, stratified_split
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
+GENERATED = ("mnist1d", "synthetic")  # made from the seed, not read from files
 FOLDER = "imagefolder"  # root/train/<class>/*.jpg|png and root/val/<class>/...: streamed, not loaded
 EVAL_BATCH = 1024
 
