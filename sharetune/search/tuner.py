@@ -25,7 +25,7 @@ from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
-from sharetune.trainables import pretrained_weights, train_trial
+from sharetune.trainables import cluster_pretrainer, pretrained_weights, train_trial
 
 
 @dataclass
@@ -69,7 +69,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
     start_ray(address)
-    pretrained = pretrained_weights(spec, data, folder)
+    pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     metrics, modes = list(spec.objectives), list(spec.objectives.values())
     single = not spec.multi_objective
     searcher = EpochOptunaSearch(
@@ -136,7 +136,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     spec = folder.spec()
     data = load_data(spec)
     start_ray(address)
-    pretrained = pretrained_weights(spec, data, folder)
+    pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
     tuner.fit()
     return Search(spec, folder, folder.mlflow()[0])

@@ -14,6 +14,8 @@ one device) and on CPUs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import ray.train
 import torch
 import torch.distributed as dist
@@ -32,21 +34,34 @@ RUNS = "train_runs"  # inside the search folder: one Ray Train run per distribut
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
     """The Tune trial's driver: run the trial on `resources.workers` Ray Train workers and wait for them."""
+    loop = {"config": config, "data": data, "pretrained": pretrained, "cpus": max(1, int(resources.cpu))}
+    torch_trainer(_worker, loop, resources, f"trial_{tune.get_context().get_trial_id()}", storage,
+                  callbacks=[TuneReportCallback()]).fit()
+
+
+def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resources, name: str, storage: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer running `worker(loop)` on `resources.workers` workers of `resources.cpu` CPUs and
+    `resources.gpu` GPUs each, its run kept as `name` under the search folder `storage`."""
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"config": config, "data": data, "pretrained": pretrained, "cpus": max(1, int(resources.cpu))},
+    return TorchTrainer(
+        worker,
+        train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if resources.gpu >= 1 else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu > 0,
                                                resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"trial_{tune.get_context().get_trial_id()}", storage_path=f"{storage}/{RUNS}",
-                                       callbacks=[TuneReportCallback()],
+        run_config=ray.train.RunConfig(name=name, storage_path=f"{storage}/{RUNS}", callbacks=callbacks or [],
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
-    trainer.fit()
 
 
-def _ddp(model: nn.Module) -> nn.Module:
+def worker_place() -> tuple[int, int, torch.device]:
+    """This Ray Train worker's rank, the number of workers, and its device."""
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), torch.device(get_device())
+
+
+def ddp(model: nn.Module) -> nn.Module:
     """DDP over the model as it is (already on the worker's device). A shared SPIN tensor is one
     parameter, read by several layers: DDP sees and reduces it once, and every parameter is used in
     every step, so no unused-parameter search is needed."""
@@ -61,7 +76,6 @@ def rank_samples(state: TrainingState) -> dict:
 
 
 def _worker(loop: dict) -> None:
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = worker_place()
     run_trial(loop["config"], loop["data"].shard(rank, world), loop["pretrained"], session=ray.train,
-              cpus=loop["cpus"], device=torch.device(get_device()), wrap=_ddp, rank=rank, extra=rank_samples)
+              cpus=loop["cpus"], device=device, wrap=ddp, rank=rank, extra=rank_samples)

@@ -1,15 +1,18 @@
 """The unshared model SPIN's fusion and cka mapping start from: trained once per search, or loaded.
 
 The weights are cached in the search's folder (any `WeightStore`: read/write bytes by file name), so
-a resumed search does not pretrain again.
+a resumed search does not pretrain again. `pretrain` trains in this process (`sharetune train`); a
+search passes `pretrained_weights` the cluster's pretraining (sharetune.trainables.cluster_pretraining),
+which runs the same function as Ray work with the trials' resources.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
+from torch import nn
 
 from sharetune.data import Batches
 from sharetune.spaces import SearchSpec, SpinSettings, trial_settings
@@ -25,20 +28,34 @@ class WeightStore(Protocol):
     def write(self, filename: str, data: bytes) -> None: ...
 
 
-def pretrain(settings: SpinSettings, data: Batches) -> dict:
-    """Train the unshared network for `pretrain_epochs` with the trial's recipe; its state_dict on CPU."""
+def show(line: str) -> None:
+    """A progress line on stdout at once (a submitted job's log is a pipe, buffered otherwise)."""
+    print(line, flush=True)
+
+
+def pretrain(settings: SpinSettings, data: Batches, *, device: torch.device | None = None, cpus: int | None = None,
+             wrap: Callable[[nn.Module], nn.Module] | None = None, say: Callable[[str], None] = show) -> dict:
+    """Train the unshared network for `pretrain_epochs` with the trial's recipe and precision; its
+    state_dict on CPU. `cpus`: threads and loader workers (as a trial's); `wrap`: DDP on a Ray Train
+    worker; `say` gets one progress line per epoch."""
     data = data.with_resolution(settings.resolution)
+    if cpus is not None:
+        torch.set_num_threads(cpus)
+    torch.manual_seed(settings.seed)
     model = build_spin(settings, data, unshared=True)
     recipe = settings.model_copy(update={"epochs": settings.pretrain_epochs})
-    for epoch in train_epochs(model, data, recipe):
-        print(f"pretraining the unshared {settings.model}: epoch {epoch.epoch}/{recipe.epochs}, "
-              f"test accuracy {epoch.test_accuracy:.4f}", flush=True)
+    for epoch in train_epochs(model, data, recipe, device=device, workers=cpus or 0, wrap=wrap):
+        say(f"pretraining the unshared {settings.model}: epoch {epoch.epoch}/{recipe.epochs}, loss {epoch.loss:.4f}, "
+            f"test accuracy {epoch.test_accuracy:.4f}")
     return {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore) -> dict | None:
+Pretrainer = Callable[[SpinSettings, Batches], dict]
+
+
+def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore, train: Pretrainer = pretrain) -> dict | None:
     """The unshared weights a search's trials start from: the spec's file, the store's copy, or new
-    (from the fixed settings); None when no trial fuses or maps by CKA."""
+    (from the fixed settings, by `train`); None when no trial fuses or maps by CKA."""
     if not any(s.needs_pretrained() for s in spec.extreme_settings()):
         return None
     settings = trial_settings({"family": spec.family, **spec.fixed})
@@ -47,7 +64,7 @@ def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore) -> d
     cached = store.read(PRETRAINED_FILE)
     if cached is not None:
         return torch.load(io.BytesIO(cached), map_location="cpu")
-    state = pretrain(settings, data)
+    state = train(settings, data)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     store.write(PRETRAINED_FILE, buffer.getvalue())
