@@ -100,12 +100,14 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
     from sharetune.data import load
     from sharetune.metrics import TrialMetrics
     from sharetune.spaces import FAMILIES, describe_error
-    from sharetune.trainables import build_model, costs_of, pretrain
+    from sharetune.trainables import build_model, check_model, costs_of, pretrain
     from sharetune.training import train_epochs
 
+    device = _device(device)
     try:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
         data = load(dataset, data_dir, seed=settings.seed).with_resolution(settings.resolution)
+        check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         pretrained = pretrain(settings, data) if settings.needs_pretrained() else None
         model = build_model(settings, data, pretrained)
     except ValidationError as err:
@@ -123,6 +125,25 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
                 f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
             )
     typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
+
+
+def _device(name: str | None) -> str | None:
+    """--device: cpu, cuda or cuda:N, and a device this machine has (default: cuda when available)."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device: unknown device {name!r}; allowed: cpu, cuda, cuda:N")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        fail(f"--device: {name} is not here (this machine has {count} CUDA device{'' if count == 1 else 's'}); "
+             f"allowed: cpu{', cuda' if count else ''}")
+    return name
 
 
 presets_app = typer.Typer(help="Paper experiments as ready-made search specs.", invoke_without_command=True)
@@ -334,10 +355,21 @@ def submit(
     storage: Optional[str] = typer.Option(None, help="search folder on the cluster: shared filesystem or URI (default: the head's $SHARETUNE_STORAGE)"),
     name: Optional[str] = typer.Option(None, help="search folder name"),
 ) -> None:
-    """Submit a search to a Ray cluster as a Ray Job; the spec is validated here first."""
+    """Submit a search to a Ray cluster as a Ray Job; the spec is validated here first (its models on the
+    head, where the data is)."""
     from sharetune.search import jobs
+    from sharetune.search.destinations import check_mlflow_uri, check_name
+    from sharetune.spaces import SpecError, rehearse_sampler
 
     spec = _load_spec(source, overrides, scale, num_samples)
+    try:
+        rehearse_sampler(spec)
+        if name is not None:
+            check_name(name)
+        if mlflow_uri is not None:
+            check_mlflow_uri(mlflow_uri)
+    except SpecError as err:
+        fail(str(err))
     job = jobs.submit(spec, address, mlflow_uri=mlflow_uri, storage=storage, name=name)
     typer.echo(job)
     flag = f" --address {address}" if address else ""

@@ -19,6 +19,7 @@ from sharetune.models.fusion import FUSIONS, add_transforms, deployed, fold, fus
 from sharetune.models.registry import ModelEntry, get_model, model_names, register_model, shareable_model_names
 from sharetune.models.sharing import Sharing, apply_sharing
 from sharetune.models.spin import ALL_MAPPINGS, DISTRIBUTIONS, MAPPINGS, SharingPlan, cka_plan, share
+from sharetune.models.weights import WeightsError, load_state_dict
 
 
 def create_model(
@@ -40,7 +41,7 @@ def create_model(
     entry.check_options(kwargs)
     model = entry.builder(**kwargs)
     if pretrained is not None:
-        model.load_state_dict(pretrained if isinstance(pretrained, dict) else torch.load(pretrained, map_location="cpu"))
+        model.load_state_dict(pretrained if isinstance(pretrained, dict) else load_state_dict(pretrained))
     if sharing is None:
         return model
     return apply_sharing(model, entry, sharing, pretrained=pretrained is not None, cka_data=cka_data)
@@ -48,6 +49,7 @@ def create_model(
 
 __all__ = [
     "ALL_MAPPINGS", "DISTRIBUTIONS", "FUSIONS", "MAPPINGS", "PAPER_MLPS", "ArbLinear", "ArbNetMLP", "ModelEntry", "SharingPlan",
-    "add_transforms", "cka_plan", "create_model", "deployed", "fold", "fuse", "get_model", "model_names",
+    "WeightsError", "add_transforms", "cka_plan", "create_model", "deployed", "fold", "fuse", "get_model", "load_state_dict",
+    "model_names",
     "register_model", "shareable_model_names", "share",
 ]

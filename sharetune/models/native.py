@@ -3,6 +3,10 @@
 Compiled with `-march=native` on the machine that runs them (a Ray worker may sit on another CPU
 than the head), cached under $SHARETUNE_CACHE (default ~/.cache/sharetune) by a hash of the source,
 flags, compiler and CPU. No compiler, or a failed build, leaves the caller on PyTorch's kernels.
+
+Loading a library runs its code, so the cache is private: a per-user folder created 0700 (and
+made so if this user owns it already), and a cached library is loaded only if this user owns it
+and nobody else can write it; anything else there is rebuilt over.
 """
 
 from __future__ import annotations
@@ -33,13 +37,29 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _cache_dir() -> Path:
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sharetune")
+def _private(path: Path) -> bool:
+    """Whether this user owns `path` and nobody else can write it."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _private_dir(path: Path) -> Path | None:
+    """`path`, created 0700 (or made so, where this user owns it); None where that cannot be had."""
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        return root
-    except OSError:  # read-only home (some containers): a per-user temp folder still works
-        return Path(tempfile.gettempdir())
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
+        return path if _private(path) else None
+    except OSError:
+        return None
+
+
+def _cache_dir() -> Path:
+    """$SHARETUNE_CACHE or ~/.cache/sharetune; else (a read-only home, a folder someone else owns) a
+    per-user temp folder, else a fresh private one for this process."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sharetune")
+    fallback = Path(tempfile.gettempdir()) / f"sharetune-{os.getuid()}"
+    return _private_dir(root) or _private_dir(fallback) or Path(tempfile.mkdtemp(prefix="sharetune-"))
 
 
 def _build(compiler: str, target: Path) -> str | None:
@@ -49,6 +69,7 @@ def _build(compiler: str, target: Path) -> str | None:
     if done.returncode:
         partial.unlink(missing_ok=True)
         return done.stderr.strip()[-500:] or f"{compiler} exited with {done.returncode}"
+    partial.chmod(0o700)  # whatever the umask: a library others can write is never loaded (see table_kernels)
     os.replace(partial, target)
     return None
 
@@ -61,7 +82,8 @@ def table_kernels() -> ctypes.CDLL | None:
         return None
     fingerprint = "\n".join([SOURCE.read_text(), *FLAGS, compiler, platform.machine(), _cpu_identity()])
     target = _cache_dir() / f"table_kernels-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.so"
-    if not target.exists() and (error := _build(compiler, target)):
+    trusted = target.exists() and _private(target)  # a library someone else could have written is built over
+    if not trusted and (error := _build(compiler, target)):
         warnings.warn(f"sharetune: building the C++ table kernels failed, using PyTorch's: {error}", stacklevel=2)
         return None
     lib = ctypes.CDLL(str(target))

@@ -20,12 +20,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import Batches, load
 from sharetune.metrics import STEP
+from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
-from sharetune.trainables import cluster_pretrainer, pretrained_weights, train_trial
+from sharetune.trainables import check_search, cluster_pretrainer, pretrained_weights, train_trial
 
 
 @dataclass
@@ -64,6 +65,8 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     DEFAULT_STORAGE)."""
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     data = load_data(spec)
+    check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))
+    check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.save_spec(spec)
     uri = tracking_uri(mlflow_uri)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
+from sharetune.spaces.documents import load_yaml
 from sharetune.spaces.spec import SearchSpec, SpecError, apply_overrides, parse_spec, read_spec_file
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -42,7 +41,7 @@ def load_spec(source: str | Path, overrides: list[str] = (), scale: str = "reduc
         variable = str(source)[4:]
         if variable not in os.environ:
             raise SpecError(f"spec: environment variable {variable} is not set")
-        raw = yaml.safe_load(os.environ[variable]) or {}
+        raw = load_yaml(os.environ[variable], f"spec: ${variable}") or {}
     elif path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise SpecError(f"spec: no such file {path}")

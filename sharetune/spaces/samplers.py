@@ -30,15 +30,17 @@ def grid(spec: SearchSpec) -> dict[str, list]:
 class SamplerEntry:
     build: Callable[[SearchSpec, dict[str, Any]], optuna.samplers.BaseSampler]  # (spec, options with the seed)
     multi_objective: bool
+    warmup_option: str | None = None  # the option counting the trials before its model proposes (random ones)
 
 
 SAMPLERS: dict[str, SamplerEntry] = {
-    "tpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**kw), True),
+    "tpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**kw), True, "n_startup_trials"),
     "random": SamplerEntry(lambda spec, kw: optuna.samplers.RandomSampler(**kw), True),
     "grid": SamplerEntry(lambda spec, kw: GridSampler(grid(spec), **kw), True),  # exhaustive: the paper sweeps
-    "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True),
-    "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False),
-    "nsga2": SamplerEntry(lambda spec, kw: optuna.samplers.NSGAIISampler(**kw), True),
-    "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True),
+    "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True, "n_startup_trials"),
+    "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False, "n_startup_trials"),
+    "nsga2": SamplerEntry(lambda spec, kw: optuna.samplers.NSGAIISampler(**kw), True, "population_size"),
+    "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True,
+                          "n_startup_trials"),
 }
 MULTI_OBJECTIVE_SAMPLERS = tuple(name for name, entry in SAMPLERS.items() if entry.multi_objective)

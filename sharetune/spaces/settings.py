@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS, get_model, shareable_model_names
@@ -22,6 +22,8 @@ DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size no
 
 class FamilySettings(Recipe):
     """A model family's trial settings: the recipe plus the model's own."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # an infinite share_rate or lr is a mistake, not a setting
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list]]:
@@ -47,7 +49,7 @@ class ArbNetSettings(FamilySettings):
     sparsity: float = 0.0  # fraction of virtual weights read as zero
     table_size: Optional[int] = Field(None, ge=1)  # default: DEFAULT_TABLE_SIZE, unless compression is given
     compression: Optional[float] = Field(None, gt=0, le=1)
-    hidden: Optional[list[int]] = None  # default: the paper's net for the dataset
+    hidden: Optional[list[PositiveInt]] = None  # default: the paper's net for the dataset
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list]]:

@@ -25,26 +25,26 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
 from sharetune.metrics import COSTS, METRICS
+from sharetune.spaces.documents import SpecError, check_tree, load_yaml
+from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 from sharetune.spaces.suggest import nearest_path, spec_paths
+from sharetune.training import MAX_SEED
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
-
-
-class SpecError(ValueError):
-    """A spec the user must fix; the message names the field and the allowed values."""
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # every spec section: no unknown keys, no inf or nan
 
 
 class Dimension(BaseModel):
     """One searched setting: exactly one of choice, uniform, loguniform, int, logint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     choice: Optional[list[Scalar]] = None
     uniform: Optional[tuple[float, float]] = None
@@ -65,7 +65,19 @@ class Dimension(BaseModel):
             raise ValueError(f"{self.kind}: low {low_high[0]} is above high {low_high[1]}")
         if self.kind in ("loguniform", "logint") and low_high[0] <= 0:
             raise ValueError(f"{self.kind}: bounds must be > 0")
+        if self.step is not None and self.kind not in ("uniform", "int"):
+            raise ValueError(f"step: applies to uniform and int only, not {self.kind} (Optuna samples a log scale without steps)")
+        if self.step is not None and self.kind == "int" and self.step != builtins.int(self.step):
+            raise ValueError(f"step: int needs a whole step, got {self.step}")
         return self
+
+    def can_be(self, values: list[Scalar]) -> bool:
+        """Whether a sample can take one of `values` (what a `when` on this dimension asks)."""
+        if self.choice is not None:
+            return any(value in values for value in self.choice)
+        low, high = self.bounds()
+        numbers = [v for v in values if isinstance(v, (builtins.int, float)) and not isinstance(v, bool) and low <= v <= high]
+        return any(v == builtins.int(v) for v in numbers) if self.kind in ("int", "logint") else bool(numbers)
 
     @property
     def kind(self) -> str:
@@ -80,7 +92,7 @@ class Dimension(BaseModel):
 
 
 class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     num_samples: Optional[int] = Field(None, ge=1)  # default: the grid's size, else 16
     max_concurrent: Optional[int] = Field(None, ge=1)
@@ -88,7 +100,7 @@ class Budget(BaseModel):
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     cpu: float = Field(1.0, gt=0)  # per worker
     gpu: float = Field(0.0, ge=0)  # per worker; fractions share one GPU between trials (or workers)
@@ -96,14 +108,14 @@ class Resources(BaseModel):
 
 
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     name: str = DEFAULT_DATASET
     root: Optional[str] = None  # default: ./data or $SHARETUNE_DATA
     train_subset: Optional[int] = Field(None, ge=1)  # reduced scale: the first N training examples
     test_subset: Optional[int] = Field(None, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # Held out of the training set, stratified and seeded, for selection: searching on the test split
     # would fit the hyperparameters to it. 0: no val split (select on test_accuracy, as ArbNet did).
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -122,7 +134,7 @@ class DataSpec(BaseModel):
 class Scheduler(BaseModel):
     """Early stopping: asha (one objective) or moasha (several; sharetune.search.moasha)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     name: Literal["asha", "moasha"] = "asha"
     grace_period: int = Field(1, ge=1)  # epochs before the first rung
@@ -131,9 +143,9 @@ class Scheduler(BaseModel):
 
 
 class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    name: str = "search"
+    name: str = "search"  # the search folder's name and MLflow's experiment: a safe folder name
     description: str = ""
     family: Literal["arbnet", "spin"]
     data: DataSpec = DataSpec()
@@ -145,11 +157,21 @@ class SearchSpec(BaseModel):
     scheduler: Optional[Scheduler] = None
     budget: Budget = Budget()
     resources: Resources = Resources()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     optuna_storage: Optional[str] = None  # an RDB URL (sqlite:///optuna.db) so optuna-dashboard can show the study
     variants: dict[str, dict[str, Any]] = {}  # named bundles of settings a `variant` dimension picks
     # The reference costs hypervolumes are measured from (default: the dense, unshared model's)
     hypervolume_reference: dict[str, float] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return safe_name(value)
+
+    @field_validator("optuna_storage")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_database_url(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpec":
@@ -191,8 +213,12 @@ class SearchSpec(BaseModel):
                     raise ValueError(f"dimensions.{name}: the grid sampler needs unconditional `choice` dimensions")
         return self
 
+    def _variant_names(self) -> list:
+        """The variants a trial can pick: the `variant` dimension's choices, or the fixed one."""
+        return self.dimensions["variant"].choice if "variant" in self.dimensions else [self.fixed["variant"]] if "variant" in self.fixed else []
+
     def _check_variants(self) -> None:
-        names = self.dimensions["variant"].choice if "variant" in self.dimensions else [self.fixed["variant"]] if "variant" in self.fixed else []
+        names = self._variant_names()
         if names is None:
             raise ValueError("dimensions.variant: must be a `choice` of variant names")
         for name in names:
@@ -214,6 +240,14 @@ class SearchSpec(BaseModel):
             for key in dim.when or {}:
                 if key not in self.dimensions and key not in self.fixed:
                     raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
+            for key, values in self.condition(name).items():
+                possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
+                if not possible:
+                    raise ValueError(f"dimensions.{name}.when: {key} can never be any of {values}, so {name} would never be "
+                                     f"sampled; allowed: values {key} can take")
+        for name in [n for n in self.variants if n not in self._variant_names()]:  # never picked: checked all the same
+            for combo in self._extreme_combos():
+                self._resolve({**combo, "variant": name}, lambda loc, name=name: ".".join(["variants", name, *map(str, loc)]))
         for settings in self.extreme_settings():
             self._check_pretrained(settings)
             if settings.precision == "fp16" and not self.resources.gpu:
@@ -223,22 +257,24 @@ class SearchSpec(BaseModel):
     def extreme_settings(self) -> list[FamilySettings]:
         """One trial's settings per combination of dimension extremes (and variant) with the fixed
         settings: since every setting's allowed values are intervals, what all trials range over."""
+        return [self._resolve(combo, self._where) for combo in self._extreme_combos()]
+
+    def _extreme_combos(self) -> list[dict[str, Scalar]]:
         names = list(self.dimensions)
         options = [self.dimensions[n].extremes() for n in names]
         if math.prod(len(o) for o in options) > 4096:  # huge grids: each dimension on its own
-            combos = [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
-        else:
-            combos = [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
-        resolved = []
-        for combo in combos:
-            config = {**self.fixed, **combo}
-            config = {k: v for k, v in config.items() if not self._inactive(k, config)}
-            config.update(self.variants.get(config.pop("variant", None), {}))
-            try:
-                resolved.append(FAMILIES[self.family](**config))
-            except ValidationError as err:
-                raise ValueError(describe_error(err, where=self._where)) from None
-        return resolved
+            return [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
+        return [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
+
+    def _resolve(self, combo: dict[str, Scalar], where: Callable[[tuple], str]) -> FamilySettings:
+        """The settings of a trial that samples `combo`; errors name the field as `where` spells it."""
+        config = {**self.fixed, **combo}
+        config = {k: v for k, v in config.items() if not self._inactive(k, config)}
+        config.update(self.variants.get(config.pop("variant", None), {}))
+        try:
+            return FAMILIES[self.family](**config)
+        except ValidationError as err:
+            raise ValueError(describe_error(err, where=where)) from None
 
     def _where(self, loc: tuple) -> str:
         if not loc:
@@ -305,10 +341,16 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
     return "; ".join(lines)
 
 
-def parse_spec(raw: dict) -> SearchSpec:
-    """Validate a spec dict; raise SpecError naming the field and what is allowed."""
+def check_document(raw: Any) -> None:
+    """A spec document is a mapping within the limits of `check_tree`."""
     if not isinstance(raw, dict):
         raise SpecError("spec: expected a mapping of keys (name, family, dimensions, ...)")
+    check_tree(raw)
+
+
+def parse_spec(raw: dict) -> SearchSpec:
+    """Validate a spec dict; raise SpecError naming the field and what is allowed."""
+    check_document(raw)
     try:
         return SearchSpec(**raw)
     except ValidationError as err:
@@ -317,6 +359,7 @@ def parse_spec(raw: dict) -> SearchSpec:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null)."""
+    check_document(raw)
     raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -325,17 +368,19 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SpecError(f"--set {key}: {part} is not a mapping")
-        node[leaf] = yaml.safe_load(value)
+                break
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {key}: {'.'.join(parents)} is not a mapping")
+        node[leaf] = load_yaml(value, f"--set {key}")
     return raw
 
 
 def read_spec_file(path: str | Path) -> dict:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"spec: {path} is not valid YAML: {err}") from None
-    return raw or {}
+        text = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"spec: cannot read {path}: {err.strerror}") from None
+    return load_yaml(text, f"spec: {path}") or {}

@@ -6,7 +6,11 @@ This is the package's public face; `sharetune.search` and the CLI import only th
 from sharetune.trainables.build import build_model, costs_of
 from sharetune.trainables.cluster_pretraining import cluster_pretrainer
 from sharetune.trainables.export import export_trial, load_exported
+from sharetune.trainables.preflight import check_model, check_search
 from sharetune.trainables.pretraining import PRETRAINED_FILE, WeightStore, pretrain, pretrained_weights
 from sharetune.trainables.trial import train_trial
 
-__all__ = ["PRETRAINED_FILE", "WeightStore", "build_model", "cluster_pretrainer", "costs_of", "export_trial", "load_exported", "pretrain", "pretrained_weights", "train_trial"]
+__all__ = [
+    "PRETRAINED_FILE", "WeightStore", "build_model", "check_model", "check_search", "cluster_pretrainer", "costs_of", "export_trial",
+    "load_exported", "pretrain", "pretrained_weights", "train_trial",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from sharetune.data import Batches
 from sharetune.metrics import ModelCosts, model_costs
-from sharetune.models import PAPER_MLPS, create_model, deployed, get_model
+from sharetune.models import PAPER_MLPS, ArbNetMLP, create_model, deployed, get_model
 from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings
 
 CKA_SAMPLES = 256  # training inputs the cka mapping compares layers on
@@ -41,15 +42,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model[-1] if isinstance(model, nn.Sequential) and isinstance(model[0], Resize) else model
 
 
-def build_arbnet(s: ArbNetSettings, data: Batches) -> nn.Module:
-    """The paper's net for the data's input width (Section 4.3), unless `hidden` says otherwise."""
+def arbnet_widths(s: ArbNetSettings, data: Batches) -> list[int]:
+    """Input, hidden and output widths: the paper's net for the data's input width (Section 4.3), unless
+    `hidden` says otherwise, else the model's own default."""
     in_features = math.prod(data.input_shape)
     paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), None)
-    hidden = s.hidden or paper
+    hidden = s.hidden or paper or inspect.signature(ArbNetMLP).parameters["hidden"].default
+    return [in_features, *hidden, data.num_classes]
+
+
+def build_arbnet(s: ArbNetSettings, data: Batches) -> nn.Module:
+    in_features, *hidden, num_classes = arbnet_widths(s, data)
     return create_model(
-        "arbnet_mlp", in_features=in_features, num_classes=data.num_classes, **({"hidden": tuple(hidden)} if hidden else {}),
-        hash=s.hash, alpha=s.alpha, radius=s.radius, sparsity=s.sparsity, table_size=s.table_size,
-        compression=s.compression, seed=s.seed,
+        "arbnet_mlp", in_features=in_features, num_classes=num_classes, hidden=tuple(hidden), hash=s.hash, alpha=s.alpha,
+        radius=s.radius, sparsity=s.sparsity, table_size=s.table_size, compression=s.compression, seed=s.seed,
     )
 
 

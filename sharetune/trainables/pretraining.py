@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sharetune.data import Batches
+from sharetune.models import load_state_dict
 from sharetune.spaces import SearchSpec, SpinSettings, trial_settings
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.training import train_epochs
@@ -60,10 +61,10 @@ def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore, trai
         return None
     settings = trial_settings({"family": spec.family, **spec.fixed})
     if settings.pretrained:
-        return torch.load(settings.pretrained, map_location="cpu")
+        return load_state_dict(settings.pretrained)
     cached = store.read(PRETRAINED_FILE)
     if cached is not None:
-        return torch.load(io.BytesIO(cached), map_location="cpu")
+        return load_state_dict(cached)
     state = train(settings, data)
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -1,0 +1,35 @@
+"""State dicts from files, loaded without running code.
+
+`torch.load` unpickles, and a pickle can run any code it names; `weights_only=True` restricts it to
+tensors and plain containers. Pretrained weights come from users and search folders, so they load
+only this way, and what loads must be a mapping of names to tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class WeightsError(ValueError):
+    """A weights file that is not a state dict (or would run code to become one)."""
+
+
+def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
+    """The state dict in a file (or its bytes), on the CPU; WeightsError if it is anything else."""
+    name = "weights" if isinstance(source, bytes) else str(source)
+    try:
+        state = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                           weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(f"{name}: not a state dict torch loads without running code ({reason})") from None
+    except OSError as err:
+        raise WeightsError(f"{name}: cannot read it ({err.strerror or err})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise WeightsError(f"{name}: not a state dict (a mapping of parameter names to tensors); got a {type(state).__name__}")
+    return state

@@ -1,0 +1,60 @@
+"""Where a search writes, checked before Ray starts: the search folder's storage and name, and the
+MLflow tracking URI. A mistake here would otherwise surface after Ray has started, or not at all
+(`--name ../x` writes outside the storage)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sharetune.search.storage import is_uri
+from sharetune.spaces import SpecError, check_database_url, safe_name
+
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+
+
+def check_storage(location: str) -> None:
+    """A local storage must be a folder, or creatable in one, and writable; a URI (s3://...) is opened
+    by pyarrow when the search starts (checking it here would contact the store)."""
+    if is_uri(location):
+        return
+    path = Path(location).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"--storage: {existing} is a file; give a folder (it is created if missing) or a URI like s3://bucket/x")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--storage: {existing} is not writable by this user; give a folder you can write")
+
+
+def check_name(name: str) -> None:
+    """`--name` becomes a folder inside the storage, like a spec's name."""
+    try:
+        safe_name(name)
+    except ValueError as err:
+        raise SpecError(f"--name: {err}") from None
+
+
+def check_mlflow_uri(uri: str) -> None:
+    """A scheme MLflow has a tracking store for; a database URL must also be one SQLAlchemy can open here."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores  # MLflow's own scheme table
+
+    try:
+        stores.get_store_builder(uri)
+    except MlflowException:
+        allowed = ", ".join(sorted(scheme for scheme in stores._registry if scheme))
+        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {uri!r}; allowed schemes: {allowed}, "
+                        "or a local path") from None
+    if uri.partition(":")[0].partition("+")[0] in DATABASE_SCHEMES:
+        try:
+            check_database_url(uri)
+        except ValueError as err:
+            raise SpecError(f"--mlflow-uri: {err}") from None
+
+
+def check_destinations(storage: str, name: str | None, mlflow_uri: str) -> None:
+    """Every check above, in the order a user reads the options."""
+    check_storage(storage)
+    if name is not None:
+        check_name(name)
+    check_mlflow_uri(mlflow_uri)

@@ -1,0 +1,44 @@
+"""Names and URLs a spec points outside itself with, checked without touching what they name.
+
+A search's name becomes a folder inside `--storage`, an MLflow experiment and a quoted value in
+MLflow's run filter, so it must be a plain folder name: `../x` would write outside the storage and
+a quote would break the filter. The Optuna storage URL is parsed by SQLAlchemy (the library Optuna
+opens it with) and its dialect and driver are imported, without connecting to a server.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
+
+
+def safe_name(value: str) -> str:
+    """`value` if it is a safe folder name, else ValueError saying what is allowed."""
+    if not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a safe folder name; allowed: {SAFE_NAME_RULE}")
+    return value
+
+
+def check_database_url(url: str) -> str:
+    """`url` if SQLAlchemy can open it here (known dialect, driver installed; for SQLite, an existing folder)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:///optuna.db or postgresql+psycopg://user@host/db"
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise ValueError(f"{url!r} is not a database URL SQLAlchemy knows ({err}); {example}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise ValueError(f"{url!r}: the {parsed.drivername} driver is not installed ({err})") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().parent
+        if not folder.is_dir():
+            raise ValueError(f"{url!r}: folder {folder} does not exist")
+    return url

@@ -1,0 +1,146 @@
+"""What would only fail once trials run, tried before Ray starts.
+
+The spec's validation checks types and ranges; this dry-runs the rest on the loaded data. The
+sampler runs past its warm-up on the spec's space (`rehearse_sampler`). Every combination of the
+dimensions' extremes (`SearchSpec.extreme_settings`) builds its model on the meta device, where
+tensors have shapes but no storage, runs a batch of the data's shape through it (a SPIN patch
+larger than the image fails here), and holds its memory while training (parameters, gradients,
+optimizer moments, activations) against this machine's. An ArbNet's hash index is computed in host
+memory while it builds, so its size is checked from the widths first. A `pretrained` file must be a
+state dict, loaded with `weights_only=True`, whose names and shapes fit the unshared model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+from sharetune.data import Batches
+from sharetune.models import WeightsError, load_state_dict
+from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
+from sharetune.trainables.build import arbnet_widths, build_model, build_spin, unwrap
+from sharetune.training import Recipe
+
+TRAINING_COPIES = 4  # bytes of a parameter while training, in its own size: itself, its gradient, two optimizer moments
+HASHING_BYTES = 16  # host bytes per virtual weight or table entry while an ArbNet hashes (int64 index, float64 draws)
+FLOAT_BYTES = 4
+
+
+def machine_memory(gpu: bool) -> tuple[int, str]:
+    """Bytes a trial here can use, and what they are: the GPU's where trials take one, else the RAM."""
+    if gpu and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "this machine's GPU memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def check_search(spec: SearchSpec, data: Batches) -> None:
+    """SpecError (one line) for a spec whose sampler, models or pretrained weights would fail in a trial."""
+    rehearse_sampler(spec)
+    memory = machine_memory(spec.resources.gpu > 0)
+    checked = set()
+    for settings in spec.extreme_settings():
+        check_model(settings, data, memory)
+        if isinstance(settings, SpinSettings) and settings.pretrained and settings.pretrained not in checked:
+            check_pretrained(settings, data)
+            checked.add(settings.pretrained)
+
+
+def _named(settings: FamilySettings) -> str:
+    """The model's settings (and the batch size) that differ from their defaults, as `field=value` pairs
+    an error can point at; the recipe's other pieces do not shape the model."""
+    shaping = [k for k in type(settings).model_fields if k not in Recipe.model_fields or k == "batch_size"]
+    given = settings.model_dump(include=set(shaping), exclude_defaults=True)
+    return ", ".join(f"{k}={given[k]!r}" for k in shaping if k in given) or "the defaults"
+
+
+def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str] | None = None) -> None:
+    """SpecError if the settings' model cannot be built, cannot take a batch of the data, or needs more
+    memory to train than `memory` (bytes, and what they are; default: this machine's)."""
+    available, where = memory or machine_memory(False)
+    data = data.with_resolution(settings.resolution)
+    if isinstance(settings, ArbNetSettings):
+        _check_bytes(_arbnet_hashing_bytes(settings, data), available, where, settings, "to hash its index")
+    layout = settings.model_copy(update={"fusion": None, "mapping": "sequential"}) \
+        if isinstance(settings, SpinSettings) else settings  # the same shapes, without the pretrained model
+    batch = (settings.batch_size, *data.input_shape)
+    try:
+        with torch.device("meta"):
+            model = build_model(layout, data)
+            activations = _arbnet_activation_bytes(settings, data) if isinstance(settings, ArbNetSettings) \
+                else _activation_bytes(model, torch.empty(batch))
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, MemoryError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SpecError(f"model ({_named(settings)}): fails on {'x'.join(map(str, batch))} inputs: {reason}") from None
+    _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, "to train")
+
+
+def _check_bytes(needed: int, available: int, where: str, settings: FamilySettings, doing: str) -> None:
+    if needed > available:
+        raise SpecError(f"model ({_named(settings)}): needs about {needed / 2**30:,.1f} GiB {doing}, more than "
+                        f"{where} ({available / 2**30:,.1f} GiB); make it smaller")
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    """Parameters and buffers, each shared tensor once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _activation_bytes(model: nn.Module, batch: Tensor) -> int:
+    """Bytes of every module's output for one batch (what backward keeps), measured by running it."""
+    total = 0
+
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, Tensor) and not list(module.children()):
+            total += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def _arbnet_layers(settings: ArbNetSettings, data: Batches) -> tuple[int, int]:
+    """(virtual weights, table entries) of the ArbNet the settings build."""
+    widths = arbnet_widths(settings, data)
+    virtual = sum(a * b for a, b in zip(widths, widths[1:]))
+    if settings.hash == "identity":
+        return virtual, virtual
+    if settings.compression is not None:
+        return virtual, math.ceil(settings.compression * virtual)
+    return virtual, settings.table_size * (len(widths) - 1)
+
+
+def _arbnet_hashing_bytes(settings: ArbNetSettings, data: Batches) -> int:
+    return HASHING_BYTES * sum(_arbnet_layers(settings, data))
+
+
+def _arbnet_activation_bytes(settings: ArbNetSettings, data: Batches) -> int:
+    """Each step gathers the dense weights (and their gradient) and keeps three outputs per layer."""
+    virtual, _ = _arbnet_layers(settings, data)
+    return FLOAT_BYTES * (2 * virtual + 3 * settings.batch_size * sum(arbnet_widths(settings, data)[1:]))
+
+
+def check_pretrained(settings: SpinSettings, data: Batches) -> None:
+    """SpecError unless `settings.pretrained` is a state dict whose names and shapes fit the unshared model."""
+    try:
+        state = load_state_dict(settings.pretrained)
+    except WeightsError as err:
+        raise SpecError(f"pretrained: {err}") from None
+    with torch.device("meta"):
+        expected = unwrap(build_spin(settings, data.with_resolution(settings.resolution), unshared=True)).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        first = f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's is {tuple(expected[wrong[0]].shape)}" if wrong \
+            else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise SpecError(f"pretrained: {settings.pretrained} does not fit the unshared {settings.model} "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped; {first})")

@@ -1,0 +1,287 @@
+"""Validation that holds: every mistake in a spec, a spec file or a command line is one line naming
+the field before Ray starts; weights and kernels never run code they should not."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_spec
+
+from sharetune.data import load
+from sharetune.models import WeightsError, load_state_dict, native
+from sharetune.search.destinations import check_destinations
+from sharetune.spaces import SpecError, load_spec, parse_spec
+from sharetune.trainables import build_model, check_search, pretrained_weights
+
+SPIN = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "objectives": {"test_accuracy": "max"},
+        "fixed": {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "batch_size": 16}}
+
+
+def spin(**fixed) -> dict:
+    return {**SPIN, "fixed": {**SPIN["fixed"], **fixed}}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({**tiny_spec(), 1: 2}, r"spec: key 1 is not a string; quote it"),
+    (tiny_spec(data={"name": "synthetic", "seed": -1}), r"data.seed: got -1; input should be greater than or equal to 0"),
+    (tiny_spec(optuna_storage="zzz"), r"optuna_storage: 'zzz' is not a database URL SQLAlchemy knows"),
+    (tiny_spec(optuna_storage="sqlite:////no/such/folder/optuna.db"), r"optuna_storage: .*folder /no/such/folder does not exist"),
+    (tiny_spec(dimensions={"sparsity": {"uniform": [0, float("inf")]}}), r"dimensions.sparsity.uniform.1: Input should be a finite"),
+    (tiny_spec(dimensions={"alpha": {"loguniform": [0.1, 1], "step": 0.1}}), r"dimensions.alpha: step: applies to uniform and int"),
+    (tiny_spec(dimensions={"radius": {"int": [0, 10], "step": 0.5}, "hash": {"choice": ["neighborhood"]}}),
+     r"dimensions.radius: step: int needs a whole step, got 0.5"),
+    (tiny_spec(name="it's"), r"""name: "it's" is not a safe folder name; allowed: letters, digits"""),
+    (tiny_spec(name="../x"), r"name: '../x' is not a safe folder name"),
+    (tiny_spec(name="a/b"), r"name: 'a/b' is not a safe folder name"),
+    (tiny_spec(fixed={"table_size": 64, "hidden": [0]}), r"fixed.hidden.0: got 0; input should be greater than 0"),
+    (tiny_spec(seed=2**63), r"seed: got 9223372036854775808; input should be less than or equal to 4294967295"),
+    (tiny_spec(fixed={"table_size": 64, "seed": 2**63}), r"fixed.seed: got 9223372036854775808"),
+    (spin(share_rate=float("inf")), r"fixed.share_rate: Input should be a finite number"),
+    (tiny_spec(dimensions={"hash": {"choice": ["uniform", "dirichlet"]},
+                           "sparsity": {"uniform": [0, 0.5], "when": {"hash": ["identity"]}}}),
+     r"dimensions.sparsity.when: hash can never be any of \['identity'\], so sparsity would never be sampled"),
+    (tiny_spec(dimensions={"hash": {"choice": ["uniform"]}, "alpha": {"loguniform": [0.1, 1.0]}}),
+     r"dimensions.alpha.when: hash can never be any of \['dirichlet'\]"),
+    (tiny_spec(fixed={"table_size": 64, "epochs": 1}, dimensions={"sparsity": {"uniform": [0, 0.5], "when": {"epochs": [2]}}}),
+     r"dimensions.sparsity.when: epochs can never be any of \[2\]"),
+    (tiny_spec(variants={"big": {"table_size": -5}}), r"variants.big.table_size: got -5; input should be greater than or equal to 1"),
+    (tiny_spec(resources={"cpu": float("inf")}), r"resources.cpu: Input should be a finite number"),
+])
+def test_invalid_specs_fail_in_one_line_naming_the_field(raw, message):
+    with pytest.raises(SpecError, match=message) as caught:
+        parse_spec(raw)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_when_that_can_hold_is_kept():
+    spec = parse_spec(tiny_spec(fixed={"table_size": 64, "epochs": 2},
+                                dimensions={"sparsity": {"uniform": [0, 0.5], "when": {"epochs": [2, 3]}},
+                                            "radius": {"int": [0, 4], "when": {"hash": ["neighborhood"]}},
+                                            "hash": {"choice": ["uniform", "neighborhood"]}}))
+    assert spec.condition("radius") == {"hash": ["neighborhood"]}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load("synthetic")
+
+
+@pytest.mark.parametrize("raw, message", [
+    (tiny_spec(sampler_options={"gamma": "x"}), r"sampler_options: tpe sampler with \{'gamma': 'x'\} fails at trial 11 of a dry run"),
+    (tiny_spec(sampler="nsga2", sampler_options={"population_size": 4, "mutation_prob": "x"}),
+     r"sampler_options: nsga2 sampler rejected"),
+    (tiny_spec(fixed={"table_size": 10**12, "hidden": [16]}), r"model \(hash='uniform', table_size=1000000000000, hidden=\[16\]\): "
+                                                             r"needs about .* GiB to hash its index, more than this machine's memory"),
+    (spin(patch_size=64), r"model \(.*patch_size=64.*\): fails on 16x1x8x8 inputs: .*Kernel size can't be greater"),
+    (spin(share_rate=100), r"model \(.*share_rate=100.0\): fails on 16x1x8x8 inputs: rate: must be between 1 and the depth \(4\)"),
+    (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train"),
+])
+def test_dry_runs_catch_what_fails_only_in_a_trial(raw, message, synthetic):
+    spec = parse_spec(raw)  # valid by types and ranges
+    with pytest.raises(SpecError, match=message):
+        check_search(spec, synthetic)
+
+
+def test_a_sound_spec_passes_its_dry_runs_quickly(synthetic):
+    import time
+
+    for raw in (tiny_spec(), spin(share_rate=2), tiny_spec(sampler="gp")):
+        started = time.perf_counter()
+        check_search(parse_spec(raw), synthetic)
+        assert time.perf_counter() - started < 10  # a second on an idle core; shared CI machines are slower
+
+
+def test_a_pretrained_file_must_be_a_state_dict_that_fits(tmp_path, synthetic):
+    fused = spin(share_rate=2, fusion="mean")
+    (tmp_path / "other.pt").write_bytes(b"")
+    torch.save({"weights": [1, 2]}, tmp_path / "list.pt")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
+    unshared = parse_spec(spin()).extreme_settings()[0]
+    good = build_model(unshared, synthetic).state_dict()
+    torch.save({**good, "head.weight": torch.zeros(3, 16)}, tmp_path / "wrong_shape.pt")
+    torch.save(good, tmp_path / "good.pt")
+    for name, message in [("other.pt", "not a state dict torch loads without running code"),
+                          ("list.pt", r"not a state dict \(a mapping of parameter names to tensors\)"),
+                          ("linear.pt", r"does not fit the unshared convmixer \(.* missing, 2 unexpected"),
+                          ("wrong_shape.pt", r"head.weight is \(3, 16\), the model's is \(4, 16\)")]:
+        with pytest.raises(SpecError, match=f"pretrained: .*{message}"):
+            check_search(parse_spec({**fused, "fixed": {**fused["fixed"], "pretrained": str(tmp_path / name)}}), synthetic)
+    check_search(parse_spec({**fused, "fixed": {**fused["fixed"], "pretrained": str(tmp_path / "good.pt")}}), synthetic)
+
+
+def test_destinations_are_checked(tmp_path):
+    afile = tmp_path / "results.txt"
+    afile.write_text("")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    check_destinations(str(tmp_path / "new" / "results"), "ok-name_1.2", uri)
+    for storage, name, mlflow, message in [
+        (str(afile), None, uri, r"--storage: .*results.txt is a file; give a folder"),
+        (str(afile / "below"), None, uri, r"--storage: .*results.txt is a file"),
+        (str(tmp_path), "../x", uri, r"--name: '../x' is not a safe folder name"),
+        (str(tmp_path), None, "zzz://host", r"--mlflow-uri: no MLflow tracking store for 'zzz://host'; allowed schemes: .*http"),
+        (str(tmp_path), None, "sqlite:////no/such/folder/m.db", r"--mlflow-uri: .*folder /no/such/folder does not exist"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            check_destinations(storage, name, mlflow)
+
+
+# Spec files: strict YAML
+
+def write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_duplicate_keys_are_an_error_not_a_dropped_block(tmp_path):
+    text = yaml.safe_dump(tiny_spec()) + "fixed: {table_size: 8}\n"
+    with pytest.raises(SpecError, match=r"spec: .*spec.yaml: not valid YAML: duplicate key 'fixed' \(line \d+"):
+        load_spec(write(tmp_path, text))
+
+
+def test_non_utf8_deep_and_alias_bombs_are_errors(tmp_path):
+    with pytest.raises(SpecError, match=r"not UTF-8 text \(byte 6 is b'\\xff'\)"):
+        load_spec(write(tmp_path, b"name: \xff\xfe"))
+    with pytest.raises(SpecError, match="nested deeper than 32 levels"):
+        load_spec(write(tmp_path, "fixed: {hidden: " + "[" * 5000 + "]" * 5000 + "}"))
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+    with pytest.raises(SpecError, match="more than 100000 values once aliases are expanded"):
+        load_spec(write(tmp_path, bomb))
+    with pytest.raises(SpecError, match="nested deeper than 32 levels once aliases are expanded"):
+        load_spec(write(tmp_path, "a: &a [*a]"))
+    with pytest.raises(SpecError, match=r"spec: expected a mapping"):
+        load_spec(write(tmp_path, "- a\n- b\n"))
+
+
+def test_set_values_are_yaml_or_one_line(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(tiny_spec()))
+    for value, message in [("fixed.hidden=[1,", r"--set fixed.hidden: not valid YAML: .*\(line 1, column 4\)"),
+                           ("fixed={a: 1, a: 2}", r"--set fixed: not valid YAML: duplicate key 'a'"),
+                           ("name.x=1", r"--set name.x: name is not a mapping"),
+                           ("fixed={1: 2}", r"fixed: key 1 is not a string")]:
+        with pytest.raises(SpecError, match=message):
+            load_spec(path, [value])
+
+
+# The command line: exit 2, one line, no traceback
+
+def sharetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sharetune.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "SPEC", "--set", "fixed.hidden=[1,"], "error: --set fixed.hidden: not valid YAML"),
+    (["search", "SPEC", "--storage", "afile"], "error: --storage: "),
+    (["search", "SPEC", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
+    (["search", "BADSPEC"], "error: spec: "),
+    (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
+    (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
+    (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: model (patch_size=64): fails on"),
+])
+def test_the_cli_says_one_line_and_exits_2(args, message, tmp_path):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    (tmp_path / "bad.yaml").write_bytes(b"name: \xff")
+    args = [{"SPEC": "spec.yaml", "BADSPEC": "bad.yaml"}.get(a, a) for a in args]
+    done = sharetune(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
+    assert len(lines) == 1 and lines[0].startswith(message), done.stderr
+    assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
+# No code from files
+
+class Planted:
+    """A pickle that, unpickled, writes a marker file: what a malicious checkpoint would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def plant(path: Path, marker: Path) -> Path:
+    torch.save({"model": {"w": torch.zeros(1)}, "evil": Planted(marker)}, path)
+    return path
+
+
+def test_weights_that_would_run_code_are_refused(tmp_path, synthetic):
+    marker = tmp_path / "marker"
+    weights = plant(tmp_path / "pretrained.pt", marker)
+    with pytest.raises(WeightsError, match="not a state dict torch loads without running code"):
+        load_state_dict(weights)
+    with pytest.raises(WeightsError):
+        load_state_dict(weights.read_bytes())
+    fused = spin(share_rate=2, fusion="mean", pretrained=str(weights))
+    with pytest.raises(SpecError, match="pretrained: .*without running code"):
+        check_search(parse_spec(fused), synthetic)
+
+    class Store:  # a search folder whose cached pretrained weights someone replaced
+        def read(self, filename):
+            return weights.read_bytes()
+
+        def write(self, filename, data):
+            raise AssertionError("nothing is written")
+
+    with pytest.raises(WeightsError):
+        pretrained_weights(parse_spec(spin(share_rate=2, fusion="mean", pretrain_epochs=1)), synthetic, Store())
+    with pytest.raises(pickle.UnpicklingError):  # what a trial's checkpoint load does, as trials/trial.py calls it
+        torch.load(weights, weights_only=True)
+    assert not marker.exists()
+    torch.load(weights, weights_only=False)  # the marker is real: unpickling without the guard runs it
+    assert marker.read_text() == "ran"
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "sharetune"
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                options = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert options.get("weights_only") == "True", f"{path.name}:{node.lineno}: torch.load without weights_only=True"
+
+
+def test_the_kernel_cache_is_private_and_foreign_libraries_are_rebuilt(tmp_path, monkeypatch):
+    if native.table_kernels() is None:
+        pytest.skip("no C++ compiler here")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    assert native.table_kernels.__wrapped__() is not None
+    assert cache.stat().st_mode & 0o777 == 0o700
+    (library,) = cache.glob("table_kernels-*.so")
+    assert library.stat().st_uid == os.getuid() and not library.stat().st_mode & 0o022
+    def plant_library() -> None:  # a new file: the loaded library stays mapped as it was
+        library.unlink()
+        library.write_bytes(b"not a library")
+
+    plant_library()
+    library.chmod(0o666)  # writable by others, so never loaded
+    assert native.table_kernels.__wrapped__() is not None  # rebuilt over it, then loaded
+    assert library.stat().st_mode & 0o022 == 0 and library.stat().st_size > 1000
+    if os.getuid() == 0:  # root can plant a file another user owns: it is rebuilt too
+        plant_library()
+        os.chown(library, 12345, 12345)
+        assert native.table_kernels.__wrapped__() is not None
+        assert library.stat().st_uid == 0
+    other = tmp_path / "theirs"
+    other.mkdir(mode=0o777)
+    other.chmod(0o777)
+    if os.getuid() == 0:
+        os.chown(other, 12345, 12345)
+        monkeypatch.setenv(native.CACHE_ENV, str(other))
+        assert native.table_kernels.__wrapped__() is not None
+        assert not list(other.glob("*.so"))  # a folder this user does not own is not used
