@@ -3,6 +3,7 @@ several objectives. The spec validates against it; `make_sampler` builds from it
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,6 +20,17 @@ class GridSampler(optuna.samplers.GridSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
+
+
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable: Tune saves the searcher, the study and its sampler with the
+    search's state, and Optuna's genetic samplers guard their generation cache with a thread lock."""
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_thread_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _thread_lock=threading.Lock())
 
 
 def grid(spec: SearchSpec) -> dict[str, list]:
@@ -39,7 +51,7 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "grid": SamplerEntry(lambda spec, kw: GridSampler(grid(spec), **kw), True),  # exhaustive: the paper sweeps
     "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True, "n_startup_trials"),
     "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False, "n_startup_trials"),
-    "nsga2": SamplerEntry(lambda spec, kw: optuna.samplers.NSGAIISampler(**kw), True, "population_size"),
+    "nsga2": SamplerEntry(lambda spec, kw: NSGAIISampler(**kw), True, "population_size"),
     "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True,
                           "n_startup_trials"),
 }

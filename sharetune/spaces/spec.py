@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
-from sharetune.metrics import COSTS, METRICS
+from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.spaces.documents import SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
@@ -90,6 +90,15 @@ class Dimension(BaseModel):
         """Values that, if valid, make every value of the dimension valid (settings are intervals)."""
         return list(self.choice) if self.choice is not None else list(self.bounds())
 
+    def values(self) -> list[Scalar] | None:
+        """Every value a discrete dimension takes; None for a continuous one."""
+        if self.kind == "choice":
+            return list(self.choice)
+        if self.kind in ("int", "logint"):
+            low, high = self.bounds()
+            return list(range(low, high + 1, int(self.step or 1)))
+        return None
+
 
 class Budget(BaseModel):
     model_config = STRICT
@@ -97,6 +106,7 @@ class Budget(BaseModel):
     num_samples: Optional[int] = Field(None, ge=1)  # default: the grid's size, else 16
     max_concurrent: Optional[int] = Field(None, ge=1)
     time_limit_s: Optional[float] = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0)  # retries of a trial whose worker or node dies, from its last checkpoint
 
 
 class Resources(BaseModel):
@@ -105,6 +115,31 @@ class Resources(BaseModel):
     cpu: float = Field(1.0, gt=0)  # per worker
     gpu: float = Field(0.0, ge=0)  # per worker; fractions share one GPU between trials (or workers)
     workers: int = Field(1, ge=1)  # >1: each trial is a Ray Train data-parallel job of this many workers
+
+
+class Bound(BaseModel):
+    """A constraint on a cost known before training: proposals outside [min, max] are never trained."""
+
+    model_config = STRICT
+
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> "Bound":
+        if self.min is None and self.max is None:
+            raise ValueError("give max, min or both")
+        if any(v is not None and not math.isfinite(v) for v in (self.min, self.max)):
+            raise ValueError("bounds must be finite numbers")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    def violation(self, value: float) -> float:
+        """How far `value` lies outside the bounds, relative to them (Optuna's convention: <= 0 is feasible)."""
+        over = (value - self.max) / max(abs(self.max), 1.0) if self.max is not None else -math.inf
+        under = (self.min - value) / max(abs(self.min), 1.0) if self.min is not None else -math.inf
+        return max(over, under)
 
 
 class DataSpec(BaseModel):
@@ -162,6 +197,8 @@ class SearchSpec(BaseModel):
     variants: dict[str, dict[str, Any]] = {}  # named bundles of settings a `variant` dimension picks
     # The reference costs hypervolumes are measured from (default: the dense, unshared model's)
     hypervolume_reference: dict[str, float] = {}
+    constraints: dict[str, Bound] = {}  # costs known before training: {unique_params: {max: 50000}}
+    repeats: int = Field(1, ge=1)  # seeds each configuration trains with (seed, seed+1, ...); the sampler sees the mean
 
     @field_validator("name")
     @classmethod
@@ -183,6 +220,11 @@ class SearchSpec(BaseModel):
         for cost, value in self.hypervolume_reference.items():
             if cost not in COSTS or not value > 0:
                 raise ValueError(f"hypervolume_reference: {cost}: {value!r}; give a cost above 0 for any of {', '.join(COSTS)}")
+        for cost in self.constraints:
+            if cost not in CONSTRAINABLE:
+                raise ValueError(f"constraints: {cost!r} is not known before training; allowed: {', '.join(CONSTRAINABLE)}")
+        if self.repeats > 1 and "seed" in self.dimensions:
+            raise ValueError("repeats: the seed is searched (dimensions.seed); repeats vary it themselves, so keep one")
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
             raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
         multi = len(self.objectives) > 1
@@ -300,6 +342,20 @@ class SearchSpec(BaseModel):
 
     def grid_size(self) -> int:
         return math.prod(len(d.choice) for d in self.dimensions.values())
+
+    def distinct_configurations(self, limit: int = 100_000) -> int | None:
+        """How many different configurations the space holds (a dimension its condition turns off
+        counts once), so a search can end when it has proposed them all; None when a dimension is
+        continuous or there are more than `limit` combinations to count."""
+        names = list(self.dimensions)
+        values = [self.dimensions[name].values() for name in names]
+        if any(v is None for v in values) or math.prod(len(v) for v in values) > limit:
+            return None
+        distinct = set()
+        for combo in itertools.product(*values):
+            config = {**self.fixed, **dict(zip(names, combo))}
+            distinct.add(tuple((name, value) for name, value in zip(names, combo) if not self._inactive(name, config)))
+        return len(distinct)
 
     def num_samples(self) -> int:
         if self.budget.num_samples is not None:

@@ -3,7 +3,7 @@
 This is the package's public face; `sharetune.search` and the CLI import only these names.
 """
 
-from sharetune.trainables.build import build_model, costs_of
+from sharetune.trainables.build import build_model, config_costs, costs_of
 from sharetune.trainables.cluster_pretraining import cluster_pretrainer
 from sharetune.trainables.export import export_trial, load_exported
 from sharetune.trainables.preflight import check_model, check_search
@@ -11,6 +11,6 @@ from sharetune.trainables.pretraining import PRETRAINED_FILE, WeightStore, pretr
 from sharetune.trainables.trial import train_trial
 
 __all__ = [
-    "PRETRAINED_FILE", "WeightStore", "build_model", "check_model", "check_search", "cluster_pretrainer", "costs_of", "export_trial",
+    "PRETRAINED_FILE", "WeightStore", "build_model", "check_model", "check_search", "cluster_pretrainer", "config_costs", "costs_of", "export_trial",
     "load_exported", "pretrain", "pretrained_weights", "train_trial",
 ]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from sharetune.data import Batches
 from sharetune.metrics import ModelCosts, model_costs
 from sharetune.models import PAPER_MLPS, ArbNetMLP, create_model, deployed, get_model
-from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings
+from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings, trial_settings
 
 CKA_SAMPLES = 256  # training inputs the cka mapping compares layers on
 
@@ -101,3 +101,12 @@ def build_model(
 def costs_of(model: nn.Module, data: Batches) -> ModelCosts:
     """What does not change while training, counted as the model deploys (fused layers folded)."""
     return model_costs(deployed(model), data.input_shape)
+
+
+def config_costs(config: dict, data: Batches, pretrained: dict | None = None) -> ModelCosts:
+    """A trial configuration's costs without training it: how a search checks its constraints before
+    starting a trial."""
+    settings = trial_settings(config)
+    data = data.with_resolution(settings.resolution)
+    with torch.no_grad():
+        return costs_of(build_model(settings, data, pretrained), data)
