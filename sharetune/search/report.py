@@ -34,6 +34,7 @@ LEGEND_GROUPS = 4  # continuous settings are binned to this many legend entries
 class Report:
     trials: pd.DataFrame
     configurations: pd.DataFrame  # a row per configuration (repeats as mean and _std); `trials` without repeats
+    title: str = ""  # the search and its data, on every plot
     fronts: dict[str, pd.DataFrame] = field(default_factory=dict)  # cost -> front rows
     hypervolume: dict[str, float] = field(default_factory=dict)  # cost -> normalised hypervolume
     skipped: dict[str, str] = field(default_factory=dict)  # cost -> why it has no front
@@ -149,7 +150,7 @@ def legend_groups(values: pd.Series) -> pd.Series:
 
 def _label(trials: pd.DataFrame) -> str | None:
     """What distinguishes SPIN trials in the papers' tables."""
-    for column in ("variant", "fusion", "transform_groups", "mapping", "hash"):
+    for column in ("variant", "fusion", "transform_groups", "mapping", "share_rate", "hash"):
         if column in trials and trials[column].nunique(dropna=False) > 1:
             return column
     return None
@@ -161,21 +162,36 @@ def _error_bars(rows: pd.DataFrame) -> pd.Series | None:
     return rows[column].fillna(0) if column in rows else None
 
 
-def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path) -> None:
+def spans_decades(values: pd.Series) -> bool:
+    """Whether positive values span a factor of ten or more: sizes like that read on a log axis."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return bool(len(values)) and values.min() > 0 and values.max() >= 10 * values.min()
+
+
+def _cost_axis(ax, values: pd.Series) -> None:
+    if spans_decades(values):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
+
+
+def _title(report_title: str, what: str) -> str:
+    return f"{report_title}\n{what}" if report_title else what
+
+
+def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(trials[cost], trials[ACCURACY], yerr=_error_bars(trials), fmt="o", ms=4, alpha=0.5, capsize=2,
                 label="trials")
     ax.step(front[cost], front[ACCURACY], where="post", color="C3", marker="o", label="Pareto front")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on short ranges
-    ax.set(xlabel=cost, ylabel=ACCURACY, title=f"{ACCURACY} against {cost}")
+    _cost_axis(ax, trials[cost])
+    ax.set(xlabel=cost, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {cost}"))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
+def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool, title: str) -> None:
     """Accuracy against `x`, one line per sparsity (ArbNet Figures 2-4)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = trials.groupby(legend_groups(trials["sparsity"])) if "sparsity" in trials else [("all", trials)]
@@ -184,32 +200,34 @@ def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool) -> None:
         ax.errorbar(group[x], group[ACCURACY], yerr=_error_bars(group), marker="o", capsize=2, label=f"sparsity {sparsity}")
     if log:
         ax.set_xscale("log")
-    ax.set(xlabel=x, ylabel=ACCURACY, title=f"{ACCURACY} against {x}")
+    ax.set(xlabel=x, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {x}"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_labelled(trials: pd.DataFrame, label: str, path: Path) -> None:
+def _plot_labelled(trials: pd.DataFrame, label: str, path: Path, title: str) -> None:
     """Accuracy against unique parameters per topology / fusion / variant (SPIN Tables 1-5)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for value, group in trials.groupby(legend_groups(trials[label])):
         ax.errorbar(group["unique_params"], group[ACCURACY], yerr=_error_bars(group), fmt="o", capsize=2,
                     label=f"{label} {value}")
-    ax.set(xlabel="unique_params", ylabel=ACCURACY, title=f"{ACCURACY} against parameters, by {label}")
+    _cost_axis(ax, trials["unique_params"])
+    ax.set(xlabel="unique_params", ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against parameters, by {label}"))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, float] | None = None) -> Report:
+def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, float] | None = None,
+                 title: str = "") -> Report:
     """Write trials.csv/.parquet, fronts and plots under `out`; `reference`: the spec's reference
-    costs for the hypervolume (default: the dense model's)."""
+    costs for the hypervolume (default: the dense model's); `title`: the search and its data."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(trials, configurations(trials))
+    report = Report(trials, configurations(trials), title=title)
     trials.to_csv(out / "trials.csv", index=False)
     # Parquet columns need one type: a choice of None and strings is stored as text
     trials.astype({c: str for c in trials.columns if trials[c].dtype == object}).to_parquet(out / "trials.parquet", index=False)
@@ -227,18 +245,34 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
         front, volume = pareto(done, cost, reference)
         report.fronts[cost], report.hypervolume[cost] = front, volume
         if not front.empty:
-            _plot_front(done, front, cost, out / f"pareto_{cost}.png")
+            _plot_front(done, front, cost, out / f"pareto_{cost}.png", title)
             report.files.append(out / f"pareto_{cost}.png")
     healthy = done[done["diverged"].fillna(0) == 0]
     for x, log in (("alpha", True), ("entropy", False), ("radius", False)):
         if x in healthy and healthy[x].notna().sum() > 1 and ("alpha" in healthy or x != "entropy"):
-            _plot_lines(healthy.dropna(subset=[x]), x, out / f"accuracy_vs_{x}.png", log)
+            _plot_lines(healthy.dropna(subset=[x]), x, out / f"accuracy_vs_{x}.png", log, title)
             report.files.append(out / f"accuracy_vs_{x}.png")
     label = _label(healthy)
     if label is not None:
-        _plot_labelled(healthy, label, out / f"accuracy_vs_params_by_{label}.png")
+        _plot_labelled(healthy, label, out / f"accuracy_vs_params_by_{label}.png", title)
         report.files.append(out / f"accuracy_vs_params_by_{label}.png")
+    if (healthy.get("family") == "spin").any():
+        report.files += paper_table(healthy, label, out)
     return report
+
+
+def paper_table(trials: pd.DataFrame, label: str | None, out: Path) -> list[Path]:
+    """SPIN's kind of table: one row per trial (or configuration), what distinguishes it, parameters
+    in millions, MACs in billions, accuracy; as CSV and Markdown."""
+    accuracies = [c for c in ("val_accuracy", ACCURACY) if c in trials and trials[c].notna().any()]
+    table = pd.DataFrame({
+        label or "trial": trials[label] if label else trials["trial_id"],
+        "params (M)": (trials["unique_params"] / 1e6).round(3), "MACs (G)": (trials["macs"] / 1e9).round(3),
+        **{name: (100 * trials[name]).round(2) for name in accuracies}})
+    table = table.sort_values("params (M)", ascending=False)
+    table.to_csv(out / "spin_table.csv", index=False)
+    (out / "spin_table.md").write_text(table.to_markdown(index=False) + "\n")
+    return [out / "spin_table.csv", out / "spin_table.md"]
 
 
 def reference_of(uri: str, parent_id: str) -> dict[str, float]:

@@ -1,0 +1,58 @@
+"""The models people take away: each trial on the final Pareto front (the best trial, for one
+objective) as an MLflow model in its child run, built as `sharetune export` builds one (fused layers
+folded, ArbNet indices recomputed), with a signature and an input example."""
+
+from __future__ import annotations
+
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+
+from sharetune.metrics import pareto_mask
+from sharetune.search.export import export
+from sharetune.search.report import TRAINED
+from sharetune.search.storage import SearchFolder
+from sharetune.spaces import SearchSpec
+from sharetune.trainables import load_exported
+
+MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
+
+
+def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
+    """The trials worth keeping: those no other dominates on the spec's objectives (one objective:
+    the best), among the trials that trained to their end without diverging."""
+    done = trials[trials["status"].isin(TRAINED)].dropna(subset=list(spec.objectives))
+    if "diverged" in done:
+        done = done[done["diverged"].fillna(0) == 0]
+    points = done[list(spec.objectives)].to_numpy(float)
+    return list(done["trial_id"][pareto_mask(points, [mode == "max" for mode in spec.objectives.values()])])
+
+
+def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFrame, uri: str,
+                     runs: dict[str, str]) -> list[str]:
+    """Log each front trial's model into its child run (`runs`: trial id -> run id); the model URIs."""
+    mlflow.set_tracking_uri(uri)
+    requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
+    logged = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for trial_id in front_trials(trials, spec):
+            if trial_id not in runs:
+                continue
+            path = Path(scratch) / f"{trial_id}.pt"
+            export(folder, trial_id, path)
+            model = load_exported(path)
+            example = torch.zeros(2, *torch.load(path, weights_only=True)["input_shape"])
+            with torch.no_grad():
+                output = model(example).numpy()
+            with mlflow.start_run(run_id=runs[trial_id]):
+                info = mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example.numpy(), output),
+                                                input_example=example.numpy(), pip_requirements=requirements,
+                                                serialization_format="pickle")  # ArbNet's table kernels do not trace
+            logged.append(info.model_uri)
+    return logged
