@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   ?= data
 
-.PHONY: demo test bench clean postgres
+.PHONY: demo test bench clean postgres chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(BIN)/sharetune data fetch mnist --root $(DATA)
 	$(BIN)/sharetune search weight-sharing --set data.root=$(DATA)
 
-test: $(VENV)/.installed-dev postgres
+test: $(VENV)/.installed-dev postgres chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
@@ -34,11 +34,19 @@ postgres:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "note: no PostgreSQL server here; the cluster test will be skipped"
 
+# The results test renders the MLflow comparison in a real browser: install Debian's Chromium when missing.
+chromium:
+	@command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: no Chromium here; the browser test will be skipped"
+
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_arbnet.py
 	$(BIN)/python benchmarks/bench_spin.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
+	$(BIN)/python benchmarks/bench_search.py  # about 15 minutes: hypervolume against epochs, training share
 
 clean:
 	rm -rf $(VENV)
