@@ -1,47 +1,111 @@
-"""One line of live progress: trials running and done, and the best value of each objective so far."""
+"""Live progress of a search: a bar with its ETA on a terminal (rich), a line every `every_s` seconds
+elsewhere (Ray Job logs, pipes); both say trials running/done/diverged/errored, epochs done, the best
+value of each objective with the trial that reached it, and the size of the Pareto front so far."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import sys
 import time
 
+import numpy as np
+import optuna
 import typer
 from ray import tune
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
+
+from sharetune.metrics import STEP, pareto_mask
+
+NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
+
+
+def quiet() -> None:
+    """Silence what Ray, Optuna and MLflow print while starting (banners, Tune's configuration box and
+    TensorBoard hint, study and database creation); `--verbose` skips this."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class Progress(tune.Callback):
     def __init__(self, objectives: dict[str, str], total: int, every_s: float = 10.0) -> None:
         self.objectives, self.total, self.every_s = objectives, total, every_s
-        self.best: dict[str, float] = {}
+        self.best: dict[str, tuple[float, str]] = {}  # objective -> (value, trial id)
+        self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch
         self.started = self.last = time.monotonic()
-        self.diverged = 0
+        self.epochs = self.diverged = 0
         self.ended: dict[str, str] = {}  # trial id -> "done" | "error" (Tune updates status after callbacks)
+        self.bar: Bar | None = None
 
-    def _line(self, trials) -> str:
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with its state; the live display stays here
+        return {**self.__dict__, "bar": None}
+
+    def setup(self, **info) -> None:
+        if sys.stdout.isatty():
+            self.bar = Bar(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                           console=Console(), transient=False)
+            self.bar.add_task("", total=self.total)
+            self.bar.start()
+
+    def status(self, trials) -> str:
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-        done = sum(t.status in ("TERMINATED", "ERROR") or t.trial_id in self.ended for t in trials)
         errored = sum(t.status == "ERROR" or self.ended.get(t.trial_id) == "error" for t in trials)
-        best = ", ".join(f"{k} {v:.4g}" for k, v in self.best.items()) or "none yet"
-        elapsed = time.monotonic() - self.started
-        return (f"[{elapsed:6.0f}s] {running} running, {done}/{self.total} done "
-                f"({self.diverged} diverged, {errored} errored); best: {best}")
+        best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best.items()) or "none yet"
+        front = f"; Pareto front {self.front_size()}" if len(self.objectives) > 1 else ""
+        return (f"{running} running ({self.diverged} diverged, {errored} errored), {self.epochs} epochs; "
+                f"best: {best}{front}")
+
+    def done(self, trials) -> int:
+        return sum(t.status in ("TERMINATED", "ERROR") or t.trial_id in self.ended for t in trials)
+
+    def front_size(self) -> int:
+        if not self.latest:
+            return 0
+        points = np.array(list(self.latest.values()))
+        return int(pareto_mask(points, [mode == "max" for mode in self.objectives.values()]).sum())
+
+    def show(self, trials, force: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.task_ids[0], completed=self.done(trials), description=self.status(trials))
+        elif force or time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            elapsed = time.monotonic() - self.started
+            typer.echo(f"[{elapsed:6.0f}s] {self.done(trials)}/{self.total} done, {self.status(trials)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        for name, mode in self.objectives.items():
-            value = result.get(name)
-            if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("diverged"):
-                better = max if mode == "max" else min
-                self.best[name] = better(value, self.best.get(name, value))
-        if time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            typer.echo(self._line(trials))
+        if result.get(STEP, 0) >= 1:
+            self.epochs += 1
+        values = [result.get(name) for name in self.objectives]
+        if result.get(STEP, 0) >= 1 and not result.get("diverged") and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            self.latest[trial.trial_id] = values
+            for (name, mode), value in zip(self.objectives.items(), values):
+                best = self.best.get(name)
+                if best is None or (value > best[0] if mode == "max" else value < best[0]):
+                    self.best[name] = (value, trial.trial_id)
+        self.show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.diverged += bool((trial.last_result or {}).get("diverged"))
+        diverged = bool((trial.last_result or {}).get("diverged"))
+        self.diverged += diverged
+        if diverged:
+            self.latest.pop(trial.trial_id, None)
         self.ended[trial.trial_id] = "done"
-        typer.echo(self._line(trials))
+        self.show(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended[trial.trial_id] = "error"
-        typer.echo(f"trial {trial} failed; the search goes on ({trial.error_file or 'see its log'})")
-        typer.echo(self._line(trials))
+        message = f"trial {trial} failed; the search goes on ({trial.error_file or 'see its log'})"
+        (self.bar.console.print if self.bar is not None else typer.echo)(message)
+        self.show(trials, force=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.bar is not None:
+            self.show(trials)
+            self.bar.stop()
