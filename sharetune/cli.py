@@ -18,6 +18,7 @@ app.add_typer(data_app, name="data")
 
 
 def fail(message: str) -> None:
+    """Bad input: one line, exit code 2 (sharetune.search.outcome.ExitCode.BAD_INPUT)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -206,12 +207,14 @@ def search(
 
     SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
     from sharetune.search import tuner
+    from sharetune.search.cluster import ClusterError
+    from sharetune.search.storage import StateError
     from sharetune.spaces import SpecError
 
     spec = _load_spec(source, overrides, scale, num_samples)
     try:
         result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
-    except (SpecError, DataError, FileNotFoundError) as err:
+    except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)
 
@@ -224,10 +227,12 @@ def resume(
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
+    from sharetune.search.cluster import ClusterError
+    from sharetune.search.storage import StateError
 
     try:
         result = tuner.resume(SearchFolder(path), address=address)
-    except (FileNotFoundError, DataError) as err:
+    except (FileNotFoundError, DataError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)
 
@@ -291,14 +296,20 @@ def list_searches(
 
 
 def _finish(result, report_dir: Path) -> None:
+    """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
+    from sharetune.search.outcome import failed_trials, outcome
 
     trials = reports.trials_from_folder(result.folder)
     typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
     typer.echo(console.top_trials(trials, result.spec))
     built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference)
     _print_report(built, *parent_run_of(result.folder))
+    code, line = outcome(trials, failed_trials(result.folder))
+    if line is not None:
+        typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:

@@ -183,9 +183,12 @@ def _result_lines(folder: Path) -> list[int]:
     return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
 
 
-def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """Run `sharetune search` on `spec`, Ctrl-C it once `interrupt_when(result line counts)` holds,
-    check that something was left unfinished, then `sharetune resume` the folder."""
+def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when, stop: signal.Signals = signal.SIGINT,
+                          before_resume=lambda folder, client: None) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Run `sharetune search` on `spec`, send it `stop` (Ctrl-C, or kill -9) once `interrupt_when(result
+    line counts)` holds, check that something was left unfinished (after Ctrl-C: exit code 130, one line
+    saying so, no unfinished trial among the top trials, the MLflow parent and running children KILLED),
+    call `before_resume(folder, MlflowClient)`, then `sharetune resume` the folder."""
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     folder = tmp_path / "results" / "run"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -195,9 +198,22 @@ def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when) -> tuple[P
     while time.monotonic() < deadline and not interrupt_when(_result_lines(folder)):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert (report.trials_from_folder(folder)["status"] != "TERMINATED").any()
+    process.send_signal(stop)
+    output, _ = process.communicate(timeout=120)
+    trials = report.trials_from_folder(folder)
+    unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
+    assert not unfinished.empty
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    if stop == signal.SIGINT:
+        assert process.returncode == 130, output
+        assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
+        top = output.split("top trials:")[1].split("Pareto front")[0]
+        assert "RUNNING" not in top and "PENDING" not in top
+        parents, children = runs(client, spec["name"])
+        assert [p.info.status for p in parents] == ["KILLED"]
+        by_trial = {c.data.tags["sharetune.trial_id"]: c.info.status for c in children}
+        assert {by_trial[t] for t in unfinished["trial_id"] if t in by_trial} <= {"KILLED"} and "RUNNING" not in by_trial.values()
+    before_resume(folder, client)
     resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -284,3 +300,119 @@ def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: {root}/val/class_0: an empty class folder (no .jpg or .png); add its images or remove it" in done.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_path):
+    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]},
+                     dimensions={"hash": {"choice": ["uniform", "modulus"]}})
+    orphan = {}
+
+    def add_orphan(folder: Path, client: MlflowClient) -> None:
+        """The run a trial gets when the driver dies before Tune's next snapshot records that trial."""
+        parents, _ = runs(client, "tiny")
+        parent = parents[0]
+        assert parent.info.status == "RUNNING"  # kill -9: nothing closed it
+        tags = {"mlflow.parentRunId": parent.info.run_id, "sharetune.trial_id": "0rphan00"}
+        orphan["run"] = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
+
+    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3,
+                                           stop=signal.SIGKILL, before_resume=add_orphan)
+    trials = report.trials_from_folder(folder)
+    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {6}
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parents, children = runs(client, "tiny")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert client.get_run(orphan["run"]).info.lifecycle_stage == "deleted"
+    assert sorted(c.data.tags["sharetune.trial_id"] for c in children) == sorted(trials["trial_id"])  # runs == trials
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
+
+
+def _trial_pids(folder: Path) -> dict[str, list[int]]:
+    """Each trial's reporting process ids, one per result row, oldest first (up to a row being written)."""
+    found = {}
+    for path in folder.glob("trial_*/result.json"):
+        pids = found[path.parent.name.removeprefix("trial_")] = []
+        for line in path.read_text().splitlines():
+            try:
+                pids.append(json.loads(line)["pid"])
+            except ValueError:
+                break
+    return found
+
+
+def kill_a_worker(tmp_path: Path, max_failures: int) -> tuple[Path, str, subprocess.CompletedProcess, MlflowClient]:
+    """Run a one-trial `sharetune search`, kill -9 its trial's worker process once it has reported an
+    epoch (and so checkpointed one), and let the search end; returns the folder, the trial id, the
+    command's exit code and output, and the MLflow client."""
+    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1, "max_failures": max_failures},
+                     fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform"]}})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "results" / "run"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        for trial, pids in _trial_pids(folder).items():
+            if len(pids) >= 2:  # epoch 0 (the costs) and epoch 1, with its checkpoint
+                os.kill(pids[-1], signal.SIGKILL)  # the trial's worker process, mid-training
+                killed = trial
+        time.sleep(0.2)
+    output, _ = process.communicate(timeout=400)
+    return folder, killed, subprocess.CompletedProcess(command, process.returncode, output), MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
+    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=2)
+    assert done.returncode == 0, done.stdout
+    trials = report.trials_from_folder(folder).set_index("trial_id")
+    assert trials.loc[trial, "status"] == "TERMINATED" and trials.loc[trial, "epochs_done"] == 6
+    rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
+    assert len({row["pid"] for row in rows}) == 2 and {row["epoch"] for row in rows} == set(range(7))
+    _, (child,) = runs(client, "tiny")
+    assert child.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
+
+
+def test_resources_the_cluster_lacks_are_refused_before_the_folder_is_written(tmp_path):
+    from sharetune.search.cluster import ClusterError
+
+    with pytest.raises(ClusterError, match=r"^resources\.gpu: 1 per trial, but the cluster has 0 GPUs$"):
+        search(tmp_path, resources={"gpu": 1})
+    with pytest.raises(ClusterError, match=r"^resources\.cpu: 64 per trial, but the cluster has 2 CPUs$"):
+        search(tmp_path, resources={"cpu": 64})
+    assert not (tmp_path / "results").exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouched(tmp_path):
+    import shutil
+
+    from sharetune.search.storage import SearchFolder, StateError
+
+    result, _, _ = search(tmp_path, budget={"num_samples": 2, "max_concurrent": 2}, fixed={"table_size": 64, "epochs": 1, "hidden": [16]})
+    damages = {
+        "truncated": lambda f: next(f.glob("experiment_state-*.json")).write_text('{"trial_data": [["{\\"trial'),
+        "pickle": lambda f: (f / "tuner.pkl").write_bytes(b"not a pickle"),
+        "none": lambda f: [p.unlink() for p in f.glob("experiment_state-*.json")],
+    }
+    messages = {"truncated": r"Tune's state experiment_state-.*\.json is damaged and cannot be restored; the folder is left as it is$",
+                "pickle": r"Tune's state cannot be restored \(UnpicklingError: .*\); the folder is left as it is$",
+                "none": r"no Tune state to resume"}
+    for damage, apply in damages.items():
+        folder = tmp_path / damage
+        shutil.copytree(result.folder, folder)
+        apply(folder)
+        before = _files(folder)
+        with pytest.raises(StateError, match=messages[damage]):
+            tuner.resume(SearchFolder(folder))
+        assert _files(folder) == before, damage
+    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(tmp_path / "truncated")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is damaged and cannot be restored" in done.stderr

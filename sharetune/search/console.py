@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sharetune.search.report import ACCURACY, SKIPPED, Report
+from sharetune.search.report import ACCURACY, TRAINED, Report
 from sharetune.spaces import SearchSpec
 
 
@@ -16,7 +16,7 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     """The best trials (configurations, where seeds repeat) by the first objective, with every
     objective (mean and standard deviation over repeats) and searched setting."""
     first, mode = next(iter(spec.objectives.items()))
-    trained = trials[~trials["status"].isin(SKIPPED)]
+    trained = trials[trials["status"].isin(TRAINED)]  # not the unfinished (PENDING, RUNNING) nor the skipped
     ranked = trained.sort_values(first, ascending=mode == "min")
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
     columns = ["trial_id", "status", "repeats", *objectives, *[c for c in spec.dimensions if c in trials]]

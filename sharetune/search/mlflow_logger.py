@@ -34,6 +34,7 @@ from ray import tune
 
 from sharetune.data import DEFAULT_ROOT, GENERATED
 from sharetune.metrics import METRICS, STEP
+from sharetune.search.outcome import FAILED, FINISHED, trial_error
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
@@ -86,6 +87,22 @@ def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
     found = client.get_experiment_by_name(experiment)
     parent = found and find_parent(client, found.experiment_id, folder)
     return uri, parent.info.run_id if parent else None
+
+
+def remove_orphans(folder: SearchFolder, recorded: list[str]) -> list[str]:
+    """Delete the child runs of trials Tune's restored state never recorded (a driver killed between
+    starting a trial and Tune's next snapshot); resumed, the search starts those trials afresh under
+    new ids, so keeping the runs would count them twice. Returns the deleted trial ids."""
+    uri, parent = parent_run_of(folder)
+    if parent is None:
+        return []
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'",
+                                  max_results=10000)
+    orphans = [run for run in children if TRIAL_TAG in run.data.tags and run.data.tags[TRIAL_TAG] not in set(recorded)]
+    for run in orphans:
+        client.delete_run(run.info.run_id)
+    return [run.data.tags[TRIAL_TAG] for run in orphans]
 
 
 def source_tags() -> dict[str, str]:
@@ -167,6 +184,7 @@ class MlflowLogger(tune.Callback):
         self.children: dict[str, str] = {}
         self.logged_steps: dict[str, int] = {}  # resumed trials: the last epoch already in MLflow (0: the costs)
         self.skipped_logged: set[int] = set()  # configuration numbers with a run
+        self.running: set[str] = set()  # trials started and neither completed nor failed since
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
@@ -175,7 +193,7 @@ class MlflowLogger(tune.Callback):
                    searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}, "skipped_logged": set()}
+        return {**self.__dict__, "client": None, "children": {}, "logged_steps": {}, "skipped_logged": set(), "running": set()}
 
     def setup(self, **info) -> None:
         self.client = MlflowClient(self.uri)
@@ -224,6 +242,7 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.log_skipped()  # the searcher answers those on its way to this trial
+        self.running.add(trial.trial_id)
         if trial.trial_id in self.children:  # resumed: keep logging into the same run
             run_id = self.children[trial.trial_id]
             self.client.update_run(run_id, status="RUNNING")
@@ -252,16 +271,22 @@ class MlflowLogger(tune.Callback):
         self.client.log_batch(self.children[trial.trial_id], metrics=metrics, tags=tags)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
         diverged = bool((trial.last_result or {}).get("diverged"))
         self.client.set_terminated(self.children[trial.trial_id], status="FAILED" if diverged else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.running.discard(trial.trial_id)
         run_id = self.children.get(trial.trial_id)
         if run_id is not None:
-            self.client.set_tag(run_id, "error", str(getattr(trial, "error_file", "") or "trial raised"))
+            self.client.set_tag(run_id, "error", trial_error(trial))
             self.client.set_terminated(run_id, status="FAILED")
 
     def on_experiment_end(self, trials, **info) -> None:
         self.log_skipped()
-        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-        self.client.set_terminated(self.parent_id, status="FINISHED" if finished else "KILLED")
+        # Tune's clean-up after Ctrl-C (or a time limit) marks the running trials TERMINATED without
+        # completing them; those, and any left PENDING, did not train to their end.
+        unfinished = self.running | {t.trial_id for t in trials if t.status not in (FINISHED, FAILED)}
+        for trial_id in unfinished & set(self.children):
+            self.client.set_terminated(self.children[trial_id], status="KILLED")
+        self.client.set_terminated(self.parent_id, status="KILLED" if unfinished else "FINISHED")

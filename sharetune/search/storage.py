@@ -9,6 +9,7 @@ runs live, fusion's pretrained weights), so one folder holds everything `resume`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,12 @@ SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
 SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training (infeasible, duplicates)
 DEFAULT_STORAGE = "results"
+TUNER_FILE = "tuner.pkl"  # Tune's own record of the run, which Tuner.restore reads
+MIN_FREE_BYTES = 100 * 2**20  # refused below this: Tune's state, result logs and checkpoints of small nets
+
+
+class StateError(RuntimeError):
+    """A search folder that cannot be resumed or written; the message is one line."""
 
 
 def is_uri(location: str) -> bool:
@@ -30,6 +37,20 @@ def canonical(location: str | Path) -> str:
     """One spelling per location (absolute path or URI)."""
     location = str(location)
     return location.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def check_free_space(storage: str, needed: int = MIN_FREE_BYTES) -> None:
+    """Refuse a local storage with less than `needed` bytes free before anything is written; a full
+    disk mid-search loses checkpoints. An object store's space is its own business."""
+    if is_uri(storage):
+        return
+    path = Path(canonical(storage))
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {needed / 2**20:.0f} MB; "
+                         "free some space or pass --storage elsewhere")
 
 
 class SearchFolder(str):
@@ -57,10 +78,18 @@ class SearchFolder(str):
         return fs.FileSystem.from_uri(str(self))
 
     def write(self, filename: str, data: bytes) -> None:
+        """Atomically: a crash mid-write leaves the old file (or none), never half of one. The file goes
+        to a temporary name, then moves over (a rename on local and shared filesystems)."""
         filesystem, path = self._filesystem()
         filesystem.create_dir(path, recursive=True)
-        with filesystem.open_output_stream(f"{path}/{filename}") as stream:
-            stream.write(data)
+        temporary = f"{path}/.{filename}.partial"
+        try:
+            with filesystem.open_output_stream(temporary) as stream:
+                stream.write(data)
+        except BaseException:
+            filesystem.delete_file(temporary)
+            raise
+        filesystem.move(temporary, f"{path}/{filename}")
 
     def read(self, filename: str) -> bytes | None:
         filesystem, path = self._filesystem()
@@ -95,6 +124,26 @@ class SearchFolder(str):
         """(tracking URI, experiment name) of the search's MLflow runs."""
         location = json.loads(self._required(MLFLOW_FILE))
         return location["tracking_uri"], location["experiment"]
+
+    def tune_trial_ids(self) -> list[str]:
+        """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
+        raises StateError, so `resume` never starts a new search over it."""
+        filesystem, path = self._filesystem()
+        try:
+            states = sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
+                            if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"))
+        except OSError:  # no folder there
+            states = []
+        if not states or self.read(TUNER_FILE) is None:
+            raise StateError(f"{self}: no Tune state to resume (no {TUNER_FILE} or experiment_state-*.json); "
+                             "the search never started its trials here, so run `sharetune search` again")
+        with filesystem.open_input_stream(states[-1]) as stream:
+            text = stream.read()
+        try:
+            return [json.loads(state)["trial_id"] for state, _ in json.loads(text)["trial_data"]]
+        except (ValueError, KeyError, TypeError):
+            raise StateError(f"{self}: Tune's state {states[-1].rpartition('/')[2]} is damaged and cannot be "
+                             "restored; the folder is left as it is") from None
 
     @staticmethod
     def trial_dirname(trial_id: str) -> str:

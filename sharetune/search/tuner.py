@@ -20,11 +20,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import Batches, load
 from sharetune.metrics import STEP
+from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
-from sharetune.search.mlflow_logger import MlflowLogger, tracking_uri
+from sharetune.search.mlflow_logger import MlflowLogger, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
-from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder
+from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder, StateError, check_free_space
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
 from sharetune.trainables import check_search, cluster_pretrainer, pretrained_weights, train_trial
 
@@ -40,10 +41,10 @@ def load_data(spec: SearchSpec) -> Batches:
     return load(**spec.data.model_dump())
 
 
-def start_ray(address: str | None) -> None:
-    """Join `address` (auto, ray://host:10001) or start an embedded local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+def start_ray(spec: SearchSpec, address: str | None) -> None:
+    """Join the cluster (or start a local Ray) and refuse a spec one trial of which it cannot hold."""
+    cluster.start_ray(address)
+    cluster.check_resources(spec.resources, ray.cluster_resources())
 
 
 def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder: SearchFolder):
@@ -63,15 +64,17 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
         mlflow_uri: str | None = None, name: str | None = None, progress: bool = True) -> Search:
     """`storage`: where the search folder goes (a local folder, a shared filesystem, or a URI; default
     DEFAULT_STORAGE)."""
+    cluster.check_reachable(address)  # first: an unreachable --address fails in seconds, before the data loads
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     data = load_data(spec)
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))
     check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_free_space(folder.storage)
+    start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
     folder.save_spec(spec)
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
-    start_ray(address)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     metrics, modes = list(spec.objectives), list(spec.objectives.values())
     single = not spec.multi_objective
@@ -90,7 +93,9 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
         run_config=tune.RunConfig(name=folder.name, storage_path=folder.storage, callbacks=callbacks, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  # a trial whose worker or node dies goes on from its last checkpoint
+                                  failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
     )
     tuner.fit()
     return Search(spec, folder, uri)
@@ -137,9 +142,16 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     """Continue an interrupted search: finished trials stay, unfinished ones restart from their
     last checkpoint, errored ones are retried; the MLflow runs are found again by their tags."""
     spec = folder.spec()
+    recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
+    cluster.check_reachable(address)
     data = load_data(spec)
-    start_ray(address)
+    start_ray(spec, address)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
-    tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
+    try:
+        tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
+    except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
+        raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
+    remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
     tuner.fit()
     return Search(spec, folder, folder.mlflow()[0])

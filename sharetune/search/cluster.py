@@ -1,0 +1,60 @@
+"""Connect to Ray and check, before any trial, that the cluster can run one.
+
+Ray retries an unreachable GCS address for minutes, so an explicit host:port is probed first with
+a bounded TCP connect; a spec asking for more per trial than the whole cluster has would leave its
+trials PENDING forever, so it is refused at once, naming the spec field.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+
+from sharetune.spaces.spec import Resources
+
+CONNECT_TIMEOUT_S = 10.0  # how long an explicit --address may take to accept a TCP connection
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached, or cannot run one trial of the spec."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The host and port an explicit address names (ray://host:port or host:port); None for `auto`."""
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """An explicit host:port must accept a TCP connection within `timeout_s` (None, auto: nothing to probe)."""
+    target = _host_port(address) if address is not None else None
+    if target is None:
+        return
+    try:
+        socket.create_connection(target, timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}); "
+                           "check the host and port, or leave --address out to start a local Ray") from None
+
+
+def start_ray(address: str | None) -> None:
+    """Join `address` (auto, host:port, ray://host:10001) or start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as err:  # `auto` with no cluster running
+        raise ClusterError(f"--address {address}: {str(err).splitlines()[0]}") from None
+
+
+def check_resources(resources: Resources, total: dict[str, float]) -> None:
+    """A trial needs `workers` x (cpu, gpu); the cluster's total (`ray.cluster_resources()`) must hold one."""
+    for field, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        each = getattr(resources, field)
+        need, have = each * resources.workers, total.get(key, 0.0)
+        if need > have:
+            asked = f"{each:g} per worker x {resources.workers} workers = {need:g}" if resources.workers > 1 else f"{each:g}"
+            raise ClusterError(f"resources.{field}: {asked} per trial, but the cluster has {have:g} {key}s")

@@ -1,0 +1,56 @@
+"""How a search ended, as the command's exit code and one line: 0 only when every trial finished.
+
+The exit codes live here and nowhere else (the README's table lists them).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from pathlib import Path
+
+import pandas as pd
+
+FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
+
+
+class ExitCode(IntEnum):
+    OK = 0  # every trial finished
+    BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder
+    TRIALS_FAILED = 3  # the search ended, but some trials raised (after their retries)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): trials left unfinished; `sharetune resume` continues
+
+
+def error_line(text: str | None) -> str:
+    """A trial's error in one line: the exception's own line ("ValueError: ...") out of Tune's error
+    text, which holds the whole traceback behind a "Failure # n" header per attempt."""
+    lines = [line for line in (text or "").splitlines() if line.strip() and not line.startswith("Failure # ")]
+    unindented = [line for line in lines if not line[0].isspace() and not line.startswith("Traceback")]
+    return (unindented or lines or ["the trial raised"])[-1].strip()
+
+
+def trial_error(trial) -> str:
+    """A Tune trial's last error, one line (the driver's copy of its error.txt, else the stored one)."""
+    local = Path(trial.error_file) if trial.error_file else None
+    return error_line(local.read_text() if local is not None and local.is_file() else trial.get_error())
+
+
+def failed_trials(folder: str) -> dict[str, str]:
+    """Trial id -> error line of each trial that ended in error, as Tune's saved state has them."""
+    from ray import tune
+
+    return {trial.trial_id: trial_error(trial) for trial in tune.ExperimentAnalysis(str(folder)).trials
+            if trial.status == FAILED}
+
+
+def outcome(trials: pd.DataFrame, errors: dict[str, str]) -> tuple[ExitCode, str | None]:
+    """The exit code and the line that explains it. `trials`: the report's table (Tune's trials and
+    the proposals answered without training); `errors`: trial id -> error line of the failed ones."""
+    tune_trials = trials[trials["trial_id"].notna()]
+    unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED])]
+    if not unfinished.empty:
+        return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of {len(tune_trials)} trials unfinished; "
+                                      "continue with `sharetune resume`")
+    if errors:
+        first_id, first = next(iter(errors.items()))
+        return ExitCode.TRIALS_FAILED, f"{len(errors)} of {len(tune_trials)} trials failed: {first_id}: {first}"
+    return ExitCode.OK, None

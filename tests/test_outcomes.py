@@ -1,0 +1,90 @@
+"""Refusals before any trial (unreachable cluster, full disk) and the search folder's atomic writes:
+real sockets, a real small filesystem, real files. Searches that end badly are in test_search.py."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import tiny_spec
+
+from sharetune.search.cluster import ClusterError, check_resources
+from sharetune.search.outcome import error_line
+from sharetune.search.storage import SPEC_FILE, SearchFolder
+from sharetune.spaces.spec import Resources
+
+
+def sharetune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    return subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # free once the probe closes: nothing listens there
+
+
+@pytest.mark.parametrize("address", ["bogus:1", f"127.0.0.1:{closed_port()}", "ray://bogus:10001"])
+def test_an_unreachable_address_fails_in_one_line_well_within_a_minute(tmp_path, address):
+    start = time.monotonic()
+    done = sharetune(tmp_path, "--address", address)
+    took = time.monotonic() - start
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        next(line for line in done.stderr.splitlines() if line.startswith(f"error: --address {address}: no Ray cluster answers there"))]
+    assert took < 60  # a correctness bound (Ray alone retries for minutes), not a speed claim
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 20 MB filesystem (tmpfs; needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, small_disk):
+    done = sharetune(tmp_path, "--storage", str(small_disk / "results"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: {small_disk}/results: 20 MB free, but a search needs at least 100 MB" in done.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+def test_the_folder_writes_atomically(tmp_path):
+    folder = SearchFolder(tmp_path / "run")
+    folder.write(SPEC_FILE, b"first")
+    folder.write(SPEC_FILE, b"second")
+    assert folder.read(SPEC_FILE) == b"second"
+    with pytest.raises(TypeError):
+        folder.write(SPEC_FILE, None)  # fails mid-write
+    assert folder.read(SPEC_FILE) == b"second" and [p.name for p in Path(folder).iterdir()] == [SPEC_FILE]
+
+
+def test_resources_are_checked_against_the_whole_cluster():
+    cluster = {"CPU": 2.0, "memory": 1e9}
+    check_resources(Resources(cpu=2), cluster)
+    with pytest.raises(ClusterError, match=r"^resources\.gpu: 1 per trial, but the cluster has 0 GPUs$"):
+        check_resources(Resources(gpu=1), cluster)
+    with pytest.raises(ClusterError, match=r"^resources\.cpu: 64 per trial, but the cluster has 2 CPUs$"):
+        check_resources(Resources(cpu=64), cluster)
+    with pytest.raises(ClusterError, match=r"^resources\.cpu: 1 per worker x 3 workers = 3 per trial, but the cluster has 2 CPUs$"):
+        check_resources(Resources(cpu=1, workers=3), cluster)
+
+
+def test_an_error_is_its_exception_line():
+    try:
+        raise ValueError("table_size: 0 is too small")
+    except ValueError:
+        import traceback
+
+        text = f"Failure # 1 (occurred at 2026-01-01_00-00-00)\nray::ImplicitFunc.train() (pid=1)\n{traceback.format_exc()}"
+    assert error_line(text) == "ValueError: table_size: 0 is too small"
