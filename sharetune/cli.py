@@ -306,7 +306,7 @@ def _finish(result, report_dir: Path) -> None:
     typer.echo(console.top_trials(trials, result.spec))
     built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference)
     _print_report(built, *parent_run_of(result.folder))
-    code, line = outcome(trials, failed_trials(result.folder))
+    code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures))
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

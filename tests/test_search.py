@@ -377,6 +377,15 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
 
 
+def test_a_trial_out_of_retries_fails_the_search_with_its_error_in_one_line(tmp_path):
+    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=0)
+    _, (child,) = runs(client, "tiny")
+    error = child.data.tags["error"]
+    assert child.info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")
+    assert "\n" not in error and str(tmp_path) not in error
+    assert done.returncode == 3 and f"1 of 1 trials failed: {trial}: {error}" in done.stdout, done.stdout
+
+
 def test_resources_the_cluster_lacks_are_refused_before_the_folder_is_written(tmp_path):
     from sharetune.search.cluster import ClusterError
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sharetune.search.storage import SearchFolder
+
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 
 
@@ -34,19 +36,25 @@ def trial_error(trial) -> str:
     return error_line(local.read_text() if local is not None and local.is_file() else trial.get_error())
 
 
-def failed_trials(folder: str) -> dict[str, str]:
-    """Trial id -> error line of each trial that ended in error, as Tune's saved state has them."""
+def failed_trials(folder: SearchFolder, max_failures: int) -> dict[str, str]:
+    """Trial id -> error line of each trial that ended in error. Tune's saved state can miss the last
+    error (its final snapshot may not reach the folder), so a trial whose error.txt in the folder
+    counts more failures than its retries allow is failed too."""
     from ray import tune
 
-    return {trial.trial_id: trial_error(trial) for trial in tune.ExperimentAnalysis(str(folder)).trials
-            if trial.status == FAILED}
+    failed = {}
+    for trial in tune.ExperimentAnalysis(str(folder)).trials:
+        text = folder.read(f"{folder.trial_dirname(trial.trial_id)}/error.txt") if trial.status != FINISHED else None
+        if trial.status == FAILED or (text and text.decode().count("Failure # ") > max_failures):
+            failed[trial.trial_id] = error_line(text.decode() if text else trial.get_error())
+    return failed
 
 
 def outcome(trials: pd.DataFrame, errors: dict[str, str]) -> tuple[ExitCode, str | None]:
     """The exit code and the line that explains it. `trials`: the report's table (Tune's trials and
     the proposals answered without training); `errors`: trial id -> error line of the failed ones."""
     tune_trials = trials[trials["trial_id"].notna()]
-    unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED])]
+    unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED]) & ~tune_trials["trial_id"].isin(list(errors))]
     if not unfinished.empty:
         return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of {len(tune_trials)} trials unfinished; "
                                       "continue with `sharetune resume`")
