@@ -256,7 +256,7 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
     if label is not None:
         _plot_labelled(healthy, label, out / f"accuracy_vs_params_by_{label}.png", title)
         report.files.append(out / f"accuracy_vs_params_by_{label}.png")
-    if (healthy.get("family") == "spin").any():
+    if "family" in healthy and (healthy["family"] == "spin").any():
         report.files += paper_table(healthy, label, out)
     return report
 
