@@ -176,6 +176,7 @@ SOURCE = typer.Argument(..., help="a spec YAML file or a preset name (see `share
 OVERRIDES = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)")
 SCALE = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)")
 NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
+VERBOSE = typer.Option(False, "--verbose", help="also show Ray's, Optuna's and MLflow's start-up output")
 REPORTS = Path("reports")
 REPORT_DIR = typer.Option(REPORTS, "--report-dir", help="where the final report goes")
 
@@ -202,6 +203,7 @@ def search(
     storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI [default: results]"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
     report_dir: Path = REPORT_DIR,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command.
 
@@ -212,6 +214,7 @@ def search(
     from sharetune.spaces import SpecError
 
     spec = _load_spec(source, overrides, scale, num_samples)
+    _quiet_unless(verbose)
     try:
         result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
@@ -224,12 +227,14 @@ def resume(
     path: str = typer.Argument(..., help="the search folder printed by `sharetune search` (a path or URI)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)"),
     report_dir: Path = REPORT_DIR,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
     from sharetune.search.cluster import ClusterError
     from sharetune.search.storage import StateError
 
+    _quiet_unless(verbose)
     try:
         result = tuner.resume(SearchFolder(path), address=address)
     except (FileNotFoundError, DataError, ClusterError, StateError) as err:
@@ -295,6 +300,13 @@ def list_searches(
     typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
 
 
+def _quiet_unless(verbose: bool) -> None:
+    if not verbose:
+        from sharetune.search.progress import quiet
+
+        quiet()
+
+
 def _finish(result, report_dir: Path) -> None:
     """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
     from sharetune.search import console, parent_run_of
@@ -302,10 +314,18 @@ def _finish(result, report_dir: Path) -> None:
     from sharetune.search.outcome import failed_trials, outcome
 
     trials = reports.trials_from_folder(result.folder)
+    built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference,
+                                 title=f"{result.spec.name} on {result.spec.data.name}")
     typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
-    typer.echo(console.top_trials(trials, result.spec))
-    built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference)
-    _print_report(built, *parent_run_of(result.folder))
+    typer.echo(console.top_trials(built.configurations, result.spec))
+    uri, parent = parent_run_of(result.folder)
+    _print_report(built, uri, parent)
+    if parent is not None:
+        from sharetune.search.mlflow_logger import trial_runs
+        from sharetune.search.models import log_front_models
+
+        logged = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
+        typer.echo(f"MLflow models: {len(logged)} trials on the front, each as runs:/<its run>/model")
     code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures))
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
@@ -319,7 +339,11 @@ def _print_report(built, uri: str, parent: str | None) -> None:
     typer.echo(console.fronts(built), nl=False)
     typer.echo(f"\nreport: {built.files[0].parent}")
     if parent is not None:
+        from sharetune.search.comparison import log_comparison
+
         reports.log_report(built, uri, parent)
+        if log_comparison(built, uri, parent) is not None:
+            typer.echo("comparison: the parent run's comparison.html artifact (accuracy against costs, interactive)")
         typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}")
 
 

@@ -226,6 +226,9 @@ def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
     # mid-search: one trial done, one running, one not started
     folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: len(lines) >= 2 and lines[-1] >= 15)
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
+    # quiet unless --verbose: none of Ray's, Tune's, Optuna's or MLflow's start-up output
+    for noise in ("Configuration for experiment", "TensorBoard", "Token authentication", "A new study", "Creating initial MLflow"):
+        assert noise not in resumed.stdout + resumed.stderr
     trials = report.trials_from_folder(folder)
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

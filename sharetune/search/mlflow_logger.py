@@ -89,6 +89,14 @@ def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
     return uri, parent.info.run_id if parent else None
 
 
+def trial_runs(uri: str, parent_id: str) -> dict[str, str]:
+    """A search's child runs of trained trials: trial id -> run id."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children if TRIAL_TAG in run.data.tags}
+
+
 def remove_orphans(folder: SearchFolder, recorded: list[str]) -> list[str]:
     """Delete the child runs of trials Tune's restored state never recorded (a driver killed between
     starting a trial and Tune's next snapshot); resumed, the search starts those trials afresh under
@@ -97,12 +105,10 @@ def remove_orphans(folder: SearchFolder, recorded: list[str]) -> list[str]:
     if parent is None:
         return []
     client = MlflowClient(uri)
-    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'",
-                                  max_results=10000)
-    orphans = [run for run in children if TRIAL_TAG in run.data.tags and run.data.tags[TRIAL_TAG] not in set(recorded)]
-    for run in orphans:
-        client.delete_run(run.info.run_id)
-    return [run.data.tags[TRIAL_TAG] for run in orphans]
+    orphans = {trial: run for trial, run in trial_runs(uri, parent).items() if trial not in set(recorded)}
+    for run in orphans.values():
+        client.delete_run(run)
+    return list(orphans)
 
 
 def source_tags() -> dict[str, str]:

@@ -156,6 +156,8 @@ class ConfigurationSearcher(Searcher):
         configuration.duplicates = []
 
     def _tell_one(self, trial: optuna.Trial, values: list[float] | None) -> None:
+        if self.study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            return  # told before a crash the searcher's saved state does not know of (an RDB study)
         if values is None:
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:

@@ -1,4 +1,5 @@
-"""Spec -> Ray Tune run: data into the object store once, OptunaSearch, optional ASHA, MLflow.
+"""Spec -> Ray Tune run: data into the object store once, Optuna behind ConfigurationSearcher,
+optional ASHA or MO-ASHA, MLflow.
 
 Everything that can be wrong with a spec fails in `run` (validation, sampler, data) before Ray
 starts. The search folder holds Tune's state plus the spec, so `resume` and `report` need nothing
@@ -9,25 +10,26 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import ray
 from ray import tune
-from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from sharetune.data import Batches, load
-from sharetune.metrics import STEP
+from sharetune.metrics import STEP, ModelCosts
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
+from sharetune.search.searcher import ConfigurationSearcher
 from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder, StateError, check_free_space
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
-from sharetune.trainables import check_search, cluster_pretrainer, pretrained_weights, train_trial
+from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
 
 @dataclass
@@ -57,7 +59,7 @@ def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder:
 
 
 def trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"  # Tune's default repeats the whole config in the folder name
+    return SearchFolder.trial_dirname(trial.trial_id)
 
 
 def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | None = None,
@@ -76,19 +78,22 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
-    metrics, modes = list(spec.objectives), list(spec.objectives.values())
-    single = not spec.multi_objective
-    searcher = EpochOptunaSearch(
-        OptunaSpace(spec), metric=metrics[0] if single else metrics, mode=modes[0] if single else modes,
-        sampler=sampler, study_name=spec.name, seed=spec.seed,
-        storage=_optuna_storage(spec.optuna_storage),
-    )
+    # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
+    study = optuna.create_study(storage=_optuna_storage(spec.optuna_storage), sampler=sampler, study_name=folder.name,
+                                directions=[f"{mode}imize" for mode in spec.objectives.values()])
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+        study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
+    searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),
+                                     repeats=spec.repeats, constraints=spec.constraints,
+                                     costs=ProposalCosts(spec, folder, data, pretrained),
+                                     space_size=spec.distinct_configurations())
     callbacks = [MlflowLogger.for_search(spec, folder, uri)]
     if progress:
-        callbacks.append(Progress(spec.objectives, spec.num_samples()))
+        callbacks.append(Progress(spec.objectives, spec.num_samples() * spec.repeats))
     tuner = tune.Tuner(
         _trainable(spec, data, pretrained, folder),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=spec.num_samples(),
+        # The searcher ends the search: proposals answered without training do not count
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=-1,
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
@@ -101,13 +106,23 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     return Search(spec, folder, uri)
 
 
-class EpochOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, told each epoch's result at its epoch: a trial's first report, its costs
-    before training (epoch 0), carries no accuracy for Optuna's pruners to see."""
+class ProposalCosts:
+    """A configuration's costs before training, for the searcher's constraints. Tune pickles the
+    searcher, so this holds the spec and the folder, and the data only in memory (loaded again after
+    a restore)."""
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(STEP, 0) > 0:
-            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result[STEP]})
+    def __init__(self, spec: SearchSpec, folder: SearchFolder, data: Batches | None = None,
+                 pretrained: dict | None = None) -> None:
+        self.spec, self.folder, self.loaded = spec, folder, (data, pretrained) if data is not None else None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "loaded": None}
+
+    def __call__(self, config: dict) -> ModelCosts:
+        if self.loaded is None:
+            data = load_data(self.spec)
+            self.loaded = data, pretrained_weights(self.spec, data, self.folder)
+        return config_costs(config, *self.loaded)
 
 
 def _scheduler(spec: SearchSpec):
@@ -131,11 +146,7 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def _optuna_storage(url: str | None):
-    if url is None:
-        return None
-    import optuna
-
-    return optuna.storages.RDBStorage(url)
+    return None if url is None else optuna.storages.RDBStorage(url)
 
 
 def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
