@@ -152,15 +152,18 @@ def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
             followed = sharetune("logs", job, "--follow", "--address", dashboard, env=env, cwd=root).stdout
             assert "Pareto front" in followed  # streams to the end, then returns
 
-            trials = report.trials_from_folder(root / "results" / "run")
+            every = report.trials_from_folder(root / "results" / "run")
+            trials = every[every["trial_id"].notna()]  # the rest: re-proposals answered without training
             assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+            assert set(every["status"]) - {"TERMINATED"} <= {"DUPLICATE"}
             assert trials["node_id"].nunique() == 2  # trials ran on both nodes
 
             client = MlflowClient(tracking)
             experiment = client.get_experiment_by_name("cluster")
             runs = client.search_runs([experiment.experiment_id])
-            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-            assert len(runs) == 5 and len(children) == 4
+            children = [r for r in runs if "sharetune.trial_id" in r.data.tags]
+            duplicates = [r for r in runs if r.data.tags.get("sharetune.kind") == "duplicate"]
+            assert len(children) == 4 and len(duplicates) == len(every) - 4 and len(runs) == 1 + 4 + len(duplicates)
             assert {r.data.tags["sharetune.trial_id"] for r in children} == set(trials["trial_id"])
             assert all(r.info.status == "FINISHED" for r in runs)
 
