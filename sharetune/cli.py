@@ -324,8 +324,10 @@ def _finish(result, report_dir: Path) -> None:
         from sharetune.search.mlflow_logger import trial_runs
         from sharetune.search.models import log_front_models
 
-        logged = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
+        logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
         typer.echo(f"MLflow models: {len(logged)} trials on the front, each as runs:/<its run>/model")
+        for why in missing:
+            typer.echo(f"not logged as a model: {why}")
     code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures))
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)

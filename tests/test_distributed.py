@@ -64,3 +64,5 @@ def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint
     assert epochs[0] >= 3 and epochs == list(range(epochs[0], 7))  # from the checkpoint on: no epoch trained twice
     assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported)
     assert "1/1 done" in resumed.stdout
+    # the trial's checkpoints live in its Ray Train run, not Tune's: no MLflow model, and one line why
+    assert "not logged as a model: " in resumed.stdout and "has no checkpoint" in resumed.stdout

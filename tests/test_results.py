@@ -105,8 +105,9 @@ def test_front_trials_are_mlflow_models_that_predict_as_the_trials_do(finished):
             points["unique_params"] <= points.loc[trial_id, "unique_params"])
         assert (better & (points.index != trial_id) & ((points["test_accuracy"] > points.loc[trial_id, "test_accuracy"]) | (
             points["unique_params"] < points.loc[trial_id, "unique_params"]))).sum() == 0
-    uris = log_front_models(SearchFolder(result.folder), spec, trials, result.mlflow_uri, trial_runs(result.mlflow_uri, parent_id))
-    assert 0 < len(uris) == len(front) < len(trained)
+    uris, missing = log_front_models(SearchFolder(result.folder), spec, trials, result.mlflow_uri,
+                                     trial_runs(result.mlflow_uri, parent_id))
+    assert 0 < len(uris) == len(front) < len(trained) and missing == []
     x = torch.randn(5, 1, 8, 8)
     for trial_id, uri in zip(front, uris):
         export(SearchFolder(result.folder), trial_id, tmp / f"{trial_id}.pt")

@@ -35,17 +35,23 @@ def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
 
 
 def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFrame, uri: str,
-                     runs: dict[str, str]) -> list[str]:
-    """Log each front trial's model into its child run (`runs`: trial id -> run id); the model URIs."""
+                     runs: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Log each front trial's model into its child run (`runs`: trial id -> run id). Returns the model
+    URIs, and a line for each front trial without a model to log (no Tune checkpoint: a trial on
+    several workers keeps its checkpoints in its Ray Train run)."""
     mlflow.set_tracking_uri(uri)
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
-    logged = []
+    logged, missing = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for trial_id in front_trials(trials, spec):
             if trial_id not in runs:
                 continue
             path = Path(scratch) / f"{trial_id}.pt"
-            export(folder, trial_id, path)
+            try:
+                export(folder, trial_id, path)
+            except ValueError as err:
+                missing.append(str(err).removeprefix("--trial: "))
+                continue
             model = load_exported(path)
             example = torch.zeros(2, *torch.load(path, weights_only=True)["input_shape"])
             with torch.no_grad():
@@ -55,4 +61,4 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
                                                 input_example=example.numpy(), pip_requirements=requirements,
                                                 serialization_format="pickle")  # ArbNet's table kernels do not trace
             logged.append(info.model_uri)
-    return logged
+    return logged, missing
