@@ -22,3 +22,13 @@ def mnist_subset(mnist_root) -> TensorData:
     """3,000 real MNIST training images and 1,000 test images."""
     data = load("mnist", mnist_root)
     return TensorData("mnist", data.x_train[:3000], data.y_train[:3000], data.x_test[:1000], data.y_test[:1000], 10)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for the module's searches (two CPUs, as on the build machines)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

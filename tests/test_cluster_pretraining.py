@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from helpers import tiny_spec
 
@@ -17,12 +16,7 @@ from sharetune.trainables import PRETRAINED_FILE, pretrain
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.trainables.cluster_pretraining import pretrain_on_cluster
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the module
 
 
 def test_a_fusion_search_pretrains_in_a_ray_worker_with_the_trials_resources_and_resume_reuses_the_weights(tmp_path, capfd):

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import ray
 from helpers import tiny_spec
 from ray.tune.experiment import Trial
 
@@ -61,13 +60,6 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
 def test_bad_scheduler_specs_name_the_field(changes, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(tiny_spec(**changes))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung_values(tmp_path, local_ray):

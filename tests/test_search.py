@@ -12,7 +12,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import ray
 import yaml
 from helpers import image_folder, tiny_spec
 from mlflow.tracking import MlflowClient
@@ -21,12 +20,7 @@ from sharetune.metrics import pareto_mask
 from sharetune.search import report, tuner
 from sharetune.spaces import parse_spec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the module
 
 
 def search(tmp_path: Path, storage: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:

@@ -4,7 +4,6 @@ seeds. The searcher alone against real Optuna studies, then whole searches throu
 import optuna
 import pandas as pd
 import pytest
-import ray
 from helpers import tiny_spec
 from mlflow.tracking import MlflowClient
 
@@ -109,13 +108,6 @@ def test_the_number_of_distinct_configurations_counts_conditional_dimensions_onc
                                              "table_size": {"int": [8, 32], "step": 8}}, fixed={"epochs": 2}))
     assert spec.distinct_configurations() == (1 + 2) * 4  # alpha only for dirichlet
     assert parse_spec(tiny_spec()).distinct_configurations() is None  # alpha is continuous
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow(tmp_path, local_ray):
