@@ -58,11 +58,15 @@ def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint
     from test_search import interrupt_then_resume
 
     spec = ddp_spec(fixed={**FIXED, "epochs": 6})
-    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3)
-    reported = results(folder)  # Tune restarts the trial's own record; its workers resume from Ray Train's checkpoint
-    epochs = [r["epoch"] for r in reported]
-    assert epochs[0] >= 3 and epochs == list(range(epochs[0], 7))  # from the checkpoint on: no epoch trained twice
-    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported)
+    interrupted = []
+    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3,
+                                               before_resume=lambda folder, client: interrupted.extend(results(folder)))
+    reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
+    assert [r["epoch"] for r in reported] == list(range(7))  # the whole record, each epoch once
+    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported[1:])
+    # the epochs before the checkpoint were not trained again: their records are the first run's, timings included
+    replayed = reported[:len(interrupted)]
+    assert len(interrupted) >= 4 and all(r.get("epoch_seconds") == i.get("epoch_seconds") for r, i in zip(replayed, interrupted))
     assert "1/1 done" in resumed.stdout
     # the trial's checkpoints live in its Ray Train run, not Tune's: no MLflow model, and one line why
     assert "not logged as a model: " in resumed.stdout and "has no checkpoint" in resumed.stdout

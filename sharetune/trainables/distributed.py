@@ -7,6 +7,8 @@ the same trial (`run_trial`) on its share of each batch (`Batches.shard`) with t
 DistributedDataParallel; the metrics are summed over the ranks in `train_epochs`, so every rank reports
 the whole data's; rank 0 writes the checkpoint. The Train run is named after the trial and kept in the
 search folder, so a resumed search's trial finds its checkpoint again and every rank resumes from it.
+Tune holds none of these checkpoints, so it restarts a resumed trial's record: the ranks first report
+again the records the checkpoint holds, and the record stays whole.
 
 GPUs: NCCL when each worker has a whole GPU; gloo when workers share one (NCCL refuses two ranks on
 one device) and on CPUs.
@@ -78,4 +80,4 @@ def rank_samples(state: TrainingState) -> dict:
 def _worker(loop: dict) -> None:
     rank, world, device = worker_place()
     run_trial(loop["config"], loop["data"].shard(rank, world), loop["pretrained"], session=ray.train,
-              cpus=loop["cpus"], device=device, wrap=ddp, rank=rank, extra=rank_samples)
+              cpus=loop["cpus"], device=device, wrap=ddp, rank=rank, extra=rank_samples, replay=True)
