@@ -318,7 +318,7 @@ def _finish(result, report_dir: Path) -> None:
                                  title=f"{result.spec.name} on {result.spec.data.name}")
     typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
     typer.echo(console.top_trials(built.configurations, result.spec))
-    uri, parent = parent_run_of(result.folder)
+    uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
     _print_report(built, uri, parent)
     if parent is not None:
         from sharetune.search.mlflow_logger import trial_runs
@@ -328,7 +328,7 @@ def _finish(result, report_dir: Path) -> None:
         typer.echo(f"MLflow models: {len(logged)} trials on the front, each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
-    code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures))
+    code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures), result.mlflow_backlog)
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from sharetune.search.mlflow_logger import local_artifacts
+from sharetune.search.mlflow_queue import local_artifacts
 
 HOST = "127.0.0.1"
 # MLflow 3 runs GenAI jobs (and their periodic tasks) in huey consumer processes the UI never uses

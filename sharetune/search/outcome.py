@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     OK = 0  # every trial finished
     BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder
     TRIALS_FAILED = 3  # the search ended, but some trials raised (after their retries)
+    MLFLOW_BEHIND = 4  # every trial finished, but MLflow did not answer: `sharetune resume` delivers the rest
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): trials left unfinished; `sharetune resume` continues
 
 
@@ -50,9 +51,10 @@ def failed_trials(folder: SearchFolder, max_failures: int) -> dict[str, str]:
     return failed
 
 
-def outcome(trials: pd.DataFrame, errors: dict[str, str]) -> tuple[ExitCode, str | None]:
+def outcome(trials: pd.DataFrame, errors: dict[str, str], mlflow_backlog: int = 0) -> tuple[ExitCode, str | None]:
     """The exit code and the line that explains it. `trials`: the report's table (Tune's trials and
-    the proposals answered without training); `errors`: trial id -> error line of the failed ones."""
+    the proposals answered without training); `errors`: trial id -> error line of the failed ones;
+    `mlflow_backlog`: writes still queued for MLflow."""
     tune_trials = trials[trials["trial_id"].notna()]
     unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED]) & ~tune_trials["trial_id"].isin(list(errors))]
     if not unfinished.empty:
@@ -61,4 +63,7 @@ def outcome(trials: pd.DataFrame, errors: dict[str, str]) -> tuple[ExitCode, str
     if errors:
         first_id, first = next(iter(errors.items()))
         return ExitCode.TRIALS_FAILED, f"{len(errors)} of {len(tune_trials)} trials failed: {first_id}: {first}"
+    if mlflow_backlog:
+        return ExitCode.MLFLOW_BEHIND, (f"every trial finished, but {mlflow_backlog} writes wait for MLflow, which did not "
+                                        "answer; `sharetune resume` delivers them")
     return ExitCode.OK, None

@@ -23,7 +23,7 @@ from sharetune.data import Batches, load
 from sharetune.metrics import STEP, ModelCosts
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
-from sharetune.search.mlflow_logger import MlflowLogger, remove_orphans, tracking_uri
+from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.searcher import ConfigurationSearcher
@@ -37,6 +37,7 @@ class Search:
     spec: SearchSpec
     folder: SearchFolder
     mlflow_uri: str
+    mlflow_backlog: int = 0  # writes still queued for MLflow (its server did not answer in time)
 
 
 def load_data(spec: SearchSpec) -> Batches:
@@ -103,7 +104,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                   failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
     )
     tuner.fit()
-    return Search(spec, folder, uri)
+    return Search(spec, folder, uri, deliver_backlog(folder))
 
 
 class ProposalCosts:
@@ -164,5 +165,5 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    tuner.fit()
-    return Search(spec, folder, folder.mlflow()[0])
+    tuner.fit()  # delivers what an earlier driver left queued for MLflow, too
+    return Search(spec, folder, folder.mlflow()[0], deliver_backlog(folder))

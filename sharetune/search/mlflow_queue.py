@@ -1,0 +1,276 @@
+"""A durable, ordered queue of a search's MLflow writes, delivered by one background thread.
+
+Tune's loop only appends an operation to a SQLite file (well under a millisecond, no network); the
+writer delivers the operations in order and, while the tracking server does not answer, waits and
+tries again for as long as it takes. An outage of any length delays MLflow and loses nothing, and
+what a stopped driver left undelivered is delivered by `sharetune resume`.
+
+The queue lives in the search folder (`sharetune-mlflow-queue.db`); a search folder on an object
+store keeps its queue on the driver's disk instead (~/.cache/sharetune/mlflow-queue), since a
+database cannot live in a bucket. Operations name runs by key ("parent", "trial:<id>",
+"configuration:<n>"), never by MLflow's run id, so they can be written before any run exists; the
+writer finds or creates the runs by their tags, so delivering an operation twice (a driver killed
+between delivering and forgetting it) is harmless: metrics at a step the run already holds are
+dropped, and runs are found before they are created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from sharetune.search.storage import SearchFolder, is_uri
+
+QUEUE_FILE = "sharetune-mlflow-queue.db"
+SPOOL = Path.home() / ".cache" / "sharetune" / "mlflow-queue"  # queues of search folders on object stores
+SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
+TRIAL_TAG = "sharetune.trial_id"
+CONFIGURATION_TAG = "sharetune.configuration"  # a proposal answered without training: its Optuna trial number
+PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+PROGRESS_STEP = "unique_params"  # every report carries it (the costs' at step 0 too): a run's last logged step
+RETRY_MAX_S = 30.0  # the longest wait between two tries while the server does not answer
+PERMANENT = {"BAD_REQUEST", "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}  # refusals no retry changes
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+log = logging.getLogger(__name__)
+# The writer retries for as long as a server is down; MLflow's client retrying each request for minutes
+# on its own would only hide a server that is back. Set these to override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def queue_path(folder: SearchFolder) -> Path:
+    if is_uri(folder):
+        return SPOOL / f"{folder.name}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}.db"
+    return Path(folder) / QUEUE_FILE
+
+
+def batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def params_of(values: dict) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
+
+
+class MlflowQueue:
+    """`put` appends an operation (any thread); `start` runs the writer; `drain` waits for it. One
+    per search folder in a process (`of`), so one writer delivers its operations."""
+
+    _open: dict[str, "MlflowQueue"] = {}
+
+    @classmethod
+    def of(cls, folder: SearchFolder, uri: str, experiment: str) -> "MlflowQueue":
+        if folder not in cls._open:
+            cls._open[folder] = cls(folder, uri, experiment)
+        return cls._open[folder]
+
+    def __init__(self, folder: SearchFolder, uri: str, experiment: str) -> None:
+        self.folder, self.uri, self.experiment = folder, uri, experiment
+        self.path = queue_path(folder)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()  # one SQLite connection per thread
+        with self._connection() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self.outage_since: float | None = None  # when the server stopped answering, while it does not
+
+    def _connection(self) -> sqlite3.Connection:
+        if getattr(self._local, "db", None) is None:
+            # WAL: the writer reads while the driver appends; NORMAL sync survives a killed process
+            self._local.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._local.db.execute("PRAGMA journal_mode=WAL")
+            self._local.db.execute("PRAGMA synchronous=NORMAL")
+        return self._local.db
+
+    def put(self, op: str, **fields) -> None:
+        self._connection().execute("INSERT INTO operations (body) VALUES (?)", (json.dumps({"op": op, **fields}),))
+        self._wake.set()
+
+    def pending(self) -> int:
+        return self._connection().execute("SELECT COUNT(*) FROM operations").fetchone()[0]
+
+    def _oldest(self) -> tuple[int, dict] | None:
+        row = self._connection().execute("SELECT id, body FROM operations ORDER BY id LIMIT 1").fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._deliver_all, name="sharetune-mlflow", daemon=True)
+            self._thread.start()
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the backlog to reach MLflow, stop the writer; returns what is left."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending() and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.05)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return self.pending()
+
+    def _deliver_all(self) -> None:
+        writer, wait = Writer(self.uri, self.experiment, self.folder), 1.0
+        while not self._stop.is_set():
+            oldest = self._oldest()
+            if oldest is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            number, operation = oldest
+            try:
+                writer.deliver(operation)
+            except MlflowException as err:
+                if err.error_code not in PERMANENT:
+                    wait = self._unreachable(err, wait)
+                    continue
+                log.warning("MLflow refused a %s write, dropped: %s", operation["op"], str(err).splitlines()[0])
+            except Exception as err:  # connection refused, timeouts, 5xx after the client's own retries
+                wait = self._unreachable(err, wait)
+                continue
+            if self.outage_since is not None:
+                log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", self.uri,
+                            time.monotonic() - self.outage_since)
+                self.outage_since, wait = None, 1.0
+            self._connection().execute("DELETE FROM operations WHERE id = ?", (number,))
+
+    def _unreachable(self, err: Exception, wait: float) -> float:
+        if self.outage_since is None:
+            self.outage_since = time.monotonic()
+            log.warning("MLflow at %s does not answer (%s); results wait in %s and are delivered when it does",
+                        self.uri, type(err).__name__, self.path)
+        self._stop.wait(wait)
+        return min(wait * 2, RETRY_MAX_S)
+
+
+class Writer:
+    """Delivers one operation at a time; knows the runs by key, finding them again by their tags."""
+
+    def __init__(self, uri: str, experiment: str, folder: SearchFolder) -> None:
+        self.client, self.experiment, self.folder = MlflowClient(uri), experiment, folder
+        self.experiment_id: str | None = None
+        self.runs: dict[str, str] = {}  # key -> run id
+        self.last_step: dict[str, int] = {}  # key -> the last step its run holds
+
+    def deliver(self, operation: dict) -> None:
+        if self.experiment_id is None:
+            self.experiment_id = experiment_id(self.client, self.experiment)
+        getattr(self, f"_{operation.pop('op')}")(**operation)
+
+    def _children(self) -> list:
+        parent = self.run_id("parent")
+        return self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
+
+    def run_id(self, key: str) -> str | None:
+        """The run of `key`, from MLflow where this writer has not met it yet (a resumed search)."""
+        if key not in self.runs:
+            if key == "parent":
+                found = self.client.search_runs([self.experiment_id], f"tags.`{SEARCH_TAG}` = '{self.folder}'", max_results=1)
+            else:
+                tag, _, value = key.partition(":")
+                name = {"trial": TRIAL_TAG, "configuration": CONFIGURATION_TAG}[tag]
+                found = [run for run in self._children() if run.data.tags.get(name) == value]
+            if not found:
+                return None
+            self.runs[key] = found[0].info.run_id
+            history = self.client.get_metric_history(self.runs[key], PROGRESS_STEP)
+            self.last_step[key] = max((m.step for m in history), default=-1)
+        return self.runs[key]
+
+    def _create(self, key: str, name: str, tags: dict, params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.runs[key], self.last_step[key] = run.info.run_id, -1
+        for batch in batched(params_of(params)):
+            self.client.log_batch(run.info.run_id, params=batch)
+        return run.info.run_id
+
+    def _open_parent(self, name: str, tags: dict, params: dict, spec_yaml: str) -> None:
+        run_id = self.run_id("parent")
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        run_id = self._create("parent", name, {**tags, SEARCH_TAG: str(self.folder)}, params)
+        if spec_yaml:
+            self.client.log_text(run_id, spec_yaml, "spec.yaml")
+
+    def _open_trial(self, key: str, name: str, tags: dict, params: dict, dataset: dict | None) -> None:
+        run_id = self.run_id(key)
+        if run_id is not None:  # a resumed trial keeps logging into its run
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        run_id = self._create(key, name, {**tags, PARENT_TAG: self.run_id("parent")}, params)
+        if dataset is not None:
+            self.client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+
+    def _skipped(self, key: str, name: str, tags: dict, params: dict, costs: dict) -> None:
+        """A finished run for a proposal answered without training, once."""
+        if self.run_id(key) is not None:
+            return
+        run_id = self._create(key, name, {**tags, PARENT_TAG: self.run_id("parent")}, params)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in costs.items()])
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def _metrics(self, key: str, step: int, timestamp: int, metrics: dict, tags: dict) -> None:
+        """One epoch's metrics; a step the run holds already (an epoch trained again after a resume,
+        or this operation delivered twice) is not logged twice."""
+        run_id = self.run_id(key)
+        if run_id is None or step <= self.last_step.get(key, -1):
+            return
+        self.client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()],
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+        self.last_step[key] = step
+
+    def _end(self, key: str, status: str, tags: dict) -> None:
+        run_id = self.run_id(key)
+        if run_id is None:
+            return
+        for name, value in tags.items():
+            self.client.set_tag(run_id, name, value)
+        self.client.set_terminated(run_id, status=status)
+
+    def _remove_orphans(self, recorded: list[str]) -> None:
+        """Delete the runs of trials Tune's restored state never recorded (a driver killed between
+        starting a trial and Tune's next snapshot); resumed, the search starts those trials afresh
+        under new ids, so keeping the runs would count them twice."""
+        for run in self._children():
+            trial = run.data.tags.get(TRIAL_TAG)
+            if trial is not None and trial not in recorded:
+                self.client.delete_run(run.info.run_id)
+                self.runs.pop(f"trial:{trial}", None)
+                log.warning("removed the MLflow run of trial %s, which Tune's state never recorded", trial)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if need be, tagged as model training: without the tag MLflow 3's
+    UI guesses a GenAI experiment and opens on traces instead of the runs."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        local = client.tracking_uri.startswith("sqlite:")  # a server chooses its own artifact store
+        experiment = client.create_experiment(name, artifact_location=local_artifacts() if local else None)
+    else:
+        experiment = found.experiment_id
+    if found is None or found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment
+
+
+
+def local_artifacts() -> str:
+    """Artifact root beside the embedded store: ./mlartifacts."""
+    return Path(DEFAULT_ARTIFACTS).resolve().as_uri()
