@@ -1,7 +1,19 @@
 """Tiny specs for tests (synthetic data, small nets, a handful of epochs), and the devices to test on."""
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 import torch
+
+BIN = Path(sys.executable).parent
 
 # CUDA runs where a GPU is present, and shows as skipped elsewhere
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -36,3 +48,46 @@ def image_folder(root, per_class: int = 24, test_per_class: int = 8, size: int =
                 pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def mlflow_server(backend: str, artifacts: Path, port: int | None = None):
+    """An MLflow tracking server on loopback (on `port`, to start one again where it was)."""
+    port = port or free_port()
+    log = open(artifacts.parent / "mlflow-server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
+         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server", 180, process)
+        except (RuntimeError, TimeoutError) as err:
+            log.flush()
+            raise RuntimeError(f"{err}:\n{(artifacts.parent / 'mlflow-server.log').read_text()[-3000:]}") from None
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()

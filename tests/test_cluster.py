@@ -6,30 +6,17 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from glob import glob
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_spec
+from helpers import BIN, free_port, mlflow_server, tiny_spec, wait_for
 from mlflow.tracking import MlflowClient
 
 from sharetune.search import report
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def postgres_bin() -> Path | None:
@@ -38,18 +25,6 @@ def postgres_bin() -> Path | None:
         return Path(found).resolve().parent
     versions = sorted(glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     return Path(versions[-1]).parent if versions else None
-
-
-def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
 
 
 def run(command: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
@@ -79,30 +54,6 @@ def postgres(folder: Path):
     finally:
         subprocess.run([*as_postgres, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], env=env,
                        capture_output=True, timeout=120)
-
-
-@contextlib.contextmanager
-def mlflow_server(backend: str, artifacts: Path):
-    port = free_port()
-    log = open(artifacts.parent / "mlflow-server.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
-         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server", 180, process)
-        except (RuntimeError, TimeoutError) as err:
-            log.flush()
-            raise RuntimeError(f"{err}:\n{(artifacts.parent / 'mlflow-server.log').read_text()[-3000:]}") from None
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered witho
 DUPLICATE_TAG = "sharetune.duplicate_of"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DEFAULT_STORE = "mlflow.db"
-DRAIN_S = 60.0  # how long the end of a search waits for a backlog to reach MLflow
+DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
 
 
 def tracking_uri(uri: str | None = None) -> str:

@@ -1,0 +1,95 @@
+"""MLflow down never stops a search nor loses a point: a real tracking server on loopback, stopped
+mid-search and started again where it was, and the durable queue's writer in front of it."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from helpers import free_port, mlflow_server, tiny_spec, wait_for
+from mlflow.tracking import MlflowClient
+
+from sharetune.search.mlflow_queue import SEARCH_TAG, TRIAL_TAG, MlflowQueue, queue_path
+from sharetune.search.outcome import ExitCode
+from sharetune.search.storage import SearchFolder
+
+EPOCHS, TRIALS = 4, 4
+
+
+def sharetune(tmp_path: Path, *args: str, background: bool = False):
+    env = {**os.environ, "SHARETUNE_MLFLOW_WAIT_S": "5"}
+    command = [sys.executable, "-m", "sharetune.cli", *args]
+    if background:
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def parent_of(client: MlflowClient, folder: str):
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{SEARCH_TAG}` = '{folder}'")
+    return runs[0] if runs else None
+
+
+def test_a_server_down_for_the_rest_of_the_search_loses_nothing_and_resume_delivers_it(tmp_path):
+    spec = tiny_spec(fixed={"table_size": 64, "epochs": EPOCHS, "hidden": [16]},
+                     budget={"num_samples": TRIALS, "max_concurrent": 2})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    backend, artifacts, port = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", free_port()
+    folder = SearchFolder(tmp_path / "results" / "outage")
+    with mlflow_server(backend, artifacts, port) as uri:
+        search = sharetune(tmp_path, "search", "spec.yaml", "--mlflow-uri", uri, "--name", "outage", background=True)
+        client = MlflowClient(uri)
+        wait_for(lambda: parent_of(client, folder) is not None, "the search's parent run", 300)
+    # the server is down from the first trial on, for the rest of the search
+    stdout, stderr = search.communicate(timeout=600)
+    assert search.returncode == ExitCode.MLFLOW_BEHIND, stderr
+    assert "writes wait for MLflow, which did not answer; `sharetune resume` delivers them" in stderr
+    assert "Traceback" not in stderr
+    backlog = MlflowQueue(folder, uri, "tiny").pending()
+    assert backlog > TRIALS * EPOCHS  # every epoch's metrics at least, kept on disk
+    trials = [p.name.removeprefix("trial_") for p in Path(folder).glob("trial_*")]
+    assert len(trials) == TRIALS
+
+    with mlflow_server(backend, artifacts, port) as uri:
+        done = sharetune(tmp_path, "resume", str(folder))
+        assert done.returncode == ExitCode.OK, done.stderr
+        client = MlflowClient(uri)
+        parent = parent_of(client, folder)
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        trained = [run for run in children if TRIAL_TAG in run.data.tags]
+        assert all(run.data.tags.get("sharetune.kind") for run in children if run not in trained), children
+        assert sorted(run.data.tags[TRIAL_TAG] for run in trained) == sorted(trials)
+        for run in trained:
+            assert run.info.status == "FINISHED"
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            assert sorted(steps) == list(range(1, EPOCHS + 1))  # every epoch, once
+            assert "lr" in run.data.params and run.inputs.dataset_inputs
+    assert MlflowQueue(folder, uri, "tiny").pending() == 0
+
+
+def test_the_writer_delivers_in_order_once_the_server_answers(tmp_path):
+    folder = SearchFolder(tmp_path / "search")
+    backend, artifacts, port = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    queue = MlflowQueue(folder, uri, "writer")
+    queue.put("open_parent", name="search", tags={}, params={"family": "arbnet"}, spec_yaml="name: writer\n")
+    queue.put("open_trial", key="trial:a", name="a", tags={TRIAL_TAG: "a"}, params={"lr": 0.1}, dataset=None)
+    for step in range(1, 6):
+        queue.put("metrics", key="trial:a", step=step, timestamp=int(time.time() * 1000), metrics={"unique_params": 10.0,
+                  "val_accuracy": step / 10}, tags={})
+    queue.put("metrics", key="trial:a", step=3, timestamp=0, metrics={"val_accuracy": 9.0}, tags={})  # delivered twice
+    queue.put("end", key="trial:a", status="FINISHED", tags={})
+    queue.start()
+    wait_for(lambda: queue.outage_since is not None, "the writer to notice the outage", 120)
+    assert queue.pending() == 9  # nothing answers on the port: the writer waits, every write stays queued
+    assert queue_path(folder).is_file()
+    with mlflow_server(backend, artifacts, port):
+        assert queue.drain(120) == 0
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("writer").experiment_id], f"tags.`{TRIAL_TAG}` = 'a'")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, s / 10) for s in range(1, 6)]
+        assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
