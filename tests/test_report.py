@@ -62,3 +62,11 @@ def test_repeated_seeds_become_one_row_per_configuration_with_their_spread(tmp_p
         "best_val_accuracy_mean": 0.8, "best_val_accuracy_std": 0.02 ** 0.5,
         "best_test_accuracy_mean": 0.7, "best_test_accuracy_std": 0.02 ** 0.5})
     assert "repeats" in console.top_trials(built.configurations, parse_spec(tiny_spec()))
+
+
+def test_the_summary_shows_spin_costs_in_the_papers_units():
+    built = trials([0.6, 0.8], [2_300_000, 9_100_000]).assign(macs=[1.2e9, 4.5e9], status="TERMINATED")
+    spec = parse_spec(tiny_spec(family="spin", fixed={"dim": 16, "depth": 4, "epochs": 1}, dimensions={"share_rate": {"choice": [1, 2]}}))
+    lines = console.top_trials(built, spec).splitlines()
+    assert lines[1].split()[:5] == ["trial_id", "status", "test_accuracy", "params_M", "macs_G"]
+    assert lines[2].split()[2:5] == ["0.8", "9.1", "4.5"] and lines[3].split()[2:5] == ["0.6", "2.3", "1.2"]

@@ -12,15 +12,22 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+# The costs beside the objectives; SPIN's in the paper's units
+COSTS = {"arbnet": {"unique_params": ("unique_params", 1), "macs": ("macs", 1)},
+         "spin": {"unique_params": ("params_M", 1e6), "macs": ("macs_G", 1e9)}}
+
+
 def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     """The best trials (configurations, where seeds repeat) by the first objective, with every
-    objective (mean and standard deviation over repeats) and searched setting."""
+    objective (mean and standard deviation over repeats), the costs and the searched settings."""
     first, mode = next(iter(spec.objectives.items()))
     trained = trials[trials["status"].isin(TRAINED)]  # not the unfinished (PENDING, RUNNING) nor the skipped
-    ranked = trained.sort_values(first, ascending=mode == "min")
+    ranked = trained.sort_values(first, ascending=mode == "min").head(count)
+    costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items() if cost in ranked}
+    ranked = ranked.assign(**costs)
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
-    columns = ["trial_id", "status", "repeats", *objectives, *[c for c in spec.dimensions if c in trials]]
-    return "top trials:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in trials]].head(count))
+    columns = ["trial_id", "status", "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
+    return "top trials:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
 
 
 def front_table(front: pd.DataFrame, cost: str) -> str:

@@ -57,6 +57,11 @@ def queue_path(folder: SearchFolder) -> Path:
     return Path(folder) / QUEUE_FILE
 
 
+def runs_filter(trial_ids: list[str]) -> str:
+    """The MLflow search filter that finds these trials' runs."""
+    return f"tags.`{TRIAL_TAG}` IN ({', '.join(repr(str(trial)) for trial in trial_ids)})"
+
+
 def batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
     for start in range(0, len(items), size):
         yield items[start : start + size]
