@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.search import tuner
 from sharetune.search.mlflow_logger import MlflowLogger
+from sharetune.search.mlflow_ui import LIGHT_ENV
 from sharetune.spaces import parse_spec
 
 SPEC = {"name": "bench-mlflow", "family": "arbnet", "data": {"name": "synthetic"},
@@ -77,7 +78,8 @@ def start_mlflow(root: Path, port: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", (root / "artifacts").as_uri(), "--serve-artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, **LIGHT_ENV})
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

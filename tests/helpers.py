@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sharetune.search.mlflow_ui import LIGHT_ENV
+
 BIN = Path(sys.executable).parent
 
 # CUDA runs where a GPU is present, and shows as skipped elsewhere
@@ -77,7 +79,7 @@ def mlflow_server(backend: str, artifacts: Path, port: int | None = None):
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
          "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **LIGHT_ENV})
     uri = f"http://127.0.0.1:{port}"
     try:
         try:
