@@ -71,15 +71,17 @@ def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen |
 
 
 @contextlib.contextmanager
-def mlflow_server(backend: str, artifacts: Path, port: int | None = None):
-    """An MLflow tracking server on loopback (on `port`, to start one again where it was)."""
+def mlflow_server(backend: str, artifacts: Path, port: int | None = None, *, options: tuple[str, ...] = (),
+                  env: dict | None = None):
+    """An MLflow tracking server on loopback (on `port`, to start one again where it was), with more
+    command-line `options` and environment `env`."""
     port = port or free_port()
     log = open(artifacts.parent / "mlflow-server.log", "w")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
          "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **LIGHT_ENV})
+         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}", *options],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **LIGHT_ENV, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
         try:

@@ -1,12 +1,16 @@
 """The Docker and Kubernetes files, checked the way CI can without a Docker engine."""
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 DOCKER = Path(__file__).parent.parent / "docker"
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -69,6 +73,52 @@ def test_mlflow_server_allows_its_service_name_and_stores_in_postgres():
     mlflow = " ".join(compose()["services"]["mlflow"]["command"])
     assert '--allowed-hosts "mlflow:5000' in mlflow and "postgresql://" in mlflow and "--serve-artifacts" in mlflow
     assert compose()["services"]["ray-head"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_mlflow_runs_basic_auth_and_no_password_is_on_a_command_line():
+    spec = compose()
+    mlflow = spec["services"]["mlflow"]
+    script = mlflow["command"][2]
+    server = script[script.index("exec mlflow server"):]
+    assert "--app-name basic-auth" in server and "postgresql://mlflow@postgres:5432/mlflow" in server
+    assert "$" not in server and "password" not in server.lower()  # the command line the server runs with
+    # the secrets reach the environment through the shell's builtins (an assignment, export), not a program's arguments
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$$(cat /run/secrets/mlflow_password)"' in script
+    assert 'PGPASSWORD="$$(cat /run/secrets/postgres_password)"' in script
+    assert 'MLFLOW_FLASK_SERVER_SECRET_KEY="$$(cat /run/secrets/mlflow_secret_key)"' in script
+    assert set(mlflow["secrets"]) == {"postgres_password", "mlflow_password", "mlflow_secret_key"}
+    (config,) = mlflow["configs"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == config["target"]
+    ini = (DOCKER / spec["configs"][config["source"]]["file"]).read_text()
+    assert "admin_username = admin" in ini and "default_permission = NO_PERMISSIONS" in ini
+    assert "admin_password" not in ini and "postgresql://mlflow@postgres" in ini
+    for name in RAY_SERVICES:  # the clients log in from the same secret
+        service = spec["services"][name]
+        assert service["environment"]["MLFLOW_TRACKING_USERNAME"] == "admin"
+        assert service["environment"]["MLFLOW_TRACKING_PASSWORD_FILE"] == "/run/secrets/mlflow_password"
+        assert "mlflow_password" in service["secrets"]
+    assert spec["secrets"]["mlflow_password"] == {"file": "./secrets/mlflow_password"}
+
+
+def load_lock_tool():
+    found = importlib.util.spec_from_file_location("lock", DOCKER / "lock.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
+
+
+def test_the_image_installs_exact_versions_from_a_lock_that_matches_pyproject():
+    lock = load_lock_tool()
+    text = lock.LOCK.read_text()
+    assert text == lock.render(lock.closure()), "docker/requirements.lock is stale: run python docker/lock.py"
+    pins = dict(line.split("==") for line in text.splitlines() if not line.startswith("#"))
+    project = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]
+    for text in [*project["dependencies"], *project["optional-dependencies"]["server"]]:
+        requirement = Requirement(text)
+        pinned = pins[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(pinned, prereleases=True), f"{requirement}: locked at {pinned}"
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert "RUN pip install -r requirements.lock" in dockerfile and "RUN pip install --no-deps ." in dockerfile
 
 
 def test_gpu_override_reserves_devices_for_workers():

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 # on its own would only hide a server that is back. Set these to override.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# A tracking server behind MLflow's basic-auth app: its password from a file (a Docker or Kubernetes
+# secret), so it is on no command line and in no spec
+PASSWORD_FILE = os.environ.get("MLFLOW_TRACKING_PASSWORD_FILE")
+if PASSWORD_FILE and "MLFLOW_TRACKING_PASSWORD" not in os.environ:
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = Path(PASSWORD_FILE).read_text().strip()
 
 
 def queue_path(folder: SearchFolder) -> Path:
