@@ -17,10 +17,10 @@ app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 
 
-def fail(message: str) -> None:
-    """Bad input: one line, exit code 2 (sharetune.search.outcome.ExitCode.BAD_INPUT)."""
+def fail(message: str, code: int = 2) -> None:
+    """One line and the exit code: 2 for bad input (sharetune.search.outcome.ExitCode lists them all)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @data_app.command("fetch")
@@ -210,13 +210,16 @@ def search(
     SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
     from sharetune.search import tuner
     from sharetune.search.cluster import ClusterError
-    from sharetune.search.storage import StateError
+    from sharetune.search.outcome import ExitCode
+    from sharetune.search.storage import StateError, StorageFull
     from sharetune.spaces import SpecError
 
     spec = _load_spec(source, overrides, scale, num_samples)
     _quiet_unless(verbose)
     try:
         result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
+    except StorageFull as err:
+        fail(str(err), ExitCode.STORAGE_FULL)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)
@@ -232,11 +235,14 @@ def resume(
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
     from sharetune.search.cluster import ClusterError
-    from sharetune.search.storage import StateError
+    from sharetune.search.outcome import ExitCode
+    from sharetune.search.storage import StateError, StorageFull
 
     _quiet_unless(verbose)
     try:
         result = tuner.resume(SearchFolder(path), address=address)
+    except StorageFull as err:
+        fail(str(err), ExitCode.STORAGE_FULL)
     except (FileNotFoundError, DataError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)

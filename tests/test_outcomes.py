@@ -52,6 +52,52 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+def fill(disk: Path) -> Path:
+    """Write zeros until the disk has no byte left."""
+    filler = disk / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(bytes(1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_nothing(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=130m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        epochs, trials = 30, 4
+        spec = tiny_spec(fixed={"table_size": 64, "epochs": epochs, "hidden": [16]}, budget={"num_samples": trials, "max_concurrent": 2})
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        folder = disk / "results" / "full"
+        command = [sys.executable, "-m", "sharetune.cli"]
+        search = subprocess.Popen([*command, "search", "spec.yaml", "--storage", str(disk / "results"), "--name", "full"],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while search.poll() is None and not any(len(p.read_text().splitlines()) > 3 for p in folder.glob("trial_*/result.json")):
+            time.sleep(0.2)
+        filler = fill(disk)  # a few epochs in: the disk is full from here on
+        _, stderr = search.communicate(timeout=600)
+        assert search.returncode == 5 and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == (f"error: {folder}: no space left on its disk mid-search; free some space, "
+                                                   f"then `sharetune resume {folder}` continues from Tune's last saved state")
+
+        # Tune wrote its state file in place when the disk filled, so that state is cut short: resume
+        # refuses it in one line and leaves the folder as it is (it never starts a new search there)
+        filler.unlink()
+        before = sorted(str(p) for p in folder.rglob("*"))
+        done = subprocess.run([*command, "resume", str(folder)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "is damaged and cannot be restored; the folder is left as it is" in done.stderr
+        assert sorted(str(p) for p in folder.rglob("*")) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, small_disk):
     done = sharetune(tmp_path, "--storage", str(small_disk / "results"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

@@ -16,6 +16,7 @@ dropped, and runs are found before they are created.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,6 +96,9 @@ class MlflowQueue:
         self._local = threading.local()  # one SQLite connection per thread
         with self._connection() as db:
             db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
+        self._held: list[str] = []  # writes the disk had no room for, oldest first
+        self._delivered = 0  # the last operation delivered (ids grow; the file may still hold it on a full disk)
+        self._full = False
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.outage_since: float | None = None  # when the server stopped answering, while it does not
@@ -108,14 +112,39 @@ class MlflowQueue:
         return self._local.db
 
     def put(self, op: str, **fields) -> None:
-        self._connection().execute("INSERT INTO operations (body) VALUES (?)", (json.dumps({"op": op, **fields}),))
+        """Queue one write. On a full disk it waits in memory, in order, until the folder has room."""
+        self._held.append(json.dumps({"op": op, **fields}))
+        self._store_held()
         self._wake.set()
 
+    def _store_held(self) -> None:
+        db = self._connection()
+        try:
+            db.execute("BEGIN")  # one transaction: all held writes, or none
+            try:
+                db.executemany("INSERT INTO operations (body) VALUES (?)", [(body,) for body in self._held])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite rolls back itself on a full disk
+                    db.execute("ROLLBACK")
+                raise
+        except (sqlite3.OperationalError, OSError) as err:
+            if not self._full:
+                log.warning("cannot write the MLflow queue %s (%s); %d writes wait in memory until it can",
+                            self.path, err, len(self._held))
+            self._full = True
+            return
+        self._held.clear()
+        self._full = False
+
     def pending(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM operations").fetchone()[0]
+        """Writes not yet delivered, those held in memory included."""
+        count = self._connection().execute("SELECT COUNT(*) FROM operations WHERE id > ?", (self._delivered,))
+        return count.fetchone()[0] + len(self._held)
 
     def _oldest(self) -> tuple[int, dict] | None:
-        row = self._connection().execute("SELECT id, body FROM operations ORDER BY id LIMIT 1").fetchone()
+        row = self._connection().execute("SELECT id, body FROM operations WHERE id > ? ORDER BY id LIMIT 1",
+                                         (self._delivered,)).fetchone()
         return (row[0], json.loads(row[1])) if row else None
 
     def start(self) -> None:
@@ -127,6 +156,8 @@ class MlflowQueue:
     def drain(self, timeout_s: float) -> int:
         """Wait up to `timeout_s` for the backlog to reach MLflow, stop the writer; returns what is left."""
         deadline = time.monotonic() + timeout_s
+        if self._held:
+            self._store_held()
         while self.pending() and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
             time.sleep(0.05)
         self._stop.set()
@@ -158,7 +189,9 @@ class MlflowQueue:
                 log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", self.uri,
                             time.monotonic() - self.outage_since)
                 self.outage_since, wait = None, 1.0
-            self._connection().execute("DELETE FROM operations WHERE id = ?", (number,))
+            self._delivered = number
+            with contextlib.suppress(sqlite3.OperationalError):  # a full disk: forgotten on a later try
+                self._connection().execute("DELETE FROM operations WHERE id <= ?", (number,))
 
     def _unreachable(self, err: Exception, wait: float) -> float:
         if self.outage_since is None:

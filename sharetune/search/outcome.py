@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder
     TRIALS_FAILED = 3  # the search ended, but some trials raised (after their retries)
     MLFLOW_BEHIND = 4  # every trial finished, but MLflow did not answer: `sharetune resume` delivers the rest
+    STORAGE_FULL = 5  # the search folder's disk filled up mid-search: free space, then `sharetune resume`
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): trials left unfinished; `sharetune resume` continues
 
 

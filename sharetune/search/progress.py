@@ -27,6 +27,9 @@ def quiet() -> None:
     """Silence what Ray, Optuna and MLflow print while starting (banners, Tune's configuration box and
     TensorBoard hint, study and database creation); `--verbose` skips this."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0
+    # A failed trial gets one line from Progress (its error.txt holds the traceback), not Tune's traceback
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # Ray's copy of the same error, from the worker
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -8,6 +8,8 @@ runs live, fusion's pretrained weights), so one folder holds everything `resume`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +29,32 @@ MIN_FREE_BYTES = 100 * 2**20  # refused below this: Tune's state, result logs an
 
 class StateError(RuntimeError):
     """A search folder that cannot be resumed or written; the message is one line."""
+
+
+class StorageFull(StateError):
+    """The disk holding the search folder filled up mid-search."""
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether an error, or one that caused it, is a full disk (ENOSPC)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def stop_on_full_disk(folder: str):
+    """Turn a full disk under the running search into StorageFull: what Tune saved last stays, and
+    `resume` continues from it once there is room."""
+    try:
+        yield
+    except Exception as err:
+        if not out_of_space(err):
+            raise
+        raise StorageFull(f"{folder}: no space left on its disk mid-search; free some space, then "
+                          f"`sharetune resume {folder}` continues from Tune's last saved state") from None
 
 
 def is_uri(location: str) -> bool:

@@ -27,7 +27,7 @@ from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.searcher import ConfigurationSearcher
-from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder, StateError, check_free_space
+from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder, StateError, check_free_space, stop_on_full_disk
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
@@ -103,7 +103,8 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                   # a trial whose worker or node dies goes on from its last checkpoint
                                   failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
     )
-    tuner.fit()
+    with stop_on_full_disk(folder):
+        tuner.fit()
     return Search(spec, folder, uri, deliver_backlog(folder))
 
 
@@ -165,5 +166,6 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    tuner.fit()  # delivers what an earlier driver left queued for MLflow, too
+    with stop_on_full_disk(folder):
+        tuner.fit()  # delivers what an earlier driver left queued for MLflow, too
     return Search(spec, folder, folder.mlflow()[0], deliver_backlog(folder))
