@@ -59,7 +59,7 @@ def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint
 
     spec = ddp_spec(fixed={**FIXED, "epochs": 6})
     interrupted = []
-    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3,
+    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
                                                before_resume=lambda folder, client: interrupted.extend(results(folder)))
     reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
     assert [r["epoch"] for r in reported] == list(range(7))  # the whole record, each epoch once

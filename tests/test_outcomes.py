@@ -1,6 +1,7 @@
 """Refusals before any trial (unreachable cluster, full disk) and the search folder's atomic writes:
 real sockets, a real small filesystem, real files. Searches that end badly are in test_search.py."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import tiny_spec
+from mlflow.tracking import MlflowClient
 
+from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
 from sharetune.search.storage import SPEC_FILE, SearchFolder
@@ -86,14 +89,31 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_no
         assert stderr.strip().splitlines()[-1] == (f"error: {folder}: no space left on its disk mid-search; free some space, "
                                                    f"then `sharetune resume {folder}` continues from Tune's last saved state")
 
-        # Tune wrote its state file in place when the disk filled, so that state is cut short: resume
-        # refuses it in one line and leaves the folder as it is (it never starts a new search there)
+        # Tune writes its state file in place: where the disk filled during that write, the state is cut
+        # short and resume refuses it in one line, leaving the folder as it is (never a new search
+        # there); otherwise resume finishes the search exactly
         filler.unlink()
         before = sorted(str(p) for p in folder.rglob("*"))
         done = subprocess.run([*command, "resume", str(folder)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert "is damaged and cannot be restored; the folder is left as it is" in done.stderr
-        assert sorted(str(p) for p in folder.rglob("*")) == before
+        assert "Traceback" not in done.stderr, done.stderr
+        if done.returncode == 2:
+            assert "is damaged and cannot be restored; the folder is left as it is" in done.stderr
+            assert sorted(str(p) for p in folder.rglob("*")) == before
+            return
+        assert done.returncode == 0, done.stderr
+        table = report.trials_from_folder(folder)
+        table = table[table["trial_id"].notna()]  # the rest: re-proposals answered without training
+        assert len(table) == trials and set(table["status"]) == {"TERMINATED"} and set(table["epochs_done"]) == {epochs}
+        for trial in table["trial_id"]:
+            rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
+            assert {row["epoch"] for row in rows} == set(range(epochs + 1))
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        children = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`mlflow.parentRunId` != ''")
+        children = [run for run in children if "sharetune.trial_id" in run.data.tags]
+        assert sorted(run.data.tags["sharetune.trial_id"] for run in children) == sorted(table["trial_id"])
+        for run in children:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
+            assert steps == list(range(1, epochs + 1)) and run.info.status == "FINISHED"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 

@@ -153,8 +153,9 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     assert study.metric_names == ["test_accuracy", "unique_params"]
     for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
         if trial.user_attrs.get("tune_trials"):  # trained: its attribute finds its Tune trials' MLflow runs
-            linked = client.search_runs([experiment.experiment_id], trial.user_attrs["mlflow_runs"])
-            assert sorted(run.data.tags["sharetune.trial_id"] for run in linked) == sorted(trial.user_attrs["tune_trials"])
+            for tune_trial, found in zip(trial.user_attrs["tune_trials"], trial.user_attrs["mlflow_runs"], strict=True):
+                (linked,) = client.search_runs([experiment.experiment_id], found)
+                assert linked.data.tags["sharetune.trial_id"] == tune_trial
         if trial.params["table_size"] != 512:
             assert trial.values == pytest.approx([done.loc[trial.params["table_size"], "test_accuracy"],
                                                   done.loc[trial.params["table_size"], "unique_params"]])

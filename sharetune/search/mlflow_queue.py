@@ -63,9 +63,9 @@ def queue_path(folder: SearchFolder) -> Path:
     return Path(folder) / QUEUE_FILE
 
 
-def runs_filter(trial_ids: list[str]) -> str:
-    """The MLflow search filter that finds these trials' runs."""
-    return f"tags.`{TRIAL_TAG}` IN ({', '.join(repr(str(trial)) for trial in trial_ids)})"
+def runs_filters(trial_ids: list[str]) -> list[str]:
+    """For each trial, the MLflow search filter that finds its run (MLflow's search has no IN on tags)."""
+    return [f"tags.`{TRIAL_TAG}` = '{trial}'" for trial in trial_ids]
 
 
 def batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100

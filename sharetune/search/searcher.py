@@ -11,7 +11,7 @@ Neither of the last two counts against num_samples: the searcher ends the search
 once num_samples configurations have been started. They are written to the search folder's
 SKIPPED_FILE, which the MLflow logger and the report read. Every trial's config carries its
 configuration's number (CONFIGURATION), which groups repeats in reports; the Optuna trial lists
-its Tune trials in the user attribute `tune_trials`, and in `mlflow_runs` the filter that finds
+its Tune trials in the user attribute `tune_trials`, and in `mlflow_runs` the filters that find
 their MLflow runs (pasted into the UI's search box; the runs' ids do not exist yet when the trial is
 asked, and a finished Optuna trial cannot be changed).
 """
@@ -28,7 +28,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from sharetune.metrics import ModelCosts
-from sharetune.search.mlflow_queue import runs_filter
+from sharetune.search.mlflow_queue import runs_filters
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import Bound, OptunaSpace, trial_settings
 
@@ -85,7 +85,7 @@ class ConfigurationSearcher(Searcher):
         configuration, repeat = self.queue.pop(0)
         configuration.trial_ids.append(trial_id)
         configuration.trial.set_user_attr("tune_trials", configuration.trial_ids)
-        configuration.trial.set_user_attr("mlflow_runs", runs_filter(configuration.trial_ids))
+        configuration.trial.set_user_attr("mlflow_runs", runs_filters(configuration.trial_ids))
         self.of_trial[trial_id] = configuration
         return self._seeded(configuration.config, repeat)
 

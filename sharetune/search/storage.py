@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -168,10 +169,27 @@ class SearchFolder(str):
         with filesystem.open_input_stream(states[-1]) as stream:
             text = stream.read()
         try:
-            return [json.loads(state)["trial_id"] for state, _ in json.loads(text)["trial_data"]]
+            recorded = [json.loads(state)["trial_id"] for state, _ in json.loads(text)["trial_data"]]
         except (ValueError, KeyError, TypeError):
-            raise StateError(f"{self}: Tune's state {states[-1].rpartition('/')[2]} is damaged and cannot be "
-                             "restored; the folder is left as it is") from None
+            raise self._damaged(states[-1]) from None
+        self._check_searcher_state(filesystem, path)
+        return recorded
+
+    def _damaged(self, path: str) -> StateError:
+        return StateError(f"{self}: Tune's state {path.rpartition('/')[2]} is damaged and cannot be restored; "
+                          "the folder is left as it is")
+
+    def _check_searcher_state(self, filesystem: fs.FileSystem, path: str) -> None:
+        """The searcher's saved state, cut short (a full disk mid-write), fails Tune's restore deep inside
+        its loop: check it whole first, without unpickling it. Both files are pickles (whatever the
+        name says), and a whole pickle ends with its STOP opcode."""
+        for info in filesystem.get_file_info(fs.FileSelector(path)):
+            if not info.base_name.startswith(("search_gen_state-", "searcher-state-")):
+                continue
+            with filesystem.open_input_stream(info.path) as stream:
+                data = stream.read()
+            if not data.endswith(pickle.STOP):
+                raise self._damaged(info.path)
 
     @staticmethod
     def trial_dirname(trial_id: str) -> str:
