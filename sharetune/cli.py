@@ -413,7 +413,10 @@ def submit(
             check_mlflow_uri(mlflow_uri)
     except SpecError as err:
         fail(str(err))
-    job = jobs.submit(spec, address, mlflow_uri=mlflow_uri, storage=storage, name=name)
+    try:
+        job = jobs.submit(spec, address, mlflow_uri=mlflow_uri, storage=storage, name=name)
+    except jobs.JobsError as err:
+        fail(str(err))
     typer.echo(job)
     flag = f" --address {address}" if address else ""
     typer.echo(f"follow it: sharetune logs {job} --follow{flag}; status: sharetune status {job}{flag}", err=True)
@@ -424,7 +427,10 @@ def status(job: str = typer.Argument(..., help="the id `sharetune submit` printe
     """A submitted search's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
     from sharetune.search import jobs
 
-    state, message = jobs.status(address, job)
+    try:
+        state, message = jobs.status(address, job)
+    except jobs.JobsError as err:
+        fail(str(err))
     typer.echo(f"{state.value}{': ' + message if message else ''}")
 
 
@@ -436,8 +442,11 @@ def logs(
     """A submitted search's output (its live progress lines included)."""
     from sharetune.search import jobs
 
-    for chunk in jobs.logs(address, job, follow):
-        typer.echo(chunk, nl=False)
+    try:
+        for chunk in jobs.logs(address, job, follow):
+            typer.echo(chunk, nl=False)
+    except jobs.JobsError as err:
+        fail(str(err))
 
 
 @app.command("stop")
@@ -445,7 +454,10 @@ def stop(job: str = typer.Argument(...), address: Optional[str] = DASHBOARD) -> 
     """Stop a submitted search; its folder keeps what finished, so `sharetune resume` can continue it."""
     from sharetune.search import jobs
 
-    typer.echo("stopping" if jobs.stop(address, job) else "already ended")
+    try:
+        typer.echo("stopping" if jobs.stop(address, job) else "already ended")
+    except jobs.JobsError as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """The cluster path with real parts: a two-node Ray cluster on loopback with token auth, PostgreSQL
-behind an MLflow tracking server, and `sharetune submit` / `status` / `logs` as users run them."""
+behind an MLflow tracking server, `sharetune submit` / `status` / `logs` / `stop` as users run them,
+and a node that crashes mid-trial."""
 
 import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 
@@ -56,26 +60,87 @@ def postgres(folder: Path):
                        capture_output=True, timeout=120)
 
 
+@dataclass
+class Cluster:
+    dashboard: str  # where jobs are submitted
+    second_node: str  # the second node's Ray node id
+    crash_second_node: Callable[[], None]  # kill -9 of all its processes, as when its machine fails
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process on the machine, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
+    return found
+
+
+def stop_node(node: subprocess.Popen, sig: signal.Signals) -> None:
+    """Signal every process of a `ray start --block` node: its session (Ray's daemons, the command) and
+    every descendant (the raylet's workers, which may leave the session)."""
+    processes, doomed = _processes(), {node.pid}
+    while grown := {pid for pid, (parent, session) in processes.items()
+                    if pid not in doomed and (parent in doomed or session == node.pid)}:
+        doomed |= grown
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.wait(timeout=30)
+
+
 @contextlib.contextmanager
 def ray_cluster(env: dict, temp: Path):
-    """Head and a second node, each with one CPU and a resource of its own, token auth on."""
+    """Head and a second node, each with one CPU, token auth on. Each node runs in a process group of
+    its own (`ray start --block` in a new session), so the test stops exactly its nodes, never another
+    Ray on the machine, and can crash the second node alone."""
     port, dashboard = free_port(), free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+    nodes: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return nodes[-1]
+
+    def node_ids() -> dict[str, str]:
+        listed = run([str(BIN / "ray"), "list", "nodes", "--address", f"http://127.0.0.1:{dashboard}", "--format", "json",
+                      "--filter", "state=ALIVE", "--detail"], env).stdout
+        return {"second" if "second_node" in node["resources_total"] else "head": node["node_id"] for node in json.loads(listed)}
+
     try:
-        run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--temp-dir", str(temp),
-             "--resources", json.dumps({"node_a": 1}), *common], env)
-        run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{port}", "--resources", json.dumps({"node_b": 1}), *common], env)
-        yield f"http://127.0.0.1:{dashboard}"
+        head = start("--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                     "--include-dashboard", "true", "--temp-dir", str(temp))
+        wait_for(lambda: "head" in node_ids(), "the head node", 120, head)
+        second = start("--address", f"127.0.0.1:{port}", "--resources", json.dumps({"second_node": 1}))
+        wait_for(lambda: "second" in node_ids(), "the second node", 120, second)
+        yield Cluster(f"http://127.0.0.1:{dashboard}", node_ids()["second"], lambda: stop_node(second, signal.SIGKILL))
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for node in reversed(nodes):
+            stop_node(node, signal.SIGTERM)
+            stop_node(node, signal.SIGKILL)  # whatever SIGTERM left
 
 
 def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
 
 
-def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
+def _rows(folder: Path) -> dict[str, list[dict]]:
+    """Each trial's result rows so far (up to a row being written)."""
+    found = {}
+    for path in folder.glob("trial_*/result.json"):
+        rows = found[path.parent.name.removeprefix("trial_")] = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return found
+
+
+def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to_the_mlflow_server():
     with tempfile.TemporaryDirectory(prefix="sharetune-cluster-") as scratch:
         root = Path(scratch)
         os.chmod(root, 0o755)  # the postgres user must reach its data directory
@@ -83,48 +148,68 @@ def test_submitted_search_runs_on_both_nodes_and_logs_to_the_mlflow_server():
                "PATH": f"{BIN}:{os.environ['PATH']}"}
         env.pop("MLFLOW_TRACKING_URI", None)
         (root / "artifacts").mkdir()
-        spec = tiny_spec(name="cluster", budget={"num_samples": 4, "max_concurrent": 2},
-                         fixed={"table_size": 64, "epochs": 8, "hidden": [1024, 1024]})  # long enough to overlap
+        epochs = 60  # about 20 s a trial: the second starts while the first trains, so on the second node
+        spec = tiny_spec(name="cluster", budget={"num_samples": 2, "max_concurrent": 2},
+                         fixed={"table_size": 64, "epochs": epochs, "hidden": [1024, 1024]})
         (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+        folder = root / "results" / "run"
         with postgres(root / "pg") as backend, mlflow_server(backend, root / "artifacts") as tracking, \
-                ray_cluster(env, root / "ray") as dashboard:
-            submitted = sharetune("submit", "spec.yaml", "--address", dashboard, "--mlflow-uri", tracking,
+                ray_cluster(env, root / "ray") as cluster:
+            submitted = sharetune("submit", "spec.yaml", "--address", cluster.dashboard, "--mlflow-uri", tracking,
                                   "--storage", str(root / "results"), "--name", "run", env=env, cwd=root)
             job = submitted.stdout.strip()
 
+            def status() -> str:
+                return sharetune("status", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
+
+            # one trial per node (one CPU each); the second node crashes once its trial has checkpointed an epoch
+            def second_node_trial() -> str | None:
+                return next((t for t, rows in _rows(folder).items() if len(rows) >= 2 and rows[-1]["node_id"] == cluster.second_node), None)
+
+            wait_for(second_node_trial, "a trial on the second node", 300)
+            crashed = second_node_trial()
+            cluster.crash_second_node()
+
             def finished() -> bool:
-                state = sharetune("status", job, "--address", dashboard, env=env, cwd=root).stdout
-                assert not state.startswith(("FAILED", "STOPPED")), state + sharetune("logs", job, "--address", dashboard, env=env, cwd=root).stdout
+                state = status()
+                assert not state.startswith(("FAILED", "STOPPED")), state + sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
                 return state.startswith("SUCCEEDED")
 
             wait_for(finished, "the submitted search", 600)
-            logs = sharetune("logs", job, "--address", dashboard, env=env, cwd=root).stdout
-            assert "4/4 done" in logs and "Pareto front" in logs
-            followed = sharetune("logs", job, "--follow", "--address", dashboard, env=env, cwd=root).stdout
+            logs = sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
+            assert "2/2 done" in logs and "Pareto front" in logs
+            followed = sharetune("logs", job, "--follow", "--address", cluster.dashboard, env=env, cwd=root).stdout
             assert "Pareto front" in followed  # streams to the end, then returns
 
-            every = report.trials_from_folder(root / "results" / "run")
+            every = report.trials_from_folder(folder)
             trials = every[every["trial_id"].notna()]  # the rest: re-proposals answered without training
-            assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+            assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {epochs}
             assert set(every["status"]) - {"TERMINATED"} <= {"DUPLICATE"}
-            assert trials["node_id"].nunique() == 2  # trials ran on both nodes
+            # the crashed node's trial went on from its checkpoint on the head, which trained the rest
+            rows = _rows(folder)[crashed]
+            assert {row["epoch"] for row in rows} == set(range(epochs + 1)) and rows[-1]["node_id"] != cluster.second_node
+            assert len({row["node_id"] for row in rows}) == 2
 
             client = MlflowClient(tracking)
             experiment = client.get_experiment_by_name("cluster")
             runs = client.search_runs([experiment.experiment_id])
             children = [r for r in runs if "sharetune.trial_id" in r.data.tags]
             duplicates = [r for r in runs if r.data.tags.get("sharetune.kind") == "duplicate"]
-            assert len(children) == 4 and len(duplicates) == len(every) - 4 and len(runs) == 1 + 4 + len(duplicates)
+            assert len(children) == 2 and len(duplicates) == len(every) - 2 and len(runs) == 1 + 2 + len(duplicates)
             assert {r.data.tags["sharetune.trial_id"] for r in children} == set(trials["trial_id"])
             assert all(r.info.status == "FINISHED" for r in runs)
+            for child in children:  # every epoch once, the crashed trial's included
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
+                assert sorted(steps) == list(range(1, epochs + 1))
 
-            # a second, long search: `sharetune stop` ends it
-            second = sharetune("submit", "spec.yaml", "--address", dashboard, "--mlflow-uri", tracking, "--set",
+            # a second, long search on the head alone: `sharetune stop` ends it
+            second = sharetune("submit", "spec.yaml", "--address", cluster.dashboard, "--mlflow-uri", tracking, "--set",
                                "fixed.epochs=500", "--storage", str(root / "results"), "--name", "long",
                                env=env, cwd=root).stdout.strip()
+
             def state() -> str:
-                return sharetune("status", second, "--address", dashboard, env=env, cwd=root).stdout
+                return sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
 
             wait_for(lambda: state().startswith("RUNNING"), "the second search")
-            assert sharetune("stop", second, "--address", dashboard, env=env, cwd=root).stdout.strip() == "stopping"
+            assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
             wait_for(lambda: state().startswith("STOPPED"), "the stopped search")

@@ -44,6 +44,15 @@ def test_an_unreachable_address_fails_in_one_line_well_within_a_minute(tmp_path,
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("command", [["status", "raysubmit_x"], ["logs", "raysubmit_x", "--follow"], ["stop", "raysubmit_x"]])
+def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line(tmp_path, command):
+    dashboard = f"http://127.0.0.1:{closed_port()}"
+    done = subprocess.run([sys.executable, "-m", "sharetune.cli", *command, "--address", dashboard], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 20 MB filesystem (tmpfs; needs root)."""

@@ -1,12 +1,21 @@
 """The search service: Tuner assembly, the search folder, MLflow logging, progress, reports and what
-the console shows of them."""
+the console shows of them.
 
-from sharetune.search.mlflow_logger import parent_run_of, tracking_uri
-from sharetune.search.report import build_report, log_report, pareto, trials_from_folder, trials_from_mlflow
-from sharetune.search.storage import SearchFolder
-from sharetune.search.tuner import Search, resume, run
+Names load on first use (PEP 562), so a command that only talks to a cluster's dashboard (`sharetune
+status`, `logs`, `stop`) does not import Tune, MLflow and torch first."""
 
-__all__ = [
-    "Search", "SearchFolder", "build_report", "log_report", "pareto", "parent_run_of", "resume", "run",
-    "tracking_uri", "trials_from_folder", "trials_from_mlflow",
-]
+from importlib import import_module
+
+_HOMES = {
+    "Search": "tuner", "resume": "tuner", "run": "tuner", "SearchFolder": "storage",
+    "parent_run_of": "mlflow_logger", "tracking_uri": "mlflow_logger",
+    "build_report": "report", "log_report": "report", "pareto": "report", "trials_from_folder": "report",
+    "trials_from_mlflow": "report",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -9,18 +9,41 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from typing import Iterator
+import time
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from sharetune.spaces import SearchSpec
+if TYPE_CHECKING:  # a dashboard command needs no models, so no torch
+    from sharetune.spaces import SearchSpec
 
 SPEC_ENV = "SHARETUNE_SPEC"
+AGENT_WAIT_S = 60.0  # a node lost moments ago is offered as the job agent until Ray marks it dead
+T = TypeVar("T")
+
+
+class JobsError(RuntimeError):
+    """The dashboard cannot be reached, or refused the request (one line, for the CLI)."""
 
 
 def client(address: str | None) -> JobSubmissionClient:
     """`address`: the dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS)."""
     return JobSubmissionClient(address)
+
+
+def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
+    """`request` against the dashboard; its failure as one JobsError line. Ray answers "No available
+    agent" while it still counts a crashed node alive: asked again for up to AGENT_WAIT_S."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return request(client(address))
+        except (RuntimeError, ConnectionError) as err:
+            line = " ".join(str(err).split())  # the dashboard's answers come wrapped over lines
+            if "No available agent" in line and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise JobsError(f"--address {address or 'from $RAY_API_SERVER_ADDRESS'}: {line}") from None
 
 
 def submit(spec: SearchSpec, address: str | None, *, mlflow_uri: str | None = None, storage: str | None = None,
@@ -29,24 +52,23 @@ def submit(spec: SearchSpec, address: str | None, *, mlflow_uri: str | None = No
     for flag, value in (("--mlflow-uri", mlflow_uri), ("--storage", storage), ("--name", name)):
         if value:
             command += [flag, value]
-    return client(address).submit_job(
+    return _ask(address, lambda jobs: jobs.submit_job(
         entrypoint=shlex.join(command),
         runtime_env={"env_vars": {SPEC_ENV: spec.to_yaml()}},
         metadata={"sharetune.spec": spec.name},
-    )
+    ))
 
 
 def status(address: str | None, job_id: str) -> tuple[JobStatus, str]:
-    info = client(address).get_job_info(job_id)
+    info = _ask(address, lambda jobs: jobs.get_job_info(job_id))
     return info.status, info.message or ""
 
 
 def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str]:
-    jobs = client(address)
     if not follow:
-        yield jobs.get_job_logs(job_id)
+        yield _ask(address, lambda jobs: jobs.get_job_logs(job_id))
         return
-    stream = jobs.tail_job_logs(job_id).__aiter__()
+    stream = _ask(address, lambda jobs: jobs.tail_job_logs(job_id).__aiter__())
     loop = asyncio.new_event_loop()
     try:
         while True:
@@ -59,4 +81,4 @@ def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str
 
 
 def stop(address: str | None, job_id: str) -> bool:
-    return client(address).stop_job(job_id)
+    return _ask(address, lambda jobs: jobs.stop_job(job_id))
