@@ -1,6 +1,7 @@
 """Tiny specs for tests (synthetic data, small nets, a handful of epochs), and the devices to test on."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -50,6 +51,19 @@ def image_folder(root, per_class: int = 24, test_per_class: int = 8, size: int =
                 pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+def trial_rows(folder: Path) -> dict[str, list[dict]]:
+    """Each trial's result rows in a search folder so far, oldest first (up to a row being written)."""
+    found = {}
+    for path in folder.glob("trial_*/result.json"):
+        rows = found[path.parent.name.removeprefix("trial_")] = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return found
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, free_port, mlflow_server, tiny_spec, wait_for
+from helpers import BIN, free_port, mlflow_server, tiny_spec, trial_rows, wait_for
 from mlflow.tracking import MlflowClient
 
 from sharetune.search import report
@@ -127,19 +127,6 @@ def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
 
 
-def _rows(folder: Path) -> dict[str, list[dict]]:
-    """Each trial's result rows so far (up to a row being written)."""
-    found = {}
-    for path in folder.glob("trial_*/result.json"):
-        rows = found[path.parent.name.removeprefix("trial_")] = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-    return found
-
-
 def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to_the_mlflow_server():
     with tempfile.TemporaryDirectory(prefix="sharetune-cluster-") as scratch:
         root = Path(scratch)
@@ -164,7 +151,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
 
             # one trial per node (one CPU each); the second node crashes once its trial has checkpointed an epoch
             def second_node_trial() -> str | None:
-                return next((t for t, rows in _rows(folder).items() if len(rows) >= 2 and rows[-1]["node_id"] == cluster.second_node), None)
+                return next((t for t, rows in trial_rows(folder).items() if len(rows) >= 2 and rows[-1]["node_id"] == cluster.second_node), None)
 
             wait_for(second_node_trial, "a trial on the second node", 300)
             crashed = second_node_trial()
@@ -186,7 +173,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {epochs}
             assert set(every["status"]) - {"TERMINATED"} <= {"DUPLICATE"}
             # the crashed node's trial went on from its checkpoint on the head, which trained the rest
-            rows = _rows(folder)[crashed]
+            rows = trial_rows(folder)[crashed]
             assert {row["epoch"] for row in rows} == set(range(epochs + 1)) and rows[-1]["node_id"] != cluster.second_node
             assert len({row["node_id"] for row in rows}) == 2
 

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from helpers import image_folder, tiny_spec
+from helpers import image_folder, tiny_spec, trial_rows
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
@@ -327,16 +327,8 @@ def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_pat
 
 
 def _trial_pids(folder: Path) -> dict[str, list[int]]:
-    """Each trial's reporting process ids, one per result row, oldest first (up to a row being written)."""
-    found = {}
-    for path in folder.glob("trial_*/result.json"):
-        pids = found[path.parent.name.removeprefix("trial_")] = []
-        for line in path.read_text().splitlines():
-            try:
-                pids.append(json.loads(line)["pid"])
-            except ValueError:
-                break
-    return found
+    """Each trial's reporting process ids, one per result row, oldest first."""
+    return {trial: [row["pid"] for row in rows] for trial, rows in trial_rows(folder).items()}
 
 
 def kill_a_worker(tmp_path: Path, max_failures: int) -> tuple[Path, str, subprocess.CompletedProcess, MlflowClient]:
