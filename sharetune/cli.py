@@ -179,6 +179,8 @@ NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
 VERBOSE = typer.Option(False, "--verbose", help="also show Ray's, Optuna's and MLflow's start-up output")
 REPORTS = Path("reports")
 REPORT_DIR = typer.Option(REPORTS, "--report-dir", help="where the final report goes")
+RAY_ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
+                           help="Ray cluster: auto, host:6379, ray://host:10001 (default: start a new local Ray)")
 
 
 def _load_spec(source: str, overrides: list[str], scale: str, num_samples: Optional[int]):
@@ -198,7 +200,7 @@ def search(
     overrides: list[str] = OVERRIDES,
     scale: str = SCALE,
     num_samples: Optional[int] = NUM_SAMPLES,
-    address: Optional[str] = typer.Option(None, help="Ray cluster: auto, ray://host:10001 (default: start a local Ray)"),
+    address: Optional[str] = RAY_ADDRESS,
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
     storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI [default: results]"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
@@ -228,7 +230,7 @@ def search(
 @app.command("resume")
 def resume(
     path: str = typer.Argument(..., help="the search folder printed by `sharetune search` (a path or URI)"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)"),
+    address: Optional[str] = RAY_ADDRESS,
     report_dir: Path = REPORT_DIR,
     verbose: bool = VERBOSE,
 ) -> None:

@@ -29,6 +29,6 @@ def local_ray():
     """A real local Ray for the module's searches (two CPUs, as on the build machines)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

@@ -2,10 +2,14 @@
 real sockets, a real small filesystem, real files. Searches that end badly are in test_search.py."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,41 @@ def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line(tmp_pa
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
+
+
+EMBEDDED_RAY = """
+import json, time, ray
+from sharetune.search.cluster import start_ray
+start_ray(None)
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "agent": ray.nodes()[0]["DashboardAgentListenPort"]}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_embedded_ray_answers_no_client_without_its_token(tmp_path):
+    """Ray 2.60 has no setting to bind its ports to 127.0.0.1 (ray.init turns 127.0.0.1 into the node's
+    routable address), so the embedded Ray's protection is its token: a stranger on the network (no
+    ~/.ray token, no RAY_AUTH_MODE) can neither join it nor submit a job to its node's agent."""
+    host = subprocess.Popen([sys.executable, "-c", EMBEDDED_RAY], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        ports = json.loads(host.stdout.readline())
+        node_ip = ports["gcs"].rpartition(":")[0]
+        assert node_ip != "127.0.0.1"  # what a stranger on the LAN would reach
+        stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+        join = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={ports['gcs']!r}); print('joined')"],
+                              env=stranger, capture_output=True, text=True, timeout=120)
+        assert join.returncode != 0 and "joined" not in join.stdout
+        assert "Authentication token is missing or incorrect" in join.stderr
+        submit = urllib.request.Request(f"http://{node_ip}:{ports['agent']}/api/job_agent/jobs/", method="POST",
+                                        data=json.dumps({"entrypoint": "id"}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(submit, timeout=30)
+        assert refused.value.code == 401
+    finally:
+        os.killpg(host.pid, signal.SIGTERM)
+        host.wait(timeout=60)
 
 
 @pytest.fixture

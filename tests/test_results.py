@@ -36,7 +36,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def finished(tmp_path_factory):
     """A finished multi-objective search whose table sizes span decades, reported and logged."""
     tmp = tmp_path_factory.mktemp("results")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         spec = parse_spec(tiny_spec(
             objectives={"test_accuracy": "max", "unique_params": "min"}, sampler="grid", budget={"max_concurrent": 2},

@@ -40,12 +40,15 @@ def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -
 
 
 def start_ray(address: str | None) -> None:
-    """Join `address` (auto, host:port, ray://host:10001) or start an embedded local Ray."""
+    """Join `address` (auto, host:port, ray://host:10001) or, with none, start a new embedded local Ray
+    (never a cluster that happens to run on this machine). Ray 2.60 gives a new local Ray token
+    authentication unless $RAY_AUTH_MODE says otherwise: its ports listen on the node's address, but
+    answer only clients holding the token in ~/.ray/auth_token."""
     if ray.is_initialized():
         return
     check_reachable(address)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as err:  # `auto` with no cluster running
         raise ClusterError(f"--address {address}: {str(err).splitlines()[0]}") from None
 
