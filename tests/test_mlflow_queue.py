@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import free_port, mlflow_server, tiny_spec, wait_for
 from mlflow.tracking import MlflowClient
@@ -32,6 +33,7 @@ def parent_of(client: MlflowClient, folder: str):
     return runs[0] if runs else None
 
 
+@pytest.mark.slow
 def test_a_server_down_for_the_rest_of_the_search_loses_nothing_and_resume_delivers_it(tmp_path):
     spec = tiny_spec(fixed={"table_size": 64, "epochs": EPOCHS, "hidden": [16]},
                      budget={"num_samples": TRIALS, "max_concurrent": 2})

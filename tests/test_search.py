@@ -214,6 +214,7 @@ def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when, stop: sign
     return folder, env, resumed
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
     spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
                      data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
@@ -267,6 +268,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(tmp_path):
     root = image_folder(tmp_path / "images", per_class=40, test_per_class=10)
     spec = {"name": "folders", "family": "spin", "sampler": "grid", "budget": {"max_concurrent": 1},
@@ -299,6 +301,7 @@ def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_path):
     spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]},
                      dimensions={"hash": {"choice": ["uniform", "modulus"]}})
@@ -354,6 +357,7 @@ def kill_a_worker(tmp_path: Path, max_failures: int) -> tuple[Path, str, subproc
     return folder, killed, subprocess.CompletedProcess(command, process.returncode, output), MlflowClient(env["MLFLOW_TRACKING_URI"])
 
 
+@pytest.mark.slow
 def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
     folder, trial, done, client = kill_a_worker(tmp_path, max_failures=2)
     assert done.returncode == 0, done.stdout
@@ -366,6 +370,7 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_a_trial_out_of_retries_fails_the_search_with_its_error_in_one_line(tmp_path):
     folder, trial, done, client = kill_a_worker(tmp_path, max_failures=0)
     _, (child,) = runs(client, "tiny")

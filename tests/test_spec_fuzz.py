@@ -119,6 +119,7 @@ def train_one_batch(spec: SearchSpec) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_any_spec_is_accepted_or_one_line_and_accepted_ones_train():
     seen, accepted, trained, data_cache = [], [], [], {}
