@@ -78,7 +78,8 @@ def test_the_embedded_ray_answers_no_client_without_its_token(tmp_path):
         ports = json.loads(host.stdout.readline())
         node_ip = ports["gcs"].rpartition(":")[0]
         assert node_ip != "127.0.0.1"  # what a stranger on the LAN would reach
-        stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+        stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+            "HOME": str(tmp_path), "RAY_gcs_server_port_wait_time_s": "1"}  # one attempt, not Ray's twenty
         join = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address={ports['gcs']!r}); print('joined')"],
                               env=stranger, capture_output=True, text=True, timeout=120)
         assert join.returncode != 0 and "joined" not in join.stdout
