@@ -4,7 +4,9 @@
 
 The lock is the closure of sharetune's dependencies with its `server` extra (what the image's MLflow
 server needs), each pinned at the version installed here, for Linux and Python 3.11 (the image's).
-tests/test_docker.py checks that the file matches: regenerate it after changing pyproject.toml.
+`make test` installs with this file as pip constraints, so the tests run the image's versions;
+tests/test_docker.py checks that the file matches. After changing pyproject.toml: install without the
+constraints (`pip install -e '.[dev]'`), then regenerate it.
 """
 
 from __future__ import annotations

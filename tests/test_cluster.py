@@ -101,7 +101,9 @@ def ray_cluster(env: dict, temp: Path):
     nodes: list[subprocess.Popen] = []
 
     def start(*args: str) -> subprocess.Popen:
-        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *common], env=env, start_new_session=True,
+        # each node's job agent on a port of its own: Ray's default (52365) may be another Ray's on this machine
+        agent = ["--dashboard-agent-listen-port", str(free_port())]
+        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *agent, *common], env=env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return nodes[-1]
 
