@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import start_local_ray
 
 from sharetune.data import DataError, TensorData, fetch, load
 
@@ -34,6 +35,6 @@ def local_ray():
     """A real local Ray for the module's searches (two CPUs, as on the build machines)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     yield
     ray.shutdown()

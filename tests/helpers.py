@@ -66,6 +66,14 @@ def trial_rows(folder: Path) -> dict[str, list[dict]]:
     return found
 
 
+def start_local_ray() -> None:
+    """A new local Ray for in-process searches (two CPUs, as on the build machines), never another
+    test's or a cluster's that runs on this machine."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from helpers import tiny_spec
+from helpers import start_local_ray, tiny_spec
 
 from sharetune.search import tuner
 from sharetune.spaces import parse_spec, trial_settings
@@ -31,7 +31,7 @@ def results(folder: Path) -> list[dict]:
 
 @pytest.fixture
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

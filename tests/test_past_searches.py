@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from helpers import tiny_spec
+from helpers import start_local_ray, tiny_spec
 from typer.testing import CliRunner
 
 from sharetune.cli import app
@@ -30,7 +30,7 @@ SPIN = {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "
 def searches(tmp_path_factory) -> tuple[Path, tuner.Search, tuner.Search]:
     """Two finished searches in one storage: ArbNets, and fused SPIN nets (one plan by topology, one by CKA)."""
     root = tmp_path_factory.mktemp("past")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     try:
         options = {"storage": str(root / "results"), "mlflow_uri": f"sqlite:///{root}/mlflow.db", "progress": False}
         arbnet = tuner.run(parse_spec(tiny_spec(budget={"num_samples": 2, "max_concurrent": 2})), name="arbnet", **options)

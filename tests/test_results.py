@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from helpers import tiny_spec
+from helpers import start_local_ray, tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.search import report, tuner
@@ -36,7 +36,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def finished(tmp_path_factory):
     """A finished multi-objective search whose table sizes span decades, reported and logged."""
     tmp = tmp_path_factory.mktemp("results")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     try:
         spec = parse_spec(tiny_spec(
             objectives={"test_accuracy": "max", "unique_params": "min"}, sampler="grid", budget={"max_concurrent": 2},
