@@ -1,7 +1,9 @@
 """Refusals before any trial (unreachable cluster, full disk) and the search folder's atomic writes:
 real sockets, a real small filesystem, real files. Searches that end badly are in test_search.py."""
 
+import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
-from sharetune.search.storage import SPEC_FILE, SearchFolder
+from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
 from sharetune.spaces.spec import Resources
 
 
@@ -170,6 +172,29 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_no
             assert steps == list(range(1, epochs + 1)) and run.info.status == "FINISHED"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_tune_failing_to_save_its_state_on_a_full_disk_logs_one_line_and_other_errors_keep_their_traceback(caplog):
+    """Tune swallows a failed save of its state and logs it with the traceback; on a full disk that would
+    print a pyarrow traceback above the search's own one-line error (seen in CI)."""
+    tune_state = logging.getLogger(TUNE_STATE_LOGGER)
+
+    def log_failed_save(err: OSError) -> logging.LogRecord:
+        caplog.clear()
+        try:
+            raise RuntimeError("sync failed") from err
+        except RuntimeError:
+            tune_state.error("Saving experiment state to storage at '%s' failed with exception: ", "/x", exc_info=True)
+        return caplog.records[-1]
+
+    with pytest.raises(StorageFull), stop_on_full_disk("/x"):
+        full = log_failed_save(OSError(errno.ENOSPC, "No space left on device"))
+        assert full.exc_info is None and "Traceback" not in caplog.text
+        assert caplog.text.strip().endswith("failed with exception: [Errno 28] No space left on device")
+        other = log_failed_save(OSError(errno.EACCES, "Permission denied"))
+        assert other.exc_info is not None and "Traceback" in caplog.text
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert log_failed_save(OSError(errno.ENOSPC, "No space left on device")).exc_info is not None  # filter removed
 
 
 def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, small_disk):

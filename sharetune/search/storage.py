@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -36,26 +37,45 @@ class StorageFull(StateError):
     """The disk holding the search folder filled up mid-search."""
 
 
-def out_of_space(err: BaseException) -> bool:
-    """Whether an error, or one that caused it, is a full disk (ENOSPC)."""
+def full_disk_cause(err: BaseException | None) -> OSError | None:
+    """The full-disk error (ENOSPC) that is this error or caused it, if any."""
     while err is not None:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
+            return err
         err = err.__cause__ or err.__context__
-    return False
+    return None
+
+
+class OneLineWhenFull(logging.Filter):
+    """Tune logs a failed save of its state with the whole traceback; on a full disk the search stops
+    with its own line about it, so the record keeps its message and the error's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        full = full_disk_cause(record.exc_info[1]) if record.exc_info else None
+        if full is not None:
+            record.msg = f"{record.getMessage()}{full}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
 
 
 @contextlib.contextmanager
 def stop_on_full_disk(folder: str):
     """Turn a full disk under the running search into StorageFull: what Tune saved last stays, and
     `resume` continues from it once there is room."""
+    one_line = OneLineWhenFull()
+    logging.getLogger(TUNE_STATE_LOGGER).addFilter(one_line)
     try:
         yield
     except Exception as err:
-        if not out_of_space(err):
+        if full_disk_cause(err) is None:
             raise
         raise StorageFull(f"{folder}: no space left on its disk mid-search; free some space, then "
                           f"`sharetune resume {folder}` continues from Tune's last saved state") from None
+    finally:
+        logging.getLogger(TUNE_STATE_LOGGER).removeFilter(one_line)
 
 
 def is_uri(location: str) -> bool:
