@@ -2,16 +2,15 @@
 
 Every builder returns a model whose repeated layers sit in `model.blocks`, which is what
 `sharetune.models.spin.share` walks, and registers with the components SPIN can share in a block.
+timm is imported by the builders that use it: importing it (and the torchvision and torch._dynamo
+it brings) costs about 3.5 s, which every trial process of an ArbNet search would pay for nothing.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-import timm
 import torch
-from timm.layers import DropPath
-from timm.models.convmixer import ConvMixer
 from torch import Tensor, nn
 
 from sharetune.models.registry import register_model
@@ -38,6 +37,8 @@ def convmixer(
     so `img_size` is accepted (every isotropic model takes it) and changes nothing."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act: unknown activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
+    from timm.models.convmixer import ConvMixer
+
     return ConvMixer(dim, depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
                      num_classes=num_classes, act_layer=ACTIVATIONS[act], **kwargs)
 
@@ -51,7 +52,12 @@ class ConvNeXtBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if drop_path > 0:
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv_dw(x).permute(0, 2, 3, 1)
@@ -84,6 +90,8 @@ def deit(
 ) -> nn.Module:
     """DeiT-Ti / DeiT-S from timm (no pretrained weights: nothing is fetched from a hub); `dim` is timm's
     embed_dim, so every isotropic model takes the same architecture settings."""
+    import timm
+
     sizes = {k: v for k, v in {"embed_dim": dim, "depth": depth}.items() if v is not None}
     return timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, patch_size=patch_size, img_size=img_size,
                              num_classes=num_classes, in_chans=in_chans, **sizes, **kwargs)

@@ -6,27 +6,25 @@ with `resources.workers` > 1 it is a Ray Train TorchTrainer run (DDP, as a distr
 sharetune.trainables.distributed) started by a task that holds no CPU, whose rank 0 hands the
 weights back as its checkpoint. Either way it trains with `pretrain` (the trial's recipe and
 precision) and puts its progress lines on a Ray queue, which the driver prints while it waits; the
-weights come back to the driver, which stores them in the search folder.
+weights come back to the driver, which stores them in the search folder. The Ray Train path lives in
+sharetune.trainables.distributed_pretraining, imported only when it runs: Ray Train costs every
+process that imports it about 1.5 s.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import ray
-import ray.train
 import torch
 from ray.util.queue import Queue
 
 from sharetune.data import Batches
 from sharetune.spaces import SpinSettings
 from sharetune.spaces.spec import Resources
-from sharetune.trainables.distributed import ddp, torch_trainer, worker_place
-from sharetune.trainables.pretraining import PRETRAINED_FILE, Pretrainer, pretrain, show
+from sharetune.trainables.pretraining import Pretrainer, pretrain, show
 from sharetune.training import pick_device
 
 RUN = "pretraining"  # the Ray Train run's name in the search folder (with `workers` > 1)
@@ -44,7 +42,9 @@ def pretrain_on_cluster(settings: SpinSettings, data: Batches, *, resources: Res
     lines = Queue(actor_options={"num_cpus": 0})
     try:
         if resources.workers > 1:  # the Train run's driver holds a token, as a distributed trial's does
-            weights = _pretrain_distributed.options(num_cpus=0, memory=1 << 20, name=RUN).remote(
+            from sharetune.trainables.distributed_pretraining import pretrain_distributed
+
+            weights = pretrain_distributed.options(num_cpus=0, memory=1 << 20, name=RUN).remote(
                 settings, data, resources, storage, lines)
         else:
             weights = _pretrain_alone.options(num_cpus=resources.cpu, num_gpus=resources.gpu, name=RUN).remote(
@@ -59,7 +59,7 @@ def pretrain_on_cluster(settings: SpinSettings, data: Batches, *, resources: Res
         lines.shutdown()
 
 
-def _where(settings: SpinSettings, workers: int, device: torch.device) -> str:
+def where(settings: SpinSettings, workers: int, device: torch.device) -> str:
     """Where it runs: the line a pretraining starts with (from rank 0)."""
     context = ray.get_runtime_context()
     return (f"pretraining the unshared {settings.model} on {workers} worker(s), each with "
@@ -70,27 +70,5 @@ def _where(settings: SpinSettings, workers: int, device: torch.device) -> str:
 @ray.remote
 def _pretrain_alone(settings: SpinSettings, data: Batches, cpus: int, lines: Queue) -> dict:
     device = pick_device()  # Ray shows the task only the GPUs it was given
-    lines.put(_where(settings, 1, device))
+    lines.put(where(settings, 1, device))
     return pretrain(settings, data, device=device, cpus=cpus, say=lines.put)
-
-
-@ray.remote
-def _pretrain_distributed(settings: SpinSettings, data: Batches, resources: Resources, storage: str,
-                          lines: Queue) -> dict:
-    loop = {"settings": settings, "data": data, "cpus": max(1, int(resources.cpu)), "lines": lines}
-    result = torch_trainer(_worker, loop, resources, RUN, storage).fit()
-    with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / PRETRAINED_FILE, map_location="cpu", weights_only=True)  # tensors, never code
-
-
-def _worker(loop: dict) -> None:
-    """One rank: its share of every batch, DDP; rank 0 speaks and checkpoints the weights."""
-    rank, world, device = worker_place()
-    say = loop["lines"].put if rank == 0 else (lambda line: None)
-    say(_where(loop["settings"], world, device))
-    state = pretrain(loop["settings"], loop["data"].shard(rank, world), device=device, cpus=loop["cpus"], wrap=ddp,
-                     say=say)
-    with tempfile.TemporaryDirectory() as folder:
-        if rank == 0:
-            torch.save(state, Path(folder) / PRETRAINED_FILE)
-        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
