@@ -119,3 +119,28 @@ def mlflow_server(backend: str, artifacts: Path, port: int | None = None, *, opt
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
         log.close()
+
+
+@contextlib.contextmanager
+def small_filesystem(mount: Path, size: str):
+    """A real filesystem of `size` (tmpfs, e.g. "20m") at `mount`; skips where mounting needs root."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros until the disk has no byte left."""
+    filler = disk / "filler"
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(bytes(1 << 20))
+                out.flush()
+        except OSError:
+            pass
+    return filler

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import free_port, mlflow_server, tiny_spec, wait_for
+from helpers import fill, free_port, mlflow_server, small_filesystem, tiny_spec, wait_for
 from mlflow.tracking import MlflowClient
 
 from sharetune.search.mlflow_queue import SEARCH_TAG, TRIAL_TAG, MlflowQueue, queue_path
@@ -95,3 +95,34 @@ def test_the_writer_delivers_in_order_once_the_server_answers(tmp_path):
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, s / 10) for s in range(1, 6)]
         assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+
+
+def test_writes_the_full_disk_cannot_keep_reach_mlflow_in_order_and_the_rest_when_it_has_room(tmp_path):
+    """A full disk under the search folder: the writes wait in memory, and the writer delivers them from
+    there, after those the file holds (a search stopped by the full disk loses none)."""
+    with small_filesystem(tmp_path / "disk", "2m") as disk:
+        folder = SearchFolder(disk / "search")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's own store has room
+        queue = MlflowQueue(folder, uri, "full")
+
+        def metrics(step: int) -> None:
+            queue.put("metrics", key="trial:a", step=step, timestamp=step, metrics={"unique_params": 1.0, "val_accuracy": step / 10}, tags={})
+
+        queue.put("open_parent", name="search", tags={}, params={}, spec_yaml="name: full\n")
+        queue.put("open_trial", key="trial:a", name="a", tags={TRIAL_TAG: "a"}, params={}, dataset=None)
+        metrics(1)
+        filler = fill(disk)
+        for step in range(2, 5):
+            metrics(step)
+        assert queue.pending() == 6 and len(queue._held) == 3  # three in the file, three in memory only
+        queue.start()
+        wait_for(lambda: queue.pending() == 0, "the writer to deliver every write", 120)
+        filler.unlink()  # room again: later writes go through the file
+        metrics(5)
+        queue.put("end", key="trial:a", status="FINISHED", tags={})
+        assert queue.drain(120) == 0
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("full").experiment_id], f"tags.`{TRIAL_TAG}` = 'a'")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(1, 6)]
+        assert run.info.status == "FINISHED"

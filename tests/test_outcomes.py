@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_spec
+from helpers import fill, small_filesystem, tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.search import report
@@ -101,35 +101,14 @@ def test_the_embedded_ray_answers_no_client_without_its_token(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 20 MB filesystem (tmpfs; needs root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
-def fill(disk: Path) -> Path:
-    """Write zeros until the disk has no byte left."""
-    filler = disk / "filler"
-    with open(filler, "wb") as out:
-        try:
-            while True:
-                out.write(bytes(1 << 20))
-                out.flush()
-        except OSError:
-            pass
-    return filler
+    """A real 20 MB filesystem."""
+    with small_filesystem(tmp_path / "small", "20m") as mount:
+        yield mount
 
 
 @pytest.mark.slow
 def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_nothing(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=130m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_filesystem(tmp_path / "disk", "130m") as disk:
         epochs, trials = 30, 4
         spec = tiny_spec(fixed={"table_size": 64, "epochs": epochs, "hidden": [16]}, budget={"num_samples": trials, "max_concurrent": 2})
         (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -170,8 +149,6 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_no
         for run in children:
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
             assert steps == list(range(1, epochs + 1)) and run.info.status == "FINISHED"
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_tune_failing_to_save_its_state_on_a_full_disk_logs_one_line_and_other_errors_keep_their_traceback(caplog):

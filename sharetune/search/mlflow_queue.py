@@ -96,7 +96,8 @@ class MlflowQueue:
         self._local = threading.local()  # one SQLite connection per thread
         with self._connection() as db:
             db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
-        self._held: list[str] = []  # writes the disk had no room for, oldest first
+        self._held: list[str] = []  # writes the disk had no room for, oldest first; the writer delivers them too
+        self._held_lock = threading.Lock()  # the writer takes from `_held` while Tune's thread adds to it
         self._delivered = 0  # the last operation delivered (ids grow; the file may still hold it on a full disk)
         self._full = False
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -112,40 +113,60 @@ class MlflowQueue:
         return self._local.db
 
     def put(self, op: str, **fields) -> None:
-        """Queue one write. On a full disk it waits in memory, in order, until the folder has room."""
-        self._held.append(json.dumps({"op": op, **fields}))
+        """Queue one write. On a full disk it waits in memory, in order, until the folder has room; the
+        writer delivers it from there meanwhile, after every write the file holds."""
+        with self._held_lock:
+            self._held.append(json.dumps({"op": op, **fields}))
         self._store_held()
         self._wake.set()
 
     def _store_held(self) -> None:
         db = self._connection()
-        try:
-            db.execute("BEGIN")  # one transaction: all held writes, or none
+        with self._held_lock:
             try:
-                db.executemany("INSERT INTO operations (body) VALUES (?)", [(body,) for body in self._held])
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite rolls back itself on a full disk
-                    db.execute("ROLLBACK")
-                raise
-        except (sqlite3.OperationalError, OSError) as err:
-            if not self._full:
-                log.warning("cannot write the MLflow queue %s (%s); %d writes wait in memory until it can",
-                            self.path, err, len(self._held))
-            self._full = True
-            return
-        self._held.clear()
-        self._full = False
+                db.execute("BEGIN")  # one transaction: all held writes, or none
+                try:
+                    db.executemany("INSERT INTO operations (body) VALUES (?)", [(body,) for body in self._held])
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:  # SQLite rolls back itself on a full disk
+                        db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.OperationalError, OSError) as err:
+                if not self._full:
+                    log.warning("cannot write the MLflow queue %s (%s); %d writes wait in memory until it can",
+                                self.path, err, len(self._held))
+                self._full = True
+                return
+            self._held.clear()
+            self._full = False
 
     def pending(self) -> int:
         """Writes not yet delivered, those held in memory included."""
         count = self._connection().execute("SELECT COUNT(*) FROM operations WHERE id > ?", (self._delivered,))
         return count.fetchone()[0] + len(self._held)
 
-    def _oldest(self) -> tuple[int, dict] | None:
+    def _oldest(self) -> tuple[int | None, str] | None:
+        """The next write to deliver, with its id in the file: the file's first, then those held in
+        memory (id None), which are newer than anything the file holds."""
         row = self._connection().execute("SELECT id, body FROM operations WHERE id > ? ORDER BY id LIMIT 1",
                                          (self._delivered,)).fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+        if row:
+            return row
+        with self._held_lock:
+            return (None, self._held[0]) if self._held else None
+
+    def _forget(self, number: int | None, body: str) -> None:
+        """Drop a delivered write. One held in memory may have reached the file meanwhile: then the
+        file delivers it again, which is harmless (see the module's note)."""
+        if number is None:
+            with self._held_lock:
+                if self._held and self._held[0] is body:
+                    self._held.pop(0)
+            return
+        self._delivered = number
+        with contextlib.suppress(sqlite3.OperationalError):  # a full disk: forgotten on a later try
+            self._connection().execute("DELETE FROM operations WHERE id <= ?", (number,))
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -154,7 +175,8 @@ class MlflowQueue:
             self._thread.start()
 
     def drain(self, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for the backlog to reach MLflow, stop the writer; returns what is left."""
+        """Wait up to `timeout_s` for the backlog to reach MLflow, stop the writer; returns what is left
+        in the file for `resume` to deliver."""
         deadline = time.monotonic() + timeout_s
         if self._held:
             self._store_held()
@@ -164,9 +186,25 @@ class MlflowQueue:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        return self.pending()
+        lost = len(self._held)  # this process ends with them: resume cannot deliver them
+        if lost:
+            log.warning("%d MLflow writes are lost: neither MLflow nor the full disk under %s took them", lost, self.path)
+        left = self.pending() - lost
+        self._close()  # the file is free to move or unmount; a later call opens it again
+        return left
+
+    def _close(self) -> None:
+        if getattr(self._local, "db", None) is not None:
+            self._local.db.close()
+            self._local.db = None
 
     def _deliver_all(self) -> None:
+        try:
+            self._deliver_until_stopped()
+        finally:
+            self._close()
+
+    def _deliver_until_stopped(self) -> None:
         writer, wait = Writer(self.uri, self.experiment, self.folder), 1.0
         while not self._stop.is_set():
             oldest = self._oldest()
@@ -174,7 +212,8 @@ class MlflowQueue:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
-            number, operation = oldest
+            number, body = oldest
+            operation = json.loads(body)
             try:
                 writer.deliver(operation)
             except MlflowException as err:
@@ -189,9 +228,7 @@ class MlflowQueue:
                 log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", self.uri,
                             time.monotonic() - self.outage_since)
                 self.outage_since, wait = None, 1.0
-            self._delivered = number
-            with contextlib.suppress(sqlite3.OperationalError):  # a full disk: forgotten on a later try
-                self._connection().execute("DELETE FROM operations WHERE id <= ?", (number,))
+            self._forget(number, body)
 
     def _unreachable(self, err: Exception, wait: float) -> float:
         if self.outage_since is None:

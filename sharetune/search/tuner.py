@@ -27,7 +27,14 @@ from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.searcher import ConfigurationSearcher
-from sharetune.search.storage import DEFAULT_STORAGE, SearchFolder, StateError, check_free_space, stop_on_full_disk
+from sharetune.search.storage import (
+    DEFAULT_STORAGE,
+    SearchFolder,
+    StateError,
+    StorageFull,
+    check_free_space,
+    stop_on_full_disk,
+)
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
@@ -103,9 +110,20 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                   # a trial whose worker or node dies goes on from its last checkpoint
                                   failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
     )
-    with stop_on_full_disk(folder):
-        tuner.fit()
-    return Search(spec, folder, uri, deliver_backlog(folder))
+    return Search(spec, folder, uri, fit(tuner, folder))
+
+
+def fit(tuner: tune.Tuner, folder: SearchFolder) -> int:
+    """Run the search, then deliver what MLflow has not yet received; returns the writes left queued.
+    A full disk stops the search after that delivery too: the writes the disk had no room for are
+    only in this process's memory."""
+    try:
+        with stop_on_full_disk(folder):
+            tuner.fit()
+    except StorageFull:
+        deliver_backlog(folder)
+        raise
+    return deliver_backlog(folder)
 
 
 class ProposalCosts:
@@ -166,6 +184,4 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    with stop_on_full_disk(folder):
-        tuner.fit()  # delivers what an earlier driver left queued for MLflow, too
-    return Search(spec, folder, folder.mlflow()[0], deliver_backlog(folder))
+    return Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
