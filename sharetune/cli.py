@@ -210,13 +210,13 @@ def search(
     """Run a search with live progress; end with the top trials, the Pareto front and the MLflow UI command.
 
     SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
+    spec = _load_spec(source, overrides, scale, num_samples)  # a bad spec is answered before Ray Tune and MLflow load
     from sharetune.search import tuner
     from sharetune.search.cluster import ClusterError
     from sharetune.search.outcome import ExitCode
     from sharetune.search.storage import StateError, StorageFull
     from sharetune.spaces import SpecError
 
-    spec = _load_spec(source, overrides, scale, num_samples)
     _quiet_unless(verbose)
     try:
         result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)

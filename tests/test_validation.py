@@ -199,6 +199,16 @@ def test_the_cli_says_one_line_and_exits_2(args, message, tmp_path):
     assert not (tmp_path / "results").exists()  # refused before anything was written
 
 
+def test_a_bad_spec_is_answered_before_ray_tune_and_mlflow_load(tmp_path):
+    """Loading them takes seconds; a typo in a spec should not wait for them."""
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_spec(sampler="nope")))
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "sharetune.cli", "search", "bad.yaml"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "error: sampler: " in done.stderr, done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not imported & {"ray.tune", "mlflow"}
+
+
 # No code from files
 
 class Planted:
