@@ -181,6 +181,21 @@ def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, 
     assert list(small_disk.iterdir()) == []
 
 
+def test_result_rows_cut_short_are_trimmed_and_whole_ones_kept(tmp_path):
+    """The full-disk test met it in CI: the disk filled mid-row, and resume appended after the cut."""
+    folder = SearchFolder(tmp_path / "search")
+    rows = [json.dumps({"epoch": e}) for e in range(3)]
+    cases = {"cut": "\n".join(rows) + "\n" + rows[0][:5], "unterminated": "\n".join(rows), "whole": "\n".join(rows) + "\n",
+             "only_a_cut": rows[0][:5]}
+    for name, text in cases.items():
+        (tmp_path / "search" / f"trial_{name}").mkdir(parents=True)
+        (tmp_path / "search" / f"trial_{name}" / "result.json").write_text(text)
+    folder.trim_cut_rows()
+    read = {name: (tmp_path / "search" / f"trial_{name}" / "result.json").read_text() for name in cases}
+    assert read == {"cut": "\n".join(rows) + "\n", "unterminated": "\n".join(rows) + "\n", "whole": "\n".join(rows) + "\n",
+                    "only_a_cut": ""}
+
+
 def test_the_folder_writes_atomically(tmp_path):
     folder = SearchFolder(tmp_path / "run")
     folder.write(SPEC_FILE, b"first")

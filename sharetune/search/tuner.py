@@ -184,4 +184,5 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
+    folder.trim_cut_rows()
     return Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
