@@ -130,15 +130,16 @@ class SearchFolder(str):
         """Atomically: a crash mid-write leaves the old file (or none), never half of one. The file goes
         to a temporary name, then moves over (a rename on local and shared filesystems)."""
         filesystem, path = self._filesystem()
-        filesystem.create_dir(path, recursive=True)
-        temporary = f"{path}/.{filename}.partial"
+        directory, _, name = f"{path}/{filename}".rpartition("/")  # `filename` may sit in a subfolder
+        filesystem.create_dir(directory, recursive=True)
+        temporary = f"{directory}/.{name}.partial"
         try:
             with filesystem.open_output_stream(temporary) as stream:
                 stream.write(data)
         except BaseException:
             filesystem.delete_file(temporary)
             raise
-        filesystem.move(temporary, f"{path}/{filename}")
+        filesystem.move(temporary, f"{directory}/{name}")
 
     def read(self, filename: str) -> bytes | None:
         filesystem, path = self._filesystem()
@@ -190,7 +191,7 @@ class SearchFolder(str):
                 kept = data + b"\n"  # a whole row that lost only its newline
             except ValueError:
                 kept = complete + b"\n" if complete else b""
-            log.write_bytes(kept)
+            self.write(log.relative_to(self).as_posix(), kept)
 
     def tune_trial_ids(self) -> list[str]:
         """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
