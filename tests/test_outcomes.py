@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -18,12 +19,14 @@ import pytest
 import yaml
 from helpers import fill, small_filesystem, tiny_spec
 from mlflow.tracking import MlflowClient
+from pyarrow import fs
 
 from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
 from sharetune.spaces.spec import Resources
+from sharetune.storage_filesystem import delete_deferred_checkpoints, tune_storage
 
 
 def sharetune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -107,7 +110,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_nothing(tmp_path):
+def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_finishes_it_exactly(tmp_path):
     with small_filesystem(tmp_path / "disk", "130m") as disk:
         epochs, trials = 30, 4
         spec = tiny_spec(fixed={"table_size": 64, "epochs": epochs, "hidden": [16]}, budget={"num_samples": trials, "max_concurrent": 2})
@@ -124,17 +127,11 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_touches_no
         assert stderr.strip().splitlines()[-1] == (f"error: {folder}: no space left on its disk mid-search; free some space, "
                                                    f"then `sharetune resume {folder}` continues from Tune's last saved state")
 
-        # Tune writes its state file in place: where the disk filled during that write, the state is cut
-        # short and resume refuses it in one line, leaving the folder as it is (never a new search
-        # there); otherwise resume finishes the search exactly
+        # Every file of the folder is written whole and no checkpoint the saved state names is gone, so
+        # resume finishes the search exactly, wherever the disk filled
         filler.unlink()
-        before = sorted(str(p) for p in folder.rglob("*"))
         done = subprocess.run([*command, "resume", str(folder)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert "Traceback" not in done.stderr, done.stderr
-        if done.returncode == 2:
-            assert "is damaged and cannot be restored; the folder is left as it is" in done.stderr
-            assert sorted(str(p) for p in folder.rglob("*")) == before
-            return
         assert done.returncode == 0, done.stderr
         table = report.trials_from_folder(folder)
         table = table[table["trial_id"].notna()]  # the rest: re-proposals answered without training
@@ -196,14 +193,74 @@ def test_result_rows_cut_short_are_trimmed_and_whole_ones_kept(tmp_path):
                     "only_a_cut": ""}
 
 
-def test_the_folder_writes_atomically(tmp_path):
-    folder = SearchFolder(tmp_path / "run")
-    folder.write(SPEC_FILE, b"first")
-    folder.write(SPEC_FILE, b"second")
-    assert folder.read(SPEC_FILE) == b"second"
-    with pytest.raises(TypeError):
-        folder.write(SPEC_FILE, None)  # fails mid-write
-    assert folder.read(SPEC_FILE) == b"second" and [p.name for p in Path(folder).iterdir()] == [SPEC_FILE]
+def test_the_folder_writes_whole_files(tmp_path):
+    with small_filesystem(tmp_path / "disk", "2m") as disk:
+        folder = SearchFolder(disk / "run")
+        folder.write(SPEC_FILE, b"first")
+        folder.write(SPEC_FILE, b"second")
+        assert folder.read(SPEC_FILE) == b"second"
+        with pytest.raises(OSError) as failed:
+            folder.write(SPEC_FILE, bytes(3 * 2**20))  # the disk fills mid-write
+        assert failed.value.errno == errno.ENOSPC
+        assert folder.read(SPEC_FILE) == b"second" and [p.name for p in Path(folder).iterdir()] == [SPEC_FILE]
+
+
+ROW0, ROW1 = '{"epoch": 0}\n', '{"epoch": 1}\n'
+
+
+def test_tunes_copy_of_a_result_log_onto_a_full_disk_leaves_the_stored_log_whole(tmp_path):
+    """Tune copies each trial's result.json from its staging folder over the search folder's every few
+    seconds; a plain copy truncates the stored log first, so a disk that filled mid-copy lost the rows
+    of epochs 0-4 that no checkpoint repeats (seen in CI)."""
+    staged = tmp_path / "staging" / "trial_a"
+    staged.mkdir(parents=True)
+    with small_filesystem(tmp_path / "disk", "2m") as disk:
+        stored = disk / "search" / "trial_a" / "result.json"
+        stored.parent.mkdir(parents=True)
+        staged.joinpath("result.json").write_text(ROW0 + json.dumps({"epoch": 1, "pad": "x" * 3_000_000}) + "\n")
+        storage = tune_storage(str(disk / "search"))
+        filesystem = pickle.loads(pickle.dumps(storage["storage_filesystem"]))  # as Ray ships it to the trials
+        for filesystem_in_use, stored_after in ((fs.LocalFileSystem(), "cut"), (filesystem, "whole")):
+            stored.write_text(ROW0)
+            with pytest.raises(OSError) as failed:
+                fs.copy_files(str(staged.parent), storage["storage_path"], destination_filesystem=filesystem_in_use)
+            assert failed.value.errno == errno.ENOSPC
+            whole = stored.read_text() == ROW0 and sorted(p.name for p in stored.parent.iterdir()) == ["result.json"]
+            assert whole == (stored_after == "whole")
+
+        staged.joinpath("result.json").write_text(ROW0 + ROW1)
+        fs.copy_files(str(staged.parent), storage["storage_path"], destination_filesystem=filesystem)
+        assert stored.read_text() == ROW0 + ROW1 and sorted(p.name for p in stored.parent.iterdir()) == ["result.json"]
+
+
+def test_an_old_checkpoint_outlives_every_saved_tune_state_that_may_name_it(tmp_path):
+    """Tune deletes a trial's previous checkpoint when it registers a new one, before its state naming
+    the new one is saved; a full disk then left the saved state naming a deleted checkpoint (seen in
+    this session's run of the full-disk test: resume failed both unfinished trials)."""
+    search = tmp_path / "search"
+    old, new = search / "trial_a" / "checkpoint_000000", search / "trial_a" / "checkpoint_000001"
+    for checkpoint in (old, new):
+        checkpoint.mkdir(parents=True)
+    trainer_run = tmp_path / "search" / "train_runs" / "trial_a" / "checkpoint_000000"  # Ray Train's, no Tune state
+    trainer_run.mkdir(parents=True)
+    filesystem = pickle.loads(pickle.dumps(tune_storage(str(search))["storage_filesystem"]))
+
+    def save_state() -> None:
+        with filesystem.open_output_stream(f"{search}/experiment_state-2026.json") as stream:
+            stream.write(b"{}")
+
+    save_state()
+    filesystem.delete_dir(str(old))  # Tune registered `new`
+    filesystem.delete_dir(str(trainer_run))
+    assert old.exists() and not trainer_run.exists()
+    save_state()  # this sync may have begun before `new` was registered
+    assert old.exists()
+    save_state()  # begun after the first one ended: names `new`
+    assert not old.exists() and new.exists()
+
+    filesystem.delete_dir(str(new))
+    delete_deferred_checkpoints()  # the search ended with its final state saved
+    assert not new.exists()
 
 
 def test_resources_are_checked_against_the_whole_cluster():

@@ -20,6 +20,7 @@ import yaml
 from pyarrow import fs
 
 from sharetune.spaces import SearchSpec, parse_spec
+from sharetune.storage_filesystem import filesystem_and_path
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
@@ -124,22 +125,15 @@ class SearchFolder(str):
         return self.rpartition("/")[0]
 
     def _filesystem(self) -> tuple[fs.FileSystem, str]:
-        return fs.FileSystem.from_uri(str(self))
+        return filesystem_and_path(str(self))
 
     def write(self, filename: str, data: bytes) -> None:
-        """Atomically: a crash mid-write leaves the old file (or none), never half of one. The file goes
-        to a temporary name, then moves over (a rename on local and shared filesystems)."""
+        """Whole: a crash or a full disk mid-write leaves the old file (or none), never half of one.
+        `filename` may sit in a subfolder."""
         filesystem, path = self._filesystem()
-        directory, _, name = f"{path}/{filename}".rpartition("/")  # `filename` may sit in a subfolder
-        filesystem.create_dir(directory, recursive=True)
-        temporary = f"{directory}/.{name}.partial"
-        try:
-            with filesystem.open_output_stream(temporary) as stream:
-                stream.write(data)
-        except BaseException:
-            filesystem.delete_file(temporary)
-            raise
-        filesystem.move(temporary, f"{directory}/{name}")
+        filesystem.create_dir(f"{path}/{filename}".rpartition("/")[0], recursive=True)
+        with filesystem.open_output_stream(f"{path}/{filename}") as stream:
+            stream.write(data)
 
     def read(self, filename: str) -> bytes | None:
         filesystem, path = self._filesystem()

@@ -36,6 +36,7 @@ from sharetune.search.storage import (
     stop_on_full_disk,
 )
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
+from sharetune.storage_filesystem import delete_deferred_checkpoints, tune_storage
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
 
@@ -105,7 +106,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
-        run_config=tune.RunConfig(name=folder.name, storage_path=folder.storage, callbacks=callbacks, verbose=0,
+        run_config=tune.RunConfig(name=folder.name, **tune_storage(folder.storage), callbacks=callbacks, verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   # a trial whose worker or node dies goes on from its last checkpoint
                                   failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
@@ -116,10 +117,12 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 def fit(tuner: tune.Tuner, folder: SearchFolder) -> int:
     """Run the search, then deliver what MLflow has not yet received; returns the writes left queued.
     A full disk stops the search after that delivery too: the writes the disk had no room for are
-    only in this process's memory."""
+    only in this process's memory. Old checkpoints Tune's saved state might still name are deleted
+    once the search has ended with its final state saved."""
     try:
         with stop_on_full_disk(folder):
             tuner.fit()
+        delete_deferred_checkpoints()
     except StorageFull:
         deliver_backlog(folder)
         raise
@@ -179,7 +182,9 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     start_ray(spec, address)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     try:
-        tuner = tune.Tuner.restore(str(folder), trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
+        storage = tune_storage(folder)
+        tuner = tune.Tuner.restore(storage["storage_path"], storage_filesystem=storage["storage_filesystem"],
+                                   trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
     except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None

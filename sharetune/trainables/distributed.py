@@ -28,6 +28,7 @@ from torch import nn
 
 from sharetune.data import Batches
 from sharetune.spaces.spec import Resources
+from sharetune.storage_filesystem import tune_storage
 from sharetune.trainables.trial import run_trial
 from sharetune.training import TrainingState
 
@@ -52,7 +53,7 @@ def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resourc
         torch_config=TorchConfig(backend="nccl" if resources.gpu >= 1 else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu > 0,
                                                resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=name, storage_path=f"{storage}/{RUNS}", callbacks=callbacks or [],
+        run_config=ray.train.RunConfig(name=name, **tune_storage(f"{storage}/{RUNS}"), callbacks=callbacks or [],
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
 

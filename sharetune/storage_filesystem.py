@@ -1,0 +1,208 @@
+"""The filesystem Ray Tune and Ray Train write a local search folder through, so that a full disk or a
+killed driver never leaves Tune's saved state pointing at something that is gone.
+
+- Files are written whole. Tune keeps each trial's result log and its own state in a staging folder
+  and copies them over the search folder's every few seconds; a plain copy truncates the stored file
+  first, so a disk that filled mid-copy left it cut short or empty, and the rows it held were lost.
+  Here each file goes to a hidden partial file, moved over its name once complete.
+- A trial's old checkpoint is deleted only once Tune's saved state no longer names it. Tune deletes
+  the previous checkpoint as soon as it registers a new one (`num_to_keep`), before its state
+  recording the new one is saved; if that save fails (a full disk) or never happens (a killed
+  driver), the saved state names a deleted checkpoint and the trial cannot resume. The delete waits
+  for the second state file saved after it is asked for: syncs run one at a time, so that one was
+  written after the request and names the newer checkpoint.
+
+Object stores (s3://, gs://) write whole objects already; URIs keep pyarrow's own filesystems.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from pyarrow import PythonFile, fs
+
+PARTIAL_SUFFIX = ".partial"  # a file being written; never read as the file itself
+STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's saved state, one per driver session
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def partial_name(path: str) -> str:
+    """The hidden name `path` is written under until it is whole."""
+    directory, _, name = path.rpartition("/")
+    return f"{directory}/.{name}{PARTIAL_SUFFIX}"
+
+
+def _is_state_file(path: str) -> bool:
+    name = path.rpartition("/")[2]
+    return name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX)
+
+
+class _WholeFile:
+    """A file-like object pyarrow writes to: the bytes go to the partial file, and closing moves it
+    over the target. A failed write or close deletes the partial file and leaves the target alone."""
+
+    def __init__(self, path: str, on_commit: Callable[[str], None]) -> None:
+        self.path, self.partial, self._on_commit = path, partial_name(path), on_commit
+        self._out = open(self.partial, "wb")
+
+    @property
+    def closed(self) -> bool:
+        return self._out.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._out.tell()
+
+    def write(self, data: bytes) -> int:
+        return self._guarded(self._out.write, data)
+
+    def flush(self) -> None:
+        self._guarded(self._out.flush)
+
+    def close(self) -> None:
+        if self._out.closed:
+            return
+        self._guarded(self._out.close)
+        os.replace(self.partial, self.path)
+        self._on_commit(self.path)
+
+    def _guarded(self, operation, *args):
+        try:
+            return operation(*args)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._out.close()  # closes even where its last flush fails
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+            raise
+
+
+class _DeferredCheckpointDeletes:
+    """The checkpoints Tune asked to delete in this process, each waiting for two saves of its
+    search's state (one process-wide record: Tune's handles on the filesystem are many copies)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._saves: dict[str, int] = {}  # search folder -> state files saved whole so far
+        self._waiting: list[tuple[str, str, int]] = []  # (checkpoint, its search folder, saves when asked)
+
+    def defer(self, checkpoint: str, search: str) -> None:
+        with self._lock:
+            self._waiting.append((checkpoint, search, self._saves.get(search, 0)))
+
+    def state_saved(self, search: str) -> None:
+        with self._lock:
+            self._saves[search] = self._saves.get(search, 0) + 1
+            due = [entry for entry in self._waiting if entry[1] == search and self._saves[search] >= entry[2] + 2]
+            self._waiting = [entry for entry in self._waiting if entry not in due]
+        for checkpoint, _, _ in due:
+            _delete_dir(checkpoint)
+
+    def delete_all(self) -> None:
+        with self._lock:
+            due, self._waiting = self._waiting, []
+        for checkpoint, _, _ in due:
+            _delete_dir(checkpoint)
+
+
+def _delete_dir(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.LocalFileSystem().delete_dir(path)
+
+
+_DEFERRED = _DeferredCheckpointDeletes()
+
+
+def delete_deferred_checkpoints() -> None:
+    """Delete the checkpoints still waiting: call once a search has ended and Tune saved its final
+    state (every trial then names its newest checkpoint)."""
+    _DEFERRED.delete_all()
+
+
+class SearchFolderHandler(fs.FileSystemHandler):
+    """pyarrow's local filesystem, with whole-file writes and deferred checkpoint deletes."""
+
+    def __init__(self) -> None:
+        self.local = fs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SearchFolderHandler)
+
+    def __reduce__(self):  # Ray ships the filesystem to its workers
+        return SearchFolderHandler, ()
+
+    def get_type_name(self) -> str:
+        return "sharetune-search-folder"
+
+    def normalize_path(self, path: str) -> str:
+        return self.local.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[fs.FileInfo]:
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: fs.FileSelector) -> list[fs.FileInfo]:
+        return self.local.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        search = Path(path).parent.parent  # <search>/<trial>/checkpoint_k
+        if Path(path).name.startswith(CHECKPOINT_PREFIX) and any(search.glob(f"{STATE_PREFIX}*{STATE_SUFFIX}")):
+            _DEFERRED.defer(path, search.as_posix())
+        else:
+            self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the root folder's contents")
+
+    def delete_file(self, path: str) -> None:
+        self.local.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.local.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self.local.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+
+    def open_input_stream(self, path: str):
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path: str):
+        return self.local.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata) -> PythonFile:
+        return PythonFile(_WholeFile(path, _committed), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        return self.local.open_append_stream(path)
+
+
+def _committed(path: str) -> None:
+    if _is_state_file(path):
+        _DEFERRED.state_saved(Path(path).parent.as_posix())
+
+
+def filesystem_and_path(location: str) -> tuple[fs.FileSystem, str]:
+    """The filesystem to write `location` (an absolute path or a URI) through, and its path there."""
+    filesystem, path = fs.FileSystem.from_uri(location)
+    if isinstance(filesystem, fs.LocalFileSystem):  # a path, or a file:// URI
+        return fs.PyFileSystem(SearchFolderHandler()), path
+    return filesystem, path
+
+
+def tune_storage(location: str) -> dict:
+    """`storage_path` and `storage_filesystem` for Ray Tune's and Ray Train's run configurations."""
+    filesystem, path = filesystem_and_path(location)
+    return {"storage_path": path, "storage_filesystem": filesystem}
