@@ -10,7 +10,9 @@ killed driver never leaves Tune's saved state pointing at something that is gone
   recording the new one is saved; if that save fails (a full disk) or never happens (a killed
   driver), the saved state names a deleted checkpoint and the trial cannot resume. The delete waits
   for the second state file saved after it is asked for: syncs run one at a time, so that one was
-  written after the request and names the newer checkpoint.
+  written after the request and names the newer checkpoint. When the search ends, each trial keeps
+  only the checkpoint Tune's final state names (`keep_final_checkpoints`), which also removes those
+  a killed driver left waiting.
 
 Object stores (s3://, gs://) write whole objects already; URIs keep pyarrow's own filesystems.
 """
@@ -104,11 +106,9 @@ class _DeferredCheckpointDeletes:
         for checkpoint, _, _ in due:
             _delete_dir(checkpoint)
 
-    def delete_all(self) -> None:
+    def forget(self, search: str) -> None:
         with self._lock:
-            due, self._waiting = self._waiting, []
-        for checkpoint, _, _ in due:
-            _delete_dir(checkpoint)
+            self._waiting = [entry for entry in self._waiting if entry[1] != search]
 
 
 def _delete_dir(path: str) -> None:
@@ -119,10 +119,17 @@ def _delete_dir(path: str) -> None:
 _DEFERRED = _DeferredCheckpointDeletes()
 
 
-def delete_deferred_checkpoints() -> None:
-    """Delete the checkpoints still waiting: call once a search has ended and Tune saved its final
-    state (every trial then names its newest checkpoint)."""
-    _DEFERRED.delete_all()
+def keep_final_checkpoints(search: str, final: list[str]) -> None:
+    """Once a search has ended with its final state saved: each trial of the local folder `search`
+    keeps only the checkpoint that state names (`final`). The others waited for saves that will not
+    come, or were left waiting by a driver that was killed."""
+    if "://" in search:
+        return
+    _DEFERRED.forget(Path(search).as_posix())
+    for checkpoint in map(Path, final):
+        for other in checkpoint.parent.glob(f"{CHECKPOINT_PREFIX}*"):
+            if other != checkpoint and other.is_dir():
+                _delete_dir(other.as_posix())
 
 
 class SearchFolderHandler(fs.FileSystemHandler):

@@ -26,7 +26,7 @@ from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
 from sharetune.spaces.spec import Resources
-from sharetune.storage_filesystem import delete_deferred_checkpoints, tune_storage
+from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
 
 
 def sharetune(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -139,6 +139,7 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_finishes_i
         for trial in table["trial_id"]:
             rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
             assert {row["epoch"] for row in rows} == set(range(epochs + 1))
+            assert len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) == 1
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         children = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`mlflow.parentRunId` != ''")
         children = [run for run in children if "sharetune.trial_id" in run.data.tags]
@@ -258,9 +259,18 @@ def test_an_old_checkpoint_outlives_every_saved_tune_state_that_may_name_it(tmp_
     save_state()  # begun after the first one ended: names `new`
     assert not old.exists() and new.exists()
 
+    newest = search / "trial_a" / "checkpoint_000002"
+    newest.mkdir()
     filesystem.delete_dir(str(new))
-    delete_deferred_checkpoints()  # the search ended with its final state saved
-    assert not new.exists()
+    left_by_a_killed_driver = search / "trial_b" / "checkpoint_000003"
+    left_by_a_killed_driver.mkdir(parents=True)
+    (search / "trial_b" / "checkpoint_000004").mkdir()
+    keep_final_checkpoints(str(search), [str(newest), str(search / "trial_b" / "checkpoint_000004")])  # the search ended
+    assert sorted(p.relative_to(search).as_posix() for p in search.glob("trial_*/checkpoint_*")) == [
+        "trial_a/checkpoint_000002", "trial_b/checkpoint_000004"]
+    save_state()
+    save_state()  # nothing waits any more
+    assert newest.exists()
 
 
 def test_resources_are_checked_against_the_whole_cluster():

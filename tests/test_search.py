@@ -324,6 +324,9 @@ def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_pat
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert client.get_run(orphan["run"]).info.lifecycle_stage == "deleted"
     assert sorted(c.data.tags["sharetune.trial_id"] for c in children) == sorted(trials["trial_id"])  # runs == trials
+    # the old checkpoints the killed driver was keeping until Tune saved its state are gone too
+    assert {trial: len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) for trial in trials["trial_id"]} == {
+        trial: 1 for trial in trials["trial_id"]}
     for child in children:
         assert child.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))

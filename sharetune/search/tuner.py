@@ -36,7 +36,7 @@ from sharetune.search.storage import (
     stop_on_full_disk,
 )
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
-from sharetune.storage_filesystem import delete_deferred_checkpoints, tune_storage
+from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
 
@@ -117,12 +117,12 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 def fit(tuner: tune.Tuner, folder: SearchFolder) -> int:
     """Run the search, then deliver what MLflow has not yet received; returns the writes left queued.
     A full disk stops the search after that delivery too: the writes the disk had no room for are
-    only in this process's memory. Old checkpoints Tune's saved state might still name are deleted
-    once the search has ended with its final state saved."""
+    only in this process's memory. Once the search has ended with its final state saved, each trial
+    keeps only the checkpoint that state names."""
     try:
         with stop_on_full_disk(folder):
-            tuner.fit()
-        delete_deferred_checkpoints()
+            results = tuner.fit()
+        keep_final_checkpoints(folder, [result.checkpoint.path for result in results if result.checkpoint])
     except StorageFull:
         deliver_backlog(folder)
         raise
