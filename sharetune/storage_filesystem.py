@@ -38,6 +38,11 @@ def partial_name(path: str) -> str:
     return f"{directory}/.{name}{PARTIAL_SUFFIX}"
 
 
+def is_uri(location: str) -> bool:
+    """Whether `location` names an object store or other URI rather than a path."""
+    return "://" in location
+
+
 def _is_state_file(path: str) -> bool:
     name = path.rpartition("/")[2]
     return name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX)
@@ -123,7 +128,7 @@ def keep_final_checkpoints(search: str, final: list[str]) -> None:
     """Once a search has ended with its final state saved: each trial of the local folder `search`
     keeps only the checkpoint that state names (`final`). The others waited for saves that will not
     come, or were left waiting by a driver that was killed."""
-    if "://" in search:
+    if is_uri(search):
         return
     _DEFERRED.forget(Path(search).as_posix())
     for checkpoint in map(Path, final):
@@ -160,8 +165,9 @@ class SearchFolderHandler(fs.FileSystemHandler):
         self.local.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path: str) -> None:
-        search = Path(path).parent.parent  # <search>/<trial>/checkpoint_k
-        if Path(path).name.startswith(CHECKPOINT_PREFIX) and any(search.glob(f"{STATE_PREFIX}*{STATE_SUFFIX}")):
+        directory = Path(path)
+        search = directory.parent.parent  # <search>/<trial>/checkpoint_k
+        if directory.name.startswith(CHECKPOINT_PREFIX) and any(search.glob(f"{STATE_PREFIX}*{STATE_SUFFIX}")):
             _DEFERRED.defer(path, search.as_posix())
         else:
             self.local.delete_dir(path)

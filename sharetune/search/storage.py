@@ -20,7 +20,7 @@ import yaml
 from pyarrow import fs
 
 from sharetune.spaces import SearchSpec, parse_spec
-from sharetune.storage_filesystem import filesystem_and_path
+from sharetune.storage_filesystem import filesystem_and_path, is_uri
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
@@ -77,10 +77,6 @@ def stop_on_full_disk(folder: str):
                           f"`sharetune resume {folder}` continues from Tune's last saved state") from None
     finally:
         logging.getLogger(TUNE_STATE_LOGGER).removeFilter(one_line)
-
-
-def is_uri(location: str) -> bool:
-    return "://" in location
 
 
 def canonical(location: str | Path) -> str:
@@ -170,9 +166,10 @@ class SearchFolder(str):
         return location["tracking_uri"], location["experiment"]
 
     def trim_cut_rows(self) -> None:
-        """Tune appends one JSON line per result to each trial's result.json; a disk that filled (or
-        a driver killed) mid-write leaves the last line cut short, and a resumed trial would append
-        after it. Keep every complete line; an object store's files are written whole."""
+        """Tune appends one JSON line per result to each trial's result.json in its staging folder and
+        copies that file here whole; a driver killed (or a staging disk full) mid-append leaves the last
+        line cut short, and a resumed trial would append after it. Keep every complete line; an object
+        store's files are written whole."""
         if is_uri(self):
             return
         for log in Path(self).glob("trial_*/result.json"):

@@ -36,7 +36,7 @@ from sharetune.search.storage import (
     stop_on_full_disk,
 )
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
-from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
+from sharetune.storage_filesystem import filesystem_and_path, keep_final_checkpoints, tune_storage
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 
 
@@ -182,9 +182,9 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     start_ray(spec, address)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     try:
-        storage = tune_storage(folder)
-        tuner = tune.Tuner.restore(storage["storage_path"], storage_filesystem=storage["storage_filesystem"],
-                                   trainable=_trainable(spec, data, pretrained, folder), resume_errored=True)
+        filesystem, path = filesystem_and_path(folder)
+        tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),
+                                   resume_errored=True)
     except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
