@@ -19,11 +19,12 @@ from sharetune.trainables.cluster_pretraining import pretrain_on_cluster
 pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the module
 
 
-def test_a_fusion_search_pretrains_in_a_ray_worker_with_the_trials_resources_and_resume_reuses_the_weights(tmp_path, capfd):
+def test_a_fusion_search_pretrains_once_in_a_ray_worker_with_the_trials_resources_fuses_and_resume_reuses_the_weights(
+        tmp_path, capfd):
     spec = parse_spec(tiny_spec(
         family="spin", sampler="grid", budget={"max_concurrent": 2}, resources={"cpu": 1},
         fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "share_rate": 2, "pretrain_epochs": 2},
-        dimensions={"fusion": {"choice": ["mean", "channel_weighted_mean"]}}))
+        dimensions={"fusion": {"choice": [None, "mean", "channel_weighted_mean"]}}))
     search = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
     out = capfd.readouterr().out
     (where,) = re.findall(r"pretraining the unshared convmixer on 1 worker\(s\), each with \{'CPU': 1\.0\} \(cpu\); "
@@ -34,7 +35,11 @@ def test_a_fusion_search_pretrains_in_a_ray_worker_with_the_trials_resources_and
     settings = trial_settings({"family": "spin", **spec.fixed})
     unshared = unwrap(build_spin(settings, tuner.load_data(spec), unshared=True))
     assert torch.load(weights, weights_only=True).keys() == unshared.state_dict().keys()
-    assert set(report.trials_from_folder(search.folder)["status"]) == {"TERMINATED"}
+    trials = report.trials_from_folder(search.folder)
+    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
+    params = trials.set_index(trials["fusion"].fillna("none"))["unique_params"]
+    # counted as deployed (folded); fusion shares whole layers, biases too (SPIN Table 3: 10.84 M vs 11.02 M)
+    assert params["channel_weighted_mean"] == params["mean"] == params["none"] - (4 - 2) * 16
 
     written = weights.stat().st_mtime_ns
     tuner.resume(search.folder)

@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from helpers import start_local_ray, tiny_spec
+from helpers import tiny_spec
 
 from sharetune.search import tuner
 from sharetune.spaces import parse_spec, trial_settings
@@ -16,7 +15,7 @@ from sharetune.training import train_epochs
 # A model whose outputs do not depend on how a batch is split (LayerNorm, no BatchNorm), trained
 # without random augmentation, on 512 examples in batches of 64: 32 per worker, every step.
 FIXED = {"model": "convnext_isotropic", "dim": 8, "depth": 2, "patch_size": 2, "kernel_size": 3, "share_rate": 2,
-         "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "epochs": 2}
+         "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "epochs": 8}  # epochs still to go when Ctrl-C lands
 
 
 def ddp_spec(**changes) -> dict:
@@ -29,46 +28,33 @@ def results(folder: Path) -> list[dict]:
     return [json.loads(line) for line in trial.read_text().splitlines()]
 
 
-@pytest.fixture
-def local_ray():
-    start_local_ray()
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_a_two_worker_trial_trains_on_both_ranks_and_reports_the_single_process_metrics(tmp_path, local_ray):
-    spec = parse_spec(ddp_spec())
-    search = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
-    reported = results(Path(search.folder))
-    epochs = [r for r in reported if r["epoch"] > 0]
-    assert [r["epoch"] for r in reported] == [0, 1, 2]
-    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in epochs)  # both ranks, the whole epoch
-    assert (Path(search.folder) / "train_runs").is_dir()  # the Ray Train run, where a resumed trial finds its checkpoint
-    data = tuner.load_data(spec)
-    settings = trial_settings({"family": "spin", **spec.fixed})
-    torch.manual_seed(settings.seed)
-    alone = list(train_epochs(build_model(settings, data), data, settings, device="cpu"))
-    for ddp, single in zip(epochs, alone):
-        assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
-        assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
-        assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
-
-
-@pytest.mark.slow
-def test_an_interrupted_two_worker_search_resumes_every_rank_from_the_checkpoint(tmp_path):
+def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_after_ctrl_c(tmp_path):
     from test_search import interrupt_then_resume
 
-    spec = ddp_spec(fixed={**FIXED, "epochs": 8})  # epochs still to go when Ctrl-C lands
+    spec = ddp_spec()
     interrupted = []
     folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
                                                before_resume=lambda folder, client: interrupted.extend(results(folder)))
     reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
     assert [r["epoch"] for r in reported] == list(range(9))  # the whole record, each epoch once
-    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported[1:])
+    assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported[1:])  # both ranks, whole epochs
+    assert (folder / "train_runs").is_dir()  # the Ray Train run, where the resumed trial found its checkpoint
     # the epochs before the checkpoint were not trained again: their records are the first run's, timings included
     replayed = reported[:len(interrupted)]
     assert len(interrupted) >= 4 and all(r.get("epoch_seconds") == i.get("epoch_seconds") for r, i in zip(replayed, interrupted))
     assert "1/1 done" in resumed.stdout
     # the trial's checkpoints live in its Ray Train run, not Tune's: no MLflow model, and one line why
     assert "not logged as a model: " in resumed.stdout and "has no checkpoint" in resumed.stdout
+
+    # every epoch, before Ctrl-C and after resume, is what one process trains on the same data and seed
+    parsed = parse_spec(spec)
+    data = tuner.load_data(parsed)
+    settings = trial_settings({"family": "spin", **parsed.fixed})
+    torch.manual_seed(settings.seed)
+    alone = list(train_epochs(build_model(settings, data), data, settings, device="cpu"))
+    assert len(alone) == 8
+    for ddp, single in zip(reported[1:], alone):
+        assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
+        assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
+        assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)

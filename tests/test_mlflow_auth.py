@@ -51,7 +51,7 @@ def test_a_search_logs_in_to_a_basic_auth_server_with_a_password_from_a_file(tmp
         seen = []
         while search.poll() is None:  # every process of the search and its Ray workers, while they run
             seen += [line for line in command_lines() if password in line]
-            time.sleep(0.05)  # a scan takes a core's worth of time; leave the search the CPUs
+            time.sleep(0.25)  # a scan costs a core for a while; the processes that hold settings live for seconds
         stdout, stderr = search.communicate()
         assert search.returncode == 0, stderr
         assert seen == []

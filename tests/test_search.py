@@ -160,19 +160,6 @@ def test_share_rate_setting_and_effective_share_rate_metric_both_reach_the_repor
         assert first["epoch"] == 0 and first["effective_share_rate"] == pytest.approx(effective) and "test_accuracy" not in first
 
 
-def test_fusion_search_pretrains_once_and_fuses(tmp_path):
-    result, trials, _ = search(
-        tmp_path, family="spin", sampler="grid", budget={"max_concurrent": 2},
-        fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "share_rate": 2, "pretrain_epochs": 1},
-        dimensions={"fusion": {"choice": [None, "mean", "channel_weighted_mean"]}},
-    )
-    assert (Path(result.folder) / "pretrained.pt").is_file()
-    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"}
-    params = trials.set_index(trials["fusion"].fillna("none"))["unique_params"]
-    # counted as deployed (folded); fusion shares whole layers, biases too (SPIN Table 3: 10.84 M vs 11.02 M)
-    assert params["channel_weighted_mean"] == params["mean"] == params["none"] - (4 - 2) * 16
-
-
 def _result_lines(folder: Path) -> list[int]:
     return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
 
