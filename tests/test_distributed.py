@@ -1,5 +1,6 @@
 """Trials on several workers: Ray Train's TorchTrainer (DDP, gloo on CPU) inside a real Tune search."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from sharetune.training import train_epochs
 # A model whose outputs do not depend on how a batch is split (LayerNorm, no BatchNorm), trained
 # without random augmentation, on 512 examples in batches of 64: 32 per worker, every step.
 FIXED = {"model": "convnext_isotropic", "dim": 8, "depth": 2, "patch_size": 2, "kernel_size": 3, "share_rate": 2,
-         "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "epochs": 8}  # epochs still to go when Ctrl-C lands
+         "recipe": "arbnet", "lr": 0.05, "batch_size": 64, "epochs": 60}  # Ctrl-C lands mid-trial: the folder gets rows in batches of a dozen epochs
+COMPARED = 8  # epochs that match one process within float tolerance (later, the loss nears 0 and rounding grows)
 
 
 def ddp_spec(**changes) -> dict:
@@ -37,7 +39,7 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
                                                before_resume=lambda folder, client: interrupted.extend(results(folder)))
     reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
-    assert [r["epoch"] for r in reported] == list(range(9))  # the whole record, each epoch once
+    assert [r["epoch"] for r in reported] == list(range(FIXED["epochs"] + 1))  # the whole record, each epoch once
     assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported[1:])  # both ranks, whole epochs
     assert (folder / "train_runs").is_dir()  # the Ray Train run, where the resumed trial found its checkpoint
     # the epochs before the checkpoint were not trained again: their records are the first run's, timings included
@@ -47,14 +49,14 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     # the trial's checkpoints live in its Ray Train run, not Tune's: no MLflow model, and one line why
     assert "not logged as a model: " in resumed.stdout and "has no checkpoint" in resumed.stdout
 
-    # every epoch, before Ctrl-C and after resume, is what one process trains on the same data and seed
+    # the first epochs are what one process trains on the same data and seed (the all-reduce sums in
+    # another order: as the loss nears zero the runs drift apart by rounding, an example's prediction flips)
     parsed = parse_spec(spec)
     data = tuner.load_data(parsed)
     settings = trial_settings({"family": "spin", **parsed.fixed})
     torch.manual_seed(settings.seed)
-    alone = list(train_epochs(build_model(settings, data), data, settings, device="cpu"))
-    assert len(alone) == 8
-    for ddp, single in zip(reported[1:], alone):
+    alone = list(itertools.islice(train_epochs(build_model(settings, data), data, settings, device="cpu"), COMPARED))
+    for ddp, single in zip(reported[1:COMPARED + 1], alone, strict=True):
         assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
         assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
         assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)

@@ -16,6 +16,7 @@ one device) and on CPUs.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import ray.train
@@ -33,6 +34,10 @@ from sharetune.trainables.trial import run_trial
 from sharetune.training import TrainingState
 
 RUNS = "train_runs"  # inside the search folder: one Ray Train run per distributed trial
+# Ray Train's controller collects a worker's report when it polls the workers (every 2 s by default),
+# and a worker's next report waits until its last one is collected: an epoch shorter than the poll
+# would wait for it. Polling costs the controller a few remote calls.
+REPORT_POLL_S = 0.2
 
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
@@ -47,6 +52,8 @@ def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resourc
     """A TorchTrainer running `worker(loop)` on `resources.workers` workers of `resources.cpu` CPUs and
     `resources.gpu` GPUs each, its run kept as `name` under the search folder `storage`."""
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
+    # Ray Train hands this variable from the process that builds the trainer to its controller and workers
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
     return TorchTrainer(
         worker,
         train_loop_config=loop,
