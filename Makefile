@@ -25,9 +25,12 @@ demo: $(VENV)/.installed
 	$(BIN)/sharetune data fetch mnist --root $(DATA)
 	$(BIN)/sharetune search weight-sharing --set data.root=$(DATA)
 
+# Two pytest-xdist workers, as many as the build machines' cores. A module whose tests share a search
+# or a local Ray is one xdist_group, run on one worker (else each worker would build it again);
+# the rest go test by test, slow ones first (conftest.py), in that order.
 test: $(VENV)/.installed-dev postgres chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -n 2  # two workers (pytest-xdist): most of a search's time is start-up and waiting
+	$(BIN)/python -m pytest tests -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The cluster test runs a real PostgreSQL server: install Debian's when it is missing (as root).
 postgres:

@@ -144,3 +144,12 @@ def fill(disk: Path) -> Path:
         except OSError:
             pass
     return filler
+
+
+def parent_and_child_runs(client, name: str) -> tuple[list, list]:
+    """An MLflow experiment's parent runs and child runs."""
+    experiment = client.get_experiment_by_name(name)
+    every = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
+    return parents, children

@@ -16,7 +16,8 @@ from sharetune.trainables import PRETRAINED_FILE, pretrain
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.trainables.cluster_pretraining import pretrain_on_cluster
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the module
+# conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.xdist_group("test_cluster_pretraining")]
 
 
 def test_a_fusion_search_pretrains_once_in_a_ray_worker_with_the_trials_resources_fuses_and_resume_reuses_the_weights(

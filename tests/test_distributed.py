@@ -32,7 +32,7 @@ def results(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_after_ctrl_c(tmp_path):
-    from test_search import interrupt_then_resume
+    from test_search_cli import interrupt_then_resume
 
     spec = ddp_spec()
     interrupted = []

@@ -32,6 +32,8 @@ from sharetune.trainables import load_exported
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+pytestmark = pytest.mark.xdist_group("test_results")  # one worker builds the module's searches once
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished multi-objective search whose table sizes span decades, reported and logged."""

@@ -1,26 +1,26 @@
-"""The search service end to end: a real local Ray, real Optuna, a real MLflow SQLite store."""
+"""The search service in process, end to end: a real local Ray (one for the module, its tests on one
+pytest worker), real Optuna, a real MLflow SQLite store. The command line through faults is in
+test_search_cli.py."""
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
-from helpers import image_folder, tiny_spec, trial_rows
+from helpers import parent_and_child_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search import report, tuner
 from sharetune.spaces import parse_spec
 
-pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: one local Ray for the module
+# conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.xdist_group("test_search")]
 
 
 def search(tmp_path: Path, storage: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
@@ -28,14 +28,6 @@ def search(tmp_path: Path, storage: str | None = None, **changes) -> tuple[tuner
     result = tuner.run(spec, storage=storage or str(tmp_path / "results"),
                        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
     return result, report.trials_from_folder(result.folder), MlflowClient(result.mlflow_uri)
-
-
-def runs(client: MlflowClient, name: str):
-    experiment = client.get_experiment_by_name(name)
-    every = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in every if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
 
 
 def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_path):
@@ -46,7 +38,7 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
             "table_size": {"choice": [8, 64, 512]}}, fixed={"epochs": 2, "hidden": [16]},
     )
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
-    parents, children = runs(client, "tiny")
+    parents, children = parent_and_child_runs(client, "tiny")
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == "nsga2"
@@ -112,7 +104,7 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(tmp_path):
     by_lr = trials.set_index("lr")
     assert by_lr.loc[1e30, "diverged"] == 1 and by_lr.loc[1e30, "epochs_done"] == 1 and math.isnan(by_lr.loc[1e30, "loss"])
     assert by_lr.loc[0.1, "diverged"] == 0 and by_lr.loc[0.1, "epochs_done"] == 3
-    _, children = runs(client, "tiny")
+    _, children = parent_and_child_runs(client, "tiny")
     status = {c.data.params["lr"]: (c.info.status, c.data.tags.get("diverged")) for c in children}
     assert status == {"1e+30": ("FAILED", "true"), "0.1": ("FINISHED", None)}
 
@@ -144,7 +136,7 @@ def test_share_rate_setting_and_effective_share_rate_metric_both_reach_the_repor
     assert len(table) == 2 and set(table["share_rate"]) == {2}
     assert table["effective_share_rate"].tolist() == pytest.approx([effective] * 2)  # 1.31
     assert "trials.csv" in {p.name for p in built.files}
-    _, children = runs(client, "tiny")
+    _, children = parent_and_child_runs(client, "tiny")
     assert len(children) == 2
     for child in children:
         assert child.data.params["share_rate"] == "2"
@@ -158,216 +150,6 @@ def test_share_rate_setting_and_effective_share_rate_metric_both_reach_the_repor
         results = Path(result.folder) / f"trial_{child.data.tags['sharetune.trial_id']}" / "result.json"
         first = json.loads(results.read_text().splitlines()[0])
         assert first["epoch"] == 0 and first["effective_share_rate"] == pytest.approx(effective) and "test_accuracy" not in first
-
-
-def _result_lines(folder: Path) -> list[int]:
-    return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
-
-
-def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when, stop: signal.Signals = signal.SIGINT,
-                          before_resume=lambda folder, client: None) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """Run `sharetune search` on `spec`, send it `stop` (Ctrl-C, or kill -9) once `interrupt_when(result
-    line counts)` holds, check that something was left unfinished (after Ctrl-C: exit code 130, one line
-    saying so, no unfinished trial among the top trials, the MLflow parent and running children KILLED),
-    call `before_resume(folder, MlflowClient)`, then `sharetune resume` the folder."""
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    folder = tmp_path / "results" / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not interrupt_when(_result_lines(folder)):
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
-    process.send_signal(stop)
-    output, _ = process.communicate(timeout=120)
-    trials = report.trials_from_folder(folder)
-    unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
-    assert not unfinished.empty
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    if stop == signal.SIGINT:
-        assert process.returncode == 130, output
-        assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
-        top = output.split("top trials:")[1].split("Pareto front")[0]
-        assert "RUNNING" not in top and "PENDING" not in top
-        parents, children = runs(client, spec["name"])
-        assert [p.info.status for p in parents] == ["KILLED"]
-        by_trial = {c.data.tags["sharetune.trial_id"]: c.info.status for c in children}
-        assert {by_trial[t] for t in unfinished["trial_id"] if t in by_trial} <= {"KILLED"} and "RUNNING" not in by_trial.values()
-    before_resume(folder, client)
-    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    return folder, env, resumed
-
-
-@pytest.mark.slow
-def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
-                     data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
-    # mid-search: one trial done, one running, one not started
-    folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: len(lines) >= 2 and lines[-1] >= 15)
-    assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
-    # quiet unless --verbose: none of Ray's, Tune's, Optuna's or MLflow's start-up output
-    for noise in ("Configuration for experiment", "TensorBoard", "Token authentication", "A new study", "Creating initial MLflow"):
-        assert noise not in resumed.stdout + resumed.stderr
-    trials = report.trials_from_folder(folder)
-    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parents, children = runs(client, "tiny")
-    assert len(parents) == 1 and len(children) == 3
-    assert sorted(c.data.params["hash"] for c in children) == ["modulus", "neighborhood", "uniform"]
-    for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
-        assert sorted(steps) == list(range(1, 16))  # every epoch once
-        assert child.info.status == "FINISHED"
-
-
-def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_spec(sampler="grid")))
-    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "bad.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "dimensions.alpha: the grid sampler needs unconditional `choice` dimensions" in done.stderr
-    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_ui_serves_the_store_on_loopback(tmp_path):
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    process = subprocess.Popen([sys.executable, "-m", "sharetune.cli", "ui", "--mlflow-uri", uri, "--port", str(port)],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline, status = time.monotonic() + 120, None
-        while time.monotonic() < deadline and status != 200:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
-            except OSError:
-                time.sleep(0.5)
-        assert status == 200
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(tmp_path):
-    root = image_folder(tmp_path / "images", per_class=40, test_per_class=10)
-    spec = {"name": "folders", "family": "spin", "sampler": "grid", "budget": {"max_concurrent": 1},
-            "data": {"name": "imagefolder", "root": str(root), "img_size": 16, "val_fraction": 0.2, "workers": 2},
-            "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
-                      "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
-            "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
-    # mid-trial: the first trial has reported three of its eight epochs
-    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3)
-    trials = report.trials_from_folder(folder)
-    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
-    assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    _, children = runs(client, "folders")
-    for child in children:
-        for metric in ("val_accuracy", "test_accuracy", "lr"):
-            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == list(range(1, 9))
-
-
-def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
-    root = image_folder(tmp_path / "images", per_class=2, test_per_class=1)
-    for image in (root / "val" / "class_0").iterdir():
-        image.unlink()
-    spec = tiny_spec(family="spin", data={"name": "imagefolder", "root": str(root)}, dimensions={}, fixed={"epochs": 1})
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "bad.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"error: {root}/val/class_0: an empty class folder (no .jpg or .png); add its images or remove it" in done.stderr
-    assert not (tmp_path / "results").exists()
-
-
-@pytest.mark.slow
-def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_path):
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]},
-                     dimensions={"hash": {"choice": ["uniform", "modulus"]}})
-    orphan = {}
-
-    def add_orphan(folder: Path, client: MlflowClient) -> None:
-        """The run a trial gets when the driver dies before Tune's next snapshot records that trial."""
-        parents, _ = runs(client, "tiny")
-        parent = parents[0]
-        assert parent.info.status == "RUNNING"  # kill -9: nothing closed it
-        tags = {"mlflow.parentRunId": parent.info.run_id, "sharetune.trial_id": "0rphan00"}
-        orphan["run"] = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
-
-    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3,
-                                           stop=signal.SIGKILL, before_resume=add_orphan)
-    trials = report.trials_from_folder(folder)
-    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {6}
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parents, children = runs(client, "tiny")
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    assert client.get_run(orphan["run"]).info.lifecycle_stage == "deleted"
-    assert sorted(c.data.tags["sharetune.trial_id"] for c in children) == sorted(trials["trial_id"])  # runs == trials
-    # the old checkpoints the killed driver was keeping until Tune saved its state are gone too
-    assert {trial: len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) for trial in trials["trial_id"]} == {
-        trial: 1 for trial in trials["trial_id"]}
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
-
-
-def _trial_pids(folder: Path) -> dict[str, list[int]]:
-    """Each trial's reporting process ids, one per result row, oldest first."""
-    return {trial: [row["pid"] for row in rows] for trial, rows in trial_rows(folder).items()}
-
-
-def kill_a_worker(tmp_path: Path, max_failures: int) -> tuple[Path, str, subprocess.CompletedProcess, MlflowClient]:
-    """Run a one-trial `sharetune search`, kill -9 its trial's worker process once it has reported an
-    epoch (and so checkpointed one), and let the search end; returns the folder, the trial id, the
-    command's exit code and output, and the MLflow client."""
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1, "max_failures": max_failures},
-                     fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform"]}})
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    folder = tmp_path / "results" / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        for trial, pids in _trial_pids(folder).items():
-            if len(pids) >= 2:  # epoch 0 (the costs) and epoch 1, with its checkpoint
-                os.kill(pids[-1], signal.SIGKILL)  # the trial's worker process, mid-training
-                killed = trial
-        time.sleep(0.2)
-    output, _ = process.communicate(timeout=400)
-    return folder, killed, subprocess.CompletedProcess(command, process.returncode, output), MlflowClient(env["MLFLOW_TRACKING_URI"])
-
-
-@pytest.mark.slow
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
-    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=2)
-    assert done.returncode == 0, done.stdout
-    trials = report.trials_from_folder(folder).set_index("trial_id")
-    assert trials.loc[trial, "status"] == "TERMINATED" and trials.loc[trial, "epochs_done"] == 6
-    rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
-    assert len({row["pid"] for row in rows}) == 2 and {row["epoch"] for row in rows} == set(range(7))
-    _, (child,) = runs(client, "tiny")
-    assert child.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
-
-
-@pytest.mark.slow
-def test_a_trial_out_of_retries_fails_the_search_with_its_error_in_one_line(tmp_path):
-    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=0)
-    _, (child,) = runs(client, "tiny")
-    error = child.data.tags["error"]
-    assert child.info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")
-    assert "\n" not in error and str(tmp_path) not in error
-    assert done.returncode == 3 and f"1 of 1 trials failed: {trial}: {error}" in done.stdout, done.stdout
 
 
 def test_resources_the_cluster_lacks_are_refused_before_the_folder_is_written(tmp_path):
