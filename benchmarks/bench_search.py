@@ -10,7 +10,8 @@ trial function ran (Tune's bookkeeping, actors starting). Target: training >= 0.
 
 `hypervolume`: the same problem at a smaller scale (6,000 training images, 600 of them the val
 split, and 2,000 test images; 9 epochs a full trial), three search seeds each of random search, NSGA-II, NSGA-II + moasha and
-multi-objective TPE + moasha, all with 16 configurations. Hypervolume of val accuracy against unique
+multi-objective TPE + moasha, all with 16 configurations (`--methods`, `--configurations`: fewer methods, a
+larger budget). Hypervolume of val accuracy against unique
 parameters, from the fixed reference (accuracy 0, the dense net's parameters), after every epoch
 any trial finishes (MLflow's metric times order them), against the epochs spent so far. Targets:
 moasha reaches >= 0.98 of full-budget NSGA-II's final hypervolume with <= 0.4 of its epochs;
@@ -46,7 +47,7 @@ METHODS = {  # name -> --set overrides on the preset
     "nsga2-moasha": ["scheduler={name: moasha, grace_period: 1, reduction_factor: 3}"],
     "motpe-moasha": ["sampler=motpe", "sampler_options={}", "scheduler={name: moasha, grace_period: 1, reduction_factor: 3}"],
 }
-SMALL = ["data.train_subset=6000", "data.test_subset=2000", "fixed.epochs=9", "budget.num_samples=16", "budget.max_concurrent=2"]
+SMALL = ["data.train_subset=6000", "data.test_subset=2000", "fixed.epochs=9", "budget.max_concurrent=2"]
 
 
 @dataclass
@@ -116,11 +117,12 @@ def curve(result) -> tuple[Curve, int]:
     return Curve(np.array(spent), np.array(volumes)), len(events)
 
 
-def hypervolumes(data_root: Path, storage: Path, seeds: int) -> None:
-    curves: dict[str, list[Curve]] = {name: [] for name in METHODS}
+def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str], configurations: int) -> None:
+    curves: dict[str, list[Curve]] = {name: [] for name in methods}
     for seed in range(seeds):
-        for name, overrides in METHODS.items():
-            result = run_search([f"data.root={data_root}", f"seed={seed}", *SMALL, *overrides], storage, f"{name}-{seed}")
+        for name in methods:
+            result = run_search([f"data.root={data_root}", f"seed={seed}", *SMALL, f"budget.num_samples={configurations}",
+                                 *METHODS[name]], storage, f"{name}-{seed}")
             found, epochs = curve(result)
             curves[name].append(found)
             print(f"{name:14s} seed {seed}: {epochs:4d} epochs, hypervolume {found.hypervolume[-1]:.4f}", flush=True)
@@ -131,7 +133,7 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int) -> None:
         epochs = statistics.mean(c.epochs[-1] for c in found)
         volume = statistics.mean(c.hypervolume[-1] for c in found)
         print(f"{name:14s} {epochs:7.1f} {epochs / full_epochs:8.3f} {volume:11.4f} {volume / full:8.3f}")
-    for budget in (full_epochs / 4, full_epochs / 2, full_epochs):
+    for budget in (full_epochs / 4, full_epochs / 2, full_epochs) if "random" in curves else ():
         nsga2 = statistics.mean(c.at(budget) for c in curves["nsga2"])
         random = statistics.mean(c.at(budget) for c in curves["random"])
         print(f"at {budget:5.0f} epochs: nsga2 {nsga2:.4f}, random {random:.4f}, ratio {nsga2 / random:.3f}")
@@ -140,7 +142,7 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int) -> None:
         for j, c in enumerate(found):
             ax.step(c.epochs, c.hypervolume, where="post", color=f"C{i}", alpha=0.7, label=name if j == 0 else None)
     ax.set(xlabel="training epochs spent", ylabel="hypervolume (val accuracy, unique params)",
-           title=f"{PRESET} on MNIST (6k images, 9 epochs a trial), {seeds} seeds each")
+           title=f"{PRESET} on MNIST (6k images, 9 epochs a trial, {configurations} configurations), {seeds} seeds each")
     ax.legend()
     fig.tight_layout()
     plot = Path("reports") / "bench_search_hypervolume.png"
@@ -154,14 +156,18 @@ def main() -> None:
     parser.add_argument("--part", choices=["share", "hypervolume", "both"], default="both")
     parser.add_argument("--data-root", type=Path, default=Path("data"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="hypervolume part: which searches (nsga2, the yardstick, is always run)")
+    parser.add_argument("--configurations", type=int, default=16, help="hypervolume part: configurations a search")
     args = parser.parse_args()
+    methods = ["nsga2", *(m for m in args.methods if m != "nsga2")]
     fetch("mnist", args.data_root)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     with tempfile.TemporaryDirectory() as storage:
         if args.part in ("share", "both"):
             training_share(args.data_root.resolve(), Path(storage))
         if args.part in ("hypervolume", "both"):
-            hypervolumes(args.data_root.resolve(), Path(storage), args.seeds)
+            hypervolumes(args.data_root.resolve(), Path(storage), args.seeds, methods, args.configurations)
 
 
 if __name__ == "__main__":
