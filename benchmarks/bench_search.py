@@ -142,7 +142,7 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str],
         for j, c in enumerate(found):
             ax.step(c.epochs, c.hypervolume, where="post", color=f"C{i}", alpha=0.7, label=name if j == 0 else None)
     ax.set(xlabel="training epochs spent", ylabel="hypervolume (val accuracy, unique params)",
-           title=f"{PRESET} on MNIST (6k images, 9 epochs a trial, {configurations} configurations), {seeds} seeds each")
+           title=f"{PRESET} on MNIST (6k images, 9 epochs a trial)\n{configurations} configurations, {seeds} seeds each")
     ax.legend()
     fig.tight_layout()
     plot = Path("reports") / "bench_search_hypervolume.png"
