@@ -22,9 +22,8 @@ import ray
 
 from sharetune.search import tuner
 from sharetune.spaces import parse_spec
-from sharetune.trainables.distributed import REPORT_POLL_S
+from sharetune.trainables.distributed import REPORT_POLL_S, REPORT_POLL_VARIABLE
 
-RAY_TRAIN_POLL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 RAY_DEFAULT_POLL_S = 2.0
 
 
@@ -40,16 +39,16 @@ def epoch_times(poll_s: float | None, epochs: int, root: Path) -> tuple[float, f
     """Median wall time between two epochs' reports and median `epoch_seconds` of one two-worker trial,
     with Ray Train polling every `poll_s` (None: sharetune's setting)."""
     root.mkdir()
-    os.environ.pop(RAY_TRAIN_POLL, None)
+    os.environ.pop(REPORT_POLL_VARIABLE, None)
     if poll_s is not None:
-        os.environ[RAY_TRAIN_POLL] = str(poll_s)  # the Ray started next hands it to its workers
+        os.environ[REPORT_POLL_VARIABLE] = str(poll_s)  # the Ray started next hands it to its workers
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         search = tuner.run(parse_spec(spec(epochs)), storage=str(root), mlflow_uri=f"sqlite:///{root}/mlflow.db",
                            progress=False)
     finally:
         ray.shutdown()
-        os.environ.pop(RAY_TRAIN_POLL, None)
+        os.environ.pop(REPORT_POLL_VARIABLE, None)
     (log,) = Path(search.folder).glob("trial_*/result.json")
     rows = [row for row in map(json.loads, log.read_text().splitlines()) if row["epoch"] > 0]
     gaps = [later["time_total_s"] - earlier["time_total_s"] for earlier, later in zip(rows, rows[1:])]

@@ -10,9 +10,8 @@ trial function ran (Tune's bookkeeping, actors starting). Target: training >= 0.
 
 `hypervolume`: the same problem at a smaller scale (6,000 training images, 600 of them the val
 split, and 2,000 test images; 9 epochs a full trial), three search seeds each of random search, NSGA-II, NSGA-II + moasha and
-multi-objective TPE + moasha, all with 16 configurations (`--methods`, `--configurations`: fewer methods, a
-larger budget). Hypervolume of val accuracy against unique
-parameters, from the fixed reference (accuracy 0, the dense net's parameters), after every epoch
+multi-objective TPE + moasha, all with 16 configurations (`--methods`, `--configurations`: fewer
+methods, a larger budget). Hypervolume of val accuracy against unique parameters, from the fixed reference (accuracy 0, the dense net's parameters), after every epoch
 any trial finishes (MLflow's metric times order them), against the epochs spent so far. Targets:
 moasha reaches >= 0.98 of full-budget NSGA-II's final hypervolume with <= 0.4 of its epochs;
 NSGA-II beats random at equal epochs. The curves go to a PNG beside the printed table.
@@ -133,10 +132,11 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str],
         epochs = statistics.mean(c.epochs[-1] for c in found)
         volume = statistics.mean(c.hypervolume[-1] for c in found)
         print(f"{name:14s} {epochs:7.1f} {epochs / full_epochs:8.3f} {volume:11.4f} {volume / full:8.3f}")
-    for budget in (full_epochs / 4, full_epochs / 2, full_epochs) if "random" in curves else ():
-        nsga2 = statistics.mean(c.at(budget) for c in curves["nsga2"])
-        random = statistics.mean(c.at(budget) for c in curves["random"])
-        print(f"at {budget:5.0f} epochs: nsga2 {nsga2:.4f}, random {random:.4f}, ratio {nsga2 / random:.3f}")
+    if "random" in curves:
+        for budget in (full_epochs / 4, full_epochs / 2, full_epochs):
+            nsga2 = statistics.mean(c.at(budget) for c in curves["nsga2"])
+            random = statistics.mean(c.at(budget) for c in curves["random"])
+            print(f"at {budget:5.0f} epochs: nsga2 {nsga2:.4f}, random {random:.4f}, ratio {nsga2 / random:.3f}")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, found) in enumerate(curves.items()):
         for j, c in enumerate(found):

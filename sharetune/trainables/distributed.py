@@ -38,6 +38,7 @@ RUNS = "train_runs"  # inside the search folder: one Ray Train run per distribut
 # and a worker's next report waits until its last one is collected: an epoch shorter than the poll
 # would wait for it. Polling costs the controller a few remote calls.
 REPORT_POLL_S = 0.2
+REPORT_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's name for the poll's period
 
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
@@ -53,7 +54,7 @@ def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resourc
     `resources.gpu` GPUs each, its run kept as `name` under the search folder `storage`."""
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
     # Ray Train hands this variable from the process that builds the trainer to its controller and workers
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    os.environ.setdefault(REPORT_POLL_VARIABLE, str(REPORT_POLL_S))
     return TorchTrainer(
         worker,
         train_loop_config=loop,
