@@ -5,6 +5,10 @@ killed driver never leaves Tune's saved state pointing at something that is gone
   and copies them over the search folder's every few seconds; a plain copy truncates the stored file
   first, so a disk that filled mid-copy left it cut short or empty, and the rows it held were lost.
   Here each file goes to a hidden partial file, moved over its name once complete.
+- Tune's state file is stored only when it is whole JSON. Tune rewrites it in the staging folder
+  (truncate, then write) before it checks whether its last upload is still running, so an upload
+  can read it cut short; such a copy is dropped, and the folder keeps the last whole state until
+  the next upload. (Its other state files are written whole in the staging folder already.)
 - A trial's old checkpoint is deleted only once Tune's saved state no longer names it. Tune deletes
   the previous checkpoint as soon as it registers a new one (`num_to_keep`), before its state
   recording the new one is saved; if that save fails (a full disk) or never happens (a killed
@@ -20,6 +24,7 @@ Object stores (s3://, gs://) write whole objects already; URIs keep pyarrow's ow
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -46,6 +51,14 @@ def is_uri(location: str) -> bool:
 def _is_state_file(path: str) -> bool:
     name = path.rpartition("/")[2]
     return name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX)
+
+
+def _whole_json(path: str) -> bool:
+    try:
+        json.loads(Path(path).read_bytes())
+    except ValueError:
+        return False
+    return True
 
 
 class _WholeFile:
@@ -76,6 +89,9 @@ class _WholeFile:
         if self._out.closed:
             return
         self._guarded(self._out.close)
+        if _is_state_file(self.path) and not _whole_json(self.partial):
+            os.unlink(self.partial)
+            return
         os.replace(self.partial, self.path)
         self._on_commit(self.path)
 

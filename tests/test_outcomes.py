@@ -234,6 +234,34 @@ def test_tunes_copy_of_a_result_log_onto_a_full_disk_leaves_the_stored_log_whole
         assert stored.read_text() == ROW0 + ROW1 and sorted(p.name for p in stored.parent.iterdir()) == ["result.json"]
 
 
+def test_an_upload_that_read_tunes_state_mid_rewrite_leaves_the_last_whole_state_stored(tmp_path):
+    """Tune rewrites its state file in the staging folder (truncate, then write) before it checks whether
+    its last upload is still reading it; a copy cut short that way was the newest state when the disk
+    filled, and resume refused the folder as damaged (seen in CI)."""
+    staging, search = tmp_path / "staging", tmp_path / "search"
+    staging.mkdir()
+    old = search / "trial_a" / "checkpoint_000000"
+    old.mkdir(parents=True)
+    name = "experiment_state-2026.json"
+    storage = tune_storage(str(search))
+    filesystem = pickle.loads(pickle.dumps(storage["storage_filesystem"]))
+    whole = json.dumps({"trial_data": [[json.dumps({"trial_id": "a"}), "{}"]]})
+
+    def upload(state: str) -> None:
+        staging.joinpath(name).write_text(state)
+        fs.copy_files(str(staging), storage["storage_path"], destination_filesystem=filesystem)
+
+    upload(whole)
+    filesystem.delete_dir(str(old))  # waits for two whole saves
+    for cut in (whole[:len(whole) // 2], ""):
+        upload(cut)
+        assert (search / name).read_text() == whole and old.exists()
+        assert sorted(p.name for p in search.iterdir()) == [name, "trial_a"]
+    upload(whole)
+    upload(whole)
+    assert not old.exists()
+
+
 def test_an_old_checkpoint_outlives_every_saved_tune_state_that_may_name_it(tmp_path):
     """Tune deletes a trial's previous checkpoint when it registers a new one, before its state naming
     the new one is saved; a full disk then left the saved state naming a deleted checkpoint (seen in
