@@ -4,14 +4,16 @@ import itertools
 import json
 from pathlib import Path
 
+import mlflow.pytorch
 import pytest
 import torch
-from helpers import tiny_spec
+from helpers import parent_and_child_runs, tiny_spec
+from mlflow import MlflowClient
 
 from sharetune.search import tuner
 from sharetune.spaces import parse_spec, trial_settings
 from sharetune.trainables import build_model
-from sharetune.training import train_epochs
+from sharetune.training import evaluate, train_epochs
 
 # A model whose outputs do not depend on how a batch is split (LayerNorm, no BatchNorm), trained
 # without random augmentation, on 512 examples in batches of 64: 32 per worker, every step.
@@ -36,7 +38,7 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
 
     spec = ddp_spec()
     interrupted = []
-    folder, _, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
+    folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
                                                before_resume=lambda folder, client: interrupted.extend(results(folder)))
     reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
     assert [r["epoch"] for r in reported] == list(range(FIXED["epochs"] + 1))  # the whole record, each epoch once
@@ -46,13 +48,19 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     replayed = reported[:len(interrupted)]
     assert len(interrupted) >= 4 and all(r.get("epoch_seconds") == i.get("epoch_seconds") for r, i in zip(replayed, interrupted))
     assert "1/1 done" in resumed.stdout
-    # the trial's checkpoints live in its Ray Train run, not Tune's: no MLflow model, and one line why
-    assert "not logged as a model: " in resumed.stdout and "has no checkpoint" in resumed.stdout
+
+    # the model people take away is the last checkpoint of the trial's Ray Train run (Tune holds none):
+    # it scores on the test split what the trial reported last
+    parsed = parse_spec(spec)
+    data = tuner.load_data(parsed)
+    assert "MLflow models: 1 trials on the front" in resumed.stdout and "not logged as a model" not in resumed.stdout
+    (child,) = parent_and_child_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]), spec["name"])[1]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # as the CLI's line says to load it
+    model = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
+    assert evaluate(model, data.eval_batches("test", torch.device("cpu"))) == reported[-1]["test_accuracy"]
 
     # the first epochs are what one process trains on the same data and seed (the all-reduce sums in
     # another order: as the loss nears zero the runs drift apart by rounding, an example's prediction flips)
-    parsed = parse_spec(spec)
-    data = tuner.load_data(parsed)
     settings = trial_settings({"family": "spin", **parsed.fixed})
     torch.manual_seed(settings.seed)
     alone = list(itertools.islice(train_epochs(build_model(settings, data), data, settings, device="cpu"), COMPARED))

@@ -8,7 +8,7 @@ from pathlib import Path
 from sharetune.search.listing import tune_trials
 from sharetune.search.storage import SearchFolder
 from sharetune.search.tuner import load_data
-from sharetune.trainables import export_trial, pretrained_weights
+from sharetune.trainables import export_trial, pretrained_weights, run_checkpoint
 
 
 def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
@@ -19,8 +19,9 @@ def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
     trial = trials.get(trial_id)
     if trial is None:
         raise ValueError(f"--trial: no trial {trial_id!r} in {folder}; its trials: {', '.join(sorted(trials)) or 'none yet'}")
-    if trial.checkpoint is None:
+    checkpoint = trial.checkpoint or run_checkpoint(folder, trial_id)  # a trial on several workers: its Ray Train run's
+    if checkpoint is None:
         raise ValueError(f"--trial: {trial_id} has no checkpoint (status {trial.status}): it finished no epoch")
     data = load_data(spec)
-    with trial.checkpoint.as_directory() as checkpoint:
-        export_trial(trial.config, data, pretrained_weights(spec, data, folder), checkpoint, out)
+    with checkpoint.as_directory() as directory:
+        export_trial(trial.config, data, pretrained_weights(spec, data, folder), directory, out)

@@ -37,8 +37,7 @@ def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
 def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFrame, uri: str,
                      runs: dict[str, str]) -> tuple[list[str], list[str]]:
     """Log each front trial's model into its child run (`runs`: trial id -> run id). Returns the model
-    URIs, and a line for each front trial without a model to log (no Tune checkpoint: a trial on
-    several workers keeps its checkpoints in its Ray Train run)."""
+    URIs, and a line for each front trial without a model to log (it saved no checkpoint)."""
     mlflow.set_tracking_uri(uri)
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
     logged, missing = [], []

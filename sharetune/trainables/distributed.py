@@ -23,6 +23,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray import tune
+from ray.train import Result
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
@@ -44,8 +45,22 @@ REPORT_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's name f
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
     """The Tune trial's driver: run the trial on `resources.workers` Ray Train workers and wait for them."""
     loop = {"config": config, "data": data, "pretrained": pretrained, "cpus": max(1, int(resources.cpu))}
-    torch_trainer(_worker, loop, resources, f"trial_{tune.get_context().get_trial_id()}", storage,
+    torch_trainer(_worker, loop, resources, run_name(tune.get_context().get_trial_id()), storage,
                   callbacks=[TuneReportCallback()]).fit()
+
+
+def run_name(trial_id: str) -> str:
+    """The Ray Train run of a distributed trial, under the search folder's RUNS."""
+    return f"trial_{trial_id}"
+
+
+def run_checkpoint(storage: str, trial_id: str) -> ray.train.Checkpoint | None:
+    """The last checkpoint of trial `trial_id`'s Ray Train run in the search folder `storage` (what
+    Tune holds for a one-process trial); None where the trial ran in one process or saved none."""
+    try:
+        return Result.from_path(f"{storage}/{RUNS}/{run_name(trial_id)}").checkpoint
+    except RuntimeError:  # no such run
+        return None
 
 
 def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resources, name: str, storage: str,
