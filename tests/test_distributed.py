@@ -34,12 +34,12 @@ def results(folder: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_after_ctrl_c(tmp_path):
-    from test_search_cli import interrupt_then_resume
+    from test_search_cli import Stop, stop_and_resume
 
     spec = ddp_spec()
     interrupted = []
-    folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 4,
-                                               before_resume=lambda folder, client: interrupted.extend(results(folder)))
+    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 4,
+                                                                then=lambda folder, client: interrupted.extend(results(folder))))
     reported = results(folder)  # Tune restarts the trial's record: the ranks report the checkpoint's records again
     assert [r["epoch"] for r in reported] == list(range(FIXED["epochs"] + 1))  # the whole record, each epoch once
     assert all(r["world_size"] == 2 and r["rank_samples"] == [256, 256] for r in reported[1:])  # both ranks, whole epochs

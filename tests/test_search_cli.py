@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,49 +23,70 @@ def _result_lines(folder: Path) -> list[int]:
     return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
 
 
-def interrupt_then_resume(tmp_path: Path, spec: dict, interrupt_when, stop: signal.Signals = signal.SIGINT,
-                          before_resume=lambda folder, client: None) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """Run `sharetune search` on `spec`, send it `stop` (Ctrl-C, or kill -9) once `interrupt_when(result
-    line counts)` holds, check that something was left unfinished (after Ctrl-C: exit code 130, one line
-    saying so, no unfinished trial among the top trials, the MLflow parent and running children KILLED),
-    call `before_resume(folder, MlflowClient)`, then `sharetune resume` the folder."""
+@dataclass(frozen=True)
+class Stop:
+    """Stop a running `sharetune search` or `resume` by sending it `by` once `when(result line counts)`
+    holds, then call `then(folder, MlflowClient)`."""
+    when: Callable[[list[int]], bool]
+    by: signal.Signals = signal.SIGINT
+    then: Callable[[Path, MlflowClient], None] = lambda folder, client: None
+
+
+def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Run `sharetune search` on `spec` and stop it as `stops[0]` says; `sharetune resume` it and stop that
+    as each further stop says; then resume it to its end. After each stop something was left unfinished,
+    and after Ctrl-C: exit code 130, one line saying so, no unfinished trial among the top trials, the
+    MLflow parent and running children KILLED."""
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     folder = tmp_path / "results" / "run"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not interrupt_when(_result_lines(folder)):
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
-    process.send_signal(stop)
-    output, _ = process.communicate(timeout=120)
-    trials = report.trials_from_folder(folder)
-    unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
-    assert not unfinished.empty
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    if stop == signal.SIGINT:
-        assert process.returncode == 130, output
-        assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
-        top = output.split("top trials:")[1].split("Pareto front")[0]
-        assert "RUNNING" not in top and "PENDING" not in top
-        parents, children = parent_and_child_runs(client, spec["name"])
-        assert [p.info.status for p in parents] == ["KILLED"]
-        by_trial = {c.data.tags["sharetune.trial_id"]: c.info.status for c in children}
-        assert {by_trial[t] for t in unfinished["trial_id"] if t in by_trial} <= {"KILLED"} and "RUNNING" not in by_trial.values()
-    before_resume(folder, client)
-    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    for stop in stops:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not stop.when(_result_lines(folder)):
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        process.send_signal(stop.by)
+        output, _ = process.communicate(timeout=120)
+        trials = report.trials_from_folder(folder)
+        unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
+        assert not unfinished.empty
+        if stop.by == signal.SIGINT:
+            assert process.returncode == 130, output
+            assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
+            top = output.split("top trials:")[1].split("Pareto front")[0]
+            assert "RUNNING" not in top and "PENDING" not in top
+            parents, children = parent_and_child_runs(client, spec["name"])
+            assert [p.info.status for p in parents] == ["KILLED"]
+            by_trial = {c.data.tags["sharetune.trial_id"]: c.info.status for c in children}
+            assert {by_trial[t] for t in unfinished["trial_id"] if t in by_trial} <= {"KILLED"} and "RUNNING" not in by_trial.values()
+        stop.then(folder, client)
+        command = [sys.executable, "-m", "sharetune.cli", "resume", str(folder)]
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return folder, env, resumed
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
+def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_orphaned(tmp_path):
     spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 15, "hidden": [1024, 1024]},
                      data={"name": "synthetic"}, dimensions={"hash": {"choice": ["uniform", "modulus", "neighborhood"]}})
-    # mid-search: one trial done, one running, one not started
-    folder, env, resumed = interrupt_then_resume(tmp_path, spec, lambda lines: len(lines) >= 2 and lines[-1] >= 15)
+    orphan = {}
+
+    def add_orphan(folder: Path, client: MlflowClient) -> None:
+        """The run a trial gets when the driver dies before Tune's next snapshot records that trial."""
+        parents, _ = parent_and_child_runs(client, "tiny")
+        parent = parents[0]
+        assert parent.info.status == "RUNNING"  # kill -9: nothing closed it
+        tags = {"mlflow.parentRunId": parent.info.run_id, "sharetune.trial_id": "0rphan00"}
+        orphan["run"] = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
+
+    folder, env, resumed = stop_and_resume(
+        tmp_path, spec,
+        Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15),  # Ctrl-C: one trial done, one running, one not started
+        Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan))  # kill -9 of the resumed driver, mid-trial
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
     # quiet unless --verbose: none of Ray's, Tune's, Optuna's or MLflow's start-up output
     for noise in ("Configuration for experiment", "TensorBoard", "Token authentication", "A new study", "Creating initial MLflow"):
@@ -72,12 +95,16 @@ def test_interrupted_search_resumes_with_nothing_lost_or_repeated(tmp_path):
     assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {15}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     parents, children = parent_and_child_runs(client, "tiny")
-    assert len(parents) == 1 and len(children) == 3
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert client.get_run(orphan["run"]).info.lifecycle_stage == "deleted"
+    assert sorted(c.data.tags["sharetune.trial_id"] for c in children) == sorted(trials["trial_id"])  # runs == trials
     assert sorted(c.data.params["hash"] for c in children) == ["modulus", "neighborhood", "uniform"]
+    # the old checkpoints the killed driver was keeping until Tune saved its state are gone too
+    assert {trial: len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) for trial in trials["trial_id"]} == {
+        trial: 1 for trial in trials["trial_id"]}
     for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")]
-        assert sorted(steps) == list(range(1, 16))  # every epoch once
         assert child.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 16))  # every epoch once
 
 
 def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
@@ -121,7 +148,7 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
     # mid-trial: the first trial has reported three of its eight epochs
-    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3)
+    folder, env, _ = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3))
     trials = report.trials_from_folder(folder)
     assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
     assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
@@ -143,37 +170,6 @@ def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: {root}/val/class_0: an empty class folder (no .jpg or .png); add its images or remove it" in done.stderr
     assert not (tmp_path / "results").exists()
-
-
-@pytest.mark.slow
-def test_a_killed_driver_resumes_with_no_orphan_run_and_every_epoch_once(tmp_path):
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1}, fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]},
-                     dimensions={"hash": {"choice": ["uniform", "modulus"]}})
-    orphan = {}
-
-    def add_orphan(folder: Path, client: MlflowClient) -> None:
-        """The run a trial gets when the driver dies before Tune's next snapshot records that trial."""
-        parents, _ = parent_and_child_runs(client, "tiny")
-        parent = parents[0]
-        assert parent.info.status == "RUNNING"  # kill -9: nothing closed it
-        tags = {"mlflow.parentRunId": parent.info.run_id, "sharetune.trial_id": "0rphan00"}
-        orphan["run"] = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
-
-    folder, env, _ = interrupt_then_resume(tmp_path, spec, lambda lines: bool(lines) and lines[-1] >= 3,
-                                           stop=signal.SIGKILL, before_resume=add_orphan)
-    trials = report.trials_from_folder(folder)
-    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {6}
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    parents, children = parent_and_child_runs(client, "tiny")
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    assert client.get_run(orphan["run"]).info.lifecycle_stage == "deleted"
-    assert sorted(c.data.tags["sharetune.trial_id"] for c in children) == sorted(trials["trial_id"])  # runs == trials
-    # the old checkpoints the killed driver was keeping until Tune saved its state are gone too
-    assert {trial: len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) for trial in trials["trial_id"]} == {
-        trial: 1 for trial in trials["trial_id"]}
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
 
 
 def _trial_pids(folder: Path) -> dict[str, list[int]]:
