@@ -177,47 +177,42 @@ def _trial_pids(folder: Path) -> dict[str, list[int]]:
     return {trial: [row["pid"] for row in rows] for trial, rows in trial_rows(folder).items()}
 
 
-def kill_a_worker(tmp_path: Path, max_failures: int) -> tuple[Path, str, subprocess.CompletedProcess, MlflowClient]:
-    """Run a one-trial `sharetune search`, kill -9 its trial's worker process once it has reported an
-    epoch (and so checkpointed one), and let the search end; returns the folder, the trial id, the
-    command's exit code and output, and the MLflow client."""
-    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 1, "max_failures": max_failures},
-                     fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform"]}})
+@pytest.mark.slow
+def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_search_in_one_line(tmp_path):
+    """Two trials, one retry each: the first trial's worker process is killed once, mid-training (after
+    its first checkpoint), the second's twice."""
+    spec = tiny_spec(sampler="grid", budget={"max_concurrent": 2, "max_failures": 1},
+                     fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform", "modulus"]}})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     folder = tmp_path / "results" / "run"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
+    kills, killed = {}, {}  # trial -> kills it gets; trial -> the processes killed
+    deadline = time.monotonic() + 400
+    while process.poll() is None and time.monotonic() < deadline:
         for trial, pids in _trial_pids(folder).items():
-            if len(pids) >= 2:  # epoch 0 (the costs) and epoch 1, with its checkpoint
-                os.kill(pids[-1], signal.SIGKILL)  # the trial's worker process, mid-training
-                killed = trial
+            kills.setdefault(trial, 1 if not kills else 2)
+            killed.setdefault(trial, [])
+            # the trial's process has reported a checkpointed epoch: epoch 1 (after its costs), or any of a retry
+            if len(pids) >= 2 and pids[-1] not in killed[trial] and len(killed[trial]) < kills[trial]:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed[trial].append(pids[-1])
         time.sleep(0.2)
-    output, _ = process.communicate(timeout=400)
-    return folder, killed, subprocess.CompletedProcess(command, process.returncode, output), MlflowClient(env["MLFLOW_TRACKING_URI"])
+    output, _ = process.communicate(timeout=60)
+    (retried, _), (failed, _) = sorted(kills.items(), key=lambda item: item[1])
+    assert [len(killed[retried]), len(killed[failed])] == [1, 2], output
 
-
-@pytest.mark.slow
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(tmp_path):
-    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=2)
-    assert done.returncode == 0, done.stdout
     trials = report.trials_from_folder(folder).set_index("trial_id")
-    assert trials.loc[trial, "status"] == "TERMINATED" and trials.loc[trial, "epochs_done"] == 6
-    rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
+    assert trials.loc[retried, "status"] == "TERMINATED" and trials.loc[retried, "epochs_done"] == 6
+    rows = [json.loads(line) for line in (folder / f"trial_{retried}" / "result.json").read_text().splitlines()]
     assert len({row["pid"] for row in rows}) == 2 and {row["epoch"] for row in rows} == set(range(7))
-    _, (child,) = parent_and_child_runs(client, "tiny")
-    assert child.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 7))
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    children = {child.data.tags["sharetune.trial_id"]: child for child in parent_and_child_runs(client, "tiny")[1]}
+    assert children[retried].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(children[retried].info.run_id, "test_accuracy")) == list(range(1, 7))
 
-
-@pytest.mark.slow
-def test_a_trial_out_of_retries_fails_the_search_with_its_error_in_one_line(tmp_path):
-    folder, trial, done, client = kill_a_worker(tmp_path, max_failures=0)
-    _, (child,) = parent_and_child_runs(client, "tiny")
-    error = child.data.tags["error"]
-    assert child.info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")
+    error = children[failed].data.tags["error"]
+    assert children[failed].info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")
     assert "\n" not in error and str(tmp_path) not in error
-    assert done.returncode == 3 and f"1 of 1 trials failed: {trial}: {error}" in done.stdout, done.stdout
+    assert process.returncode == 3 and f"1 of 2 trials failed: {failed}: {error}" in output, output
