@@ -96,11 +96,15 @@ def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
         (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
 
 
-def test_a_diverging_trial_is_reported_and_the_others_finish(tmp_path):
-    _, trials, client = search(
-        tmp_path, sampler="grid", budget={"max_concurrent": 2}, fixed={"table_size": 64, "epochs": 3, "hidden": [16]},
-        dimensions={"lr": {"choice": [0.1, 1e30]}},
-    )
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
+    """A finished search of two trials, one of which diverges."""
+    return search(tmp_path_factory.mktemp("diverging"), sampler="grid", budget={"max_concurrent": 2},
+                  fixed={"table_size": 64, "epochs": 3, "hidden": [16]}, dimensions={"lr": {"choice": [0.1, 1e30]}})
+
+
+def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
+    _, trials, client = diverging
     by_lr = trials.set_index("lr")
     assert by_lr.loc[1e30, "diverged"] == 1 and by_lr.loc[1e30, "epochs_done"] == 1 and math.isnan(by_lr.loc[1e30, "loss"])
     assert by_lr.loc[0.1, "diverged"] == 0 and by_lr.loc[0.1, "epochs_done"] == 3
@@ -166,12 +170,12 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouched(tmp_path):
+def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouched(tmp_path, diverging):
     import shutil
 
     from sharetune.search.storage import SearchFolder, StateError
 
-    result, _, _ = search(tmp_path, budget={"num_samples": 2, "max_concurrent": 2}, fixed={"table_size": 64, "epochs": 1, "hidden": [16]})
+    result, _, _ = diverging
     damages = {
         "truncated": lambda f: next(f.glob("experiment_state-*.json")).write_text('{"trial_data": [["{\\"trial'),
         "pickle": lambda f: (f / "tuner.pkl").write_bytes(b"not a pickle"),
