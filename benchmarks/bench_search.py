@@ -20,6 +20,7 @@ NSGA-II beats random at equal epochs. The curves go to a PNG beside the printed 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ METHODS = {  # name -> --set overrides on the preset
     "nsga2-moasha": ["scheduler={name: moasha, grace_period: 1, reduction_factor: 3}"],
     "motpe-moasha": ["sampler=motpe", "sampler_options={}", "scheduler={name: moasha, grace_period: 1, reduction_factor: 3}"],
 }
+TARGET_SHARE = 0.98  # of full-budget NSGA-II's final hypervolume, the level early stopping should reach
 SMALL = ["data.train_subset=6000", "data.test_subset=2000", "fixed.epochs=9", "budget.max_concurrent=2"]
 
 
@@ -58,6 +60,11 @@ class Curve:
         """The hypervolume reached once `epochs` were spent."""
         reached = self.hypervolume[self.epochs <= epochs]
         return float(reached[-1]) if len(reached) else 0.0
+
+    def epochs_to(self, hypervolume: float) -> float:
+        """The epochs spent when the search first reached `hypervolume` (inf: it never did)."""
+        reached = self.epochs[self.hypervolume >= hypervolume]
+        return float(reached[0]) if len(reached) else math.inf
 
 
 def run_search(overrides: list[str], storage: Path, name: str):
@@ -127,11 +134,15 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str],
             print(f"{name:14s} seed {seed}: {epochs:4d} epochs, hypervolume {found.hypervolume[-1]:.4f}", flush=True)
     full = statistics.mean(c.hypervolume[-1] for c in curves["nsga2"])
     full_epochs = statistics.mean(c.epochs[-1] for c in curves["nsga2"])
-    print(f"\n{'method':14s} {'epochs':>7s} {'of nsga2':>8s} {'hypervolume':>11s} {'of nsga2':>8s}   (means over {seeds} seeds)")
+    target = TARGET_SHARE * full
+    print(f"\n{'method':14s} {'epochs':>7s} {'of nsga2':>8s} {'hypervolume':>11s} {'of nsga2':>8s} "
+          f"{f'epochs to {TARGET_SHARE} of nsga2':>24s} {'of nsga2':>8s}   (means over {seeds} seeds)")
     for name, found in curves.items():
         epochs = statistics.mean(c.epochs[-1] for c in found)
         volume = statistics.mean(c.hypervolume[-1] for c in found)
-        print(f"{name:14s} {epochs:7.1f} {epochs / full_epochs:8.3f} {volume:11.4f} {volume / full:8.3f}")
+        to_target = statistics.mean(c.epochs_to(target) for c in found)
+        print(f"{name:14s} {epochs:7.1f} {epochs / full_epochs:8.3f} {volume:11.4f} {volume / full:8.3f} "
+              f"{to_target:24.1f} {to_target / full_epochs:8.3f}")
     if "random" in curves:
         for budget in (full_epochs / 4, full_epochs / 2, full_epochs):
             nsga2 = statistics.mean(c.at(budget) for c in curves["nsga2"])

@@ -11,7 +11,7 @@ from helpers import tiny_spec
 from ray.tune.experiment import Trial
 
 from sharetune.search import report, tuner
-from sharetune.search.moasha import MOASHA, crowding, fronts, ranks_ahead
+from sharetune.search.moasha import MOASHA, crowding, fronts, going_on, ranks_ahead
 from sharetune.spaces import SpecError, parse_spec
 
 OBJECTIVES = {"test_accuracy": "max", "unique_params": "min"}
@@ -22,6 +22,11 @@ def test_fronts_and_crowding_rank_a_known_set():
     assert [f.tolist() for f in fronts(points)] == [[0, 1, 2], [3], [4]]
     assert crowding(points[[0, 1, 2]]).tolist() == [math.inf, 2.0, math.inf]
     assert [ranks_ahead(points, i) for i in range(5)] == [0, 2, 0, 3, 4]  # the front's middle point after its ends
+
+
+def test_the_top_third_rounded_down_goes_on_and_the_first_trial_at_a_rung_always_does():
+    assert [going_on(n, 3) for n in range(1, 10)] == [1, 1, 1, 1, 1, 2, 2, 2, 3]
+    assert [going_on(n, 2) for n in range(1, 6)] == [1, 1, 1, 2, 2]
 
 
 def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead():
@@ -36,7 +41,7 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
     assert cost_only == "CONTINUE"  # the costs, before training: no rung
     assert report_at("a", 1, 0.5, 100) == "CONTINUE"  # first at its rung
     assert report_at("b", 1, 0.9, 50) == "CONTINUE"  # dominates a
-    assert report_at("c", 1, 0.4, 200) == "STOP"  # dominated by both; 2 of 3 ahead >= ceil(3/3)
+    assert report_at("c", 1, 0.4, 200) == "STOP"  # dominated by both; 2 of 3 ahead >= going_on(3) = 1
     assert report_at("d", 1, 0.95, 400) == "CONTINUE"  # non-dominated, an extreme of the front
     assert report_at("a", 2, 0.6, 100) == "CONTINUE"  # between rungs: no decision
     assert report_at("a", 3, 0.6, 100) == "CONTINUE" and report_at("a", 3, 0.6, 100) == "CONTINUE"  # decided once
@@ -83,7 +88,7 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
                 continue
             at_rung = next(e for e in epochs[row.trial_id] if e["epoch"] == rung)
             recorded.append([-at_rung["test_accuracy"], at_rung["unique_params"]])
-            stop = ranks_ahead(np.array(recorded), len(recorded) - 1) >= math.ceil(len(recorded) / 2)
+            stop = ranks_ahead(np.array(recorded), len(recorded) - 1) >= going_on(len(recorded), 2)
             assert (row.epochs_done == rung) == stop, (rung, row.trial_id)
     # The known part: the trained net with 8-entry tables dominates every untrained one, so each
     # untrained trial that reached the first rung after it stopped there.

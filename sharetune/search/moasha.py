@@ -4,9 +4,10 @@ Rungs sit at grace_period x reduction_factor^k epochs (below max_t). When a tria
 its objectives there are ranked against every trial recorded at that rung so far: by non-dominated
 sorting (NSGA-II's fronts), and within a front by crowding distance, larger first (a front's two
 extremes count as infinitely far, so they are kept before its middle). The trial stops if at least
-ceil(n / reduction_factor) of the n recorded trials rank strictly ahead of it; otherwise it goes on.
-So, as in ASHA, the first trial at a rung always continues, a trial is stopped only by trials that
-are clearly better, and roughly the top 1/reduction_factor go on.
+`going_on(n)` of the n recorded trials rank strictly ahead of it: n / reduction_factor rounded down
+(ASHA's top k), but at least one; otherwise it goes on. So, as in ASHA, the first trial at a rung
+always continues, a trial is stopped only by trials that are clearly better, and at most the top
+1/reduction_factor go on once a rung has a few trials.
 
 What the sampler is told about a stopped trial: its objectives at the rung where it stopped, as a
 complete trial (Tune reports a stopped trial's last result to the searcher). That is a choice with
@@ -49,6 +50,12 @@ def crowding(points: np.ndarray) -> np.ndarray:
     return distance
 
 
+def going_on(recorded: int, reduction_factor: float) -> int:
+    """How many of the `recorded` trials at a rung go on: the top 1/reduction_factor, rounded down as in
+    ASHA, and at least one (the first trial at a rung has nothing to be compared with)."""
+    return max(1, math.floor(recorded / reduction_factor))
+
+
 def ranks_ahead(points: np.ndarray, index: int) -> int:
     """How many rows rank strictly ahead of row `index`: an earlier front, or its front and farther apart."""
     front_of, distance = np.empty(len(points), int), np.empty(len(points))
@@ -85,7 +92,7 @@ class MOASHA(FIFOScheduler):
         recorded = self.rungs[rung]
         recorded[trial.trial_id] = self.signs * np.array([float(result[m]) for m in self.objectives])
         points = np.array(list(recorded.values()))
-        if ranks_ahead(points, len(points) - 1) >= math.ceil(len(points) / self.reduction_factor):
+        if ranks_ahead(points, len(points) - 1) >= going_on(len(points), self.reduction_factor):
             self.stopped += 1
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
