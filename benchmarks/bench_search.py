@@ -133,12 +133,12 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str],
             curves[name].append(found)
             print(f"{name:14s} seed {seed}: {epochs:4d} epochs, hypervolume {found.hypervolume[-1]:.4f}", flush=True)
     full = statistics.mean(c.hypervolume[-1] for c in curves["nsga2"])
-    full_epochs = statistics.mean(c.epochs[-1] for c in curves["nsga2"])
+    full_epochs = statistics.mean(float(c.epochs[-1]) for c in curves["nsga2"])
     target = TARGET_SHARE * full
     print(f"\n{'method':14s} {'epochs':>7s} {'of nsga2':>8s} {'hypervolume':>11s} {'of nsga2':>8s} "
           f"{f'epochs to {TARGET_SHARE} of nsga2':>24s} {'of nsga2':>8s}   (means over {seeds} seeds)")
     for name, found in curves.items():
-        epochs = statistics.mean(c.epochs[-1] for c in found)
+        epochs = statistics.mean(float(c.epochs[-1]) for c in found)
         volume = statistics.mean(c.hypervolume[-1] for c in found)
         to_target = statistics.mean(c.epochs_to(target) for c in found)
         print(f"{name:14s} {epochs:7.1f} {epochs / full_epochs:8.3f} {volume:11.4f} {volume / full:8.3f} "

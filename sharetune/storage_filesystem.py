@@ -8,7 +8,10 @@ killed driver never leaves Tune's saved state pointing at something that is gone
 - Tune's state file is stored only when it is whole JSON. Tune rewrites it in the staging folder
   (truncate, then write) before it checks whether its last upload is still running, so an upload
   can read it cut short; such a copy is dropped, and the folder keeps the last whole state until
-  the next upload. (Its other state files are written whole in the staging folder already.)
+  the next upload. (Its other state files are written whole in the staging folder already.) What
+  this cannot catch: pyarrow copies in 1 MiB reads, so a state file over 1 MiB (a search of a few
+  dozen trials or more) read across a rewrite can join the old file's start to the new one's end
+  and still parse; `resume` then reports the state as one that cannot be restored.
 - A trial's old checkpoint is deleted only once Tune's saved state no longer names it. Tune deletes
   the previous checkpoint as soon as it registers a new one (`num_to_keep`), before its state
   recording the new one is saved; if that save fails (a full disk) or never happens (a killed

@@ -68,3 +68,15 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
         assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
         assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
         assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
+
+
+def test_a_trial_without_a_ray_train_run_has_no_run_checkpoint_and_an_unreadable_run_is_one_line(tmp_path):
+    from sharetune.trainables import run_checkpoint
+    from sharetune.trainables.distributed import RUN_RECORD, RUNS, run_name
+
+    assert run_checkpoint(str(tmp_path), "abc") is None  # one process: Tune holds its checkpoints
+    run = tmp_path / RUNS / run_name("abc")
+    run.mkdir(parents=True)
+    (run / RUN_RECORD).write_text('{"ray_version": "0.0.0", "checkpoints": [')  # cut short
+    with pytest.raises(ValueError, match=rf"^its Ray Train run {run} cannot be read \(\w+: .*\)$"):
+        run_checkpoint(str(tmp_path), "abc")

@@ -1,6 +1,7 @@
 """The search service through its command line, as users run it: Ctrl-C, kill -9 of the driver, a
 trial's worker killed, bad input, the UI; each command starts its own Ray."""
 
+import contextlib
 import json
 import os
 import signal
@@ -181,36 +182,41 @@ def _trial_pids(folder: Path) -> dict[str, list[int]]:
 def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_search_in_one_line(tmp_path):
     """Two trials, one retry each: the first trial's worker process is killed once, mid-training (after
     its first checkpoint), the second's twice."""
+    epochs = 12  # the retry of the trial killed twice trains long enough to be killed mid-training again
     spec = tiny_spec(sampler="grid", budget={"max_concurrent": 2, "max_failures": 1},
-                     fixed={"table_size": 64, "epochs": 6, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform", "modulus"]}})
+                     fixed={"table_size": 64, "epochs": epochs, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform", "modulus"]}})
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     folder = tmp_path / "results" / "run"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kills, killed = {}, {}  # trial -> kills it gets; trial -> the processes killed
-    deadline = time.monotonic() + 400
-    while process.poll() is None and time.monotonic() < deadline:
-        for trial, pids in _trial_pids(folder).items():
-            kills.setdefault(trial, 1 if not kills else 2)
-            killed.setdefault(trial, [])
-            # the trial's process has reported a checkpointed epoch: epoch 1 (after its costs), or any of a retry
-            if len(pids) >= 2 and pids[-1] not in killed[trial] and len(killed[trial]) < kills[trial]:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed[trial].append(pids[-1])
-        time.sleep(0.2)
-    output, _ = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 400
+        while process.poll() is None and time.monotonic() < deadline:
+            for trial, pids in _trial_pids(folder).items():
+                kills.setdefault(trial, 1 if not kills else 2)
+                killed.setdefault(trial, [])
+                # the trial's process has reported a checkpointed epoch: epoch 1 (after its costs), or any of a retry
+                if len(pids) >= 2 and pids[-1] not in killed[trial] and len(killed[trial]) < kills[trial]:
+                    with contextlib.suppress(ProcessLookupError):  # it may have just ended
+                        os.kill(pids[-1], signal.SIGKILL)
+                    killed[trial].append(pids[-1])
+            time.sleep(0.2)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a search the test gave up on stops here, not on the next test's time
     (retried, _), (failed, _) = sorted(kills.items(), key=lambda item: item[1])
     assert [len(killed[retried]), len(killed[failed])] == [1, 2], output
 
     trials = report.trials_from_folder(folder).set_index("trial_id")
-    assert trials.loc[retried, "status"] == "TERMINATED" and trials.loc[retried, "epochs_done"] == 6
+    assert trials.loc[retried, "status"] == "TERMINATED" and trials.loc[retried, "epochs_done"] == epochs
     rows = [json.loads(line) for line in (folder / f"trial_{retried}" / "result.json").read_text().splitlines()]
-    assert len({row["pid"] for row in rows}) == 2 and {row["epoch"] for row in rows} == set(range(7))
+    assert len({row["pid"] for row in rows}) == 2 and {row["epoch"] for row in rows} == set(range(epochs + 1))
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     children = {child.data.tags["sharetune.trial_id"]: child for child in parent_and_child_runs(client, "tiny")[1]}
     assert children[retried].info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(children[retried].info.run_id, "test_accuracy")) == list(range(1, 7))
+    assert sorted(m.step for m in client.get_metric_history(children[retried].info.run_id, "test_accuracy")) == list(range(1, epochs + 1))
 
     error = children[failed].data.tags["error"]
     assert children[failed].info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")

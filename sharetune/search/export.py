@@ -19,7 +19,10 @@ def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
     trial = trials.get(trial_id)
     if trial is None:
         raise ValueError(f"--trial: no trial {trial_id!r} in {folder}; its trials: {', '.join(sorted(trials)) or 'none yet'}")
-    checkpoint = trial.checkpoint or run_checkpoint(folder, trial_id)  # a trial on several workers: its Ray Train run's
+    try:
+        checkpoint = trial.checkpoint or run_checkpoint(folder, trial_id)  # a trial on several workers: its Ray Train run's
+    except ValueError as err:
+        raise ValueError(f"--trial: {trial_id}: {err}") from None
     if checkpoint is None:
         raise ValueError(f"--trial: {trial_id} has no checkpoint (status {trial.status}): it finished no epoch")
     data = load_data(spec)

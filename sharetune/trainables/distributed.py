@@ -22,6 +22,7 @@ from typing import Callable
 import ray.train
 import torch
 import torch.distributed as dist
+from pyarrow import fs
 from ray import tune
 from ray.train import Result
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
@@ -30,7 +31,7 @@ from torch import nn
 
 from sharetune.data import Batches
 from sharetune.spaces.spec import Resources
-from sharetune.storage_filesystem import tune_storage
+from sharetune.storage_filesystem import filesystem_and_path, tune_storage
 from sharetune.trainables.trial import run_trial
 from sharetune.training import TrainingState
 
@@ -40,6 +41,7 @@ RUNS = "train_runs"  # inside the search folder: one Ray Train run per distribut
 # would wait for it. Polling costs the controller a few remote calls.
 REPORT_POLL_S = 0.2
 REPORT_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's name for the poll's period
+RUN_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run's folder
 
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
@@ -56,11 +58,16 @@ def run_name(trial_id: str) -> str:
 
 def run_checkpoint(storage: str, trial_id: str) -> ray.train.Checkpoint | None:
     """The last checkpoint of trial `trial_id`'s Ray Train run in the search folder `storage` (what
-    Tune holds for a one-process trial); None where the trial ran in one process or saved none."""
-    try:
-        return Result.from_path(f"{storage}/{RUNS}/{run_name(trial_id)}").checkpoint
-    except RuntimeError:  # no such run
+    Tune holds for a one-process trial); None where the trial ran in one process or saved none.
+    ValueError, in one line, for a run whose record cannot be read."""
+    run = f"{storage}/{RUNS}/{run_name(trial_id)}"
+    filesystem, path = filesystem_and_path(run)
+    if filesystem.get_file_info(f"{path}/{RUN_RECORD}").type == fs.FileType.NotFound:
         return None
+    try:
+        return Result.from_path(run).checkpoint
+    except Exception as err:  # Ray's: a record of another Ray version, naming a checkpoint that is gone, ...
+        raise ValueError(f"its Ray Train run {run} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resources, name: str, storage: str,
