@@ -16,6 +16,7 @@ one device) and on CPUs.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -42,6 +43,8 @@ RUNS = "train_runs"  # inside the search folder: one Ray Train run per distribut
 REPORT_POLL_S = 0.2
 REPORT_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's name for the poll's period
 RUN_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run's folder
+# Reading a run's record, Ray Train logs that it found one and how to start a run afresh: not news to a reader
+RUN_RECORD_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
@@ -64,10 +67,15 @@ def run_checkpoint(storage: str, trial_id: str) -> ray.train.Checkpoint | None:
     filesystem, path = filesystem_and_path(run)
     if filesystem.get_file_info(f"{path}/{RUN_RECORD}").type == fs.FileType.NotFound:
         return None
+    record_log = logging.getLogger(RUN_RECORD_LOGGER)
+    level = record_log.level
+    record_log.setLevel(logging.WARNING)
     try:
         return Result.from_path(run).checkpoint
     except Exception as err:  # Ray's: a record of another Ray version, naming a checkpoint that is gone, ...
         raise ValueError(f"its Ray Train run {run} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    finally:
+        record_log.setLevel(level)
 
 
 def torch_trainer(worker: Callable[[dict], None], loop: dict, resources: Resources, name: str, storage: str,
