@@ -11,6 +11,7 @@ from helpers import parent_and_child_runs, tiny_spec
 from mlflow import MlflowClient
 
 from sharetune.search import tuner
+from sharetune.search.models import tracking_at
 from sharetune.spaces import parse_spec, trial_settings
 from sharetune.trainables import build_model
 from sharetune.training import evaluate, train_epochs
@@ -55,8 +56,8 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     data = tuner.load_data(parsed)
     assert "MLflow models: 1 trials on the front" in resumed.stdout and "not logged as a model" not in resumed.stdout
     (child,) = parent_and_child_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]), spec["name"])[1]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])  # as the CLI's line says to load it
-    model = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
+    with tracking_at(env["MLFLOW_TRACKING_URI"]):  # as the CLI's line says to load it
+        model = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
     assert evaluate(model, data.eval_batches("test", torch.device("cpu"))) == reported[-1]["test_accuracy"]
 
     # the first epochs are what one process trains on the same data and seed (the all-reduce sums in

@@ -24,7 +24,7 @@ from sharetune.search import report, tuner
 from sharetune.search.comparison import log_comparison
 from sharetune.search.export import export
 from sharetune.search.mlflow_logger import trial_runs
-from sharetune.search.models import front_trials, log_front_models
+from sharetune.search.models import front_trials, log_front_models, tracking_at
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import parse_spec
 from sharetune.trainables import load_exported
@@ -107,16 +107,19 @@ def test_front_trials_are_mlflow_models_that_predict_as_the_trials_do(finished):
             points["unique_params"] <= points.loc[trial_id, "unique_params"])
         assert (better & (points.index != trial_id) & ((points["test_accuracy"] > points.loc[trial_id, "test_accuracy"]) | (
             points["unique_params"] < points.loc[trial_id, "unique_params"]))).sum() == 0
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     uris, missing = log_front_models(SearchFolder(result.folder), spec, trials, result.mlflow_uri,
                                      trial_runs(result.mlflow_uri, parent_id))
     assert 0 < len(uris) == len(front) < len(trained) and missing == []
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # none left for later subprocesses to inherit (seen in CI)
     x = torch.randn(5, 1, 8, 8)
     for trial_id, uri in zip(front, uris):
         export(SearchFolder(result.folder), trial_id, tmp / f"{trial_id}.pt")
         expected = load_exported(tmp / f"{trial_id}.pt")(x)
-        loaded = mlflow.pytorch.load_model(uri)
+        with tracking_at(result.mlflow_uri):
+            loaded = mlflow.pytorch.load_model(uri)
+            info = mlflow.models.get_model_info(uri)
         assert torch.allclose(loaded(x), expected)
-        info = mlflow.models.get_model_info(uri)
         assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
 
 

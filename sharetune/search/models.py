@@ -4,7 +4,10 @@ folded, ArbNet indices recomputed), with a signature and an input example."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from sharetune.spaces import SearchSpec
 from sharetune.trainables import load_exported
 
 MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 
 
 def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
@@ -34,14 +38,26 @@ def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
     return list(done["trial_id"][pareto_mask(points, [mode == "max" for mode in spec.objectives.values()])])
 
 
+@contextlib.contextmanager
+def tracking_at(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, load_model) at `uri` for a while. `set_tracking_uri`
+    also exports the URI to the environment, where every later subprocess (a search started from the
+    same Python process) would inherit it: both are restored afterwards."""
+    before = os.environ.get(TRACKING_URI_VARIABLE)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable
+
+
 def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFrame, uri: str,
                      runs: dict[str, str]) -> tuple[list[str], list[str]]:
     """Log each front trial's model into its child run (`runs`: trial id -> run id). Returns the model
     URIs, and a line for each front trial without a model to log (it saved no checkpoint)."""
-    mlflow.set_tracking_uri(uri)
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
     logged, missing = [], []
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, tracking_at(uri):
         for trial_id in front_trials(trials, spec):
             if trial_id not in runs:
                 continue
