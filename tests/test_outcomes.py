@@ -172,6 +172,24 @@ def test_tune_failing_to_save_its_state_on_a_full_disk_logs_one_line_and_other_e
     assert log_failed_save(OSError(errno.ENOSPC, "No space left on device")).exc_info is not None  # filter removed
 
 
+def test_a_state_save_that_missed_a_temporary_staging_file_is_not_logged(caplog):
+    """Tune's upload listed the searcher's temporary state file, which the next save had renamed away
+    before the upload opened it: Tune logged the failed save with a pyarrow traceback (seen in CI)."""
+    staged = "/tmp/ray/session_x/artifacts/full/driver_artifacts"
+    vanished = FileNotFoundError(errno.ENOENT, f"Failed to open local file '{staged}/.bd871261-855a-43fe-9fcc-b30b2dc25dcc"
+                                               "-tmp-searcher-state-2026-12-04_22-09-45.pkl'. Detail: [errno 2] No such file or directory")
+    other = FileNotFoundError(errno.ENOENT, f"Failed to open local file '{staged}/experiment_state-2026.json'")
+    tune_state = logging.getLogger(TUNE_STATE_LOGGER)
+    with stop_on_full_disk("/x"):
+        for err in (vanished, other):
+            try:
+                raise RuntimeError("sync failed") from err
+            except RuntimeError:
+                tune_state.error("Saving experiment state to storage at '%s' failed with exception: ", "/x", exc_info=True)
+    (kept,) = caplog.records
+    assert kept.exc_info[1].__cause__ is other and "Traceback" in caplog.text
+
+
 def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, small_disk):
     done = sharetune(tmp_path, "--storage", str(small_disk / "results"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

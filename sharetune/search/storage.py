@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -47,11 +48,26 @@ def full_disk_cause(err: BaseException | None) -> OSError | None:
     return None
 
 
-class OneLineWhenFull(logging.Filter):
-    """Tune logs a failed save of its state with the whole traceback; on a full disk the search stops
-    with its own line about it, so the record keeps its message and the error's one line."""
+def vanished_staging_file(err: BaseException | None) -> bool:
+    """Whether `err` is Tune's upload missing a temporary file of its staging folder. Tune saves its
+    searcher's state there (to a hidden temporary file, renamed over the state file) while its last
+    upload may still be copying the folder, so the upload can list a temporary file that is gone by
+    the time it opens it; the next upload carries the state."""
+    while err is not None:
+        if isinstance(err, FileNotFoundError) and STAGING_TEMPORARY.search(str(err)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class StateSaveLog(logging.Filter):
+    """Tune logs a failed save of its state with the whole traceback. On a full disk the search stops
+    with its own line about it, so the record keeps its message and the error's one line; a save that
+    missed a temporary staging file is not a failure anyone can act on, so it is not logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and vanished_staging_file(record.exc_info[1]):
+            return False
         full = full_disk_cause(record.exc_info[1]) if record.exc_info else None
         if full is not None:
             record.msg = f"{record.getMessage()}{full}"
@@ -60,13 +76,14 @@ class OneLineWhenFull(logging.Filter):
 
 
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
+STAGING_TEMPORARY = re.compile(r"/\.[0-9a-f-]{36}-tmp-")  # Tune's searcher saves its state to /.<uuid>-tmp-<name>
 
 
 @contextlib.contextmanager
 def stop_on_full_disk(folder: str):
     """Turn a full disk under the running search into StorageFull: what Tune saved last stays, and
     `resume` continues from it once there is room."""
-    one_line = OneLineWhenFull()
+    one_line = StateSaveLog()
     logging.getLogger(TUNE_STATE_LOGGER).addFilter(one_line)
     try:
         yield
