@@ -24,6 +24,15 @@ def _result_lines(folder: Path) -> list[int]:
     return sorted(len(p.read_text().splitlines()) for p in folder.glob("*/result.json"))
 
 
+def cli_search(tmp_path: Path, spec: dict) -> tuple[Path, dict, list[str]]:
+    """Write `spec` to tmp_path; return the search's folder, an environment whose MLflow store is the
+    test's own, and the `sharetune search` command to run in tmp_path."""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    return tmp_path / "results" / "run", env, command
+
+
 @dataclass(frozen=True)
 class Stop:
     """Stop a running `sharetune search` or `resume` by sending it `by` once `when(result line counts)`
@@ -38,11 +47,8 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
     as each further stop says; then resume it to its end. After each stop something was left unfinished,
     and after Ctrl-C: exit code 130, one line saying so, no unfinished trial among the top trials, the
     MLflow parent and running children KILLED."""
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    folder = tmp_path / "results" / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    folder, env, command = cli_search(tmp_path, spec)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
     for stop in stops:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
@@ -185,10 +191,7 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_s
     epochs = 12  # the retry of the trial killed twice trains long enough to be killed mid-training again
     spec = tiny_spec(sampler="grid", budget={"max_concurrent": 2, "max_failures": 1},
                      fixed={"table_size": 64, "epochs": epochs, "hidden": [1024, 1024]}, dimensions={"hash": {"choice": ["uniform", "modulus"]}})
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    folder = tmp_path / "results" / "run"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "run"]
+    folder, env, command = cli_search(tmp_path, spec)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     kills, killed = {}, {}  # trial -> kills it gets; trial -> the processes killed
     try:

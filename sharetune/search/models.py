@@ -5,7 +5,6 @@ folded, ArbNet indices recomputed), with a signature and an input example."""
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -15,6 +14,7 @@ import mlflow
 import mlflow.pytorch
 import pandas as pd
 import torch
+from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.models import infer_signature
 
 from sharetune.metrics import pareto_mask
@@ -25,7 +25,6 @@ from sharetune.spaces import SearchSpec
 from sharetune.trainables import load_exported
 
 MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
-TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
 
 
 def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
@@ -43,7 +42,7 @@ def tracking_at(uri: str) -> Iterator[None]:
     """MLflow's fluent API (start_run, log_model, load_model) at `uri` for a while. `set_tracking_uri`
     also exports the URI to the environment, where every later subprocess (a search started from the
     same Python process) would inherit it: both are restored afterwards."""
-    before = os.environ.get(TRACKING_URI_VARIABLE)
+    before = MLFLOW_TRACKING_URI.get()
     mlflow.set_tracking_uri(uri)
     try:
         yield
