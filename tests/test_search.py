@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search import report, tuner
+from sharetune.search.outcome import failed_trials
 from sharetune.spaces import parse_spec
 
 # conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
@@ -111,6 +112,29 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
     _, children = parent_and_child_runs(client, "tiny")
     status = {c.data.params["lr"]: (c.info.status, c.data.tags.get("diverged")) for c in children}
     assert status == {"1e+30": ("FAILED", "true"), "0.1": ("FINISHED", None)}
+
+
+def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):
+    """DeiT-Ti's three heads need a width divisible by three: the extremes 6 and 12 pass the spec's dry
+    runs, the widths between them that are not multiples of three fail in their trial. Retrying those
+    would fail alike, so they get no retry (budget.max_failures is 2), while a worker that dies does
+    (test_search_cli)."""
+    result, trials, client = search(
+        tmp_path, family="spin", sampler="random", sampler_options={"seed": 0}, budget={"num_samples": 4, "max_concurrent": 2},
+        fixed={"model": "deit_tiny", "depth": 1, "patch_size": 4, "epochs": 1}, dimensions={"dim": {"int": [6, 12]}})
+    trained = trials[trials["trial_id"].notna()].set_index("trial_id")
+    unbuildable = set(trained.index[trained["dim"] % 3 != 0])
+    assert unbuildable and set(trained.index) - unbuildable  # seed 0 samples both kinds
+    assert set(trained.loc[list(unbuildable), "status"]) == {"ERROR"}
+    assert set(trained.drop(index=list(unbuildable))["status"]) == {"TERMINATED"}
+    message = "the configuration cannot be built: AssertionError: dim should be divisible by num_heads"
+    for trial_id in unbuildable:
+        failures = (Path(result.folder) / f"trial_{trial_id}" / "error.txt").read_text()
+        assert failures.count("Failure # ") == 1 and message in failures  # tried once
+    assert failed_trials(result.folder, max_failures=2).keys() == unbuildable
+    _, children = parent_and_child_runs(client, "tiny")
+    errors = {c.data.tags["sharetune.trial_id"]: c.data.tags.get("error") for c in children if c.info.status == "FAILED"}
+    assert errors.keys() == unbuildable and all(error.endswith(message) for error in errors.values())
 
 
 def test_single_objective_search_with_asha_and_spin_models(tmp_path):

@@ -51,3 +51,25 @@ def test_a_resized_spin_trial_counts_the_network_at_its_resolution():
     data = load("synthetic")  # 8 x 8 inputs, resized to 16 x 16
     small, large = (costs_of(build_model(SpinSettings(**ARCH, img_size=size), data), data) for size in (8, 16))
     assert small.unique_params == large.unique_params and large.macs > 3 * small.macs
+
+
+def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures():
+    """What decides a trial's retries (sharetune.search.retries): a model that cannot be built, from
+    the trial itself, through a raise that wraps it, or from any rank of a Ray Train run."""
+    from ray.train import WorkerGroupError
+
+    from sharetune.trainables.trial import ConfigurationError, built, configuration_error
+
+    data = load("synthetic")
+    config = {"family": "spin", "model": "deit_tiny", "dim": 8, "depth": 1, "patch_size": 4}
+    with pytest.raises(ConfigurationError, match="^the configuration cannot be built: AssertionError: dim should be divisible by num_heads$") as unbuildable:
+        built(config, data, None)
+    *_, costs = built({**config, "dim": 9}, data, None)
+    assert costs.unique_params > 0
+    try:
+        raise RuntimeError("the run failed") from unbuildable.value
+    except RuntimeError as wrapped:
+        assert configuration_error(wrapped) is unbuildable.value
+    ranks = WorkerGroupError("a rank failed", {0: RuntimeError("gloo timed out"), 1: unbuildable.value})
+    assert configuration_error(ranks) is unbuildable.value
+    assert configuration_error(WorkerGroupError("a rank died", {0: RuntimeError("gloo timed out")})) is None

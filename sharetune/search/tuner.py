@@ -26,6 +26,7 @@ from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
+from sharetune.search.retries import NoRetryWhenUnbuildable
 from sharetune.search.searcher import ConfigurationSearcher
 from sharetune.search.storage import (
     DEFAULT_STORAGE,
@@ -96,7 +97,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                      repeats=spec.repeats, constraints=spec.constraints,
                                      costs=ProposalCosts(spec, folder, data, pretrained),
                                      space_size=spec.distinct_configurations())
-    callbacks = [MlflowLogger.for_search(spec, folder, uri)]
+    callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable()]
     if progress:
         callbacks.append(Progress(spec.objectives, spec.num_samples() * spec.repeats))
     tuner = tune.Tuner(

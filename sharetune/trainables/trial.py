@@ -2,6 +2,8 @@
 
 A trial reports its costs (parameters, MACs) once before training, as epoch 0; then every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (the model and the
 recipe's TrainingState: optimizer, schedule, EMA, and every record reported so far), so an interrupted trial resumes at its next epoch.
+A trial whose configuration cannot be built instead reports that once (CONFIGURATION_ERROR, no epoch)
+and raises: the driver then gives it no retry, since every try would fail alike.
 """
 
 from __future__ import annotations
@@ -17,13 +19,26 @@ from ray import tune
 from torch import nn
 
 from sharetune.data import Batches
-from sharetune.metrics import TrialMetrics
-from sharetune.spaces import trial_settings
+from sharetune.metrics import ModelCosts, TrialMetrics
+from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.spaces.spec import Resources
 from sharetune.trainables.build import build_model, costs_of
 from sharetune.training import TrainingState, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
+CONFIGURATION_ERROR = "configuration_error"  # the one report of a trial whose configuration cannot be built
+
+
+class ConfigurationError(Exception):
+    """The trial's configuration cannot be built into a model that takes its data: every try fails alike."""
+
+
+def configuration_error(err: BaseException | None) -> ConfigurationError | None:
+    """The ConfigurationError behind `err`: itself, what caused it, or a Ray Train rank's failure."""
+    if err is None or isinstance(err, ConfigurationError):
+        return err
+    ranks = getattr(err, "worker_failures", {})  # Ray Train's WorkerGroupError: rank -> its exception
+    return next(filter(None, map(configuration_error, ranks.values())), None) or configuration_error(err.__cause__)
 
 
 def train_trial(config: dict, data: Batches, pretrained: dict | None = None, resources: Resources | None = None,
@@ -32,12 +47,35 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None = None, res
     search through the object store. A folder streams through as many loader workers as the trial has CPUs.
     With `resources.workers` > 1 the trial runs as a Ray Train data-parallel job (sharetune.trainables.
     distributed), its runs kept under `storage` (the search folder)."""
-    if resources is not None and resources.workers > 1:
-        from sharetune.trainables.distributed import train_distributed
+    try:
+        if resources is not None and resources.workers > 1:
+            from sharetune.trainables.distributed import train_distributed
 
-        return train_distributed(config, data, pretrained, resources, storage)
-    cpus = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
-    run_trial(config, data, pretrained, session=tune, cpus=cpus, device=pick_device())
+            return train_distributed(config, data, pretrained, resources, storage)
+        cpus = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
+        run_trial(config, data, pretrained, session=tune, cpus=cpus, device=pick_device())
+    except Exception as err:
+        unbuildable = configuration_error(err)
+        if unbuildable is not None:  # Tune takes this report before the error: the trial then gets no retry
+            tune.report({CONFIGURATION_ERROR: str(unbuildable)})
+        raise
+
+
+def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilySettings, Batches, nn.Module, ModelCosts]:
+    """The trial's settings, its data at the trial's resolution, its model (seeded) and the model's costs.
+    ConfigurationError where the configuration does not build or does not take a batch of the data;
+    host memory or a file running out is no such error (a retry elsewhere can help)."""
+    try:
+        settings = trial_settings(config)
+        data = data.with_resolution(settings.resolution)
+        torch.manual_seed(settings.seed)
+        model = build_model(settings, data, pretrained)
+        return settings, data, model, costs_of(model, data)
+    except (MemoryError, OSError):
+        raise
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {reason}") from err
 
 
 def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: ModuleType, cpus: int,
@@ -48,12 +86,8 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
     through (DDP); `extra` adds values to each epoch's report. Only rank 0 writes the checkpoint.
     `replay`: a resumed trial first reports again the records its checkpoint holds, for a session that
     restarts the trial's record (Tune does for a trial whose checkpoints live in its Ray Train run)."""
-    settings = trial_settings(config)
-    data = data.with_resolution(settings.resolution)  # a folder decodes at the trial's resolution
     torch.set_num_threads(cpus)
-    torch.manual_seed(settings.seed)
-    model = build_model(settings, data, pretrained)
-    costs = costs_of(model, data)
+    settings, data, model, costs = built(config, data, pretrained)  # a folder decodes at the trial's resolution
     model.to(device)
     training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
     start_epoch, history = 0, []
