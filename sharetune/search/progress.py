@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Bar
 
 from sharetune.metrics import STEP, pareto_mask
+from sharetune.search.outcome import trial_error
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
 
@@ -104,7 +105,7 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended[trial.trial_id] = "error"
-        message = f"trial {trial} failed; the search goes on ({trial.error_file or 'see its log'})"
+        message = f"trial {trial.trial_id} failed; the search goes on: {trial_error(trial)}"
         (self.bar.console.print if self.bar is not None else typer.echo)(message)
         self.show(trials, force=True)
 
