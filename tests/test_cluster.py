@@ -184,7 +184,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             assert set(every["status"]) - {"TERMINATED"} <= {"DUPLICATE"}
             # the crashed node's trial went on from its checkpoint on the head, which trained the rest
             rows = trial_rows(folder)[crashed]
-            assert {row["epoch"] for row in rows} == set(range(epochs + 1)) and rows[-1]["node_id"] != cluster.second_node
+            assert [row["epoch"] for row in rows] == list(range(epochs + 1)) and rows[-1]["node_id"] != cluster.second_node
             assert len({row["node_id"] for row in rows}) == 2
 
             client = MlflowClient(tracking)

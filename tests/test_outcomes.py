@@ -24,6 +24,7 @@ from pyarrow import fs
 from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
+from sharetune.search.result_log import keep_rows_up_to
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
 from sharetune.spaces.spec import Resources
 from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
@@ -138,7 +139,7 @@ def test_a_disk_that_fills_mid_search_stops_it_in_one_line_and_resume_finishes_i
         assert len(table) == trials and set(table["status"]) == {"TERMINATED"} and set(table["epochs_done"]) == {epochs}
         for trial in table["trial_id"]:
             rows = [json.loads(line) for line in (folder / f"trial_{trial}" / "result.json").read_text().splitlines()]
-            assert {row["epoch"] for row in rows} == set(range(epochs + 1))
+            assert [row["epoch"] for row in rows] == list(range(epochs + 1))  # each once
             assert len(list((folder / f"trial_{trial}").glob("checkpoint_*"))) == 1
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         children = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`mlflow.parentRunId` != ''")
@@ -197,19 +198,24 @@ def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, 
     assert list(small_disk.iterdir()) == []
 
 
-def test_result_rows_cut_short_are_trimmed_and_whole_ones_kept(tmp_path):
-    """The full-disk test met it in CI: the disk filled mid-row, and resume appended after the cut."""
-    folder = SearchFolder(tmp_path / "search")
-    rows = [json.dumps({"epoch": e}) for e in range(3)]
+def test_a_restarted_trials_log_keeps_its_whole_rows_up_to_its_checkpoint_and_appends_after_them(tmp_path):
+    """What a trial that starts again appends to: the full-disk test met a row cut short in CI (the disk
+    filled mid-row), and a Ctrl-C'd search's log once held rows past the checkpoint Tune's state named."""
+    rows = [json.dumps({"epoch": e, "training_iteration": e + 1}) for e in range(4)]
     cases = {"cut": "\n".join(rows) + "\n" + rows[0][:5], "unterminated": "\n".join(rows), "whole": "\n".join(rows) + "\n",
-             "only_a_cut": rows[0][:5]}
+             "only_a_cut": rows[0][:5], "none": None}
     for name, text in cases.items():
-        (tmp_path / "search" / f"trial_{name}").mkdir(parents=True)
-        (tmp_path / "search" / f"trial_{name}" / "result.json").write_text(text)
-    folder.trim_cut_rows()
-    read = {name: (tmp_path / "search" / f"trial_{name}" / "result.json").read_text() for name in cases}
-    assert read == {"cut": "\n".join(rows) + "\n", "unterminated": "\n".join(rows) + "\n", "whole": "\n".join(rows) + "\n",
-                    "only_a_cut": ""}
+        if text is not None:
+            (tmp_path / f"{name}.json").write_text(text)
+    appending = {name: (tmp_path / f"{name}.json").open("at") for name in cases}  # as Tune's logger holds them
+    for name in cases:
+        keep_rows_up_to(tmp_path / f"{name}.json", iteration=3)  # resumes from the checkpoint of epoch 2
+        appending[name].write(rows[3] + "\n")  # epoch 3 again
+        appending[name].close()
+    read = {name: (tmp_path / f"{name}.json").read_text() for name in cases}
+    every_epoch_once = "\n".join(rows) + "\n"
+    assert read == {"cut": every_epoch_once, "unterminated": every_epoch_once, "whole": every_epoch_once,
+                    "only_a_cut": rows[3] + "\n", "none": rows[3] + "\n"}
 
 
 def test_the_folder_writes_whole_files(tmp_path):

@@ -182,25 +182,6 @@ class SearchFolder(str):
         location = json.loads(self._required(MLFLOW_FILE))
         return location["tracking_uri"], location["experiment"]
 
-    def trim_cut_rows(self) -> None:
-        """Tune appends one JSON line per result to each trial's result.json in its staging folder and
-        copies that file here whole; a driver killed (or a staging disk full) mid-append leaves the last
-        line cut short, and a resumed trial would append after it. Keep every complete line; an object
-        store's files are written whole."""
-        if is_uri(self):
-            return
-        for log in Path(self).glob("trial_*/result.json"):
-            data = log.read_bytes()
-            complete, _, tail = data.rpartition(b"\n")
-            if not tail:
-                continue
-            try:
-                json.loads(tail)
-                kept = data + b"\n"  # a whole row that lost only its newline
-            except ValueError:
-                kept = complete + b"\n" if complete else b""
-            self.write(log.relative_to(self).as_posix(), kept)
-
     def tune_trial_ids(self) -> list[str]:
         """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
         raises StateError, so `resume` never starts a new search over it."""

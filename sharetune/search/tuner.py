@@ -26,6 +26,7 @@ from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
+from sharetune.search.result_log import ResultLog
 from sharetune.search.retries import NoRetryWhenUnbuildable
 from sharetune.search.searcher import ConfigurationSearcher
 from sharetune.search.storage import (
@@ -97,7 +98,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                      repeats=spec.repeats, constraints=spec.constraints,
                                      costs=ProposalCosts(spec, folder, data, pretrained),
                                      space_size=spec.distinct_configurations())
-    callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable()]
+    callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
     if progress:
         callbacks.append(Progress(spec.objectives, spec.num_samples() * spec.repeats))
     tuner = tune.Tuner(
@@ -190,5 +191,4 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    folder.trim_cut_rows()
     return Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
