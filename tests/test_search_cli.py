@@ -227,4 +227,5 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_s
     assert children[failed].info.status == "FAILED" and error.startswith("The actor is dead because its worker process has died")
     assert "\n" not in error and str(tmp_path) not in error
     assert f"trial {failed} failed; the search goes on: {error}" in output, output  # as it happens
+    assert "Trials did not complete" not in output  # Tune's list of the failed trials' names: the last line says more
     assert process.returncode == 3 and f"1 of 2 trials failed: {failed}: {error}" in output, output

@@ -22,6 +22,7 @@ from sharetune.metrics import STEP, pareto_mask
 from sharetune.search.outcome import trial_error
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
+TUNE_RUN_LOGGER = "ray.tune.tune"  # where Tune's fit logs its end
 
 
 def quiet() -> None:
@@ -34,6 +35,8 @@ def quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # The search's last line says how many trials failed and the first one's error; Tune's list of their names adds nothing
+    logging.getLogger(TUNE_RUN_LOGGER).addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
 
 
 class Progress(tune.Callback):
