@@ -66,6 +66,8 @@ def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(
         built(config, data, None)
     *_, costs = built({**config, "dim": 9}, data, None)
     assert costs.unique_params > 0
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # memory running out: a retry may find more
+        built({**config, "model": "convmixer", "dim": 10**7}, data, None)  # 400 TB of pointwise weights
     try:
         raise RuntimeError("the run failed") from unbuildable.value
     except RuntimeError as wrapped:

@@ -27,6 +27,7 @@ from sharetune.training import TrainingState, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
 CONFIGURATION_ERROR = "configuration_error"  # the one report of a trial whose configuration cannot be built
+ALLOCATION_FAILED = ("can't allocate memory", "out of memory")  # torch's RuntimeErrors for host and GPU memory
 
 
 class ConfigurationError(Exception):
@@ -64,16 +65,16 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None = None, res
 def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilySettings, Batches, nn.Module, ModelCosts]:
     """The trial's settings, its data at the trial's resolution, its model (seeded) and the model's costs.
     ConfigurationError where the configuration does not build or does not take a batch of the data;
-    host memory or a file running out is no such error (a retry elsewhere can help)."""
+    memory running out or a file that cannot be read is no such error (a retry, maybe elsewhere, can help)."""
     try:
         settings = trial_settings(config)
         data = data.with_resolution(settings.resolution)
         torch.manual_seed(settings.seed)
         model = build_model(settings, data, pretrained)
         return settings, data, model, costs_of(model, data)
-    except (MemoryError, OSError):
-        raise
     except Exception as err:
+        if isinstance(err, (MemoryError, OSError)) or any(words in str(err) for words in ALLOCATION_FAILED):
+            raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
         raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {reason}") from err
 
