@@ -24,7 +24,7 @@ from pyarrow import fs
 from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
 from sharetune.search.outcome import error_line
-from sharetune.search.result_log import keep_rows_up_to
+from sharetune.search.result_log import rewrite, rows_up_to
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
 from sharetune.spaces.spec import Resources
 from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
@@ -203,19 +203,20 @@ def test_a_restarted_trials_log_keeps_its_whole_rows_up_to_its_checkpoint_and_ap
     filled mid-row), and a Ctrl-C'd search's log once held rows past the checkpoint Tune's state named."""
     rows = [json.dumps({"epoch": e, "training_iteration": e + 1}) for e in range(4)]
     cases = {"cut": "\n".join(rows) + "\n" + rows[0][:5], "unterminated": "\n".join(rows), "whole": "\n".join(rows) + "\n",
-             "only_a_cut": rows[0][:5], "none": None}
+             "only_a_cut": rows[0][:5], "empty": "", "appended_after_a_cut": rows[0] + "\n" + rows[1][:5] + rows[1] + "\n" + rows[2] + "\n"}
     for name, text in cases.items():
-        if text is not None:
-            (tmp_path / f"{name}.json").write_text(text)
+        (tmp_path / f"{name}.json").write_text(text)
     appending = {name: (tmp_path / f"{name}.json").open("at") for name in cases}  # as Tune's logger holds them
     for name in cases:
-        keep_rows_up_to(tmp_path / f"{name}.json", iteration=3)  # resumes from the checkpoint of epoch 2
+        log = tmp_path / f"{name}.json"
+        rewrite(log, rows_up_to(log.read_bytes(), iteration=3))  # resumes from the checkpoint of epoch 2
         appending[name].write(rows[3] + "\n")  # epoch 3 again
         appending[name].close()
     read = {name: (tmp_path / f"{name}.json").read_text() for name in cases}
     every_epoch_once = "\n".join(rows) + "\n"
     assert read == {"cut": every_epoch_once, "unterminated": every_epoch_once, "whole": every_epoch_once,
-                    "only_a_cut": rows[3] + "\n", "none": rows[3] + "\n"}
+                    "only_a_cut": rows[3] + "\n", "empty": rows[3] + "\n",
+                    "appended_after_a_cut": "\n".join([rows[0], rows[2], rows[3]]) + "\n"}  # the row glued to the cut is lost
 
 
 def test_the_folder_writes_whole_files(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from sharetune.search.storage import SearchFolder
+from sharetune.trainables import ConfigurationError
 
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 
@@ -41,14 +42,16 @@ def trial_error(trial) -> str:
 def failed_trials(folder: SearchFolder, max_failures: int) -> dict[str, str]:
     """Trial id -> error line of each trial that ended in error. Tune's saved state can miss the last
     error (its final snapshot may not reach the folder), so a trial whose error.txt in the folder
-    counts more failures than its retries allow is failed too."""
+    counts more failures than its retries allow, or an unbuildable configuration (never retried), is
+    failed too."""
     from ray import tune
 
     failed = {}
     for trial in tune.ExperimentAnalysis(str(folder)).trials:
-        text = folder.read(f"{folder.trial_dirname(trial.trial_id)}/error.txt") if trial.status != FINISHED else None
-        if trial.status == FAILED or (text and text.decode().count("Failure # ") > max_failures):
-            failed[trial.trial_id] = error_line(text.decode() if text else trial.get_error())
+        data = folder.read(f"{folder.trial_dirname(trial.trial_id)}/error.txt") if trial.status != FINISHED else None
+        text = data.decode() if data else ""
+        if trial.status == FAILED or text.count("Failure # ") > max_failures or ConfigurationError.__name__ in text:
+            failed[trial.trial_id] = error_line(text or trial.get_error())
     return failed
 
 

@@ -8,7 +8,8 @@ disk full, mid-append), and it can hold rows past the checkpoint the trial goes 
 killed, a disk full or a worker dead between a result and Tune's record of its checkpoint. The
 trial reports those results again. So before the trial appends, its log keeps the whole rows up to
 the result its checkpoint came with (none for a trial with no checkpoint, which starts afresh; a
-trial on several workers replays its record from its Ray Train run). Given to Tune, this logger
+trial on several workers replays its record from its Ray Train run). A retry in the same driver
+keeps this driver's own rows where the stored copy lags behind them. Given to Tune, this logger
 stands in for its default JSON one; sharetune reads no other log of Tune's.
 """
 
@@ -18,31 +19,36 @@ import json
 from pathlib import Path
 
 from ray.tune.logger import JsonLoggerCallback
-
-ITERATION = "training_iteration"  # Tune's count of a trial's results, in every row
-RESULT_LOG = "result.json"
+from ray.tune.result import EXPR_RESULT_FILE, TRAINING_ITERATION
 
 
 class ResultLog(JsonLoggerCallback):
     def log_trial_start(self, trial) -> None:
-        super().log_trial_start(trial)  # the stored log copied back, and held open to append
+        log = Path(trial.local_path, EXPR_RESULT_FILE)
+        own = log.read_bytes() if log.exists() else b""  # this driver's rows: never behind the stored copy
+        super().log_trial_start(trial)  # the stored copy fetched over it (a trial with a checkpoint), held open to append
         restored = trial.latest_checkpoint_result
-        keep_rows_up_to(Path(trial.local_path) / RESULT_LOG, restored.metrics[ITERATION] if restored else 0)
+        iteration = restored.metrics.get(TRAINING_ITERATION, 0) if restored else 0
+        rewrite(log, max(rows_up_to(own, iteration), rows_up_to(log.read_bytes(), iteration), key=len))
 
 
-def keep_rows_up_to(log: Path, iteration: int) -> None:
-    """Keep the whole rows of `log` whose result is at most `iteration`, in place: Tune's logger holds
-    the file open and appends at its end, wherever that now is."""
-    data = log.read_bytes() if log.exists() else b""
-    kept = b""
-    for line in filter(None, data.split(b"\n")):
+def rows_up_to(data: bytes, iteration: int) -> list[bytes]:
+    """The whole rows of a result log whose result is at most `iteration`."""
+    rows = []
+    for line in data.split(b"\n"):
         try:
-            at = json.loads(line)[ITERATION]
-        except (ValueError, KeyError, TypeError):
-            break  # cut short: the last row
-        if at <= iteration:
-            kept += line + b"\n"
-    if kept != data:
+            if json.loads(line)[TRAINING_ITERATION] <= iteration:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):  # cut short, or no row at all
+            continue
+    return rows
+
+
+def rewrite(log: Path, rows: list[bytes]) -> None:
+    """Make `log` these rows, in place: Tune's logger holds the file open and appends at its end,
+    wherever that now is."""
+    data = b"".join(row + b"\n" for row in rows)
+    if log.read_bytes() != data:
         with log.open("r+b") as file:
-            file.write(kept)
+            file.write(data)
             file.truncate()

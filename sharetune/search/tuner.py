@@ -165,6 +165,9 @@ def _scheduler(spec: SearchSpec):
 # Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is
 # the point, so its warning about it is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Each result is processed before the trial's next step runs: so an unbuildable trial's report
+# reaches sharetune.search.retries before its error does. Tune's result buffering would batch them.
+os.environ["TUNE_RESULT_BUFFER_LENGTH"] = "1"
 # Tune checks that every result carries the objectives; the costs' report before training cannot
 # carry the accuracy, and the metrics' names come from one typed record (sharetune.metrics).
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")

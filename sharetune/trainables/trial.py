@@ -64,8 +64,9 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None = None, res
 
 def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilySettings, Batches, nn.Module, ModelCosts]:
     """The trial's settings, its data at the trial's resolution, its model (seeded) and the model's costs.
-    ConfigurationError where the configuration does not build or does not take a batch of the data;
-    memory running out or a file that cannot be read is no such error (a retry, maybe elsewhere, can help)."""
+    ConfigurationError where the configuration does not build, or its model fails on an input of the
+    data's shape (counting the costs runs one); memory running out or a file that cannot be read is no
+    such error (a retry, maybe elsewhere, can help)."""
     try:
         settings = trial_settings(config)
         data = data.with_resolution(settings.resolution)
