@@ -134,6 +134,9 @@ def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_f
     _, children = parent_and_child_runs(client, "tiny")
     errors = {c.data.tags["sharetune.trial_id"]: c.data.tags.get("error") for c in children if c.info.status == "FAILED"}
     assert errors.keys() == unbuildable and all(error.endswith(message) for error in errors.values())
+    assert trained["error"].dropna().to_dict() == errors  # in the report, from the folder and from MLflow
+    from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)
+    assert from_mlflow.set_index("trial_id")["error"].dropna().to_dict() == errors
     # The exit code's count: also where Tune's last snapshot missed the errors (a search that ended first)
     assert failed_trials(result.folder, max_failures=2).keys() == unbuildable
     (state,) = Path(result.folder).glob("experiment_state-*.json")

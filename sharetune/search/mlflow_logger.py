@@ -48,6 +48,7 @@ from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
 
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
+ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DEFAULT_STORE = "mlflow.db"
@@ -207,7 +208,7 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)
-        self.queue.put("end", key=f"trial:{trial.trial_id}", status="FAILED", tags={"error": trial_error(trial)})
+        self.queue.put("end", key=f"trial:{trial.trial_id}", status="FAILED", tags={ERROR_TAG: trial_error(trial)})
 
     def on_experiment_end(self, trials, **info) -> None:
         self.log_skipped()

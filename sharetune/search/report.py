@@ -18,7 +18,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import COSTS, METRICS, STEP, hypervolume_2d, pareto_mask
-from sharetune.search.mlflow_logger import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
+from sharetune.search.mlflow_logger import ERROR_TAG, PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
+from sharetune.search.outcome import FAILED, trial_error
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
@@ -42,15 +43,17 @@ class Report:
 
 
 def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
-    """One row per trial: its settings (config) and its last reported metrics, side by side; then a
-    row per proposal answered without training (status INFEASIBLE, with its costs, or DUPLICATE)."""
+    """One row per trial: its settings (config) and its last reported metrics, side by side (and the
+    error line of one that failed); then a row per proposal answered without training (status
+    INFEASIBLE, with its costs, or DUPLICATE)."""
     from ray import tune
 
     folder = SearchFolder(folder)
     rows = []
     for trial in tune.ExperimentAnalysis(str(folder)).trials:
         last = trial.last_result or {}
-        rows.append({"trial_id": trial.trial_id, "status": trial.status, "epochs_done": last.get(STEP, 0),
+        rows.append({"trial_id": trial.trial_id, "status": trial.status,
+                     "error": trial_error(trial) if trial.status == FAILED else None, "epochs_done": last.get(STEP, 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
     for entry in folder.skipped():
@@ -80,7 +83,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
     runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
-    rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status,
+    rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status, "error": r.data.tags.get(ERROR_TAG),
              **{k: _number(v) for k, v in r.data.params.items()}, **_metric_columns(r.data.metrics)}
             for r in runs]
     return pd.DataFrame(rows), parent_id
