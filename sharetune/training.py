@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 
 from sharetune.data import Augment, Batches
+from sharetune.errors import first_line
 from sharetune.metrics import EpochMetrics
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
@@ -169,8 +170,8 @@ class EagerFallback:
             try:
                 return self.compiled(x)
             except Exception as err:  # noqa: BLE001 - dynamo and inductor raise many kinds; eager re-raises real bugs
-                reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-                warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {reason}); training eagerly", stacklevel=2)
+                warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {first_line(err)[:200]}); training eagerly",
+                              stacklevel=2)
                 self.compiled = None
         return self.model(x)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sharetune.errors import first_line
+
 
 class WeightsError(ValueError):
     """A weights file that is not a state dict (or would run code to become one)."""
@@ -26,8 +28,7 @@ def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
         state = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
                            weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{name}: not a state dict torch loads without running code ({reason})") from None
+        raise WeightsError(f"{name}: not a state dict torch loads without running code ({first_line(err) or type(err).__name__})") from None
     except OSError as err:
         raise WeightsError(f"{name}: cannot read it ({err.strerror or err})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):

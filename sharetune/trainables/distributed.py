@@ -31,6 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 
 from sharetune.data import Batches
+from sharetune.errors import first_line
 from sharetune.spaces.spec import Resources
 from sharetune.storage_filesystem import filesystem_and_path, tune_storage
 from sharetune.trainables.trial import run_trial
@@ -73,7 +74,7 @@ def run_checkpoint(storage: str, trial_id: str) -> ray.train.Checkpoint | None:
     try:
         return Result.from_path(run).checkpoint
     except Exception as err:  # Ray's: a record of another Ray version, naming a checkpoint that is gone, ...
-        raise ValueError(f"its Ray Train run {run} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ValueError(f"its Ray Train run {run} cannot be read ({type(err).__name__}: {first_line(err)})") from None
     finally:
         record_log.setLevel(level)
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sharetune.data import Batches
+from sharetune.errors import first_line
 from sharetune.models import WeightsError, load_state_dict
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
 from sharetune.trainables.build import arbnet_widths, build_model, build_spin, unwrap
@@ -72,8 +73,7 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
             activations = _arbnet_activation_bytes(settings, data) if isinstance(settings, ArbNetSettings) \
                 else _activation_bytes(model, torch.empty(batch))
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, MemoryError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpecError(f"model ({_named(settings)}): fails on {'x'.join(map(str, batch))} inputs: {reason}") from None
+        raise SpecError(f"model ({_named(settings)}): fails on {'x'.join(map(str, batch))} inputs: {first_line(err) or type(err).__name__}") from None
     _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, "to train")
 
 

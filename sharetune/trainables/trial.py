@@ -19,6 +19,7 @@ from ray import tune
 from torch import nn
 
 from sharetune.data import Batches
+from sharetune.errors import first_line
 from sharetune.metrics import ModelCosts, TrialMetrics
 from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.spaces.spec import Resources
@@ -76,8 +77,7 @@ def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilyS
     except Exception as err:
         if isinstance(err, (MemoryError, OSError)) or any(words in str(err) for words in ALLOCATION_FAILED):
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
-        raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {reason}") from err
+        raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {first_line(err) or 'no message'}") from err
 
 
 def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: ModuleType, cpus: int,
