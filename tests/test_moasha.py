@@ -1,7 +1,6 @@
 """Multi-objective successive halving: the ranking, the scheduler's decisions, and a real search."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +10,20 @@ from helpers import tiny_spec
 from ray.tune.experiment import Trial
 
 from sharetune.search import report, tuner
-from sharetune.search.moasha import MOASHA, crowding, fronts, going_on, ranks_ahead
+from sharetune.search.moasha import MOASHA, contributions, fronts, going_on, ranks_ahead
 from sharetune.spaces import SpecError, parse_spec
 
 OBJECTIVES = {"test_accuracy": "max", "unique_params": "min"}
 
 
-def test_fronts_and_crowding_rank_a_known_set():
+def test_fronts_and_hypervolume_contributions_rank_a_known_set():
     points = np.array([[0, 3], [1, 1], [3, 0], [2, 2], [3, 3]], float)  # minimised
+    reference = np.array([4.0, 4.0])
     assert [f.tolist() for f in fronts(points)] == [[0, 1, 2], [3], [4]]
-    assert crowding(points[[0, 1, 2]]).tolist() == [math.inf, 2.0, math.inf]
-    assert [ranks_ahead(points, i) for i in range(5)] == [0, 2, 0, 3, 4]  # the front's middle point after its ends
+    # Exclusive boxes from the reference: [0,1)x[3,4), [1,3)x[1,3), [3,4)x[0,1).
+    assert contributions(points[[0, 1, 2]], reference).tolist() == pytest.approx([1.0, 4.0, 1.0])
+    assert [ranks_ahead(points, reference, i) for i in range(5)] == [1, 0, 1, 3, 4]  # the front's ends after its middle
+    assert contributions(np.array([[1.0, 5.0], [2.0, 2.0]]), reference).tolist() == [0.0, 4.0]  # past the reference: clipped
 
 
 def test_the_top_third_rounded_down_goes_on_and_the_first_trial_at_a_rung_always_does():
@@ -35,19 +37,35 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
 
     def report_at(name: str, epoch: int, accuracy: float, params: int) -> str:
         trial = Trial("train_trial", stub=True, trial_id=name)
-        return scheduler.on_trial_result(None, trial, {"epoch": epoch, "test_accuracy": accuracy, "unique_params": params})
+        return scheduler.on_trial_result(None, trial, {"epoch": epoch, "test_accuracy": accuracy, "unique_params": params,
+                                                       "virtual_params": 1000})
 
     cost_only = scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id="a"), {"epoch": 0, "unique_params": 100})
     assert cost_only == "CONTINUE"  # the costs, before training: no rung
     assert report_at("a", 1, 0.5, 100) == "CONTINUE"  # first at its rung
     assert report_at("b", 1, 0.9, 50) == "CONTINUE"  # dominates a
     assert report_at("c", 1, 0.4, 200) == "STOP"  # dominated by both; 2 of 3 ahead >= going_on(3) = 1
-    assert report_at("d", 1, 0.95, 400) == "CONTINUE"  # non-dominated, an extreme of the front
+    # On the front with b, but adding little from the reference (accuracy 0, the dense 1000 parameters):
+    # (1000 - 400) x 0.05 = 30 against b's (400 - 50) x 0.9 = 315.
+    assert report_at("d", 1, 0.95, 400) == "STOP"
+    assert report_at("e", 1, 0.99, 60) == "CONTINUE"  # (1000 - 60) x 0.09 = 84.6 against b's (60 - 50) x 0.9 = 9
     assert report_at("a", 2, 0.6, 100) == "CONTINUE"  # between rungs: no decision
     assert report_at("a", 3, 0.6, 100) == "CONTINUE" and report_at("a", 3, 0.6, 100) == "CONTINUE"  # decided once
-    assert report_at("b", 3, 0.5, 60) == "CONTINUE"  # b and a: neither dominates, both extremes
-    assert report_at("d", 3, 0.3, 400) == "STOP"  # dominated by a and b at the second rung
-    assert scheduler.stopped == 2
+    assert report_at("b", 3, 0.5, 60) == "STOP"  # a front's smallest model, adding (100 - 60) x 0.5 = 20 against a's 90
+    assert report_at("e", 3, 0.8, 80) == "CONTINUE"  # dominates a
+    assert scheduler.stopped == 3
+
+
+def test_the_spec_reference_point_replaces_the_dense_cost():
+    def decision(reference: dict) -> str:
+        scheduler = MOASHA(OBJECTIVES, max_t=3, reduction_factor=3, reference=reference)
+        for name, accuracy, params in [("small", 0.5, 10), ("large", 0.6, 100)]:
+            told = scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),
+                                             {"epoch": 1, "test_accuracy": accuracy, "unique_params": params, "virtual_params": 1000})
+        return told
+
+    assert decision({}) == "CONTINUE"  # large adds (1000 - 100) x 0.1 = 90, small (100 - 10) x 0.5 = 45
+    assert decision({"unique_params": 150}) == "STOP"  # large adds (150 - 100) x 0.1 = 5 against small's 45
 
 
 @pytest.mark.parametrize(
@@ -82,13 +100,15 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
               for row in trials.itertuples()}
     # Replay each rung in arrival order with the ranking: the scheduler stopped exactly the trials it says.
     for rung in (1, 2):
-        recorded = []
+        recorded, dense = [], []
         for row in trials.itertuples():
             if row.epochs_done < rung:
                 continue
             at_rung = next(e for e in epochs[row.trial_id] if e["epoch"] == rung)
             recorded.append([-at_rung["test_accuracy"], at_rung["unique_params"]])
-            stop = ranks_ahead(np.array(recorded), len(recorded) - 1) >= going_on(len(recorded), 2)
+            dense.append(at_rung["virtual_params"])
+            reference = np.array([0.0, max(dense)])  # accuracy 0, the dense model's parameters
+            stop = ranks_ahead(np.array(recorded), reference, len(recorded) - 1) >= going_on(len(recorded), 2)
             assert (row.epochs_done == rung) == stop, (rung, row.trial_id)
     # The known part: the trained net with 8-entry tables dominates every untrained one, so each
     # untrained trial that reached the first rung after it stopped there.

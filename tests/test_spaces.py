@@ -110,6 +110,29 @@ def test_bad_sampler_options_fail_before_ray():
         make_sampler(parse_spec(tiny(sampler="nsga2", sampler_options={"populaton": 4})))
 
 
+def test_nsga2_operators_are_named_in_the_spec():
+    with pytest.raises(SpecError, match=r"crossover: 'sx'; allowed: uniform, blxalpha, sbx, vsbx, spx, undx"):
+        make_sampler(load_spec("weight-sharing", ["sampler_options={crossover: sx}"]))
+    with pytest.raises(SpecError, match=r"mutation: 'gauss'; allowed: polynomial"):
+        make_sampler(load_spec("weight-sharing", ["sampler_options={mutation: gauss}"]))
+
+    def new_values(crossover: str) -> int:
+        """How many of the 36 children of 9 generations have a compression no earlier trial had."""
+        spec = load_spec("weight-sharing", [f"sampler_options={{population_size: 4, crossover: {crossover}}}"])
+        study, space = optuna.create_study(sampler=make_sampler(spec), directions=["maximize", "minimize"]), OptunaSpace(spec)
+        seen, new = [], 0
+        for i in range(40):
+            trial = study.ask()
+            config = space(trial)
+            new += i >= 4 and config["compression"] not in seen
+            seen.append(config["compression"])
+            study.tell(trial, [1 - config["compression"], config["compression"]])
+        return new
+
+    # Uniform crossover copies each value from a parent (9 new: mutations); SBX draws near them (28).
+    assert new_values("sbx") > 2 * new_values("uniform")
+
+
 def test_space_samples_alpha_only_for_the_dirichlet_hash():
     spec = parse_spec(tiny())
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -2,9 +2,18 @@
 
 from sharetune.metrics.counts import ParamCount, count_macs, count_params, model_costs
 from sharetune.metrics.pareto import hypervolume_2d, pareto_mask
-from sharetune.metrics.record import CONSTRAINABLE, COSTS, METRICS, STEP, EpochMetrics, ModelCosts, TrialMetrics
+from sharetune.metrics.record import (
+    CONSTRAINABLE,
+    COSTS,
+    DENSE_COST,
+    METRICS,
+    STEP,
+    EpochMetrics,
+    ModelCosts,
+    TrialMetrics,
+)
 
 __all__ = [
-    "CONSTRAINABLE", "COSTS", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
+    "CONSTRAINABLE", "COSTS", "DENSE_COST", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
     "hypervolume_2d", "model_costs", "pareto_mask",
 ]

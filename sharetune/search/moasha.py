@@ -2,12 +2,16 @@
 
 Rungs sit at grace_period x reduction_factor^k epochs (below max_t). When a trial reaches a rung,
 its objectives there are ranked against every trial recorded at that rung so far: by non-dominated
-sorting (NSGA-II's fronts), and within a front by crowding distance, larger first (a front's two
-extremes count as infinitely far, so they are kept before its middle). The trial stops if at least
-`going_on(n)` of the n recorded trials rank strictly ahead of it: n / reduction_factor rounded down
-(ASHA's top k), but at least one; otherwise it goes on. So, as in ASHA, the first trial at a rung
-always continues, a trial is stopped only by trials that are clearly better, and at most the top
-1/reduction_factor go on once a rung has a few trials.
+sorting (NSGA-II's fronts), and within a front by each trial's exclusive hypervolume contribution,
+larger first: the hypervolume its front loses without it, measured from the report's fixed reference
+point (accuracy 0; the dense model's cost, or the spec's `hypervolume_reference`; for another
+minimised metric, the worst value recorded at the rung). So a trial is kept for what it adds to the
+front the search is judged by; a front's extremes get no free pass (NSGA-II's crowding distance
+counts them as infinitely far, which kept every new smallest model going however poor it was).
+The trial stops if at least `going_on(n)` of the n recorded trials rank strictly ahead of it: n /
+reduction_factor rounded down (ASHA's top k), but at least one; otherwise it goes on. So, as in
+ASHA, the first trial at a rung always continues, a trial is stopped only by trials that are
+clearly better, and at most the top 1/reduction_factor go on once a rung has a few trials.
 
 What the sampler is told about a stopped trial: its objectives at the rung where it stopped, as a
 complete trial (Tune reports a stopped trial's last result to the searcher). That is a choice with
@@ -21,9 +25,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from optuna._hypervolume import compute_hypervolume  # exact, any number of objectives (WFG)
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from sharetune.metrics import STEP
+from sharetune.metrics import DENSE_COST, STEP
 
 
 def fronts(points: np.ndarray) -> list[np.ndarray]:
@@ -38,16 +43,12 @@ def fronts(points: np.ndarray) -> list[np.ndarray]:
     return result
 
 
-def crowding(points: np.ndarray) -> np.ndarray:
-    """NSGA-II's crowding distance of each row within its front (the extremes: infinity)."""
-    distance = np.zeros(len(points))
-    for column in points.T:
-        order = np.argsort(column, kind="stable")
-        span = column[order[-1]] - column[order[0]]
-        distance[order[[0, -1]]] = np.inf
-        if span > 0 and len(points) > 2:
-            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
-    return distance
+def contributions(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each row's exclusive hypervolume (all minimised) from `reference`: what the rows lose without it.
+    A row no better than the reference somewhere is clipped to it there."""
+    clipped = np.minimum(points, reference)
+    whole = compute_hypervolume(clipped, reference)
+    return np.array([whole - compute_hypervolume(np.delete(clipped, i, axis=0), reference) for i in range(len(points))])
 
 
 def going_on(recorded: int, reduction_factor: float) -> int:
@@ -56,27 +57,30 @@ def going_on(recorded: int, reduction_factor: float) -> int:
     return max(1, math.floor(recorded / reduction_factor))
 
 
-def ranks_ahead(points: np.ndarray, index: int) -> int:
-    """How many rows rank strictly ahead of row `index`: an earlier front, or its front and farther apart."""
-    front_of, distance = np.empty(len(points), int), np.empty(len(points))
+def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
+    """How many rows rank strictly ahead of row `index`: an earlier front, or its front and a larger
+    contribution to that front's hypervolume."""
+    front_of, contribution = np.empty(len(points), int), np.empty(len(points))
     for rank, members in enumerate(fronts(points)):
-        front_of[members], distance[members] = rank, crowding(points[members])
-    ahead = (front_of < front_of[index]) | ((front_of == front_of[index]) & (distance > distance[index]))
+        front_of[members], contribution[members] = rank, contributions(points[members], reference)
+    larger = (contribution > contribution[index]) & ~np.isclose(contribution, contribution[index])  # not by rounding
+    ahead = (front_of < front_of[index]) | ((front_of == front_of[index]) & larger)
     return int(ahead.sum())
 
 
 class MOASHA(FIFOScheduler):
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
-                 time_attr: str = STEP) -> None:
+                 reference: dict[str, float] | None = None, time_attr: str = STEP) -> None:
         super().__init__()
-        self.objectives = dict(objectives)
+        self.objectives, self.reference = dict(objectives), dict(reference or {})
         self.signs = np.array([-1.0 if mode == "max" else 1.0 for mode in objectives.values()])  # all minimised
         self.reduction_factor, self.time_attr = reduction_factor, time_attr
         rungs, rung = [], grace_period
         while rung < max_t:
             rungs.append(rung)
             rung = math.ceil(rung * reduction_factor)
-        self.rungs: dict[int, dict[str, np.ndarray]] = {r: {} for r in rungs}  # rung -> trial id -> its point
+        # rung -> trial id -> (its point, the reference it implies: see `bound`)
+        self.rungs: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {r: {} for r in rungs}
         self.stopped = 0
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -90,12 +94,25 @@ class MOASHA(FIFOScheduler):
         if rung is None or trial.trial_id in self.rungs[rung]:
             return TrialScheduler.CONTINUE
         recorded = self.rungs[rung]
-        recorded[trial.trial_id] = self.signs * np.array([float(result[m]) for m in self.objectives])
-        points = np.array(list(recorded.values()))
-        if ranks_ahead(points, len(points) - 1) >= going_on(len(points), self.reduction_factor):
+        recorded[trial.trial_id] = self.signs * np.array([float(result[m]) for m in self.objectives]), self.bound(result)
+        points = np.array([point for point, _ in recorded.values()])
+        reference = np.max([bound for _, bound in recorded.values()], axis=0)
+        if ranks_ahead(points, reference, len(points) - 1) >= going_on(len(points), self.reduction_factor):
             self.stopped += 1
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
+
+    def bound(self, result: dict) -> np.ndarray:
+        """The reference point this result implies, minimised; the rung's is the largest over its trials.
+        A maximised metric: 0 (every metric here is at least 0). A cost: the spec's reference, else the
+        dense model's cost. Another minimised metric: its own value (the rung's worst)."""
+        def one(metric: str, mode: str) -> float:
+            if mode == "max":
+                return 0.0
+            if metric in self.reference:
+                return self.reference[metric]
+            return float(result.get(DENSE_COST.get(metric, metric), result[metric]))
+        return np.array([one(metric, mode) for metric, mode in self.objectives.items()])
 
     def debug_string(self) -> str:
         counts = ", ".join(f"epoch {r}: {len(t)}" for r, t in self.rungs.items())

@@ -17,7 +17,7 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sharetune.metrics import COSTS, METRICS, STEP, hypervolume_2d, pareto_mask
+from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume_2d, pareto_mask
 from sharetune.search.mlflow_logger import ERROR_TAG, PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
 from sharetune.search.outcome import FAILED, trial_error
 from sharetune.search.searcher import CONFIGURATION
@@ -25,9 +25,6 @@ from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
 
 ACCURACY = "test_accuracy"
-# A front's reference cost, unless the spec sets one: the dense, unshared model's (for parameters its
-# virtual count; MACs do not change with sharing), so it depends on the problem, not on the results.
-DENSE_COST = {"unique_params": "virtual_params", "macs": "macs"}
 LEGEND_GROUPS = 4  # continuous settings are binned to this many legend entries
 
 

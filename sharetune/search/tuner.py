@@ -157,7 +157,7 @@ def _scheduler(spec: SearchSpec):
     options = {"max_t": spec.scheduler.max_t or spec.max_epochs(), "grace_period": spec.scheduler.grace_period,
                "reduction_factor": spec.scheduler.reduction_factor}
     if spec.scheduler.name == "moasha":
-        return MOASHA(spec.objectives, **options)
+        return MOASHA(spec.objectives, reference=spec.hypervolume_reference, **options)
     (metric, mode), = spec.objectives.items()
     return ASHAScheduler(time_attr=STEP, metric=metric, mode=mode, **options)  # epoch 0 (the costs) has no metric
 

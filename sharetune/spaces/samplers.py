@@ -4,10 +4,12 @@ several objectives. The spec validates against it; `make_sampler` builds from it
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
+from optuna.samplers import nsgaii
 
 if TYPE_CHECKING:
     from sharetune.spaces.spec import SearchSpec
@@ -33,6 +35,29 @@ class NSGAIISampler(optuna.samplers.NSGAIISampler):
         self.__dict__.update(state, _thread_lock=threading.Lock())
 
 
+# NSGA-II's operators on numeric parameters, by the name a spec gives (`sampler_options: {crossover: sbx}`).
+# Optuna's default, uniform crossover, copies each value from a parent, so children repeat their parents'
+# points; SBX (Deb's NSGA-II) with polynomial mutation proposes new values near them.
+CROSSOVERS = {"uniform": nsgaii.UniformCrossover, "blxalpha": nsgaii.BLXAlphaCrossover, "sbx": nsgaii.SBXCrossover,
+              "vsbx": nsgaii.VSBXCrossover, "spx": nsgaii.SPXCrossover, "undx": nsgaii.UNDXCrossover}
+MUTATIONS = {"polynomial": nsgaii.PolynomialMutation}
+
+
+def named(table: dict[str, type], option: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the operator named by `option` (a string) built from `table`."""
+    if option not in options:
+        return options
+    name = options[option]
+    if name not in table:
+        raise ValueError(f"{option}: {name!r}; allowed: {', '.join(table)}")
+    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):  # their notices
+        return {**options, option: table[name]()}
+
+
+def nsga2(spec: SearchSpec, options: dict[str, Any]) -> NSGAIISampler:
+    return NSGAIISampler(**named(MUTATIONS, "mutation", named(CROSSOVERS, "crossover", options)))
+
+
 def grid(spec: SearchSpec) -> dict[str, list]:
     """The grid sampler's cells: every dimension is a `choice` (the spec checks)."""
     return {name: list(dim.choice) for name, dim in spec.dimensions.items()}
@@ -51,7 +76,7 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "grid": SamplerEntry(lambda spec, kw: GridSampler(grid(spec), **kw), True),  # exhaustive: the paper sweeps
     "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True, "n_startup_trials"),
     "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False, "n_startup_trials"),
-    "nsga2": SamplerEntry(lambda spec, kw: NSGAIISampler(**kw), True, "population_size"),
+    "nsga2": SamplerEntry(nsga2, True, "population_size"),
     "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True,
                           "n_startup_trials"),
 }
