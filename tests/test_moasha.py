@@ -68,6 +68,18 @@ def test_the_spec_reference_point_replaces_the_dense_cost():
     assert decision({"unique_params": 150}) == "STOP"  # large adds (150 - 100) x 0.1 = 5 against small's 45
 
 
+def test_a_diverged_value_ranks_last_and_breaks_nothing():
+    scheduler = MOASHA({"test_accuracy": "max", "loss": "min"}, max_t=3, reduction_factor=3)
+
+    def report_at(name: str, accuracy: float, loss: float) -> str:
+        return scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),
+                                         {"epoch": 1, "test_accuracy": accuracy, "loss": loss})
+
+    assert report_at("a", 0.5, 1.0) == "CONTINUE"
+    assert report_at("b", 0.9, float("nan")) == "STOP"  # more accurate, but its loss diverged
+    assert report_at("c", 0.6, 0.5) == "CONTINUE"  # dominates a; b, with the worst loss, is behind it
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

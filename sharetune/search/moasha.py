@@ -94,7 +94,10 @@ class MOASHA(FIFOScheduler):
         if rung is None or trial.trial_id in self.rungs[rung]:
             return TrialScheduler.CONTINUE
         recorded = self.rungs[rung]
-        recorded[trial.trial_id] = self.signs * np.array([float(result[m]) for m in self.objectives]), self.bound(result)
+        point = self.signs * np.array([float(result[m]) for m in self.objectives])
+        if not np.isfinite(point).all():  # a diverged value: the trial ranks behind every other
+            point = np.full_like(point, np.inf)
+        recorded[trial.trial_id] = point, self.bound(result)
         points = np.array([point for point, _ in recorded.values()])
         reference = np.max([bound for _, bound in recorded.values()], axis=0)
         if ranks_ahead(points, reference, len(points) - 1) >= going_on(len(points), self.reduction_factor):
@@ -105,13 +108,14 @@ class MOASHA(FIFOScheduler):
     def bound(self, result: dict) -> np.ndarray:
         """The reference point this result implies, minimised; the rung's is the largest over its trials.
         A maximised metric: 0 (every metric here is at least 0). A cost: the spec's reference, else the
-        dense model's cost. Another minimised metric: its own value (the rung's worst)."""
+        dense model's cost. Another minimised metric: its own value (the rung's worst finite one)."""
         def one(metric: str, mode: str) -> float:
             if mode == "max":
                 return 0.0
             if metric in self.reference:
                 return self.reference[metric]
-            return float(result.get(DENSE_COST.get(metric, metric), result[metric]))
+            value = float(result.get(DENSE_COST.get(metric, metric), result[metric]))
+            return value if math.isfinite(value) else 0.0
         return np.array([one(metric, mode) for metric, mode in self.objectives.items()])
 
     def debug_string(self) -> str:
