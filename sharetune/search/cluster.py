@@ -11,6 +11,7 @@ import socket
 
 import ray
 
+from sharetune.errors import first_line
 from sharetune.spaces.spec import Resources
 
 CONNECT_TIMEOUT_S = 10.0  # how long an explicit --address may take to accept a TCP connection
@@ -50,7 +51,7 @@ def start_ray(address: str | None) -> None:
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as err:  # `auto` with no cluster running
-        raise ClusterError(f"--address {address}: {str(err).splitlines()[0]}") from None
+        raise ClusterError(f"--address {address}: {first_line(err) or 'no Ray cluster answered'}") from None
 
 
 def check_resources(resources: Resources, total: dict[str, float]) -> None:

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from sharetune.errors import first_line
 from sharetune.search.storage import SearchFolder, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
@@ -220,7 +221,7 @@ class MlflowQueue:
                 if err.error_code not in PERMANENT:
                     wait = self._unreachable(err, wait)
                     continue
-                log.warning("MLflow refused a %s write, dropped: %s", operation["op"], str(err).splitlines()[0])
+                log.warning("MLflow refused a %s write, dropped: %s", operation["op"], first_line(err))
             except Exception as err:  # connection refused, timeouts, 5xx after the client's own retries
                 wait = self._unreachable(err, wait)
                 continue

@@ -20,6 +20,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from sharetune.data import Batches, load
+from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
@@ -192,6 +193,6 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
                                    resume_errored=True)
     except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); the folder is left as it is") from None
+                         f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
     return Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
