@@ -36,7 +36,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from sharetune.data import fetch
-from sharetune.metrics import hypervolume_2d
+from sharetune.metrics import hypervolume
 from sharetune.search import report, tuner
 from sharetune.spaces import load_spec
 
@@ -121,7 +121,7 @@ def curve(result) -> tuple[Curve, int]:
         latest[run_id] = value
         points = np.array([[accuracy, params[r]] for r, accuracy in latest.items()])
         spent.append(len(spent) + 1)
-        volumes.append(hypervolume_2d(points, [True, False], (0.0, dense)) / dense)
+        volumes.append(hypervolume(points, [True, False], (0.0, dense)) / dense)
     return Curve(np.array(spent), np.array(volumes)), len(events)
 
 

@@ -1,7 +1,7 @@
 """What a trial measures: parameter and MAC counts, the trial's metric record, Pareto fronts."""
 
 from sharetune.metrics.counts import ParamCount, count_macs, count_params, model_costs
-from sharetune.metrics.pareto import hypervolume_2d, pareto_mask
+from sharetune.metrics.pareto import hypervolume, pareto_mask
 from sharetune.metrics.record import (
     CONSTRAINABLE,
     COSTS,
@@ -15,5 +15,5 @@ from sharetune.metrics.record import (
 
 __all__ = [
     "CONSTRAINABLE", "COSTS", "DENSE_COST", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
-    "hypervolume_2d", "model_costs", "pareto_mask",
+    "hypervolume", "model_costs", "pareto_mask",
 ]

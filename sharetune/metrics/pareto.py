@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from optuna._hypervolume import compute_hypervolume  # exported there, not in Optuna's documented API; Optuna is pinned
 
 
 def _as_minimised(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
@@ -24,15 +25,11 @@ def pareto_mask(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     return mask
 
 
-def hypervolume_2d(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:
-    """Area dominated by `points` and bounded by `reference` (a point worse than all of them)."""
+def hypervolume(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:
+    """Volume dominated by `points` and bounded by `reference` (a point worse than all of them), exact
+    for any number of objectives (Optuna's WFG). A point past the reference somewhere counts up to it
+    there; a point with a value that is not finite counts for nothing."""
     values = _as_minimised(points, maximize)
     ref = _as_minimised(np.asarray([reference]), maximize)[0]
-    front = values[pareto_mask(points, maximize)]
-    front = front[np.all(front < ref, axis=1)]
-    front = front[np.argsort(front[:, 0])]
-    area, last_y = 0.0, ref[1]
-    for x, y in front:  # sweep along x; each point adds the strip below the previous point's y
-        area += (ref[0] - x) * (last_y - y)
-        last_y = y
-    return float(area)
+    finite = values[np.isfinite(values).all(axis=1)]
+    return float(compute_hypervolume(np.minimum(finite, ref), ref))

@@ -25,10 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from optuna._hypervolume import compute_hypervolume  # exact, any number of objectives (WFG)
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from sharetune.metrics import DENSE_COST, STEP
+from sharetune.metrics import DENSE_COST, STEP, hypervolume
 
 
 def fronts(points: np.ndarray) -> list[np.ndarray]:
@@ -46,9 +45,9 @@ def fronts(points: np.ndarray) -> list[np.ndarray]:
 def contributions(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Each row's exclusive hypervolume (all minimised) from `reference`: what the rows lose without it.
     A row no better than the reference somewhere is clipped to it there."""
-    clipped = np.minimum(points, reference)
-    whole = compute_hypervolume(clipped, reference)
-    return np.array([whole - compute_hypervolume(np.delete(clipped, i, axis=0), reference) for i in range(len(points))])
+    minimised = [False] * points.shape[1]
+    whole = hypervolume(points, minimised, reference)
+    return np.array([whole - hypervolume(np.delete(points, i, axis=0), minimised, reference) for i in range(len(points))])
 
 
 def going_on(recorded: int, reduction_factor: float) -> int:

@@ -17,7 +17,7 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume_2d, pareto_mask
+from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
 from sharetune.search.mlflow_logger import ERROR_TAG, PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
 from sharetune.search.outcome import FAILED, trial_error
 from sharetune.search.searcher import CONFIGURATION
@@ -135,7 +135,7 @@ def pareto(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None =
     points = usable[[ACCURACY, cost]].to_numpy(float)
     mask = pareto_mask(points, [True, False])
     ceiling = reference_cost(usable, cost, reference)
-    volume = hypervolume_2d(points, [True, False], (0.0, ceiling)) / ceiling
+    volume = hypervolume(points, [True, False], (0.0, ceiling)) / ceiling
     return usable[mask].sort_values(cost), volume
 
 
