@@ -209,7 +209,8 @@ def test_a_restarted_trials_log_keeps_its_whole_rows_up_to_its_checkpoint_and_ap
     appending = {name: (tmp_path / f"{name}.json").open("at") for name in cases}  # as Tune's logger holds them
     for name in cases:
         log = tmp_path / f"{name}.json"
-        rewrite(log, rows_up_to(log.read_bytes(), iteration=3))  # resumes from the checkpoint of epoch 2
+        stored = log.read_bytes()
+        rewrite(log, stored, rows_up_to(stored, iteration=3))  # resumes from the checkpoint of epoch 2
         appending[name].write(rows[3] + "\n")  # epoch 3 again
         appending[name].close()
     read = {name: (tmp_path / f"{name}.json").read_text() for name in cases}

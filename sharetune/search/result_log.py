@@ -29,7 +29,8 @@ class ResultLog(JsonLoggerCallback):
         super().log_trial_start(trial)  # the stored copy fetched over it (a trial with a checkpoint), held open to append
         restored = trial.latest_checkpoint_result
         iteration = restored.metrics.get(TRAINING_ITERATION, 0) if restored else 0
-        rewrite(log, max(rows_up_to(own, iteration), rows_up_to(log.read_bytes(), iteration), key=len))
+        stored = log.read_bytes()
+        rewrite(log, stored, max(rows_up_to(own, iteration), rows_up_to(stored, iteration), key=len))
 
 
 def rows_up_to(data: bytes, iteration: int) -> list[bytes]:
@@ -44,11 +45,11 @@ def rows_up_to(data: bytes, iteration: int) -> list[bytes]:
     return rows
 
 
-def rewrite(log: Path, rows: list[bytes]) -> None:
-    """Make `log` these rows, in place: Tune's logger holds the file open and appends at its end,
-    wherever that now is."""
+def rewrite(log: Path, current: bytes, rows: list[bytes]) -> None:
+    """Make `log` (now `current`) these rows, in place: Tune's logger holds the file open and appends
+    at its end, wherever that now is."""
     data = b"".join(row + b"\n" for row in rows)
-    if log.read_bytes() != data:
+    if current != data:
         with log.open("r+b") as file:
             file.write(data)
             file.truncate()
