@@ -58,8 +58,14 @@ def carried(python: str, scratch: Path) -> list[str]:
         *requirements(), python=python)
     resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
-    return sorted(f"{name}=={version}" for name, version in resolved.items()
-                  if name not in ON_DEVICE and not name.startswith("nvidia-"))
+    return sorted(f"{name}=={version}" for name, version in resolved.items() if name not in ON_DEVICE)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -72,10 +78,8 @@ def main() -> None:
         packages = carried(args.python, scratch)
         site = scratch / "site"
         pip("install", "-q", "--no-deps", "--no-compile", "--target", str(site), *packages, python=args.python)
-        for path in PRUNED:
-            shutil.rmtree(site / path, ignore_errors=True) if (site / path).is_dir() else (site / path).unlink(True)
-        for junk in [*site.rglob("__pycache__"), *site.rglob("*.js.map")]:
-            shutil.rmtree(junk) if junk.is_dir() else junk.unlink()
+        for path in [*(site / name for name in PRUNED), *site.rglob("__pycache__"), *site.rglob("*.js.map")]:
+            remove(path)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(args.out, "w:xz", preset=9) as archive:
             archive.add(site, arcname=".")
