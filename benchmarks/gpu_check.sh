@@ -15,6 +15,11 @@ elif [ -f .gpu/site.tar.xz ]; then
   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
   export PYTHONPATH=/tmp/site:$PWD
   PY=${PY:-python3}
+  built=$(cat /tmp/site/PYTHON_VERSION) here=$($PY -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ "$built" != "$here" ]; then
+    echo ".gpu/site.tar.xz holds Python $built's packages, $PY here is $here: python benchmarks/gpu_pack.py --python $here" >&2
+    exit 2
+  fi
 else
   echo "no .venv and no .gpu/site.tar.xz here: run 'python benchmarks/gpu_pack.py' first" >&2
   exit 2

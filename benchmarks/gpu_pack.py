@@ -32,6 +32,7 @@ ON_DEVICE = {  # the GPU image's own builds, which carried ones must not replace
 }
 PRUNED = ("ray/jars", "ray/rllib", "ray/llm", "mlflow/server/js", "bin/py-spy")
 LIMIT_MIB = 56  # the device tool carries 64 MiB in all, the working tree included
+PYTHON_FILE = "PYTHON_VERSION"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
@@ -80,6 +81,7 @@ def main() -> None:
         pip("install", "-q", "--no-deps", "--no-compile", "--target", str(site), *packages, python=args.python)
         for path in [*(site / name for name in PRUNED), *site.rglob("__pycache__"), *site.rglob("*.js.map")]:
             remove(path)
+        (site / PYTHON_FILE).write_text(args.python)  # gpu_check.sh refuses another Python's build
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tarfile.open(args.out, "w:xz", preset=9) as archive:
             archive.add(site, arcname=".")
