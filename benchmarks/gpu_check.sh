@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh
 # It uses the project's .venv where there is one. The device tool's lent machine has none, and no
 # Ray, Optuna or MLflow: there it unpacks .gpu/site.tar.xz, which `python benchmarks/gpu_pack.py`
-# builds here beforehand (about 6 minutes), and the run carries: run(carry=[".gpu"], timeout_s=600,
+# builds beforehand where pip reaches PyPI (about 4 minutes), and the run carries: run(carry=[".gpu"], timeout_s=600,
 # command="bash benchmarks/gpu_check.sh").
 set -u
 out=${OUT:-benchmarks}/gpu_check.txt

@@ -56,5 +56,6 @@ def main() -> None:
           f"processes on {'one GPU' if gpus else 'the CPUs'} (Tune hands a finished trial's process to the next one, "
           "so this many ran at once)")
 
+
 if __name__ == "__main__":
     main()

@@ -59,12 +59,15 @@ def going_on(recorded: int, reduction_factor: float) -> int:
 def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
     """How many rows rank strictly ahead of row `index`: an earlier front, or its front and a larger
     contribution to that front's hypervolume."""
-    front_of, contribution = np.empty(len(points), int), np.empty(len(points))
-    for rank, members in enumerate(fronts(points)):
-        front_of[members], contribution[members] = rank, contributions(points[members], reference)
-    larger = (contribution > contribution[index]) & ~np.isclose(contribution, contribution[index])  # not by rounding
-    ahead = (front_of < front_of[index]) | ((front_of == front_of[index]) & larger)
-    return int(ahead.sum())
+    earlier = 0
+    for members in fronts(points):
+        if index in members:  # only this front's contributions matter: later fronts rank behind
+            contribution = contributions(points[members], reference)
+            own = contribution[members == index]
+            larger = (contribution > own) & ~np.isclose(contribution, own)  # not by rounding
+            return earlier + int(larger.sum())
+        earlier += len(members)
+    raise IndexError(index)
 
 
 class MOASHA(FIFOScheduler):
