@@ -36,7 +36,10 @@ def _layout(module: nn.Module) -> nn.Module:
 
 
 class FusedLayer(nn.Module):
-    """W = F(V_1..V_S) for one bank entry; biases are averaged (the paper's choice)."""
+    """W = F(V_1..V_S) for one bank entry; biases are averaged (the paper's choice).
+
+    `choose_first` keeps V_1 alone: the other layers' weights would be parameters no step reads,
+    which DDP refuses (and which would only cost memory)."""
 
     def __init__(self, layers: Sequence[nn.Module], strategy: str) -> None:
         super().__init__()
@@ -44,6 +47,7 @@ class FusedLayer(nn.Module):
             raise ValueError(f"fusion: unknown strategy {strategy!r}; allowed: {', '.join(FUSIONS)}")
         self.strategy = strategy
         self.__dict__["template"] = _layout(layers[0])
+        layers = layers[:1] if strategy == "choose_first" else layers
         self.sources = nn.ParameterList([nn.Parameter(m.weight.detach().clone()) for m in layers])
         self.source_biases = nn.ParameterList(
             [nn.Parameter(m.bias.detach().clone()) for m in layers] if layers[0].bias is not None else []
