@@ -176,12 +176,28 @@ class EagerFallback:
         return self.model(x)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def summed(values: Tensor) -> Tensor:
     """`values` summed over the ranks of a distributed run (as they are in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def take_rank0_statistics(model: nn.Module) -> None:
+    """Give every rank rank 0's floating-point buffers (BatchNorm's running statistics, an EMA's).
+
+    Parameters stay equal across ranks, but each rank's last forward updated its running statistics
+    from its own share of the batch: without this, each rank would evaluate a slightly different model
+    and the global accuracy would not be that of the one rank 0 checkpoints."""
+    if _distributed():
+        for buffer in model.buffers():
+            if buffer.is_floating_point():
+                dist.broadcast(buffer, src=0)
 
 
 @functools.cache
@@ -367,6 +383,7 @@ def train_epochs(
         mean_loss, train_accuracy = mean_loss / seen, correct / seen
         diverged = not math.isfinite(mean_loss)
         evaluated = state.evaluated(model)
+        take_rank0_statistics(evaluated)
         accuracy = {split: 0.0 if diverged else evaluate(evaluated, data.eval_batches(split, device, workers=workers), state.precision)
                     for split in data.splits()}
         state.end_epoch(train_accuracy)

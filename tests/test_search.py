@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 import yaml
 from helpers import parent_and_child_runs, tiny_spec
 from mlflow.tracking import MlflowClient
@@ -228,3 +229,27 @@ def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouc
     done = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(tmp_path / "truncated")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is damaged and cannot be restored" in done.stderr
+
+
+def test_a_two_worker_arbnet_trial_reports_the_accuracy_of_the_model_rank_0_saves(tmp_path):
+    """ArbNet under DDP: its tables are plain parameters, reduced with the rest. Each rank's BatchNorm
+    statistics come from its own share of the batch, so the ranks take rank 0's before evaluating:
+    the accuracy reported over both ranks' shards is that of the model the trial saves."""
+    from sharetune.search import SearchFolder
+    from sharetune.search.export import export
+    from sharetune.trainables import load_exported
+    from sharetune.training import evaluate
+
+    two_workers = {"dimensions": {}, "data": {"name": "synthetic", "val_fraction": 0},
+                   "fixed": {"epochs": 3, "hidden": [32], "table_size": 64, "batch_size": 16},
+                   "resources": {"workers": 2, "cpu": 1}, "budget": {"num_samples": 1, "max_concurrent": 1}}
+    result, trials, _ = search(tmp_path, **two_workers)
+    (trial_id,) = trials["trial_id"]
+    (log,) = Path(result.folder).glob("trial_*/result.json")
+    reported = [json.loads(line) for line in log.read_text().splitlines() if "world_size" in line]
+    data = tuner.load_data(parse_spec(tiny_spec(**two_workers)))
+    assert [r["world_size"] for r in reported] == [2, 2, 2]
+    assert all(sum(r["rank_samples"]) == len(data.y_train) for r in reported)
+    export(SearchFolder(result.folder), trial_id, tmp_path / "model.pt")
+    saved = load_exported(tmp_path / "model.pt")
+    assert evaluate(saved, data.eval_batches("test", torch.device("cpu"))) == reported[-1]["test_accuracy"]
