@@ -8,6 +8,7 @@ import torch
 from helpers import image_folder
 
 from sharetune.data import DataError, ImageFolderData, load, stratified_split
+from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
 from sharetune.training import Recipe, train_epochs
 
@@ -50,6 +51,38 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable images so far \(e.g. .*broken.png\); replace or remove"):
         results = list(train_epochs(model, data, Recipe(recipe="spin", epochs=2, batch_size=16), workers=2))
     assert len(results) == 2 and not results[-1].diverged
+
+
+def _rank_batches(data: ImageFolderData, world: int, epoch: int = 0) -> list[list[list[int]]]:
+    """Each rank's training labels, batch by batch (batches of 8 at seed 5)."""
+    return [[y.tolist() for _, y in data.shard(rank, world).train_batches(epoch, 8, seed=5, device=CPU)] for rank in range(world)]
+
+
+def test_data_parallel_ranks_read_their_shares_of_the_one_process_batches(tmp_path):
+    data = load("imagefolder", image_folder(tmp_path), img_size=16)
+    alone = [y.tolist() for _, y in data.train_batches(0, 8, seed=5, device=CPU)]
+    first, second = _rank_batches(data, 2)
+    assert [a + b for a, b in zip(first, second, strict=True)] == alone  # the same steps, each batch split in two
+    test = [len(y) for rank in range(3) for _, y in data.shard(rank, 3).eval_batches("test", CPU)]
+    assert sum(test) == len(data._lists()["test"]) and len(test) == 3  # every test image once, over the ranks
+
+
+def test_a_rank_whose_share_of_a_batch_is_unreadable_still_takes_the_step(tmp_path):
+    """Else it would skip a step the other rank takes, and both would wait in the all-reduce."""
+    data = load("imagefolder", image_folder(tmp_path), img_size=16)
+    files = data._lists()["train"]
+    order = epoch_order(len(files), 5, 0).tolist()
+    for index in order[12:16]:  # rank 1's share of the second batch
+        with open(files[index][0], "wb") as broken:
+            broken.write(b"not a png at all")
+    with pytest.warns(UserWarning, match=r"skipped 4 unreadable images"):
+        first, second = _rank_batches(data, 2)
+    assert len(first) == len(second) == len(files) // 8 and second[1] == second[0]  # its last share again
+    for index in order[4:8]:  # and the first batch's: no share to repeat
+        with open(files[index][0], "wb") as broken:
+            broken.write(b"not a png either")
+    with pytest.raises(DataError, match=r"every image of rank 1's share of the first batch is unreadable \(e.g. .*\.png\)"):
+        _rank_batches(data, 2, epoch=0)
 
 
 @pytest.mark.parametrize(

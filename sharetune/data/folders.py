@@ -171,18 +171,30 @@ class ImageFolderData:
             )
         return self._cache[key]
 
-    def _stream(self, loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    def _stream(self, loader: DataLoader, device: torch.device, *, every_step: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """The loader's batches less their unreadable images; a batch of none is dropped, unless
+        `every_step`: the ranks of a data-parallel run must take every step together (a rank that
+        skipped one would leave the others waiting in the gradients' all-reduce), so it trains on
+        its last readable share again."""
         for x, y, bad in loader:
             self.skipped.update(bad)
             if len(x):
-                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                self._cache["last_share"] = x, y
+            elif every_step:
+                if "last_share" not in self._cache:
+                    raise DataError(f"{self.root}: every image of rank {self.rank}'s share of the first batch is unreadable "
+                                    f"(e.g. {bad[0]}); replace or remove them")
+                x, y = self._cache["last_share"]
+            else:
+                continue
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
                       augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         loader = self._loader("train", batch_size, device, workers, augment)
         loader.batch_sampler.seed, loader.batch_sampler.epoch = seed, epoch
         before = len(self.skipped)
-        yield from self._stream(loader, device)
+        yield from self._stream(loader, device, every_step=self.world > 1)
         if len(self.skipped) > before:
             warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
                           f"(e.g. {sorted(self.skipped)[0]}); replace or remove them", stacklevel=2)
