@@ -250,6 +250,21 @@ def resume(
     _finish(result, report_dir)
 
 
+def _store(mlflow_uri: str | None) -> str:
+    """The tracking store a command reads (--mlflow-uri, else $MLFLOW_TRACKING_URI, else the embedded
+    one), refused in one line before MLflow is asked where it has no store for it."""
+    from sharetune.search import tracking_uri
+    from sharetune.search.destinations import check_mlflow_uri
+    from sharetune.spaces import SpecError
+
+    uri = tracking_uri(mlflow_uri)
+    try:
+        check_mlflow_uri(uri)
+    except SpecError as err:
+        fail(str(err))
+    return uri
+
+
 @app.command("report")
 def report(
     source: str = typer.Argument(..., help="a search folder or an MLflow experiment name"),
@@ -257,7 +272,7 @@ def report(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri"),
 ) -> None:
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
-    from sharetune.search import SearchFolder, parent_run_of, tracking_uri
+    from sharetune.search import SearchFolder, parent_run_of
     from sharetune.search import report as reports
 
     folder = SearchFolder(source)
@@ -266,7 +281,7 @@ def report(
             trials, reference = reports.trials_from_folder(folder), folder.spec().hypervolume_reference
             uri, parent = parent_run_of(folder)
         else:
-            uri = tracking_uri(mlflow_uri)
+            uri = _store(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
             reference = reports.reference_of(uri, parent)
     except (ValueError, FileNotFoundError) as err:
@@ -363,10 +378,9 @@ def ui(
     port: int = typer.Option(5000, help="port on 127.0.0.1"),
 ) -> None:
     """Start one light MLflow UI (one worker, no job runner) on 127.0.0.1 for the store in use; says when it is ready."""
-    from sharetune.search import tracking_uri
     from sharetune.search.mlflow_ui import READY_TIMEOUT_S, start_ui, wait_until_ready
 
-    uri = tracking_uri(mlflow_uri)
+    uri = _store(mlflow_uri)
     if uri.startswith(("http://", "https://")):
         typer.echo(f"the tracking server already serves the UI: {uri}")
         return

@@ -181,6 +181,8 @@ def sharetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["search", "SPEC", "--set", "fixed.hidden=[1,"], "error: --set fixed.hidden: not valid YAML"),
     (["search", "SPEC", "--storage", "afile"], "error: --storage: "),
     (["search", "SPEC", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
+    (["report", "no-such-experiment", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
+    (["ui", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
     (["search", "BADSPEC"], "error: spec: "),
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
     (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
