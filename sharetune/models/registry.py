@@ -41,6 +41,12 @@ class ModelEntry:
         if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
             raise ValueError(f"{unknown[0]}: not an option of {self.name}; it takes: {', '.join(self.options)}")
 
+    def check_components(self, names: list[str]) -> None:
+        """One clear error for a component this model cannot share."""
+        unknown = [c for c in names if c not in self.components]
+        if unknown:
+            raise ValueError(f"components: unknown component {unknown[0]!r} for {self.name}; allowed: {', '.join(self.components)}")
+
 
 _MODELS: dict[str, ModelEntry] = {}
 

@@ -29,10 +29,7 @@ def apply_sharing(
     plan = options.pop("plan", options)
     if isinstance(plan, dict) and plan.get("mapping") in SIMILARITY_MAPPINGS:
         plan = _similarity_plan(model, plan, pretrained, cka_data)
-    unknown = [c for c in components if c not in entry.components]
-    if unknown:
-        raise ValueError(f"components: unknown component {unknown[0]!r} for {entry.name}; "
-                         f"allowed: {', '.join(entry.components)}")
+    entry.check_components(components)
     targets = [path for c in components for path in entry.components[c]]
     if strategy is not None:
         if not pretrained:

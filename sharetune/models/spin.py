@@ -26,6 +26,7 @@ MAPPINGS = ("sequential", "strided", "pyramid", "random")
 SIMILARITY_MAPPINGS = ("cka",)
 ALL_MAPPINGS = MAPPINGS + SIMILARITY_MAPPINGS
 DISTRIBUTIONS = ("uniform", "front", "middle", "back")
+DEFAULT_MAPPING, DEFAULT_DISTRIBUTION = MAPPINGS[0], DISTRIBUTIONS[0]  # SPIN's own: sequential groups, uniformly
 
 
 def _choice(field: str, value: str, allowed: Sequence[str]) -> str:
@@ -113,7 +114,7 @@ class SharingPlan:
 
     @classmethod
     def from_topology(
-        cls, depth: int, rate: float, mapping: str = "sequential", distribution: str = "uniform", seed: int = 0
+        cls, depth: int, rate: float, mapping: str = DEFAULT_MAPPING, distribution: str = DEFAULT_DISTRIBUTION, seed: int = 0
     ) -> "SharingPlan":
         """A mapping x distribution at an overall share rate (depth / bank entries), as in SPIN Table 1.
 
@@ -137,17 +138,6 @@ class SharingPlan:
         ids = list(range(start)) + [start + i for i in section]
         ids += [start + max(section) + 1 + k for k in range(depth - start - shared)]
         return cls.from_ids(ids)
-
-    def notation(self) -> str:
-        """Runs of equal group sizes in N x S form (contiguous plans only)."""
-        sizes = [self.bank_ids.count(e) for e in range(self.num_entries)]
-        runs: list[list[int]] = []
-        for size in sizes:
-            if runs and runs[-1][1] == size:
-                runs[-1][0] += 1
-            else:
-                runs.append([1, size])
-        return "[" + ",".join(f"{n}x{s}" for n, s in runs) + "]"
 
 
 def make_plan(depth: int, spec: "SharingPlan | str | Sequence[int] | dict") -> SharingPlan:

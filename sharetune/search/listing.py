@@ -14,7 +14,8 @@ from datetime import datetime
 
 from pyarrow import fs
 
-from sharetune.search.storage import DEFAULT_STORAGE, SPEC_FILE, SearchFolder, canonical
+from sharetune.search.storage import SPEC_FILE, SearchFolder, canonical
+from sharetune.spaces.locations import DEFAULT_STORAGE
 
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
 

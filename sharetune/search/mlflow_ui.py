@@ -28,9 +28,9 @@ def start_ui(uri: str, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, env={**os.environ, **LIGHT_ENV})
 
 
-def wait_until_ready(server: subprocess.Popen, port: int, timeout_s: float = READY_TIMEOUT_S) -> bool:
-    """Whether the server answers its health check before it exits or `timeout_s` passes."""
-    deadline = time.monotonic() + timeout_s
+def wait_until_ready(server: subprocess.Popen, port: int) -> bool:
+    """Whether the server answers its health check before it exits or READY_TIMEOUT_S passes."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
     while server.poll() is None and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as answer:

@@ -26,7 +26,6 @@ from sharetune.storage_filesystem import filesystem_and_path, is_uri
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
 SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training (infeasible, duplicates)
-DEFAULT_STORAGE = "results"
 TUNER_FILE = "tuner.pkl"  # Tune's own record of the run, which Tuner.restore reads
 MIN_FREE_BYTES = 100 * 2**20  # refused below this: Tune's state, result logs and checkpoints of small nets
 

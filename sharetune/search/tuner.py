@@ -31,7 +31,6 @@ from sharetune.search.result_log import ResultLog
 from sharetune.search.retries import NoRetryWhenUnbuildable
 from sharetune.search.searcher import ConfigurationSearcher
 from sharetune.search.storage import (
-    DEFAULT_STORAGE,
     SearchFolder,
     StateError,
     StorageFull,
@@ -39,6 +38,7 @@ from sharetune.search.storage import (
     stop_on_full_disk,
 )
 from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
+from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.storage_filesystem import filesystem_and_path, keep_final_checkpoints, tune_storage
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+DEFAULT_STORAGE = "results"  # where search folders go unless --storage or $SHARETUNE_STORAGE says otherwise
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
 

@@ -13,13 +13,14 @@ from sharetune.spaces.spec import SearchSpec, SpecError, apply_overrides, parse_
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SCALES = ("reduced", "full")
+DEFAULT_SCALE = SCALES[0]  # runs on a laptop
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def preset(name: str, scale: str = "reduced") -> dict:
+def preset(name: str, scale: str = DEFAULT_SCALE) -> dict:
     """The preset's spec as a dict, at `scale`."""
     if name not in preset_names():
         raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(preset_names())}")
@@ -33,7 +34,7 @@ def preset(name: str, scale: str = "reduced") -> dict:
     return raw
 
 
-def load_spec(source: str | Path, overrides: list[str] = (), scale: str = "reduced") -> SearchSpec:
+def load_spec(source: str | Path, overrides: list[str] = (), scale: str = DEFAULT_SCALE) -> SearchSpec:
     """A spec from a YAML file, a preset name, or `env:NAME` (YAML in an environment variable, which
     is how a submitted Ray Job receives it), with `--set key=value` overrides applied."""
     path = Path(source)

@@ -13,7 +13,15 @@ from typing import Literal, Optional
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS, get_model, shareable_model_names
+from sharetune.models import (
+    ALL_MAPPINGS,
+    DEFAULT_DISTRIBUTION,
+    DEFAULT_MAPPING,
+    DISTRIBUTIONS,
+    FUSIONS,
+    get_model,
+    shareable_model_names,
+)
 from sharetune.models.hashes import hash_names, hashes_taking
 from sharetune.training import RECIPES, Recipe
 
@@ -99,8 +107,8 @@ class SpinSettings(FamilySettings):
     kernel_size: Optional[int] = Field(None, ge=1)
     img_size: Optional[int] = Field(None, ge=1)  # resolution the inputs are resized to; default: the data's
     share_rate: float = Field(1.0, ge=1)  # layers per bank entry (SPIN's L/P); 1: no sharing
-    mapping: Literal[ALL_MAPPINGS] = "sequential"  # type: ignore[valid-type]
-    distribution: Literal[DISTRIBUTIONS] = "uniform"  # type: ignore[valid-type]
+    mapping: Literal[ALL_MAPPINGS] = DEFAULT_MAPPING  # type: ignore[valid-type]
+    distribution: Literal[DISTRIBUTIONS] = DEFAULT_DISTRIBUTION  # type: ignore[valid-type]
     components: Optional[str] = None  # comma-separated; default: the model's (Table 1: pointwise)
     transform_groups: Optional[int] = Field(None, ge=1)
     fusion: Optional[Literal[FUSIONS]] = None  # type: ignore[valid-type]
@@ -109,10 +117,7 @@ class SpinSettings(FamilySettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpinSettings":
-        allowed = get_model(self.model).components
-        for name in self.component_list() or []:
-            if name not in allowed:
-                raise ValueError(f"components: unknown component {name!r} for {self.model}; allowed: {', '.join(allowed)}")
+        get_model(self.model).check_components(self.component_list() or [])
         if self.fusion is not None and self.transform_groups is not None:
             raise ValueError("fusion, transform_groups: these do not combine; choose one")
         if self.fusion is not None and self.share_rate == 1:

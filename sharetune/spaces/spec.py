@@ -27,14 +27,14 @@ from typing import Any, Callable, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sharetune.data import DEFAULT_DATASET, DataError, canonical_name
+from sharetune.data import DEFAULT_DATASET, DEFAULT_IMG_SIZE, DataError, canonical_name
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.spaces.documents import SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 from sharetune.spaces.suggest import nearest_path, spec_paths
-from sharetune.training import MAX_SEED
+from sharetune.training import Seed
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
@@ -150,11 +150,11 @@ class DataSpec(BaseModel):
     train_subset: Optional[int] = Field(None, ge=1)  # reduced scale: the first N training examples
     test_subset: Optional[int] = Field(None, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     # Held out of the training set, stratified and seeded, for selection: searching on the test split
     # would fit the hyperparameters to it. 0: no val split (select on test_accuracy, as ArbNet did).
     val_fraction: float = Field(0.1, ge=0, lt=1)
-    img_size: int = Field(224, ge=8)  # imagefolder: the resolution images are cropped and resized to
+    img_size: int = Field(DEFAULT_IMG_SIZE, ge=8)  # imagefolder: the resolution images are cropped and resized to
     workers: Optional[int] = Field(None, ge=0)  # imagefolder: DataLoader workers (default: the trial's CPUs)
 
     @model_validator(mode="after")
@@ -192,7 +192,7 @@ class SearchSpec(BaseModel):
     scheduler: Optional[Scheduler] = None
     budget: Budget = Budget()
     resources: Resources = Resources()
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: Seed = 0
     optuna_storage: Optional[str] = None  # an RDB URL (sqlite:///optuna.db) so optuna-dashboard can show the study
     variants: dict[str, dict[str, Any]] = {}  # named bundles of settings a `variant` dimension picks
     # The reference costs hypervolumes are measured from (default: the dense, unshared model's)

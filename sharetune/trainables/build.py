@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from sharetune.data import Batches
 from sharetune.metrics import ModelCosts, model_costs
-from sharetune.models import PAPER_MLPS, ArbNetMLP, create_model, deployed, get_model
+from sharetune.models import PAPER_MLPS, create_model, deployed, get_model
 from sharetune.spaces import ArbNetSettings, FamilySettings, SpinSettings, trial_settings
 
 CKA_SAMPLES = 256  # training inputs the cka mapping compares layers on
@@ -44,10 +43,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def arbnet_widths(s: ArbNetSettings, data: Batches) -> list[int]:
     """Input, hidden and output widths: the paper's net for the data's input width (Section 4.3), unless
-    `hidden` says otherwise, else the model's own default."""
+    `hidden` says otherwise, else the paper's MNIST net's."""
     in_features = math.prod(data.input_shape)
     paper = next((hidden for (fan_in, hidden, _) in PAPER_MLPS.values() if fan_in == in_features), None)
-    hidden = s.hidden or paper or inspect.signature(ArbNetMLP).parameters["hidden"].default
+    hidden = s.hidden or paper or PAPER_MLPS["mnist"][1]
     return [in_features, *hidden, data.num_classes]
 
 

@@ -12,7 +12,6 @@ state dict, loaded with `weights_only=True`, whose names and shapes fit the unsh
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from sharetune.data import Batches
 from sharetune.errors import first_line
-from sharetune.models import WeightsError, load_state_dict
+from sharetune.models import WeightsError, load_state_dict, table_sizes
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
 from sharetune.trainables.build import arbnet_widths, build_model, build_spin, unwrap
 from sharetune.training import Recipe
@@ -110,12 +109,9 @@ def _activation_bytes(model: nn.Module, batch: Tensor) -> int:
 def _arbnet_layers(settings: ArbNetSettings, data: Batches) -> tuple[int, int]:
     """(virtual weights, table entries) of the ArbNet the settings build."""
     widths = arbnet_widths(settings, data)
-    virtual = sum(a * b for a, b in zip(widths, widths[1:]))
-    if settings.hash == "identity":
-        return virtual, virtual
-    if settings.compression is not None:
-        return virtual, math.ceil(settings.compression * virtual)
-    return virtual, settings.table_size * (len(widths) - 1)
+    shapes = list(zip(widths, widths[1:]))
+    sizes = table_sizes(shapes, [settings.hash] * len(shapes), settings.table_size, settings.compression)
+    return sum(a * b for a, b in shapes), sum(sizes)
 
 
 def _arbnet_hashing_bytes(settings: ArbNetSettings, data: Batches) -> int:
