@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-def trial(start_at: float, warmup: float, seconds: float, batch: int, device: str, out) -> None:
+def trial(ready, warmup: float, seconds: float, batch: int, device: str, out) -> None:
     from sharetune.models.arbnet import ArbNetMLP
     from sharetune.training import keep_freed_memory
 
@@ -28,7 +28,7 @@ def trial(start_at: float, warmup: float, seconds: float, batch: int, device: st
     model = ArbNetMLP(784, (200, 200), 10, hash="dirichlet", alpha=1.0, table_size=1000).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(60 * batch, 784, device=device), torch.randint(0, 10, (60 * batch,), device=device)
-    time.sleep(max(0.0, start_at - time.time()))
+    ready.wait()  # every process has imported torch and built its model: all start together
     steps, counting, begin = 0, False, time.time() + warmup  # the warm-up builds kernels and fills caches
     while True:
         for start in range(0, len(x), batch):
@@ -48,8 +48,8 @@ def trial(start_at: float, warmup: float, seconds: float, batch: int, device: st
 def aggregate(count: int, args: argparse.Namespace) -> float:
     context = mp.get_context("spawn")
     out = context.Queue()
-    start_at = time.time() + 15  # every process has imported torch and built its model by then
-    processes = [context.Process(target=trial, args=(start_at, args.warmup, args.seconds, args.batch, args.device, out))
+    ready = context.Barrier(count)
+    processes = [context.Process(target=trial, args=(ready, args.warmup, args.seconds, args.batch, args.device, out))
                  for _ in range(count)]
     for p in processes:
         p.start()
