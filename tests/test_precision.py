@@ -16,7 +16,7 @@ from sharetune.data import load
 from sharetune.models import create_model
 from sharetune.models.arbnet import ArbNetMLP
 from sharetune.spaces import SpecError, parse_spec
-from sharetune.training import Recipe, TrainingState, resolve_precision, train_epochs
+from sharetune.training import Recipe, TrainingState, channels_last, resolve_precision, train_epochs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -48,6 +48,23 @@ def test_the_default_precision_is_fp32_on_cpu_and_fp16_on_cpu_is_refused_naming_
     assert parse_spec(tiny_spec(fixed={"precision": "fp16"}, resources={"gpu": 0.5})).fixed["precision"] == "fp16"
     with pytest.raises(SpecError, match="precision"):
         parse_spec(tiny_spec(fixed={"precision": "fp8"}))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_on_cuda_the_defaults_are_bf16_where_the_gpu_computes_in_it_and_channels_last_for_convolutions(bf16, monkeypatch):
+    """The choices the CUDA defaults make, from what torch says of the device (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    cuda = torch.device("cuda")
+    assert resolve_precision(None, cuda) == ("bf16" if bf16 else "fp32")
+    assert resolve_precision("fp16", cuda) == "fp16"
+    if not bf16:
+        with pytest.raises(ValueError, match="precision: Tesla V100 has no bf16; allowed here: fp32, fp16"):
+            resolve_precision("bf16", cuda)
+    recipe = Recipe()
+    assert channels_last(tiny_convnext(), recipe, cuda) and not channels_last(tiny_convnext(), recipe, torch.device("cpu"))
+    assert not channels_last(ArbNetMLP(64, [16], 4, hash="uniform", table_size=50), recipe, cuda)  # no convolution
+    assert not channels_last(tiny_convnext(), Recipe(channels_last=False), cuda)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,7 +151,10 @@ def test_a_model_that_fails_to_compile_warns_once_and_trains_eagerly_with_the_ea
 
 
 def test_a_compiled_model_trains_like_the_eager_one():
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     data = load("synthetic")
     recipe = Recipe(epochs=1, batch_size=128)
     expected = next(train_epochs(tiny_convnext(), data, recipe, device="cpu"))
@@ -142,4 +162,5 @@ def test_a_compiled_model_trains_like_the_eager_one():
         warnings.simplefilter("always")
         got = next(train_epochs(tiny_convnext(), data, recipe.model_copy(update={"compile": True}), device="cpu"))
     assert not [w for w in caught if "compile:" in str(w.message)]
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model: it did not run eagerly
     assert got.loss == pytest.approx(expected.loss, rel=1e-3)
