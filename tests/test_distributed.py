@@ -10,6 +10,8 @@ import torch
 from helpers import parent_and_child_runs, tiny_spec
 from mlflow import MlflowClient
 
+from sharetune.metrics.counts import count_params
+from sharetune.models import FUSIONS, ArbNetMLP, create_model
 from sharetune.search import tuner
 from sharetune.search.models import tracking_at
 from sharetune.spaces import parse_spec, trial_settings
@@ -69,6 +71,44 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
         assert ddp["loss"] == pytest.approx(single.loss, rel=1e-4)
         assert ddp["train_accuracy"] == pytest.approx(single.train_accuracy, abs=1e-9)
         assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
+
+
+def shared_models() -> dict:
+    spin = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3, "num_classes": 4, "in_chans": 1}
+    unshared = create_model("convmixer", **spin).state_dict()
+    return {
+        "convnext, rate 2": create_model("convnext_isotropic", **spin, sharing={"rate": 2}),
+        "convnext, whole blocks at rate 4": create_model("convnext_isotropic", **spin, sharing={"rate": 4, "components": ["block"]}),
+        **{f"convmixer, fusion {fusion}": create_model("convmixer", **spin, pretrained=unshared, sharing={"rate": 2, "fusion": fusion})
+           for fusion in FUSIONS},
+        "arbnet": ArbNetMLP(64, [16], 4, hash="dirichlet", alpha=1.0, table_size=50),
+    }
+
+
+def test_ddp_reduces_each_shared_tensor_once_and_every_parameter_every_step(tmp_path):
+    """What DDP all-reduces in a step is each unique parameter once: a SPIN bank entry read by several
+    layers, an ArbNet table read through its index. An unused parameter would fail the second step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for name, model in shared_models().items():
+            reduced = []
+
+            def count(state, bucket, reduced=reduced):
+                reduced.append(bucket.buffer().numel())
+                done = torch.futures.Future()
+                done.set_result(bucket.buffer())
+                return done
+
+            ddp = DistributedDataParallel(model)
+            ddp.register_comm_hook(None, count)
+            x = torch.randn(4, 64) if isinstance(model, ArbNetMLP) else torch.randn(4, 1, 8, 8)
+            for _ in range(2):
+                ddp(x).square().sum().backward()
+            assert sum(reduced) == 2 * count_params(model).unique, name
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_a_trial_without_a_ray_train_run_has_no_run_checkpoint_and_an_unreadable_run_is_one_line(tmp_path):
