@@ -2,7 +2,7 @@
 the console shows of them.
 
 Names load on first use (PEP 562), so a command that only talks to a cluster's dashboard (`sharetune
-status`, `logs`, `stop`) does not import Tune, MLflow and torch first."""
+status`, `logs`, `stop`) does not import Tune and MLflow first."""
 
 from importlib import import_module
 
