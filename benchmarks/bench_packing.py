@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import time
+from multiprocessing.synchronize import Barrier
 
 import torch
 import torch.nn.functional as F
 
+READY_S = 120  # a process that fails to start breaks the barrier for the others instead of hanging them
 
-def trial(ready, warmup: float, seconds: float, batch: int, device: str, out) -> None:
+
+def trial(ready: Barrier, warmup: float, seconds: float, batch: int, device: str, out) -> None:
     from sharetune.models.arbnet import ArbNetMLP
     from sharetune.training import keep_freed_memory
 
@@ -28,7 +31,7 @@ def trial(ready, warmup: float, seconds: float, batch: int, device: str, out) ->
     model = ArbNetMLP(784, (200, 200), 10, hash="dirichlet", alpha=1.0, table_size=1000).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(60 * batch, 784, device=device), torch.randint(0, 10, (60 * batch,), device=device)
-    ready.wait()  # every process has imported torch and built its model: all start together
+    ready.wait(timeout=READY_S)  # every process has imported torch and built its model: all start together
     steps, counting, begin = 0, False, time.time() + warmup  # the warm-up builds kernels and fills caches
     while True:
         for start in range(0, len(x), batch):

@@ -82,7 +82,7 @@ class Recipe(BaseModel):
     randaugment: Optional[str] = None  # timm's RandAugment config, or "none"
     random_erasing: Optional[float] = Field(None, ge=0, le=1)
     grad_clip: Optional[float] = Field(None, ge=0)  # max gradient norm
-    ema_decay: Optional[float] = Field(None, ge=0, lt=1)  # model EMA (timm's ModelEmaV3); evaluation uses it
+    ema_decay: Optional[float] = Field(None, ge=0, lt=1)  # model EMA (sharetune.ema, on timm's); evaluation uses it
     precision: Optional[Literal[PRECISIONS]] = None  # type: ignore[valid-type]  # None: bf16 on a CUDA device that has it, else fp32
     channels_last: Optional[bool] = None  # None: on for convolutional models on CUDA
     compile: bool = False  # torch.compile the model (falls back to eager, with one warning, if it fails)
@@ -244,9 +244,9 @@ class TrainingState:
         self.scheduler = _scheduler(self.optimizer, recipe, steps_per_epoch)
         self.ema = None
         if recipe.ema_decay:
-            from timm.utils import ModelEmaV3
+            from sharetune.ema import ModelEma
 
-            self.ema = ModelEmaV3(model, decay=recipe.ema_decay)
+            self.ema = ModelEma(model, decay=recipe.ema_decay)
         self.mixup = None
         if recipe.mixup or recipe.cutmix:
             from timm.data import Mixup

@@ -86,8 +86,9 @@ def shared_models() -> dict:
 
 
 def test_ddp_reduces_each_shared_tensor_once_and_every_parameter_every_step(tmp_path):
-    """What DDP all-reduces in a step is each unique parameter once: a SPIN bank entry read by several
-    layers, an ArbNet table read through its index. An unused parameter would fail the second step."""
+    """What DDP all-reduces in a step is each unique tensor once: a SPIN bank entry read by several
+    layers is one parameter (not one per layer, tied), an ArbNet table is read through its index. An
+    unused parameter would fail the second step."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)

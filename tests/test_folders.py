@@ -78,11 +78,13 @@ def test_a_rank_whose_share_of_a_batch_is_unreadable_still_takes_the_step(tmp_pa
     with pytest.warns(UserWarning, match=r"skipped 4 unreadable images"):
         first, second = _rank_batches(data, 2)
     assert len(first) == len(second) == len(files) // 8 and second[1] == second[0]  # its last share again
-    for index in order[4:8]:  # and the first batch's: no share to repeat
+    for index in order[4:8]:  # and the first batch's: no share to repeat (an evaluation batch is none)
         with open(files[index][0], "wb") as broken:
             broken.write(b"not a png either")
-    with pytest.raises(DataError, match=r"every image of rank 1's share of the first batch is unreadable \(e.g. .*\.png\)"):
-        _rank_batches(data, 2, epoch=0)
+    second = data.shard(1, 2)
+    assert list(second.eval_batches("test", CPU))
+    with pytest.raises(DataError, match=r"every image of rank 1's share of its first batch is unreadable \(e.g. .*\.png\)"):
+        list(second.train_batches(0, 8, seed=5, device=CPU))
 
 
 @pytest.mark.parametrize(

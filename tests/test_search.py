@@ -233,15 +233,16 @@ def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouc
 
 def test_a_two_worker_arbnet_trial_reports_the_accuracy_of_the_model_rank_0_saves(tmp_path):
     """ArbNet under DDP: its tables are plain parameters, reduced with the rest. Each rank's BatchNorm
-    statistics come from its own share of the batch, so the ranks take rank 0's before evaluating:
-    the accuracy reported over both ranks' shards is that of the model the trial saves."""
+    statistics (and its model EMA's) come from its own share of the batch, so the ranks take rank 0's
+    before evaluating: the accuracy reported over both ranks' shards is that of the model the trial
+    exports (the EMA, which evaluation uses)."""
     from sharetune.search import SearchFolder
     from sharetune.search.export import export
     from sharetune.trainables import load_exported
     from sharetune.training import evaluate
 
     two_workers = {"dimensions": {}, "data": {"name": "synthetic", "val_fraction": 0},
-                   "fixed": {"epochs": 3, "hidden": [32], "table_size": 64, "batch_size": 16},
+                   "fixed": {"epochs": 3, "hidden": [32], "table_size": 64, "batch_size": 16, "ema_decay": 0.9},
                    "resources": {"workers": 2, "cpu": 1}, "budget": {"num_samples": 1, "max_concurrent": 1}}
     result, trials, _ = search(tmp_path, **two_workers)
     (trial_id,) = trials["trial_id"]

@@ -89,3 +89,24 @@ def test_cli_trains_one_spin_model_as_a_trial_would():
     assert metrics["epoch"] == 2 and metrics["effective_share_rate"] == pytest.approx(2164 / 1652)  # as in the search test
     bad = CliRunner().invoke(app, ["train", "spin", "--dataset", "synthetic", "--mapping", "diagonal"])
     assert bad.exit_code == 2 and "mapping: allowed: 'sequential', 'strided', 'pyramid', 'random' or 'cka', got 'diagonal'" in bad.output
+
+
+def test_an_arbnet_keeps_an_ema_of_its_tables_and_batchnorm_statistics():
+    """An ArbNet layer's state holds its hash recipe (not a tensor) and an integer index: the EMA averages
+    the floating-point tensors and leaves those alone (timm's own update failed on the recipe)."""
+    from sharetune.models import ArbNetMLP
+    from sharetune.training import TrainingState
+
+    torch.manual_seed(0)
+    model = ArbNetMLP(64, [16], 4, hash="dirichlet", alpha=1.0, table_size=50)
+    state = TrainingState(model, Recipe(ema_decay=0.5), steps_per_epoch=4, num_classes=4)
+    table, statistics = model.layers[0].table, model.layers[2].running_mean
+    for step in range(2):
+        loss, _ = state.loss(model, torch.randn(8, 64), torch.randint(0, 4, (8,)))
+        state.step(model, loss)
+        if step == 0:
+            before = table.detach().clone(), statistics.clone()
+    ema = state.ema.module
+    torch.testing.assert_close(ema.layers[0].table, 0.5 * before[0] + 0.5 * table.detach())
+    torch.testing.assert_close(ema.layers[2].running_mean, 0.5 * before[1] + 0.5 * statistics)
+    assert torch.equal(ema.layers[0].index, model.layers[0].index)

@@ -178,14 +178,15 @@ class ImageFolderData:
         its last readable share again."""
         for x, y, bad in loader:
             self.skipped.update(bad)
-            if len(x):
-                self._cache["last_share"] = x, y
-            elif every_step:
-                if "last_share" not in self._cache:
-                    raise DataError(f"{self.root}: every image of rank {self.rank}'s share of the first batch is unreadable "
+            if every_step:
+                if len(x):
+                    self._cache["last_share"] = x, y
+                elif "last_share" in self._cache:
+                    x, y = self._cache["last_share"]
+                else:
+                    raise DataError(f"{self.root}: every image of rank {self.rank}'s share of its first batch is unreadable "
                                     f"(e.g. {bad[0]}); replace or remove them")
-                x, y = self._cache["last_share"]
-            else:
+            elif not len(x):
                 continue
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 

@@ -18,7 +18,7 @@ from sharetune.data import Batches
 from sharetune.models import deployed
 from sharetune.spaces import trial_settings
 from sharetune.trainables.build import DataShape, build_model, build_spin, unwrap
-from sharetune.trainables.trial import CHECKPOINT
+from sharetune.trainables.trial import CHECKPOINT, evaluated_weights
 
 EXPORT_FORMAT = "sharetune-model-1"
 
@@ -28,7 +28,7 @@ def export_trial(config: dict, data: Batches, pretrained: dict | None, checkpoin
     settings = trial_settings(config)
     data = data.with_resolution(settings.resolution)
     model = build_model(settings, data, pretrained)
-    model.load_state_dict(torch.load(Path(checkpoint) / CHECKPOINT, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(evaluated_weights(torch.load(Path(checkpoint) / CHECKPOINT, map_location="cpu", weights_only=True)))
     shipped = deployed(model)
     plan = getattr(unwrap(shipped), "sharing_plan", None)
     torch.save({

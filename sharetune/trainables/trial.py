@@ -31,6 +31,13 @@ CONFIGURATION_ERROR = "configuration_error"  # the one report of a trial whose c
 ALLOCATION_FAILED = ("can't allocate memory", "out of memory")  # torch's RuntimeErrors for host and GPU memory
 
 
+def evaluated_weights(state: dict) -> dict:
+    """The weights a checkpoint's metrics were measured with: its model EMA's where the recipe keeps
+    one (`TrainingState.evaluated`), else the model's. They are what a trial exports."""
+    ema = state["training"]["ema"]  # timm's ModelEmaV3 holds its copy of the model as `module`
+    return state["model"] if ema is None else {name.removeprefix("module."): value for name, value in ema.items()}
+
+
 class ConfigurationError(Exception):
     """The trial's configuration cannot be built into a model that takes its data: every try fails alike."""
 
