@@ -18,6 +18,33 @@ from sharetune.search.mlflow_ui import LIGHT_ENV
 
 BIN = Path(sys.executable).parent
 
+# Every model kind a search builds, tiny, as trial configs (build_kind builds one)
+_SPIN = {"family": "spin", "dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3, "share_rate": 2}
+MODEL_KINDS = {
+    "arbnet dirichlet": {"family": "arbnet", "hidden": [16], "table_size": 32},
+    "arbnet neighborhood": {"family": "arbnet", "hidden": [16], "hash": "neighborhood", "radius": 2, "table_size": 32},
+    "convmixer shared": {**_SPIN, "model": "convmixer"},
+    "convmixer transformed": {**_SPIN, "model": "convmixer", "transform_groups": 2},
+    **{f"convmixer fused, {fusion}": {**_SPIN, "model": "convmixer", "fusion": fusion}
+       for fusion in ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")},
+    "convnext shared": {**_SPIN, "model": "convnext_isotropic"},
+    "convnext, whole blocks": {**_SPIN, "model": "convnext_isotropic", "components": "block", "share_rate": 4},
+    "deit shared": {**_SPIN, "model": "deit_tiny", "dim": 24},
+}
+
+
+def build_kind(kind: str, data, **changes):
+    """(settings, model) of MODEL_KINDS[kind] with `changes`, seeded; a fused kind fuses from an unshared
+    model of its own settings."""
+    from sharetune.spaces import trial_settings
+    from sharetune.trainables import build_model
+    from sharetune.trainables.build import build_spin, unwrap
+
+    settings = trial_settings({**MODEL_KINDS[kind], **changes})
+    torch.manual_seed(0)
+    pretrained = unwrap(build_spin(settings, data, unshared=True)).state_dict() if settings.needs_pretrained() else None
+    return settings, build_model(settings, data, pretrained)
+
 # CUDA runs where a GPU is present, and shows as skipped elsewhere
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 

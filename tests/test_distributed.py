@@ -7,11 +7,11 @@ from pathlib import Path
 import mlflow.pytorch
 import pytest
 import torch
-from helpers import parent_and_child_runs, tiny_spec
+from helpers import MODEL_KINDS, build_kind, parent_and_child_runs, tiny_spec
 from mlflow import MlflowClient
 
+from sharetune.data import load
 from sharetune.metrics.counts import count_params
-from sharetune.models import FUSIONS, ArbNetMLP, create_model
 from sharetune.search import tuner
 from sharetune.search.models import tracking_at
 from sharetune.spaces import parse_spec, trial_settings
@@ -73,27 +73,17 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
         assert ddp["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-9)
 
 
-def shared_models() -> dict:
-    spin = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3, "num_classes": 4, "in_chans": 1}
-    unshared = create_model("convmixer", **spin).state_dict()
-    return {
-        "convnext, rate 2": create_model("convnext_isotropic", **spin, sharing={"rate": 2}),
-        "convnext, whole blocks at rate 4": create_model("convnext_isotropic", **spin, sharing={"rate": 4, "components": ["block"]}),
-        **{f"convmixer, fusion {fusion}": create_model("convmixer", **spin, pretrained=unshared, sharing={"rate": 2, "fusion": fusion})
-           for fusion in FUSIONS},
-        "arbnet": ArbNetMLP(64, [16], 4, hash="dirichlet", alpha=1.0, table_size=50),
-    }
-
-
 def test_ddp_reduces_each_shared_tensor_once_and_every_parameter_every_step(tmp_path):
-    """What DDP all-reduces in a step is each unique tensor once: a SPIN bank entry read by several
-    layers is one parameter (not one per layer, tied), an ArbNet table is read through its index. An
-    unused parameter would fail the second step."""
+    """For every model kind: what DDP all-reduces in a step is each unique tensor once (a SPIN bank entry
+    read by several layers is one parameter, not one per layer, tied; an ArbNet table is read through
+    its index). An unused parameter would fail the second step."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        for name, model in shared_models().items():
+        data = load("synthetic")
+        for kind in MODEL_KINDS:
+            _, model = build_kind(kind, data)
             reduced = []
 
             def count(state, bucket, reduced=reduced):
@@ -104,10 +94,9 @@ def test_ddp_reduces_each_shared_tensor_once_and_every_parameter_every_step(tmp_
 
             ddp = DistributedDataParallel(model)
             ddp.register_comm_hook(None, count)
-            x = torch.randn(4, 64) if isinstance(model, ArbNetMLP) else torch.randn(4, 1, 8, 8)
             for _ in range(2):
-                ddp(x).square().sum().backward()
-            assert sum(reduced) == 2 * count_params(model).unique, name
+                ddp(data.sample_inputs(4)).square().sum().backward()
+            assert sum(reduced) == 2 * count_params(model).unique, kind
     finally:
         torch.distributed.destroy_process_group()
 

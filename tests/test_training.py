@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, MODEL_KINDS, build_kind
 from typer.testing import CliRunner
 
 from sharetune.cli import app
@@ -112,15 +112,6 @@ def test_an_arbnet_keeps_an_ema_of_its_tables_and_batchnorm_statistics():
     assert torch.equal(ema.layers[0].index, model.layers[0].index)
 
 
-# Every model kind a search builds, tiny; and every recipe piece a spec can turn on, all at once
-MODEL_KINDS = {
-    "arbnet dirichlet": {"family": "arbnet", "hidden": [16], "table_size": 32},
-    "arbnet neighborhood": {"family": "arbnet", "hidden": [16], "hash": "neighborhood", "radius": 2, "table_size": 32},
-    **{name: {"family": "spin", "model": model, "dim": dim, "depth": 4, "patch_size": 2, "kernel_size": 3, "share_rate": 2, **extra}
-       for name, model, dim, extra in [("convmixer shared", "convmixer", 8, {}), ("convmixer transformed", "convmixer", 8, {"transform_groups": 2}),
-                                       ("convmixer fused", "convmixer", 8, {"fusion": "mean"}), ("convnext", "convnext_isotropic", 8, {}),
-                                       ("deit", "deit_tiny", 24, {})]},
-}
 EVERY_PIECE = {"ema_decay": 0.9, "mixup": 0.2, "cutmix": 1.0, "label_smoothing": 0.1, "grad_clip": 1.0, "random_erasing": 0.5,
                "schedule": "cosine", "warmup_epochs": 1, "precision": "bf16", "channels_last": True}
 
@@ -128,13 +119,7 @@ EVERY_PIECE = {"ema_decay": 0.9, "mixup": 0.2, "cutmix": 1.0, "label_smoothing":
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_every_model_kind_trains_with_every_recipe_piece_on(kind):
     """The pieces combine with every model (an EMA of an ArbNet failed at its first step, once)."""
-    from sharetune.spaces import trial_settings
-    from sharetune.trainables import build_model
-    from sharetune.trainables.build import build_spin, unwrap
-
     data = load("synthetic", train_subset=64, test_subset=32)
-    settings = trial_settings({**MODEL_KINDS[kind], "recipe": "spin", "epochs": 2, "batch_size": 16, **EVERY_PIECE})
-    pretrained = unwrap(build_spin(settings, data, unshared=True)).state_dict() if settings.needs_pretrained() else None
-    torch.manual_seed(0)
-    results = list(train_epochs(build_model(settings, data, pretrained), data, settings, device="cpu"))
+    settings, model = build_kind(kind, data, recipe="spin", epochs=2, batch_size=16, **EVERY_PIECE)
+    results = list(train_epochs(model, data, settings, device="cpu"))
     assert [r.epoch for r in results] == [1, 2] and not results[-1].diverged
