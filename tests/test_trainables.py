@@ -1,11 +1,16 @@
 """Trial settings -> model, without Ray: the builders, the costs, and the pretraining SPIN starts from."""
 
 import pytest
-from helpers import tiny_spec
+import torch
+from helpers import MODEL_KINDS, build_kind, tiny_spec
 
 from sharetune.data import load
+from sharetune.models import deployed
 from sharetune.spaces import SpecError, SpinSettings, parse_spec
-from sharetune.trainables import PRETRAINED_FILE, build_model, costs_of, pretrained_weights
+from sharetune.trainables import PRETRAINED_FILE, build_model, costs_of, export_trial, load_exported, pretrained_weights
+from sharetune.trainables.build import build_spin, unwrap
+from sharetune.trainables.trial import CHECKPOINT
+from sharetune.training import TrainingState, train_epochs
 
 ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
 
@@ -75,3 +80,21 @@ def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(
     ranks = WorkerGroupError("a rank failed", {0: RuntimeError("gloo timed out"), 1: unbuildable.value})
     assert configuration_error(ranks) is unbuildable.value
     assert configuration_error(WorkerGroupError("a rank died", {0: RuntimeError("gloo timed out")})) is None
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_every_model_kind_exports_the_model_its_metrics_measured(kind, tmp_path):
+    """The exported file, rebuilt without the trial, computes what evaluation ran: the model EMA's
+    weights (a recipe with `ema_decay`), deployed (fused layers folded)."""
+    data = load("synthetic", train_subset=64, test_subset=32)
+    changes = {"epochs": 1, "batch_size": 16, "ema_decay": 0.5}
+    settings, model = build_kind(kind, data, **changes)
+    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    list(train_epochs(model, data, settings, device="cpu", state=state))
+    torch.save({"model": model.state_dict(), "training": state.state_dict()}, tmp_path / CHECKPOINT)  # as a trial saves
+    pretrained = unwrap(build_spin(settings, data, unshared=True)).state_dict() if settings.needs_pretrained() else None
+    export_trial({**MODEL_KINDS[kind], **changes}, data, pretrained, tmp_path, tmp_path / "model.pt")
+    x = data.sample_inputs(8)
+    evaluated = deployed(state.evaluated(model)).eval()
+    assert not torch.allclose(evaluated(x), deployed(model).eval()(x))  # the EMA is not the live model
+    torch.testing.assert_close(load_exported(tmp_path / "model.pt")(x), evaluated(x), rtol=1e-5, atol=1e-5)
