@@ -24,10 +24,12 @@ import contextlib
 import ctypes
 import functools
 import math
+import random
 import time
 import warnings
 from typing import Annotated, Callable, Iterator, Literal, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -175,6 +177,16 @@ class EagerFallback:
                               stacklevel=2)
                 self.compiled = None
         return self.model(x)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed every generator a recipe's random pieces draw from by the seed and the epoch alone: torch's
+    (dropout, drop-path), NumPy's (timm's MixUp and CutMix) and Python's (timm's random erasing). A
+    run is then reproducible from its seed, and a resumed one goes on as if it had never stopped."""
+    value = (seed * 1_000_003 + epoch) % 2**32
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
 
 
 def _distributed() -> bool:
@@ -369,6 +381,7 @@ def train_epochs(
     forward = EagerFallback(forward) if recipe.compile else forward
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
+        seed_epoch(recipe.seed, epoch)
         model.train()
         total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):

@@ -123,3 +123,30 @@ def test_every_model_kind_trains_with_every_recipe_piece_on(kind):
     settings, model = build_kind(kind, data, recipe="spin", epochs=2, batch_size=16, **EVERY_PIECE)
     results = list(train_epochs(model, data, settings, device="cpu"))
     assert [r.epoch for r in results] == [1, 2] and not results[-1].diverged
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_run_repeats_from_its_seed_and_a_resumed_one_goes_on_as_if_never_stopped(kind):
+    """MixUp and CutMix draw from NumPy, erasing from Python's generator, dropout from torch's: each
+    epoch seeds them all from the seed and the epoch."""
+    import io
+
+    from sharetune.training import TrainingState
+
+    data = load("synthetic", train_subset=64, test_subset=32)
+    changes = {"recipe": "spin", "epochs": 3, "batch_size": 16, "ema_decay": 0.5, "random_erasing": 0.5}
+    settings, model = build_kind(kind, data, **changes)
+    whole = [r.loss for r in train_epochs(model, data, settings, device="cpu")]
+    settings, model = build_kind(kind, data, **changes)
+    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    first = next(train_epochs(model, data, settings, device="cpu", state=state)).loss
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "training": state.state_dict()}, saved)  # as a trial checkpoints
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=True)
+    settings, model = build_kind(kind, data, **changes)
+    model.load_state_dict(checkpoint["model"])
+    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    state.load_state_dict(checkpoint["training"])
+    rest = [r.loss for r in train_epochs(model, data, settings, device="cpu", state=state, start_epoch=1)]
+    assert [first, *rest] == pytest.approx(whole, rel=1e-6)

@@ -190,7 +190,9 @@ def vector_gathers_pay() -> bool:
     """Whether explicit vector gathers beat scalar loads from a table in L1 (see gather_range in
     table_kernels.cpp): they do on the Intel CPUs we measured and not on AMD Zen 4, where scalar loads
     make an MNIST training step 2-4% faster. Timed once per process, on one thread, in about 2 ms."""
-    table, index, out = torch.randn(1001), torch.randint(0, 1001, (1 << 16,), dtype=torch.int16), torch.empty(1 << 16)
+    own = torch.Generator().manual_seed(0)  # the global generator is the run's: drawing from it would change its results
+    table, index = torch.randn(1001, generator=own), torch.randint(0, 1001, (1 << 16,), dtype=torch.int16, generator=own)
+    out = torch.empty(1 << 16)
     args = (1, _pointers([table]), _pointers([index]), _pointers([None]), _pointers([out]), _sizes([index.numel()]), 1)
     seconds: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(25):
