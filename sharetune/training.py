@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from sharetune.data import Augment, Batches
+from sharetune.data import Augment, Batches, epoch_seed
 from sharetune.errors import first_line
 from sharetune.metrics import EpochMetrics
 
@@ -183,7 +183,7 @@ def seed_epoch(seed: int, epoch: int) -> None:
     """Seed every generator a recipe's random pieces draw from by the seed and the epoch alone: torch's
     (dropout, drop-path), NumPy's (timm's MixUp and CutMix) and Python's (timm's random erasing). A
     run is then reproducible from its seed, and a resumed one goes on as if it had never stopped."""
-    value = (seed * 1_000_003 + epoch) % 2**32
+    value = epoch_seed(seed, epoch) % 2**32  # NumPy's legacy generator takes 32 bits
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)

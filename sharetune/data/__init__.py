@@ -1,7 +1,7 @@
 """Datasets: the small sets as in-memory tensors, ImageNet-style folders streamed from disk; both
 answer the calls in `sharetune.data.batches`, so a training loop takes either."""
 
-from sharetune.data.batches import Augment, Batches, stratified_split
+from sharetune.data.batches import Augment, Batches, epoch_seed, stratified_split
 from sharetune.data.datasets import (
     DATASETS,
     DEFAULT_DATASET,
@@ -20,5 +20,5 @@ from sharetune.data.folders import ImageFolderData
 
 __all__ = [
     "DATASETS", "DEFAULT_DATASET", "DEFAULT_IMG_SIZE", "DEFAULT_ROOT", "FOLDER", "GENERATED", "Augment", "Batches", "DataError",
-    "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "fetch", "load", "stratified_split",
+    "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "epoch_seed", "fetch", "load", "stratified_split",
 ]

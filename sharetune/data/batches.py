@@ -55,9 +55,15 @@ def share(count: int, rank: int, world: int) -> slice:
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """What an epoch's randomness is seeded with: the run's seed and the epoch alone, distinct for
+    every epoch of every seed."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_order(size: int, seed: int, epoch: int) -> Tensor:
     """The training examples' order in `epoch`: a permutation seeded by (seed, epoch) alone."""
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
