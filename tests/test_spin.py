@@ -11,7 +11,7 @@ from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
 
 
 @pytest.mark.parametrize("mapping, distribution", list(itertools.product(MAPPINGS, DISTRIBUTIONS)))
-@pytest.mark.parametrize("depth, rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4)])
+@pytest.mark.parametrize("depth, rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4), (32, 1.5), (32, 1.86), (20, 2.5)])
 def test_every_topology_covers_each_layer_once_with_the_right_bank(mapping, distribution, depth, rate):
     plan = SharingPlan.from_topology(depth, rate, mapping, distribution, seed=1)
     assert plan.depth == depth
@@ -42,9 +42,11 @@ def test_notation_reproduces_the_middle_pyramid_of_table_1():
     assert SharingPlan.from_notation("[4X1, 1×2,2x3,2x4,2x3,1x2,4x1]") == plan
 
 
-def test_uneven_rate_leaves_the_last_entry_smaller():
+def test_uneven_rate_spreads_the_layers_evenly_over_its_entries():
     plan = SharingPlan.from_topology(18, 4)
-    assert plan.num_entries == 5 and plan.bank_ids.count(4) == 2
+    assert [plan.bank_ids.count(e) for e in range(plan.num_entries)] == [4, 4, 4, 3, 3]
+    plan = SharingPlan.from_topology(32, 1.5)  # 22 entries, not the 16 of rate 2
+    assert plan.num_entries == 22 and sorted({plan.bank_ids.count(e) for e in range(22)}) == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,8 @@ def _choice(field: str, value: str, allowed: Sequence[str]) -> str:
 
 
 def _group_sizes(layers: int, entries: int, mapping: str) -> list[int]:
-    """Layers per bank entry for the contiguous mappings; rounding leaves the last entry smaller."""
+    """Layers per bank entry for the contiguous mappings: exactly `entries` groups, as even as the depth
+    allows (a non-integer share rate such as 1.5 alternates sizes rather than rounding up to 2)."""
     if mapping == "pyramid":  # triangular profile: entries near the centre take more layers
         weights = np.array([min(k + 1, entries - k) for k in range(entries)], dtype=float)
         exact = weights / weights.sum() * (layers - entries) + 1
@@ -44,8 +45,8 @@ def _group_sizes(layers: int, entries: int, mapping: str) -> list[int]:
         for k in np.argsort(-(exact - sizes), kind="stable")[: layers - sizes.sum()]:
             sizes[k] += 1
         return sizes.tolist()
-    rate = math.ceil(layers / entries)
-    return [min(rate, layers - k * rate) for k in range(entries) if layers - k * rate > 0]
+    size, larger = divmod(layers, entries)
+    return [size + (k < larger) for k in range(entries)]
 
 
 def _section_ids(layers: int, rate: float, mapping: str, seed: int) -> list[int]:
