@@ -45,7 +45,14 @@ def test_convmixer_768_32_matches_the_spin_paper(device):
 def test_deit_tiny_matches_the_spin_paper(device):
     model = create_model("deit_tiny").to(device)
     assert round(count_params(model).unique / 1e6, 1) == 5.7
-    assert round(count_macs(model, (3, 224, 224)) / 1e9, 1) == 1.3  # attention's matmuls included
+    assert round(count_macs(model, (3, 224, 224)) / 1e9, 2) == 1.26  # attention's matmuls and LayerNorms included
+    assert round(count_macs(create_model("deit_small").to(device), (3, 224, 224)) / 1e9, 2) == 4.61
+
+
+def test_layer_norm_counts_as_fvcore_does():
+    elements = 4 * 8 * 8
+    assert count_macs(nn.LayerNorm(8), (4, 8, 8)) == 5 * elements
+    assert count_macs(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, elementwise_affine=False)), (4, 8, 8)) == 8 * elements + 4 * elements
 
 
 @pytest.mark.parametrize("device", DEVICES)

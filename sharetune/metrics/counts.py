@@ -2,8 +2,8 @@
 
 `count_params` separates stored (unique) parameters from the dense-equivalent (virtual) ones.
 `count_macs` follows fvcore, which SPIN used: convolutions, linear layers and matmuls count one MAC
-per multiply-add, inference BatchNorm counts one per element (two with an affine), elementwise
-activations are free. `torch.utils.flop_counter` does the matmul family; we add what it misses.
+per multiply-add, inference BatchNorm counts one per element (two with an affine), LayerNorm four
+(five with an affine), elementwise activations are free. `torch.utils.flop_counter` does the matmul family; we add what it misses.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def _bn_no_training(input_shape, weight_shape, *args, out_shape=None, **kwargs) 
     return 2 * prod(input_shape) * (2 if weight_shape is not None else 1)
 
 
+def _layer_norm(input_shape, normalized_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """fvcore: four MACs per element, five with an affine (DeiT-Ti: 1.26 G in SPIN Table 8, 1.25 G without)."""
+    return 2 * prod(input_shape) * (5 if weight_shape is not None else 4)
+
+
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop(query_shape, key_shape, value_shape)
 
@@ -61,6 +66,7 @@ _BATCH_NORMS = (
 )
 _EXTRA_FORMULAS = {
     **{op: _bn_no_training for op in _BATCH_NORMS},
+    aten.native_layer_norm: _layer_norm,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
 }
 
