@@ -142,9 +142,11 @@ def test_checkpoint_reloads_into_an_equal_model():
 
 def test_transforms_reproduce_table_2_counts():
     convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
+    dense = count_params(create_model("convmixer", **convmixer)).virtual
     for groups, params, gmacs in [(1, 11.05, 5.04), (16, 11.20, 5.17), (64, 11.80, 5.63)]:
         model = create_model("convmixer", **convmixer, sharing={"rate": 2, "transform_groups": groups})
         assert abs(count_params(model).unique / 1e6 - params) < 0.04
+        assert count_params(model).virtual == dense  # the unshared model's size: transforms are the sharing's cost
         assert abs(count_macs(model, (3, 224, 224)) / 1e9 - gmacs) < 0.015
 
 

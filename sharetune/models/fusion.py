@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sharetune.metrics.counts import count_params
 from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, replace_submodule, share, submodule
 
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
@@ -172,6 +173,10 @@ class TransformedLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _apply(self.layer, x, self.weight(), self.layer.bias)
+
+    def virtual_parameter_count(self) -> int:
+        """Counted as the one dense layer it stands for: the transform is part of the sharing's cost."""
+        return count_params(self.layer).virtual
 
 
 def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], strategy: str, *, blocks: str = "blocks") -> nn.Module:
