@@ -29,7 +29,9 @@ MODEL_KINDS = {
        for fusion in ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")},
     "convnext shared": {**_SPIN, "model": "convnext_isotropic"},
     "convnext, whole blocks": {**_SPIN, "model": "convnext_isotropic", "components": "block", "share_rate": 4},
+    "convnext fused, whole blocks": {**_SPIN, "model": "convnext_isotropic", "components": "block", "fusion": "channel_weighted_mean"},
     "deit shared": {**_SPIN, "model": "deit_tiny", "dim": 24},
+    "deit fused": {**_SPIN, "model": "deit_tiny", "dim": 24, "fusion": "scalar_weighted_mean"},
 }
 
 

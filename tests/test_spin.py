@@ -6,7 +6,7 @@ import torch
 from helpers import DEVICES
 
 from sharetune.metrics import count_macs, count_params
-from sharetune.models import create_model
+from sharetune.models import create_model, fold
 from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
 
 
@@ -99,6 +99,9 @@ def test_spin_parameter_counts_match_the_paper():
     assert count_params(rate2).virtual == count_params(create_model("convmixer", **convmixer)).virtual
     assert round(millions(create_model("deit_tiny", sharing={"rate": 2})), 2) == 3.05
     assert round(millions(create_model("deit_tiny", sharing={"rate": 3})), 2) == 2.16
+    # Table 8's WS-DeiT-S: attention and MLP shared, each layer keeps its LayerNorms (whole blocks: 11.40, 7.86)
+    assert round(millions(create_model("deit_small", sharing={"rate": 2})), 2) == 11.41
+    assert round(millions(create_model("deit_small", sharing={"rate": 3})), 2) == 7.87
     assert round(millions(create_model("convnext_isotropic", dim=384, depth=18)), 1) == 22.3
 
 
@@ -162,8 +165,6 @@ def test_transforms_start_as_plain_sharing():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv"])
 def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy, device, monkeypatch):
-    from sharetune.models import fold
-
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the fold is compared in full float32
     torch.manual_seed(0)
     pretrained = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
@@ -182,6 +183,41 @@ def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy, device
     torch.testing.assert_close(folded(x), fused(x), rtol=1e-5, atol=1e-5)
     assert (count_params(folded).unique < count_params(fused).unique) == (strategy != "choose_first")  # V_1 alone is the folded weight
     assert count_params(folded).unique == count_params(small_shared_convmixer_pointwise()).unique
+
+
+TINY = {"convmixer": dict(dim=16, depth=4, patch_size=2, kernel_size=3), "convnext_isotropic": dict(dim=16, depth=4, patch_size=2),
+        "deit_tiny": dict(dim=24, depth=4, patch_size=4, img_size=8)}
+
+
+@pytest.mark.parametrize("strategy", ["scalar_weighted_mean", "pointwise_conv"])
+@pytest.mark.parametrize("name, components", [("deit_tiny", None), ("deit_tiny", ["block"]), ("convnext_isotropic", None),
+                                               ("convnext_isotropic", ["mlp", "norm"]), ("convmixer", ["depthwise_conv"])])
+def test_fusion_fuses_every_layer_of_a_shared_module_and_folds_to_plain_sharing(name, components, strategy):
+    """SPIN Table 8 fuses DeiT: a shared module fuses each layer it holds (LayerNorms averaged, as biases)."""
+    torch.manual_seed(0)
+    arch = {**TINY[name], "num_classes": 3, "in_chans": 1}
+    sharing = {"rate": 2} if components is None else {"rate": 2, "components": components}
+    fused = create_model(name, **arch, pretrained=create_model(name, **arch).state_dict(), sharing={**sharing, "fusion": strategy})
+    x = torch.randn(2, 1, 8, 8)
+    fused(x).square().sum().backward()
+    assert [n for n, p in fused.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+    fused.eval()
+    folded = fold(fused)
+    torch.testing.assert_close(folded(x), fused(x), rtol=1e-5, atol=1e-5)
+    assert count_params(folded).unique == count_params(create_model(name, **arch, sharing=sharing)).unique
+
+
+@pytest.mark.parametrize("name, sharing, message", [
+    ("convmixer", {"fusion": "mean", "components": ["bias"]}, "'bias' shares only their bias; convmixer's components that fuse: pointwise, depthwise, pointwise_conv"),
+    ("convmixer", {"fusion": "mean", "components": ["batchnorm"]}, r"'batchnorm' holds a BatchNorm2d \(0.fn.2\)"),
+    ("deit_tiny", {"transform_groups": 2}, r"transform_groups: transforms act on shared weights, not whole modules \(attn, mlp\); deit_tiny has none"),
+    ("convnext_isotropic", {"transform_groups": 2, "components": ["block"]}, "not whole modules"),
+])
+def test_sharing_a_model_cannot_take_is_refused_with_the_field_named(name, sharing, message):
+    arch = {**TINY[name], "num_classes": 3, "in_chans": 1}
+    pretrained = create_model(name, **arch).state_dict() if "fusion" in sharing else None
+    with pytest.raises(ValueError, match=message):
+        create_model(name, **arch, pretrained=pretrained, sharing={"rate": 2, **sharing})
 
 
 def small_shared_convmixer_pointwise():

@@ -21,12 +21,18 @@ from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, repla
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
 
 
+FUSABLE = (nn.Conv2d, nn.Linear, nn.LayerNorm)  # the layers a fused component may hold
+
+
 def _apply(template: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if isinstance(template, nn.Conv2d):
         return template._conv_forward(x, weight, bias)
     if isinstance(template, nn.Linear):
         return F.linear(x, weight, bias)
-    raise TypeError(f"components: fusion and transforms work on Conv2d and Linear layers, not {type(template).__name__}")
+    if isinstance(template, nn.LayerNorm):
+        return F.layer_norm(x, template.normalized_shape, weight, bias, template.eps)
+    raise TypeError(f"components: fusion and transforms work on {', '.join(t.__name__ for t in FUSABLE)} layers, "
+                    f"not {type(template).__name__}")
 
 
 def _layout(module: nn.Module) -> nn.Module:
@@ -37,7 +43,8 @@ def _layout(module: nn.Module) -> nn.Module:
 
 
 class FusedLayer(nn.Module):
-    """W = F(V_1..V_S) for one bank entry; biases are averaged (the paper's choice).
+    """W = F(V_1..V_S) for one bank entry; biases are averaged (the paper's choice), and so are a
+    LayerNorm's scales, which like biases have no channels to mix.
 
     `choose_first` keeps V_1 alone: the other layers' weights would be parameters no step reads,
     which DDP refuses (and which would only cost memory)."""
@@ -46,7 +53,8 @@ class FusedLayer(nn.Module):
         super().__init__()
         if strategy not in FUSIONS:
             raise ValueError(f"fusion: unknown strategy {strategy!r}; allowed: {', '.join(FUSIONS)}")
-        self.strategy = strategy
+        mixes_channels = isinstance(layers[0], (nn.Conv2d, nn.Linear))
+        self.strategy = strategy if mixes_channels or strategy == "choose_first" else "mean"
         self.__dict__["template"] = _layout(layers[0])
         layers = layers[:1] if strategy == "choose_first" else layers
         self.sources = nn.ParameterList([nn.Parameter(m.weight.detach().clone()) for m in layers])
@@ -54,11 +62,11 @@ class FusedLayer(nn.Module):
             [nn.Parameter(m.bias.detach().clone()) for m in layers] if layers[0].bias is not None else []
         )
         out_channels, count = layers[0].weight.shape[0], len(layers)
-        if strategy == "scalar_weighted_mean":
+        if self.strategy == "scalar_weighted_mean":
             self.alpha = nn.Parameter(torch.ones(count))
-        elif strategy == "channel_weighted_mean":
+        elif self.strategy == "channel_weighted_mean":
             self.alpha = nn.Parameter(torch.ones(count, out_channels))
-        elif strategy == "pointwise_conv":
+        elif self.strategy == "pointwise_conv":
             self.mix = nn.Parameter(torch.eye(out_channels))
 
     def mixing(self) -> Tensor | None:

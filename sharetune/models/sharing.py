@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from sharetune.analysis import cka_matrix
-from sharetune.models.fusion import add_transforms, fuse
+from sharetune.models.fusion import FUSABLE, add_transforms, fuse
 from sharetune.models.registry import ModelEntry, shareable_model_names
-from sharetune.models.spin import SIMILARITY_MAPPINGS, SharingPlan, cka_plan, share
+from sharetune.models.spin import SIMILARITY_MAPPINGS, SharingPlan, cka_plan, share, submodule
 
 Sharing = dict | str | list | SharingPlan
 
@@ -34,9 +34,22 @@ def apply_sharing(
     if strategy is not None:
         if not pretrained:
             raise ValueError("fusion: needs pretrained= weights of the unshared model")
-        return fuse(model, plan, [_layer_path(t) for t in targets], strategy)  # fuses whole layers
+        block = model.blocks[0]
+        layers = [layer for c in components for layer in _fused_layers(block, entry, c)]
+        return fuse(model, plan, layers, strategy)
     model = share(model, plan, targets)
-    return model if groups is None else add_transforms(model, [t for t in targets if t.endswith("weight")], groups)
+    if groups is None:
+        return model
+    weights = [t for t in targets if t.endswith("weight")]
+    if not weights:
+        have = _weight_components(entry)
+        raise ValueError(f"transform_groups: transforms act on shared weights, not whole modules ({', '.join(components)}); "
+                         + (f"{entry.name}'s weight components: {', '.join(have)}" if have else f"{entry.name} has none"))
+    return add_transforms(model, weights, groups)
+
+
+def _weight_components(entry: ModelEntry) -> list[str]:
+    return [c for c, paths in entry.components.items() if any(p.endswith("weight") for p in paths)]
 
 
 def _similarity_plan(model: nn.Module, options: dict, pretrained: bool, data: torch.Tensor | None) -> SharingPlan:
@@ -49,7 +62,31 @@ def _similarity_plan(model: nn.Module, options: dict, pretrained: bool, data: to
     return cka_plan(cka_matrix(model, batches), options.get("rate", 2))
 
 
-def _layer_path(path: str) -> str:
-    """The layer a parameter path belongs to ("1.weight" -> "1"); module paths stay as they are."""
-    parent, _, leaf = path.rpartition(".")
-    return parent if leaf in ("weight", "bias") else path
+def _fused_layers(block: nn.Module, entry: ModelEntry, component: str) -> list[str]:
+    """The layers (paths in a block) that fusing `component` fuses: a shared weight's layer, whose bias
+    is averaged as SPIN's fusion does, or every layer holding parameters inside a shared module."""
+    layers, problem = _layers_to_fuse(block, entry.components[component])
+    if problem:
+        fusable = [c for c in entry.components if not _layers_to_fuse(block, entry.components[c])[1]]
+        raise ValueError(f"components: fusion fuses whole {', '.join(t.__name__ for t in FUSABLE)} layers, and "
+                         f"{component!r} {problem}; {entry.name}'s components that fuse: {', '.join(fusable)}")
+    return layers
+
+
+def _layers_to_fuse(block: nn.Module, paths: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """(layer paths, None), or ([], why these paths cannot be fused)."""
+    layers = []
+    for path in paths:
+        parent, _, leaf = path.rpartition(".")
+        if leaf in dict(submodule(block, parent).named_parameters(recurse=False)):
+            if leaf != "weight":
+                return [], f"shares only their {leaf}"
+            layers.append(parent)
+            continue
+        for name, module in submodule(block, path).named_modules(prefix=path):
+            if next(module.parameters(recurse=False), None) is None:
+                continue
+            if not isinstance(module, FUSABLE):
+                return [], f"holds a {type(module).__name__} ({name or 'the block itself'})"
+            layers.append(name)
+    return layers, None

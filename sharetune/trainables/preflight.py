@@ -63,12 +63,13 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
     data = data.with_resolution(settings.resolution)
     if isinstance(settings, ArbNetSettings):
         _check_bytes(_arbnet_hashing_bytes(settings, data), available, where, settings, "to hash its index")
-    layout = settings.model_copy(update={"fusion": None, "mapping": "sequential"}) \
-        if isinstance(settings, SpinSettings) else settings  # the same shapes, without the pretrained model
+    spin = isinstance(settings, SpinSettings)
+    layout = settings.model_copy(update={"mapping": "sequential"}) if spin else settings  # cka's groups need data
     batch = (settings.batch_size, *data.input_shape)
     try:
-        with torch.device("meta"):
-            model = build_model(layout, data)
+        with torch.device("meta"):  # fusion starts from pretrained weights: an unshared model's, shapes alone
+            pretrained = unwrap(build_spin(layout, data, unshared=True)).state_dict() if spin and layout.needs_pretrained() else None
+            model = build_model(layout, data, pretrained)
             activations = _arbnet_activation_bytes(settings, data) if isinstance(settings, ArbNetSettings) \
                 else _activation_bytes(model, torch.empty(batch))
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, MemoryError) as err:
