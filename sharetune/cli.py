@@ -297,6 +297,8 @@ def report(
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference), uri, parent)
+    for trial_id, error in trials[trials["error"].notna()][["trial_id", "error"]].itertuples(index=False):
+        typer.echo(f"failed: {trial_id}: {error}")
 
 
 @app.command("export")
@@ -361,7 +363,7 @@ def _finish(result, report_dir: Path) -> None:
         typer.echo(f"MLflow models: {len(logged)} trials on the front, each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
-    code, line = outcome(trials, failed_trials(result.folder, result.spec.budget.max_failures), result.mlflow_backlog)
+    code, line = outcome(trials, failed_trials(result.folder), result.mlflow_backlog)
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

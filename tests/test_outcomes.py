@@ -346,3 +346,8 @@ def test_an_error_is_its_exception_line():
 
         text = f"Failure # 1 (occurred at 2026-01-01_00-00-00)\nray::ImplicitFunc.train() (pid=1)\n{traceback.format_exc()}"
     assert error_line(text) == "ValueError: table_size: 0 is too small"
+    dead = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task. "
+            "Some common causes include: (1) the process was killed by the OOM killer due to high memory usage, "
+            "(2) ray stop --force was called, or (3) the worker crashed unexpectedly.")
+    assert error_line(f"Failure # 1\n{dead}") == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
+    assert error_line("x" * 300) == "x" * 200 + "…"

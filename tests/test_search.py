@@ -17,7 +17,8 @@ from helpers import parent_and_child_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
-from sharetune.search import report, tuner
+from sharetune.search import SearchFolder, report, tuner
+from sharetune.search.listing import describe
 from sharetune.search.outcome import failed_trials
 from sharetune.spaces import parse_spec
 
@@ -113,6 +114,8 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
     _, children = parent_and_child_runs(client, "tiny")
     status = {c.data.params["lr"]: (c.info.status, c.data.tags.get("diverged")) for c in children}
     assert status == {"1e+30": ("FAILED", "true"), "0.1": ("FINISHED", None)}
+    from_mlflow, _ = report.trials_from_mlflow("tiny", diverging[0].mlflow_uri)  # a report from MLflow reads as one from the folder
+    assert from_mlflow.set_index("lr")["status"].to_dict() == {1e30: "TERMINATED", 0.1: "TERMINATED"}
 
 
 def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):
@@ -138,13 +141,27 @@ def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_f
     assert trained["error"].dropna().to_dict() == errors  # in the report, from the folder and from MLflow
     from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)
     assert from_mlflow.set_index("trial_id")["error"].dropna().to_dict() == errors
+    statuses = lambda table: sorted(zip(table["trial_id"].fillna(""), table["status"]))
+    assert statuses(from_mlflow) == statuses(trials)  # failed as ERROR, skipped proposals as their kind
     # The exit code's count: also where Tune's last snapshot missed the errors (a search that ended first)
-    assert failed_trials(result.folder, max_failures=2).keys() == unbuildable
+    folder = SearchFolder(result.folder)
+    assert failed_trials(folder).keys() == unbuildable
+    listed = describe(folder)  # `sharetune list`: failed trials ended, their metrics are no one's best
+    assert (listed.status, listed.done, listed.failed, listed.pending) == ("finished", 4, len(unbuildable), 0)
+    assert listed.best == {"test_accuracy": trained.drop(index=list(unbuildable))["test_accuracy"].max()}
     (state,) = Path(result.folder).glob("experiment_state-*.json")
     saved = json.loads(state.read_text())
     saved["trial_data"] = [[json.dumps({**json.loads(trial), "status": "RUNNING"}), run] for trial, run in saved["trial_data"]]
     state.write_text(json.dumps(saved))
-    assert failed_trials(result.folder, max_failures=2).keys() == unbuildable
+    assert failed_trials(folder).keys() == unbuildable
+    listed = describe(folder)  # and `sharetune list`, and the report, count them
+    assert (listed.status, listed.done, listed.failed, listed.pending) == ("incomplete", len(unbuildable), len(unbuildable), 1)
+    # `sharetune report` in a process with no Ray running (Tune's trials locate their error files through Ray)
+    command = [str(Path(sys.executable).parent / "sharetune"), "report", result.folder, "--out", str(tmp_path / "report")]
+    reported = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0 and not reported.stderr, reported.stderr
+    assert pd.read_csv(tmp_path / "report" / "trials.csv").set_index("trial_id")["error"].dropna().to_dict() == errors
+    assert {f"failed: {trial_id}: {error}" for trial_id, error in errors.items()} <= set(reported.stdout.splitlines())
 
 
 def test_single_objective_search_with_asha_and_spin_models(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sharetune.search.listing import tune_trials
 from sharetune.search.storage import SearchFolder
 from sharetune.search.tuner import load_data
 from sharetune.trainables import export_trial, pretrained_weights, run_checkpoint
@@ -15,7 +14,7 @@ def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
     """FileNotFoundError where `folder` holds no search; ValueError for a trial it does not hold, or one
     without a checkpoint."""
     spec = folder.spec()
-    trials = {trial.trial_id: trial for trial in tune_trials(folder)}
+    trials = {trial.trial_id: trial for trial in folder.tune_trials()}
     trial = trials.get(trial_id)
     if trial is None:
         raise ValueError(f"--trial: no trial {trial_id!r} in {folder}; its trials: {', '.join(sorted(trials)) or 'none yet'}")

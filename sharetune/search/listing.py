@@ -14,20 +14,9 @@ from datetime import datetime
 
 from pyarrow import fs
 
+from sharetune.search.outcome import ENDED, failed_trials
 from sharetune.search.storage import SPEC_FILE, SearchFolder, canonical
 from sharetune.spaces.locations import DEFAULT_STORAGE
-
-ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
-
-
-def tune_trials(folder: SearchFolder) -> list:
-    """Tune's trials of a search; none where Tune has written no state (yet)."""
-    from ray import tune
-
-    try:
-        return tune.ExperimentAnalysis(str(folder)).trials
-    except ValueError:  # no experiment_state-*.json
-        return []
 
 
 @dataclass(frozen=True)
@@ -48,15 +37,17 @@ class PastSearch:
 
 def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
     spec = folder.spec()
-    trials = tune_trials(folder)
-    statuses = [trial.status for trial in trials]
+    trials = folder.tune_trials()
+    failed = failed_trials(folder, trials)
+    ended = [t for t in trials if t.status in ENDED or t.trial_id in failed]
     best = {}
     for objective, mode in spec.objectives.items():
-        values = [v for t in trials if isinstance(v := (t.last_result or {}).get(objective), (int, float)) and not math.isnan(v)]
+        values = [v for t in ended if t.trial_id not in failed
+                  and isinstance(v := (t.last_result or {}).get(objective), (int, float)) and not math.isnan(v)]
         if values:
             best[objective] = max(values) if mode == "max" else min(values)
-    return PastSearch(folder, spec.name, started, spec.num_samples(), done=sum(s in ENDED for s in statuses),
-                      failed=statuses.count("ERROR"), pending=sum(s not in ENDED for s in statuses), best=best)
+    return PastSearch(folder, spec.name, started, spec.num_samples(), done=len(ended), failed=len(failed),
+                      pending=len(trials) - len(ended), best=best)
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:

@@ -14,6 +14,7 @@ from sharetune.search.storage import SearchFolder
 from sharetune.trainables import ConfigurationError
 
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
+ENDED = (FINISHED, FAILED)
 
 
 class ExitCode(IntEnum):
@@ -25,12 +26,20 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): trials left unfinished; `sharetune resume` continues
 
 
+ERROR_LINE_CHARS = 200  # past this, an error line keeps its first sentence (Ray's paragraphs, e.g. a dead worker's)
+
+
 def error_line(text: str | None) -> str:
     """A trial's error in one line: the exception's own line ("ValueError: ...") out of Tune's error
-    text, which holds the whole traceback behind a "Failure # n" header per attempt."""
+    text, which holds the whole traceback behind a "Failure # n" header per attempt. A long line is
+    cut to its first sentence; the whole text stays in the trial's error.txt."""
     lines = [line for line in (text or "").splitlines() if line.strip() and not line.startswith("Failure # ")]
     unindented = [line for line in lines if not line[0].isspace() and not line.startswith("Traceback")]
-    return (unindented or lines or ["the trial raised"])[-1].strip()
+    line = (unindented or lines or ["the trial raised"])[-1].strip()
+    if len(line) <= ERROR_LINE_CHARS:
+        return line
+    end = line.find(". ")
+    return line[:end + 1] if 0 < end < ERROR_LINE_CHARS else line[:ERROR_LINE_CHARS] + "…"
 
 
 def trial_error(trial) -> str:
@@ -39,15 +48,15 @@ def trial_error(trial) -> str:
     return error_line(local.read_text() if local is not None and local.is_file() else trial.get_error())
 
 
-def failed_trials(folder: SearchFolder, max_failures: int) -> dict[str, str]:
-    """Trial id -> error line of each trial that ended in error. Tune's saved state can miss the last
-    error (its final snapshot may not reach the folder), so a trial whose error.txt in the folder
+def failed_trials(folder: SearchFolder, trials: list | None = None) -> dict[str, str]:
+    """Trial id -> error line of each trial that ended in error, read from the folder (no running Ray
+    needed); `trials`: Tune's trials of the folder, if already read. Tune's saved state can miss the
+    last error (its final snapshot may not reach the folder), so a trial whose error.txt in the folder
     counts more failures than its retries allow, or an unbuildable configuration (never retried), is
     failed too."""
-    from ray import tune
-
+    max_failures = folder.spec().budget.max_failures
     failed = {}
-    for trial in tune.ExperimentAnalysis(str(folder)).trials:
+    for trial in folder.tune_trials() if trials is None else trials:
         data = folder.read(f"{folder.trial_dirname(trial.trial_id)}/error.txt") if trial.status != FINISHED else None
         text = data.decode() if data else ""
         if trial.status == FAILED or text.count("Failure # ") > max_failures or ConfigurationError.__name__ in text:

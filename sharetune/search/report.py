@@ -18,8 +18,16 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
-from sharetune.search.mlflow_logger import ERROR_TAG, PARENT_TAG, SEARCH_TAG, TRIAL_TAG, tracking_uri
-from sharetune.search.outcome import FAILED, trial_error
+from sharetune.search.mlflow_logger import (
+    DUPLICATE_TAG,
+    ERROR_TAG,
+    KIND_TAG,
+    PARENT_TAG,
+    SEARCH_TAG,
+    TRIAL_TAG,
+    tracking_uri,
+)
+from sharetune.search.outcome import FAILED, FINISHED, failed_trials
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
@@ -43,14 +51,16 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
     """One row per trial: its settings (config) and its last reported metrics, side by side (and the
     error line of one that failed); then a row per proposal answered without training (status
     INFEASIBLE, with its costs, or DUPLICATE)."""
-    from ray import tune
-
     folder = SearchFolder(folder)
+    trials = folder.tune_trials()
+    if not trials and not folder.skipped():
+        raise FileNotFoundError(f"{folder}: the search has saved no trials yet")
+    failed = failed_trials(folder, trials)
     rows = []
-    for trial in tune.ExperimentAnalysis(str(folder)).trials:
+    for trial in trials:
         last = trial.last_result or {}
-        rows.append({"trial_id": trial.trial_id, "status": trial.status,
-                     "error": trial_error(trial) if trial.status == FAILED else None, "epochs_done": last.get(STEP, 0),
+        rows.append({"trial_id": trial.trial_id, "status": FAILED if trial.trial_id in failed else trial.status,
+                     "error": failed.get(trial.trial_id), "epochs_done": last.get(STEP, 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
     for entry in folder.skipped():
@@ -80,10 +90,22 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
     runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
-    rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": r.info.status, "error": r.data.tags.get(ERROR_TAG),
-             **{k: _number(v) for k, v in r.data.params.items()}, **_metric_columns(r.data.metrics)}
+    rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": _tune_status(r), "error": r.data.tags.get(ERROR_TAG),
+             **{k: _number(v) for k, v in r.data.params.items()}, **_metric_columns(r.data.metrics),
+             **({"duplicate_of": r.data.tags[DUPLICATE_TAG]} if DUPLICATE_TAG in r.data.tags else {})}
             for r in runs]
     return pd.DataFrame(rows), parent_id
+
+
+def _tune_status(run) -> str:
+    """A child run's status as the folder's table has it: a proposal answered without training as its
+    kind, a trial that raised as failed, one that diverged (MLflow's FAILED without an error: it
+    trained, and stopped) as finished."""
+    if KIND_TAG in run.data.tags:
+        return run.data.tags[KIND_TAG].upper()
+    if ERROR_TAG in run.data.tags:
+        return FAILED
+    return FINISHED if run.info.status in ("FINISHED", "FAILED") else run.info.status
 
 
 def _number(text: str):
@@ -95,7 +117,7 @@ def _number(text: str):
     return None if text == "None" else text
 
 
-TRAINED = ("TERMINATED", "FINISHED", "FAILED")  # Tune's and MLflow's statuses of a trial that trained to its end
+TRAINED = (FINISHED,)  # the status of a trial that trained to its end (or diverged), from either source
 SKIPPED = ("INFEASIBLE", "DUPLICATE")  # proposals the searcher answered without training
 
 

@@ -181,6 +181,16 @@ class SearchFolder(str):
         location = json.loads(self._required(MLFLOW_FILE))
         return location["tracking_uri"], location["experiment"]
 
+    def tune_trials(self) -> list:
+        """Tune's trials of the search (statuses, configs, last results); none where Tune has written no
+        state (yet). Reading them needs no running Ray."""
+        from ray import tune
+
+        try:
+            return tune.ExperimentAnalysis(str(self)).trials
+        except ValueError:  # no experiment_state-*.json
+            return []
+
     def tune_trial_ids(self) -> list[str]:
         """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
         raises StateError, so `resume` never starts a new search over it."""
