@@ -288,15 +288,18 @@ def report(
     folder = SearchFolder(source)
     try:
         if folder.is_search():
-            trials, reference = reports.trials_from_folder(folder), folder.spec().hypervolume_reference
+            spec = folder.spec()
+            trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
+            title = reports.search_title(spec.name, spec.data.name)
             uri, parent = parent_run_of(folder)
         else:
             uri = _store(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
-            reference = reports.reference_of(uri, parent)
+            reference, title = reports.parent_context(uri, parent)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    _print_report(reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference), uri, parent)
+    built = reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference, title=title)
+    _print_report(built, uri, parent)
     for trial_id, error in trials[trials["error"].notna()][["trial_id", "error"]].itertuples(index=False):
         typer.echo(f"failed: {trial_id}: {error}")
 
@@ -350,7 +353,7 @@ def _finish(result, report_dir: Path) -> None:
 
     trials = reports.trials_from_folder(result.folder)
     built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference,
-                                 title=f"{result.spec.name} on {result.spec.data.name}")
+                                 title=reports.search_title(result.spec.name, result.spec.data.name))
     typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
     typer.echo(console.top_trials(built.configurations, result.spec))
     uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
@@ -360,7 +363,9 @@ def _finish(result, report_dir: Path) -> None:
         from sharetune.search.models import log_front_models
 
         logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
-        typer.echo(f"MLflow models: {len(logged)} trials on the front, each as runs:/<its run>/model")
+        objectives = ", ".join(f"{name} {mode}" for name, mode in result.spec.objectives.items())
+        typer.echo(f"MLflow models: {len(logged)} trials on the front of the objectives ({objectives}), "
+                   "each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
     code, line = outcome(trials, failed_trials(result.folder), result.mlflow_backlog)

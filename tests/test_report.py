@@ -70,3 +70,20 @@ def test_the_summary_shows_spin_costs_in_the_papers_units():
     lines = console.top_trials(built, spec).splitlines()
     assert lines[1].split()[:5] == ["trial_id", "status", "test_accuracy", "params_M", "macs_G"]
     assert lines[2].split()[2:5] == ["0.8", "9.1", "4.5"] and lines[3].split()[2:5] == ["0.6", "2.3", "1.2"]
+    spec = spec.model_copy(update={"objectives": {"test_accuracy": "max", "unique_params": "min"}})
+    assert console.top_trials(built, spec).splitlines()[1].split()[:5] == ["trial_id", "status", "test_accuracy", "unique_params", "macs_G"]
+
+
+def test_a_front_table_shows_the_settings_the_trials_differ_in(tmp_path):
+    table = trials([0.6, 0.8, 0.7], [300, 900, 600]).assign(compression=[0.1, 0.3, 0.2], hash="uniform", hidden=[[16]] * 3)
+    header = console.fronts(report.build_report(table, tmp_path)).splitlines()[2].split()
+    assert header == ["trial_id", "test_accuracy", "unique_params", "sparsity", "compression"]  # not hash nor hidden: all alike
+
+
+def test_the_comparison_is_coloured_by_the_first_searched_setting_every_trial_has():
+    from sharetune.search.comparison import colour_column
+
+    table = pd.DataFrame({"radius": [1.0, 2.0, None, None], "hash": ["neighborhood"] * 2 + ["dirichlet"] * 2, "seed": [0] * 4})
+    assert colour_column(table, ["radius", "hash", "seed"]) == "hash"  # radius: the neighborhood trials' alone
+    assert colour_column(table, ["seed", "radius"]) == "radius"  # the only one that varies
+    assert colour_column(table, ["seed"]) is None

@@ -66,6 +66,7 @@ def test_the_comparison_renders_every_trial_in_a_browser_from_the_mlflow_server(
     path = log_comparison(built, result.mlflow_uri, parent_id)
     html = path.read_text()
     assert "Pareto front" in html and '"type":"log"' in html  # 8 to 1024 entries: a log axis
+    assert '"name":"table_size ' in html and '"name":"lr ' not in html  # coloured by the spec's first dimension
     runs = trial_runs(result.mlflow_uri, parent_id)
     assert all(run in html for run in runs.values())  # each point's hover names its MLflow run
     port = free_port()

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from sharetune.search.mlflow_logger import trial_runs
+from sharetune.search.mlflow_logger import DIMENSIONS_PARAM, trial_runs
 from sharetune.search.report import ACCURACY, TRAINED, Report, legend_groups, spans_decades
 
 COMPARISON_FILE = "comparison.html"
@@ -21,8 +21,10 @@ PALETTE = qualitative.Plotly
 
 
 def colour_column(table: pd.DataFrame, searched: list[str]) -> str | None:
-    """The main searched setting: the first that varies (continuous ones are binned, as in legends)."""
-    return next((name for name in searched if name in table and table[name].nunique(dropna=False) > 1), None)
+    """The main searched setting: the first that varies (continuous ones are binned, as in legends),
+    preferring one every trial has over a conditional one (a radius only the neighborhood hash takes)."""
+    varying = [name for name in searched if name in table and table[name].nunique(dropna=False) > 1]
+    return next((name for name in varying if table[name].notna().all()), next(iter(varying), None))
 
 
 def hover_text(row: pd.Series, searched: list[str], runs: dict[str, str]) -> str:
@@ -68,7 +70,8 @@ def log_comparison(report: Report, uri: str, parent_id: str) -> Path | None:
     """Write the comparison beside the report's files and log it at the top of the parent run's
     artifacts (one click from the run). The searched settings come from the parent run's params."""
     params = MlflowClient(uri).get_run(parent_id).data.params
-    searched = [key.removeprefix("dimension.") for key in params if key.startswith("dimension.")]
+    searched = params[DIMENSIONS_PARAM].split(",") if params.get(DIMENSIONS_PARAM) else \
+        [key.removeprefix("dimension.") for key in params if key.startswith("dimension.")]  # runs logged without it: name order
     path = write_comparison(report, searched, trial_runs(uri, parent_id), report.files[0].parent)
     if path is not None:
         MlflowClient(uri).log_artifact(parent_id, str(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sharetune.search.report import ACCURACY, TRAINED, Report
+from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
 from sharetune.spaces import SearchSpec
 
 
@@ -23,20 +23,23 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     first, mode = next(iter(spec.objectives.items()))
     trained = trials[trials["status"].isin(TRAINED)]  # not the unfinished (PENDING, RUNNING) nor the skipped
     ranked = trained.sort_values(first, ascending=mode == "min").head(count)
-    costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items() if cost in ranked}
+    costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items()
+             if cost in ranked and cost not in spec.objectives}  # an objective is shown once, as it is
     ranked = ranked.assign(**costs)
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
     columns = ["trial_id", "status", "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
     return "top trials:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
 
 
-def front_table(front: pd.DataFrame, cost: str) -> str:
-    columns = [c for c in ("trial_id", ACCURACY, cost, "hash", "alpha", "radius", "sparsity", "variant", "fusion") if c in front]
-    return _table(front[columns])
+def front_table(front: pd.DataFrame, cost: str, searched: list[str]) -> str:
+    return _table(front[[c for c in ("trial_id", ACCURACY, cost, *searched) if c in front]])
 
 
 def fronts(report: Report) -> str:
-    """Each non-empty front with its hypervolume, and a line for each front there is not."""
+    """Each non-empty front with its hypervolume and the settings its trials differ in, and a line
+    for each front there is not."""
+    trained = report.configurations[report.configurations["status"].isin(TRAINED)]
+    searched = [c for c in trained if c in SETTINGS and trained[c].astype(str).nunique() > 1]
     shown = "".join(f"\nPareto front, {ACCURACY} against {cost} (hypervolume {report.hypervolume[cost]:.4f}):\n"
-                    f"{front_table(front, cost)}\n" for cost, front in report.fronts.items() if not front.empty)
+                    f"{front_table(front, cost, searched)}\n" for cost, front in report.fronts.items() if not front.empty)
     return shown + "".join(f"\nPareto front, {ACCURACY} against {cost}: none; {why}\n" for cost, why in report.skipped.items())

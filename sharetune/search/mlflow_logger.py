@@ -50,6 +50,7 @@ from sharetune.spaces import SearchSpec, trial_settings
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
+DIMENSIONS_PARAM = "dimensions"  # the parent run's: the searched settings, in the spec's order
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DEFAULT_STORE = "mlflow.db"
 DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
@@ -139,6 +140,7 @@ def parent_params(spec: SearchSpec) -> dict:
     params.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
     params.update({f"hypervolume_reference.{k}": v for k, v in spec.hypervolume_reference.items()})
     params.update({f"dimension.{k}": f"{d.kind} {d.choice if d.kind == 'choice' else d.bounds()}" for k, d in spec.dimensions.items()})
+    params[DIMENSIONS_PARAM] = ",".join(spec.dimensions)  # their order (MLflow returns params sorted by name)
     return params
 
 

@@ -297,11 +297,18 @@ def paper_table(trials: pd.DataFrame, label: str | None, out: Path) -> list[Path
     return [out / "spin_table.csv", out / "spin_table.md"]
 
 
-def reference_of(uri: str, parent_id: str) -> dict[str, float]:
-    """The reference costs a search's parent run records (its spec's `hypervolume_reference`)."""
+def search_title(name: str, dataset: str) -> str:
+    """What every plot of a search's report is titled."""
+    return f"{name} on {dataset}"
+
+
+def parent_context(uri: str, parent_id: str) -> tuple[dict[str, float], str]:
+    """What a search's parent run records of its spec for a report: the reference costs
+    (`hypervolume_reference`) and the title."""
     params = MlflowClient(uri).get_run(parent_id).data.params
     prefix = "hypervolume_reference."
-    return {k.removeprefix(prefix): float(v) for k, v in params.items() if k.startswith(prefix)}
+    reference = {k.removeprefix(prefix): float(v) for k, v in params.items() if k.startswith(prefix)}
+    return reference, search_title(params.get("name", "?"), params.get("dataset", "?"))
 
 
 def log_report(report: Report, uri: str, parent_id: str) -> None:
