@@ -17,6 +17,7 @@ from ray import tune
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
+from rich.text import Text
 
 from sharetune.metrics import STEP, pareto_mask
 from sharetune.search.outcome import trial_error
@@ -39,34 +40,54 @@ def quiet() -> None:
     logging.getLogger(TUNE_RUN_LOGGER).addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
 
 
+class StatusBar(Bar):
+    """The trials' bar, count, elapsed time and ETA on one line, and the search's status on the next:
+    in one row, a long status squeezed the bar and the ETA out of an 80-column terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.status = ""
+        super().__init__(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield Text(self.status)
+
+
 class Progress(tune.Callback):
     def __init__(self, objectives: dict[str, str], total: int, every_s: float = 10.0) -> None:
         self.objectives, self.total, self.every_s = objectives, total, every_s
-        self.best: dict[str, tuple[float, str]] = {}  # objective -> (value, trial id)
-        self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch
+        self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch (not failed nor diverged)
         self.started = self.last = time.monotonic()
         self.epochs = self.diverged = 0
         self.ended: dict[str, str] = {}  # trial id -> "done" | "error" (Tune updates status after callbacks)
-        self.bar: Bar | None = None
+        self.bar: StatusBar | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with its state; the live display stays here
         return {**self.__dict__, "bar": None}
 
     def setup(self, **info) -> None:
         if sys.stdout.isatty():
-            self.bar = Bar(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
-                           console=Console(), transient=False)
+            self.bar = StatusBar(Console())
             self.bar.add_task("", total=self.total)
             self.bar.start()
 
     def status(self, trials) -> str:
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
         errored = sum(t.status == "ERROR" or self.ended.get(t.trial_id) == "error" for t in trials)
-        best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best.items()) or "none yet"
+        best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best().items()) or "none yet"
         front = f"; Pareto front {self.front_size()}" if len(self.objectives) > 1 else ""
         return (f"{running} running ({self.diverged} diverged, {errored} errored), {self.epochs} epochs; "
                 f"best: {best}{front}")
+
+    def best(self) -> dict[str, tuple[float, str]]:
+        """Objective -> (value, trial id): the best of the trials' latest values."""
+        found: dict[str, tuple[float, str]] = {}
+        for trial_id, values in self.latest.items():
+            for (name, mode), value in zip(self.objectives.items(), values):
+                if name not in found or (value > found[name][0] if mode == "max" else value < found[name][0]):
+                    found[name] = (value, trial_id)
+        return found
 
     def done(self, trials) -> int:
         return sum(t.status in ("TERMINATED", "ERROR") or t.trial_id in self.ended for t in trials)
@@ -79,7 +100,8 @@ class Progress(tune.Callback):
 
     def show(self, trials, force: bool = False) -> None:
         if self.bar is not None:
-            self.bar.update(self.bar.task_ids[0], completed=self.done(trials), description=self.status(trials))
+            self.bar.status = self.status(trials)
+            self.bar.update(self.bar.task_ids[0], completed=self.done(trials))
         elif force or time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
@@ -92,10 +114,6 @@ class Progress(tune.Callback):
         if result.get(STEP, 0) >= 1 and not result.get("diverged") and all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             self.latest[trial.trial_id] = values
-            for (name, mode), value in zip(self.objectives.items(), values):
-                best = self.best.get(name)
-                if best is None or (value > best[0] if mode == "max" else value < best[0]):
-                    self.best[name] = (value, trial.trial_id)
         self.show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -108,6 +126,7 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.ended[trial.trial_id] = "error"
+        self.latest.pop(trial.trial_id, None)  # a failed trial is no one's best, nor on the front
         message = f"trial {trial.trial_id} failed; the search goes on: {trial_error(trial)}"
         (self.bar.console.print if self.bar is not None else typer.echo)(message)
         self.show(trials, force=True)
