@@ -313,12 +313,16 @@ def export(
     """Write a trial's deployable model (fused layers folded) and settings to one torch file; load it
     with sharetune.trainables.load_exported(FILE), without Ray or MLflow."""
     from sharetune.search import SearchFolder
+    from sharetune.search.destinations import check_out_file
     from sharetune.search.export import export as export_model
 
     try:
+        check_out_file(out)
         export_model(SearchFolder(folder), trial, out)
     except (FileNotFoundError, ValueError, DataError) as err:
         fail(str(err))
+    except OSError as err:  # the disk filled, or the folder went, while writing
+        fail(f"--out: {out}: {err.strerror or err}")
     typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r})")
 
 

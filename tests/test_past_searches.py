@@ -75,12 +75,15 @@ def test_an_exported_model_computes_what_the_trial_trained(searches, tmp_path):
 
 def test_export_names_a_bad_folder_or_trial_in_one_line(searches, tmp_path):
     root, arbnet, _ = searches
-    for args, message in [
-        ([str(root / "results"), "--trial", "nope"], "not a sharetune search folder (no sharetune-spec.yaml)"),
-        ([arbnet.folder, "--trial", "nope"], "--trial: no trial 'nope' in"),
+    trial_id = report.trials_from_folder(arbnet.folder)["trial_id"][0]
+    for args, out, message in [
+        ([str(root / "results"), "--trial", "nope"], tmp_path / "model.pt", "not a sharetune search folder (no sharetune-spec.yaml)"),
+        ([arbnet.folder, "--trial", "nope"], tmp_path / "model.pt", "--trial: no trial 'nope' in"),
+        ([arbnet.folder, "--trial", trial_id], tmp_path / "missing" / "model.pt", f"--out: no folder {tmp_path / 'missing'}; create it first"),
+        ([arbnet.folder, "--trial", trial_id], tmp_path, f"--out: {tmp_path} is a folder; give a file name in it"),
     ]:
-        result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "model.pt")])
-        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+        result = CliRunner().invoke(app, ["export", *args, "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not (tmp_path / "model.pt").exists()
 
 

@@ -26,6 +26,18 @@ def check_storage(location: str) -> None:
         raise SpecError(f"--storage: {existing} is not writable by this user; give a folder you can write")
 
 
+def check_out_file(path: Path) -> None:
+    """`sharetune export --out`: a file to write in an existing, writable folder, checked before the
+    search's data loads."""
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise SpecError(f"--out: {path} is a folder; give a file name in it, e.g. {path / 'model.pt'}")
+    if not path.parent.is_dir():
+        raise SpecError(f"--out: no folder {path.parent}; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise SpecError(f"--out: {path.parent} is not writable by this user")
+
+
 def check_name(name: str) -> None:
     """`--name` becomes a folder inside the storage, like a spec's name."""
     try:
