@@ -185,7 +185,7 @@ def presets_show(name: str, scale: str = SCALE) -> None:
 
 SOURCE = typer.Argument(..., help="a spec YAML file or a preset name (see `sharetune presets`)")
 OVERRIDES = typer.Option([], "--set", help="change a spec field: key.path=value (YAML value)")
-NUM_SAMPLES = typer.Option(None, "--num-samples", help="number of trials")
+NUM_SAMPLES = typer.Option(None, "--num-samples", help="configurations to try (each trains `repeats` trials)")
 VERBOSE = typer.Option(False, "--verbose", help="also show Ray's, Optuna's and MLflow's start-up output")
 REPORTS = Path("reports")
 REPORT_DIR = typer.Option(REPORTS, "--report-dir", help="where the final report goes")
@@ -223,12 +223,14 @@ def search(
     spec = _load_spec(source, overrides, scale, num_samples)  # a bad spec is answered before Ray Tune and MLflow load
     from sharetune.search import tuner
     from sharetune.search.cluster import ClusterError
+    from sharetune.search.destinations import check_folder
     from sharetune.search.outcome import ExitCode
     from sharetune.search.storage import StateError, StorageFull
     from sharetune.spaces import SpecError
 
     _quiet_unless(verbose)
     try:
+        check_folder("--report-dir", report_dir)
         result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
@@ -247,15 +249,18 @@ def resume(
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
     from sharetune.search.cluster import ClusterError
+    from sharetune.search.destinations import check_folder
     from sharetune.search.outcome import ExitCode
     from sharetune.search.storage import StateError, StorageFull
+    from sharetune.spaces import SpecError
 
     _quiet_unless(verbose)
     try:
+        check_folder("--report-dir", report_dir)
         result = tuner.resume(SearchFolder(path), address=address)
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
-    except (FileNotFoundError, DataError, ClusterError, StateError) as err:
+    except (SpecError, FileNotFoundError, DataError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)
 
@@ -279,14 +284,20 @@ def _store(mlflow_uri: str | None) -> str:
 def report(
     source: str = typer.Argument(..., help="a search folder or an MLflow experiment name"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: reports/NAME)"),
-    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store holding the experiment (a search folder names its own)"),
 ) -> None:
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
+    from mlflow.exceptions import MlflowException
+
+    from sharetune.errors import first_line
     from sharetune.search import SearchFolder, parent_run_of
     from sharetune.search import report as reports
+    from sharetune.search.destinations import check_folder
 
     folder = SearchFolder(source)
+    out = out or REPORTS / source.rstrip("/").rpartition("/")[2]
     try:
+        check_folder("--out", out)
         if folder.is_search():
             spec = folder.spec()
             trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
@@ -298,7 +309,9 @@ def report(
             reference, title = reports.parent_context(uri, parent)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    built = reports.build_report(trials, out or REPORTS / source.rstrip("/").rpartition("/")[2], reference, title=title)
+    except MlflowException as err:
+        fail(f"MLflow did not answer the report's queries: {first_line(err.message)}")
+    built = reports.build_report(trials, out, reference, title=title)
     _print_report(built, uri, parent)
     for trial_id, error in trials[trials["error"].notna()][["trial_id", "error"]].itertuples(index=False):
         typer.echo(f"failed: {trial_id}: {error}")
@@ -339,6 +352,8 @@ def list_searches(
         searches = past_searches(storage)
     except FileNotFoundError as err:
         fail(str(err))
+    except ValueError as err:  # pyarrow's ArrowInvalid: a URI no filesystem of its opens
+        fail(f"--storage: {err}")
     typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
 
 
@@ -396,7 +411,7 @@ def _print_report(built, uri: str, parent: str | None) -> None:
 @app.command("ui")
 def ui(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store to show (default: the embedded SQLite store)"),
-    port: int = typer.Option(5000, help="port on 127.0.0.1"),
+    port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1"),
 ) -> None:
     """Start one light MLflow UI (one worker, no job runner) on 127.0.0.1 for the store in use; says when it is ready."""
     from sharetune.search.mlflow_ui import READY_TIMEOUT_S, start_ui, wait_until_ready

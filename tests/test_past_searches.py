@@ -91,8 +91,11 @@ def test_list_shows_each_past_search_newest_first(searches):
     root, arbnet, spin = searches
     unstarted = SearchFolder.at(root / "results", "unstarted")  # its spec written, then stopped before Tune started
     unstarted.save_spec(parse_spec(tiny_spec(name="unstarted")))
+    damaged = SearchFolder.at(root / "results", "damaged")  # one folder that cannot be read does not hide the others
+    damaged.write("sharetune-spec.yaml", b"name: [")
     found = {s.folder: s for s in past_searches(str(root / "results"))}
-    assert list(found) == [unstarted, spin.folder, arbnet.folder]
+    assert list(found) == [damaged, unstarted, spin.folder, arbnet.folder]
+    assert found[damaged].status == "damaged" and found[damaged].damaged.startswith(f"{damaged}: damaged spec: sharetune-spec.yaml: not valid YAML")
     for search in (arbnet, spin):
         trials = report.trials_from_folder(search.folder)
         listed = found[search.folder]
@@ -104,8 +107,8 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert result.exit_code == 0, result.output
     header, *rows = result.output.strip().splitlines()
     assert header.split() == ["name", "started", "status", "trials", "best", "folder"]
-    assert [row.split()[0] for row in rows] == ["unstarted", "fused", "tiny"]
-    assert "finished" in rows[2] and "2/2" in rows[2] and arbnet.folder in rows[2]
+    assert [row.split()[0] for row in rows] == ["damaged", "unstarted", "fused", "tiny"]
+    assert "finished" in rows[3] and "2/2" in rows[3] and arbnet.folder in rows[3]
     missing = CliRunner().invoke(app, ["list", "--storage", str(root / "nowhere")])
     assert missing.exit_code == 2 and "--storage: no folder" in missing.output
 

@@ -8,7 +8,6 @@ only this way, and what loads must be a mapping of names to tensors.
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 
 import torch
@@ -27,10 +26,10 @@ def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
     try:
         state = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
                            weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise WeightsError(f"{name}: not a state dict torch loads without running code ({first_line(err) or type(err).__name__})") from None
     except OSError as err:
         raise WeightsError(f"{name}: cannot read it ({err.strerror or err})") from None
+    except Exception as err:  # whatever torch's unpickler makes of bytes that are not its format
+        raise WeightsError(f"{name}: not a state dict torch loads without running code ({first_line(err) or type(err).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise WeightsError(f"{name}: not a state dict (a mapping of parameter names to tensors); got a {type(state).__name__}")
     return state

@@ -30,9 +30,11 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """An explicit host:port must accept a TCP connection within `timeout_s` (None, auto: nothing to probe)."""
-    target = _host_port(address) if address is not None else None
-    if target is None:
+    if address is None or address == "auto":
         return
+    target = _host_port(address)
+    if target is None:
+        raise ClusterError(f"--address {address}: give host:port, ray://host:port, or auto")
     try:
         socket.create_connection(target, timeout=timeout_s).close()
     except OSError as err:

@@ -13,17 +13,28 @@ from sharetune.spaces import SpecError, check_database_url, safe_name
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
 
 
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow's filesystems open
+
+
 def check_storage(location: str) -> None:
-    """A local storage must be a folder, or creatable in one, and writable; a URI (s3://...) is opened
-    by pyarrow when the search starts (checking it here would contact the store)."""
-    if is_uri(location):
+    """A local storage must be a folder, or creatable in one, and writable; a URI (s3://...) must name
+    a filesystem pyarrow has, and is opened when the search starts (opening it here would contact the store)."""
+    if not is_uri(location):
+        check_folder("--storage", Path(location), "or a URI like s3://bucket/x")
         return
-    path = Path(location).expanduser().absolute()
+    scheme = location.partition("://")[0]
+    if scheme not in STORAGE_SCHEMES:
+        raise SpecError(f"--storage: no filesystem for {scheme}:// URIs; allowed schemes: {', '.join(STORAGE_SCHEMES)}, or a local path")
+
+
+def check_folder(option: str, path: Path, alternatives: str = "") -> None:
+    """A folder to write into: an existing, writable one, or one that can be created in one."""
+    path = path.expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise SpecError(f"--storage: {existing} is a file; give a folder (it is created if missing) or a URI like s3://bucket/x")
+        raise SpecError(f"{option}: {existing} is a file; give a folder (it is created if missing){' ' + alternatives if alternatives else ''}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"--storage: {existing} is not writable by this user; give a folder you can write")
+        raise SpecError(f"{option}: {existing} is not writable by this user; give a folder you can write")
 
 
 def check_out_file(path: Path) -> None:
@@ -47,16 +58,22 @@ def check_name(name: str) -> None:
 
 
 def check_mlflow_uri(uri: str) -> None:
-    """A scheme MLflow has a tracking store for; a database URL must also be one SQLAlchemy can open here."""
+    """A scheme MLflow has a tracking store for, and not a folder store MLflow refuses; a database URL
+    must also be one SQLAlchemy can open here."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores  # MLflow's own scheme table
 
     try:
         stores.get_store_builder(uri)
     except MlflowException:
-        allowed = ", ".join(sorted(scheme for scheme in stores._registry if scheme))
-        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {uri!r}; allowed schemes: {allowed}, "
-                        "or a local path") from None
+        allowed = ", ".join(sorted(scheme for scheme in stores._registry if scheme and scheme != "file"))
+        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {uri!r}; allowed schemes: {allowed}") from None
+    folder_store = uri.startswith("file:") or ":" not in uri  # file:///x, or a plain path
+    if folder_store and not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses one unless told to allow it
+        raise SpecError(f"--mlflow-uri: {uri!r} is a folder store, which MLflow keeps in maintenance mode and "
+                        "refuses; give a database such as sqlite:///mlflow.db or an http(s):// server "
+                        "(or set MLFLOW_ALLOW_FILE_STORE=true)")
     if uri.partition(":")[0].partition("+")[0] in DATABASE_SCHEMES:
         try:
             check_database_url(uri)

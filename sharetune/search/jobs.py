@@ -38,7 +38,7 @@ def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
     while True:
         try:
             return request(client(address))
-        except (RuntimeError, ConnectionError) as err:
+        except (RuntimeError, ConnectionError, ValueError) as err:  # ValueError: an address Ray cannot parse
             line = " ".join(str(err).split())  # the dashboard's answers come wrapped over lines
             if "No available agent" in line and time.monotonic() < deadline:
                 time.sleep(2)

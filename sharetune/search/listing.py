@@ -16,6 +16,7 @@ from pyarrow import fs
 
 from sharetune.search.outcome import ENDED, failed_trials
 from sharetune.search.storage import SPEC_FILE, SearchFolder, canonical
+from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
 
 
@@ -29,9 +30,12 @@ class PastSearch:
     failed: int
     pending: int  # trials Tune has but that have not ended
     best: dict[str, float]  # objective -> its best last value over the trials
+    damaged: str = ""  # why the folder cannot be read, where it cannot
 
     @property
     def status(self) -> str:
+        if self.damaged:
+            return "damaged"
         return "finished" if self.done >= self.planned and not self.pending else "incomplete"
 
 
@@ -61,7 +65,11 @@ def past_searches(storage: str | None = None) -> list[PastSearch]:
         spec_file = filesystem.get_file_info(f"{entry.path}/{SPEC_FILE}")
         if entry.type == fs.FileType.Directory and spec_file.type == fs.FileType.File:
             folder = SearchFolder.at(storage or DEFAULT_STORAGE, entry.base_name)
-            searches.append(describe(folder, spec_file.mtime.astimezone() if spec_file.mtime else None))
+            started = spec_file.mtime.astimezone() if spec_file.mtime else None
+            try:
+                searches.append(describe(folder, started))
+            except SpecError as err:  # one damaged folder is listed as such; the others still are
+                searches.append(PastSearch(folder, entry.base_name, started, 0, 0, 0, 0, {}, damaged=str(err)))
     return sorted(searches, key=lambda s: s.started.timestamp() if s.started else 0.0, reverse=True)
 
 
@@ -70,5 +78,5 @@ def table_rows(searches: list[PastSearch]) -> list[dict[str, str]]:
     return [{
         "name": s.name, "started": s.started.strftime("%Y-%m-%d %H:%M") if s.started else "?", "status": s.status,
         "trials": f"{s.done}/{s.planned}" + (f" ({s.failed} failed)" if s.failed else ""),
-        "best": ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
+        "best": s.damaged or ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
     } for s in searches]

@@ -17,10 +17,10 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
 from pyarrow import fs
 
-from sharetune.spaces import SearchSpec, parse_spec
+from sharetune.spaces import SearchSpec, SpecError, parse_spec
+from sharetune.spaces.documents import load_yaml
 from sharetune.storage_filesystem import filesystem_and_path, is_uri
 
 SPEC_FILE = "sharetune-spec.yaml"
@@ -171,7 +171,12 @@ class SearchFolder(str):
         self.write(SPEC_FILE, spec.to_yaml().encode())
 
     def spec(self) -> SearchSpec:
-        return parse_spec(yaml.safe_load(self._required(SPEC_FILE)))
+        """The search's spec; SpecError (one line, naming the file) where the file is damaged."""
+        data = self._required(SPEC_FILE)
+        try:
+            return parse_spec(load_yaml(data, SPEC_FILE))
+        except SpecError as err:
+            raise SpecError(f"{self}: damaged spec: {err}") from None
 
     def save_mlflow(self, tracking_uri: str, experiment: str) -> None:
         self.write(MLFLOW_FILE, json.dumps({"tracking_uri": tracking_uri, "experiment": experiment}).encode())

@@ -37,7 +37,7 @@ from sharetune.search.storage import (
     check_free_space,
     stop_on_full_disk,
 )
-from sharetune.spaces import OptunaSpace, SearchSpec, make_sampler
+from sharetune.spaces import OptunaSpace, SearchSpec, SpecError, make_sampler
 from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.storage_filesystem import filesystem_and_path, keep_final_checkpoints, tune_storage
 from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
@@ -80,10 +80,13 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     DEFAULT_STORAGE)."""
     cluster.check_reachable(address)  # first: an unreachable --address fails in seconds, before the data loads
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
+    check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
     data = load_data(spec)
-    check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))
     check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if folder.is_search():  # a second search there would mix its trials and state into the first's
+        raise SpecError(f"--name: {folder} already holds a search; choose another name, or continue that one "
+                        f"with `sharetune resume {folder}`")
     check_free_space(folder.storage)
     start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
     folder.save_spec(spec)
