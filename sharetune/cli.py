@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
+from sharetune.models import FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE
@@ -87,8 +88,8 @@ def train_spin(
     distribution: Optional[str] = typer.Option(None, help="uniform, front, middle or back"),
     components: Optional[str] = typer.Option(None, help="comma-separated components to share (default: the model's)"),
     transform_groups: Optional[int] = typer.Option(None, "--transform-groups"),
-    fusion: Optional[str] = typer.Option(None, help="fuse from an unshared model pretrained here first (--pretrain-epochs)"),
-    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs"),
+    fusion: Optional[str] = typer.Option(None, help=f"{', '.join(FUSIONS)}: fuse from an unshared model pretrained here first"),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="epochs the unshared model trains first (fusion, cka)"),
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
     device: Optional[str] = DEVICE, as_json: bool = AS_JSON,
@@ -117,6 +118,8 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
         data = load(dataset, data_dir, seed=settings.seed).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
+        if settings.needs_pretrained() and not settings.pretrain_epochs:
+            fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")
         pretrained = pretrain(settings, data) if settings.needs_pretrained() else None
         model = build_model(settings, data, pretrained)
     except ValidationError as err:

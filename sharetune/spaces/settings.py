@@ -57,7 +57,7 @@ class ArbNetSettings(FamilySettings):
     sparsity: float = 0.0  # fraction of virtual weights read as zero
     table_size: Optional[int] = Field(None, ge=1)  # default: DEFAULT_TABLE_SIZE, unless compression is given
     compression: Optional[float] = Field(None, gt=0, le=1)
-    hidden: Optional[list[PositiveInt]] = None  # default: the paper's net for the dataset
+    hidden: Optional[list[PositiveInt]] = Field(None, min_length=1)  # default: the paper's net for the dataset
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list]]:
@@ -86,6 +86,8 @@ class ArbNetSettings(FamilySettings):
                 raise ValueError(f"{name}: applies only to hash {' or '.join(map(repr, allowed))}, not {self.hash!r}")
         if self.table_size is not None and self.compression is not None:
             raise ValueError("table_size, compression: give one, not both")
+        if self.hash == "identity" and (self.table_size is not None or self.compression is not None):
+            raise ValueError("table_size, compression: the identity hash keeps one entry per weight; leave them out")
         if self.table_size is None and self.compression is None and self.hash != "identity":
             self.table_size = DEFAULT_TABLE_SIZE
         return self
@@ -117,6 +119,8 @@ class SpinSettings(FamilySettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "SpinSettings":
+        if self.components is not None and not self.component_list():
+            raise ValueError(f"components: none given; allowed: {', '.join(get_model(self.model).components)}")
         get_model(self.model).check_components(self.component_list() or [])
         if self.fusion is not None and self.transform_groups is not None:
             raise ValueError("fusion, transform_groups: these do not combine; choose one")

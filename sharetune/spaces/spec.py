@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import difflib
 import itertools
 import math
 from pathlib import Path
@@ -241,9 +242,12 @@ class SearchSpec(BaseModel):
             raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
         settings = FAMILIES[self.family]
+        allowed = [*settings.model_fields, "variant"]
         for name in [*self.fixed, *self.dimensions]:
-            if name not in settings.model_fields and name != "variant":
-                raise ValueError(f"{name}: not a {self.family} setting; allowed: {', '.join(settings.model_fields)}, variant")
+            if name not in allowed:
+                near = difflib.get_close_matches(name, allowed, n=1)
+                raise ValueError(f"{name}: not {'an' if self.family[0] in 'aeiou' else 'a'} {self.family} setting; "
+                                 + (f"did you mean {near[0]!r}? " if near else "") + f"allowed: {', '.join(allowed)}")
         overlap = set(self.fixed) & set(self.dimensions)
         if overlap:
             raise ValueError(f"{sorted(overlap)[0]}: both fixed and searched; keep it in one place")
