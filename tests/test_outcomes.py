@@ -351,3 +351,15 @@ def test_an_error_is_its_exception_line():
             "(2) ray stop --force was called, or (3) the worker crashed unexpectedly.")
     assert error_line(f"Failure # 1\n{dead}") == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
     assert error_line("x" * 300) == "x" * 200 + "…"
+
+
+def test_constraints_no_proposal_met_are_bad_input_not_success():
+    import pandas as pd
+
+    from sharetune.search.outcome import ExitCode, outcome
+
+    skipped = pd.DataFrame({"trial_id": [None, None], "status": ["INFEASIBLE", "INFEASIBLE"]})
+    assert outcome(skipped, {}) == (ExitCode.BAD_INPUT, "constraints: none of the 2 proposals met them, so no trial "
+                                                        "trained; loosen them")
+    trained = pd.concat([skipped, pd.DataFrame({"trial_id": ["a"], "status": ["TERMINATED"]})])
+    assert outcome(trained, {}) == (ExitCode.OK, None)

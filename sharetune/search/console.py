@@ -22,6 +22,8 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     objective (mean and standard deviation over repeats), the costs and the searched settings."""
     first, mode = next(iter(spec.objectives.items()))
     trained = trials[trials["status"].isin(TRAINED)]  # not the unfinished (PENDING, RUNNING) nor the skipped
+    if trained.empty:
+        return "top trials: none trained"
     ranked = trained.sort_values(first, ascending=mode == "min").head(count)
     costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items()
              if cost in ranked and cost not in spec.objectives}  # an objective is shown once, as it is

@@ -19,7 +19,8 @@ ENDED = (FINISHED, FAILED)
 
 class ExitCode(IntEnum):
     OK = 0  # every trial finished
-    BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder
+    BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder;
+    # or constraints no proposal met, so no trial ran
     TRIALS_FAILED = 3  # the search ended, but some trials raised (after their retries)
     MLFLOW_BEHIND = 4  # every trial finished, but MLflow did not answer: `sharetune resume` delivers the rest
     STORAGE_FULL = 5  # the search folder's disk filled up mid-search: free space, then `sharetune resume`
@@ -69,6 +70,9 @@ def outcome(trials: pd.DataFrame, errors: dict[str, str], mlflow_backlog: int = 
     the proposals answered without training); `errors`: trial id -> error line of the failed ones;
     `mlflow_backlog`: writes still queued for MLflow."""
     tune_trials = trials[trials["trial_id"].notna()]
+    if tune_trials.empty and "INFEASIBLE" in set(trials["status"]):  # every proposal answered without training
+        return ExitCode.BAD_INPUT, (f"constraints: none of the {len(trials)} proposals met them, so no trial trained; "
+                                    "loosen them")
     unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED]) & ~tune_trials["trial_id"].isin(list(errors))]
     if not unfinished.empty:
         return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of {len(tune_trials)} trials unfinished; "
