@@ -195,6 +195,7 @@ def sharetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: components: none given; allowed: pointwise"),
     (["train", "spin", "--dataset", "synthetic", "--dim", "8", "--depth", "4", "--patch-size", "2", "--share-rate", "2",
       "--fusion", "mean"], "error: --pretrain-epochs: fusion and the cka mapping start from the unshared model"),
+    (["search", "SPEC", "--set", "optuna_storage=postgresql://u@127.0.0.1:1/db"], "error: optuna_storage: the database did not answer"),
     (["search", "SPEC", "--address", "bogus"], "error: --address bogus: give host:port, ray://host:port, or auto"),
     (["status", "abc", "--address", "bogus"], "error: --address bogus: "),
     (["search", "SPEC", "--report-dir", "afile"], "error: --report-dir: "),

@@ -88,13 +88,14 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
         raise SpecError(f"--name: {folder} already holds a search; choose another name, or continue that one "
                         f"with `sharetune resume {folder}`")
     check_free_space(folder.storage)
+    optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
     start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
     folder.save_spec(spec)
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
     pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
     # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
-    study = optuna.create_study(storage=_optuna_storage(spec.optuna_storage), sampler=sampler, study_name=folder.name,
+    study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
                                 directions=[f"{mode}imize" for mode in spec.objectives.values()])
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
         study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
@@ -177,8 +178,16 @@ os.environ["TUNE_RESULT_BUFFER_LENGTH"] = "1"
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
-def _optuna_storage(url: str | None):
-    return None if url is None else optuna.storages.RDBStorage(url)
+def _optuna_storage(url: str | None) -> optuna.storages.RDBStorage | None:
+    """The spec's Optuna database, connected (RDBStorage creates its tables); SpecError where it does not answer."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if url is None:
+        return None
+    try:
+        return optuna.storages.RDBStorage(url)
+    except SQLAlchemyError as err:
+        raise SpecError(f"optuna_storage: the database did not answer ({first_line(getattr(err, 'orig', None) or err)})") from None
 
 
 def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
