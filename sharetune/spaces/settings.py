@@ -8,7 +8,7 @@ once, and the CLI's `train` command builds one from its options. Each extends th
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -32,6 +32,18 @@ class FamilySettings(Recipe):
     """A model family's trial settings: the recipe plus the model's own."""
 
     model_config = ConfigDict(allow_inf_nan=False)  # an infinite share_rate or lr is a mistake, not a setting
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data):
+        """Pydantic's lax parsing reads `epochs: true` as 1 epoch and `"3"` as 3; a number setting takes numbers."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                kinds = (get_args(field.annotation) or (field.annotation,)) if field is not None else ()
+                if isinstance(value, (bool, str)) and set(kinds) & {int, float} and not set(kinds) & {bool, str}:
+                    raise PydanticCustomError("number", f"{name}: got {value!r}; give a number")
+        return data
 
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list]]:
