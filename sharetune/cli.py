@@ -296,6 +296,7 @@ def report(
     from sharetune.search import SearchFolder, parent_run_of
     from sharetune.search import report as reports
     from sharetune.search.destinations import check_folder
+    from sharetune.search.storage import StateError
 
     folder = SearchFolder(source)
     out = out or REPORTS / source.rstrip("/").rpartition("/")[2]
@@ -310,7 +311,7 @@ def report(
             uri = _store(mlflow_uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
             reference, title = reports.parent_context(uri, parent)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, StateError) as err:
         fail(str(err))
     except MlflowException as err:
         fail(f"MLflow did not answer the report's queries: {first_line(err.message)}")
@@ -331,11 +332,12 @@ def export(
     from sharetune.search import SearchFolder
     from sharetune.search.destinations import check_out_file
     from sharetune.search.export import export as export_model
+    from sharetune.search.storage import StateError
 
     try:
         check_out_file(out)
         export_model(SearchFolder(folder), trial, out)
-    except (FileNotFoundError, ValueError, DataError) as err:
+    except (FileNotFoundError, ValueError, DataError, StateError) as err:
         fail(str(err))
     except OSError as err:  # the disk filled, or the folder went, while writing
         fail(f"--out: {out}: {err.strerror or err}")

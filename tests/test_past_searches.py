@@ -91,11 +91,17 @@ def test_list_shows_each_past_search_newest_first(searches):
     root, arbnet, spin = searches
     unstarted = SearchFolder.at(root / "results", "unstarted")  # its spec written, then stopped before Tune started
     unstarted.save_spec(parse_spec(tiny_spec(name="unstarted")))
-    damaged = SearchFolder.at(root / "results", "damaged")  # one folder that cannot be read does not hide the others
+    cut = SearchFolder.at(root / "results", "cut")  # Tune's state cut short, by hand (the folder's writes are whole)
+    cut.save_spec(parse_spec(tiny_spec(name="cut")))
+    (Path(cut) / "experiment_state-2026-01-01_00-00-00.json").write_bytes(b'{"trial_da')
+    damaged = SearchFolder.at(root / "results", "damaged")  # folders that cannot be read do not hide the others
     damaged.write("sharetune-spec.yaml", b"name: [")
     found = {s.folder: s for s in past_searches(str(root / "results"))}
-    assert list(found) == [damaged, unstarted, spin.folder, arbnet.folder]
+    assert list(found) == [damaged, cut, unstarted, spin.folder, arbnet.folder]
     assert found[damaged].status == "damaged" and found[damaged].damaged.startswith(f"{damaged}: damaged spec: sharetune-spec.yaml: not valid YAML")
+    assert found[cut].status == "damaged" and "experiment_state-2026-01-01_00-00-00.json is damaged" in found[cut].damaged
+    reported = CliRunner().invoke(app, ["report", cut, "--out", str(root / "cut-report")])
+    assert reported.exit_code == 2 and reported.output.startswith(f"error: {cut}: Tune's state"), reported.output
     for search in (arbnet, spin):
         trials = report.trials_from_folder(search.folder)
         listed = found[search.folder]
@@ -107,8 +113,8 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert result.exit_code == 0, result.output
     header, *rows = result.output.strip().splitlines()
     assert header.split() == ["name", "started", "status", "trials", "best", "folder"]
-    assert [row.split()[0] for row in rows] == ["damaged", "unstarted", "fused", "tiny"]
-    assert "finished" in rows[3] and "2/2" in rows[3] and arbnet.folder in rows[3]
+    assert [row.split()[0] for row in rows] == ["damaged", "cut", "unstarted", "fused", "tiny"]
+    assert "finished" in rows[4] and "2/2" in rows[4] and arbnet.folder in rows[4]
     missing = CliRunner().invoke(app, ["list", "--storage", str(root / "nowhere")])
     assert missing.exit_code == 2 and "--storage: no folder" in missing.output
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from pyarrow import fs
 
 from sharetune.search.outcome import ENDED, failed_trials
-from sharetune.search.storage import SPEC_FILE, SearchFolder, canonical
+from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
 
@@ -68,7 +68,7 @@ def past_searches(storage: str | None = None) -> list[PastSearch]:
             started = spec_file.mtime.astimezone() if spec_file.mtime else None
             try:
                 searches.append(describe(folder, started))
-            except SpecError as err:  # one damaged folder is listed as such; the others still are
+            except (SpecError, StateError) as err:  # one damaged folder is listed as such; the others still are
                 searches.append(PastSearch(folder, entry.base_name, started, 0, 0, 0, 0, {}, damaged=str(err)))
     return sorted(searches, key=lambda s: s.started.timestamp() if s.started else 0.0, reverse=True)
 

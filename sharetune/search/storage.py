@@ -191,20 +191,28 @@ class SearchFolder(str):
         state (yet). Reading them needs no running Ray."""
         from ray import tune
 
+        states = self._tune_states()
+        if not states:
+            return []
         try:
             return tune.ExperimentAnalysis(str(self)).trials
-        except ValueError:  # no experiment_state-*.json
+        except (ValueError, KeyError, TypeError):  # cut short or overwritten: not JSON, or not Tune's
+            raise self._damaged(states[-1]) from None
+
+    def _tune_states(self) -> list[str]:
+        """The paths of Tune's saved states (experiment_state-*.json), oldest first."""
+        filesystem, path = self._filesystem()
+        try:
+            return sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
+                          if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"))
+        except OSError:  # no folder there
             return []
 
     def tune_trial_ids(self) -> list[str]:
         """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
         raises StateError, so `resume` never starts a new search over it."""
         filesystem, path = self._filesystem()
-        try:
-            states = sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
-                            if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"))
-        except OSError:  # no folder there
-            states = []
+        states = self._tune_states()
         if not states or self.read(TUNER_FILE) is None:
             raise StateError(f"{self}: no Tune state to resume (no {TUNER_FILE} or experiment_state-*.json); "
                              "the search never started its trials here, so run `sharetune search` again")
