@@ -20,7 +20,7 @@ from rich.progress import Progress as Bar
 from rich.text import Text
 
 from sharetune.metrics import STEP, pareto_mask
-from sharetune.search.outcome import trial_error
+from sharetune.search.outcome import ENDED, FAILED, trial_error
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
 TUNE_RUN_LOGGER = "ray.tune.tune"  # where Tune's fit logs its end
@@ -74,7 +74,7 @@ class Progress(tune.Callback):
 
     def status(self, trials) -> str:
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-        errored = sum(t.status == "ERROR" or self.ended.get(t.trial_id) == "error" for t in trials)
+        errored = sum(t.status == FAILED or self.ended.get(t.trial_id) == "error" for t in trials)
         best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best().items()) or "none yet"
         front = f"; Pareto front {self.front_size()}" if len(self.objectives) > 1 else ""
         return (f"{running} running ({self.diverged} diverged, {errored} errored), {self.epochs} epochs; "
@@ -90,7 +90,7 @@ class Progress(tune.Callback):
         return found
 
     def done(self, trials) -> int:
-        return sum(t.status in ("TERMINATED", "ERROR") or t.trial_id in self.ended for t in trials)
+        return sum(t.status in ENDED or t.trial_id in self.ended for t in trials)
 
     def front_size(self) -> int:
         if not self.latest:
