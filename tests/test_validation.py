@@ -164,6 +164,18 @@ def test_non_utf8_deep_and_alias_bombs_are_errors(tmp_path):
         load_spec(write(tmp_path, "- a\n- b\n"))
 
 
+def test_a_spec_path_that_is_no_spec_file_says_what_it_is(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    for source, message in [(tmp_path / "folder.yaml", r"is a folder; give a spec file \(.yaml\) or a preset name"),
+                            (tmp_path, "is a folder"), ("/dev/null", "spec: /dev/null is empty"),
+                            (write(tmp_path, "\n"), "spec.yaml is empty"), (tmp_path / "nope.yaml", "spec: no such file")]:
+        with pytest.raises(SpecError, match=message):
+            load_spec(source)
+    lines = "".join(f"line{i}:x:\n" for i in range(30))  # a file that is no spec (/etc/shadow): not echoed whole
+    with pytest.raises(SpecError, match=r"^family: Field required; line0:x: unknown key; .*; and 26 more$"):
+        load_spec(write(tmp_path, lines))
+
+
 def test_set_values_are_yaml_or_one_line(tmp_path):
     path = write(tmp_path, yaml.safe_dump(tiny_spec()))
     for value, message in [("fixed.hidden=[1,", r"--set fixed.hidden: not valid YAML: .*\(line 1, column 4\)"),

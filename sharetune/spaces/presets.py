@@ -43,8 +43,8 @@ def load_spec(source: str | Path, overrides: list[str] = (), scale: str = DEFAUL
         if variable not in os.environ:
             raise SpecError(f"spec: environment variable {variable} is not set")
         raw = load_yaml(os.environ[variable], f"spec: ${variable}") or {}
-    elif path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
+    elif path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
             raise SpecError(f"spec: no such file {path}")
         raw = read_spec_file(path)
     else:

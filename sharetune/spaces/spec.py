@@ -379,6 +379,9 @@ class SearchSpec(BaseModel):
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
+MAX_PROBLEMS = 5  # a line lists this many; a file that is no spec at all would otherwise be echoed whole
+
+
 def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda loc: ".".join(map(str, loc)),
                    *, value_last: bool = False) -> str:
     """One line for all problems: 'field.path: got X; message' (`value_last`: 'field: message, got X',
@@ -398,7 +401,8 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
             message = f"{message}, got {got}" if value_last else f"got {got}; {message}"
         path = where(problem["loc"])
         lines.append(f"{path}: {message}" if path else message)
-    return "; ".join(lines)
+    more = f"; and {len(lines) - MAX_PROBLEMS} more" if len(lines) > MAX_PROBLEMS else ""
+    return "; ".join(lines[:MAX_PROBLEMS]) + more
 
 
 def check_document(raw: Any) -> None:
@@ -441,6 +445,10 @@ def read_spec_file(path: str | Path) -> dict:
     path = Path(path)
     try:
         text = path.read_bytes()
+    except IsADirectoryError:
+        raise SpecError(f"spec: {path} is a folder; give a spec file (.yaml) or a preset name") from None
     except OSError as err:
         raise SpecError(f"spec: cannot read {path}: {err.strerror}") from None
+    if not text.strip():
+        raise SpecError(f"spec: {path} is empty")
     return load_yaml(text, f"spec: {path}") or {}
