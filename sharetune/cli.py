@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,14 @@ from sharetune.models import FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line: Python's format adds the file, the line number and the source line."""
+    return f"{category.__name__}: {message}\n"
+
+
+warnings.formatwarning = _one_line_warning
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search how neural networks share their weights.")
 train_app = typer.Typer(no_args_is_help=True, help="Train one model, without Ray.")

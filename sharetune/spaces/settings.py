@@ -64,7 +64,7 @@ class ArbNetSettings(FamilySettings):
     """The ArbNet paper MLP: a hash per layer over a table per layer."""
 
     hash: str = "dirichlet"
-    alpha: Optional[float] = Field(None, gt=0)  # None: the hash's own default
+    alpha: Optional[float] = Field(None, gt=0, le=1e6)  # None: the hash's own; 1e6 is uniform already, 1e308 overflows
     radius: Optional[int] = Field(None, ge=0)
     sparsity: float = 0.0  # fraction of virtual weights read as zero
     table_size: Optional[int] = Field(None, ge=1)  # default: DEFAULT_TABLE_SIZE, unless compression is given
