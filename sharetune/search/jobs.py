@@ -8,6 +8,7 @@ there against the cluster (`--address auto`).
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
@@ -36,14 +37,20 @@ def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
     agent" while it still counts a crashed node alive: asked again for up to AGENT_WAIT_S."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
+        dashboard = None
         try:
-            return request(client(address))
+            dashboard = client(address)
+            return request(dashboard)
         except (RuntimeError, ConnectionError, ValueError) as err:  # ValueError: an address Ray cannot parse
             line = " ".join(str(err).split())  # the dashboard's answers come wrapped over lines
             if "No available agent" in line and time.monotonic() < deadline:
                 time.sleep(2)
                 continue
-            raise JobsError(f"--address {address or 'from $RAY_API_SERVER_ADDRESS'}: {line}") from None
+            given = address or any(os.environ.get(v) for v in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"))
+            if dashboard is None and not given:  # Ray looked for a local cluster and found none
+                raise JobsError("--address: no Ray cluster given and none runs here; give its dashboard, "
+                                "e.g. --address http://HEAD:8265 (or set $RAY_ADDRESS)") from None
+            raise JobsError(f"--address {address or 'from $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS'}: {line}") from None
 
 
 def submit(spec: SearchSpec, address: str | None, *, mlflow_uri: str | None = None, storage: str | None = None,
