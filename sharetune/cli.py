@@ -382,7 +382,7 @@ def _finish(result, report_dir: Path) -> None:
     """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
-    from sharetune.search.outcome import failed_trials, outcome
+    from sharetune.search.outcome import outcome
 
     trials = reports.trials_from_folder(result.folder)
     built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference,
@@ -401,7 +401,7 @@ def _finish(result, report_dir: Path) -> None:
                    "each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
-    code, line = outcome(trials, failed_trials(result.folder), result.mlflow_backlog)
+    code, line = outcome(trials, result.mlflow_backlog)  # the table holds the failures failed_trials found
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

@@ -359,7 +359,7 @@ def test_constraints_no_proposal_met_are_bad_input_not_success():
     from sharetune.search.outcome import ExitCode, outcome
 
     skipped = pd.DataFrame({"trial_id": [None, None], "status": ["INFEASIBLE", "INFEASIBLE"]})
-    assert outcome(skipped, {}) == (ExitCode.BAD_INPUT, "constraints: none of the 2 proposals met them, so no trial "
+    assert outcome(skipped) == (ExitCode.BAD_INPUT, "constraints: none of the 2 proposals met them, so no trial "
                                                         "trained; loosen them")
     trained = pd.concat([skipped, pd.DataFrame({"trial_id": ["a"], "status": ["TERMINATED"]})])
-    assert outcome(trained, {}) == (ExitCode.OK, None)
+    assert outcome(trained) == (ExitCode.OK, None)

@@ -3,7 +3,8 @@
 `count_params` separates stored (unique) parameters from the dense-equivalent (virtual) ones.
 `count_macs` follows fvcore, which SPIN used: convolutions, linear layers and matmuls count one MAC
 per multiply-add, inference BatchNorm counts one per element (two with an affine), LayerNorm four
-(five with an affine), elementwise activations are free. `torch.utils.flop_counter` does the matmul family; we add what it misses.
+(five with an affine), elementwise activations are free. `torch.utils.flop_counter` does the matmul
+family; we add what it misses.
 """
 
 from __future__ import annotations

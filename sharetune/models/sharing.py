@@ -9,7 +9,7 @@ from torch import nn
 from sharetune.analysis import cka_matrix
 from sharetune.models.fusion import FUSABLE, add_transforms, fuse
 from sharetune.models.registry import ModelEntry, shareable_model_names
-from sharetune.models.spin import SIMILARITY_MAPPINGS, SharingPlan, cka_plan, share, submodule
+from sharetune.models.spin import SIMILARITY_MAPPINGS, SharingPlan, cka_plan, names_a_parameter, share, submodule
 
 Sharing = dict | str | list | SharingPlan
 
@@ -77,8 +77,8 @@ def _layers_to_fuse(block: nn.Module, paths: tuple[str, ...]) -> tuple[list[str]
     """(layer paths, None), or ([], why these paths cannot be fused)."""
     layers = []
     for path in paths:
-        parent, _, leaf = path.rpartition(".")
-        if leaf in dict(submodule(block, parent).named_parameters(recurse=False)):
+        if names_a_parameter(block, path):
+            parent, _, leaf = path.rpartition(".")
             if leaf != "weight":
                 return [], f"shares only their {leaf}"
             layers.append(parent)

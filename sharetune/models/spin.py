@@ -202,6 +202,12 @@ def submodule(module: nn.Module, path: str) -> nn.Module:
     return module.get_submodule(path) if path else module
 
 
+def names_a_parameter(module: nn.Module, path: str) -> bool:
+    """Whether `path` inside `module` is one parameter ("1.weight") rather than a sub-module ("attn", "")."""
+    parent, _, leaf = path.rpartition(".")
+    return leaf in dict(submodule(module, parent).named_parameters(recurse=False))
+
+
 def replace_submodule(module: nn.Module, path: str, value: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(submodule(module, parent), name, value)
@@ -227,7 +233,7 @@ def share(
     bank = getattr(model, "spin_bank", None) or WeightBank()
     for component in components:
         parent, _, leaf = component.rpartition(".")
-        is_parameter = leaf in dict(submodule(layers, f"0.{parent}" if parent else "0").named_parameters(recurse=False))
+        is_parameter = names_a_parameter(layers[0], component)
         key = component.replace(".", "_") or "block"
         for entry in range(plan.num_entries):
             members = plan.members(entry)

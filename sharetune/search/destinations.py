@@ -11,8 +11,6 @@ from sharetune.search.storage import is_uri
 from sharetune.spaces import SpecError, check_database_url, safe_name
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
-
-
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow's filesystems open
 
 

@@ -69,7 +69,8 @@ def past_searches(storage: str | None = None) -> list[PastSearch]:
             try:
                 searches.append(describe(folder, started))
             except (SpecError, StateError) as err:  # one damaged folder is listed as such; the others still are
-                searches.append(PastSearch(folder, entry.base_name, started, 0, 0, 0, 0, {}, damaged=str(err)))
+                searches.append(PastSearch(folder, entry.base_name, started, planned=0, done=0, failed=0, pending=0,
+                                           best={}, damaged=str(err)))
     return sorted(searches, key=lambda s: s.started.timestamp() if s.started else 0.0, reverse=True)
 
 

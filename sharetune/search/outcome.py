@@ -15,6 +15,7 @@ from sharetune.trainables import ConfigurationError
 
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 ENDED = (FINISHED, FAILED)
+INFEASIBLE = "INFEASIBLE"  # the report's status of a proposal its constraints ruled out before training
 
 
 class ExitCode(IntEnum):
@@ -65,21 +66,22 @@ def failed_trials(folder: SearchFolder, trials: list | None = None) -> dict[str,
     return failed
 
 
-def outcome(trials: pd.DataFrame, errors: dict[str, str], mlflow_backlog: int = 0) -> tuple[ExitCode, str | None]:
-    """The exit code and the line that explains it. `trials`: the report's table (Tune's trials and
-    the proposals answered without training); `errors`: trial id -> error line of the failed ones;
-    `mlflow_backlog`: writes still queued for MLflow."""
+def outcome(trials: pd.DataFrame, mlflow_backlog: int = 0) -> tuple[ExitCode, str | None]:
+    """The exit code and the line that explains it. `trials`: the report's table (Tune's trials, a
+    failed one with its error line as `failed_trials` finds them, and the proposals answered without
+    training); `mlflow_backlog`: writes still queued for MLflow."""
     tune_trials = trials[trials["trial_id"].notna()]
-    if tune_trials.empty and "INFEASIBLE" in set(trials["status"]):  # every proposal answered without training
+    if tune_trials.empty and INFEASIBLE in set(trials["status"]):  # every proposal answered without training
         return ExitCode.BAD_INPUT, (f"constraints: none of the {len(trials)} proposals met them, so no trial trained; "
                                     "loosen them")
-    unfinished = tune_trials[~tune_trials["status"].isin([FINISHED, FAILED]) & ~tune_trials["trial_id"].isin(list(errors))]
+    unfinished = tune_trials[~tune_trials["status"].isin(ENDED)]
     if not unfinished.empty:
         return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of {len(tune_trials)} trials unfinished; "
                                       "continue with `sharetune resume`")
-    if errors:
-        first_id, first = next(iter(errors.items()))
-        return ExitCode.TRIALS_FAILED, f"{len(errors)} of {len(tune_trials)} trials failed: {first_id}: {first}"
+    failed = tune_trials[tune_trials["status"] == FAILED]
+    if not failed.empty:
+        first = failed.iloc[0]
+        return ExitCode.TRIALS_FAILED, f"{len(failed)} of {len(tune_trials)} trials failed: {first['trial_id']}: {first['error']}"
     if mlflow_backlog:
         return ExitCode.MLFLOW_BEHIND, (f"every trial finished, but {mlflow_backlog} writes wait for MLflow, which did not "
                                         "answer; `sharetune resume` delivers them")

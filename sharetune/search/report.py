@@ -118,7 +118,6 @@ def _number(text: str):
 
 
 TRAINED = (FINISHED,)  # the status of a trial that trained to its end (or diverged), from either source
-SKIPPED = ("INFEASIBLE", "DUPLICATE")  # proposals the searcher answered without training
 
 
 def configurations(trials: pd.DataFrame) -> pd.DataFrame:

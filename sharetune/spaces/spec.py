@@ -377,8 +377,6 @@ class SearchSpec(BaseModel):
 
 
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-
-
 MAX_PROBLEMS = 5  # a line lists this many; a file that is no spec at all would otherwise be echoed whole
 
 
