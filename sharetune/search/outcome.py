@@ -15,7 +15,7 @@ from sharetune.trainables import ConfigurationError
 
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 ENDED = (FINISHED, FAILED)
-INFEASIBLE = "INFEASIBLE"  # the report's status of a proposal its constraints ruled out before training
+INFEASIBLE, DUPLICATE = "INFEASIBLE", "DUPLICATE"  # the report's statuses of proposals answered without training
 
 
 class ExitCode(IntEnum):

@@ -27,7 +27,7 @@ from sharetune.search.mlflow_logger import (
     TRIAL_TAG,
     tracking_uri,
 )
-from sharetune.search.outcome import FAILED, FINISHED, failed_trials
+from sharetune.search.outcome import DUPLICATE, FAILED, FINISHED, INFEASIBLE, failed_trials
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
@@ -118,6 +118,7 @@ def _number(text: str):
 
 
 TRAINED = (FINISHED,)  # the status of a trial that trained to its end (or diverged), from either source
+SKIPPED = (INFEASIBLE, DUPLICATE)  # proposals the searcher answered without training (benchmarks leave them out)
 
 
 def configurations(trials: pd.DataFrame) -> pd.DataFrame:
