@@ -67,6 +67,19 @@ def test_load_applies_label_noise():
     assert int((clean.y_train != noisy.y_train).sum()) == 128
 
 
+@pytest.mark.parametrize("batch_size, world", [(64, 2), (7, 2), (9, 4), (10, 4), (500, 3), (511, 2), (600, 4)])
+def test_every_step_is_split_among_the_workers_and_only_a_short_last_batch_is_dropped(batch_size, world):
+    data = load("synthetic")  # 512 training examples
+    ranks = [list(data.shard(rank, world).train_batches(0, batch_size, seed=1, device=torch.device("cpu"))) for rank in range(world)]
+    steps = list(zip(*ranks, strict=True))
+    assert len(steps) == data.shard(0, world).steps_per_epoch(batch_size)
+    assert all(len(y) >= 2 for step in steps for _, y in step)  # BatchNorm trains on two or more
+    trained = torch.cat([y for step in steps for _, y in step])
+    last = 512 % batch_size
+    dropped = last if 0 < last < 2 * world and batch_size < 512 else 0
+    assert len(trained) == 512 - dropped
+
+
 def test_mnist1d_generates_offline():
     data = load("mnist1d")
     assert data.x_train.shape == (4000, 40) and data.num_classes == 10

@@ -55,6 +55,14 @@ def share(count: int, rank: int, world: int) -> slice:
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
+def batch_starts(size: int, batch_size: int, world: int) -> range:
+    """Where an epoch's batches start. A short last batch that would leave some worker fewer than two
+    examples is dropped (BatchNorm cannot train on one); a full batch is always kept (the search
+    refuses a batch smaller than two examples per worker), and so is a first one."""
+    end = size - size % batch_size if 0 < size % batch_size < 2 * world and size > batch_size else size
+    return range(0, end, batch_size)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """What an epoch's randomness is seeded with: the run's seed and the epoch alone, distinct for
     every epoch of every seed."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharetune.data.batches import Augment, epoch_order, share, stratified_split
+from sharetune.data.batches import Augment, batch_starts, epoch_order, share, stratified_split
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
@@ -65,7 +65,7 @@ class TensorData:
         return ("val", "test") if self.x_val is not None else ("test",)
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self.x_train) // batch_size)
+        return len(batch_starts(len(self.x_train), batch_size, self.world))
 
     def _tensors(self, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (split, str(device))
@@ -79,10 +79,8 @@ class TensorData:
         x, y = self._tensors("train", device)
         erase = _eraser(augment.random_erasing, device) if x.dim() == 4 else None
         order = epoch_order(len(x), seed, epoch).to(device)
-        for start in range(0, len(order), batch_size):
+        for start in batch_starts(len(order), batch_size, self.world):
             batch = order[start : start + batch_size]
-            if len(batch) < 2 * self.world and start:  # BatchNorm cannot train on one sample (per worker)
-                continue
             batch = batch[share(len(batch), self.rank, self.world)]
             yield (x[batch] if erase is None else erase(x[batch].clone())), y[batch]
 

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sharetune.data.batches import Augment, epoch_order, share, stratified_split
+from sharetune.data.batches import Augment, batch_starts, epoch_order, share, stratified_split
 from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -86,10 +86,9 @@ class _EpochBatches(Sampler):
 
     def __iter__(self):
         order = epoch_order(self.size, self.seed, self.epoch).tolist()
-        for start in range(0, self.size, self.batch_size):
+        for start in batch_starts(self.size, self.batch_size, self.world):
             batch = order[start : start + self.batch_size]
-            if len(batch) >= 2 * self.world or not start:  # as in memory: no one-image batch for BatchNorm
-                yield batch[share(len(batch), self.rank, self.world)]
+            yield batch[share(len(batch), self.rank, self.world)]
 
 
 @dataclass
@@ -149,7 +148,7 @@ class ImageFolderData:
         return self._cache["lists"]
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-len(self._lists()["train"]) // batch_size)
+        return len(batch_starts(len(self._lists()["train"]), batch_size, self.world))
 
     def _loader(self, split: str, batch_size: int, device: torch.device, workers: int, augment: Augment | None) -> DataLoader:
         key = (split, batch_size, str(device), workers, augment)

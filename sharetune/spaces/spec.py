@@ -299,6 +299,9 @@ class SearchSpec(BaseModel):
             if settings.precision == "fp16" and not self.resources.gpu:
                 raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
                                  "allowed: fp32, bf16")
+            if settings.batch_size < 2 * self.resources.workers:  # BatchNorm cannot train on one example
+                raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
+                                 f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
 
     def extreme_settings(self) -> list[FamilySettings]:
         """One trial's settings per combination of dimension extremes (and variant) with the fixed
