@@ -110,6 +110,13 @@ class Recipe(BaseModel):
                 raise ValueError(f"not a RandAugment config like rand-m9-mstd0.5-inc1 ({err})") from None
         return value
 
+    @classmethod
+    def conditions(cls) -> dict[str, dict[str, list]]:
+        """Settings that apply only for some values of another: {setting: {other: [values]}}. The
+        search space samples them only there, and a run refuses one it would ignore."""
+        return {"warmup_epochs": {"schedule": ["cosine"]}, "plateau_epochs": {"schedule": ["plateau"]},
+                "momentum": {"optimizer": momentum_optimizers()}}
+
     @model_validator(mode="after")
     def _from_bundle(self) -> "Recipe":
         for name, value in RECIPES[self.recipe].items():
@@ -117,6 +124,12 @@ class Recipe(BaseModel):
                 setattr(self, name, value)
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after the warm-up of {self.epochs}")
+        for name, condition in self.conditions().items():
+            for other, allowed in condition.items():
+                unused = RECIPES[self.recipe].get(name, type(self).model_fields[name].default)
+                if getattr(self, other) not in allowed and getattr(self, name) != unused:
+                    shown = " or ".join(map(repr, allowed[:4])) + (f" (or {len(allowed) - 4} more)" if len(allowed) > 4 else "")
+                    raise ValueError(f"{name}: applies only to {other} {shown}, not {getattr(self, other)!r}")
         return self
 
     @property
@@ -126,6 +139,15 @@ class Recipe(BaseModel):
     @property
     def augment(self) -> Augment:
         return Augment(None if self.randaugment == "none" else self.randaugment, self.random_erasing)
+
+
+@functools.cache
+def momentum_optimizers() -> list[str]:
+    """timm's optimizers that take a momentum, the common ones first (error messages show a few)."""
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    common = ("momentum", "sgd", "nesterov", "rmsprop")
+    return sorted((n for n in list_optimizers() if get_optimizer_info(n).has_momentum), key=lambda n: (n not in common, n))
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -6,6 +6,7 @@ import yaml
 from helpers import tiny_spec as tiny
 
 from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset_names
+from sharetune.spaces.settings import trial_settings
 from sharetune.spaces.space import OptunaSpace
 
 PAPER_PRESETS = {"arbnet-dirichlet", "arbnet-neighborhood", "spin-topology", "spin-transform", "spin-fusion",
@@ -140,19 +141,33 @@ def test_nsga2_operators_are_named_in_the_spec():
     assert new_values("sbx") > 2 * new_values("uniform")
 
 
-def test_space_samples_alpha_only_for_the_dirichlet_hash():
-    spec = parse_spec(tiny())
+def test_space_samples_a_setting_only_where_it_applies():
+    dimensions = {"hash": {"choice": ["uniform", "dirichlet"]}, "alpha": {"loguniform": [0.1, 10]},
+                  "optimizer": {"choice": ["momentum", "adamw"]}, "momentum": {"uniform": [0.5, 0.95]},
+                  "schedule": {"choice": ["cosine", "plateau"]}, "warmup_epochs": {"int": [0, 1]}, "plateau_epochs": {"int": [1, 3]}}
+    spec = parse_spec(tiny(fixed={"epochs": 2}, dimensions=dimensions))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     space = OptunaSpace(spec)
     seen = set()
-    for _ in range(20):
+    for _ in range(30):
         trial = study.ask()
         config = space(trial)
         assert config == {"family": "arbnet", **spec.fixed, **trial.params}
         assert ("alpha" in trial.params) == (trial.params["hash"] == "dirichlet")
-        seen.add(trial.params["hash"])
+        assert ("momentum" in trial.params) == (trial.params["optimizer"] == "momentum")
+        assert ("warmup_epochs" in trial.params) == (trial.params["schedule"] == "cosine") != ("plateau_epochs" in trial.params)
+        trial_settings(config)  # never a setting the run would ignore
+        seen.add((trial.params["hash"], trial.params["optimizer"], trial.params["schedule"]))
         study.tell(trial, 0.5)
-    assert seen == {"uniform", "dirichlet"}
+    assert len(seen) == 8
+
+
+def test_a_setting_the_run_would_ignore_is_refused():
+    with pytest.raises(SpecError, match="warmup_epochs: applies only to schedule 'cosine', not 'onecycle'"):
+        parse_spec(tiny(fixed={"recipe": "spin", "warmup_epochs": 2}))
+    with pytest.raises(SpecError, match=r"momentum: applies only to optimizer 'momentum' or 'nesterov' or 'rmsprop' or 'sgd' \(or \d+ more\), not 'adamw'"):
+        parse_spec(tiny(fixed={"optimizer": "adamw"}, dimensions={"momentum": {"uniform": [0.5, 0.95]}}))
+    assert parse_spec(tiny(fixed={"recipe": "spin", "momentum": 0.9}))  # the value it has anyway: harmless
 
 
 def test_variants_become_trial_settings():

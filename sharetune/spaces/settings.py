@@ -45,11 +45,6 @@ class FamilySettings(Recipe):
                     raise PydanticCustomError("number", f"{name}: got {value!r}; give a number")
         return data
 
-    @classmethod
-    def conditions(cls) -> dict[str, dict[str, list]]:
-        """Settings that apply only for some values of another: {setting: {other: [values]}}."""
-        return {}
-
     @property
     def resolution(self) -> int | None:
         """The image size the model sees, where the trial sets one (None: the data's)."""
@@ -74,7 +69,7 @@ class ArbNetSettings(FamilySettings):
     @classmethod
     def conditions(cls) -> dict[str, dict[str, list]]:
         """A hash option (alpha, radius) applies only to the hashes that declare it."""
-        return {name: {"hash": hashes_taking(name)} for name in cls.model_fields if hashes_taking(name)}
+        return {**super().conditions(), **{name: {"hash": hashes_taking(name)} for name in cls.model_fields if hashes_taking(name)}}
 
     @field_validator("hash")
     @classmethod
@@ -92,10 +87,6 @@ class ArbNetSettings(FamilySettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ArbNetSettings":
-        for name, condition in self.conditions().items():
-            allowed = condition["hash"]
-            if getattr(self, name) is not None and self.hash not in allowed:
-                raise ValueError(f"{name}: applies only to hash {' or '.join(map(repr, allowed))}, not {self.hash!r}")
         if self.table_size is not None and self.compression is not None:
             raise ValueError("table_size, compression: give one, not both")
         if self.hash == "identity" and (self.table_size is not None or self.compression is not None):
