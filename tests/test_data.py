@@ -62,9 +62,14 @@ def test_label_noise_fraction_is_exact(fraction):
     assert torch.equal(noisy, add_label_noise(labels, fraction, 10, seed=3))
 
 
-def test_load_applies_label_noise():
+def test_load_applies_label_noise_to_the_training_labels_only(tmp_path):
     clean, noisy = load("synthetic"), load("synthetic", label_noise=0.25)
     assert int((clean.y_train != noisy.y_train).sum()) == 128
+    clean, noisy = (load("synthetic", label_noise=noise, val_fraction=0.25, train_subset=400) for noise in (0, 0.5))
+    assert torch.equal(clean.y_val, noisy.y_val) and torch.equal(clean.y_test, noisy.y_test)  # what selects and measures
+    assert int((clean.y_train != noisy.y_train).sum()) == len(clean.y_train) // 2 == 150
+    with pytest.raises(DataError, match="label_noise: 0.1 applies to the sets held in memory; imagefolder's labels are its class folders"):
+        load("imagefolder", tmp_path, label_noise=0.1)
 
 
 @pytest.mark.parametrize("batch_size, world", [(64, 2), (7, 2), (9, 4), (10, 4), (500, 3), (511, 2), (600, 4)])

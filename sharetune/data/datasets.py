@@ -231,7 +231,9 @@ def load(
     """Open `name`: a TensorData in memory (normalised float32 inputs, int64 labels), or for
     `imagefolder` an ImageFolderData that streams `root` (checked here, read by each trial).
     `train_subset`/`test_subset` keep the first N examples of each split (reduced scale);
-    `val_fraction` holds a seeded, stratified share of the training set out as the val split."""
+    `val_fraction` holds a seeded, stratified share of the training set out as the val split;
+    `label_noise` then corrupts that share of the remaining training labels (val and test stay clean:
+    they measure the model)."""
     key = canonical_name(name)
     root = Path(root) if root is not None else DEFAULT_ROOT
     if root.exists() and not root.is_dir():
@@ -239,17 +241,20 @@ def load(
     if key == FOLDER:
         from sharetune.data.folders import ImageFolderData
 
+        if label_noise:
+            raise DataError(f"label_noise: {label_noise} applies to the sets held in memory; imagefolder's labels are "
+                            "its class folders (allowed: 0)")
+
         return ImageFolderData.open(root, img_size=img_size, val_fraction=val_fraction, seed=seed, workers=workers,
                                     train_subset=train_subset, test_subset=test_subset)
     x_train, y_train, x_test, y_test, classes = DATASETS[key](root, seed)
     x_train, x_test = _normalise(key, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32))
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
-    if label_noise:
-        y_train = add_label_noise(y_train, label_noise, classes, seed)
     y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
     train, test = slice(0, train_subset), slice(0, test_subset)
     data = TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes)
-    return hold_out(data, val_fraction, seed) if val_fraction else data
+    data = hold_out(data, val_fraction, seed) if val_fraction else data
+    return replace(data, y_train=add_label_noise(data.y_train, label_noise, classes, seed)) if label_noise else data
 
 
 def hold_out(data: TensorData, fraction: float, seed: int) -> TensorData:
