@@ -2,6 +2,7 @@
 the errors a bad folder gets."""
 
 import collections
+import re
 
 import pytest
 import torch
@@ -46,11 +47,22 @@ def test_a_folder_streams_its_splits_in_a_seeded_order(tmp_path):
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     image_folder(tmp_path)
     (tmp_path / "train" / "class_1" / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "val" / "class_2" / "broken.png").write_bytes(b"")  # a test image: evaluation skips it, and says so
     data = load("imagefolder", tmp_path, img_size=16)
     model = create_model("convmixer", dim=8, depth=2, patch_size=4, kernel_size=3, num_classes=3)
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images so far \(e.g. .*broken.png\); replace or remove"):
+    with pytest.warns(UserWarning) as warned:
         results = list(train_epochs(model, data, Recipe(recipe="spin", epochs=2, batch_size=16), workers=2))
     assert len(results) == 2 and not results[-1].diverged
+    said = [str(w.message) for w in warned if "unreadable" in str(w.message)]
+    assert len(said) == 2 and re.search(r"skipped 1 unreadable images so far \(e.g. .*train/class_1/broken.png\); replace or remove", said[0])
+    assert re.search(r"skipped 2 unreadable images so far \(e.g. .*val/class_2/broken.png\)", said[1])  # once, not every epoch
+
+
+def test_cka_samples_are_training_images(tmp_path):
+    data = load("imagefolder", image_folder(tmp_path), img_size=16)
+    for image in (tmp_path / "val").rglob("*.png"):
+        image.write_bytes(b"")  # the test split unreadable: the samples never come from it
+    assert data.sample_inputs(6).shape == (6, 3, 16, 16)
 
 
 def _rank_batches(data: ImageFolderData, world: int, epoch: int = 0) -> list[list[list[int]]]:

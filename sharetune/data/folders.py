@@ -175,6 +175,7 @@ class ImageFolderData:
         `every_step`: the ranks of a data-parallel run must take every step together (a rank that
         skipped one would leave the others waiting in the gradients' all-reduce), so it trains on
         its last readable share again."""
+        known = set(self.skipped)
         for x, y, bad in loader:
             self.skipped.update(bad)
             if every_step:
@@ -188,16 +189,15 @@ class ImageFolderData:
             elif not len(x):
                 continue
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.skipped - known:
+            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
+                          f"(e.g. {min(self.skipped - known)}); replace or remove them", stacklevel=3)
 
     def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
                       augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         loader = self._loader("train", batch_size, device, workers, augment)
         loader.batch_sampler.seed, loader.batch_sampler.epoch = seed, epoch
-        before = len(self.skipped)
         yield from self._stream(loader, device, every_step=self.world > 1)
-        if len(self.skipped) > before:
-            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
-                          f"(e.g. {sorted(self.skipped)[0]}); replace or remove them", stacklevel=2)
 
     def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         yield from self._stream(self._loader(split, EVAL_BATCH, device, workers, None), device)
@@ -210,5 +210,7 @@ class ImageFolderData:
         return replace(self, rank=rank, world=world, _cache={}, skipped=set())
 
     def sample_inputs(self, count: int) -> Tensor:
-        x, _ = next(self.eval_batches("test", torch.device("cpu")))
-        return x[:count]
+        """The first `count` training images (the classes interleaved), as evaluation sees them."""
+        cpu = torch.device("cpu")
+        x, _ = next(self._stream(self._loader("train", count, cpu, 0, None), cpu))
+        return x
