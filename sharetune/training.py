@@ -150,7 +150,7 @@ def momentum_optimizers() -> list[str]:
     return sorted((n for n in list_optimizers() if get_optimizer_info(n).has_momentum), key=lambda n: (n not in common, n))
 
 
-def pick_device(device: str | None = None) -> torch.device:
+def pick_device(device: torch.device | str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -393,7 +393,7 @@ def train_epochs(
     After each epoch `state.epoch_samples` holds the examples this process trained on.
     """
     keep_freed_memory()
-    device = pick_device(str(device) if device is not None else None)
+    device = pick_device(device)
     model.to(device)
     layout = torch.channels_last if channels_last(model, recipe, device) else None
     if layout is not None:

@@ -7,10 +7,18 @@ from helpers import MODEL_KINDS, build_kind, tiny_spec
 from sharetune.data import load
 from sharetune.models import deployed
 from sharetune.spaces import SpecError, SpinSettings, parse_spec
-from sharetune.trainables import PRETRAINED_FILE, build_model, costs_of, export_trial, load_exported, pretrained_weights
+from sharetune.trainables import (
+    PRETRAINED_FILE,
+    build_model,
+    costs_of,
+    export_trial,
+    load_exported,
+    pretrain,
+    pretrained_weights,
+)
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.trainables.trial import CHECKPOINT
-from sharetune.training import TrainingState, train_epochs
+from sharetune.training import TrainingState, evaluate, train_epochs
 
 ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
 
@@ -38,6 +46,20 @@ def test_a_cka_mapped_trial_starts_from_the_searchs_pretrained_weights_and_group
     assert costs_of(model, data).unique_params < costs_of(build_model(SpinSettings(**ARCH), data), data).unique_params
 
 
+def test_pretraining_hands_back_the_weights_whose_accuracy_it_reported():
+    data = load("synthetic")
+    settings = SpinSettings(**ARCH, share_rate=2, fusion="mean", pretrain_epochs=3, batch_size=32, ema_decay=0.9, mixup=0, cutmix=0,
+                            lr=0.01, lr_batch=0)
+    said = []
+    weights = pretrain(settings, data, say=said.append)
+    model = build_spin(settings, data, unshared=True)
+    model.load_state_dict(weights)
+    reported = float(said[-1].rpartition("test accuracy ")[2])
+    assert evaluate(model, data.eval_batches("test", torch.device("cpu"))) == pytest.approx(reported, abs=1e-4)  # the EMA's
+    with pytest.raises(ValueError, match=r"pretrain_epochs: 2 would end the pretraining inside the warm-up \(warmup_epochs: 2\)"):
+        SpinSettings(**ARCH, share_rate=2, fusion="mean", pretrain_epochs=2, schedule="cosine", warmup_epochs=2)
+
+
 def test_searches_that_never_fuse_or_map_by_cka_pretrain_nothing():
     spec = parse_spec(tiny_spec(family="spin", fixed={**ARCH, "share_rate": 2}, dimensions={}))
     store = MemoryStore()
@@ -63,7 +85,7 @@ def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(
     the trial itself, through a raise that wraps it, or from any rank of a Ray Train run."""
     from ray.train import WorkerGroupError
 
-    from sharetune.trainables.trial import ConfigurationError, built, configuration_error
+    from sharetune.trainables.trial import ConfigurationError, built, configuration_error, run_trial
 
     data = load("synthetic")
     config = {"family": "spin", "model": "deit_tiny", "dim": 8, "depth": 1, "patch_size": 4}
@@ -71,6 +93,9 @@ def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(
         built(config, data, None)
     *_, costs = built({**config, "dim": 9}, data, None)
     assert costs.unique_params > 0
+    with pytest.raises(ConfigurationError, match="^precision: fp16 needs a CUDA device"):  # a device that lacks it
+        run_trial({**config, "dim": 9, "precision": "fp16"}, data, None, session=None, cpus=torch.get_num_threads(),
+                  device=torch.device("cpu"))
     with pytest.raises(RuntimeError, match="can't allocate memory"):  # memory running out: a retry may find more
         built({**config, "model": "convmixer", "dim": 10**7}, data, None)  # 400 TB of pointwise weights
     try:

@@ -131,6 +131,9 @@ class SpinSettings(FamilySettings):
             raise ValueError("fusion: needs share_rate > 1")
         if self.mapping == "cka" and self.distribution != "uniform":
             raise ValueError("distribution: the cka mapping groups the whole depth by similarity; use 'uniform'")
+        if self.pretrain_epochs and self.schedule == "cosine" and self.warmup_epochs >= self.pretrain_epochs:
+            raise ValueError(f"pretrain_epochs: {self.pretrain_epochs} would end the pretraining inside the warm-up "
+                             f"(warmup_epochs: {self.warmup_epochs}); allowed: more than {self.warmup_epochs}")
         return self
 
     def component_list(self) -> list[str] | None:

@@ -18,7 +18,7 @@ from sharetune.data import Batches
 from sharetune.models import load_state_dict
 from sharetune.spaces import SearchSpec, SpinSettings, trial_settings
 from sharetune.trainables.build import build_spin, unwrap
-from sharetune.training import train_epochs
+from sharetune.training import TrainingState, pick_device, train_epochs
 
 PRETRAINED_FILE = "pretrained.pt"
 
@@ -36,19 +36,20 @@ def show(line: str) -> None:
 
 def pretrain(settings: SpinSettings, data: Batches, *, device: torch.device | None = None, cpus: int | None = None,
              wrap: Callable[[nn.Module], nn.Module] | None = None, say: Callable[[str], None] = show) -> dict:
-    """Train the unshared network for `pretrain_epochs` with the trial's recipe and precision; its
-    state_dict on CPU. `cpus`: threads and loader workers (as a trial's); `wrap`: DDP on a Ray Train
+    """Train the unshared network for `pretrain_epochs` with the trial's recipe and precision; the
+    state_dict it was evaluated with (the EMA's, where the recipe keeps one), on CPU. `cpus`: threads and loader workers (as a trial's); `wrap`: DDP on a Ray Train
     worker; `say` gets one progress line per epoch."""
     data = data.with_resolution(settings.resolution)
     if cpus is not None:
         torch.set_num_threads(cpus)
     torch.manual_seed(settings.seed)
-    model = build_spin(settings, data, unshared=True)
-    recipe = settings.model_copy(update={"epochs": settings.pretrain_epochs})
-    for epoch in train_epochs(model, data, recipe, device=device, workers=cpus or 0, wrap=wrap):
+    model = build_spin(settings, data, unshared=True).to(pick_device(device))
+    recipe = settings.model_copy(update={"epochs": settings.pretrain_epochs})  # the settings refuse a warm-up past it
+    state = TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
+    for epoch in train_epochs(model, data, recipe, device=device, state=state, workers=cpus or 0, wrap=wrap):
         say(f"pretraining the unshared {settings.model}: epoch {epoch.epoch}/{recipe.epochs}, loss {epoch.loss:.4f}, "
             f"test accuracy {epoch.test_accuracy:.4f}")
-    return {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
+    return {k: v.cpu() for k, v in unwrap(state.evaluated(model)).state_dict().items()}  # the EMA's, where it keeps one
 
 
 Pretrainer = Callable[[SpinSettings, Batches], dict]

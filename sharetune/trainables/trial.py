@@ -98,7 +98,10 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
     torch.set_num_threads(cpus)
     settings, data, model, costs = built(config, data, pretrained)  # a folder decodes at the trial's resolution
     model.to(device)
-    training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    try:
+        training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    except ValueError as err:  # a precision this device lacks: every retry here would fail alike
+        raise ConfigurationError(str(err)) from err
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
