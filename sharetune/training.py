@@ -27,7 +27,7 @@ import math
 import random
 import time
 import warnings
-from typing import Annotated, Callable, Iterator, Literal, Optional
+from typing import Annotated, Callable, Iterator, Literal, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from sharetune.data import Augment, Batches, epoch_seed
 from sharetune.errors import first_line
 from sharetune.metrics import EpochMetrics
 
+R = TypeVar("R")
 SCHEDULES = ("plateau", "cosine", "onecycle")
 MAX_SEED = 2**32 - 1  # the largest seed every generator takes (numpy's legacy one, Optuna's samplers)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -195,10 +196,27 @@ class EagerFallback:
             try:
                 return self.compiled(x)
             except Exception as err:  # noqa: BLE001 - dynamo and inductor raise many kinds; eager re-raises real bugs
-                warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {first_line(err)[:200]}); training eagerly",
-                              stacklevel=2)
-                self.compiled = None
+                self._give_up(err)
         return self.model(x)
+
+    def step(self, run: Callable[..., R], *args) -> R:
+        """`run(*args)` (a training step: forward and backward) through the compiled model. The backward graph
+        compiles lazily, in the first backward pass, so a failure there falls back too: the step
+        runs again, eagerly (no update was made: backward comes before it)."""
+        if self.compiled is None:
+            return run(*args)
+        try:
+            return run(*args)
+        except Exception as err:  # noqa: BLE001 - as above
+            self._give_up(err)
+            return run(*args)
+
+    def _give_up(self, err: Exception) -> None:
+        with warnings.catch_warnings():  # every trial says so, also the next one in a reused worker process
+            warnings.simplefilter("always")
+            warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {first_line(err)[:200]}); training eagerly",
+                          stacklevel=3)
+        self.compiled = None
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -401,6 +419,12 @@ def train_epochs(
     state = state or TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
     forward = wrap(model) if wrap is not None else model
     forward = EagerFallback(forward) if recipe.compile else forward
+
+    def train_step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, logits = state.loss(forward, x, y)
+        state.step(model, loss)
+        return loss, logits
+
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         seed_epoch(recipe.seed, epoch)
@@ -409,8 +433,7 @@ def train_epochs(
         for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):
             if layout is not None:
                 x = x.contiguous(memory_format=layout)
-            loss, logits = state.loss(forward, x, y)
-            state.step(model, loss)
+            loss, logits = forward.step(train_step, x, y) if isinstance(forward, EagerFallback) else train_step(x, y)
             total_loss += loss.detach() * len(logits)
             correct += (logits.argmax(1) == y[: len(logits)]).sum()
             seen += len(logits)

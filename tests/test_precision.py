@@ -16,7 +16,7 @@ from sharetune.data import load
 from sharetune.models import create_model
 from sharetune.models.arbnet import ArbNetMLP
 from sharetune.spaces import SpecError, parse_spec
-from sharetune.training import Recipe, TrainingState, channels_last, resolve_precision, train_epochs
+from sharetune.training import EagerFallback, Recipe, TrainingState, channels_last, resolve_precision, train_epochs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -164,3 +164,29 @@ def test_a_compiled_model_trains_like_the_eager_one():
     assert not [w for w in caught if "compile:" in str(w.message)]
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model: it did not run eagerly
     assert got.loss == pytest.approx(expected.loss, rel=1e-3)
+
+
+def test_a_backward_that_fails_to_compile_runs_its_step_again_eagerly_and_says_so_every_time():
+    """Inductor compiles the backward graph lazily, in the first backward pass: a failure there (here a
+    backward compiler that raises) reaches the training step, past the forward's fallback."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def no_backward(graph, inputs):
+        raise RuntimeError("no backward kernels here")
+
+    data = load("synthetic")
+    x, y = next(data.train_batches(0, 64, seed=0, device=torch.device("cpu")))
+    updated = []
+    for compiled in (False, True, True):  # the third: a second trial in the same worker process
+        model = tiny_convnext()
+        state = TrainingState(model, Recipe(epochs=1), steps_per_epoch=1, num_classes=4)
+        forward = EagerFallback(model)
+        forward.compiled = torch.compile(model, backend=aot_autograd(fw_compiler=lambda graph, inputs: graph,
+                                                                    bw_compiler=no_backward)) if compiled else None
+        with warnings.catch_warnings(record=True) as caught:
+            forward.step(lambda: state.step(model, state.loss(forward, x, y)[0]))
+        said = [str(w.message) for w in caught if str(w.message).startswith("compile:")]
+        assert said == (["compile: torch.compile failed (RuntimeError: no backward kernels here); training eagerly"] if compiled else [])
+        updated.append([p.detach().clone() for p in model.parameters()])
+    for params in updated[1:]:  # one update, the eager one's
+        assert all(torch.equal(a, b) for a, b in zip(updated[0], params, strict=True))
