@@ -184,7 +184,7 @@ def test_a_backward_that_fails_to_compile_runs_its_step_again_eagerly_and_says_s
         forward.compiled = torch.compile(model, backend=aot_autograd(fw_compiler=lambda graph, inputs: graph,
                                                                     bw_compiler=no_backward)) if compiled else None
         with warnings.catch_warnings(record=True) as caught:
-            forward.step(lambda: state.step(model, state.loss(forward, x, y)[0]))
+            forward.step(lambda state, model, forward: state.step(model, state.loss(forward, x, y)[0]), state, model, forward)
         said = [str(w.message) for w in caught if str(w.message).startswith("compile:")]
         assert said == (["compile: torch.compile failed (RuntimeError: no backward kernels here); training eagerly"] if compiled else [])
         updated.append([p.detach().clone() for p in model.parameters()])

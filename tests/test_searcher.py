@@ -97,6 +97,10 @@ def test_repeats_train_each_configuration_with_consecutive_seeds_and_tell_the_me
     ({"constraints": {"macs": {"max": "x"}}}, "constraints.macs.max"),
     ({"repeats": 0}, "repeats: "),
     ({"repeats": 2, "dimensions": {"seed": {"int": [0, 3]}}}, "repeats: the seed is searched"),
+    ({"repeats": 2, "scheduler": {"name": "asha"}}, "repeats: asha would stop a configuration's seeds at different epochs"),
+    ({"constraints": {"macs": {"max": 1e6}}, "sampler": "cmaes"}, "constraints: the cmaes sampler ignores them.*allowed: tpe, random"),
+    ({"fixed": {"epochs": 4}, "scheduler": {"name": "asha", "max_t": 10, "grace_period": 5}},
+     r"scheduler.max_t: 10 epochs is more than any trial trains \(4\); allowed: up to 4"),
 ])
 def test_bad_constraint_and_repeat_specs_name_the_field(changes, message):
     with pytest.raises(SpecError, match=message):
@@ -148,6 +152,8 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
             assert "test_accuracy" not in child.data.metrics
         if child.data.tags.get("sharetune.kind") == "duplicate" and child.data.params["table_size"] != "512":
             assert set(child.data.tags["sharetune.duplicate_of"].split(",")) == first_trials[int(child.data.params["table_size"])]
+    of_infeasible = [c for c in children if c.data.tags.get("sharetune.kind") == "duplicate" and c.data.params["table_size"] == "512"]
+    assert of_infeasible and {c.data.tags["sharetune.duplicate_of"] for c in of_infeasible} == {f"configuration {infeasible[CONFIGURATION].item()}"}
     # Optuna saw each configuration once, with the mean over its seeds
     study = optuna.load_study(study_name=result.folder.name, storage=storage)
     assert study.metric_names == ["test_accuracy", "unique_params"]

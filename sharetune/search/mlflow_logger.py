@@ -43,7 +43,7 @@ from sharetune.search.mlflow_queue import (
     MlflowQueue,
 )
 from sharetune.search.outcome import FAILED, FINISHED, trial_error
-from sharetune.search.searcher import CONFIGURATION
+from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
 
@@ -180,7 +180,7 @@ class MlflowLogger(tune.Callback):
                 continue
             tags = {KIND_TAG: entry["kind"], CONFIGURATION_TAG: str(number)}
             if entry["kind"] == "duplicate":
-                tags[DUPLICATE_TAG] = ",".join(entry["duplicate_of_trials"])
+                tags[DUPLICATE_TAG] = duplicate_of(entry)
                 name = f"duplicate of configuration {entry['duplicate_of']}"
             else:
                 name = f"infeasible configuration {number}"

@@ -28,7 +28,7 @@ from sharetune.search.mlflow_logger import (
     tracking_uri,
 )
 from sharetune.search.outcome import DUPLICATE, FAILED, FINISHED, INFEASIBLE, failed_trials
-from sharetune.search.searcher import CONFIGURATION
+from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
 
@@ -64,7 +64,7 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
     for entry in folder.skipped():
-        first = {"duplicate_of": ",".join(entry["duplicate_of_trials"])} if entry["kind"] == "duplicate" else {}
+        first = {"duplicate_of": duplicate_of(entry)} if entry["kind"] == "duplicate" else {}
         rows.append({"trial_id": None, "status": entry["kind"].upper(), "epochs_done": 0, **entry["config"],
                      **_metric_columns(entry.get("costs", {})), **first})
     return pd.DataFrame(rows)

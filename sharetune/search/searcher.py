@@ -36,6 +36,12 @@ MAX_SKIPPED_IN_A_ROW = 100  # proposals answered without training before the spa
 CONFIGURATION = "configuration"  # in every trial's config: its Optuna trial number, shared by its repeats
 
 
+def duplicate_of(entry: dict) -> str:
+    """What a skipped duplicate repeats: its first proposal's Tune trials, or that configuration where
+    it trained none (it was infeasible)."""
+    return ",".join(entry["duplicate_of_trials"]) or f"configuration {entry['duplicate_of']}"
+
+
 @dataclass
 class Configuration:
     """One Optuna trial and the Tune trials training it."""

@@ -1,5 +1,5 @@
 """The Optuna samplers a spec's `sampler` names: one table of name, builder and whether it handles
-several objectives. The spec validates against it; `make_sampler` builds from it."""
+several objectives and constraints. The spec validates against it; `make_sampler` builds from it."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ class SamplerEntry:
     build: Callable[[SearchSpec, dict[str, Any]], optuna.samplers.BaseSampler]  # (spec, options with the seed)
     multi_objective: bool
     warmup_option: str | None = None  # the option counting the trials before its model proposes (random ones)
+    constrained: bool = True  # ranks a trial that breaks the spec's constraints below feasible ones (or learns nothing)
 
 
 SAMPLERS: dict[str, SamplerEntry] = {
@@ -75,7 +76,7 @@ SAMPLERS: dict[str, SamplerEntry] = {
     "random": SamplerEntry(lambda spec, kw: optuna.samplers.RandomSampler(**kw), True),
     "grid": SamplerEntry(lambda spec, kw: GridSampler(grid(spec), **kw), True),  # exhaustive: the paper sweeps
     "gp": SamplerEntry(lambda spec, kw: optuna.samplers.GPSampler(**kw), True, "n_startup_trials"),
-    "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False, "n_startup_trials"),
+    "cmaes": SamplerEntry(lambda spec, kw: optuna.samplers.CmaEsSampler(**kw), False, "n_startup_trials", constrained=False),
     "nsga2": SamplerEntry(nsga2, True, "population_size"),
     "motpe": SamplerEntry(lambda spec, kw: optuna.samplers.TPESampler(**{"multivariate": True, **kw}), True,
                           "n_startup_trials"),

@@ -226,6 +226,12 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"constraints: {cost!r} is not known before training; allowed: {', '.join(CONSTRAINABLE)}")
         if self.repeats > 1 and "seed" in self.dimensions:
             raise ValueError("repeats: the seed is searched (dimensions.seed); repeats vary it themselves, so keep one")
+        if self.repeats > 1 and self.scheduler is not None:
+            raise ValueError(f"repeats: {self.scheduler.name} would stop a configuration's seeds at different epochs, and "
+                             "their mean would mix them; allowed with a scheduler: repeats 1")
+        if self.constraints and not SAMPLERS[self.sampler].constrained:
+            raise ValueError(f"constraints: the {self.sampler} sampler ignores them, and would learn from infeasible "
+                             f"configurations' stand-in values; allowed: {', '.join(n for n, e in SAMPLERS.items() if e.constrained)}")
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
             raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
         multi = len(self.objectives) > 1
@@ -234,6 +240,9 @@ class SearchSpec(BaseModel):
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
             raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
         if self.scheduler is not None:
+            if self.scheduler.max_t and self.scheduler.max_t > self.max_epochs():
+                raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
+                                 f"({self.max_epochs()}); allowed: up to {self.max_epochs()}, or leave it out")
             full = self.scheduler.max_t or self.max_epochs()
             if self.scheduler.grace_period >= full:
                 raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
