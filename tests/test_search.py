@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search import SearchFolder, report, tuner
+from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
-from sharetune.search.outcome import failed_trials
+from sharetune.search.outcome import CUT, ExitCode, failed_trials, outcome
 from sharetune.spaces import parse_spec
 
 # conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
@@ -117,6 +118,17 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
     assert status == {"1e+30": ("FAILED", "true"), "0.1": ("FINISHED", None)}
     from_mlflow, _ = report.trials_from_mlflow("tiny", diverging[0].mlflow_uri)  # a report from MLflow reads as one from the folder
     assert from_mlflow.set_index("lr")["status"].to_dict() == {1e30: "TERMINATED", 0.1: "TERMINATED"}
+
+
+def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_out_of_the_top(tmp_path):
+    result, trials, client = search(tmp_path, fixed={"table_size": 64, "epochs": 100_000, "hidden": [16]}, dimensions={},
+                                    budget={"num_samples": 1, "time_limit_s": 6})
+    (cut,) = trials.itertuples()
+    assert cut.status == CUT and 0 < cut.epochs_done < 100_000
+    assert outcome(trials) == (ExitCode.OK, None)  # it spent the budget it was given
+    assert top_trials(trials, result.spec) == "top trials (left out: 1 the time limit cut short): none trained to its end"
+    (parent,), (child,) = parent_and_child_runs(client, "tiny")
+    assert parent.info.status == child.info.status == "KILLED"
 
 
 def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):

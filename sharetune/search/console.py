@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from sharetune.search.outcome import CUT
 from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
 from sharetune.spaces import SearchSpec
 
@@ -22,15 +23,17 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     objective (mean and standard deviation over repeats), the costs and the searched settings."""
     first, mode = next(iter(spec.objectives.items()))
     trained = trials[trials["status"].isin(TRAINED)]  # not the unfinished (PENDING, RUNNING) nor the skipped
+    cut = int((trials["status"] == CUT).sum())
+    title = "top trials" + (f" (left out: {cut} the time limit cut short)" if cut else "")
     if trained.empty:
-        return "top trials: none trained"
+        return f"{title}: none trained to its end"
     ranked = trained.sort_values(first, ascending=mode == "min").head(count)
     costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items()
              if cost in ranked and cost not in spec.objectives}  # an objective is shown once, as it is
     ranked = ranked.assign(**costs)
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
     columns = ["trial_id", "status", "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
-    return "top trials:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
+    return f"{title}:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
 
 
 def front_table(front: pd.DataFrame, cost: str, searched: list[str]) -> str:

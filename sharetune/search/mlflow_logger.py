@@ -42,7 +42,7 @@ from sharetune.search.mlflow_queue import (
     TRIAL_TAG,
     MlflowQueue,
 )
-from sharetune.search.outcome import FAILED, FINISHED, trial_error
+from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
@@ -206,7 +206,8 @@ class MlflowLogger(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)
         diverged = bool((trial.last_result or {}).get("diverged"))
-        self.queue.put("end", key=f"trial:{trial.trial_id}", status="FAILED" if diverged else "FINISHED", tags={})
+        status = "FAILED" if diverged else "KILLED" if cut_short(trial) else "FINISHED"
+        self.queue.put("end", key=f"trial:{trial.trial_id}", status=status, tags={})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)

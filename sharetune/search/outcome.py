@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from sharetune.metrics import STEP
 from sharetune.search.storage import SearchFolder
+from sharetune.spaces import trial_settings
 from sharetune.trainables import ConfigurationError
 
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
-ENDED = (FINISHED, FAILED)
+CUT = "CUT"  # the report's status of a trial the search's time_limit_s ended before its last epoch
+ENDED = (FINISHED, FAILED, CUT)
 INFEASIBLE, DUPLICATE = "INFEASIBLE", "DUPLICATE"  # the report's statuses of proposals answered without training
 
 
@@ -48,6 +51,20 @@ def trial_error(trial) -> str:
     """A Tune trial's last error, one line (the driver's copy of its error.txt, else the stored one)."""
     local = Path(trial.error_file) if trial.error_file else None
     return error_line(local.read_text() if local is not None and local.is_file() else trial.get_error())
+
+
+def cut_short(trial) -> bool:
+    """Whether Tune ended `trial` (completed or TERMINATED) before its last epoch without deciding to:
+    the time limit stops every running trial so. A scheduler's stop marks the last result done; a
+    diverged trial stopped itself; one whose configuration no longer parses (an older version's
+    folder) counts as whole."""
+    last = trial.last_result or {}
+    if last.get("done") or last.get("diverged"):
+        return False
+    try:
+        return last.get(STEP, 0) < trial_settings(trial.config).epochs
+    except ValueError:
+        return False
 
 
 def failed_trials(folder: SearchFolder, trials: list | None = None) -> dict[str, str]:

@@ -27,7 +27,7 @@ from sharetune.search.mlflow_logger import (
     TRIAL_TAG,
     tracking_uri,
 )
-from sharetune.search.outcome import DUPLICATE, FAILED, FINISHED, INFEASIBLE, failed_trials
+from sharetune.search.outcome import CUT, DUPLICATE, FAILED, FINISHED, INFEASIBLE, cut_short, failed_trials
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import FAMILIES
@@ -59,7 +59,8 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
     rows = []
     for trial in trials:
         last = trial.last_result or {}
-        rows.append({"trial_id": trial.trial_id, "status": FAILED if trial.trial_id in failed else trial.status,
+        status = FAILED if trial.trial_id in failed else CUT if trial.status == FINISHED and cut_short(trial) else trial.status
+        rows.append({"trial_id": trial.trial_id, "status": status,
                      "error": failed.get(trial.trial_id), "epochs_done": last.get(STEP, 0),
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
