@@ -80,7 +80,11 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     assert "report/trials.csv" in logged
     from_mlflow, parent_id = report.trials_from_mlflow("tiny", result.mlflow_uri)
     assert parent_id == parent.info.run_id
-    assert report.parent_context(result.mlflow_uri, parent_id) == ({}, "tiny on synthetic")  # a report from MLflow: its title
+    # the fronts' reference, fixed before anything trained: the dense model's costs, in the saved spec and the parent run
+    reference = result.spec.hypervolume_reference
+    assert reference == {"unique_params": trials["virtual_params"].max(), "macs": trials["macs"].max()}
+    assert result.folder.spec().hypervolume_reference == reference
+    assert report.parent_context(result.mlflow_uri, parent_id) == (reference, "tiny on synthetic")  # a report from MLflow: its title
     assert sorted(from_mlflow["trial_id"]) == sorted(trials["trial_id"])
     assert from_mlflow.set_index("trial_id")["test_accuracy"].to_dict() == trials.set_index("trial_id")["test_accuracy"].to_dict()
 

@@ -11,9 +11,10 @@ from sharetune.metrics.record import (
     EpochMetrics,
     ModelCosts,
     TrialMetrics,
+    dense_reference,
 )
 
 __all__ = [
     "CONSTRAINABLE", "COSTS", "DENSE_COST", "METRICS", "STEP", "EpochMetrics", "ModelCosts", "ParamCount", "TrialMetrics", "count_macs", "count_params",
-    "hypervolume", "model_costs", "pareto_mask",
+    "dense_reference", "hypervolume", "model_costs", "pareto_mask",
 ]

@@ -91,6 +91,8 @@ def model_costs(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCosts:
     """Sizes and cost of `model` as given (fold fused SPIN layers first to count what deploys)."""
     params = count_params(model)
     entropy = getattr(model, "entropy", None)  # ArbNet: table-usage entropy (eq. 7)
+    if any(p.is_meta for p in model.parameters()):  # shapes only (a dry run): no index to count usage in
+        entropy = None
     return ModelCosts(
         unique_params=params.unique,
         virtual_params=params.virtual,

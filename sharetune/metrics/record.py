@@ -8,6 +8,7 @@ configuration costs before training, and `sharetune.training.train_epochs` fills
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Iterable
 
 
 def _numbers(*records) -> dict[str, float | int]:
@@ -61,5 +62,12 @@ COSTS = ("unique_params", "macs")  # what reports trade accuracy against: a Pare
 # A cost's hypervolume reference, unless the spec sets one: the dense, unshared model's (for parameters
 # its virtual count; MACs do not change with sharing), so it depends on the problem, not on the results.
 DENSE_COST = {"unique_params": "virtual_params", "macs": "macs"}
+
+
+def dense_reference(costs: Iterable[ModelCosts]) -> dict[str, float]:
+    """Each front's reference cost for a search whose models have `costs` (those of its dimensions'
+    extremes): the largest dense model's, known before anything trains."""
+    costs = list(costs)
+    return {cost: float(max(getattr(c, DENSE_COST[cost]) for c in costs)) for cost in COSTS}
 CONSTRAINABLE = ("unique_params", "virtual_params", "macs", "effective_share_rate")  # every model has them
 METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)

@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from sharetune.data import Batches, load
 from sharetune.errors import first_line
-from sharetune.metrics import STEP, ModelCosts
+from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
@@ -82,7 +82,9 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
     data = load_data(spec)
-    check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
+    extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
+    # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
+    spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if folder.is_search():  # a second search there would mix its trials and state into the first's
         raise SpecError(f"--name: {folder} already holds a search; choose another name, or continue that one "

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from sharetune.data import Batches
 from sharetune.errors import first_line
+from sharetune.metrics import ModelCosts
 from sharetune.models import WeightsError, load_state_dict, table_sizes
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
-from sharetune.trainables.build import arbnet_widths, build_model, build_spin, unwrap
+from sharetune.trainables.build import arbnet_widths, build_model, build_spin, costs_of, unwrap
 from sharetune.training import Recipe
 
 TRAINING_COPIES = 4  # bytes of a parameter while training, in its own size: itself, its gradient, two optimizer moments
@@ -36,16 +37,18 @@ def machine_memory(gpu: bool) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
-def check_search(spec: SearchSpec, data: Batches) -> None:
-    """SpecError (one line) for a spec whose sampler, models or pretrained weights would fail in a trial."""
+def check_search(spec: SearchSpec, data: Batches) -> list[ModelCosts]:
+    """SpecError (one line) for a spec whose sampler, models or pretrained weights would fail in a trial;
+    else the costs of the models its dimensions' extremes build."""
     rehearse_sampler(spec)
     memory = machine_memory(spec.resources.gpu > 0)
-    checked = set()
+    checked, costs = set(), []
     for settings in spec.extreme_settings():
-        check_model(settings, data, memory)
+        costs.append(check_model(settings, data, memory))
         if isinstance(settings, SpinSettings) and settings.pretrained and settings.pretrained not in checked:
             check_pretrained(settings, data)
             checked.add(settings.pretrained)
+    return costs
 
 
 def _named(settings: FamilySettings) -> str:
@@ -56,9 +59,9 @@ def _named(settings: FamilySettings) -> str:
     return ", ".join(f"{k}={given[k]!r}" for k in shaping if k in given) or "the defaults"
 
 
-def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str] | None = None) -> None:
+def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str] | None = None) -> ModelCosts:
     """SpecError if the settings' model cannot be built, cannot take a batch of the data, or needs more
-    memory to train than `memory` (bytes, and what they are; default: this machine's)."""
+    memory to train than `memory` (bytes, and what they are; default: this machine's); else its costs."""
     available, where = memory or machine_memory(False)
     data = data.with_resolution(settings.resolution)
     if isinstance(settings, ArbNetSettings):
@@ -72,9 +75,11 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
             model = build_model(layout, data, pretrained)
             activations = _arbnet_activation_bytes(settings, data) if isinstance(settings, ArbNetSettings) \
                 else _activation_bytes(model, torch.empty(batch))
+            costs = costs_of(model, data)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, MemoryError) as err:
         raise SpecError(f"model ({_named(settings)}): fails on {'x'.join(map(str, batch))} inputs: {first_line(err) or type(err).__name__}") from None
     _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, "to train")
+    return costs
 
 
 def _check_bytes(needed: int, available: int, where: str, settings: FamilySettings, doing: str) -> None:
