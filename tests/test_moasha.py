@@ -1,6 +1,7 @@
 """Multi-objective successive halving: the ranking, the scheduler's decisions, and a real search."""
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from helpers import tiny_spec
 from ray.tune.experiment import Trial
 
-from sharetune.search import report, tuner
+from sharetune.search import SearchFolder, report, tuner
 from sharetune.search.moasha import MOASHA, contributions, fronts, going_on, ranks_ahead
 from sharetune.spaces import SpecError, parse_spec
 
@@ -54,6 +55,22 @@ def test_the_scheduler_stops_a_trial_only_when_enough_recorded_trials_rank_ahead
     assert report_at("b", 3, 0.5, 60) == "STOP"  # a front's smallest model, adding (100 - 60) x 0.5 = 20 against a's 90
     assert report_at("e", 3, 0.8, 80) == "CONTINUE"  # dominates a
     assert scheduler.stopped == 3
+
+
+def test_a_resumed_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp_path):
+    folder = SearchFolder(tmp_path)
+
+    def report_at(scheduler: MOASHA, name: str, accuracy: float, params: int) -> str:
+        return scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),
+                                         {"epoch": 1, "test_accuracy": accuracy, "unique_params": params, "virtual_params": 1000})
+
+    started = MOASHA(OBJECTIVES, max_t=9, reduction_factor=3, store=folder)
+    at_start = pickle.dumps(started)  # what Tune keeps (tuner.pkl) and rebuilds the scheduler from on resume
+    assert report_at(started, "a", 0.9, 50) == "CONTINUE" and report_at(started, "b", 0.5, 100) == "STOP"
+    resumed = pickle.loads(at_start)
+    assert report_at(resumed, "c", 0.4, 200) == "STOP"  # behind a and b, recorded before the search stopped
+    assert resumed.stopped == 2 and set(resumed.rungs[1]) == {"a", "b", "c"}
+    assert report_at(MOASHA(OBJECTIVES, max_t=9, reduction_factor=3), "c", 0.4, 200) == "CONTINUE"  # empty rungs: first
 
 
 def test_the_spec_reference_point_replaces_the_dense_cost():

@@ -111,7 +111,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     tuner = tune.Tuner(
         _trainable(spec, data, pretrained, folder),
         # The searcher ends the search: proposals answered without training do not count
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec), num_samples=-1,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec, folder), num_samples=-1,
                                     max_concurrent_trials=spec.budget.max_concurrent,
                                     time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # a worker per trial costs seconds of imports
@@ -157,14 +157,15 @@ class ProposalCosts:
         return config_costs(config, *self.loaded)
 
 
-def _scheduler(spec: SearchSpec):
-    """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them."""
+def _scheduler(spec: SearchSpec, folder: SearchFolder):
+    """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them (its rungs kept
+    in the folder)."""
     if spec.scheduler is None:
         return None
     options = {"max_t": spec.scheduler.max_t or spec.max_epochs(), "grace_period": spec.scheduler.grace_period,
                "reduction_factor": spec.scheduler.reduction_factor}
     if spec.scheduler.name == "moasha":
-        return MOASHA(spec.objectives, reference=spec.hypervolume_reference, **options)
+        return MOASHA(spec.objectives, reference=spec.hypervolume_reference, store=folder, **options)
     (metric, mode), = spec.objectives.items()
     return ASHAScheduler(time_attr=STEP, metric=metric, mode=mode, **options)  # epoch 0 (the costs) has no metric
 
