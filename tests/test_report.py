@@ -33,6 +33,13 @@ def test_a_front_whose_cost_never_changes_is_not_plotted_and_says_why(tmp_path):
     assert (tmp_path / "pareto_unique_params.png").is_file() and 0 < built.hypervolume["unique_params"] <= 1
 
 
+def test_a_search_where_no_trial_trained_measures_no_hypervolume(tmp_path):
+    failed = trials([np.nan, np.nan], [300, 600]).assign(status="ERROR")
+    built = report.build_report(failed, tmp_path)
+    assert built.hypervolume == {} and set(built.skipped.values()) == {"no trial trained to its end: nothing to plot or measure"}
+    assert "Pareto front, test_accuracy against unique_params: none; no trial trained to its end" in console.fronts(built)
+
+
 def test_continuous_settings_get_a_few_readable_legend_groups():
     labels = report.legend_groups(pd.Series(np.random.default_rng(0).uniform(0, 0.9, 17)))
     assert labels.nunique() == report.LEGEND_GROUPS and max(map(len, labels.unique())) <= 11

@@ -261,6 +261,9 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
     table = report.configurations
     done = table[table["status"].isin(TRAINED)].dropna(subset=[ACCURACY])
     for cost in COSTS:
+        if done.empty:  # a hypervolume of 0 would read as a result
+            report.skipped[cost] = "no trial trained to its end: nothing to plot or measure"
+            continue
         if cost in done and done[cost].nunique() == 1:
             report.skipped[cost] = (f"every trial has {cost} {done[cost].iloc[0]:.4g}: no trade-off against it to plot "
                                     f"or measure")
