@@ -119,13 +119,15 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
     from sharetune.data import load
     from sharetune.metrics import TrialMetrics
     from sharetune.spaces import FAMILIES, describe_error
+    from sharetune.spaces.spec import DataSpec
     from sharetune.trainables import build_model, check_model, costs_of, pretrain
     from sharetune.training import train_epochs
 
     device = _device(device)
     try:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
-        data = load(dataset, data_dir, seed=settings.seed).with_resolution(settings.resolution)
+        data_spec = DataSpec.model_construct(name=dataset, root=str(data_dir))  # a search's data defaults: the val split held out
+        data = load(**data_spec.model_dump()).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         if settings.needs_pretrained() and not settings.pretrain_epochs:
             fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")
@@ -143,7 +145,8 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
         if not as_json:
             typer.echo(
                 f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
-                f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
+                + (f"val {epoch.val_accuracy:.4f}  " if epoch.val_accuracy is not None else "")
+                + f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
             )
     typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
 

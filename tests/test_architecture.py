@@ -71,6 +71,7 @@ def test_the_cli_and_a_trial_build_the_same_model_from_the_same_defaults():
     result = CliRunner().invoke(app, ["train", "arbnet", "--dataset", "synthetic", "--epochs", "1", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output.strip().splitlines()[-1])
+    assert "val_accuracy" in printed  # the data defaults a search's trial gets: the val split held out
     settings = ArbNetSettings(epochs=1)  # what a trial with no fixed settings parses to
     assert settings.hash == "dirichlet" and settings.table_size == 1000 and settings.epochs == 1
     costs = costs_of(build_model(settings, load("synthetic")), load("synthetic"))
