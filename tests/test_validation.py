@@ -13,6 +13,7 @@ import torch
 import yaml
 from helpers import tiny_spec
 
+from sharetune.cache import CACHE_ENV
 from sharetune.data import load
 from sharetune.metrics import dense_reference
 from sharetune.models import WeightsError, load_state_dict, native
@@ -302,12 +303,22 @@ def test_every_torch_load_in_the_package_is_weights_only():
                 assert options.get("weights_only") == "True", f"{path.name}:{node.lineno}: torch.load without weights_only=True"
 
 
+def test_the_mlflow_queue_of_a_search_on_an_object_store_lives_in_the_private_cache(tmp_path, monkeypatch):
+    from sharetune.search.mlflow_queue import queue_path
+    from sharetune.search.storage import SearchFolder
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    path = queue_path(SearchFolder.at("s3://bucket/results", "s-1"))
+    assert path.parent == tmp_path / "cache" / "mlflow-queue" and path.name.startswith("s-1-")
+    assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+
+
 def test_the_kernel_cache_is_private_and_foreign_libraries_are_rebuilt(tmp_path, monkeypatch):
     if native.table_kernels() is None:
         pytest.skip("no C++ compiler here")
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o755)
-    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     assert native.table_kernels.__wrapped__() is not None
     assert cache.stat().st_mode & 0o777 == 0o700
     (library,) = cache.glob("table_kernels-*.so")
@@ -330,6 +341,6 @@ def test_the_kernel_cache_is_private_and_foreign_libraries_are_rebuilt(tmp_path,
     other.chmod(0o777)
     if os.getuid() == 0:
         os.chown(other, 12345, 12345)
-        monkeypatch.setenv(native.CACHE_ENV, str(other))
+        monkeypatch.setenv(CACHE_ENV, str(other))
         assert native.table_kernels.__wrapped__() is not None
         assert not list(other.glob("*.so"))  # a folder this user does not own is not used

@@ -18,15 +18,15 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch  # noqa: F401  - loaded first, so the kernels bind to PyTorch's OpenMP runtime
 
+from sharetune.cache import cache_dir, private
+
 SOURCE = Path(__file__).with_name("table_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-CACHE_ENV = "SHARETUNE_CACHE"
 
 
 def _cpu_identity() -> str:
@@ -35,31 +35,6 @@ def _cpu_identity() -> str:
         return next((line for line in lines if line.startswith("flags")), "")
     except OSError:
         return platform.processor()
-
-
-def _private(path: Path) -> bool:
-    """Whether this user owns `path` and nobody else can write it."""
-    info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
-def _private_dir(path: Path) -> Path | None:
-    """`path`, created 0700 (or made so, where this user owns it); None where that cannot be had."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.stat().st_uid == os.getuid():
-            path.chmod(0o700)
-        return path if _private(path) else None
-    except OSError:
-        return None
-
-
-def _cache_dir() -> Path:
-    """$SHARETUNE_CACHE or ~/.cache/sharetune; else (a read-only home, a folder someone else owns) a
-    per-user temp folder, else a fresh private one for this process."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sharetune")
-    fallback = Path(tempfile.gettempdir()) / f"sharetune-{os.getuid()}"
-    return _private_dir(root) or _private_dir(fallback) or Path(tempfile.mkdtemp(prefix="sharetune-"))
 
 
 def _build(compiler: str, target: Path) -> str | None:
@@ -81,8 +56,8 @@ def table_kernels() -> ctypes.CDLL | None:
         warnings.warn("sharetune: no C++ compiler found, ArbNet layers use PyTorch's slower kernels", stacklevel=2)
         return None
     fingerprint = "\n".join([SOURCE.read_text(), *FLAGS, compiler, platform.machine(), _cpu_identity()])
-    target = _cache_dir() / f"table_kernels-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.so"
-    trusted = target.exists() and _private(target)  # a library someone else could have written is built over
+    target = cache_dir() / f"table_kernels-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.so"
+    trusted = target.exists() and private(target)  # a library someone else could have written is built over
     if not trusted and (error := _build(compiler, target)):
         warnings.warn(f"sharetune: building the C++ table kernels failed, using PyTorch's: {error}", stacklevel=2)
         return None

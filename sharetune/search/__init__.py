@@ -6,12 +6,7 @@ status`, `logs`, `stop`) does not import Tune and MLflow first."""
 
 from importlib import import_module
 
-_HOMES = {
-    "Search": "tuner", "resume": "tuner", "run": "tuner", "SearchFolder": "storage",
-    "parent_run_of": "mlflow_logger", "tracking_uri": "mlflow_logger",
-    "build_report": "report", "log_report": "report", "pareto": "report", "trials_from_folder": "report",
-    "trials_from_mlflow": "report",
-}
+_HOMES = {"SearchFolder": "storage", "parent_run_of": "mlflow_logger", "tracking_uri": "mlflow_logger"}
 __all__ = sorted(_HOMES)
 
 

@@ -31,11 +31,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from sharetune.cache import cache_dir
 from sharetune.errors import first_line
 from sharetune.search.storage import SearchFolder, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
-SPOOL = Path.home() / ".cache" / "sharetune" / "mlflow-queue"  # queues of search folders on object stores
+SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 TRIAL_TAG = "sharetune.trial_id"
 CONFIGURATION_TAG = "sharetune.configuration"  # a proposal answered without training: its Optuna trial number
@@ -60,7 +61,7 @@ if PASSWORD_FILE and "MLFLOW_TRACKING_PASSWORD" not in os.environ:
 
 def queue_path(folder: SearchFolder) -> Path:
     if is_uri(folder):
-        return SPOOL / f"{folder.name}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}.db"
+        return cache_dir() / SPOOL / f"{folder.name}-{hashlib.sha256(folder.encode()).hexdigest()[:12]}.db"
     return Path(folder) / QUEUE_FILE
 
 
