@@ -160,7 +160,7 @@ class MlflowLogger(tune.Callback):
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
         searched = [*spec.dimensions, *(["seed"] if spec.repeats > 1 else [])]
-        return cls(uri, spec.name, folder, parent_params(spec), {**source_tags(), "sharetune.preset": spec.name},
+        return cls(uri, spec.name, folder, parent_params(spec), source_tags(),
                    searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
