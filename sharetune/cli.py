@@ -10,10 +10,11 @@ from typing import Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
-from sharetune.models import FUSIONS
+from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE
-from sharetune.spaces.settings import DEFAULT_TABLE_SIZE
+from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
+from sharetune.training import RECIPES
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -59,7 +60,7 @@ def data_fetch(
 EPOCHS = typer.Option(None, help=f"training epochs {default(ArbNetSettings, 'epochs')}")
 BATCH_SIZE = typer.Option(None, "--batch-size", help=default(ArbNetSettings, "batch_size"))
 LR = typer.Option(None, help="learning rate (default: the recipe's)")
-RECIPE = typer.Option(None, help="arbnet or spin: the training bundle (default: the family's)")
+RECIPE = typer.Option(None, help=f"{' or '.join(RECIPES)}: the training bundle (default: the family's)")
 SEED = typer.Option(None, help=default(ArbNetSettings, "seed"))
 DATA_DIR = typer.Option(DEFAULT_ROOT, "--data-dir", help="dataset root ($SHARETUNE_DATA, else ./data)")
 DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when available)")
@@ -88,13 +89,13 @@ def train_arbnet(
 @train_app.command("spin")
 def train_spin(
     dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name, or imagefolder with --data-dir ROOT"),
-    model: Optional[str] = typer.Option(None, help=f"convmixer, convnext_isotropic, deit_tiny, deit_small {default(SpinSettings, 'model')}"),
+    model: Optional[str] = typer.Option(None, help=f"{', '.join(SPIN_MODELS)} {default(SpinSettings, 'model')}"),
     dim: Optional[int] = typer.Option(None), depth: Optional[int] = typer.Option(None),
     patch_size: Optional[int] = typer.Option(None, "--patch-size"), kernel_size: Optional[int] = typer.Option(None, "--kernel-size"),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="resolution the model sees (default: the data's)"),
     share_rate: Optional[float] = typer.Option(None, "--share-rate", help=f"layers per bank entry (1: no sharing) {default(SpinSettings, 'share_rate')}"),
-    mapping: Optional[str] = typer.Option(None, help="sequential, strided, pyramid, random or cka"),
-    distribution: Optional[str] = typer.Option(None, help="uniform, front, middle or back"),
+    mapping: Optional[str] = typer.Option(None, help=", ".join(ALL_MAPPINGS)),
+    distribution: Optional[str] = typer.Option(None, help=", ".join(DISTRIBUTIONS)),
     components: Optional[str] = typer.Option(None, help="comma-separated components to share (default: the model's)"),
     transform_groups: Optional[int] = typer.Option(None, "--transform-groups"),
     fusion: Optional[str] = typer.Option(None, help=f"{', '.join(FUSIONS)}: fuse from an unshared model pretrained here first"),
