@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
@@ -15,6 +15,9 @@ from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
 from sharetune.training import RECIPES
+
+if TYPE_CHECKING:
+    from sharetune.search.tuner import Search
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -238,21 +241,8 @@ def search(
     SOURCE may also be env:NAME, a spec in an environment variable (how `sharetune submit` ships it)."""
     spec = _load_spec(source, overrides, scale, num_samples)  # a bad spec is answered before Ray Tune and MLflow load
     from sharetune.search import tuner
-    from sharetune.search.cluster import ClusterError
-    from sharetune.search.destinations import check_folder
-    from sharetune.search.outcome import ExitCode
-    from sharetune.search.storage import StateError, StorageFull
-    from sharetune.spaces import SpecError
 
-    _quiet_unless(verbose)
-    try:
-        check_folder("--report-dir", report_dir)
-        result = tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name)
-    except StorageFull as err:
-        fail(str(err), ExitCode.STORAGE_FULL)
-    except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
-        fail(str(err))
-    _finish(result, report_dir)
+    _run(lambda: tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name), report_dir, verbose)
 
 
 @app.command("resume")
@@ -264,6 +254,13 @@ def resume(
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
+
+    _run(lambda: tuner.resume(SearchFolder(path), address=address), report_dir, verbose)
+
+
+def _run(search: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
+    """Run a search (`search`: a new one or a resumed one); a refusal or a full disk is one line and its
+    exit code, else the search's end: its report and the exit code of how it went."""
     from sharetune.search.cluster import ClusterError
     from sharetune.search.destinations import check_folder
     from sharetune.search.outcome import ExitCode
@@ -273,10 +270,10 @@ def resume(
     _quiet_unless(verbose)
     try:
         check_folder("--report-dir", report_dir)
-        result = tuner.resume(SearchFolder(path), address=address)
+        result = search()
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
-    except (SpecError, FileNotFoundError, DataError, ClusterError, StateError) as err:
+    except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
         fail(str(err))
     _finish(result, report_dir)
 
@@ -382,7 +379,7 @@ def _quiet_unless(verbose: bool) -> None:
         quiet()
 
 
-def _finish(result, report_dir: Path) -> None:
+def _finish(result: Search, report_dir: Path) -> None:
     """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
