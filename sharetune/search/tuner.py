@@ -70,6 +70,12 @@ def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder:
     return tune.with_resources(trainable, resources)
 
 
+def _pretrained(spec: SearchSpec, data: Batches, folder: SearchFolder) -> dict | None:
+    """The unshared weights the trials start from (fusion, cka): the folder's copy, else trained on the
+    cluster with a trial's resources and kept there."""
+    return pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
+
+
 def trial_dirname(trial) -> str:
     return SearchFolder.trial_dirname(trial.trial_id)
 
@@ -95,7 +101,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     folder.save_spec(spec)
     uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
-    pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
+    pretrained = _pretrained(spec, data, folder)
     # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
     study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
                                 directions=[f"{mode}imize" for mode in spec.objectives.values()])
@@ -201,7 +207,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     cluster.check_reachable(address)
     data = load_data(spec)
     start_ray(spec, address)
-    pretrained = pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
+    pretrained = _pretrained(spec, data, folder)
     try:
         filesystem, path = filesystem_and_path(folder)
         tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),
