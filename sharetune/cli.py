@@ -12,7 +12,7 @@ import typer
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
-from sharetune.spaces.locations import DEFAULT_STORAGE
+from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
 from sharetune.training import RECIPES
 
@@ -230,7 +230,7 @@ def search(
     scale: str = SCALE,
     num_samples: Optional[int] = NUM_SAMPLES,
     address: Optional[str] = RAY_ADDRESS,
-    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+    mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help=f"tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///{DEFAULT_STORE})"),
     storage: Optional[str] = typer.Option(None, envvar="SHARETUNE_STORAGE", help=f"where the search folder goes: a local path, shared filesystem or URI (default: {DEFAULT_STORAGE})"),
     name: Optional[str] = typer.Option(None, help="search folder name (default: spec name + time)"),
     report_dir: Path = REPORT_DIR,
@@ -426,9 +426,9 @@ def _print_report(built, uri: str, parent: str | None) -> None:
 @app.command("ui")
 def ui(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store to show (default: the embedded SQLite store)"),
-    port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1"),
+    port: int = typer.Option(UI_PORT, min=1, max=65535, help=f"port on {UI_HOST}"),
 ) -> None:
-    """Start one light MLflow UI (one worker, no job runner) on 127.0.0.1 for the store in use; says when it is ready."""
+    """Start one light MLflow UI (one worker, no job runner) on this machine for the store in use; says when it is ready."""
     from sharetune.search.mlflow_ui import READY_TIMEOUT_S, start_ui, wait_until_ready
 
     uri = _store(mlflow_uri)
@@ -442,7 +442,7 @@ def ui(
             code = server.poll()
             fail(f"--port {port}: the MLflow server " + (f"exited with code {code} (is the port in use?)" if code is not None
                                                           else f"did not answer within {READY_TIMEOUT_S:.0f} s"))
-        typer.echo(f"MLflow UI ready on http://127.0.0.1:{port} (Ctrl-C stops it)")
+        typer.echo(f"MLflow UI ready on http://{UI_HOST}:{port} (Ctrl-C stops it)")
         server.wait()
     except KeyboardInterrupt:
         pass

@@ -46,13 +46,13 @@ from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
+from sharetune.spaces.locations import DEFAULT_STORE
 
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
 DIMENSIONS_PARAM = "dimensions"  # the parent run's: the searched settings, in the spec's order
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
-DEFAULT_STORE = "mlflow.db"
 DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
 
 

@@ -14,16 +14,16 @@ import time
 import urllib.request
 
 from sharetune.search.mlflow_queue import local_artifacts
+from sharetune.spaces.locations import UI_HOST
 
-HOST = "127.0.0.1"
 # MLflow 3 runs GenAI jobs (and their periodic tasks) in huey consumer processes the UI never uses
 LIGHT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 READY_TIMEOUT_S = 300.0  # a loaded machine takes minutes to import MLflow's server
 
 
 def start_ui(uri: str, port: int) -> subprocess.Popen:
-    """`mlflow server` for the store `uri` on HOST:`port`, one worker, artifacts beside the store."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", HOST,
+    """`mlflow server` for the store `uri` on UI_HOST:`port`, one worker, artifacts beside the store."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", UI_HOST,
                "--port", str(port), "--default-artifact-root", local_artifacts(), "--workers", "1"]
     return subprocess.Popen(command, env={**os.environ, **LIGHT_ENV})
 
@@ -33,7 +33,7 @@ def wait_until_ready(server: subprocess.Popen, port: int) -> bool:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while server.poll() is None and time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/health", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://{UI_HOST}:{port}/health", timeout=2) as answer:
                 if answer.status == 200:
                     return True
         except OSError:

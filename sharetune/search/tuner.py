@@ -40,7 +40,14 @@ from sharetune.search.storage import (
 from sharetune.spaces import OptunaSpace, SearchSpec, SpecError, make_sampler
 from sharetune.spaces.locations import DEFAULT_STORAGE
 from sharetune.storage_filesystem import filesystem_and_path, keep_final_checkpoints, tune_storage
-from sharetune.trainables import check_search, cluster_pretrainer, config_costs, pretrained_weights, train_trial
+from sharetune.trainables import (
+    DRIVER_MEMORY,
+    check_search,
+    cluster_pretrainer,
+    config_costs,
+    pretrained_weights,
+    train_trial,
+)
 
 
 @dataclass
@@ -65,7 +72,7 @@ def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder:
     """A trial takes its resources itself, or with several workers only starts them: Ray Train places
     them, and the trial's driver holds a token of memory (Tune places nothing without a resource)."""
     distributed = spec.resources.workers > 1
-    resources = {"cpu": 0, "memory": 1 << 20} if distributed else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    resources = {"cpu": 0, "memory": DRIVER_MEMORY} if distributed else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     trainable = tune.with_parameters(train_trial, data=data, pretrained=pretrained, resources=spec.resources, storage=str(folder))
     return tune.with_resources(trainable, resources)
 

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 DEFAULT_STORAGE = "results"  # where search folders go unless --storage or $SHARETUNE_STORAGE says otherwise
+DEFAULT_STORE = "mlflow.db"  # the embedded MLflow store (SQLite), unless --mlflow-uri or $MLFLOW_TRACKING_URI
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `sharetune ui` serves MLflow's UI: this machine only
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
 

@@ -117,6 +117,11 @@ class Resources(BaseModel):
     gpu: float = Field(0.0, ge=0)  # per worker; fractions share one GPU between trials (or workers)
     workers: int = Field(1, ge=1)  # >1: each trial is a Ray Train data-parallel job of this many workers
 
+    @property
+    def threads(self) -> int:
+        """The torch threads and data loader workers of one worker: its CPUs, at least one."""
+        return max(1, int(self.cpu))
+
 
 class Bound(BaseModel):
     """A constraint on a cost known before training: proposals outside [min, max] are never trained."""

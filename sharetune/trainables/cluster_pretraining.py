@@ -24,6 +24,7 @@ from ray.util.queue import Queue
 from sharetune.data import Batches
 from sharetune.spaces import SpinSettings
 from sharetune.spaces.spec import Resources
+from sharetune.trainables.distributed import DRIVER_MEMORY
 from sharetune.trainables.pretraining import Pretrainer, pretrain, show
 from sharetune.training import pick_device
 
@@ -44,11 +45,11 @@ def pretrain_on_cluster(settings: SpinSettings, data: Batches, *, resources: Res
         if resources.workers > 1:  # the Train run's driver holds a token, as a distributed trial's does
             from sharetune.trainables.distributed_pretraining import pretrain_distributed
 
-            weights = pretrain_distributed.options(num_cpus=0, memory=1 << 20, name=RUN).remote(
+            weights = pretrain_distributed.options(num_cpus=0, memory=DRIVER_MEMORY, name=RUN).remote(
                 settings, data, resources, storage, lines)
         else:
             weights = _pretrain_alone.options(num_cpus=resources.cpu, num_gpus=resources.gpu, name=RUN).remote(
-                settings, data, max(1, int(resources.cpu)), lines)
+                settings, data, resources.threads, lines)
         done = False
         while not done:
             done = bool(ray.wait([weights], timeout=POLL_S)[0])

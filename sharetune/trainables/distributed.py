@@ -43,6 +43,7 @@ RUNS = "train_runs"  # inside the search folder: one Ray Train run per distribut
 # would wait for it. Polling costs the controller a few remote calls.
 REPORT_POLL_S = 0.2
 REPORT_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's name for the poll's period
+DRIVER_MEMORY = 1 << 20  # bytes a Ray Train run's driver asks for: a token, so Ray places it without a CPU
 RUN_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in the run's folder
 # Reading a run's record, Ray Train logs that it found one and how to start a run afresh: not news to a reader
 RUN_RECORD_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
@@ -50,7 +51,7 @@ RUN_RECORD_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_mana
 
 def train_distributed(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
     """The Tune trial's driver: run the trial on `resources.workers` Ray Train workers and wait for them."""
-    loop = {"config": config, "data": data, "pretrained": pretrained, "cpus": max(1, int(resources.cpu))}
+    loop = {"config": config, "data": data, "pretrained": pretrained, "cpus": resources.threads}
     torch_trainer(_worker, loop, resources, run_name(tune.get_context().get_trial_id()), storage,
                   callbacks=[TuneReportCallback()]).fit()
 

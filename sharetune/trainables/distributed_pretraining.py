@@ -23,7 +23,7 @@ from sharetune.trainables.pretraining import PRETRAINED_FILE, pretrain
 @ray.remote
 def pretrain_distributed(settings: SpinSettings, data: Batches, resources: Resources, storage: str,
                          lines: Queue) -> dict:
-    loop = {"settings": settings, "data": data, "cpus": max(1, int(resources.cpu)), "lines": lines}
+    loop = {"settings": settings, "data": data, "cpus": resources.threads, "lines": lines}
     result = torch_trainer(_worker, loop, resources, RUN, storage).fit()
     with result.checkpoint.as_directory() as folder:
         return torch.load(Path(folder) / PRETRAINED_FILE, map_location="cpu", weights_only=True)  # tensors, never code
