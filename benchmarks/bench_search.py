@@ -35,6 +35,7 @@ import numpy as np
 import ray
 from mlflow.tracking import MlflowClient
 
+from sharetune.analysis.figures import save_figure
 from sharetune.data import fetch
 from sharetune.metrics import hypervolume
 from sharetune.search import report, tuner
@@ -163,10 +164,9 @@ def hypervolumes(data_root: Path, storage: Path, seeds: int, methods: list[str],
     ax.set(xlabel="training epochs spent", ylabel="hypervolume (val accuracy, unique params)",
            title=f"{PRESET} on MNIST (6k images, {epochs} epochs a trial)\n{configurations} configurations, {seeds} seeds each")
     ax.legend()
-    fig.tight_layout()
     plot = Path("reports") / "bench_search_hypervolume.png"
     plot.parent.mkdir(exist_ok=True)
-    fig.savefig(plot, dpi=120)
+    save_figure(fig, plot)
     print(f"curves: {plot}")
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sharetune.analysis.figures import save_figure
+
 
 def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
@@ -96,8 +98,4 @@ def plot_cka(matrix: np.ndarray, path: str | Path, title: str = "Linear CKA betw
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="CKA")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

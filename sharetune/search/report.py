@@ -17,6 +17,7 @@ import matplotlib.ticker
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from sharetune.analysis.figures import save_figure
 from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
 from sharetune.search.mlflow_logger import (
     DUPLICATE_TAG,
@@ -209,9 +210,7 @@ def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path
     _cost_axis(ax, trials[cost])
     ax.set(xlabel=cost, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {cost}"))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool, title: str) -> None:
@@ -225,9 +224,7 @@ def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool, title: str)
         ax.set_xscale("log")
     ax.set(xlabel=x, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {x}"))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_labelled(trials: pd.DataFrame, label: str, path: Path, title: str) -> None:
@@ -239,9 +236,7 @@ def _plot_labelled(trials: pd.DataFrame, label: str, path: Path, title: str) -> 
     _cost_axis(ax, trials["unique_params"])
     ax.set(xlabel="unique_params", ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against parameters, by {label}"))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, float] | None = None,

@@ -239,7 +239,7 @@ class SearchSpec(BaseModel):
                              f"configurations' stand-in values; allowed: {', '.join(n for n, e in SAMPLERS.items() if e.constrained)}")
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
             raise ValueError("objectives: val_accuracy needs a val split; set data.val_fraction > 0 (e.g. 0.1)")
-        multi = len(self.objectives) > 1
+        multi = self.multi_objective
         if multi and self.scheduler is not None and self.scheduler.name == "asha":
             raise ValueError("scheduler: ASHA prunes on one metric; for several objectives use name: moasha")
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
