@@ -16,7 +16,7 @@ from timing import compare, train_step
 from torch import nn
 
 from sharetune.models.arbnet import PAPER_MLPS, ArbNetMLP
-from sharetune.training import keep_freed_memory
+from sharetune.training import keep_freed_memory, pick_device
 
 CASES = [
     # name, dataset, batch, ArbNet options, target ratio
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.5, help="time per net per row")
     parser.add_argument("--block", type=float, default=0.05, help="seconds per block of steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(pick_device()))
     args = parser.parse_args()
     keep_freed_memory()  # as sharetune's training loop does, for both nets
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")

@@ -14,7 +14,7 @@ import torch
 from timing import Step, compare, convmixer_arguments, train_step
 
 from sharetune.models import create_model, fold
-from sharetune.training import keep_freed_memory
+from sharetune.training import keep_freed_memory, pick_device
 
 
 def inference(model: torch.nn.Module, x: torch.Tensor) -> Step:
@@ -30,7 +30,7 @@ def inference(model: torch.nn.Module, x: torch.Tensor) -> Step:
 def main() -> None:
     parser = convmixer_arguments(__doc__.splitlines()[0], seconds=30.0)  # CPU steps take about a second
     parser.add_argument("--block", type=float, default=0.05, help="seconds per block of steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(pick_device()))
     args = parser.parse_args()
     keep_freed_memory()  # as sharetune's training loop does, for every model
     arch = dict(dim=args.dim, depth=args.depth, patch_size=2, kernel_size=5, num_classes=10)

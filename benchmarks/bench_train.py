@@ -21,7 +21,7 @@ from timing import compare, convmixer_arguments
 
 from sharetune.data import TensorData, load
 from sharetune.models import create_model
-from sharetune.training import Recipe, train_epochs
+from sharetune.training import Recipe, pick_device, train_epochs
 
 
 def write_folder(root: Path, images: int, classes: int = 10) -> Path:
@@ -116,7 +116,7 @@ def main() -> None:
             print(f"{name:28s} sharetune {args.images / (base * ratio):7.1f} img/s, plain {args.images / base:7.1f} img/s: "
                   f"{1 / ratio:.3f} of the plain loop (target >= 0.95; time ratio {spread})")
         if args.precision:  # on the default device (CUDA where present): autocast on against off, in memory
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = str(pick_device())
             fast, full = create_model("convmixer", **arch), create_model("convmixer", **arch)
             mixed = recipe.model_copy(update={"precision": args.precision})
             ratio, spread, base = compare(sharetune_epoch(fast, memory, mixed, args.workers),
