@@ -323,15 +323,18 @@ class TrainingState:
         return self.soft_loss(logits, soft), logits
 
     def step(self, model: nn.Module, loss: Tensor) -> None:
-        """Backward and update; under fp16 through the gradient scaler (which skips a step whose
-        gradients overflowed and lowers its scale)."""
+        """Backward and update; under fp16 through the gradient scaler, which skips a step whose
+        gradients overflowed and lowers its scale: the schedule and the EMA then skip it too."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.recipe.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), self.recipe.grad_clip)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None  # fp16 only: it waits for the device
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            return
         self.updates += 1
         if self.recipe.schedule == "onecycle":
             self.scheduler.step()

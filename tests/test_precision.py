@@ -110,6 +110,24 @@ def test_fp16_on_cuda_scales_the_loss_and_the_scaler_resumes_from_the_checkpoint
     assert restored.scaler.get_scale() == state.scaler.get_scale()
 
 
+def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_update_count():
+    """fp16 needs CUDA; its scaler is PyTorch's on any device, so on a CPU one whose scale overflows every
+    gradient stands in for it: each step is skipped and the scale halves."""
+    data = load("synthetic")
+    model = tiny_convnext()
+    state = TrainingState(model, Recipe(recipe="spin", epochs=2, batch_size=64, mixup=0, cutmix=0),
+                          data.steps_per_epoch(64), 4)
+    largest = torch.finfo(torch.float32).max
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=largest)  # the scaled loss is infinite
+    before = [p.detach().clone() for p in model.parameters()], state.lr
+    x, y = next(data.train_batches(0, 64, seed=0, device=torch.device("cpu")))
+    for _ in range(2):
+        state.step(model, state.loss(model, x, y)[0])
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters(), strict=True))  # no update was made
+    assert (state.updates, state.lr) == (0, before[1])  # the count the EMA's warm-up reads, and the one-cycle rate
+    assert state.scaler.get_scale() == pytest.approx(largest / 4)
+
+
 def test_channels_last_trains_a_convolutional_model_in_nhwc_with_the_same_results():
     data = load("synthetic")
     plain, nhwc = tiny_convnext(), tiny_convnext()
