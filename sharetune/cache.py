@@ -4,6 +4,7 @@ owner's alone."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -33,4 +34,10 @@ def cache_dir() -> Path:
     per-user temp folder, else a fresh private one for this process."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sharetune")
     fallback = Path(tempfile.gettempdir()) / f"sharetune-{os.getuid()}"
-    return _private_dir(root) or _private_dir(fallback) or Path(tempfile.mkdtemp(prefix="sharetune-"))
+    return _private_dir(root) or _private_dir(fallback) or _process_dir()
+
+
+@functools.cache
+def _process_dir() -> Path:
+    """The last resort: one private folder for this process, the same on every call (a queue found again)."""
+    return Path(tempfile.mkdtemp(prefix="sharetune-"))

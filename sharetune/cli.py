@@ -258,8 +258,8 @@ def resume(
     _run(lambda: tuner.resume(SearchFolder(path), address=address), report_dir, verbose)
 
 
-def _run(search: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
-    """Run a search (`search`: a new one or a resumed one); a refusal or a full disk is one line and its
+def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
+    """Run a search (`start`: a new one or a resumed one); a refusal or a full disk is one line and its
     exit code, else the search's end: its report and the exit code of how it went."""
     from sharetune.search.cluster import ClusterError
     from sharetune.search.destinations import check_folder
@@ -270,7 +270,7 @@ def _run(search: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     _quiet_unless(verbose)
     try:
         check_folder("--report-dir", report_dir)
-        result = search()
+        result = start()
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
 from sharetune.data import Augment, Batches, epoch_seed
@@ -41,6 +41,10 @@ from sharetune.errors import first_line
 from sharetune.metrics import EpochMetrics
 
 R = TypeVar("R")
+# The validation context of what a search has already accepted (its saved spec, its trials' configs):
+# the refusals a new spec gets are not applied again, so a folder an earlier version wrote stays
+# readable and resumable however the checks grow.
+ACCEPTED = {"accepted": True}
 SCHEDULES = ("plateau", "cosine", "onecycle")
 MAX_SEED = 2**32 - 1  # the largest seed every generator takes (numpy's legacy one, Optuna's samplers)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -119,13 +123,13 @@ class Recipe(BaseModel):
                 "momentum": {"optimizer": momentum_optimizers()}}
 
     @model_validator(mode="after")
-    def _from_bundle(self) -> "Recipe":
+    def _from_bundle(self, info: ValidationInfo) -> "Recipe":
         for name, value in RECIPES[self.recipe].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after the warm-up of {self.epochs}")
-        for name, condition in self.conditions().items():
+        for name, condition in self.conditions().items() if not accepted(info) else ():
             for other, allowed in condition.items():
                 unused = RECIPES[self.recipe].get(name, type(self).model_fields[name].default)
                 if getattr(self, other) not in allowed and getattr(self, name) != unused:
@@ -140,6 +144,11 @@ class Recipe(BaseModel):
     @property
     def augment(self) -> Augment:
         return Augment(None if self.randaugment == "none" else self.randaugment, self.random_erasing)
+
+
+def accepted(info: ValidationInfo) -> bool:
+    """Whether the settings being validated were accepted before (ACCEPTED)."""
+    return bool(info.context and info.context.get("accepted"))
 
 
 @functools.cache
@@ -199,15 +208,19 @@ class EagerFallback:
                 self._give_up(err)
         return self.model(x)
 
-    def step(self, run: Callable[..., R], *args) -> R:
+    def step(self, run: Callable[..., R], *args, updates: Callable[[], int]) -> R:
         """`run(*args)` (a training step: forward and backward) through the compiled model. The backward graph
-        compiles lazily, in the first backward pass, so a failure there falls back too: the step
-        runs again, eagerly (no update was made: backward comes before it)."""
+        compiles lazily, in the first backward pass, so a failure there falls back too: the step runs
+        again, eagerly. `updates` counts the updates made: an error after the step's update is no
+        compiler's, and is raised (running the step again would update twice)."""
         if self.compiled is None:
             return run(*args)
+        made = updates()
         try:
             return run(*args)
         except Exception as err:  # noqa: BLE001 - as above
+            if updates() != made:
+                raise
             self._give_up(err)
             return run(*args)
 
@@ -436,7 +449,8 @@ def train_epochs(
         for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):
             if layout is not None:
                 x = x.contiguous(memory_format=layout)
-            loss, logits = forward.step(train_step, x, y) if isinstance(forward, EagerFallback) else train_step(x, y)
+            compiled = isinstance(forward, EagerFallback)
+            loss, logits = forward.step(train_step, x, y, updates=lambda: state.updates) if compiled else train_step(x, y)
             total_loss += loss.detach() * len(logits)
             correct += (logits.argmax(1) == y[: len(logits)]).sum()
             seen += len(logits)

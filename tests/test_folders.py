@@ -63,6 +63,7 @@ def test_cka_samples_are_training_images(tmp_path):
     for image in (tmp_path / "val").rglob("*.png"):
         image.write_bytes(b"")  # the test split unreadable: the samples never come from it
     assert data.sample_inputs(6).shape == (6, 3, 16, 16)
+    assert torch.equal(data.shard(1, 2).sample_inputs(6), data.sample_inputs(6))  # every rank: the same plan
 
 
 def _rank_batches(data: ImageFolderData, world: int, epoch: int = 0) -> list[list[list[int]]]:

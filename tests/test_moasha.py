@@ -71,6 +71,9 @@ def test_a_resumed_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp
     assert report_at(resumed, "c", 0.4, 200) == "STOP"  # behind a and b, recorded before the search stopped
     assert resumed.stopped == 2 and set(resumed.rungs[1]) == {"a", "b", "c"}
     assert report_at(MOASHA(OBJECTIVES, max_t=9, reduction_factor=3), "c", 0.4, 200) == "CONTINUE"  # empty rungs: first
+    earlier = pickle.loads(at_start)  # as an earlier version pickled it: no store; it ranks in memory
+    del earlier.__dict__["store"], earlier.__dict__["restored"]
+    assert report_at(earlier, "a", 0.9, 50) == "CONTINUE" and report_at(earlier, "b", 0.5, 100) == "STOP"
 
 
 def test_the_spec_reference_point_replaces_the_dense_cost():

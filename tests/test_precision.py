@@ -202,9 +202,19 @@ def test_a_backward_that_fails_to_compile_runs_its_step_again_eagerly_and_says_s
         forward.compiled = torch.compile(model, backend=aot_autograd(fw_compiler=lambda graph, inputs: graph,
                                                                     bw_compiler=no_backward)) if compiled else None
         with warnings.catch_warnings(record=True) as caught:
-            forward.step(lambda state, model, forward: state.step(model, state.loss(forward, x, y)[0]), state, model, forward)
+            forward.step(lambda state, model, forward: state.step(model, state.loss(forward, x, y)[0]), state, model, forward,
+                         updates=lambda state=state: state.updates)
         said = [str(w.message) for w in caught if str(w.message).startswith("compile:")]
         assert said == (["compile: torch.compile failed (RuntimeError: no backward kernels here); training eagerly"] if compiled else [])
         updated.append([p.detach().clone() for p in model.parameters()])
     for params in updated[1:]:  # one update, the eager one's
         assert all(torch.equal(a, b) for a, b in zip(updated[0], params, strict=True))
+
+    def update_then_fail(state, model, forward):  # an error after the update is no compiler's: never a second update
+        state.step(model, state.loss(forward, x, y)[0])
+        raise RuntimeError("after the update")
+
+    forward, made = EagerFallback(model), state.updates
+    with pytest.raises(RuntimeError, match="after the update"), warnings.catch_warnings(record=True) as caught:
+        forward.step(update_then_fail, state, model, forward, updates=lambda: state.updates)
+    assert state.updates == made + 1 and forward.compiled is not None and not caught

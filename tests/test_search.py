@@ -133,6 +133,8 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     assert top_trials(trials, result.spec) == "top trials (left out: 1 the time limit cut short): none trained to its end"
     (parent,), (child,) = parent_and_child_runs(client, "tiny")
     assert parent.info.status == child.info.status == "KILLED"
+    from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)  # reads as the folder does
+    assert list(from_mlflow["status"]) == [CUT]
 
 
 def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import yaml
 from helpers import tiny_spec as tiny
 
+from sharetune.search.storage import SPEC_FILE, SearchFolder
 from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset_names
 from sharetune.spaces.settings import trial_settings
 from sharetune.spaces.space import OptunaSpace
@@ -167,7 +168,20 @@ def test_a_setting_the_run_would_ignore_is_refused():
         parse_spec(tiny(fixed={"recipe": "spin", "warmup_epochs": 2}))
     with pytest.raises(SpecError, match=r"momentum: applies only to optimizer 'momentum' or 'nesterov' or 'rmsprop' or 'sgd' \(or \d+ more\), not 'adamw'"):
         parse_spec(tiny(fixed={"optimizer": "adamw"}, dimensions={"momentum": {"uniform": [0.5, 0.95]}}))
-    assert parse_spec(tiny(fixed={"recipe": "spin", "momentum": 0.9}))  # the value it has anyway: harmless
+    parse_spec(tiny(fixed={"recipe": "spin", "momentum": 0.9}))  # the value it has anyway: harmless
+
+
+def test_a_saved_spec_stays_readable_and_resumable_when_the_checks_grow(tmp_path):
+    """A folder an earlier version wrote holds a spec it accepted; a check added since refuses it as a
+    new spec, but the folder's spec, its extremes and its trials' configs still parse."""
+    raw = tiny(fixed={"optimizer": "adamw", "momentum": 0.5}, repeats=2, scheduler={"name": "asha"})
+    with pytest.raises(SpecError, match="repeats: asha would stop"):
+        parse_spec(raw)
+    folder = SearchFolder.at(str(tmp_path), "old")
+    folder.write(SPEC_FILE, yaml.safe_dump(raw).encode())
+    spec = folder.spec()
+    assert spec.repeats == 2 and {s.momentum for s in spec.extreme_settings()} == {0.5}
+    assert trial_settings({"family": "arbnet", **spec.fixed}).momentum == 0.5  # a trial's config, as it was accepted
 
 
 def test_variants_become_trial_settings():

@@ -210,7 +210,8 @@ class ImageFolderData:
         return replace(self, rank=rank, world=world, _cache={}, skipped=set())
 
     def sample_inputs(self, count: int) -> Tensor:
-        """The first `count` training images (the classes interleaved), as evaluation sees them."""
-        cpu = torch.device("cpu")
-        x, _ = next(self._stream(self._loader("train", count, cpu, 0, None), cpu))
+        """The first `count` training images (the classes interleaved), as evaluation sees them; the same
+        on every rank of a data-parallel trial (each builds the same sharing plan from them)."""
+        cpu, whole = torch.device("cpu"), replace(self, rank=0, world=1, _cache={})
+        x, _ = next(whole._stream(whole._loader("train", count, cpu, 0, None), cpu))
         return x

@@ -62,6 +62,8 @@ COSTS = ("unique_params", "macs")  # what reports trade accuracy against: a Pare
 # A cost's hypervolume reference, unless the spec sets one: the dense, unshared model's (for parameters
 # its virtual count; MACs do not change with sharing), so it depends on the problem, not on the results.
 DENSE_COST = {"unique_params": "virtual_params", "macs": "macs"}
+CONSTRAINABLE = ("unique_params", "virtual_params", "macs", "effective_share_rate")  # every model has them
+METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)
 
 
 def dense_reference(costs: Iterable[ModelCosts]) -> dict[str, float]:
@@ -69,5 +71,3 @@ def dense_reference(costs: Iterable[ModelCosts]) -> dict[str, float]:
     extremes): the largest dense model's, known before anything trains."""
     costs = list(costs)
     return {cost: float(max(getattr(c, DENSE_COST[cost]) for c in costs)) for cost in COSTS}
-CONSTRAINABLE = ("unique_params", "virtual_params", "macs", "effective_share_rate")  # every model has them
-METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)

@@ -51,6 +51,7 @@ from sharetune.spaces.locations import DEFAULT_STORE
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
+CUT_TAG = "sharetune.cut"  # a trial the time limit ended before its last epoch (its run ends KILLED)
 DIMENSIONS_PARAM = "dimensions"  # the parent run's: the searched settings, in the spec's order
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
@@ -147,26 +148,30 @@ def parent_params(spec: SearchSpec) -> dict:
 class MlflowLogger(tune.Callback):
     def __init__(self, uri: str, experiment: str, folder: SearchFolder, params: dict, tags: dict, *,
                  searched: list[str] = (), dataset: Dataset | None = None, spec_yaml: str = "",
-                 description: str = "") -> None:
+                 description: str = "", time_limit_s: float | None = None) -> None:
         """`searched`: the settings that name a child run; `dataset`: what each child trains on;
-        `spec_yaml` and `description`: the parent run's spec artifact and note."""
+        `spec_yaml` and `description`: the parent run's spec artifact and note; `time_limit_s`: the
+        search's, which tells a trial it cut short from one Ctrl-C interrupted."""
         self.uri, self.experiment, self.folder = uri, experiment, folder
         self.params, self.tags = params, tags
         self.searched, self.dataset, self.spec_yaml, self.description = list(searched), dataset, spec_yaml, description
         self.queue: MlflowQueue | None = None
         self.skipped_logged: set[int] = set()  # configuration numbers queued by this driver
         self.running: set[str] = set()  # trials started and neither completed nor failed since
+        self.time_limit_s, self.started = time_limit_s, time.monotonic()
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
         searched = [*spec.dimensions, *(["seed"] if spec.repeats > 1 else [])]
         return cls(uri, spec.name, folder, parent_params(spec), source_tags(),
-                   searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description)
+                   searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description,
+                   time_limit_s=spec.budget.time_limit_s)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
         return {**self.__dict__, "queue": None, "skipped_logged": set(), "running": set()}
 
     def setup(self, **info) -> None:
+        self.started = time.monotonic()
         self.queue = MlflowQueue.of(self.folder, self.uri, self.experiment)
         tags = {**self.tags, **({NOTE_TAG: self.description} if self.description else {})}
         self.queue.put("open_parent", name=self.folder.name, tags=tags, params=self.params, spec_yaml=self.spec_yaml)
@@ -206,8 +211,9 @@ class MlflowLogger(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)
         diverged = bool((trial.last_result or {}).get("diverged"))
-        status = "FAILED" if diverged else "KILLED" if cut_short(trial) else "FINISHED"
-        self.queue.put("end", key=f"trial:{trial.trial_id}", status=status, tags={})
+        cut = not diverged and cut_short(trial)
+        status = "FAILED" if diverged else "KILLED" if cut else "FINISHED"
+        self.queue.put("end", key=f"trial:{trial.trial_id}", status=status, tags={CUT_TAG: "true"} if cut else {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.running.discard(trial.trial_id)
@@ -218,8 +224,9 @@ class MlflowLogger(tune.Callback):
         # Tune's clean-up after Ctrl-C (or a time limit) marks the running trials TERMINATED without
         # completing them; those, and any left PENDING, did not train to their end.
         unfinished = self.running | {t.trial_id for t in trials if t.status not in (FINISHED, FAILED)}
+        timed_out = self.time_limit_s is not None and time.monotonic() - self.started >= self.time_limit_s
         for trial_id in sorted(unfinished):
-            self.queue.put("end", key=f"trial:{trial_id}", status="KILLED", tags={})
+            self.queue.put("end", key=f"trial:{trial_id}", status="KILLED", tags={CUT_TAG: "true"} if timed_out else {})
         self.queue.put("end", key="parent", status="KILLED" if unfinished else "FINISHED", tags={})
 
 

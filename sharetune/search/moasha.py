@@ -86,6 +86,9 @@ def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
 
 
 class MOASHA(FIFOScheduler):
+    store: Store | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
+    restored = True
+
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
                  reference: dict[str, float] | None = None, time_attr: str = STEP, store: Store | None = None) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from sharetune.analysis.figures import save_figure
 from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
 from sharetune.search.mlflow_logger import (
+    CUT_TAG,
     DUPLICATE_TAG,
     ERROR_TAG,
     KIND_TAG,
@@ -107,6 +108,8 @@ def _tune_status(run) -> str:
         return run.data.tags[KIND_TAG].upper()
     if ERROR_TAG in run.data.tags:
         return FAILED
+    if CUT_TAG in run.data.tags:
+        return CUT
     return FINISHED if run.info.status in ("FINISHED", "FAILED") else run.info.status
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, get_args
 
-from pydantic import ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from sharetune.models import (
@@ -23,7 +23,7 @@ from sharetune.models import (
     shareable_model_names,
 )
 from sharetune.models.hashes import hash_names, hashes_taking
-from sharetune.training import RECIPES, Recipe
+from sharetune.training import ACCEPTED, RECIPES, Recipe, accepted
 
 DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size nor compression is given
 
@@ -121,7 +121,7 @@ class SpinSettings(FamilySettings):
     pretrained: Optional[str] = None  # fusion, cka: an unshared state_dict file instead of pretraining
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SpinSettings":
+    def _consistent(self, info: ValidationInfo) -> "SpinSettings":
         if self.components is not None and not self.component_list():
             raise ValueError(f"components: none given; allowed: {', '.join(get_model(self.model).components)}")
         get_model(self.model).check_components(self.component_list() or [])
@@ -131,7 +131,8 @@ class SpinSettings(FamilySettings):
             raise ValueError("fusion: needs share_rate > 1")
         if self.mapping == "cka" and self.distribution != "uniform":
             raise ValueError("distribution: the cka mapping groups the whole depth by similarity; use 'uniform'")
-        if self.pretrain_epochs and self.schedule == "cosine" and self.warmup_epochs >= self.pretrain_epochs:
+        pretrains = self.needs_pretrained() and not self.pretrained and self.pretrain_epochs
+        if pretrains and self.schedule == "cosine" and self.warmup_epochs >= self.pretrain_epochs and not accepted(info):
             raise ValueError(f"pretrain_epochs: {self.pretrain_epochs} would end the pretraining inside the warm-up "
                              f"(warmup_epochs: {self.warmup_epochs}); allowed: more than {self.warmup_epochs}")
         return self
@@ -152,5 +153,5 @@ FAMILIES: dict[str, type[FamilySettings]] = {"arbnet": ArbNetSettings, "spin": S
 
 def trial_settings(config: dict) -> FamilySettings:
     """A trial's config (Ray/Optuna's: family, fixed and sampled values) as its typed settings."""
-    cls = FAMILIES[config["family"]]
-    return cls(**{k: v for k, v in config.items() if k in cls.model_fields})
+    cls = FAMILIES[config["family"]]  # its search's spec was checked: ACCEPTED
+    return cls.model_validate({k: v for k, v in config.items() if k in cls.model_fields}, context=ACCEPTED)

@@ -26,7 +26,16 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sharetune.data import DEFAULT_DATASET, DEFAULT_IMG_SIZE, DataError, canonical_name
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
@@ -35,7 +44,7 @@ from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 from sharetune.spaces.suggest import nearest_path, spec_paths
-from sharetune.training import Seed
+from sharetune.training import ACCEPTED, Seed, accepted
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
@@ -205,6 +214,7 @@ class SearchSpec(BaseModel):
     hypervolume_reference: dict[str, float] = {}
     constraints: dict[str, Bound] = {}  # costs known before training: {unique_params: {max: 50000}}
     repeats: int = Field(1, ge=1)  # seeds each configuration trains with (seed, seed+1, ...); the sampler sees the mean
+    _accepted: bool = PrivateAttr(False)  # a saved search's spec (ACCEPTED): its settings parse as they were accepted
 
     @field_validator("name")
     @classmethod
@@ -217,7 +227,8 @@ class SearchSpec(BaseModel):
         return value if value is None else check_database_url(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchSpec":
+    def _consistent(self, info: ValidationInfo) -> "SearchSpec":
+        self._accepted = accepted(info)
         if not self.objectives:
             raise ValueError("objectives: list at least one metric")
         for metric in self.objectives:
@@ -231,10 +242,10 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"constraints: {cost!r} is not known before training; allowed: {', '.join(CONSTRAINABLE)}")
         if self.repeats > 1 and "seed" in self.dimensions:
             raise ValueError("repeats: the seed is searched (dimensions.seed); repeats vary it themselves, so keep one")
-        if self.repeats > 1 and self.scheduler is not None:
+        if self.repeats > 1 and self.scheduler is not None and not self._accepted:
             raise ValueError(f"repeats: {self.scheduler.name} would stop a configuration's seeds at different epochs, and "
                              "their mean would mix them; allowed with a scheduler: repeats 1")
-        if self.constraints and not SAMPLERS[self.sampler].constrained:
+        if self.constraints and not SAMPLERS[self.sampler].constrained and not self._accepted:
             raise ValueError(f"constraints: the {self.sampler} sampler ignores them, and would learn from infeasible "
                              f"configurations' stand-in values; allowed: {', '.join(n for n, e in SAMPLERS.items() if e.constrained)}")
         if "val_accuracy" in self.objectives and not self.data.val_fraction:
@@ -245,7 +256,7 @@ class SearchSpec(BaseModel):
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
             raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
         if self.scheduler is not None:
-            if self.scheduler.max_t and self.scheduler.max_t > self.max_epochs():
+            if self.scheduler.max_t and self.scheduler.max_t > self.max_epochs() and not self._accepted:
                 raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
                                  f"({self.max_epochs()}); allowed: up to {self.max_epochs()}, or leave it out")
             full = self.scheduler.max_t or self.max_epochs()
@@ -313,7 +324,7 @@ class SearchSpec(BaseModel):
             if settings.precision == "fp16" and not self.resources.gpu:
                 raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
                                  "allowed: fp32, bf16")
-            if settings.batch_size < 2 * self.resources.workers:  # BatchNorm cannot train on one example
+            if settings.batch_size < 2 * self.resources.workers and not self._accepted:  # BatchNorm needs two examples
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
 
@@ -335,7 +346,7 @@ class SearchSpec(BaseModel):
         config = {k: v for k, v in config.items() if not self._inactive(k, config)}
         config.update(self.variants.get(config.pop("variant", None), {}))
         try:
-            return FAMILIES[self.family](**config)
+            return FAMILIES[self.family].model_validate(config, context=ACCEPTED if self._accepted else None)
         except ValidationError as err:
             raise ValueError(describe_error(err, where=where)) from None
 
@@ -384,10 +395,10 @@ class SearchSpec(BaseModel):
         return self.grid_size() if self.sampler == "grid" else 16
 
     def max_epochs(self) -> int:
-        epochs = [self.fixed.get("epochs")] + [v.get("epochs") for v in self.variants.values()]
-        if "epochs" in self.dimensions:
-            epochs += self.dimensions["epochs"].extremes()
-        return int(max([e for e in epochs if e is not None], default=FAMILIES[self.family].model_fields["epochs"].default))
+        """The most epochs a trial trains: the searched ones, else the fixed or the family's default; or a variant's."""
+        default = self.fixed.get("epochs", FAMILIES[self.family].model_fields["epochs"].default)
+        epochs = self.dimensions["epochs"].extremes() if "epochs" in self.dimensions else [default]
+        return int(max([*epochs, *(v["epochs"] for v in self.variants.values() if "epochs" in v)]))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None)
@@ -427,11 +438,12 @@ def check_document(raw: Any) -> None:
     check_tree(raw)
 
 
-def parse_spec(raw: dict) -> SearchSpec:
-    """Validate a spec dict; raise SpecError naming the field and what is allowed."""
+def parse_spec(raw: dict, *, saved: bool = False) -> SearchSpec:
+    """Validate a spec dict; raise SpecError naming the field and what is allowed. `saved`: a search
+    folder's spec, accepted when its search started (ACCEPTED)."""
     check_document(raw)
     try:
-        return SearchSpec(**raw)
+        return SearchSpec.model_validate(raw, context=ACCEPTED if saved else None)
     except ValidationError as err:
         raise SpecError(describe_error(err)) from None
 
