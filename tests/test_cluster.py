@@ -126,6 +126,10 @@ def ray_cluster(env: dict, temp: Path):
             stop_node(node, signal.SIGKILL)  # whatever SIGTERM left
 
 
+# What the compose stack and the KubeRay manifests set on every node: `sharetune stop` sends Ctrl-C's signal
+STOP_AS_CTRL_C = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
+
+
 def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
 
@@ -144,7 +148,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
         root = Path(scratch)
         os.chmod(root, 0o755)  # the postgres user must reach its data directory
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-               "PATH": f"{BIN}:{os.environ['PATH']}"}
+               "PATH": f"{BIN}:{os.environ['PATH']}", **STOP_AS_CTRL_C}
         env.pop("MLFLOW_TRACKING_URI", None)
         (root / "artifacts").mkdir()
         epochs = 60  # about 20 s a trial: the second starts while the first trains, so on the second node
@@ -204,7 +208,14 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
                                "fixed.epochs=500", "--storage", str(root / "results"), "--name", "long",
                                env=env, cwd=root).stdout.strip()
 
-            wait_for(lambda: job_status(cluster.dashboard, second, env) == "RUNNING", "the second search")
+            wait_for(lambda: trial_rows(root / "results" / "long"), "the second search's first trial", 300)
             assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
             wait_for(lambda: job_status(cluster.dashboard, second, env) == "STOPPED", "the stopped search")
             assert sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.startswith("STOPPED")
+            # stopped as Ctrl-C stops a search (the stack's RAY_JOB_STOP_SIGNAL), not killed: its runs end KILLED
+            assert "continue with `sharetune resume`" in sharetune("logs", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
+            stopped = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sharetune.search_path", "").endswith("/long")]
+            assert [r.info.status for r in stopped] == ["KILLED"]
+            unknown = subprocess.run([str(BIN / "sharetune"), "logs", "raysubmit_none", "--follow", "--address", cluster.dashboard],
+                                     env=env, cwd=root, capture_output=True, text=True, timeout=120)
+            assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "raysubmit_none" in unknown.stderr, unknown.stderr

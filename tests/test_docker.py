@@ -50,6 +50,32 @@ def test_compose_has_every_service_with_a_healthcheck():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
+def test_the_worker_healthcheck_passes_where_a_raylet_runs(tmp_path):
+    """Run as the image would (sh, and the venv's tools only: its Python has no psutil) beside a process
+    named raylet; a copy of sleep stands in for Ray's."""
+    (test,) = [compose()["services"]["worker"]["healthcheck"]["test"]]
+    assert test[0] == "CMD-SHELL"
+    raylet = tmp_path / "raylet"
+    raylet.write_bytes(Path("/bin/sleep").read_bytes())
+    raylet.chmod(0o755)
+    with subprocess.Popen([str(raylet), "60"]) as process:
+        try:
+            assert subprocess.run(["sh", "-c", test[1]], timeout=30).returncode == 0
+        finally:
+            process.kill()
+
+
+def test_stop_sends_ctrl_c_on_every_stack():
+    """`sharetune stop` interrupts a search as Ctrl-C does (its runs end KILLED, it resumes): Ray's job
+    supervisor sends RAY_JOB_STOP_SIGNAL, by default SIGTERM and SIGKILL 3 s later."""
+    wanted = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
+    for name in RAY_SERVICES:
+        assert wanted.items() <= compose()["services"][name]["environment"].items(), name
+    for manifest in ("raycluster.yaml", "rayjob.yaml"):
+        text = (DOCKER / "kuberay" / manifest).read_text()
+        assert "{name: RAY_JOB_STOP_SIGNAL, value: SIGINT}" in text and '{name: RAY_JOB_STOP_WAIT_TIME_S, value: "120"}' in text
+
+
 def test_published_ports_bind_to_loopback_unless_overridden():
     published = [(name, port) for name, s in compose()["services"].items() for port in s.get("ports", [])]
     assert published and "worker" not in {name for name, _ in published}  # workers scale: no host ports

@@ -126,9 +126,9 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
 
 def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_out_of_the_top(tmp_path):
     result, trials, client = search(tmp_path, fixed={"table_size": 64, "epochs": 100_000, "hidden": [16]}, dimensions={},
-                                    budget={"num_samples": 1, "time_limit_s": 6})
+                                    budget={"num_samples": 1, "time_limit_s": 10})
     (cut,) = trials.itertuples()
-    assert cut.status == CUT and 0 < cut.epochs_done < 100_000
+    assert cut.status == CUT and cut.epochs_done < 100_000  # on a loaded machine, maybe before its first epoch
     assert outcome(trials) == (ExitCode.OK, None)  # it spent the budget it was given
     assert top_trials(trials, result.spec) == "top trials (left out: 1 the time limit cut short): none trained to its end"
     (parent,), (child,) = parent_and_child_runs(client, "tiny")

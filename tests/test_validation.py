@@ -193,10 +193,16 @@ def test_set_values_are_yaml_or_one_line(tmp_path):
 
 # The command line: exit 2, one line, no traceback
 
-def sharetune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def sharetune(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "sharetune.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env})
+
+
+def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_path):
+    done = sharetune("report", str(tmp_path), cwd=tmp_path, MLFLOW_TRACKING_PASSWORD_FILE="secrets/none")
+    assert done.returncode == 2 and done.stderr == ("error: MLFLOW_TRACKING_PASSWORD_FILE: secrets/none: No such file or "
+                                                    "directory; give the file that holds the tracking server's password\n")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,10 @@ import shlex
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
+import aiohttp
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+from sharetune.errors import first_line
 
 if TYPE_CHECKING:  # a dashboard command needs no models, so no torch
     from sharetune.spaces import SearchSpec
@@ -75,6 +78,7 @@ def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str
     if not follow:
         yield _ask(address, lambda jobs: jobs.get_job_logs(job_id))
         return
+    _ask(address, lambda jobs: jobs.get_job_info(job_id))  # an unknown job or a refused token: one line, first
     stream = _ask(address, lambda jobs: jobs.tail_job_logs(job_id).__aiter__())
     loop = asyncio.new_event_loop()
     try:
@@ -83,6 +87,8 @@ def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str
                 yield loop.run_until_complete(stream.__anext__())
             except StopAsyncIteration:
                 return
+            except (RuntimeError, ConnectionError, OSError, aiohttp.ClientError) as err:  # the head went away mid-stream
+                raise JobsError(f"logs {job_id}: the dashboard's log stream broke ({first_line(err) or type(err).__name__})") from None
     finally:
         loop.close()
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,12 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # secret), so it is on no command line and in no spec
 PASSWORD_FILE = os.environ.get("MLFLOW_TRACKING_PASSWORD_FILE")
 if PASSWORD_FILE and "MLFLOW_TRACKING_PASSWORD" not in os.environ:
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = Path(PASSWORD_FILE).read_text().strip()
+    try:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = Path(PASSWORD_FILE).read_text().strip()
+    except OSError as err:  # read as the module loads, so no command can answer later: one line here
+        print(f"error: MLFLOW_TRACKING_PASSWORD_FILE: {PASSWORD_FILE}: {err.strerror}; give the file that holds the "
+              "tracking server's password", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def queue_path(folder: SearchFolder) -> Path:
