@@ -129,13 +129,19 @@ class Recipe(BaseModel):
                 setattr(self, name, value)
         if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs: {self.warmup_epochs} leaves no epoch after the warm-up of {self.epochs}")
-        for name, condition in self.conditions().items() if not accepted(info) else ():
+        if not accepted(info):
+            self._refuse_ignored()
+        return self
+
+    def _refuse_ignored(self) -> None:
+        """ValueError for a setting the run would ignore (`conditions`), unless it holds the value the
+        run has anyway."""
+        for name, condition in self.conditions().items():
             for other, allowed in condition.items():
                 unused = RECIPES[self.recipe].get(name, type(self).model_fields[name].default)
                 if getattr(self, other) not in allowed and getattr(self, name) != unused:
                     shown = " or ".join(map(repr, allowed[:4])) + (f" (or {len(allowed) - 4} more)" if len(allowed) > 4 else "")
                     raise ValueError(f"{name}: applies only to {other} {shown}, not {getattr(self, other)!r}")
-        return self
 
     @property
     def scaled_lr(self) -> float:
@@ -441,6 +447,8 @@ def train_epochs(
         state.step(model, loss)
         return loss, logits
 
+    if isinstance(forward, EagerFallback):  # a step whose backward fails to compile runs again, eagerly
+        train_step = functools.partial(forward.step, train_step, updates=lambda: state.updates)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.perf_counter()
         seed_epoch(recipe.seed, epoch)
@@ -449,8 +457,7 @@ def train_epochs(
         for x, y in data.train_batches(epoch, recipe.batch_size, recipe.seed, device, augment=recipe.augment, workers=workers):
             if layout is not None:
                 x = x.contiguous(memory_format=layout)
-            compiled = isinstance(forward, EagerFallback)
-            loss, logits = forward.step(train_step, x, y, updates=lambda: state.updates) if compiled else train_step(x, y)
+            loss, logits = train_step(x, y)
             total_loss += loss.detach() * len(logits)
             correct += (logits.argmax(1) == y[: len(logits)]).sum()
             seen += len(logits)

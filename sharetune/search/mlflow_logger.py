@@ -158,7 +158,7 @@ class MlflowLogger(tune.Callback):
         self.queue: MlflowQueue | None = None
         self.skipped_logged: set[int] = set()  # configuration numbers queued by this driver
         self.running: set[str] = set()  # trials started and neither completed nor failed since
-        self.time_limit_s, self.started = time_limit_s, time.monotonic()
+        self.time_limit_s, self.started = time_limit_s, 0.0  # started: when `setup` runs, as the search starts
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":

@@ -256,10 +256,11 @@ class SearchSpec(BaseModel):
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
             raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
         if self.scheduler is not None:
-            if self.scheduler.max_t and self.scheduler.max_t > self.max_epochs() and not self._accepted:
+            most = self.max_epochs()
+            if self.scheduler.max_t and self.scheduler.max_t > most and not self._accepted:
                 raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
-                                 f"({self.max_epochs()}); allowed: up to {self.max_epochs()}, or leave it out")
-            full = self.scheduler.max_t or self.max_epochs()
+                                 f"({most}); allowed: up to {most}, or leave it out")
+            full = self.scheduler.max_t or most
             if self.scheduler.grace_period >= full:
                 raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
                                  f"trial's {full}; give fewer than {full}")

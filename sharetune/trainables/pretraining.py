@@ -37,8 +37,9 @@ def show(line: str) -> None:
 def pretrain(settings: SpinSettings, data: Batches, *, device: torch.device | None = None, cpus: int | None = None,
              wrap: Callable[[nn.Module], nn.Module] | None = None, say: Callable[[str], None] = show) -> dict:
     """Train the unshared network for `pretrain_epochs` with the trial's recipe and precision; the
-    state_dict it was evaluated with (the EMA's, where the recipe keeps one), on CPU. `cpus`: threads and loader workers (as a trial's); `wrap`: DDP on a Ray Train
-    worker; `say` gets one progress line per epoch."""
+    state_dict it was evaluated with (the EMA's, where the recipe keeps one), on CPU. `cpus`: threads
+    and loader workers (as a trial's); `wrap`: DDP on a Ray Train worker; `say` gets one progress line
+    per epoch."""
     data = data.with_resolution(settings.resolution)
     if cpus is not None:
         torch.set_num_threads(cpus)
