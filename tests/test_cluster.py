@@ -165,9 +165,10 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             def status() -> str:
                 return sharetune("status", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
 
-            # one trial per node (one CPU each); the second node crashes once its trial has checkpointed an epoch
+            # one trial per node (one CPU each); the second node crashes once Tune holds its trial's checkpoint of
+            # epoch 1: Tune records a checkpoint after it logs the result, and takes the next result only then
             def second_node_trial() -> str | None:
-                return next((t for t, rows in trial_rows(folder).items() if len(rows) >= 2 and rows[-1]["node_id"] == cluster.second_node), None)
+                return next((t for t, rows in trial_rows(folder).items() if len(rows) >= 3 and rows[-1]["node_id"] == cluster.second_node), None)
 
             wait_for(second_node_trial, "a trial on the second node", 300)
             crashed = second_node_trial()

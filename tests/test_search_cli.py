@@ -202,8 +202,9 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_s
             for trial, pids in _trial_pids(folder).items():
                 kills.setdefault(trial, 1 if not kills else 2)
                 killed.setdefault(trial, [])
-                # the trial's process has reported a checkpointed epoch: epoch 1 (after its costs), or any of a retry
-                if len(pids) >= 2 and pids[-1] not in killed[trial] and len(killed[trial]) < kills[trial]:
+                # Tune holds a checkpoint of the trial's: it has logged epoch 2 (after the costs and epoch 1), as it
+                # takes a result only once it recorded the checkpoint that came with the one before
+                if len(pids) >= 3 and pids[-1] not in killed[trial] and len(killed[trial]) < kills[trial]:
                     with contextlib.suppress(ProcessLookupError):  # it may have just ended
                         os.kill(pids[-1], signal.SIGKILL)
                     killed[trial].append(pids[-1])
