@@ -4,6 +4,7 @@ test_search_cli.py."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,17 +247,26 @@ def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouc
     from sharetune.search.storage import SearchFolder, StateError
 
     result, _, _ = diverging
+
+    def started_here(folder: SearchFolder) -> None:  # a copy's record names the folder it was copied from
+        folder.save_mlflow(*folder.mlflow())
+
     damages = {
         "truncated": lambda f: next(f.glob("experiment_state-*.json")).write_text('{"trial_data": [["{\\"trial'),
         "pickle": lambda f: (f / "tuner.pkl").write_bytes(b"not a pickle"),
         "none": lambda f: [p.unlink() for p in f.glob("experiment_state-*.json")],
+        "moved": lambda f: None,
     }
     messages = {"truncated": r"Tune's state experiment_state-.*\.json is damaged and cannot be restored; the folder is left as it is$",
                 "pickle": r"Tune's state cannot be restored \(UnpicklingError: .*\); the folder is left as it is$",
-                "none": r"no Tune state to resume"}
+                "none": r"no Tune state to resume",
+                "moved": rf"moved: the search started in {re.escape(str(result.folder))} and was moved or copied here; Tune's state "
+                         r"and its MLflow runs name that folder, so resume it there$"}
     for damage, apply in damages.items():
         folder = tmp_path / damage
         shutil.copytree(result.folder, folder)
+        if damage != "moved":
+            started_here(SearchFolder(folder))
         apply(folder)
         before = _files(folder)
         with pytest.raises(StateError, match=messages[damage]):
@@ -265,6 +275,9 @@ def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouc
     done = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(tmp_path / "truncated")], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "is damaged and cannot be restored" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(tmp_path / "moved")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "was moved or copied here" in done.stderr
 
 
 def test_a_two_worker_arbnet_trial_reports_the_accuracy_of_the_model_rank_0_saves(tmp_path):

@@ -179,7 +179,19 @@ class SearchFolder(str):
             raise SpecError(f"{self}: damaged spec: {err}") from None
 
     def save_mlflow(self, tracking_uri: str, experiment: str) -> None:
-        self.write(MLFLOW_FILE, json.dumps({"tracking_uri": tracking_uri, "experiment": experiment}).encode())
+        """Where the search's runs live, and the folder they are tagged with (where it starts)."""
+        record = {"tracking_uri": tracking_uri, "experiment": experiment, "search_path": str(self)}
+        self.write(MLFLOW_FILE, json.dumps(record).encode())
+
+    def check_in_place(self) -> None:
+        """A search resumes only in the folder it started in: Tune's state makes the trials it adds
+        there (in Ray 2.60 it keeps the storage path it started with), and the MLflow runs are tagged
+        with that path. StateError for a moved or copied folder; one an earlier version wrote, which
+        recorded no path, passes."""
+        started = json.loads(self._required(MLFLOW_FILE)).get("search_path", self)
+        if started != self:
+            raise StateError(f"{self}: the search started in {started} and was moved or copied here; Tune's "
+                             "state and its MLflow runs name that folder, so resume it there")
 
     def mlflow(self) -> tuple[str, str]:
         """(tracking URI, experiment name) of the search's MLflow runs."""

@@ -211,6 +211,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     last checkpoint, errored ones are retried; the MLflow runs are found again by their tags."""
     spec = folder.spec()
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
+    folder.check_in_place()
     cluster.check_reachable(address)
     data = load_data(spec)
     start_ray(spec, address)
