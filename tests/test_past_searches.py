@@ -108,7 +108,7 @@ def test_list_shows_each_past_search_newest_first(searches):
         assert (listed.name, listed.status, listed.done, listed.planned, listed.failed) == (
             search.spec.name, "finished", len(trials), search.spec.num_samples(), 0)
         assert listed.best == {"test_accuracy": trials["test_accuracy"].max()}
-    assert (found[unstarted].status, found[unstarted].done, found[unstarted].best) == ("incomplete", 0, {})
+    assert (found[unstarted].status, found[unstarted].done, found[unstarted].best) == ("no trials", 0, {})  # nothing to resume
     result = CliRunner().invoke(app, ["list", "--storage", str(root / "results")])
     assert result.exit_code == 0, result.output
     header, *rows = result.output.strip().splitlines()

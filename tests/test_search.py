@@ -256,14 +256,17 @@ def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouc
         "pickle": lambda f: (f / "tuner.pkl").write_bytes(b"not a pickle"),
         "none": lambda f: [p.unlink() for p in f.glob("experiment_state-*.json")],
         "moved": lambda f: None,
+        "no trial": lambda f: [p.write_text(json.dumps({**json.loads(p.read_text()), "trial_data": []}))
+                               for p in f.glob("experiment_state-*.json")],  # as a search no proposal was feasible in
     }
     messages = {"truncated": r"Tune's state experiment_state-.*\.json is damaged and cannot be restored; the folder is left as it is$",
                 "pickle": r"Tune's state cannot be restored \(UnpicklingError: .*\); the folder is left as it is$",
                 "none": r"no Tune state to resume",
                 "moved": rf"moved: the search started in {re.escape(str(result.folder))} and was moved or copied here; Tune's state "
-                         r"and its MLflow runs name that folder, so resume it there$"}
+                         r"and its MLflow runs name that folder, so resume it there$",
+                "no trial": r"Tune's state records no trial, so there is nothing to continue; run `sharetune search` again$"}
     for damage, apply in damages.items():
-        folder = tmp_path / damage
+        folder = tmp_path / damage.replace(" ", "-")
         shutil.copytree(result.folder, folder)
         if damage != "moved":
             started_here(SearchFolder(folder))

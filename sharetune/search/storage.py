@@ -221,8 +221,8 @@ class SearchFolder(str):
             return []
 
     def tune_trial_ids(self) -> list[str]:
-        """The trials Tune's newest saved state records. A folder whose state is missing or unreadable
-        raises StateError, so `resume` never starts a new search over it."""
+        """The trials Tune's newest saved state records. A folder whose state is missing, unreadable or
+        records no trial raises StateError, so `resume` never starts a new search over it."""
         filesystem, path = self._filesystem()
         states = self._tune_states()
         if not states or self.read(TUNER_FILE) is None:
@@ -234,6 +234,9 @@ class SearchFolder(str):
             recorded = [json.loads(state)["trial_id"] for state, _ in json.loads(text)["trial_data"]]
         except (ValueError, KeyError, TypeError):
             raise self._damaged(states[-1]) from None
+        if not recorded:  # Ray 2.60's restore fails on a state with no trial (an IndexError, inside Tune)
+            raise StateError(f"{self}: Tune's state records no trial, so there is nothing to continue; "
+                             "run `sharetune search` again")
         self._check_searcher_state(filesystem, path)
         return recorded
 
