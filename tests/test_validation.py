@@ -18,7 +18,7 @@ from sharetune.data import load
 from sharetune.metrics import dense_reference
 from sharetune.models import WeightsError, load_state_dict, native
 from sharetune.search.destinations import check_destinations
-from sharetune.spaces import SpecError, SpinSettings, load_spec, parse_spec
+from sharetune.spaces import SpecError, SpinSettings, load_spec, parse_spec, trial_settings
 from sharetune.trainables import build_model, check_search, costs_of, pretrained_weights
 
 SPIN = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "objectives": {"test_accuracy": "max"},
@@ -152,6 +152,17 @@ def test_duplicate_keys_are_an_error_not_a_dropped_block(tmp_path):
     text = yaml.safe_dump(tiny_spec()) + "fixed: {table_size: 8}\n"
     with pytest.raises(SpecError, match=r"spec: .*spec.yaml: not valid YAML: duplicate key 'fixed' \(line \d+"):
         load_spec(write(tmp_path, text))
+
+
+def test_exponents_are_numbers_as_yaml_1_2_reads_them(tmp_path):
+    from sharetune.spaces.documents import load_yaml
+
+    assert load_yaml("[1e12, 1.5e3, -2E-3, 1.0e+12, 1_000e2, 1e, e12, 0x1e2, 1e12x]", "test") == [
+        1e12, 1500.0, -0.002, 1e12, 1e5, "1e", "e12", 0x1E2, "1e12x"]
+    path = write(tmp_path, yaml.safe_dump(tiny_spec()))
+    spec = load_spec(path, ["fixed.epochs=1e1", "data.train_subset=2e3"])
+    assert (spec.fixed["epochs"], spec.data.train_subset) == (10, 2000)
+    assert trial_settings({"family": "arbnet", "table_size": load_yaml("1e3", "test")}).table_size == 1000
 
 
 def test_non_utf8_deep_and_alias_bombs_are_errors(tmp_path):

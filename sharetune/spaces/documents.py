@@ -5,6 +5,8 @@ level of nesting (a deep document ends in RecursionError), and shares an aliased
 is used, so a few lines of anchors expand to billions of nodes once the spec is copied or dumped.
 `load_yaml` refuses all three, and bytes that are not UTF-8; `check_tree` holds a tree from any
 source (a file, `--set`, a dict) to the same limits and to string keys. Both raise `SpecError`.
+PyYAML reads YAML 1.1, where `1e12` is a string (a float needs a dot and a signed exponent);
+`load_yaml` reads it as YAML 1.2 does, a number.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class StrictLoader(yaml.SafeLoader):
             if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats that YAML 1.1 reads as strings: an exponent without a dot (1e12) or without a sign (1.5e3)
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
 
 
 def _measure(node: yaml.Node, sizes: dict[int, int], level: int) -> int:
