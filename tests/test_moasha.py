@@ -110,6 +110,8 @@ def test_a_diverged_value_ranks_last_and_breaks_nothing():
         ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha", "reduction_factor": 1}}, "scheduler.reduction_factor: got 1"),
         ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha", "grace_period": 2}},
          r"scheduler.grace_period: 2 epochs leaves no rung below a full trial's 2; give fewer than 2"),
+        ({"objectives": OBJECTIVES, "scheduler": {"name": "moasha"}, "fixed": {"epochs": 1}},
+         r"scheduler: early stopping needs a full trial of 2 epochs or more \(here 1\); give more epochs, or scheduler: null$"),
     ],
 )
 def test_bad_scheduler_specs_name_the_field(changes, message):

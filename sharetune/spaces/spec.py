@@ -261,6 +261,9 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
                                  f"({most}); allowed: up to {most}, or leave it out")
             full = self.scheduler.max_t or most
+            if full < 2:  # a rung is an epoch before the last: there is none to stop a trial at
+                raise ValueError(f"scheduler: early stopping needs a full trial of 2 epochs or more (here {full}); "
+                                 "give more epochs, or scheduler: null")
             if self.scheduler.grace_period >= full:
                 raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
                                  f"trial's {full}; give fewer than {full}")
