@@ -312,8 +312,8 @@ def report(
     out = out or REPORTS / source.rstrip("/").rpartition("/")[2]
     try:
         check_folder("--out", out)
-        if folder.is_search():
-            spec = folder.spec()
+        if folder.is_search() or "/" in source or Path(source).exists():  # no experiment name has a slash
+            spec = folder.spec()  # one that is no search folder: FileNotFoundError, naming it
             trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
             title = reports.search_title(spec.name, spec.data.name)
             uri, parent = parent_run_of(folder)
