@@ -305,7 +305,7 @@ def report(
     from sharetune.errors import first_line
     from sharetune.search import SearchFolder, parent_run_of
     from sharetune.search import report as reports
-    from sharetune.search.destinations import check_folder
+    from sharetune.search.destinations import check_folder, check_store_exists
     from sharetune.search.storage import StateError
 
     folder = SearchFolder(source)
@@ -319,6 +319,7 @@ def report(
             uri, parent = parent_run_of(folder)
         else:
             uri = _store(mlflow_uri)
+            check_store_exists(uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
             reference, title = reports.parent_context(uri, parent)
     except (ValueError, FileNotFoundError, StateError) as err:

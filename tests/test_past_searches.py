@@ -105,6 +105,10 @@ def test_list_shows_each_past_search_newest_first(searches):
     for path in (root / "results", root / "results" / "nosuch"):  # a path, not an experiment's name
         reported = CliRunner().invoke(app, ["report", str(path), "--out", str(root / "no-report")])
         assert reported.exit_code == 2 and reported.output == f"error: {path}: not a sharetune search folder (no sharetune-spec.yaml)\n"
+    store = root / "none.db"  # a store the report would only read: never created
+    reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", f"sqlite:///{store}", "--out", str(root / "no-report")])
+    assert reported.exit_code == 2 and reported.output == f"error: --mlflow-uri: no MLflow store at {store}; a search writes one there\n"
+    assert not store.exists()
     for search in (arbnet, spin):
         trials = report.trials_from_folder(search.folder)
         listed = found[search.folder]

@@ -79,6 +79,16 @@ def check_mlflow_uri(uri: str) -> None:
             raise SpecError(f"--mlflow-uri: {err}") from None
 
 
+def check_store_exists(uri: str) -> None:
+    """A store a command only reads must be there: MLflow would create an empty SQLite database."""
+    from sqlalchemy.engine import make_url
+
+    if uri.startswith("sqlite:"):
+        database = make_url(uri).database
+        if database not in (None, "", ":memory:") and not Path(database).expanduser().is_file():
+            raise SpecError(f"--mlflow-uri: no MLflow store at {database}; a search writes one there")
+
+
 def check_destinations(storage: str, name: str | None, mlflow_uri: str) -> None:
     """Every check above, in the order a user reads the options."""
     check_storage(storage)
