@@ -130,7 +130,7 @@ def test_spin_reports_get_the_papers_table(tmp_path):
                            "macs": [5.0e9, 5.0e9], "test_accuracy": [0.81, 0.79], "val_accuracy": [0.8, 0.78]})
     built = report.build_report(trials, tmp_path)
     table = pd.read_csv(tmp_path / "spin_table.csv")
-    assert table.columns.tolist() == ["share_rate", "params (M)", "MACs (G)", "val_accuracy", "test_accuracy"]
+    assert table.columns.tolist() == ["share_rate", "params (M)", "MACs (G)", "val_accuracy (%)", "test_accuracy (%)"]
     assert table.values.tolist() == [[1.0, 2.1, 5.0, 80.0, 81.0], [2.0, 1.2, 5.0, 78.0, 79.0]]
     assert "|   share_rate |   params (M) |" in (tmp_path / "spin_table.md").read_text() and tmp_path / "spin_table.md" in built.files
     assert np.isfinite(table["params (M)"]).all()

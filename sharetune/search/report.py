@@ -287,12 +287,12 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
 
 def paper_table(trials: pd.DataFrame, label: str | None, out: Path) -> list[Path]:
     """SPIN's kind of table: one row per trial (or configuration), what distinguishes it, parameters
-    in millions, MACs in billions, accuracy; as CSV and Markdown."""
+    in millions, MACs in billions, accuracy in percent (as the paper gives it); as CSV and Markdown."""
     accuracies = [c for c in ("val_accuracy", ACCURACY) if c in trials and trials[c].notna().any()]
     table = pd.DataFrame({
         label or "trial": trials[label] if label else trials["trial_id"],
         "params (M)": (trials["unique_params"] / 1e6).round(3), "MACs (G)": (trials["macs"] / 1e9).round(3),
-        **{name: (100 * trials[name]).round(2) for name in accuracies}})
+        **{f"{name} (%)": (100 * trials[name]).round(2) for name in accuracies}})
     table = table.sort_values("params (M)", ascending=False)
     table.to_csv(out / "spin_table.csv", index=False)
     (out / "spin_table.md").write_text(table.to_markdown(index=False) + "\n")
