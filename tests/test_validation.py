@@ -49,7 +49,9 @@ def spin(**fixed) -> dict:
                            "sparsity": {"uniform": [0, 0.5], "when": {"hash": ["identity"]}}}),
      r"dimensions.sparsity.when: hash can never be any of \['identity'\], so sparsity would never be sampled"),
     (tiny_spec(dimensions={"hash": {"choice": ["uniform"]}, "alpha": {"loguniform": [0.1, 1.0]}}),
-     r"dimensions.alpha.when: hash can never be any of \['dirichlet'\]"),
+     r"dimensions.alpha.when: hash can never be any of \['dirichlet'\], so alpha would never be sampled; allowed: "
+     r"values hash can take, or leave alpha out \(dimensions.alpha: null\)$"),
+    (tiny_spec(dimensions={"hash": {"choice": ["md5"]}, "alpha": {"loguniform": [0.1, 1.0]}}), r"^dimensions.hash: unknown hash 'md5'"),
     (tiny_spec(fixed={"table_size": 64, "epochs": 1}, dimensions={"sparsity": {"uniform": [0, 0.5], "when": {"epochs": [2]}}}),
      r"dimensions.sparsity.when: epochs can never be any of \[2\]"),
     (tiny_spec(variants={"big": {"table_size": -5}}), r"variants.big.table_size: got -5; input should be greater than or equal to 1"),
@@ -59,6 +61,13 @@ def test_invalid_specs_fail_in_one_line_naming_the_field(raw, message):
     with pytest.raises(SpecError, match=message) as caught:
         parse_spec(raw)
     assert "\n" not in str(caught.value)
+
+
+def test_a_dimension_set_to_null_is_left_out(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(dimensions={"hash": {"choice": ["uniform", "neighborhood"]}, "radius": {"int": [0, 4]}})))
+    spec = load_spec(path, ["dimensions.hash={choice: [uniform, dirichlet]}", "dimensions.radius=null"])
+    assert list(spec.dimensions) == ["hash"]
 
 
 def test_a_when_that_can_hold_is_kept():

@@ -221,6 +221,12 @@ class SearchSpec(BaseModel):
     def _safe_name(cls, value: str) -> str:
         return safe_name(value)
 
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _null_removes(cls, value):
+        """A dimension set to null is left out: how `--set dimensions.radius=null` drops a preset's."""
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
     @field_validator("optuna_storage")
     @classmethod
     def _storage_url(cls, value: str | None) -> str | None:
@@ -315,15 +321,10 @@ class SearchSpec(BaseModel):
             for key in dim.when or {}:
                 if key not in self.dimensions and key not in self.fixed:
                     raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
-            for key, values in self.condition(name).items():
-                possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
-                if not possible:
-                    raise ValueError(f"dimensions.{name}.when: {key} can never be any of {values}, so {name} would never be "
-                                     f"sampled; allowed: values {key} can take")
         for name in [n for n in self.variants if n not in self._variant_names()]:  # never picked: checked all the same
             for combo in self._extreme_combos():
                 self._resolve({**combo, "variant": name}, lambda loc, name=name: ".".join(["variants", name, *map(str, loc)]))
-        for settings in self.extreme_settings():
+        for settings in self.extreme_settings():  # each value first (an unknown hash), then what they leave unsampled
             self._check_pretrained(settings)
             if settings.precision == "fp16" and not self.resources.gpu:
                 raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
@@ -331,6 +332,12 @@ class SearchSpec(BaseModel):
             if settings.batch_size < 2 * self.resources.workers and not self._accepted:  # BatchNorm needs two examples
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
+        for name in self.dimensions:
+            for key, values in self.condition(name).items():
+                possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
+                if not possible:
+                    raise ValueError(f"dimensions.{name}.when: {key} can never be any of {values}, so {name} would never be "
+                                     f"sampled; allowed: values {key} can take, or leave {name} out (dimensions.{name}: null)")
 
     def extreme_settings(self) -> list[FamilySettings]:
         """One trial's settings per combination of dimension extremes (and variant) with the fixed
