@@ -430,20 +430,23 @@ def ui(
     port: int = typer.Option(UI_PORT, min=1, max=65535, help=f"port on {UI_HOST}"),
 ) -> None:
     """Start one light MLflow UI (one worker, no job runner) on this machine for the store in use; says when it is ready."""
-    from sharetune.search.mlflow_ui import READY_TIMEOUT_S, start_ui, wait_until_ready
+    from sharetune.search.mlflow_ui import READY_TIMEOUT_S, port_free, server_log, start_ui, wait_until_ready
 
     uri = _store(mlflow_uri)
     if uri.startswith(("http://", "https://")):
         typer.echo(f"the tracking server already serves the UI: {uri}")
         return
+    if not port_free(port):
+        fail(f"--port {port}: in use on {UI_HOST}; give another port")
     typer.echo(f"starting the MLflow UI for {uri}")
     server = start_ui(uri, port)
     try:
         if not wait_until_ready(server, port):
             code = server.poll()
-            fail(f"--port {port}: the MLflow server " + (f"exited with code {code} (is the port in use?)" if code is not None
-                                                          else f"did not answer within {READY_TIMEOUT_S:.0f} s"))
-        typer.echo(f"MLflow UI ready on http://{UI_HOST}:{port} (Ctrl-C stops it)")
+            fail(f"--port {port}: the MLflow server " + (f"exited with code {code}" if code is not None else
+                                                          f"did not answer within {READY_TIMEOUT_S:.0f} s")
+                 + f"; its log: {server_log(port)}")
+        typer.echo(f"MLflow UI ready on http://{UI_HOST}:{port} (Ctrl-C stops it; the server's log: {server_log(port)})")
         server.wait()
     except KeyboardInterrupt:
         pass

@@ -2,17 +2,21 @@
 
 `mlflow ui` by default starts four server workers and MLflow 3's job runner with its huey
 consumers, 15 processes in all, for a UI one person reads; this starts `mlflow server` with one
-worker and job execution off (3 processes with the caller), and tells when it answers.
+worker and job execution off (3 processes with the caller), and tells when it answers. The server's
+own output (start-up notices, a line per request) goes to a log file, out of the terminal.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+from sharetune.cache import cache_dir
 from sharetune.search.mlflow_queue import local_artifacts
 from sharetune.spaces.locations import UI_HOST
 
@@ -21,11 +25,28 @@ LIGHT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 READY_TIMEOUT_S = 300.0  # a loaded machine takes minutes to import MLflow's server
 
 
+def port_free(port: int) -> bool:
+    """Whether the server can listen on UI_HOST:`port` (as uvicorn binds, reusing a closed one's address)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((UI_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def server_log(port: int) -> Path:
+    return cache_dir() / f"mlflow-ui-{port}.log"
+
+
 def start_ui(uri: str, port: int) -> subprocess.Popen:
-    """`mlflow server` for the store `uri` on UI_HOST:`port`, one worker, artifacts beside the store."""
+    """`mlflow server` for the store `uri` on UI_HOST:`port`, one worker, artifacts beside the store,
+    its output to `server_log(port)`."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", UI_HOST,
                "--port", str(port), "--default-artifact-root", local_artifacts(), "--workers", "1"]
-    return subprocess.Popen(command, env={**os.environ, **LIGHT_ENV})
+    with server_log(port).open("w") as log:
+        return subprocess.Popen(command, env={**os.environ, **LIGHT_ENV}, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_until_ready(server: subprocess.Popen, port: int) -> bool:
