@@ -72,11 +72,11 @@ def test_an_unknown_set_key_suggests_the_nearest_valid_path(override, message):
     [
         ({"bogus": 1}, "bogus: unknown key"),
         ({"family": "cnn"}, "family: got 'cnn'; allowed: 'arbnet' or 'spin'"),
-        ({"fixed": {"tabel_size": 3}}, "tabel_size: not an arbnet setting; did you mean 'table_size'\\? allowed: .*table_size"),
+        ({"fixed": {"tabel_size": 3}}, "^fixed.tabel_size: not an arbnet setting; did you mean 'table_size'\\? allowed: .*table_size"),
         ({"fixed": {"table_size": 0}}, r"fixed.table_size: got 0; input should be greater than or equal to 1"),
         ({"fixed": {"hash": "dirichlet", "alpha": 1e308}, "dimensions": {}}, r"fixed.alpha: got 1e\+308; input should be less than or equal to 1000000"),
-        ({"fixed": {"epochs": True}}, "epochs: got True; give a number"),  # lax parsing read it as 1 epoch
-        ({"fixed": {"lr": "0.1"}}, "lr: got '0.1'; give a number"),
+        ({"fixed": {"epochs": True}}, "^fixed.epochs: got True; give a number$"),  # lax parsing read it as 1 epoch
+        ({"fixed": {"lr": "0.1"}}, "^fixed.lr: got '0.1'; give a number$"),
         ({"fixed": {"hidden": []}}, r"fixed.hidden: List should have at least 1 item"),  # not the paper's net instead
         ({"fixed": {"hash": "identity", "table_size": 5}, "dimensions": {}}, "table_size, compression: the identity hash keeps one entry per weight"),
         ({"dimensions": {"sparsity": {"choice": [0.1, 1.5]}}}, "dimensions.sparsity: got 1.5"),

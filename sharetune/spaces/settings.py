@@ -33,17 +33,15 @@ class FamilySettings(Recipe):
 
     model_config = ConfigDict(allow_inf_nan=False)  # an infinite share_rate or lr is a mistake, not a setting
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _numbers_are_numbers(cls, data):
+    def _numbers_are_numbers(cls, value, info: ValidationInfo):
         """Pydantic's lax parsing reads `epochs: true` as 1 epoch and `"3"` as 3; a number setting takes numbers."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                field = cls.model_fields.get(name)
-                kinds = (get_args(field.annotation) or (field.annotation,)) if field is not None else ()
-                if isinstance(value, (bool, str)) and set(kinds) & {int, float} and not set(kinds) & {bool, str}:
-                    raise PydanticCustomError("number", f"{name}: got {value!r}; give a number")
-        return data
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation) or (annotation,))
+        if isinstance(value, (bool, str)) and kinds & {int, float} and not kinds & {bool, str}:
+            raise PydanticCustomError("number", "got {value}; give a number", {"value": repr(value)})
+        return value
 
     @property
     def resolution(self) -> int | None:

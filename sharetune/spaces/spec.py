@@ -278,10 +278,11 @@ class SearchSpec(BaseModel):
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
         settings = FAMILIES[self.family]
         allowed = [*settings.model_fields, "variant"]
-        for name in [*self.fixed, *self.dimensions]:
-            if name not in allowed:
+        for section, names in (("fixed", self.fixed), ("dimensions", self.dimensions)):
+            name = next((name for name in names if name not in allowed), None)
+            if name is not None:
                 near = difflib.get_close_matches(name, allowed, n=1)
-                raise ValueError(f"{name}: not {'an' if self.family[0] in 'aeiou' else 'a'} {self.family} setting; "
+                raise ValueError(f"{section}.{name}: not {'an' if self.family[0] in 'aeiou' else 'a'} {self.family} setting; "
                                  + (f"did you mean {near[0]!r}? " if near else "") + f"allowed: {', '.join(allowed)}")
         overlap = set(self.fixed) & set(self.dimensions)
         if overlap:
