@@ -103,7 +103,7 @@ def test_a_rank_whose_share_of_a_batch_is_unreadable_still_takes_the_step(tmp_pa
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda root: __import__("shutil").rmtree(root / "val"), r"val: no such folder; an image folder needs root/train/<class>"),
+        (lambda root: __import__("shutil").rmtree(root / "val"), r"val: no such folder; an image folder needs root/train/<class>/.* \(root: data.root, or --data-dir for sharetune train\)$"),
         (lambda root: (root / "train" / "class_3").mkdir(), r"train/ and val/ hold different classes \(e.g. 'class_3'\)"),
         (lambda root: [p.unlink() for p in (root / "val" / "class_2").iterdir()], r"val/class_2: an empty class folder"),
     ],

@@ -25,7 +25,7 @@ from sharetune.data.batches import Augment, batch_starts, epoch_order, share, st
 from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
-LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
+LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png (root: data.root, or --data-dir for sharetune train)"
 
 
 def _classes(folder: Path) -> list[str]:
