@@ -322,6 +322,10 @@ def report(
             check_store_exists(uri)
             trials, parent = reports.trials_from_mlflow(source, uri)
             reference, title = reports.parent_context(uri, parent)
+            folders = reports.search_folders(source, uri)
+            if len(folders) > 1:
+                typer.echo(f"experiment {source} holds {len(folders)} searches: this reports the newest, {folders[0]}; "
+                           "give a search's folder to report another")
     except (ValueError, FileNotFoundError, StateError) as err:
         fail(str(err))
     except MlflowException as err:

@@ -10,10 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 import torch
 from helpers import start_local_ray, tiny_spec
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sharetune.cli import app
@@ -109,6 +111,18 @@ def test_list_shows_each_past_search_newest_first(searches):
     reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", f"sqlite:///{store}", "--out", str(root / "no-report")])
     assert reported.exit_code == 2 and reported.output == f"error: --mlflow-uri: no MLflow store at {store}; a search writes one there\n"
     assert not store.exists()
+    store = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(store)  # an earlier search of the same name, in the same experiment
+    client.create_run(client.get_experiment_by_name("tiny").experiment_id, start_time=1,
+                      tags={"sharetune.search_path": str(root / "results" / "earlier")})
+    reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", store, "--out", str(root / "tiny-report")])
+    assert reported.exit_code == 0 and reported.output.startswith(
+        f"experiment tiny holds 2 searches: this reports the newest, {arbnet.folder}; give a search's folder to report another\n"), reported.output
+    client.create_run(client.create_experiment("empty"), tags={"sharetune.search_path": str(root / "results" / "empty")})
+    reported = CliRunner().invoke(app, ["report", "empty", "--mlflow-uri", store, "--out", str(root / "empty-report")])
+    assert (reported.exit_code, reported.output) == (
+        2, f"error: experiment: the newest search in 'empty' ({root / 'results' / 'empty'}) has saved no trials yet\n")
+
     for search in (arbnet, spin):
         trials = report.trials_from_folder(search.folder)
         listed = found[search.folder]
@@ -124,6 +138,14 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert "finished" in rows[4] and "2/2" in rows[4] and arbnet.folder in rows[4]
     missing = CliRunner().invoke(app, ["list", "--storage", str(root / "nowhere")])
     assert missing.exit_code == 2 and "--storage: no folder" in missing.output
+
+    refused = SearchFolder.at(root / "results", "refused")  # no proposal met its constraints: no trial, one infeasible
+    refused.save_spec(parse_spec(tiny_spec(name="refused")))
+    refused.save_mlflow(store, "refused")
+    refused.save_skipped([{"kind": "infeasible", "config": {"hash": "uniform", "configuration": 0}, "costs": {"unique_params": 9}}])
+    reported = CliRunner().invoke(app, ["report", refused, "--out", str(root / "refused-report")])
+    assert reported.exit_code == 0 and "failed" not in reported.output, reported.output
+    assert pd.read_csv(root / "refused-report" / "trials.csv")["status"].tolist() == ["INFEASIBLE"]
 
 
 def session_commands(session: int) -> list[str]:

@@ -68,7 +68,7 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
                      **_metric_columns(last)})
     for entry in folder.skipped():
         first = {"duplicate_of": duplicate_of(entry)} if entry["kind"] == "duplicate" else {}
-        rows.append({"trial_id": None, "status": entry["kind"].upper(), "epochs_done": 0, **entry["config"],
+        rows.append({"trial_id": None, "status": entry["kind"].upper(), "error": None, "epochs_done": 0, **entry["config"],
                      **_metric_columns(entry.get("costs", {})), **first})
     return pd.DataFrame(rows)
 
@@ -82,6 +82,15 @@ def _metric_columns(metrics: dict) -> dict:
     return {f"final_{m}" if m in SETTINGS else m: metrics.get(m, math.nan) for m in METRICS}
 
 
+def search_folders(experiment: str, uri: str | None = None) -> list[str]:
+    """The folders of the experiment's searches (their parent runs' tag), newest first."""
+    client = MlflowClient(tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    parents = [] if found is None else client.search_runs(
+        [found.experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"], max_results=10000)
+    return [parent.data.tags[SEARCH_TAG] for parent in parents]
+
+
 def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.DataFrame, str]:
     """The child runs of the experiment's latest search, and that search's parent run id."""
     client = MlflowClient(tracking_uri(uri))
@@ -93,6 +102,9 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
     runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+    if not runs:
+        raise ValueError(f"experiment: the newest search in {experiment!r} ({parents[0].data.tags[SEARCH_TAG]}) "
+                         "has saved no trials yet")
     rows = [{"trial_id": r.data.tags.get(TRIAL_TAG), "status": _tune_status(r), "error": r.data.tags.get(ERROR_TAG),
              **{k: _number(v) for k, v in r.data.params.items()}, **_metric_columns(r.data.metrics),
              **({"duplicate_of": r.data.tags[DUPLICATE_TAG]} if DUPLICATE_TAG in r.data.tags else {})}
