@@ -89,7 +89,8 @@ def test_an_unknown_set_key_suggests_the_nearest_valid_path(override, message):
         ({"objectives": {"test_accuracy": "max", "macs": "min"}, "sampler": "cmaes"}, "sampler: cmaes is single-objective"),
         ({"sampler": "grid"}, "dimensions.alpha: the grid sampler needs unconditional `choice` dimensions"),
         ({"sampler": "bayes"}, "sampler: got 'bayes'; allowed: 'tpe', 'random', 'grid', 'gp', 'cmaes', 'nsga2' or 'motpe'"),
-        ({"data": {"name": "imagenet"}}, "data: name: unknown dataset 'imagenet'; allowed: cifar10"),
+        ({"data": {"name": "imagenet"}}, "^data.name: unknown dataset 'imagenet'; allowed: cifar10"),
+        ({"data": {"name": None}}, "^data.name: unknown dataset 'None'; allowed: cifar10"),  # --set data.name=
         ({"resources": {"gpu": -1}}, "resources.gpu: got -1"),
         ({"resources": {"workers": 4}, "dimensions": {"batch_size": {"choice": [7, 64]}}},
          "batch_size: 7 gives some of resources.workers: 4 fewer than two examples a step; allowed: 8 or more"),

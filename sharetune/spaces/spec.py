@@ -172,13 +172,15 @@ class DataSpec(BaseModel):
     img_size: int = Field(DEFAULT_IMG_SIZE, ge=8)  # imagefolder: the resolution images are cropped and resized to
     workers: Optional[int] = Field(None, ge=0)  # imagefolder: DataLoader workers (default: the trial's CPUs)
 
-    @model_validator(mode="after")
-    def _known(self) -> "DataSpec":
+    @field_validator("name", mode="before")
+    @classmethod
+    def _known(cls, value):
+        """One of the datasets (`--set data.name=` gives none); the message names them."""
         try:
-            canonical_name(self.name, field="name")
+            canonical_name(value if isinstance(value, str) else repr(value), field="data.name")
         except DataError as err:
-            raise ValueError(str(err)) from None
-        return self
+            raise ValueError(str(err).removeprefix("data.name: ")) from None
+        return value
 
 
 class Scheduler(BaseModel):
