@@ -82,13 +82,17 @@ def _metric_columns(metrics: dict) -> dict:
     return {f"final_{m}" if m in SETTINGS else m: metrics.get(m, math.nan) for m in METRICS}
 
 
+def _search_parents(client: MlflowClient, experiment_id: str, most: int = 10000) -> list:
+    """The parent runs of the experiment's searches, newest first."""
+    return client.search_runs([experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"],
+                              max_results=most)
+
+
 def search_folders(experiment: str, uri: str | None = None) -> list[str]:
     """The folders of the experiment's searches (their parent runs' tag), newest first."""
     client = MlflowClient(tracking_uri(uri))
     found = client.get_experiment_by_name(experiment)
-    parents = [] if found is None else client.search_runs(
-        [found.experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"], max_results=10000)
-    return [parent.data.tags[SEARCH_TAG] for parent in parents]
+    return [] if found is None else [parent.data.tags[SEARCH_TAG] for parent in _search_parents(client, found.experiment_id)]
 
 
 def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.DataFrame, str]:
@@ -97,7 +101,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"experiment: no MLflow experiment {experiment!r} in {client.tracking_uri}")
-    parents = client.search_runs([found.experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"], max_results=1)
+    parents = _search_parents(client, found.experiment_id, most=1)
     if not parents:
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
