@@ -40,7 +40,7 @@ def default(settings: type[SpinSettings | ArbNetSettings], field: str) -> str:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """One line and the exit code: 2 for bad input (sharetune.search.outcome.ExitCode lists them all)."""
+    """One line and the exit code: 2 for bad input (sharetune.errors.ExitCode lists them all)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -261,9 +261,9 @@ def resume(
 def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     """Run a search (`start`: a new one or a resumed one); a refusal or a full disk is one line and its
     exit code, else the search's end: its report and the exit code of how it went."""
+    from sharetune.errors import ExitCode
     from sharetune.search.cluster import ClusterError
     from sharetune.search.destinations import check_folder
-    from sharetune.search.outcome import ExitCode
     from sharetune.search.storage import StateError, StorageFull
     from sharetune.spaces import SpecError
 
@@ -503,25 +503,35 @@ def status(job: str = typer.Argument(..., help="the id `sharetune submit` printe
     from sharetune.search import jobs
 
     try:
-        state, message = jobs.status(address, job)
+        typer.echo(jobs.describe(jobs.status(address, job)))
     except jobs.JobsError as err:
         fail(str(err))
-    typer.echo(f"{state.value}{': ' + message if message else ''}")
 
 
 @app.command("logs")
 def logs(
     job: str = typer.Argument(...), address: Optional[str] = DASHBOARD,
-    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends, then exit with the search's exit code"),
 ) -> None:
-    """A submitted search's output (its live progress lines included)."""
+    """A submitted search's output (its live progress lines included); with --follow, then the search's
+    exit code."""
+    from sharetune.errors import ExitCode
     from sharetune.search import jobs
 
     try:
         for chunk in jobs.logs(address, job, follow):
             typer.echo(chunk, nl=False)
+        ended = jobs.status(address, job) if follow else None
     except jobs.JobsError as err:
         fail(str(err))
+    if ended is None:
+        return
+    if not ended.status.is_terminal():
+        fail(f"logs {job}: the log stream closed while the job is {ended.status.value}; follow it again")
+    code = jobs.exit_code(ended)
+    if code == ExitCode.NOT_STARTED:  # no search line ended the output: Ray's says why
+        typer.secho(jobs.describe(ended), fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 @app.command("stop")

@@ -32,9 +32,9 @@ def postgres_bin() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
-def run(command: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+def run(command: list[str], env: dict, expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, **kwargs)
-    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == expect, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
     return done
 
 
@@ -130,8 +130,8 @@ def ray_cluster(env: dict, temp: Path):
 STOP_AS_CTRL_C = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
 
 
-def sharetune(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return run([str(BIN / "sharetune"), *args], env, cwd=cwd)
+def sharetune(*args: str, env: dict, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    return run([str(BIN / "sharetune"), *args], env, expect, cwd=cwd)
 
 
 def job_status(dashboard: str, job: str, env: dict) -> str:
@@ -140,6 +140,15 @@ def job_status(dashboard: str, job: str, env: dict) -> str:
     request = urllib.request.Request(f"{dashboard}/api/jobs/{job}", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)["status"]
+
+
+def submit_entrypoint(dashboard: str, env: dict, entrypoint: str, runtime_env: dict | None = None) -> str:
+    """A job that `sharetune submit` would not send (a driver that fails), through the dashboard's REST API."""
+    body = json.dumps({"entrypoint": entrypoint, "runtime_env": runtime_env or {}}).encode()
+    request = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, headers={
+        "Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["submission_id"]
 
 
 @pytest.mark.slow
@@ -180,8 +189,8 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             assert state.startswith("SUCCEEDED"), state + sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
             logs = sharetune("logs", job, "--address", cluster.dashboard, env=env, cwd=root).stdout
             assert "2/2 done" in logs and "Pareto front" in logs
-            followed = sharetune("logs", job, "--follow", "--address", cluster.dashboard, env=env, cwd=root).stdout
-            assert "Pareto front" in followed  # streams to the end, then returns
+            followed = sharetune("logs", job, "--follow", "--address", cluster.dashboard, env=env, cwd=root)
+            assert "Pareto front" in followed.stdout and followed.stderr == ""  # streams to the end, then exits 0
 
             every = report.trials_from_folder(folder)
             trials = every[every["trial_id"].notna()]  # the rest: re-proposals answered without training
@@ -215,8 +224,21 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             assert sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.startswith("STOPPED")
             # stopped as Ctrl-C stops a search (the stack's RAY_JOB_STOP_SIGNAL), not killed: its runs end KILLED
             assert "continue with `sharetune resume`" in sharetune("logs", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
+            sharetune("logs", second, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=130)  # as Ctrl-C
             stopped = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sharetune.search_path", "").endswith("/long")]
             assert [r.info.status for r in stopped] == ["KILLED"]
+
+            # a driver that refuses its input and one that cannot start: `status` in one line, and `logs --follow`
+            # exits with the search's own code, or with 1 and Ray's reason
+            refused = submit_entrypoint(cluster.dashboard, env, "sharetune search missing.yaml")
+            unstartable = submit_entrypoint(cluster.dashboard, env, "true", {"working_dir": "file:///nonexistent.zip"})
+            wait_for(lambda: {job_status(cluster.dashboard, j, env) for j in (refused, unstartable)} == {"FAILED"}, "the failed jobs")
+            assert sharetune("status", refused, "--address", cluster.dashboard, env=env, cwd=root).stdout == \
+                f"FAILED: the search exited with code 2; its output: sharetune logs {refused}\n"
+            followed = sharetune("logs", refused, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=2)
+            assert "error: spec: no such file missing.yaml" in followed.stdout and followed.stderr == "", followed
+            followed = sharetune("logs", unstartable, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=1)
+            assert followed.stderr.count("\n") == 1 and "nonexistent.zip" in followed.stderr, followed.stderr
             unknown = subprocess.run([str(BIN / "sharetune"), "logs", "raysubmit_none", "--follow", "--address", cluster.dashboard],
                                      env=env, cwd=root, capture_output=True, text=True, timeout=120)
             assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "raysubmit_none" in unknown.stderr, unknown.stderr

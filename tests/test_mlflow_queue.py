@@ -12,8 +12,8 @@ import yaml
 from helpers import fill, free_port, mlflow_server, small_filesystem, tiny_spec, wait_for
 from mlflow.tracking import MlflowClient
 
+from sharetune.errors import ExitCode
 from sharetune.search.mlflow_queue import SEARCH_TAG, TRIAL_TAG, MlflowQueue, queue_path
-from sharetune.search.outcome import ExitCode
 from sharetune.search.storage import SearchFolder
 
 EPOCHS, TRIALS = 4, 4

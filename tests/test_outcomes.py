@@ -356,7 +356,8 @@ def test_an_error_is_its_exception_line():
 def test_constraints_no_proposal_met_are_bad_input_not_success():
     import pandas as pd
 
-    from sharetune.search.outcome import ExitCode, outcome
+    from sharetune.errors import ExitCode
+    from sharetune.search.outcome import outcome
 
     skipped = pd.DataFrame({"trial_id": [None, None], "status": ["INFEASIBLE", "INFEASIBLE"]})
     assert outcome(skipped) == (ExitCode.BAD_INPUT, "constraints: none of the 2 proposals met them, so no trial "

@@ -17,11 +17,12 @@ import yaml
 from helpers import parent_and_child_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 
+from sharetune.errors import ExitCode
 from sharetune.metrics import pareto_mask
 from sharetune.search import SearchFolder, report, tuner
 from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
-from sharetune.search.outcome import CUT, ExitCode, failed_trials, outcome
+from sharetune.search.outcome import CUT, failed_trials, outcome
 from sharetune.spaces import parse_spec
 
 # conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once

@@ -8,20 +8,22 @@ there against the cluster (`--address auto`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import aiohttp
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
-from sharetune.errors import first_line
+from sharetune.errors import ExitCode, first_line
 
 if TYPE_CHECKING:  # a dashboard command needs no models, so no torch
     from sharetune.spaces import SearchSpec
 
 SPEC_ENV = "SHARETUNE_SPEC"
+JOBS_SDK_LOGGER = "ray.dashboard.modules.job.sdk"  # Ray sets it to INFO
 AGENT_WAIT_S = 60.0  # a node lost moments ago is offered as the job agent until Ray marks it dead
 T = TypeVar("T")
 
@@ -69,9 +71,31 @@ def submit(spec: SearchSpec, address: str | None, *, mlflow_uri: str | None = No
     ))
 
 
-def status(address: str | None, job_id: str) -> tuple[JobStatus, str]:
-    info = _ask(address, lambda jobs: jobs.get_job_info(job_id))
-    return info.status, info.message or ""
+def status(address: str | None, job_id: str) -> JobDetails:
+    return _ask(address, lambda jobs: jobs.get_job_info(job_id))
+
+
+def describe(job: JobDetails) -> str:
+    """The job's state in one line. Ray's message for a failed search holds the last lines of its
+    output: the line gives the search's exit code instead, and where its output is."""
+    if job.status == JobStatus.FAILED and job.driver_exit_code is not None:
+        return (f"FAILED: the search exited with code {job.driver_exit_code}; "
+                f"its output: sharetune logs {job.submission_id}")
+    lines = [line for line in (job.message or "").splitlines() if line.strip()]
+    return f"{job.status.value}: {lines[-1].strip()}" if lines else job.status.value
+
+
+def exit_code(job: JobDetails) -> int:
+    """What `sharetune logs --follow` exits with once the job ended: the search's own exit code
+    (sharetune.errors.ExitCode); a stop interrupts it as Ctrl-C does."""
+    if job.status == JobStatus.SUCCEEDED:
+        return ExitCode.OK
+    if job.status == JobStatus.STOPPED:
+        return ExitCode.INTERRUPTED
+    code = job.driver_exit_code
+    if code is None:  # the driver never ran to an end: it could not start
+        return ExitCode.NOT_STARTED
+    return code if code > 0 else 128 - code  # -N: killed by signal N, as a shell reports it
 
 
 def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str]:
@@ -79,6 +103,7 @@ def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str
         yield _ask(address, lambda jobs: jobs.get_job_logs(job_id))
         return
     _ask(address, lambda jobs: jobs.get_job_info(job_id))  # an unknown job or a refused token: one line, first
+    logging.getLogger(JOBS_SDK_LOGGER).setLevel(logging.WARNING)  # its INFO line on the stream's close
     stream = _ask(address, lambda jobs: jobs.tail_job_logs(job_id).__aiter__())
     loop = asyncio.new_event_loop()
     try:

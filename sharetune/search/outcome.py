@@ -1,15 +1,15 @@
 """How a search ended, as the command's exit code and one line: 0 only when every trial finished.
 
-The exit codes live here and nowhere else (the README's table lists them).
+The exit codes themselves live in sharetune.errors (the README's table lists them).
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
 from pathlib import Path
 
 import pandas as pd
 
+from sharetune.errors import ExitCode
 from sharetune.metrics import STEP
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import trial_settings
@@ -19,16 +19,6 @@ FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ende
 CUT = "CUT"  # the report's status of a trial the search's time_limit_s ended before its last epoch
 ENDED = (FINISHED, FAILED, CUT)
 INFEASIBLE, DUPLICATE = "INFEASIBLE", "DUPLICATE"  # the report's statuses of proposals answered without training
-
-
-class ExitCode(IntEnum):
-    OK = 0  # every trial finished
-    BAD_INPUT = 2  # refused before any trial: spec, data, cluster resources or address, disk, unrestorable folder;
-    # or constraints no proposal met, so no trial ran
-    TRIALS_FAILED = 3  # the search ended, but some trials raised (after their retries)
-    MLFLOW_BEHIND = 4  # every trial finished, but MLflow did not answer: `sharetune resume` delivers the rest
-    STORAGE_FULL = 5  # the search folder's disk filled up mid-search: free space, then `sharetune resume`
-    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): trials left unfinished; `sharetune resume` continues
 
 
 ERROR_LINE_CHARS = 200  # past this, an error line keeps its first sentence (Ray's paragraphs, e.g. a dead worker's)
