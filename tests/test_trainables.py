@@ -66,6 +66,39 @@ def test_searches_that_never_fuse_or_map_by_cka_pretrain_nothing():
     assert pretrained_weights(spec, load("synthetic"), store) is None and not store
 
 
+def test_a_search_that_searches_its_sharing_pretrains_the_fixed_unshared_model_once():
+    data = load("synthetic")
+    spec = parse_spec(tiny_spec(family="spin", fixed={**ARCH, "fusion": "mean", "pretrain_epochs": 1},
+                                dimensions={"share_rate": {"choice": [2, 4]}, "lr": {"loguniform": [1e-3, 1e-2]}}))
+    assert spec.pretraining_settings() == SpinSettings(**ARCH, pretrain_epochs=1)  # fusion alone would need share_rate > 1
+    pretrained = pretrained_weights(spec, data, MemoryStore())
+    for share_rate in (2, 4):  # both start from it
+        build_model(SpinSettings(**ARCH, share_rate=share_rate, fusion="mean", pretrain_epochs=1), data, pretrained)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dimensions": {"dim": {"choice": [8, 16]}}}, r"dimensions.dim: the trials that fuse or map by cka start from one "
+     r"unshared model, pretrained with the fixed settings \(dim: the model's default\), so dim is fixed for them"),
+    ({"dimensions": {"variant": {"choice": ["wide"]}}, "variants": {"wide": {"depth": 8}}},
+     r"variants.wide.depth: .* \(depth: 4\)"),
+    ({"dimensions": {"pretrain_epochs": {"choice": [1, 2]}}},
+     r"dimensions.pretrain_epochs: the search pretrains one unshared model for all its trials; give pretrain_epochs in fixed"),
+    ({"dimensions": {"variant": {"choice": ["long"]}}, "variants": {"long": {"pretrain_epochs": 3}}},
+     r"variants.long.pretrain_epochs: the search pretrains one unshared model"),
+])
+def test_what_the_one_pretrained_model_is_cannot_vary_across_the_trials_that_start_from_it(changes, message):
+    fixed = {**ARCH, "share_rate": 2, "fusion": "mean", "pretrain_epochs": 1}
+    for name in ("dim", "pretrain_epochs"):
+        if name in changes.get("dimensions", {}):
+            fixed.pop(name)
+    with pytest.raises(SpecError, match=message):
+        parse_spec(tiny_spec(family="spin", fixed=fixed, **changes))
+    # the same sizes searched only where nothing fuses are fine
+    parse_spec(tiny_spec(family="spin", fixed={"dim": 8, "share_rate": 2, "pretrain_epochs": 1},
+                         dimensions={"fusion": {"choice": [None, "mean"]},
+                                     "depth": {"choice": [4, 8], "when": {"fusion": [None]}}}))
+
+
 def test_the_cka_mapping_needs_pretrained_weights_and_the_uniform_distribution():
     with pytest.raises(SpecError, match="mapping: 'cka': needs pretrained weights; set pretrained"):
         parse_spec(tiny_spec(family="spin", fixed={"share_rate": 2, "mapping": "cka"}, dimensions={}))

@@ -8,7 +8,7 @@ once, and the CLI's `train` command builds one from its options. Each extends th
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import ClassVar, Literal, Optional, get_args
 
 from pydantic import ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -101,6 +101,9 @@ class SpinSettings(FamilySettings):
     """A SPIN isotropic net (create_model) with a sharing plan, transforms or fusion; trained with the
     SPIN paper's recipe unless `recipe` says otherwise."""
 
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("dim", "depth", "patch_size", "kernel_size", "img_size")  # model options
+    SHARING: ClassVar[tuple[str, ...]] = ("share_rate", "mapping", "distribution", "components", "transform_groups", "fusion")
+
     recipe: Literal[tuple(RECIPES)] = "spin"  # type: ignore[valid-type]
 
     model: Literal[SPIN_MODELS] = "convmixer"  # type: ignore[valid-type]
@@ -144,6 +147,10 @@ class SpinSettings(FamilySettings):
 
     def needs_pretrained(self) -> bool:
         return self.share_rate > 1 and (self.fusion is not None or self.mapping == "cka")
+
+    def unshared_model(self) -> tuple:
+        """What the unshared network is (not how it trains): pretrained weights fit the trials alike in it."""
+        return (self.model, *(getattr(self, name) for name in self.ARCHITECTURE))
 
 
 FAMILIES: dict[str, type[FamilySettings]] = {"arbnet": ArbNetSettings, "spin": SpinSettings}

@@ -335,6 +335,7 @@ class SearchSpec(BaseModel):
             if settings.batch_size < 2 * self.resources.workers and not self._accepted:  # BatchNorm needs two examples
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
+        self._check_pretraining()
         for name in self.dimensions:
             for key, values in self.condition(name).items():
                 possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
@@ -354,11 +355,49 @@ class SearchSpec(BaseModel):
             return [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
         return [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
 
-    def _resolve(self, combo: dict[str, Scalar], where: Callable[[tuple], str]) -> FamilySettings:
-        """The settings of a trial that samples `combo`; errors name the field as `where` spells it."""
+    def pretraining_settings(self) -> SpinSettings | None:
+        """The one unshared model that the trials which fuse or map by cka start from, and how it
+        pretrains: the fixed settings, their sharing left out; None where no trial needs it."""
+        if not any(s.needs_pretrained() for s in self.extreme_settings()):
+            return None
+        unshared = {k: v for k, v in self._config({}).items() if k not in SpinSettings.SHARING}
+        return SpinSettings.model_validate(unshared, context=ACCEPTED if self._accepted else None)
+
+    def _check_pretraining(self) -> None:
+        """One unshared model is pretrained per search, from the fixed settings: how it pretrains is
+        fixed, and every trial that starts from it builds the same network."""
+        for name in ("pretrain_epochs", "pretrained"):
+            if self._varied(name) is not None:
+                raise ValueError(f"{self._varied(name)}: the search pretrains one unshared model for all its trials; "
+                                 f"give {name} in fixed")
+        pretraining = self.pretraining_settings()
+        if pretraining is None:
+            return
+        for settings in self.extreme_settings():
+            if settings.needs_pretrained() and settings.unshared_model() != pretraining.unshared_model():
+                name = next(name for name in ("model", *SpinSettings.ARCHITECTURE)
+                            if getattr(settings, name) != getattr(pretraining, name))
+                fixed = "the model's default" if getattr(pretraining, name) is None else getattr(pretraining, name)
+                raise ValueError(f"{self._varied(name) or name}: the trials that fuse or map by cka start from one "
+                                 f"unshared model, pretrained with the fixed settings ({name}: {fixed}), so {name} is "
+                                 "fixed for them; give it in fixed, or search it only where no trial fuses")
+
+    def _varied(self, name: str) -> str | None:
+        """Where a setting varies across trials (`dimensions.x`, `variants.v.x`); None where it is fixed."""
+        if name in self.dimensions:
+            return f"dimensions.{name}"
+        return next((f"variants.{variant}.{name}" for variant, settings in self.variants.items() if name in settings), None)
+
+    def _config(self, combo: dict[str, Scalar]) -> dict:
+        """The config of a trial that samples `combo`: the fixed settings, the active samples, its variant's."""
         config = {**self.fixed, **combo}
         config = {k: v for k, v in config.items() if not self._inactive(k, config)}
         config.update(self.variants.get(config.pop("variant", None), {}))
+        return config
+
+    def _resolve(self, combo: dict[str, Scalar], where: Callable[[tuple], str]) -> FamilySettings:
+        """The settings of a trial that samples `combo`; errors name the field as `where` spells it."""
+        config = self._config(combo)
         try:
             return FAMILIES[self.family].model_validate(config, context=ACCEPTED if self._accepted else None)
         except ValidationError as err:

@@ -68,7 +68,7 @@ def build_spin(
     img_size = s.img_size or height
     resize = Resize(img_size) if img_size != height else None
     entry = get_model(s.model)
-    architecture = {"dim": s.dim, "depth": s.depth, "patch_size": s.patch_size, "kernel_size": s.kernel_size, "img_size": img_size}
+    architecture = {**{name: getattr(s, name) for name in s.ARCHITECTURE}, "img_size": img_size}
     options = {k: v for k, v in architecture.items() if v is not None and k in entry.options}
     sharing, cka_data = None, None
     if not unshared and s.share_rate > 1:

@@ -16,7 +16,7 @@ from torch import nn
 
 from sharetune.data import Batches
 from sharetune.models import load_state_dict
-from sharetune.spaces import SearchSpec, SpinSettings, trial_settings
+from sharetune.spaces import SearchSpec, SpinSettings
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.training import TrainingState, pick_device, train_epochs
 
@@ -59,9 +59,9 @@ Pretrainer = Callable[[SpinSettings, Batches], dict]
 def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore, train: Pretrainer = pretrain) -> dict | None:
     """The unshared weights a search's trials start from: the spec's file, the store's copy, or new
     (from the fixed settings, by `train`); None when no trial fuses or maps by CKA."""
-    if not any(s.needs_pretrained() for s in spec.extreme_settings()):
+    settings = spec.pretraining_settings()
+    if settings is None:
         return None
-    settings = trial_settings({"family": spec.family, **spec.fixed})
     if settings.pretrained:
         return load_state_dict(settings.pretrained)
     cached = store.read(PRETRAINED_FILE)
