@@ -63,3 +63,10 @@ def test_cka_mapping_builds_a_plan_from_a_pretrained_model():
     assert plan.num_entries == 3 and list(plan.bank_ids) == sorted(plan.bank_ids)  # contiguous groups
     with pytest.raises(ValueError, match="mapping: 'cka' needs pretrained"):
         create_model("convmixer", **arch, sharing={"mapping": "cka", "rate": 2})
+    for count in (65, 4):  # a last minibatch of 1 once failed HSIC's four; 4 is the least it takes
+        create_model("convmixer", **arch, pretrained=pretrained, cka_data=torch.randn(count, 1, 8, 8),
+                     sharing={"mapping": "cka", "rate": 2})
+    with pytest.raises(ValueError, match="cka_data: the cka mapping compares layers on 4 inputs or more, got 3"):
+        create_model("convmixer", **arch, pretrained=pretrained, cka_data=data[:3], sharing={"mapping": "cka", "rate": 2})
+    with pytest.raises(ValueError, match="sharing: the cka mapping needs rate"):
+        create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka"})

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from sharetune.analysis.figures import save_figure
 
+MIN_HSIC_SAMPLES = 4  # unbiased HSIC divides by n - 3
+
 
 def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
-    if n < 4:
-        raise ValueError(f"batch_size: unbiased HSIC needs at least 4 samples per batch, got {n}")
+    if n < MIN_HSIC_SAMPLES:
+        raise ValueError(f"batch_size: unbiased HSIC needs at least {MIN_HSIC_SAMPLES} samples per batch, got {n}")
     k = k - torch.diag(torch.diag(k))
     l = l - torch.diag(torch.diag(l))
     kl = k @ l

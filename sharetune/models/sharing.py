@@ -3,15 +3,19 @@ or CKA similarity), the shared components, lightweight transforms (Table 2) and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from sharetune.analysis import cka_matrix
+from sharetune.analysis.cka import MIN_HSIC_SAMPLES
 from sharetune.models.fusion import FUSABLE, add_transforms, fuse
 from sharetune.models.registry import ModelEntry, shareable_model_names
 from sharetune.models.spin import SIMILARITY_MAPPINGS, SharingPlan, cka_plan, names_a_parameter, share, submodule
 
 Sharing = dict | str | list | SharingPlan
+CKA_BATCH = 64  # inputs per minibatch of the cka mapping's HSIC
 
 
 def apply_sharing(
@@ -58,8 +62,12 @@ def _similarity_plan(model: nn.Module, options: dict, pretrained: bool, data: to
     unknown = sorted(set(options) - {"mapping", "rate"})
     if unknown:
         raise ValueError(f"sharing: {unknown[0]!r} does not apply to the cka mapping; it takes: rate")
-    batches = list(torch.split(data, 64))
-    return cka_plan(cka_matrix(model, batches), options.get("rate", 2))
+    if "rate" not in options:
+        raise ValueError("sharing: the cka mapping needs rate (layers per bank entry)")
+    if len(data) < MIN_HSIC_SAMPLES:
+        raise ValueError(f"cka_data: the cka mapping compares layers on {MIN_HSIC_SAMPLES} inputs or more, got {len(data)}")
+    batches = torch.tensor_split(data, math.ceil(len(data) / CKA_BATCH))  # even sizes: no short tail batch
+    return cka_plan(cka_matrix(model, batches), options["rate"])
 
 
 def _fused_layers(block: nn.Module, entry: ModelEntry, component: str) -> list[str]:
