@@ -27,6 +27,7 @@ import math
 import random
 import time
 import warnings
+from fnmatch import fnmatch
 from typing import Annotated, Callable, Iterator, Literal, Optional, TypeVar
 
 import numpy as np
@@ -291,9 +292,16 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.L
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Parameter groups with no weight decay on norm layers and biases (each shared tensor once)."""
+    """Parameter groups with no weight decay on norm layers and biases, and on what a module names in
+    timm's `no_weight_decay()` (patterns under that module: DeiT's position embedding and class token,
+    a fused layer's biases and norm scales); each shared tensor once."""
     exempt = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     exempt |= {id(p) for name, p in model.named_parameters() if "bias" in name.rpartition(".")[2]}
+    for module in model.modules():
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            patterns = declared()
+            exempt |= {id(p) for name, p in module.named_parameters() if any(fnmatch(name, pat) for pat in patterns)}
     params = list(model.parameters())
     return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]

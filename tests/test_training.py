@@ -80,6 +80,19 @@ def test_timms_optimizer_and_ema_see_a_shared_spin_tensor_once():
     assert aliased is bank and state.ema.module.blocks[1][1].weight is ema_bank
 
 
+@pytest.mark.parametrize("kind", [kind for kind in MODEL_KINDS if not kind.startswith("arbnet")])
+def test_the_recipe_decays_no_bias_norm_scale_or_token_shared_fused_or_not(kind):
+    from sharetune.training import decay_groups
+
+    _, model = build_kind(kind, load("synthetic"))
+    decayed = {id(p) for p in decay_groups(model, 0.1)[0]["params"]}
+    names = [name for name, p in model.named_parameters() if id(p) in decayed]
+    # every bias and norm scale is a vector; the vectors left are a fusion's mixing weights and a transform's shift
+    vectors = [name for name, p in model.named_parameters() if id(p) in decayed and p.ndim < 2]
+    assert all(name.endswith((".alpha", ".shift")) for name in vectors), vectors
+    assert not [name for name in names if name.endswith(("pos_embed", "cls_token"))]  # DeiT's, as timm declares
+
+
 def test_cli_trains_one_spin_model_as_a_trial_would():
     args = ["train", "spin", "--dataset", "synthetic", "--dim", "16", "--depth", "4", "--patch-size", "2", "--kernel-size", "3",
             "--share-rate", "2", "--epochs", "2", "--json"]

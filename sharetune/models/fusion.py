@@ -51,8 +51,8 @@ class FusedLayer(nn.Module):
         super().__init__()
         if strategy not in FUSIONS:
             raise ValueError(f"fusion: unknown strategy {strategy!r}; allowed: {', '.join(FUSIONS)}")
-        mixes_channels = isinstance(layers[0], (nn.Conv2d, nn.Linear))
-        self.strategy = strategy if mixes_channels or strategy == "choose_first" else "mean"
+        self.mixes_channels = isinstance(layers[0], (nn.Conv2d, nn.Linear))  # else a norm layer's scales
+        self.strategy = strategy if self.mixes_channels or strategy == "choose_first" else "mean"
         self.__dict__["template"] = _layout(layers[0])
         layers = layers[:1] if strategy == "choose_first" else layers
         self.sources = nn.ParameterList([nn.Parameter(m.weight.detach().clone()) for m in layers])
@@ -66,6 +66,11 @@ class FusedLayer(nn.Module):
             self.alpha = nn.Parameter(torch.ones(count, out_channels))
         elif self.strategy == "pointwise_conv":
             self.mix = nn.Parameter(torch.eye(out_channels))
+
+    def no_weight_decay(self) -> set[str]:
+        """What the recipe leaves undecayed here, as timm's models declare it: the biases, and a norm
+        layer's scales."""
+        return {"source_biases.*"} if self.mixes_channels else {"source_biases.*", "sources.*"}
 
     def mixing(self) -> Tensor | None:
         """The strategy's own parameter: alpha (per source, or per source and channel) or the C x C map."""
