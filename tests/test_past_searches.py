@@ -127,7 +127,7 @@ def test_list_shows_each_past_search_newest_first(searches):
         trials = report.trials_from_folder(search.folder)
         listed = found[search.folder]
         assert (listed.name, listed.status, listed.done, listed.planned, listed.failed) == (
-            search.spec.name, "finished", len(trials), search.spec.num_samples(), 0)
+            search.spec.name, "finished", len(trials), search.spec.planned_trials(), 0)
         assert listed.best == {"test_accuracy": trials["test_accuracy"].max()}
     assert (found[unstarted].status, found[unstarted].done, found[unstarted].best) == ("no trials", 0, {})  # nothing to resume
     result = CliRunner().invoke(app, ["list", "--storage", str(root / "results")])

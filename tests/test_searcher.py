@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import ModelCosts
 from sharetune.search import report, tuner
+from sharetune.search.listing import describe
 from sharetune.search.searcher import CONFIGURATION, ConfigurationSearcher
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import OptunaSpace, SpecError, parse_spec
@@ -129,6 +130,8 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     infeasible = trials[trials["status"] == "INFEASIBLE"]
     assert set(infeasible["table_size"]) == {512} and (infeasible["unique_params"] > 500).all()
     assert (trained["unique_params"] <= 500).all()
+    listed = describe(result.folder)  # `sharetune list`: 4 of the 8 trials asked for, as the space ran out
+    assert (listed.status, listed.done, listed.planned) == ("finished", 4, 8)
 
     built = report.build_report(trials, tmp_path / "report")
     table = pd.read_csv(tmp_path / "report" / "configurations.csv")

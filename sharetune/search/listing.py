@@ -16,6 +16,7 @@ from datetime import datetime
 from pyarrow import fs
 
 from sharetune.search.outcome import ENDED, failed_trials
+from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
@@ -26,12 +27,13 @@ class PastSearch:
     folder: SearchFolder
     name: str
     started: datetime | None
-    planned: int  # trials the budget asks for
+    planned: int  # trials the budget asks for (num_samples x repeats)
     done: int  # trials that ended, failed ones included
     failed: int
     pending: int  # trials Tune has but that have not ended
     best: dict[str, float]  # objective -> its best last value over the trials
     damaged: str = ""  # why the folder cannot be read, where it cannot
+    exhausted: bool = False  # every configuration of a finite space was proposed: the searcher ended early
 
     @property
     def status(self) -> str:
@@ -39,7 +41,7 @@ class PastSearch:
             return "damaged"
         if self.done == self.pending == 0:
             return "no trials"
-        return "finished" if self.done >= self.planned and not self.pending else "incomplete"
+        return "finished" if (self.done >= self.planned or self.exhausted) and not self.pending else "incomplete"
 
 
 def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
@@ -53,8 +55,11 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
                   and isinstance(v := (t.last_result or {}).get(objective), (int, float)) and not math.isnan(v)]
         if values:
             best[objective] = max(values) if mode == "max" else min(values)
-    return PastSearch(folder, spec.name, started, spec.num_samples(), done=len(ended), failed=len(failed),
-                      pending=len(trials) - len(ended), best=best)
+    proposed = {t.config.get(CONFIGURATION) for t in trials} | {
+        entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
+    return PastSearch(folder, spec.name, started, spec.planned_trials(), done=len(ended), failed=len(failed),
+                      pending=len(trials) - len(ended), best=best,
+                      exhausted=len(proposed) >= (spec.distinct_configurations() or math.inf))
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:

@@ -120,7 +120,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
                                      space_size=spec.distinct_configurations())
     callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
     if progress:
-        callbacks.append(Progress(spec.objectives, spec.num_samples() * spec.repeats))
+        callbacks.append(Progress(spec.objectives, spec.planned_trials()))
     tuner = tune.Tuner(
         _trainable(spec, data, pretrained, folder),
         # The searcher ends the search: proposals answered without training do not count

@@ -447,6 +447,10 @@ class SearchSpec(BaseModel):
             return self.budget.num_samples
         return self.grid_size() if self.sampler == "grid" else 16
 
+    def planned_trials(self) -> int:
+        """Tune trials the search trains: each configuration `repeats` times."""
+        return self.num_samples() * self.repeats
+
     def max_epochs(self) -> int:
         """The most epochs a trial trains: the searched ones, else the fixed or the family's default; or a variant's."""
         default = self.fixed.get("epochs", FAMILIES[self.family].model_fields["epochs"].default)
