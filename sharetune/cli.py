@@ -17,6 +17,7 @@ from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
 from sharetune.training import RECIPES
 
 if TYPE_CHECKING:
+    from sharetune.search import SearchFolder
     from sharetune.search.tuner import Search
 
 
@@ -303,7 +304,7 @@ def report(
     from mlflow.exceptions import MlflowException
 
     from sharetune.errors import first_line
-    from sharetune.search import SearchFolder, parent_run_of
+    from sharetune.search import SearchFolder
     from sharetune.search import report as reports
     from sharetune.search.destinations import check_folder, check_store_exists
     from sharetune.search.storage import StateError
@@ -316,7 +317,7 @@ def report(
             spec = folder.spec()  # one that is no search folder: FileNotFoundError, naming it
             trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
             title = reports.search_title(spec.name, spec.data.name)
-            uri, parent = parent_run_of(folder)
+            uri, parent = _parent_if_stored(folder)
         else:
             uri = _store(mlflow_uri)
             check_store_exists(uri)
@@ -411,6 +412,20 @@ def _finish(result: Search, report_dir: Path) -> None:
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _parent_if_stored(folder: SearchFolder) -> tuple[str, str | None]:
+    """The folder's tracking URI and parent run, where its store is still there: a report from the
+    folder alone is logged nowhere rather than into a new empty database."""
+    from sharetune.search import parent_run_of
+    from sharetune.search.destinations import missing_store
+
+    uri = folder.mlflow()[0]
+    missing = missing_store(uri)
+    if missing is not None:
+        typer.echo(f"not logged to MLflow: the search's store {missing} is gone (the report reads the folder alone)")
+        return uri, None
+    return parent_run_of(folder)
 
 
 def _print_report(built, uri: str, parent: str | None) -> None:

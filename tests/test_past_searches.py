@@ -1,7 +1,9 @@
 """Past searches: `sharetune list` and `sharetune export` on real finished tiny searches (a local Ray, Tune's
 own state and checkpoints), and the light `sharetune ui`."""
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +113,12 @@ def test_list_shows_each_past_search_newest_first(searches):
     reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", f"sqlite:///{store}", "--out", str(root / "no-report")])
     assert reported.exit_code == 2 and reported.output == f"error: --mlflow-uri: no MLflow store at {store}; a search writes one there\n"
     assert not store.exists()
+    copied = root / "copied"  # a folder whose store is gone (copied off its machine): reported, logged nowhere
+    shutil.copytree(arbnet.folder, copied)
+    (copied / "sharetune-mlflow.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{store}", "experiment": "tiny"}))
+    reported = CliRunner().invoke(app, ["report", str(copied), "--out", str(root / "copied-report")])
+    assert reported.exit_code == 0 and f"not logged to MLflow: the search's store {store} is gone" in reported.output, reported.output
+    assert (root / "copied-report" / "trials.csv").is_file() and not store.exists()
     store = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(store)  # an earlier search of the same name, in the same experiment
     client.create_run(client.get_experiment_by_name("tiny").experiment_id, start_time=1,

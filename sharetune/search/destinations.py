@@ -79,14 +79,22 @@ def check_mlflow_uri(uri: str) -> None:
             raise SpecError(f"--mlflow-uri: {err}") from None
 
 
-def check_store_exists(uri: str) -> None:
-    """A store a command only reads must be there: MLflow would create an empty SQLite database."""
+def missing_store(uri: str) -> str | None:
+    """The SQLite file `uri` names, where there is none: MLflow would create an empty database there."""
     from sqlalchemy.engine import make_url
 
     if uri.startswith("sqlite:"):
         database = make_url(uri).database
         if database not in (None, "", ":memory:") and not Path(database).expanduser().is_file():
-            raise SpecError(f"--mlflow-uri: no MLflow store at {database}; a search writes one there")
+            return database
+    return None
+
+
+def check_store_exists(uri: str) -> None:
+    """A store a command only reads must be there."""
+    missing = missing_store(uri)
+    if missing is not None:
+        raise SpecError(f"--mlflow-uri: no MLflow store at {missing}; a search writes one there")
 
 
 def check_destinations(storage: str, name: str | None, mlflow_uri: str) -> None:
