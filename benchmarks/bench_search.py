@@ -39,6 +39,7 @@ from sharetune.analysis.figures import save_figure
 from sharetune.data import fetch
 from sharetune.metrics import hypervolume
 from sharetune.search import report, tuner
+from sharetune.search.mlflow_queue import TRIAL_TAG, child_runs, search_parent
 from sharetune.spaces import load_spec
 
 PRESET = "weight-sharing"
@@ -75,18 +76,16 @@ def run_search(overrides: list[str], storage: Path, name: str):
     return tuner.run(spec, storage=storage, mlflow_uri=f"sqlite:///{storage}/mlflow.db", name=name, progress=False)
 
 
-def child_runs(result) -> list:
+def trained_runs(result) -> list:
     client = MlflowClient(result.mlflow_uri)
-    experiment = client.get_experiment_by_name(result.spec.name)
-    parent = client.search_runs([experiment.experiment_id], f"tags.`sharetune.search_path` = '{result.folder}'")[0]
-    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                              max_results=1000)
-    return [r for r in runs if "sharetune.trial_id" in r.data.tags]  # trained trials, not skipped proposals
+    experiment = client.get_experiment_by_name(result.spec.name).experiment_id
+    runs = child_runs(client, experiment, search_parent(client, experiment, result.folder).info.run_id)
+    return [r for r in runs if TRIAL_TAG in r.data.tags]  # trained trials, not skipped proposals
 
 
 def training_share(data_root: Path, storage: Path) -> None:
     result = run_search([f"data.root={data_root}"], storage, "share")
-    runs = child_runs(result)
+    runs = trained_runs(result)
     trials = report.trials_from_folder(result.folder)
     trials = trials[trials["trial_id"].notna()]
     span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
@@ -112,7 +111,7 @@ def curve(result) -> tuple[Curve, int]:
     """Hypervolume after each epoch any trial reported, in the order MLflow received them."""
     client = MlflowClient(result.mlflow_uri)
     events, params, dense = [], {}, 0
-    for run in child_runs(result):
+    for run in trained_runs(result):
         params[run.info.run_id] = run.data.metrics["unique_params"]
         dense = max(dense, run.data.metrics[DENSE_PARAMS])
         events += [(m.timestamp, m.step, run.info.run_id, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")]

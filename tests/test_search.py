@@ -199,9 +199,9 @@ def test_single_objective_search_with_asha_and_spin_models(tmp_path):
 
 def test_share_rate_setting_and_effective_share_rate_metric_both_reach_the_report_and_mlflow(tmp_path):
     arch = {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3}
-    result, trials, client = search(
-        tmp_path, family="spin", sampler="grid", budget={"max_concurrent": 2}, fixed={**arch, "share_rate": 2, "epochs": 2},
-        dimensions={"mapping": {"choice": ["sequential", "strided"]}},
+    result, trials, client = search(  # under a folder with a quote in its name, as /home/o'brien: MLflow's filters quote it
+        tmp_path, str(tmp_path / "o'brien"), family="spin", sampler="grid", budget={"max_concurrent": 2},
+        fixed={**arch, "share_rate": 2, "epochs": 2}, dimensions={"mapping": {"choice": ["sequential", "strided"]}},
     )
     # ConvMixer-16/4/2/3 on 1x8x8 inputs, 4 classes: stem 1*16*4+16 conv + 32 BN, per block 16*9+16 depthwise
     # + 32 BN + 16*16+16 pointwise + 32 BN, head 16*4+4; rate 2 stores two of the four pointwise weights.

@@ -17,6 +17,9 @@ STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 def check_storage(location: str) -> None:
     """A local storage must be a folder, or creatable in one, and writable; a URI (s3://...) must name
     a filesystem pyarrow has, and is opened when the search starts (opening it here would contact the store)."""
+    where = location if is_uri(location) else str(Path(location).expanduser().absolute())
+    if "'" in where and '"' in where:  # the folder is a quoted value in MLflow's run filters, which have no escapes
+        raise SpecError(f"--storage: {where} holds both ' and \"; MLflow's run filters cannot quote it, so give a path without one of them")
     if not is_uri(location):
         check_folder("--storage", Path(location), "or a URI like s3://bucket/x")
         return

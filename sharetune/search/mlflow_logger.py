@@ -37,10 +37,10 @@ from sharetune.data import DEFAULT_ROOT, GENERATED
 from sharetune.metrics import METRICS, STEP
 from sharetune.search.mlflow_queue import (
     CONFIGURATION_TAG,
-    PARENT_TAG,
-    SEARCH_TAG,
     TRIAL_TAG,
     MlflowQueue,
+    child_runs,
+    search_parent,
 )
 from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
@@ -62,17 +62,12 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
 
 
-def find_parent(client: MlflowClient, experiment: str, folder: SearchFolder):
-    runs = client.search_runs([experiment], f"tags.`{SEARCH_TAG}` = '{folder}'", max_results=1)
-    return runs[0] if runs else None
-
-
 def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
     """The folder's tracking URI and its search's parent run id (None if MLflow has no such run)."""
     uri, experiment = folder.mlflow()
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    parent = found and find_parent(client, found.experiment_id, folder)
+    parent = found and search_parent(client, found.experiment_id, folder)
     return uri, parent.info.run_id if parent else None
 
 
@@ -80,7 +75,7 @@ def trial_runs(uri: str, parent_id: str) -> dict[str, str]:
     """A search's child runs of trained trials: trial id -> run id."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+    children = child_runs(client, parent.info.experiment_id, parent_id)
     return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children if TRIAL_TAG in run.data.tags}
 
 

@@ -71,9 +71,26 @@ def queue_path(folder: SearchFolder) -> Path:
     return Path(folder) / QUEUE_FILE
 
 
+def tag_filter(tag: str, value: str) -> str:
+    """MLflow's search filter for runs whose `tag` is `value`. Its syntax has no escapes: a value that
+    holds a single quote (a search folder under /home/o'brien) goes in double quotes."""
+    quote = '"' if "'" in value else "'"
+    return f"tags.`{tag}` = {quote}{value}{quote}"
+
+
 def runs_filters(trial_ids: list[str]) -> list[str]:
     """For each trial, the MLflow search filter that finds its run (MLflow's search has no IN on tags)."""
-    return [f"tags.`{TRIAL_TAG}` = '{trial}'" for trial in trial_ids]
+    return [tag_filter(TRIAL_TAG, trial) for trial in trial_ids]
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    return client.search_runs([experiment_id], tag_filter(PARENT_TAG, parent_id), max_results=10000)
+
+
+def search_parent(client: MlflowClient, experiment_id: str, folder: str):
+    """The parent run of the search in `folder`; None where MLflow has none."""
+    runs = client.search_runs([experiment_id], tag_filter(SEARCH_TAG, folder), max_results=1)
+    return runs[0] if runs else None
 
 
 def batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
@@ -262,14 +279,13 @@ class Writer:
         getattr(self, f"_{operation.pop('op')}")(**operation)
 
     def _children(self) -> list:
-        parent = self.run_id("parent")
-        return self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'", max_results=10000)
+        return child_runs(self.client, self.experiment_id, self.run_id("parent"))
 
     def run_id(self, key: str) -> str | None:
         """The run of `key`, from MLflow where this writer has not met it yet (a resumed search)."""
         if key not in self.runs:
             if key == "parent":
-                found = self.client.search_runs([self.experiment_id], f"tags.`{SEARCH_TAG}` = '{self.folder}'", max_results=1)
+                found = [run for run in [search_parent(self.client, self.experiment_id, self.folder)] if run is not None]
             else:
                 tag, _, value = key.partition(":")
                 name = {"trial": TRIAL_TAG, "configuration": CONFIGURATION_TAG}[tag]

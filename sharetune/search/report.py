@@ -24,11 +24,10 @@ from sharetune.search.mlflow_logger import (
     DUPLICATE_TAG,
     ERROR_TAG,
     KIND_TAG,
-    PARENT_TAG,
-    SEARCH_TAG,
     TRIAL_TAG,
     tracking_uri,
 )
+from sharetune.search.mlflow_queue import SEARCH_TAG, child_runs
 from sharetune.search.outcome import CUT, DUPLICATE, FAILED, FINISHED, INFEASIBLE, cut_short, failed_trials
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import SearchFolder
@@ -105,7 +104,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
     if not parents:
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")
     parent_id = parents[0].info.run_id
-    runs = client.search_runs([found.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'", max_results=10000)
+    runs = child_runs(client, found.experiment_id, parent_id)
     if not runs:
         raise ValueError(f"experiment: the newest search in {experiment!r} ({parents[0].data.tags[SEARCH_TAG]}) "
                          "has saved no trials yet")
