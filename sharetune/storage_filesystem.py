@@ -31,13 +31,22 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from pyarrow import PythonFile, fs
 
 PARTIAL_SUFFIX = ".partial"  # a file being written; never read as the file itself
 STATE_PREFIX, STATE_SUFFIX = "experiment_state-", ".json"  # Tune's saved state, one per driver session
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class FileStore(Protocol):
+    """Files read and written whole by name: a search folder (SearchFolder) is one; the pretrained
+    weights and MO-ASHA's rungs are kept in it."""
+
+    def read(self, filename: str) -> bytes | None: ...
+
+    def write(self, filename: str, data: bytes) -> None: ...
 
 
 def partial_name(path: str) -> str:

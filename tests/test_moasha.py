@@ -21,6 +21,7 @@ def test_fronts_and_hypervolume_contributions_rank_a_known_set():
     points = np.array([[0, 3], [1, 1], [3, 0], [2, 2], [3, 3]], float)  # minimised
     reference = np.array([4.0, 4.0])
     assert [f.tolist() for f in fronts(points)] == [[0, 1, 2], [3], [4]]
+    assert [f.tolist() for f in fronts(np.vstack([[np.inf, np.inf], points, [np.inf, np.inf]]))] == [[1, 2, 3], [4], [5], [0, 6]]
     # Exclusive boxes from the reference: [0,1)x[3,4), [1,3)x[1,3), [3,4)x[0,1).
     assert contributions(points[[0, 1, 2]], reference).tolist() == pytest.approx([1.0, 4.0, 1.0])
     assert [ranks_ahead(points, reference, i) for i in range(5)] == [1, 0, 1, 3, 4]  # the front's ends after its middle
@@ -64,13 +65,13 @@ def test_a_resumed_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp
         return scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),
                                          {"epoch": 1, "test_accuracy": accuracy, "unique_params": params, "virtual_params": 1000})
 
-    started = MOASHA(OBJECTIVES, max_t=9, reduction_factor=3, store=folder)
+    started = MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3, store=folder)
     at_start = pickle.dumps(started)  # what Tune keeps (tuner.pkl) and rebuilds the scheduler from on resume
     assert report_at(started, "a", 0.9, 50) == "CONTINUE" and report_at(started, "b", 0.5, 100) == "STOP"
     resumed = pickle.loads(at_start)
     assert report_at(resumed, "c", 0.4, 200) == "STOP"  # behind a and b, recorded before the search stopped
     assert resumed.stopped == 2 and set(resumed.rungs[1]) == {"a", "b", "c"}
-    assert report_at(MOASHA(OBJECTIVES, max_t=9, reduction_factor=3), "c", 0.4, 200) == "CONTINUE"  # empty rungs: first
+    assert report_at(MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3), "c", 0.4, 200) == "CONTINUE"  # empty rungs: first
     earlier = pickle.loads(at_start)  # as an earlier version pickled it: no store; it ranks in memory
     del earlier.__dict__["store"], earlier.__dict__["restored"]
     assert report_at(earlier, "a", 0.9, 50) == "CONTINUE" and report_at(earlier, "b", 0.5, 100) == "STOP"
@@ -78,7 +79,7 @@ def test_a_resumed_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp
 
 def test_the_spec_reference_point_replaces_the_dense_cost():
     def decision(reference: dict) -> str:
-        scheduler = MOASHA(OBJECTIVES, max_t=3, reduction_factor=3, reference=reference)
+        scheduler = MOASHA(OBJECTIVES, max_t=3, grace_period=1, reduction_factor=3, reference=reference)
         for name, accuracy, params in [("small", 0.5, 10), ("large", 0.6, 100)]:
             told = scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),
                                              {"epoch": 1, "test_accuracy": accuracy, "unique_params": params, "virtual_params": 1000})
@@ -89,7 +90,7 @@ def test_the_spec_reference_point_replaces_the_dense_cost():
 
 
 def test_a_diverged_value_ranks_last_and_breaks_nothing():
-    scheduler = MOASHA({"test_accuracy": "max", "loss": "min"}, max_t=3, reduction_factor=3)
+    scheduler = MOASHA({"test_accuracy": "max", "loss": "min"}, max_t=3, grace_period=1, reduction_factor=3)
 
     def report_at(name: str, accuracy: float, loss: float) -> str:
         return scheduler.on_trial_result(None, Trial("train_trial", stub=True, trial_id=name),

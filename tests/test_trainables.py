@@ -24,7 +24,7 @@ ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
 
 
 class MemoryStore(dict):
-    """A WeightStore in memory (a search passes its folder)."""
+    """A FileStore in memory (a search passes its folder)."""
 
     def read(self, filename):
         return self.get(filename)

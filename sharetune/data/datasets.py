@@ -95,7 +95,7 @@ class TensorData:
         return self.x_train[:count]
 
     def with_resolution(self, size: int | None) -> "TensorData":
-        """In memory the images keep their size (a model resizes them: sharetune.trainables.Resize)."""
+        """In memory the images keep their size (a model resizes them: sharetune.trainables.build.Resize)."""
         return self
 
     def shard(self, rank: int, world: int) -> "TensorData":
@@ -177,8 +177,9 @@ def _mnist1d(root: Path, seed: int):
 
 
 @_register("synthetic")
-def _synthetic(root: Path, seed: int, n_train: int = 512, n_test: int = 256, classes: int = 4):
+def _synthetic(root: Path, seed: int):
     """Learnable 1x8x8 images: a fixed random pattern per class plus noise. For tests and smoke runs."""
+    n_train, n_test, classes = 512, 256, 4
     rng = np.random.default_rng(seed)
     patterns = rng.normal(size=(classes, 1, 8, 8)).astype(np.float32)
 

@@ -27,6 +27,9 @@ class ParamCount:
     virtual: int  # what a dense, unshared model of the same shapes would hold
 
 
+ALIASED = "_spin_aliased"  # per module: names of the parameters it reads from another's storage (a SPIN bank)
+
+
 def count_params(model: nn.Module) -> ParamCount:
     unique = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
     return ParamCount(unique=unique, virtual=_virtual(model))
@@ -39,7 +42,7 @@ def _virtual(module: nn.Module) -> int:
     if counter is not None:
         return counter()
     own = sum(p.numel() for p in module.parameters(recurse=False))
-    own += sum(getattr(module, name).numel() for name in module.__dict__.get("_spin_aliased", ()))  # bank tensors it reads
+    own += sum(getattr(module, name).numel() for name in module.__dict__.get(ALIASED, ()))  # bank tensors it reads
     children = [m for m in module._modules.values() if m is not None]  # children() drops repeats
     return own + sum(_virtual(child) for child in children)
 

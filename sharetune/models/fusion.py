@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sharetune.metrics.counts import count_params
-from sharetune.models.spin import ALIASED, Alias, SharingPlan, WeightBank, replace_submodule, share, submodule
+from sharetune.metrics.counts import ALIASED, count_params
+from sharetune.models.spin import Alias, SharingPlan, WeightBank, replace_submodule, share, submodule
 
 FUSIONS = ("choose_first", "mean", "scalar_weighted_mean", "channel_weighted_mean", "pointwise_conv")
 FUSABLE = (nn.Conv2d, nn.Linear, nn.LayerNorm)  # the layers a fused component may hold

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torch import nn
 
-from sharetune.metrics.counts import count_params
+from sharetune.metrics.counts import ALIASED, count_params
 
 # How layers map to bank entries. The topologies need only the depth (SharingPlan.from_topology);
 # "cka" groups contiguous layers whose outputs are most alike in a pretrained model (`cka_plan`;
@@ -185,9 +185,6 @@ class WeightBank(nn.Module):
 
     def __getitem__(self, key: str):
         return getattr(self, key)
-
-
-ALIASED = "_spin_aliased"  # per module: names of parameters it reads from the bank
 
 
 def alias_parameter(module: nn.Module, name: str, shared: nn.Parameter) -> None:

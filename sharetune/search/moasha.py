@@ -27,33 +27,28 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Protocol
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from sharetune.metrics import DENSE_COST, STEP, hypervolume
+from sharetune.metrics import DENSE_COST, STEP, hypervolume, pareto_mask
+from sharetune.storage_filesystem import FileStore
 
 RUNGS_FILE = "sharetune-moasha.json"
 
 
-class Store(Protocol):
-    """Where the rungs are kept: the search folder."""
-
-    def read(self, filename: str) -> bytes | None: ...
-
-    def write(self, filename: str, data: bytes) -> None: ...
-
-
 def fronts(points: np.ndarray) -> list[np.ndarray]:
-    """Non-dominated sorting of rows (all minimised): the indices of each front, best first."""
+    """Non-dominated sorting of rows (all minimised): the indices of each front, best first. Rows of a
+    diverged trial (all infinite) are on no Pareto front: together they are the last."""
     remaining = np.arange(len(points))
+    minimised = [False] * points.shape[1]
     result = []
     while len(remaining):
-        values = points[remaining]
-        dominated = np.array([np.any(np.all(values <= v, axis=1) & np.any(values < v, axis=1)) for v in values])
-        result.append(remaining[~dominated])
-        remaining = remaining[dominated]
+        front = pareto_mask(points[remaining], minimised)
+        if not front.any():
+            return [*result, remaining]
+        result.append(remaining[front])
+        remaining = remaining[~front]
     return result
 
 
@@ -86,11 +81,11 @@ def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
 
 
 class MOASHA(FIFOScheduler):
-    store: Store | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
+    store: FileStore | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
     restored = True
 
-    def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int = 1, reduction_factor: float = 3,
-                 reference: dict[str, float] | None = None, time_attr: str = STEP, store: Store | None = None) -> None:
+    def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int, reduction_factor: float,
+                 reference: dict[str, float] | None = None, time_attr: str = STEP, store: FileStore | None = None) -> None:
         super().__init__()
         self.store, self.restored = store, store is None
         self.objectives, self.reference = dict(objectives), dict(reference or {})

@@ -18,7 +18,7 @@ from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.models import infer_signature
 
 from sharetune.metrics import pareto_mask
-from sharetune.search.export import export
+from sharetune.search.export import SearchExport
 from sharetune.search.report import TRAINED
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec
@@ -56,13 +56,14 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
     URIs, and a line for each front trial without a model to log (it saved no checkpoint)."""
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
     logged, missing = [], []
+    export = SearchExport(folder)
     with tempfile.TemporaryDirectory() as scratch, tracking_at(uri):
         for trial_id in front_trials(trials, spec):
             if trial_id not in runs:
                 continue
             path = Path(scratch) / f"{trial_id}.pt"
             try:
-                export(folder, trial_id, path)
+                export(trial_id, path)
             except ValueError as err:
                 missing.append(str(err).removeprefix("--trial: "))
                 continue

@@ -171,7 +171,8 @@ def reference_cost(trials: pd.DataFrame, cost: str, reference: dict[str, float] 
 def pareto(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None = None) -> tuple[pd.DataFrame, float]:
     """Front of accuracy against `cost`, and its hypervolume normalised to [0, 1] by the box from
     the reference point (accuracy 0, `reference_cost`) to (accuracy 1, cost 0)."""
-    usable = trials[(trials.get("diverged", 0).fillna(0) == 0)].dropna(subset=[ACCURACY, cost])
+    converged = trials[trials["diverged"].fillna(0) == 0] if "diverged" in trials else trials
+    usable = converged.dropna(subset=[ACCURACY, cost])
     if usable.empty:
         return usable, 0.0
     points = usable[[ACCURACY, cost]].to_numpy(float)

@@ -119,7 +119,7 @@ class ConfigurationSearcher(Searcher):
             if max(configuration.constraints.values()) <= 0:
                 return configuration
             self._tell(configuration, [float(costs[m]) if m in costs else self._worst(i) for i, m in enumerate(self.objectives)])
-            self._record("infeasible", trial, config, costs=costs, violations=configuration.constraints)
+            self._record("infeasible", config, costs=costs, violations=configuration.constraints)
         warnings.warn(f"the sampler proposed {MAX_SKIPPED_IN_A_ROW} configurations in a row that were infeasible or "
                       f"already tried; the search ends after {self.started} configurations", stacklevel=2)
         return None
@@ -140,9 +140,9 @@ class ConfigurationSearcher(Searcher):
             self._tell_one(trial, first.values)
         else:
             first.duplicates.append(trial)
-        self._record("duplicate", trial, config, duplicate_of=first.trial.number, duplicate_of_trials=first.trial_ids)
+        self._record("duplicate", config, duplicate_of=first.trial.number, duplicate_of_trials=first.trial_ids)
 
-    def _record(self, kind: str, trial: optuna.Trial, config: dict, **details) -> None:
+    def _record(self, kind: str, config: dict, **details) -> None:
         self.skipped.append({"kind": kind, "config": config, **details})
         self.folder.save_skipped(self.skipped)
 

@@ -175,7 +175,7 @@ def _scheduler(spec: SearchSpec, folder: SearchFolder):
     in the folder)."""
     if spec.scheduler is None:
         return None
-    options = {"max_t": spec.scheduler.max_t or spec.max_epochs(), "grace_period": spec.scheduler.grace_period,
+    options = {"max_t": spec.scheduler_max_t(), "grace_period": spec.scheduler.grace_period,
                "reduction_factor": spec.scheduler.reduction_factor}
     if spec.scheduler.name == "moasha":
         return MOASHA(spec.objectives, reference=spec.hypervolume_reference, store=folder, **options)

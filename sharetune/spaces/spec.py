@@ -268,7 +268,7 @@ class SearchSpec(BaseModel):
             if self.scheduler.max_t and self.scheduler.max_t > most and not self._accepted:
                 raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
                                  f"({most}); allowed: up to {most}, or leave it out")
-            full = self.scheduler.max_t or most
+            full = self.scheduler_max_t()
             if full < 2:  # a rung is an epoch before the last: there is none to stop a trial at
                 raise ValueError(f"scheduler: early stopping needs a full trial of 2 epochs or more (here {full}); "
                                  "give more epochs, or scheduler: null")
@@ -456,6 +456,10 @@ class SearchSpec(BaseModel):
         default = self.fixed.get("epochs", FAMILIES[self.family].model_fields["epochs"].default)
         epochs = self.dimensions["epochs"].extremes() if "epochs" in self.dimensions else [default]
         return int(max([*epochs, *(v["epochs"] for v in self.variants.values() if "epochs" in v)]))
+
+    def scheduler_max_t(self) -> int:
+        """The epochs of a full trial, for early stopping: the scheduler's max_t, else the most any trial trains."""
+        return (self.scheduler and self.scheduler.max_t) or self.max_epochs()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None)

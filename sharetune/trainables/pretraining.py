@@ -1,6 +1,6 @@
 """The unshared model SPIN's fusion and cka mapping start from: trained once per search, or loaded.
 
-The weights are cached in the search's folder (any `WeightStore`: read/write bytes by file name), so
+The weights are cached in the search's folder (any `FileStore`: read/write bytes by file name), so
 a resumed search does not pretrain again. `pretrain` trains in this process (`sharetune train`); a
 search passes `pretrained_weights` the cluster's pretraining (sharetune.trainables.cluster_pretraining),
 which runs the same function as Ray work with the trials' resources.
@@ -9,7 +9,7 @@ which runs the same function as Ray work with the trials' resources.
 from __future__ import annotations
 
 import io
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,16 +17,11 @@ from torch import nn
 from sharetune.data import Batches
 from sharetune.models import load_state_dict
 from sharetune.spaces import SearchSpec, SpinSettings
+from sharetune.storage_filesystem import FileStore
 from sharetune.trainables.build import build_spin, unwrap
 from sharetune.training import TrainingState, pick_device, train_epochs
 
 PRETRAINED_FILE = "pretrained.pt"
-
-
-class WeightStore(Protocol):
-    def read(self, filename: str) -> bytes | None: ...
-
-    def write(self, filename: str, data: bytes) -> None: ...
 
 
 def show(line: str) -> None:
@@ -56,7 +51,7 @@ def pretrain(settings: SpinSettings, data: Batches, *, device: torch.device | No
 Pretrainer = Callable[[SpinSettings, Batches], dict]
 
 
-def pretrained_weights(spec: SearchSpec, data: Batches, store: WeightStore, train: Pretrainer = pretrain) -> dict | None:
+def pretrained_weights(spec: SearchSpec, data: Batches, store: FileStore, train: Pretrainer = pretrain) -> dict | None:
     """The unshared weights a search's trials start from: the spec's file, the store's copy, or new
     (from the fixed settings, by `train`); None when no trial fuses or maps by CKA."""
     settings = spec.pretraining_settings()
