@@ -48,6 +48,15 @@ def test_set_overrides_parse_yaml_values():
         load_spec("weight-sharing", ["budget.num_samples"])
 
 
+def test_a_set_override_moves_a_setting_between_fixed_and_dimensions():
+    searched = load_spec("spin-fusion", ["dimensions.epochs={choice: [2, 4]}"])  # the preset fixes epochs
+    assert "epochs" not in searched.fixed and searched.dimensions["epochs"].choice == [2, 4]
+    fixed = load_spec("spin-fusion", ["fixed.fusion=mean"])  # and searches fusion
+    assert fixed.fixed["fusion"] == "mean" and "fusion" not in fixed.dimensions
+    with pytest.raises(SpecError, match="epochs: both fixed and searched; keep it in one place"):  # a file keeps both
+        parse_spec(tiny(dimensions={"epochs": {"choice": [2, 4]}}))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

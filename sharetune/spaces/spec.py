@@ -509,8 +509,13 @@ def parse_spec(raw: dict, *, saved: bool = False) -> SearchSpec:
         raise SpecError(describe_error(err)) from None
 
 
+MOVES = {"dimensions": "fixed", "fixed": "dimensions"}  # a setting --set puts in one leaves the other
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null)."""
+    """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null). A setting set as
+    a dimension leaves `fixed`, and one fixed leaves `dimensions`: `--set dimensions.dim=...` searches
+    what a preset fixes."""
     check_document(raw)
     raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
@@ -526,6 +531,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not isinstance(node, dict):
             raise SpecError(f"--set {key}: {'.'.join(parents)} is not a mapping")
         node[leaf] = load_yaml(value, f"--set {key}")
+        if len(parents) == 1 and parents[0] in MOVES and isinstance(raw.get(MOVES[parents[0]]), dict):
+            raw[MOVES[parents[0]]].pop(leaf, None)
     return raw
 
 
