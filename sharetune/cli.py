@@ -146,13 +146,16 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
     if not as_json:
         typer.echo(f"{dataset}: {family} {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters, "
                    f"{costs.macs:,} MACs; recipe {settings.recipe}")
-    for epoch in train_epochs(model, data, settings, device=device):
-        if not as_json:
-            typer.echo(
-                f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
-                + (f"val {epoch.val_accuracy:.4f}  " if epoch.val_accuracy is not None else "")
-                + f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
-            )
+    try:
+        for epoch in train_epochs(model, data, settings, device=device):
+            if not as_json:
+                typer.echo(
+                    f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
+                    + (f"val {epoch.val_accuracy:.4f}  " if epoch.val_accuracy is not None else "")
+                    + f"test {epoch.test_accuracy:.4f}  lr {epoch.lr:g}  {epoch.epoch_seconds:.1f}s"
+                )
+    except DataError as err:  # a folder whose images of a split are all unreadable
+        fail(str(err))
     typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
 
 

@@ -2,6 +2,7 @@
 the errors a bad folder gets."""
 
 import collections
+import pickle
 import re
 
 import pytest
@@ -56,6 +57,25 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     said = [str(w.message) for w in warned if "unreadable" in str(w.message)]
     assert len(said) == 2 and re.search(r"skipped 1 unreadable images so far \(e.g. .*train/class_1/broken.png\); replace or remove", said[0])
     assert re.search(r"skipped 2 unreadable images so far \(e.g. .*val/class_2/broken.png\)", said[1])  # once, not every epoch
+
+
+def test_a_split_of_no_readable_image_or_none_at_all_is_refused_by_name(tmp_path):
+    image_folder(tmp_path / "few", per_class=2)
+    with pytest.raises(DataError, match=r"val_fraction: 0.1 of 6 training examples leaves a split empty"):
+        load("imagefolder", tmp_path / "few", val_fraction=0.1)  # before any trial: an accuracy of none divides by 0
+    data = load("imagefolder", image_folder(tmp_path / "all"), img_size=16)
+    for image in (tmp_path / "all" / "val").rglob("*.png"):
+        image.write_bytes(b"")
+    with pytest.raises(DataError, match=r"every image of the test split is unreadable \(e.g. .*\.png\); replace or remove them"):
+        list(data.eval_batches("test", CPU))
+
+
+def test_a_relative_root_is_the_folder_it_names_where_the_spec_was_read(tmp_path, monkeypatch):
+    image_folder(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    data = pickle.dumps(load("imagefolder", "images", img_size=16))  # as the object store hands it to a trial
+    monkeypatch.chdir("/")  # which runs in Ray's own folder
+    assert sum(len(y) for _, y in pickle.loads(data).eval_batches("test", CPU)) == 24
 
 
 def test_cka_samples_are_training_images(tmp_path):

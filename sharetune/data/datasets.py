@@ -236,9 +236,9 @@ def load(
     `label_noise` then corrupts that share of the remaining training labels (val and test stay clean:
     they measure the model)."""
     key = canonical_name(name)
-    root = Path(root) if root is not None else DEFAULT_ROOT
+    root = (Path(root) if root is not None else DEFAULT_ROOT).expanduser().absolute()  # trials run in Ray's folders
     if root.exists() and not root.is_dir():
-        raise DataError(f"root: {root} is not a directory. Fix: pass --data-dir pointing to a folder.")
+        raise DataError(f"data.root: {root} is not a directory; give a folder (`train`: --data-dir)")
     if key == FOLDER:
         from sharetune.data.folders import ImageFolderData
 
@@ -258,10 +258,17 @@ def load(
     return replace(data, y_train=add_label_noise(data.y_train, label_noise, classes, seed)) if label_noise else data
 
 
+def val_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The stratified split that holds the val examples out of the training set; DataError where it
+    leaves either side empty (a split of nothing has no accuracy)."""
+    train, held = stratified_split(labels, fraction, seed)
+    if not len(held) or not len(train):
+        raise DataError(f"val_fraction: {fraction} of {len(labels)} training examples leaves a split empty")
+    return train, held
+
+
 def hold_out(data: TensorData, fraction: float, seed: int) -> TensorData:
     """`data` with a stratified `fraction` of its training examples moved to the val split."""
-    train, val = stratified_split(data.y_train, fraction, seed)
-    if not len(val) or not len(train):
-        raise DataError(f"val_fraction: {fraction} of {len(data.y_train)} training examples leaves a split empty")
+    train, val = val_split(data.y_train, fraction, seed)
     return TensorData(data.name, data.x_train[train].contiguous(), data.y_train[train], data.x_test, data.y_test,
                       data.num_classes, data.x_train[val].contiguous(), data.y_train[val])

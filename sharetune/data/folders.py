@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sharetune.data.batches import Augment, batch_starts, epoch_order, share, stratified_split
-from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError
+from sharetune.data.batches import Augment, batch_starts, epoch_order, share
+from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError, val_split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png (root: data.root, or --data-dir for sharetune train)"
@@ -142,7 +142,7 @@ class ImageFolderData:
             test = _files(self.root / "val", self.classes)[: self.test_subset]
             lists = {"train": train, "test": test}
             if self.val_fraction:
-                kept, held = stratified_split(torch.tensor([label for _, label in train]), self.val_fraction, self.seed)
+                kept, held = val_split(torch.tensor([label for _, label in train]), self.val_fraction, self.seed)
                 lists = {"train": [train[i] for i in kept.tolist()], "val": [train[i] for i in held.tolist()], "test": test}
             self._cache["lists"] = lists
         return self._cache["lists"]
@@ -170,12 +170,13 @@ class ImageFolderData:
             )
         return self._cache[key]
 
-    def _stream(self, loader: DataLoader, device: torch.device, *, every_step: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    def _stream(self, loader: DataLoader, split: str, device: torch.device, *,
+                every_step: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """The loader's batches less their unreadable images; a batch of none is dropped, unless
         `every_step`: the ranks of a data-parallel run must take every step together (a rank that
         skipped one would leave the others waiting in the gradients' all-reduce), so it trains on
         its last readable share again."""
-        known = set(self.skipped)
+        known, served = set(self.skipped), False
         for x, y, bad in loader:
             self.skipped.update(bad)
             if every_step:
@@ -188,7 +189,11 @@ class ImageFolderData:
                                     f"(e.g. {bad[0]}); replace or remove them")
             elif not len(x):
                 continue
+            served = True
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if not served and self.skipped - known:  # an accuracy over none would divide by zero
+            raise DataError(f"{self.root}: every image of the {split} split is unreadable (e.g. {min(self.skipped - known)}); "
+                            "replace or remove them")
         if self.skipped - known:
             warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
                           f"(e.g. {min(self.skipped - known)}); replace or remove them", stacklevel=3)
@@ -197,10 +202,10 @@ class ImageFolderData:
                       augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         loader = self._loader("train", batch_size, device, workers, augment)
         loader.batch_sampler.seed, loader.batch_sampler.epoch = seed, epoch
-        yield from self._stream(loader, device, every_step=self.world > 1)
+        yield from self._stream(loader, "train", device, every_step=self.world > 1)
 
     def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        yield from self._stream(self._loader(split, EVAL_BATCH, device, workers, None), device)
+        yield from self._stream(self._loader(split, EVAL_BATCH, device, workers, None), split, device)
 
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
@@ -213,5 +218,5 @@ class ImageFolderData:
         """The first `count` training images (the classes interleaved), as evaluation sees them; the same
         on every rank of a data-parallel trial (each builds the same sharing plan from them)."""
         cpu, whole = torch.device("cpu"), replace(self, rank=0, world=1, _cache={})
-        x, _ = next(whole._stream(whole._loader("train", count, cpu, 0, None), cpu))
+        x, _ = next(whole._stream(whole._loader("train", count, cpu, 0, None), "train", cpu))
         return x
