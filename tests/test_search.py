@@ -107,6 +107,28 @@ def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
         (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
 
 
+def test_a_search_in_a_deleted_searchs_folder_gets_its_own_mlflow_parent_run(tmp_path):
+    import shutil
+
+    from sharetune.search.mlflow_logger import parent_run_of
+
+    def once(epochs: int) -> tuple[tuner.Search, str]:
+        spec = parse_spec(tiny_spec(budget={"num_samples": 1}, fixed={"table_size": 64, "epochs": epochs, "hidden": [16]}))
+        result = tuner.run(spec, storage=str(tmp_path / "results"), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                           name="again", progress=False)
+        return result, parent_run_of(result.folder)[1]
+
+    first, first_parent = once(1)
+    shutil.rmtree(first.folder)
+    second, second_parent = once(2)
+    assert first_parent != second_parent  # it joined the deleted search's run, whose report then held both
+    client = MlflowClient(second.mlflow_uri)
+    children = client.search_runs([client.get_run(second_parent).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{second_parent}'")
+    assert [child.data.params["epochs"] for child in children] == ["2"]
+    assert report.trials_from_mlflow("tiny", second.mlflow_uri)[1] == second_parent
+
+
 @pytest.fixture(scope="module")
 def diverging(tmp_path_factory) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
     """A finished search of two trials, one of which diverges."""

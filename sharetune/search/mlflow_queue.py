@@ -39,6 +39,7 @@ from sharetune.search.storage import SearchFolder, is_uri
 QUEUE_FILE = "sharetune-mlflow-queue.db"
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
+SEARCH_ID_TAG = "sharetune.search_id"  # which search in that folder: one deleted and started afresh is another
 TRIAL_TAG = "sharetune.trial_id"
 CONFIGURATION_TAG = "sharetune.configuration"  # a proposal answered without training: its Optuna trial number
 PARENT_TAG = "mlflow.parentRunId"
@@ -87,9 +88,16 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
     return client.search_runs([experiment_id], tag_filter(PARENT_TAG, parent_id), max_results=10000)
 
 
-def search_parent(client: MlflowClient, experiment_id: str, folder: str):
+def search_tags(folder: SearchFolder) -> dict[str, str]:
+    """The tags that tell the parent run of the search in `folder` from any other's."""
+    search_id = folder.search_id()
+    return {SEARCH_TAG: str(folder), **({SEARCH_ID_TAG: search_id} if search_id else {})}
+
+
+def search_parent(client: MlflowClient, experiment_id: str, folder: SearchFolder):
     """The parent run of the search in `folder`; None where MLflow has none."""
-    runs = client.search_runs([experiment_id], tag_filter(SEARCH_TAG, folder), max_results=1)
+    filters = " and ".join(tag_filter(tag, value) for tag, value in search_tags(folder).items())
+    runs = client.search_runs([experiment_id], filters, max_results=1)
     return runs[0] if runs else None
 
 
@@ -215,7 +223,8 @@ class MlflowQueue:
         if lost:
             log.warning("%d MLflow writes are lost: neither MLflow nor the full disk under %s took them", lost, self.path)
         left = self.pending() - lost
-        self._close()  # the file is free to move or unmount; a later call opens it again
+        self._close()  # the file is free to move or unmount
+        type(self)._open.pop(self.folder, None)  # a later search there (resumed, or anew) opens it afresh
         return left
 
     def _close(self) -> None:
@@ -309,7 +318,7 @@ class Writer:
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             return
-        run_id = self._create("parent", name, {**tags, SEARCH_TAG: str(self.folder)}, params)
+        run_id = self._create("parent", name, {**tags, **search_tags(self.folder)}, params)
         if spec_yaml:
             self.client.log_text(run_id, spec_yaml, "spec.yaml")
 

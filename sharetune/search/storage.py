@@ -15,6 +15,7 @@ import logging
 import pickle
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 from pyarrow import fs
@@ -179,9 +180,16 @@ class SearchFolder(str):
             raise SpecError(f"{self}: damaged spec: {err}") from None
 
     def save_mlflow(self, tracking_uri: str, experiment: str) -> None:
-        """Where the search's runs live, and the folder they are tagged with (where it starts)."""
-        record = {"tracking_uri": tracking_uri, "experiment": experiment, "search_path": str(self)}
+        """Where the search's runs live, and what they are tagged with: the folder (where it starts), and
+        an id of this search, which a later search in a folder of the same name does not share."""
+        record = {"tracking_uri": tracking_uri, "experiment": experiment, "search_path": str(self),
+                  "search_id": uuid.uuid4().hex}
         self.write(MLFLOW_FILE, json.dumps(record).encode())
+
+    def search_id(self) -> str | None:
+        """The id its MLflow runs are tagged with; None for a folder an earlier version wrote (or none)."""
+        data = self.read(MLFLOW_FILE)
+        return json.loads(data).get("search_id") if data else None
 
     def check_in_place(self) -> None:
         """A search resumes only in the folder it started in: Tune's state makes the trials it adds
