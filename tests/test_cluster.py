@@ -239,6 +239,11 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
             assert "error: spec: no such file missing.yaml" in followed.stdout and followed.stderr == "", followed
             followed = sharetune("logs", unstartable, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=1)
             assert followed.stderr.count("\n") == 1 and "nonexistent.zip" in followed.stderr, followed.stderr
+            for missing in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "deadbeef"}):  # no token, a wrong one
+                refused = subprocess.run([str(BIN / "sharetune"), "status", job, "--address", cluster.dashboard],
+                                         env={**env, **missing}, cwd=root, capture_output=True, text=True, timeout=120)
+                assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+                assert "the dashboard refused this client's token" in refused.stderr
             unknown = subprocess.run([str(BIN / "sharetune"), "logs", "raysubmit_none", "--follow", "--address", cluster.dashboard],
                                      env=env, cwd=root, capture_output=True, text=True, timeout=120)
             assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "raysubmit_none" in unknown.stderr, unknown.stderr

@@ -64,6 +64,17 @@ def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line(tmp_pa
     assert done.stderr.splitlines() == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
 
 
+def test_a_job_commands_address_wins_over_rays_variables_and_needs_its_scheme(tmp_path):
+    """Ray's client takes $RAY_API_SERVER_ADDRESS over the address it is given: the job went elsewhere."""
+    dashboard, elsewhere = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": elsewhere}
+    for address, line in [(dashboard, f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."),
+                          ("127.0.0.1:1", "error: --address 127.0.0.1:1: give the dashboard's URL, e.g. http://127.0.0.1:8265")]:
+        done = subprocess.run([sys.executable, "-m", "sharetune.cli", "status", "raysubmit_x", "--address", address],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.splitlines() == [line], done.stderr
+
+
 EMBEDDED_RAY = """
 import json, time, ray
 from sharetune.search.cluster import start_ray

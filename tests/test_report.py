@@ -79,6 +79,10 @@ def test_the_summary_shows_spin_costs_in_the_papers_units():
     assert lines[2].split()[2:5] == ["0.8", "9.1", "4.5"] and lines[3].split()[2:5] == ["0.6", "2.3", "1.2"]
     spec = spec.model_copy(update={"objectives": {"test_accuracy": "max", "unique_params": "min"}})
     assert console.top_trials(built, spec).splitlines()[1].split()[:5] == ["trial_id", "status", "test_accuracy", "unique_params", "macs_G"]
+    fused = parse_spec(tiny_spec(family="spin", fixed={"share_rate": 2, "pretrain_epochs": 1, "epochs": 2},
+                                 dimensions={"fusion": {"choice": [None, "mean"]}}))
+    rows = console.top_trials(built.assign(fusion=[None, "mean"]), fused).splitlines()[2:]
+    assert [row.split()[-1] for row in rows] == ["mean", "none"]  # a null choice is none, not NaN
 
 
 def test_a_front_table_shows_the_settings_the_trials_differ_in(tmp_path):

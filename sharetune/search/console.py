@@ -10,7 +10,8 @@ from sharetune.spaces import SearchSpec
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    """A null setting (fusion: null, no transform groups) reads `none`, not pandas' NaN."""
+    return frame.to_string(index=False, na_rep="none", float_format=lambda v: f"{v:.4g}")
 
 
 # The costs beside the objectives; SPIN's in the paper's units

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import aiohttp
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from sharetune.errors import ExitCode, first_line
@@ -32,9 +33,22 @@ class JobsError(RuntimeError):
     """The dashboard cannot be reached, or refused the request (one line, for the CLI)."""
 
 
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's, which it prefers to the address it is given
+
+
 def client(address: str | None) -> JobSubmissionClient:
-    """`address`: the dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS)."""
-    return JobSubmissionClient(address)
+    """`address`: the dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS). One
+    given wins over those variables, which Ray would take instead; one without a scheme is refused
+    (Ray would wait most of a minute for a cluster's GCS there)."""
+    if address is None:
+        return JobSubmissionClient(None)
+    if "://" not in address and address != "auto":
+        raise ValueError(f"give the dashboard's URL, e.g. http://{address.rpartition(':')[0] or address}:8265")
+    hidden = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        os.environ.update(hidden)
 
 
 def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
@@ -46,16 +60,22 @@ def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
         try:
             dashboard = client(address)
             return request(dashboard)
-        except (RuntimeError, ConnectionError, ValueError) as err:  # ValueError: an address Ray cannot parse
+        except (RuntimeError, ConnectionError, ValueError, AuthenticationError) as err:  # ValueError: an address Ray cannot parse
             line = " ".join(str(err).split())  # the dashboard's answers come wrapped over lines
             if "No available agent" in line and time.monotonic() < deadline:
                 time.sleep(2)
                 continue
-            given = address or any(os.environ.get(v) for v in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"))
+            given = address or any(os.environ.get(v) for v in ADDRESS_VARIABLES)
             if dashboard is None and not given:  # Ray looked for a local cluster and found none
                 raise JobsError("--address: no Ray cluster given and none runs here; give its dashboard, "
                                 "e.g. --address http://HEAD:8265 (or set $RAY_ADDRESS)") from None
-            raise JobsError(f"--address {address or 'from $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS'}: {line}") from None
+            where = address or "from $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS"
+            if isinstance(err, AuthenticationError):  # its text is a paragraph on token setup
+                raise JobsError(f"--address {where}: the dashboard refused this client's token ({first_line(err)}); "
+                                "send the cluster's: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)") from None
+            if "status code 404: " in line:  # an unknown job: not the address's fault
+                raise JobsError(f"{line.partition('status code 404: ')[2].rstrip('.')} on the dashboard at {where}") from None
+            raise JobsError(f"--address {where}: {line}") from None
 
 
 def submit(spec: SearchSpec, address: str | None, *, mlflow_uri: str | None = None, storage: str | None = None,
