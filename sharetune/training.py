@@ -478,6 +478,7 @@ def train_epochs(
         accuracy = {split: 0.0 if diverged else evaluate(evaluated, data.eval_batches(split, device, workers=workers), state.precision)
                     for split in data.splits()}
         state.end_epoch(train_accuracy)
+        unreadable = data.unreadable()
         yield EpochMetrics(
             epoch=epoch + 1,
             test_accuracy=accuracy["test"],
@@ -487,6 +488,7 @@ def train_epochs(
             lr=state.lr,
             epoch_seconds=time.perf_counter() - started,
             diverged=diverged,
+            unreadable_images=None if unreadable is None else int(summed(torch.tensor(unreadable, device=device)).item()),
         )
         if diverged:
             return

@@ -54,6 +54,7 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     with pytest.warns(UserWarning) as warned:
         results = list(train_epochs(model, data, Recipe(recipe="spin", epochs=2, batch_size=16), workers=2))
     assert len(results) == 2 and not results[-1].diverged
+    assert [r.unreadable_images for r in results] == [2, 2]  # what a search's results and MLflow carry
     said = [str(w.message) for w in warned if "unreadable" in str(w.message)]
     assert len(said) == 2 and re.search(r"skipped 1 unreadable images so far \(e.g. .*train/class_1/broken.png\); replace or remove", said[0])
     assert re.search(r"skipped 2 unreadable images so far \(e.g. .*val/class_2/broken.png\)", said[1])  # once, not every epoch

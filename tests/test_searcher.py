@@ -95,6 +95,7 @@ def test_repeats_train_each_configuration_with_consecutive_seeds_and_tell_the_me
     ({"constraints": {"test_accuracy": {"min": 0.5}}}, "constraints: 'test_accuracy' is not known before training"),
     ({"constraints": {"macs": {}}}, "constraints.macs: give max, min or both"),
     ({"constraints": {"macs": {"max": 1, "min": 2}}}, "constraints.macs: min 2.0 is above max 1.0"),
+    ({"constraints": {"macs": {"max": -1}}}, "constraints.macs: max -1.0: costs are never negative, so no proposal would meet it"),
     ({"constraints": {"macs": {"max": "x"}}}, "constraints.macs.max"),
     ({"repeats": 0}, "repeats: "),
     ({"repeats": 2, "dimensions": {"seed": {"int": [0, 3]}}}, "repeats: the seed is searched"),

@@ -43,6 +43,9 @@ class Batches(Protocol):
 
     def sample_inputs(self, count: int) -> Tensor: ...
 
+    def unreadable(self) -> int | None:
+        """Files read so far that could not be decoded, and so were skipped; None for sets in memory."""
+
     def with_resolution(self, size: int | None) -> "Batches": ...
 
     def shard(self, rank: int, world: int) -> "Batches":

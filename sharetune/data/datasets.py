@@ -91,6 +91,9 @@ class TensorData:
         for start in range(0, len(x), EVAL_BATCH):
             yield x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH]
 
+    def unreadable(self) -> None:
+        return None
+
     def sample_inputs(self, count: int) -> Tensor:
         return self.x_train[:count]
 

@@ -207,6 +207,9 @@ class ImageFolderData:
     def eval_batches(self, split: str, device: torch.device, *, workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         yield from self._stream(self._loader(split, EVAL_BATCH, device, workers, None), split, device)
 
+    def unreadable(self) -> int:
+        return len(self.skipped)
+
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
         return self if size is None or size == self.img_size else replace(self, img_size=size, _cache={}, skipped=set())

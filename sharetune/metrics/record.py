@@ -44,6 +44,8 @@ class EpochMetrics:
     lr: float  # the learning rate after the epoch's schedule step
     epoch_seconds: float
     diverged: bool = False  # the loss turned NaN or infinite; training stopped
+    unreadable_images: int | None = None  # an image folder's files skipped so far as undecodable (summed over a
+    # multi-worker trial's ranks, each of which may meet one); None for sets in memory
 
 
 @dataclass(frozen=True)

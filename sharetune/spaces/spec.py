@@ -148,6 +148,8 @@ class Bound(BaseModel):
             raise ValueError("bounds must be finite numbers")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.max is not None and self.max < 0:
+            raise ValueError(f"max {self.max}: costs are never negative, so no proposal would meet it; allowed: 0 or more")
         return self
 
     def violation(self, value: float) -> float:
