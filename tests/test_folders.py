@@ -30,6 +30,7 @@ def test_the_val_split_is_exact_stratified_and_disjoint():
 def test_a_folder_streams_its_splits_in_a_seeded_order(tmp_path):
     data = load("imagefolder", image_folder(tmp_path), img_size=16, val_fraction=0.25, seed=1)
     assert isinstance(data, ImageFolderData) and data.num_classes == 3 and data.input_shape == (3, 16, 16)
+    assert data.class_names() == ["class_0", "class_1", "class_2"]  # an exported model's outputs, by name
     lists = data._lists()
     assert [len(lists[s]) for s in ("train", "val", "test")] == [54, 18, 24]
     assert collections.Counter(label for _, label in lists["val"]) == {0: 6, 1: 6, 2: 6}

@@ -156,3 +156,4 @@ def test_every_model_kind_exports_the_model_its_metrics_measured(kind, tmp_path)
     evaluated = deployed(state.evaluated(model)).eval()
     assert not torch.allclose(evaluated(x), deployed(model).eval()(x))  # the EMA is not the live model
     torch.testing.assert_close(load_exported(tmp_path / "model.pt")(x), evaluated(x), rtol=1e-5, atol=1e-5)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["classes"] == ["0", "1", "2", "3"]  # what outputs mean

@@ -43,6 +43,9 @@ class Batches(Protocol):
 
     def sample_inputs(self, count: int) -> Tensor: ...
 
+    def class_names(self) -> list[str]:
+        """Each label's name, in label order (what an exported model's outputs mean)."""
+
     def unreadable(self) -> int | None:
         """Files read so far that could not be decoded, and so were skipped; None for sets in memory."""
 

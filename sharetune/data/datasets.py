@@ -94,6 +94,9 @@ class TensorData:
     def unreadable(self) -> None:
         return None
 
+    def class_names(self) -> list[str]:
+        return [str(label) for label in range(self.num_classes)]  # the sets in memory keep their labels only
+
     def sample_inputs(self, count: int) -> Tensor:
         return self.x_train[:count]
 

@@ -210,6 +210,9 @@ class ImageFolderData:
     def unreadable(self) -> int:
         return len(self.skipped)
 
+    def class_names(self) -> list[str]:
+        return list(self.classes)  # the class folders, sorted
+
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
         return self if size is None or size == self.img_size else replace(self, img_size=size, _cache={}, skipped=set())

@@ -33,7 +33,7 @@ def export_trial(config: dict, data: Batches, pretrained: dict | None, checkpoin
     plan = getattr(unwrap(shipped), "sharing_plan", None)
     torch.save({
         "format": EXPORT_FORMAT, "config": {"family": config["family"], **settings.model_dump(mode="json")},
-        "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape), "num_classes": data.num_classes, "classes": data.class_names(),
         "plan": None if plan is None else list(plan.bank_ids), "state_dict": shipped.state_dict(),
     }, out)
 
