@@ -236,6 +236,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
     (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
     (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: model (patch_size=64): fails on"),
+    (["train", "spin", "--dataset", "mnist1d", "--dim", "8", "--depth", "2"], "error: model (dim=8, depth=2): fails on 128x40 inputs: data: SPIN's models take images"),
     (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: components: none given; allowed: pointwise"),
     (["train", "spin", "--dataset", "synthetic", "--dim", "8", "--depth", "4", "--patch-size", "2", "--share-rate", "2",
       "--fusion", "mean"], "error: --pretrain-epochs: fusion and the cka mapping start from the unshared model"),

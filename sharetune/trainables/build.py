@@ -64,6 +64,9 @@ def build_spin(
 ) -> nn.Module:
     """`unshared=True` builds the plain network (what fusion's and cka's pretrained weights come from);
     `plan`: bank ids to share by instead of the mapping's (an exported model's: cka's came from data)."""
+    if len(data.input_shape) != 3:
+        raise ValueError(f"data: SPIN's models take images (channels x height x width), and this data's inputs are "
+                         f"{'x'.join(map(str, data.input_shape))}; use an image dataset")
     in_chans, height = data.input_shape[0], data.input_shape[-1]
     img_size = s.img_size or height
     resize = Resize(img_size) if img_size != height else None
