@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -275,6 +276,8 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     try:
         check_folder("--report-dir", report_dir)
         result = start()
+    except KeyboardInterrupt:  # before Tune took over Ctrl-C (loading data, starting Ray): no trial started
+        fail("interrupted before Tune started the trials", ExitCode.INTERRUPTED)
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
@@ -375,7 +378,10 @@ def list_searches(
     try:
         searches = past_searches(storage)
     except FileNotFoundError as err:
-        fail(str(err))
+        if storage is None:  # the default folder, before any search made it
+            searches = []
+        else:
+            fail(str(err))
     except ValueError as err:  # pyarrow's ArrowInvalid: a URI no filesystem of its opens
         fail(f"--storage: {err}")
     typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
@@ -446,6 +452,10 @@ def _print_report(built, uri: str, parent: str | None) -> None:
         typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command("ui")
 def ui(
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store to show (default: the embedded SQLite store)"),
@@ -461,6 +471,7 @@ def ui(
     if not port_free(port):
         fail(f"--port {port}: in use on {UI_HOST}; give another port")
     typer.echo(f"starting the MLflow UI for {uri}")
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop takes the server down too
     server = start_ui(uri, port)
     try:
         if not wait_until_ready(server, port):

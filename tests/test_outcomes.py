@@ -64,6 +64,34 @@ def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line(tmp_pa
     assert done.stderr.splitlines() == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
 
 
+def test_ctrl_c_before_tune_starts_the_trials_exits_130_with_its_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sharetune.cli import app
+    from sharetune.search import tuner
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the data loads or Ray starts: Tune's handler is not there yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner, "run", interrupted)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["search", "spec.yaml"])
+    assert done.exit_code == 130 and done.output == "error: interrupted before Tune started the trials\n", done.output
+
+
+def test_list_before_any_search_says_so(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sharetune.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no results/ yet: the default storage is not an error
+    listed = CliRunner().invoke(app, ["list"])
+    assert listed.exit_code == 0 and listed.output == "no searches yet\n", listed.output
+    listed = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "nowhere")])  # one given must be there
+    assert listed.exit_code == 2 and "--storage: no folder" in listed.output
+
+
 def test_a_job_commands_address_wins_over_rays_variables_and_needs_its_scheme(tmp_path):
     """Ray's client takes $RAY_API_SERVER_ADDRESS over the address it is given: the job went elsewhere."""
     dashboard, elsewhere = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))

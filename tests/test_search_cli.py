@@ -143,9 +143,15 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert status == 200
+        process.send_signal(signal.SIGTERM)  # to the command alone, as a service manager stops it: the server goes too
+        assert process.wait(timeout=60) == 0
+        with socket.socket() as probe:  # no server listens there any more (connections may linger in TIME_WAIT)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of its group
 
 
 @pytest.mark.slow
