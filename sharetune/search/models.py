@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search.export import SearchExport
@@ -25,6 +26,7 @@ from sharetune.spaces import SearchSpec
 from sharetune.trainables import load_exported
 
 MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
+MODEL_TAG = "sharetune.model_uri"  # on a child run whose model is logged: each trial's once, however often resumed
 
 
 def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
@@ -56,10 +58,14 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
     URIs, and a line for each front trial without a model to log (it saved no checkpoint)."""
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
     logged, missing = [], []
-    export = SearchExport(folder)
+    export, client = SearchExport(folder), MlflowClient(uri)
     with tempfile.TemporaryDirectory() as scratch, tracking_at(uri):
         for trial_id in front_trials(trials, spec):
             if trial_id not in runs:
+                continue
+            earlier = client.get_run(runs[trial_id]).data.tags.get(MODEL_TAG)  # a resumed search's finished trial
+            if earlier is not None:
+                logged.append(earlier)
                 continue
             path = Path(scratch) / f"{trial_id}.pt"
             try:
@@ -75,5 +81,6 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
                 info = mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example.numpy(), output),
                                                 input_example=example.numpy(), pip_requirements=requirements,
                                                 serialization_format="pickle")  # ArbNet's table kernels do not trace
+            client.set_tag(runs[trial_id], MODEL_TAG, info.model_uri)
             logged.append(info.model_uri)
     return logged, missing
