@@ -417,6 +417,8 @@ def _finish(result: Search, report_dir: Path) -> None:
                    "each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
+    if result.note is not None:
+        typer.echo(f"\n{result.note}")
     code, line = outcome(trials, result.mlflow_backlog)  # the table holds the failures failed_trials found
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)

@@ -159,6 +159,9 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     assert parent.info.status == child.info.status == "KILLED"
     from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)  # reads as the folder does
     assert list(from_mlflow["status"]) == [CUT]
+    resumed = tuner.resume(result.folder)  # Tune keeps what is left of the budget: none, so it says why nothing trains
+    assert resumed.note == "budget.time_limit_s: the search had spent its 10 s, so nothing more trained; a new search trains more"
+    assert report.trials_from_folder(result.folder)["epochs_done"].tolist() == [cut.epochs_done]
 
 
 def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):

@@ -56,6 +56,7 @@ class Search:
     folder: SearchFolder
     mlflow_uri: str
     mlflow_backlog: int = 0  # writes still queued for MLflow (its server did not answer in time)
+    note: str | None = None  # what a resume that trained nothing should say
 
 
 def load_data(spec: SearchSpec) -> Batches:
@@ -224,4 +225,14 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    return Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
+    trained = epochs_trained(folder)
+    search = Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
+    if spec.budget.time_limit_s is not None and epochs_trained(folder) == trained:  # Tune keeps what is left of it
+        search.note = (f"budget.time_limit_s: the search had spent its {spec.budget.time_limit_s:g} s, so nothing more "
+                       "trained; a new search trains more")
+    return search
+
+
+def epochs_trained(folder: SearchFolder) -> int:
+    """Every epoch the folder's trials have reported, over all of them."""
+    return sum((trial.last_result or {}).get(STEP, 0) for trial in folder.tune_trials())
