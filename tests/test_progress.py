@@ -2,6 +2,7 @@
 as an 80-column terminal shows it."""
 
 import io
+import pickle
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -26,6 +27,19 @@ def test_the_status_names_the_best_trial_and_forgets_one_that_fails(capsys):
     assert "trial a failed; the search goes on: ValueError: table_size: 0 is too small" in capsys.readouterr().out
     assert progress.status(trials) == ("2 running (0 diverged, 1 errored), 3 epochs; "
                                        "best: val_accuracy 0.7 (trial b), unique_params 100 (trial b); Pareto front 1")
+
+
+def test_a_resumed_search_counts_what_its_trials_did_before_and_its_clock_starts_again(capsys):
+    progress = pickle.loads(pickle.dumps(Progress({"val_accuracy": "max"}, total=3)))  # as Tune restores it
+    progress.started -= 3600  # pickled when the search first started, an hour ago
+    done, cut, failed = trial("a", "TERMINATED"), trial("b", "PAUSED"), trial("c", "ERROR")
+    done.last_result, cut.last_result = {STEP: 4, "val_accuracy": 0.8}, {STEP: 2, "val_accuracy": 0.6}
+    failed.last_result = {STEP: 1, "val_accuracy": 0.9}  # a failed trial is no one's best
+    progress.setup()
+    progress.on_step_begin(0, [done, cut, failed])
+    progress.show([done, cut, failed], force=True)
+    assert capsys.readouterr().out.startswith("[     0s] 2/3 done, 0 running (0 diverged, 1 errored), 7 epochs; "
+                                              "best: val_accuracy 0.8 (trial a)")
 
 
 def test_an_80_column_terminal_shows_the_bar_eta_and_the_whole_status():

@@ -67,6 +67,10 @@ class Progress(tune.Callback):
         return {**self.__dict__, "bar": None}
 
     def setup(self, **info) -> None:
+        """Also where a resumed search starts: Tune restores this callback as the search first pickled it,
+        so the clock restarts here and the trials' earlier epochs are counted at the first step."""
+        self.started = self.last = time.monotonic()
+        self.caught_up = False
         if sys.stdout.isatty():
             self.bar = StatusBar(Console())
             self.bar.add_task("", total=self.total)
@@ -107,12 +111,32 @@ class Progress(tune.Callback):
             elapsed = time.monotonic() - self.started
             typer.echo(f"[{elapsed:6.0f}s] {self.done(trials)}/{self.total} done, {self.status(trials)}")
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get(STEP, 0) >= 1:
-            self.epochs += 1
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if not self.caught_up:  # a resumed search's trials, as far as they got before
+            self.caught_up = True
+            self.epochs = self.diverged = 0
+            self.latest, self.ended = {}, {}
+            for trial in trials:
+                last = trial.last_result or {}
+                self.epochs += int(last.get(STEP, 0))
+                self.diverged += bool(last.get("diverged"))
+                values = self._counted(last)
+                if trial.status != FAILED and values is not None:
+                    self.latest[trial.trial_id] = values
+
+    def _counted(self, result: dict) -> list[float] | None:
+        """A result's objectives, where they count toward the best: an epoch's, finite, not diverged."""
         values = [result.get(name) for name in self.objectives]
         if result.get(STEP, 0) >= 1 and not result.get("diverged") and all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return values
+        return None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get(STEP, 0) >= 1:
+            self.epochs += 1
+        values = self._counted(result)
+        if values is not None:
             self.latest[trial.trial_id] = values
         self.show(trials)
 
