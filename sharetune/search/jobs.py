@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # a dashboard command needs no models, so no torch
     from sharetune.spaces import SearchSpec
 
 SPEC_ENV = "SHARETUNE_SPEC"
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's, which it prefers to the address it is given
 JOBS_SDK_LOGGER = "ray.dashboard.modules.job.sdk"  # Ray sets it to INFO
 AGENT_WAIT_S = 60.0  # a node lost moments ago is offered as the job agent until Ray marks it dead
 T = TypeVar("T")
@@ -31,9 +32,6 @@ T = TypeVar("T")
 
 class JobsError(RuntimeError):
     """The dashboard cannot be reached, or refused the request (one line, for the CLI)."""
-
-
-ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # Ray's, which it prefers to the address it is given
 
 
 def client(address: str | None) -> JobSubmissionClient:
@@ -122,7 +120,7 @@ def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str
     if not follow:
         yield _ask(address, lambda jobs: jobs.get_job_logs(job_id))
         return
-    _ask(address, lambda jobs: jobs.get_job_info(job_id))  # an unknown job or a refused token: one line, first
+    status(address, job_id)  # an unknown job or a refused token: one line, first
     logging.getLogger(JOBS_SDK_LOGGER).setLevel(logging.WARNING)  # its INFO line on the stream's close
     stream = _ask(address, lambda jobs: jobs.tail_job_logs(job_id).__aiter__())
     loop = asyncio.new_event_loop()

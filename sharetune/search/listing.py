@@ -3,8 +3,9 @@
 A search folder holds its spec (written before Ray starts, so its time is the search's start) and
 Tune's state (each trial's status and last results). Whether a search still runs cannot be told from
 its folder; one with trials left is `incomplete` (interrupted, running, or out of time), and
-`sharetune resume` continues it (within what is left of its time limit); one Tune records no trial of has `no trials` (none met the
-constraints, or it stopped before its first), and there is nothing to resume.
+`sharetune resume` continues it (within what is left of its time limit); one Tune records no trial of
+has `no trials` (none met the constraints, or it stopped before its first), and there is nothing to
+resume.
 """
 
 from __future__ import annotations

@@ -294,7 +294,8 @@ class Writer:
         """The run of `key`, from MLflow where this writer has not met it yet (a resumed search)."""
         if key not in self.runs:
             if key == "parent":
-                found = [run for run in [search_parent(self.client, self.experiment_id, self.folder)] if run is not None]
+                parent = search_parent(self.client, self.experiment_id, self.folder)
+                found = [parent] if parent is not None else []
             else:
                 tag, _, value = key.partition(":")
                 name = {"trial": TRIAL_TAG, "configuration": CONFIGURATION_TAG}[tag]

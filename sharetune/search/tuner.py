@@ -225,9 +225,10 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
-    trained = epochs_trained(folder)
+    limited = spec.budget.time_limit_s is not None
+    trained = epochs_trained(folder) if limited else None
     search = Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
-    if spec.budget.time_limit_s is not None and epochs_trained(folder) == trained:  # Tune keeps what is left of it
+    if limited and epochs_trained(folder) == trained:  # Tune keeps what is left of the limit
         search.note = (f"budget.time_limit_s: the search had spent its {spec.budget.time_limit_s:g} s, so nothing more "
                        "trained; a new search trains more")
     return search

@@ -329,7 +329,8 @@ class SearchSpec(BaseModel):
         for name in [n for n in self.variants if n not in self._variant_names()]:  # never picked: checked all the same
             for combo in self._extreme_combos():
                 self._resolve({**combo, "variant": name}, lambda loc, name=name: ".".join(["variants", name, *map(str, loc)]))
-        for settings in self.extreme_settings():  # each value first (an unknown hash), then what they leave unsampled
+        extremes = self.extreme_settings()
+        for settings in extremes:  # each value first (an unknown hash), then what they leave unsampled
             self._check_pretrained(settings)
             if settings.precision == "fp16" and not self.resources.gpu:
                 raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
@@ -337,7 +338,7 @@ class SearchSpec(BaseModel):
             if settings.batch_size < 2 * self.resources.workers and not self._accepted:  # BatchNorm needs two examples
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
-        self._check_pretraining()
+        self._check_pretraining(extremes)
         for name in self.dimensions:
             for key, values in self.condition(name).items():
                 possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
@@ -362,21 +363,24 @@ class SearchSpec(BaseModel):
         pretrains: the fixed settings, their sharing left out; None where no trial needs it."""
         if not any(s.needs_pretrained() for s in self.extreme_settings()):
             return None
+        return self._unshared_settings()
+
+    def _unshared_settings(self) -> SpinSettings:
         unshared = {k: v for k, v in self._config({}).items() if k not in SpinSettings.SHARING}
         return SpinSettings.model_validate(unshared, context=ACCEPTED if self._accepted else None)
 
-    def _check_pretraining(self) -> None:
+    def _check_pretraining(self, extremes: list[FamilySettings]) -> None:
         """One unshared model is pretrained per search, from the fixed settings: how it pretrains is
-        fixed, and every trial that starts from it builds the same network."""
+        fixed, and every trial that starts from it (among `extremes`) builds the same network."""
         for name in ("pretrain_epochs", "pretrained"):
-            if self._varied(name) is not None:
-                raise ValueError(f"{self._varied(name)}: the search pretrains one unshared model for all its trials; "
-                                 f"give {name} in fixed")
-        pretraining = self.pretraining_settings()
-        if pretraining is None:
+            if (place := self._varied(name)) is not None:
+                raise ValueError(f"{place}: the search pretrains one unshared model for all its trials; give {name} in fixed")
+        fusing = [settings for settings in extremes if settings.needs_pretrained()]
+        if not fusing:
             return
-        for settings in self.extreme_settings():
-            if settings.needs_pretrained() and settings.unshared_model() != pretraining.unshared_model():
+        pretraining = self._unshared_settings()
+        for settings in fusing:
+            if settings.unshared_model() != pretraining.unshared_model():
                 name = next(name for name in ("model", *SpinSettings.ARCHITECTURE)
                             if getattr(settings, name) != getattr(pretraining, name))
                 fixed = "the model's default" if getattr(pretraining, name) is None else getattr(pretraining, name)
