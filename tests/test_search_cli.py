@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import image_folder, parent_and_child_runs, tiny_spec, trial_rows
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from sharetune.cli import app
 from sharetune.search import report
+from sharetune.trainables import load_exported
 
 
 def _result_lines(folder: Path) -> list[int]:
@@ -172,6 +176,12 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
     for child in children:
         for metric in ("val_accuracy", "test_accuracy", "lr"):
             assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == list(range(1, 9))
+    root.rename(tmp_path / "moved")  # each checkpoint records what its model was built for: export needs no data
+    for trial_id in trials["trial_id"]:
+        result = CliRunner().invoke(app, ["export", str(folder), "--trial", trial_id, "--out", str(tmp_path / "model.pt")])
+        assert result.exit_code == 0, result.output
+        assert torch.load(tmp_path / "model.pt", weights_only=True)["classes"] == ["class_0", "class_1", "class_2"]
+        assert load_exported(tmp_path / "model.pt")(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
 
 
 def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):

@@ -16,8 +16,8 @@ from sharetune.trainables import (
     pretrain,
     pretrained_weights,
 )
-from sharetune.trainables.build import build_spin, unwrap
-from sharetune.trainables.trial import CHECKPOINT
+from sharetune.trainables.build import build_spin, built_for
+from sharetune.trainables.trial import BUILT_FOR, CHECKPOINT
 from sharetune.training import TrainingState, evaluate, train_epochs
 
 ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
@@ -149,11 +149,19 @@ def test_every_model_kind_exports_the_model_its_metrics_measured(kind, tmp_path)
     settings, model = build_kind(kind, data, **changes)
     state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
     list(train_epochs(model, data, settings, device="cpu", state=state))
-    torch.save({"model": model.state_dict(), "training": state.state_dict()}, tmp_path / CHECKPOINT)  # as a trial saves
-    pretrained = unwrap(build_spin(settings, data, unshared=True)).state_dict() if settings.needs_pretrained() else None
-    export_trial({**MODEL_KINDS[kind], **changes}, data, pretrained, tmp_path, tmp_path / "model.pt")
+    checkpoint = {"model": model.state_dict(), "training": state.state_dict(), BUILT_FOR: built_for(model, data)}
+    torch.save(checkpoint, tmp_path / CHECKPOINT)  # as a trial saves it
+    export_trial({**MODEL_KINDS[kind], **changes}, tmp_path, tmp_path / "model.pt")  # without the data
     x = data.sample_inputs(8)
     evaluated = deployed(state.evaluated(model)).eval()
     assert not torch.allclose(evaluated(x), deployed(model).eval()(x))  # the EMA is not the live model
     torch.testing.assert_close(load_exported(tmp_path / "model.pt")(x), evaluated(x), rtol=1e-5, atol=1e-5)
     assert torch.load(tmp_path / "model.pt", weights_only=True)["classes"] == ["0", "1", "2", "3"]  # what outputs mean
+
+
+def test_a_checkpoint_that_does_not_record_its_model_input_is_refused_by_export(tmp_path):
+    """An earlier sharetune's checkpoints did not record the input shape and sharing plan."""
+    torch.save({"model": {}, "training": {"ema": None}}, tmp_path / CHECKPOINT)
+    with pytest.raises(ValueError, match="^its checkpoint was written by an older sharetune"):
+        export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

@@ -162,6 +162,10 @@ class SearchFolder(str):
         except (OSError, ValueError):
             return False
 
+    def check_search(self) -> None:
+        """FileNotFoundError, in one line, where no search was started here."""
+        self._required(SPEC_FILE)
+
     def _required(self, filename: str) -> bytes:
         data = self.read(filename)
         if data is None:

@@ -30,7 +30,7 @@ class Resize(nn.Module):
 
 @dataclass(frozen=True)
 class DataShape:
-    """What building a model reads of its data: enough to rebuild an exported model without the data."""
+    """What building a model reads of its data: enough to rebuild a trained model without the data."""
 
     input_shape: tuple[int, ...]
     num_classes: int
@@ -98,6 +98,23 @@ def build_model(
     if isinstance(settings, ArbNetSettings):
         return build_arbnet(settings, data)
     return build_spin(settings, data, pretrained, plan=plan)
+
+
+def built_for(model: nn.Module, data: Batches) -> dict:
+    """What rebuilding `model` (built from `data`) needs besides its settings, as plain values: the data's
+    input shape and classes (what the outputs mean), and SPIN's sharing plan as bank ids (a cka plan
+    came from the data). Trials keep it in each checkpoint, so exporting one needs no data."""
+    plan = getattr(unwrap(model), "sharing_plan", None)
+    return {"input_shape": list(data.input_shape), "num_classes": data.num_classes, "classes": data.class_names(),
+            "plan": None if plan is None else list(plan.bank_ids)}
+
+
+def rebuild(settings: FamilySettings, record: dict) -> nn.Module:
+    """The architecture `built_for` recorded, with fresh weights for the caller to replace."""
+    shape = DataShape(tuple(record["input_shape"]), record["num_classes"])
+    # fusion builds from pretrained weights: any of the right shapes do, the trained ones replace them
+    pretrained = unwrap(build_spin(settings, shape, unshared=True)).state_dict() if settings.needs_pretrained() else None
+    return build_model(settings, shape, pretrained, plan=record["plan"])
 
 
 def costs_of(model: nn.Module, data: Batches) -> ModelCosts:

@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: parse the trial's config once, build, train with the recipe, report.
 
 A trial reports its costs (parameters, MACs) once before training, as epoch 0; then every epoch reports a TrialMetrics record (sharetune.metrics) and a checkpoint (the model and the
-recipe's TrainingState: optimizer, schedule, EMA, and every record reported so far), so an interrupted trial resumes at its next epoch.
+recipe's TrainingState: optimizer, schedule, EMA, and every record reported so far, and what the model was built for), so an interrupted trial resumes at its next epoch and exports without its data.
 A trial whose configuration cannot be built instead reports that once (CONFIGURATION_ERROR, no epoch)
 and raises: the driver then gives it no retry, since every try would fail alike.
 """
@@ -23,10 +23,11 @@ from sharetune.errors import first_line
 from sharetune.metrics import ModelCosts, TrialMetrics
 from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.spaces.spec import Resources
-from sharetune.trainables.build import build_model, costs_of
+from sharetune.trainables.build import build_model, built_for, costs_of
 from sharetune.training import TrainingState, pick_device, train_epochs
 
 CHECKPOINT = "trial.pt"
+BUILT_FOR = "built_for"  # the checkpoint's record of the model's input and sharing plan (build.built_for)
 CONFIGURATION_ERROR = "configuration_error"  # the one report of a trial whose configuration cannot be built
 ALLOCATION_FAILED = ("can't allocate memory", "out of memory")  # torch's RuntimeErrors for host and GPU memory
 
@@ -113,7 +114,7 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
         if replay:
             for record in history:
                 session.report(record)
-    node = ray.get_runtime_context().get_node_id()
+    node, model_input = ray.get_runtime_context().get_node_id(), built_for(model, data)
     if checkpoint is None:  # the costs are known now: report them before the first batch (as epoch 0)
         history.append({**costs.as_dict(), "node_id": node})
         session.report(history[-1])
@@ -124,6 +125,6 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 state = {"model": model.state_dict(), "training": training.state_dict(), "epoch": epoch.epoch,
-                         "history": history}
+                         "history": history, BUILT_FOR: model_input}
                 torch.save(state, Path(folder) / CHECKPOINT)
             session.report(metrics, checkpoint=session.Checkpoint.from_directory(folder) if rank == 0 else None)
