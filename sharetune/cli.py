@@ -385,6 +385,9 @@ def list_searches(
     except ValueError as err:  # pyarrow's ArrowInvalid: a URI no filesystem of its opens
         fail(f"--storage: {err}")
     typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
+    for search in searches:
+        if search.damaged:
+            typer.echo(f"damaged: {search.damaged}")
 
 
 def _quiet_unless(verbose: bool) -> None:

@@ -140,9 +140,11 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert (found[unstarted].status, found[unstarted].done, found[unstarted].best) == ("no trials", 0, {})  # nothing to resume
     result = CliRunner().invoke(app, ["list", "--storage", str(root / "results")])
     assert result.exit_code == 0, result.output
-    header, *rows = result.output.strip().splitlines()
+    header, *rows, damaged_line, cut_line = result.output.strip().splitlines()
     assert header.split() == ["name", "started", "status", "trials", "best", "folder"]
     assert [row.split()[0] for row in rows] == ["damaged", "cut", "unstarted", "fused", "tiny"]
+    assert rows[0].split()[3:] == ["damaged", "0/0", "-", damaged]  # the reason, below the table, keeps the columns readable
+    assert (damaged_line, cut_line) == (f"damaged: {found[damaged].damaged}", f"damaged: {found[cut].damaged}")
     assert "finished" in rows[4] and "2/2" in rows[4] and arbnet.folder in rows[4]
     missing = CliRunner().invoke(app, ["list", "--storage", str(root / "nowhere")])
     assert missing.exit_code == 2 and "--storage: no folder" in missing.output

@@ -84,9 +84,9 @@ def past_searches(storage: str | None = None) -> list[PastSearch]:
 
 
 def table_rows(searches: list[PastSearch]) -> list[dict[str, str]]:
-    """One row of text per search, for the console."""
+    """One row of text per search, for the console (a damaged one's reason goes below the table)."""
     return [{
         "name": s.name, "started": s.started.strftime("%Y-%m-%d %H:%M") if s.started else "?", "status": s.status,
         "trials": f"{s.done}/{s.planned}" + (f" ({s.failed} failed)" if s.failed else ""),
-        "best": s.damaged or ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
+        "best": ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
     } for s in searches]
