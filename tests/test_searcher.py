@@ -1,6 +1,8 @@
 """Searches that spend less: constraints known before training, no repeated configuration, repeated
 seeds. The searcher alone against real Optuna studies, then whole searches through real Ray and MLflow."""
 
+import tracemalloc
+
 import optuna
 import pandas as pd
 import pytest
@@ -114,6 +116,11 @@ def test_the_number_of_distinct_configurations_counts_conditional_dimensions_onc
                                              "table_size": {"int": [8, 32], "step": 8}}, fixed={"epochs": 2}))
     assert spec.distinct_configurations() == (1 + 2) * 4  # alpha only for dirichlet
     assert parse_spec(tiny_spec()).distinct_configurations() is None  # alpha is continuous
+    seeds = parse_spec(table_spec(dimensions={"seed": {"int": [0, 10**6]}}, fixed={"epochs": 2}))
+    tracemalloc.start()
+    assert seeds.distinct_configurations() is None  # too many to count, known before listing any
+    assert tracemalloc.get_traced_memory()[1] < 2**20  # listing these seeds took 36 MB (and 2**32 seeds, 150 GB)
+    tracemalloc.stop()
 
 
 def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow(tmp_path, local_ray):

@@ -22,6 +22,7 @@ import copy
 import difflib
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -48,6 +49,7 @@ from sharetune.training import ACCEPTED, Seed, accepted
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
+COUNTED_COMBINATIONS = 100_000  # more than this, and a space is not counted (a search of it ends by its budget)
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # every spec section: no unknown keys, no inf or nan
 
 
@@ -100,13 +102,14 @@ class Dimension(BaseModel):
         """Values that, if valid, make every value of the dimension valid (settings are intervals)."""
         return list(self.choice) if self.choice is not None else list(self.bounds())
 
-    def values(self) -> list[Scalar] | None:
-        """Every value a discrete dimension takes; None for a continuous one."""
+    def values(self) -> Sequence[Scalar] | None:
+        """Every value a discrete dimension takes (an integer one's as a range: a seed's has 2**32); None
+        for a continuous one."""
         if self.kind == "choice":
             return list(self.choice)
         if self.kind in ("int", "logint"):
             low, high = self.bounds()
-            return list(range(low, high + 1, int(self.step or 1)))
+            return range(low, high + 1, int(self.step or 1))
         return None
 
 
@@ -434,13 +437,13 @@ class SearchSpec(BaseModel):
     def grid_size(self) -> int:
         return math.prod(len(d.choice) for d in self.dimensions.values())
 
-    def distinct_configurations(self, limit: int = 100_000) -> int | None:
+    def distinct_configurations(self) -> int | None:
         """How many different configurations the space holds (a dimension its condition turns off
         counts once), so a search can end when it has proposed them all; None when a dimension is
-        continuous or there are more than `limit` combinations to count."""
+        continuous or there are more than COUNTED_COMBINATIONS combinations to count."""
         names = list(self.dimensions)
         values = [self.dimensions[name].values() for name in names]
-        if any(v is None for v in values) or math.prod(len(v) for v in values) > limit:
+        if any(v is None for v in values) or math.prod(len(v) for v in values) > COUNTED_COMBINATIONS:
             return None
         distinct = set()
         for combo in itertools.product(*values):
