@@ -105,6 +105,9 @@ def test_repeats_train_each_configuration_with_consecutive_seeds_and_tell_the_me
     ({"constraints": {"macs": {"max": 1e6}}, "sampler": "cmaes"}, "constraints: the cmaes sampler ignores them.*allowed: tpe, random"),
     ({"fixed": {"epochs": 4}, "scheduler": {"name": "asha", "max_t": 10, "grace_period": 5}},
      r"scheduler.max_t: 10 epochs is more than any trial trains \(4\); allowed: up to 4"),
+    ({"fixed": {"epochs": [1, 2]}, "scheduler": {"name": "asha"}}, "^fixed.epochs: Input should be a valid integer$"),
+    ({"dimensions": {"epochs": {"choice": ["a", 3]}}, "fixed": {}, "scheduler": {"name": "asha"}}, "^dimensions.epochs: "),
+    ({"variants": {"long": {"epochs": "x"}}, "fixed": {"variant": "long"}, "scheduler": {"name": "asha"}}, "^variants.long.epochs: "),
 ])
 def test_bad_constraint_and_repeat_specs_name_the_field(changes, message):
     with pytest.raises(SpecError, match=message):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import builtins
 import copy
 import difflib
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -268,18 +269,6 @@ class SearchSpec(BaseModel):
             raise ValueError("scheduler: ASHA prunes on one metric; for several objectives use name: moasha")
         if not multi and self.scheduler is not None and self.scheduler.name == "moasha":
             raise ValueError("scheduler: moasha ranks several objectives; for one objective use name: asha")
-        if self.scheduler is not None:
-            most = self.max_epochs()
-            if self.scheduler.max_t and self.scheduler.max_t > most and not self._accepted:
-                raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
-                                 f"({most}); allowed: up to {most}, or leave it out")
-            full = self.scheduler_max_t()
-            if full < 2:  # a rung is an epoch before the last: there is none to stop a trial at
-                raise ValueError(f"scheduler: early stopping needs a full trial of 2 epochs or more (here {full}); "
-                                 "give more epochs, or scheduler: null")
-            if self.scheduler.grace_period >= full:
-                raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
-                                 f"trial's {full}; give fewer than {full}")
         if multi and not SAMPLERS[self.sampler].multi_objective:
             raise ValueError(f"sampler: {self.sampler} is single-objective; for several objectives use "
                              f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
@@ -296,6 +285,18 @@ class SearchSpec(BaseModel):
             raise ValueError(f"{sorted(overlap)[0]}: both fixed and searched; keep it in one place")
         self._check_variants()
         self._check_values()
+        if self.scheduler is not None:  # the trials' epochs are valid by now
+            most = self.max_epochs()
+            if self.scheduler.max_t and self.scheduler.max_t > most and not self._accepted:
+                raise ValueError(f"scheduler.max_t: {self.scheduler.max_t} epochs is more than any trial trains "
+                                 f"({most}); allowed: up to {most}, or leave it out")
+            full = self.scheduler_max_t()
+            if full < 2:  # a rung is an epoch before the last: there is none to stop a trial at
+                raise ValueError(f"scheduler: early stopping needs a full trial of 2 epochs or more (here {full}); "
+                                 "give more epochs, or scheduler: null")
+            if self.scheduler.grace_period >= full:
+                raise ValueError(f"scheduler.grace_period: {self.scheduler.grace_period} epochs leaves no rung below a full "
+                                 f"trial's {full}; give fewer than {full}")
         if self.sampler == "grid":
             for name, dim in self.dimensions.items():
                 if dim.kind != "choice" or self.condition(name):
@@ -352,7 +353,7 @@ class SearchSpec(BaseModel):
     def extreme_settings(self) -> list[FamilySettings]:
         """One trial's settings per combination of dimension extremes (and variant) with the fixed
         settings: since every setting's allowed values are intervals, what all trials range over."""
-        return [self._resolve(combo, self._where) for combo in self._extreme_combos()]
+        return [self._resolve(combo, functools.partial(self._where, combo)) for combo in self._extreme_combos()]
 
     def _extreme_combos(self) -> list[dict[str, Scalar]]:
         names = list(self.dimensions)
@@ -412,11 +413,14 @@ class SearchSpec(BaseModel):
         except ValidationError as err:
             raise ValueError(describe_error(err, where=where)) from None
 
-    def _where(self, loc: tuple) -> str:
+    def _where(self, combo: dict[str, Scalar], loc: tuple) -> str:
+        """Where the spec gives the setting at `loc` of a trial that samples `combo` (its variant's first)."""
         if not loc:
             return ""
-        section = "dimensions" if loc[0] in self.dimensions else "fixed" if loc[0] in self.fixed else "variants"
-        return ".".join([section, *map(str, loc)])
+        variant = {**self.fixed, **combo}.get("variant")
+        section = (["variants", variant] if loc[0] in self.variants.get(variant, {}) else
+                   ["dimensions"] if loc[0] in self.dimensions else ["fixed"])
+        return ".".join([*section, *map(str, loc)])
 
     def _inactive(self, name: str, config: dict) -> bool:
         return any(config.get(key) not in values for key, values in self.condition(name).items())
@@ -461,10 +465,8 @@ class SearchSpec(BaseModel):
         return self.num_samples() * self.repeats
 
     def max_epochs(self) -> int:
-        """The most epochs a trial trains: the searched ones, else the fixed or the family's default; or a variant's."""
-        default = self.fixed.get("epochs", FAMILIES[self.family].model_fields["epochs"].default)
-        epochs = self.dimensions["epochs"].extremes() if "epochs" in self.dimensions else [default]
-        return int(max([*epochs, *(v["epochs"] for v in self.variants.values() if "epochs" in v)]))
+        """The most epochs a trial trains (settings are intervals: the most of the extremes')."""
+        return max(settings.epochs for settings in self.extreme_settings())
 
     def scheduler_max_t(self) -> int:
         """The epochs of a full trial, for early stopping: the scheduler's max_t, else the most any trial trains."""
