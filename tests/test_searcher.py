@@ -100,6 +100,8 @@ def test_repeats_train_each_configuration_with_consecutive_seeds_and_tell_the_me
     ({"constraints": {"macs": {"max": -1}}}, "constraints.macs: max -1.0: costs are never negative, so no proposal would meet it"),
     ({"constraints": {"macs": {"max": "x"}}}, "constraints.macs.max"),
     ({"repeats": 0}, "repeats: "),
+    ({"repeats": 3, "fixed": {"seed": 2**32 - 2}}, "^repeats: 3 seeds from seed 4294967294 pass the largest seed, 4294967295; "
+                                                   "allowed: a seed up to 4294967293$"),
     ({"repeats": 2, "dimensions": {"seed": {"int": [0, 3]}}}, "repeats: the seed is searched"),
     ({"repeats": 2, "scheduler": {"name": "asha"}}, "repeats: asha would stop a configuration's seeds at different epochs"),
     ({"constraints": {"macs": {"max": 1e6}}, "sampler": "cmaes"}, "constraints: the cmaes sampler ignores them.*allowed: tpe, random"),

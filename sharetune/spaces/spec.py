@@ -46,7 +46,7 @@ from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 from sharetune.spaces.suggest import nearest_path, spec_paths
-from sharetune.training import ACCEPTED, Seed, accepted
+from sharetune.training import ACCEPTED, MAX_SEED, Seed, accepted
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
@@ -339,6 +339,9 @@ class SearchSpec(BaseModel):
             if settings.precision == "fp16" and not self.resources.gpu:
                 raise ValueError("precision: fp16 needs GPUs, and this search's trials run on CPUs (resources.gpu: 0); "
                                  "allowed: fp32, bf16")
+            if settings.seed + self.repeats - 1 > MAX_SEED:  # repeats train with seed, seed+1, ...
+                raise ValueError(f"repeats: {self.repeats} seeds from seed {settings.seed} pass the largest seed, {MAX_SEED}; "
+                                 f"allowed: a seed up to {MAX_SEED - self.repeats + 1}")
             if settings.batch_size < 2 * self.resources.workers and not self._accepted:  # BatchNorm needs two examples
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
