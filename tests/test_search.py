@@ -4,9 +4,11 @@ test_search_cli.py."""
 
 import json
 import math
+import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ from sharetune.metrics import pareto_mask
 from sharetune.search import SearchFolder, report, tuner
 from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
+from sharetune.search.mlflow_logger import MlflowLogger
 from sharetune.search.outcome import CUT, failed_trials, outcome
 from sharetune.spaces import parse_spec
 
@@ -162,6 +165,17 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     resumed = tuner.resume(result.folder)  # Tune keeps what is left of the budget: none, so it says why nothing trains
     assert resumed.note == "budget.time_limit_s: the search had spent its 10 s, so nothing more trained; a new search trains more"
     assert report.trials_from_folder(result.folder)["epochs_done"].tolist() == [cut.epochs_done]
+
+
+def test_a_resumed_search_counts_the_time_its_earlier_drivers_spent_toward_its_time_limit(tmp_path):
+    """Tune keeps what is left of the limit, so a resumed search's trials are cut when the limit is
+    spent over both drivers: MLflow marks them cut then, as the folder's report does."""
+    logger = MlflowLogger("sqlite:///unused.db", "tiny", SearchFolder(tmp_path), {}, {}, time_limit_s=10)
+    logger.started = time.monotonic() - 8  # set up 8 s ago; then the search was interrupted
+    resumed = pickle.loads(pickle.dumps(logger))  # as Tune restores its callbacks
+    assert 8 <= resumed.spent_s() < 9
+    resumed.started = time.monotonic() - 3  # its setup, 3 s ago: past the 2 s the limit had left
+    assert resumed.spent_s() >= 10
 
 
 def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_finish(tmp_path):

@@ -153,7 +153,8 @@ class MlflowLogger(tune.Callback):
         self.queue: MlflowQueue | None = None
         self.skipped_logged: set[int] = set()  # configuration numbers queued by this driver
         self.running: set[str] = set()  # trials started and neither completed nor failed since
-        self.time_limit_s, self.started = time_limit_s, 0.0  # started: when `setup` runs, as the search starts
+        self.time_limit_s, self.started = time_limit_s, 0.0  # started: when `setup` runs, as this driver starts
+        self.earlier_s = 0.0  # what earlier drivers of the search spent (a resumed search's): Tune's limit counts it
 
     @classmethod
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
@@ -163,7 +164,12 @@ class MlflowLogger(tune.Callback):
                    time_limit_s=spec.budget.time_limit_s)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "queue": None, "skipped_logged": set(), "running": set()}
+        return {**self.__dict__, "queue": None, "skipped_logged": set(), "running": set(), "earlier_s": self.spent_s(),
+                "started": 0.0}
+
+    def spent_s(self) -> float:
+        """The search's time so far, over every driver that ran it."""
+        return self.earlier_s + (time.monotonic() - self.started if self.started else 0.0)
 
     def setup(self, **info) -> None:
         self.started = time.monotonic()
@@ -219,7 +225,7 @@ class MlflowLogger(tune.Callback):
         # Tune's clean-up after Ctrl-C (or a time limit) marks the running trials TERMINATED without
         # completing them; those, and any left PENDING, did not train to their end.
         unfinished = self.running | {t.trial_id for t in trials if t.status not in (FINISHED, FAILED)}
-        timed_out = self.time_limit_s is not None and time.monotonic() - self.started >= self.time_limit_s
+        timed_out = self.time_limit_s is not None and self.spent_s() >= self.time_limit_s
         for trial_id in sorted(unfinished):
             self.queue.put("end", key=f"trial:{trial_id}", status="KILLED", tags={CUT_TAG: "true"} if timed_out else {})
         self.queue.put("end", key="parent", status="KILLED" if unfinished else "FINISHED", tags={})
