@@ -131,3 +131,23 @@ def test_writes_the_full_disk_cannot_keep_reach_mlflow_in_order_and_the_rest_whe
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(1, 6)]
         assert run.info.status == "FINISHED"
+
+
+def test_a_write_that_cannot_be_delivered_is_dropped_and_the_rest_are_delivered(tmp_path, caplog):
+    """An operation another version queued (an unknown field here), or one MLflow refuses, fails on every
+    try: retrying it as an outage would hold every later write behind it for ever."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    queue = MlflowQueue(SearchFolder(tmp_path / "search"), uri, "mixed")
+    queue.put("open_parent", name="search", tags={}, params={}, spec_yaml="name: mixed\n")
+    queue.put("open_trial", key="trial:a", name="a", tags={TRIAL_TAG: "a"}, params={}, dataset=None)
+    queue.put("metrics", key="trial:a", step=1, timestamp=1, metrics={"val_accuracy": 0.1}, tags={}, unknown=1)
+    queue.put("metrics", key="trial:a", step=2, timestamp=2, metrics={"accuracy?": 0.2}, tags={})  # MLflow refuses the name
+    queue.put("metrics", key="trial:a", step=3, timestamp=3, metrics={"val_accuracy": 0.3}, tags={})
+    queue.start()
+    assert queue.drain(60) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mixed").experiment_id], f"tags.`{TRIAL_TAG}` = 'a'")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [(3, 0.3)]
+    assert "a queued metrics write cannot be delivered, dropped: TypeError: " in caplog.text
+    assert "MLflow refused a metrics write, dropped: Invalid value \"accuracy?\"" in caplog.text
+    assert "does not answer" not in caplog.text

@@ -72,6 +72,13 @@ def queue_path(folder: SearchFolder) -> Path:
     return Path(folder) / QUEUE_FILE
 
 
+def malformed(err: Exception) -> bool:
+    """Whether delivering an operation failed on the operation itself (one another version queued), so
+    that every try fails alike. A server that does not answer raises OSErrors (requests' errors are,
+    some of them ValueErrors too) or MlflowExceptions."""
+    return isinstance(err, (TypeError, KeyError, AttributeError, ValueError)) and not isinstance(err, OSError)
+
+
 def tag_filter(tag: str, value: str) -> str:
     """MLflow's search filter for runs whose `tag` is `value`. Its syntax has no escapes: a value that
     holds a single quote (a search folder under /home/o'brien) goes in double quotes."""
@@ -256,8 +263,11 @@ class MlflowQueue:
                     continue
                 log.warning("MLflow refused a %s write, dropped: %s", operation["op"], first_line(err))
             except Exception as err:  # connection refused, timeouts, 5xx after the client's own retries
-                wait = self._unreachable(err, wait)
-                continue
+                if not malformed(err):
+                    wait = self._unreachable(err, wait)
+                    continue
+                log.warning("a queued %s write cannot be delivered, dropped: %s: %s", operation["op"],
+                            type(err).__name__, first_line(err))
             if self.outage_since is not None:
                 log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", self.uri,
                             time.monotonic() - self.outage_since)
@@ -285,7 +295,7 @@ class Writer:
     def deliver(self, operation: dict) -> None:
         if self.experiment_id is None:
             self.experiment_id = experiment_id(self.client, self.experiment)
-        getattr(self, f"_{operation.pop('op')}")(**operation)
+        getattr(self, f"_{operation['op']}")(**{name: value for name, value in operation.items() if name != "op"})
 
     def _children(self) -> list:
         return child_runs(self.client, self.experiment_id, self.run_id("parent"))
