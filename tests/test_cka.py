@@ -39,7 +39,10 @@ def test_cka_matrix_of_a_model_and_its_heatmap(tmp_path):
     np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-9)
     np.testing.assert_allclose(matrix, matrix.T, atol=1e-9)
     between = cka_matrix(model, data, model_b=create_model("convmixer", dim=8, depth=6, patch_size=2, kernel_size=3, num_classes=3, in_chans=1))
-    assert between.shape == (6, 6)
+    assert between.shape == (6, 6) and model.training
+    model.eval()
+    cka_matrix(model, data)
+    assert not model.training  # each model is left in the mode it was in
     assert plot_cka(matrix, tmp_path / "cka.png").stat().st_size > 1000
 
 
@@ -61,6 +64,7 @@ def test_cka_mapping_builds_a_plan_from_a_pretrained_model():
     model = create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka", "rate": 2})
     plan = model.sharing_plan
     assert plan.num_entries == 3 and list(plan.bank_ids) == sorted(plan.bank_ids)  # contiguous groups
+    assert model.training  # as every model is built: comparing its layers ran in eval mode, and ended there once
     with pytest.raises(ValueError, match="mapping: 'cka' needs pretrained"):
         create_model("convmixer", **arch, sharing={"mapping": "cka", "rate": 2})
     for count in (65, 4):  # a last minibatch of 1 once failed HSIC's four; 4 is the least it takes

@@ -72,16 +72,21 @@ def _block_outputs(model: nn.Module, x: Tensor, blocks: str) -> list[Tensor]:
 
 @torch.no_grad()
 def cka_matrix(model_a: nn.Module, batches: Iterable[Tensor], model_b: nn.Module | None = None, *, blocks: str = "blocks") -> np.ndarray:
-    """CKA between the block outputs of `model_a` and `model_b` (default: `model_a` itself)."""
-    model_a.eval()
-    if model_b is not None:
-        model_b.eval()
+    """CKA between the block outputs of `model_a` and `model_b` (default: `model_a` itself), in eval
+    mode; each model is left in the mode it was in (a cka mapping goes on to train its model)."""
+    modes = [(model, model.training) for model in (model_a, model_b) if model is not None]
     acc = None
-    for x in batches:
-        xs = _block_outputs(model_a, x, blocks)
-        ys = xs if model_b is None else _block_outputs(model_b, x, blocks)
-        acc = acc or _Accumulator(len(xs), len(ys))
-        acc.add(xs, ys)
+    try:
+        for model, _ in modes:
+            model.eval()
+        for x in batches:
+            xs = _block_outputs(model_a, x, blocks)
+            ys = xs if model_b is None else _block_outputs(model_b, x, blocks)
+            acc = acc or _Accumulator(len(xs), len(ys))
+            acc.add(xs, ys)
+    finally:
+        for model, training in modes:
+            model.train(training)
     if acc is None:
         raise ValueError("batches: no data given")
     return acc.cka().numpy()
