@@ -60,10 +60,10 @@ class TrialMetrics:
 
 
 STEP = "epoch"
-COSTS = ("unique_params", "macs")  # what reports trade accuracy against: a Pareto front each
 # A cost's hypervolume reference, unless the spec sets one: the dense, unshared model's (for parameters
 # its virtual count; MACs do not change with sharing), so it depends on the problem, not on the results.
 DENSE_COST = {"unique_params": "virtual_params", "macs": "macs"}
+COSTS = tuple(DENSE_COST)  # what reports trade accuracy against: a Pareto front each
 CONSTRAINABLE = ("unique_params", "virtual_params", "macs", "effective_share_rate")  # every model has them
 METRICS: tuple[str, ...] = tuple(f.name for part in (EpochMetrics, ModelCosts) for f in fields(part) if f.name != STEP)
 

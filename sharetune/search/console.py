@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 
+from sharetune.metrics import COSTS
 from sharetune.search.outcome import CUT
 from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
-from sharetune.spaces import SearchSpec
+from sharetune.spaces import FAMILIES, SearchSpec
 
 
 def _table(frame: pd.DataFrame) -> str:
     """A null setting (fusion: null, no transform groups) reads `none`, not pandas' NaN."""
     return frame.to_string(index=False, na_rep="none", float_format=lambda v: f"{v:.4g}")
-
-
-# The costs beside the objectives; SPIN's in the paper's units
-COSTS = {"arbnet": {"unique_params": ("unique_params", 1), "macs": ("macs", 1)},
-         "spin": {"unique_params": ("params_M", 1e6), "macs": ("macs_G", 1e9)}}
 
 
 def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
@@ -29,8 +25,9 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     if trained.empty:
         return f"{title}: none trained to its end"
     ranked = trained.sort_values(first, ascending=mode == "min").head(count)
-    costs = {shown: ranked[cost] / scale for cost, (shown, scale) in COSTS[spec.family].items()
-             if cost in ranked and cost not in spec.objectives}  # an objective is shown once, as it is
+    units = FAMILIES[spec.family].COST_UNITS  # the costs beside the objectives, in the family's paper's units
+    shown = {cost: units.get(cost, (cost, 1)) for cost in COSTS if cost in ranked and cost not in spec.objectives}
+    costs = {column: ranked[cost] / scale for cost, (column, scale) in shown.items()}  # an objective shows as it is
     ranked = ranked.assign(**costs)
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
     columns = ["trial_id", "status", "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]

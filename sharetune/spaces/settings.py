@@ -32,6 +32,8 @@ class FamilySettings(Recipe):
     """A model family's trial settings: the recipe plus the model's own."""
 
     model_config = ConfigDict(allow_inf_nan=False)  # an infinite share_rate or lr is a mistake, not a setting
+    # the costs as its paper counts them, where not in units of one: cost -> (column, units)
+    COST_UNITS: ClassVar[dict[str, tuple[str, float]]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -103,6 +105,7 @@ class SpinSettings(FamilySettings):
 
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ("dim", "depth", "patch_size", "kernel_size", "img_size")  # model options
     SHARING: ClassVar[tuple[str, ...]] = ("share_rate", "mapping", "distribution", "components", "transform_groups", "fusion")
+    COST_UNITS = {"unique_params": ("params_M", 1e6), "macs": ("macs_G", 1e9)}
 
     recipe: Literal[tuple(RECIPES)] = "spin"  # type: ignore[valid-type]
 

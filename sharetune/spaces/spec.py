@@ -205,7 +205,7 @@ class SearchSpec(BaseModel):
 
     name: str = "search"  # the search folder's name and MLflow's experiment: a safe folder name
     description: str = ""
-    family: Literal["arbnet", "spin"]
+    family: Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
     data: DataSpec = DataSpec()
     fixed: dict[str, Any] = {}
     dimensions: dict[str, Dimension] = {}
