@@ -59,9 +59,9 @@ def linear_cka(batches_x: Iterable[Tensor], batches_y: Iterable[Tensor]) -> floa
     return float(acc.cka()[0, 0])
 
 
-def _block_outputs(model: nn.Module, x: Tensor, blocks: str) -> list[Tensor]:
+def _block_outputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     outputs: list[Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in model.get_submodule(blocks)]
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in model.blocks]
     try:
         model(x)
     finally:
@@ -71,17 +71,18 @@ def _block_outputs(model: nn.Module, x: Tensor, blocks: str) -> list[Tensor]:
 
 
 @torch.no_grad()
-def cka_matrix(model_a: nn.Module, batches: Iterable[Tensor], model_b: nn.Module | None = None, *, blocks: str = "blocks") -> np.ndarray:
-    """CKA between the block outputs of `model_a` and `model_b` (default: `model_a` itself), in eval
-    mode; each model is left in the mode it was in (a cka mapping goes on to train its model)."""
+def cka_matrix(model_a: nn.Module, batches: Iterable[Tensor], model_b: nn.Module | None = None) -> np.ndarray:
+    """CKA between the outputs of the blocks (`model.blocks`) of `model_a` and `model_b` (default:
+    `model_a` itself), in eval mode; each model is left in the mode it was in (a cka mapping goes on
+    to train its model)."""
     modes = [(model, model.training) for model in (model_a, model_b) if model is not None]
     acc = None
     try:
         for model, _ in modes:
             model.eval()
         for x in batches:
-            xs = _block_outputs(model_a, x, blocks)
-            ys = xs if model_b is None else _block_outputs(model_b, x, blocks)
+            xs = _block_outputs(model_a, x)
+            ys = xs if model_b is None else _block_outputs(model_b, x)
             acc = acc or _Accumulator(len(xs), len(ys))
             acc.add(xs, ys)
     finally:

@@ -190,19 +190,19 @@ class TransformedLayer(nn.Module):
         return count_params(self.layer).virtual
 
 
-def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], strategy: str, *, blocks: str = "blocks") -> nn.Module:
+def fuse(pretrained: nn.Module, plan: SharingPlan | str | Sequence[int] | dict, components: Sequence[str], strategy: str) -> nn.Module:
     """A shared copy of `pretrained` whose bank entries fuse the pretrained layers they replace."""
     model = copy.deepcopy(pretrained)
-    model = share(model, plan, components, blocks=blocks, make_entry=lambda layers: FusedLayer(layers, strategy))
+    model = share(model, plan, components, make_entry=lambda layers: FusedLayer(layers, strategy))
     batch = FusionBatch(model.spin_bank)
     model.register_forward_pre_hook(batch.before)
     model.register_forward_hook(batch.after, always_call=True)  # an exception must not leave a stale graph
     return model
 
 
-def add_transforms(model: nn.Module, weights: Sequence[str], group_size: int, *, blocks: str = "blocks") -> nn.Module:
+def add_transforms(model: nn.Module, weights: Sequence[str], group_size: int) -> nn.Module:
     """Give every layer after the first user of a shared weight ("1.weight") its own transform."""
-    layers = submodule(model, blocks)
+    layers = model.blocks
     seen: set[int] = set()
     for i in range(len(layers)):
         for weight in weights:

@@ -92,14 +92,12 @@ class SharingPlan:
         return [layer for layer, e in enumerate(self.bank_ids) if e == entry]
 
     @classmethod
-    def from_ids(cls, ids: Sequence[int], depth: int | None = None) -> "SharingPlan":
-        if depth is not None and len(ids) != depth:
-            raise ValueError(f"plan: covers {len(ids)} layers but the model has {depth}; each layer needs one bank id")
+    def from_ids(cls, ids: Sequence[int]) -> "SharingPlan":
         first_use = {}
         return cls(tuple(first_use.setdefault(i, len(first_use)) for i in ids))
 
     @classmethod
-    def from_notation(cls, text: str, depth: int | None = None) -> "SharingPlan":
+    def from_notation(cls, text: str) -> "SharingPlan":
         """The paper's N x S notation: "[4x1,1x2,2x3]" is 4 entries used once, 1 used twice, 2 used 3 times."""
         compact = re.sub(r"[\s\[\]]", "", text).replace("X", "x").replace("×", "x")
         groups = re.findall(r"(\d+)x(\d+)", compact)
@@ -111,7 +109,7 @@ class SharingPlan:
                 raise ValueError(f"plan: {count}x{size}: counts and share rates must be >= 1")
             for _ in range(count):
                 ids += [len(set(ids))] * size
-        return cls.from_ids(ids, depth)
+        return cls.from_ids(ids)
 
     @classmethod
     def from_topology(
@@ -215,17 +213,16 @@ def share(
     plan: SharingPlan | str | Sequence[int] | dict,
     components: Sequence[str],
     *,
-    blocks: str = "blocks",
     make_entry: Callable[[list[nn.Module]], nn.Module] | None = None,
 ) -> nn.Module:
-    """Share `components` across the layers in `model.<blocks>`.
+    """Share `components` across the layers in `model.blocks` (every isotropic net's).
 
     A component is a path inside one block: a sub-module ("attn", "" for the whole block) or a single
     parameter ("1.weight"), which shares that tensor and leaves the rest of its module unshared.
     `make_entry` builds a bank entry from the sub-modules it replaces (default: keep the first one;
     fusion passes a FusedLayer).
     """
-    layers = submodule(model, blocks)
+    layers = model.blocks
     plan = make_plan(len(layers), plan)
     bank = getattr(model, "spin_bank", None) or WeightBank()
     for component in components:

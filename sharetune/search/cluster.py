@@ -28,15 +28,16 @@ def _host_port(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
-def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """An explicit host:port must accept a TCP connection within `timeout_s` (None, auto: nothing to probe)."""
+def check_reachable(address: str | None) -> None:
+    """An explicit host:port must accept a TCP connection within CONNECT_TIMEOUT_S (None, auto: nothing
+    to probe). A search calls it first, before the data loads, so an unreachable address fails in seconds."""
     if address is None or address == "auto":
         return
     target = _host_port(address)
     if target is None:
         raise ClusterError(f"--address {address}: give host:port, ray://host:port, or auto")
     try:
-        socket.create_connection(target, timeout=timeout_s).close()
+        socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
         raise ClusterError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}); "
                            "check the host and port, or leave --address out to start a local Ray") from None
@@ -49,7 +50,6 @@ def start_ray(address: str | None) -> None:
     answer only clients holding the token in ~/.ray/auth_token."""
     if ray.is_initialized():
         return
-    check_reachable(address)
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as err:  # `auto` with no cluster running

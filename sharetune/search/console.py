@@ -9,13 +9,15 @@ from sharetune.search.outcome import CUT
 from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
 from sharetune.spaces import FAMILIES, SearchSpec
 
+TOP = 5  # the trials the console shows
+
 
 def _table(frame: pd.DataFrame) -> str:
     """A null setting (fusion: null, no transform groups) reads `none`, not pandas' NaN."""
     return frame.to_string(index=False, na_rep="none", float_format=lambda v: f"{v:.4g}")
 
 
-def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
+def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:
     """The best trials (configurations, where seeds repeat) by the first objective, with every
     objective (mean and standard deviation over repeats), the costs and the searched settings."""
     first, mode = next(iter(spec.objectives.items()))
@@ -24,7 +26,7 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec, count: int = 5) -> str:
     title = "top trials" + (f" (left out: {cut} the time limit cut short)" if cut else "")
     if trained.empty:
         return f"{title}: none trained to its end"
-    ranked = trained.sort_values(first, ascending=mode == "min").head(count)
+    ranked = trained.sort_values(first, ascending=mode == "min").head(TOP)
     units = FAMILIES[spec.family].COST_UNITS  # the costs beside the objectives, in the family's paper's units
     shown = {cost: units.get(cost, (cost, 1)) for cost in COSTS if cost in ranked and cost not in spec.objectives}
     costs = {column: ranked[cost] / scale for cost, (column, scale) in shown.items()}  # an objective shows as it is

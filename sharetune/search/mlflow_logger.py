@@ -237,9 +237,9 @@ def remove_orphans(folder: SearchFolder, recorded: list[str]) -> None:
     MlflowQueue.of(folder, *folder.mlflow()).put("remove_orphans", recorded=recorded)
 
 
-def deliver_backlog(folder: SearchFolder, timeout_s: float = DRAIN_S) -> int:
-    """Wait up to `timeout_s` for the search's queued writes to reach MLflow; returns how many are
+def deliver_backlog(folder: SearchFolder) -> int:
+    """Wait up to DRAIN_S for the search's queued writes to reach MLflow; returns how many are
     still queued (0: MLflow holds everything)."""
     queue = MlflowQueue.of(folder, *folder.mlflow())
     queue.start()
-    return queue.drain(timeout_s)
+    return queue.drain(DRAIN_S)

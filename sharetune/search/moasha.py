@@ -85,12 +85,12 @@ class MOASHA(FIFOScheduler):
     restored = True
 
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int, reduction_factor: float,
-                 reference: dict[str, float] | None = None, time_attr: str = STEP, store: FileStore | None = None) -> None:
+                 reference: dict[str, float] | None = None, store: FileStore | None = None) -> None:
         super().__init__()
         self.store, self.restored = store, store is None
         self.objectives, self.reference = dict(objectives), dict(reference or {})
         self.signs = np.array([-1.0 if mode == "max" else 1.0 for mode in objectives.values()])  # all minimised
-        self.reduction_factor, self.time_attr = reduction_factor, time_attr
+        self.reduction_factor = reduction_factor
         rungs, rung = [], grace_period
         while rung < max_t:
             rungs.append(rung)
@@ -103,10 +103,10 @@ class MOASHA(FIFOScheduler):
         return True  # the objectives come with the scheduler
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if self.time_attr not in result or any(not isinstance(result.get(m), (int, float)) for m in self.objectives):
+        if STEP not in result or any(not isinstance(result.get(m), (int, float)) for m in self.objectives):
             return TrialScheduler.CONTINUE
         self._restore()
-        epoch = result[self.time_attr]
+        epoch = result[STEP]
         rung = max((r for r in self.rungs if r <= epoch), default=None)
         if rung is None or trial.trial_id in self.rungs[rung]:
             return TrialScheduler.CONTINUE

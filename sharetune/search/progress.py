@@ -1,4 +1,4 @@
-"""Live progress of a search: a bar with its ETA on a terminal (rich), a line every `every_s` seconds
+"""Live progress of a search: a bar with its ETA on a terminal (rich), a line every LINE_EVERY_S seconds
 elsewhere (Ray Job logs, pipes); both say trials running/done/diverged/errored, epochs done, the best
 value of each objective with the trial that reached it, and the size of the Pareto front so far."""
 
@@ -24,6 +24,7 @@ from sharetune.search.outcome import ENDED, FAILED, trial_error
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
 TUNE_RUN_LOGGER = "ray.tune.tune"  # where Tune's fit logs its end
+LINE_EVERY_S = 10.0  # off a terminal (Ray Job logs, pipes): the seconds between two progress lines
 
 
 def quiet() -> None:
@@ -55,8 +56,8 @@ class StatusBar(Bar):
 
 
 class Progress(tune.Callback):
-    def __init__(self, objectives: dict[str, str], total: int, every_s: float = 10.0) -> None:
-        self.objectives, self.total, self.every_s = objectives, total, every_s
+    def __init__(self, objectives: dict[str, str], total: int) -> None:
+        self.objectives, self.total = objectives, total
         self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch (not failed nor diverged)
         self.started = self.last = time.monotonic()
         self.epochs = self.diverged = 0
@@ -106,7 +107,7 @@ class Progress(tune.Callback):
         if self.bar is not None:
             self.bar.status = self.status(trials)
             self.bar.update(self.bar.task_ids[0], completed=self.done(trials))
-        elif force or time.monotonic() - self.last >= self.every_s:
+        elif force or time.monotonic() - self.last >= LINE_EVERY_S:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
             typer.echo(f"[{elapsed:6.0f}s] {self.done(trials)}/{self.total} done, {self.status(trials)}")

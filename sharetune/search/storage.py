@@ -102,8 +102,8 @@ def canonical(location: str | Path) -> str:
     return location.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
 
 
-def check_free_space(storage: str, needed: int = MIN_FREE_BYTES) -> None:
-    """Refuse a local storage with less than `needed` bytes free before anything is written; a full
+def check_free_space(storage: str) -> None:
+    """Refuse a local storage with less than MIN_FREE_BYTES free before anything is written; a full
     disk mid-search loses checkpoints. An object store's space is its own business."""
     if is_uri(storage):
         return
@@ -111,8 +111,8 @@ def check_free_space(storage: str, needed: int = MIN_FREE_BYTES) -> None:
     while not path.exists():
         path = path.parent
     free = shutil.disk_usage(path).free
-    if free < needed:
-        raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {needed / 2**20:.0f} MB; "
+    if free < MIN_FREE_BYTES:
+        raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {MIN_FREE_BYTES / 2**20:.0f} MB; "
                          "free some space or pass --storage elsewhere")
 
 
