@@ -60,7 +60,8 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def _is_state_file(path: str) -> bool:
+def is_tune_state(path: str) -> bool:
+    """Whether `path` names one of Tune's saved states."""
     name = path.rpartition("/")[2]
     return name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX)
 
@@ -101,7 +102,7 @@ class _WholeFile:
         if self._out.closed:
             return
         self._guarded(self._out.close)
-        if _is_state_file(self.path) and not _whole_json(self.partial):
+        if is_tune_state(self.path) and not _whole_json(self.partial):
             os.unlink(self.partial)
             return
         os.replace(self.partial, self.path)
@@ -231,7 +232,7 @@ class SearchFolderHandler(fs.FileSystemHandler):
 
 
 def _committed(path: str) -> None:
-    if _is_state_file(path):
+    if is_tune_state(path):
         _DEFERRED.state_saved(Path(path).parent.as_posix())
 
 

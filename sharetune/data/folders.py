@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sharetune.data.batches import Augment, batch_starts, epoch_order, share
-from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, DataError, val_split
+from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, FOLDER, DataError, val_split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png (root: data.root, or --data-dir for sharetune train)"
@@ -103,7 +103,7 @@ class ImageFolderData:
     workers: int | None = None  # DataLoader workers; None: the caller's (a trial's CPUs)
     train_subset: int | None = None
     test_subset: int | None = None
-    name: str = "imagefolder"
+    name: str = FOLDER
     rank: int = 0  # a data-parallel worker's share (see shard)
     world: int = 1
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # file lists, loaders

@@ -22,7 +22,7 @@ from pyarrow import fs
 
 from sharetune.spaces import SearchSpec, SpecError, parse_spec
 from sharetune.spaces.documents import load_yaml
-from sharetune.storage_filesystem import filesystem_and_path, is_uri
+from sharetune.storage_filesystem import filesystem_and_path, is_tune_state, is_uri
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
@@ -228,7 +228,7 @@ class SearchFolder(str):
         filesystem, path = self._filesystem()
         try:
             return sorted(info.path for info in filesystem.get_file_info(fs.FileSelector(path))
-                          if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"))
+                          if is_tune_state(info.path))
         except OSError:  # no folder there
             return []
 
