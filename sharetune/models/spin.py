@@ -118,8 +118,9 @@ class SharingPlan:
         """A mapping x distribution at an overall share rate (depth / bank entries), as in SPIN Table 1.
 
         Non-uniform distributions share only a section (front, middle or back) at rate + 1 and keep the
-        other layers unshared, sized so the whole network still meets `rate` (depth 32, rate 2: 24 shared
-        layers at rate 3 and 8 unshared).
+        other layers unshared, the section sized in whole groups of rate + 1 layers to come near `rate`:
+        exactly where the depth allows (depth 32, rate 2: 24 shared layers at rate 3 and 8 unshared),
+        else near it (depth 20, rate 4: 20 layers at rate 5, so 5 overall, as the metric effective_share_rate reports).
         """
         if mapping in SIMILARITY_MAPPINGS:
             raise ValueError(f"mapping: {mapping!r} groups layers by their similarity in a pretrained model; use cka_plan")

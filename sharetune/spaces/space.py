@@ -65,9 +65,10 @@ def warmup_trials(sampler: optuna.samplers.BaseSampler, spec: SearchSpec) -> int
 
 
 def rehearse_sampler(spec: SearchSpec) -> None:
-    """Drive a fresh copy of the spec's sampler through its warm-up and a few model-based rounds on the
-    spec's space, telling it made-up objective values, so options that fail only once its model starts
-    (TPE's `gamma` at trial 11) fail before Ray starts. SpecError naming the option on failure."""
+    """Drive a fresh copy of the spec's sampler through its warm-up and the first trial its model
+    proposes, on the spec's space, telling it made-up objective values, so options that fail only once
+    its model starts (TPE's `gamma` at trial 11) fail before Ray starts; a warm-up longer than
+    MAX_REHEARSAL is rehearsed in part. SpecError naming the option on failure."""
     sampler = make_sampler(spec)
     rounds = min(warmup_trials(sampler, spec) + REHEARSAL_ROUNDS, MAX_REHEARSAL)
     values, space = random.Random(spec.seed), OptunaSpace(spec)
