@@ -47,6 +47,7 @@ def build_kind(kind: str, data, **changes):
     pretrained = unwrap(build_spin(settings, data, unshared=True)).state_dict() if settings.needs_pretrained() else None
     return settings, build_model(settings, data, pretrained)
 
+
 # CUDA runs where a GPU is present, and shows as skipped elsewhere
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 

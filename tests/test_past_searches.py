@@ -32,6 +32,7 @@ SPIN = {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 1, "
 
 pytestmark = pytest.mark.xdist_group("test_past_searches")  # one worker builds the module's searches once
 
+
 @pytest.fixture(scope="module")
 def searches(tmp_path_factory) -> tuple[Path, tuner.Search, tuner.Search]:
     """Two finished searches in one storage: ArbNets, and fused SPIN nets (one plan by topology, one by CKA)."""

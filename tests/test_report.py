@@ -53,6 +53,7 @@ def test_a_spec_may_set_the_reference_costs_and_only_those():
     with pytest.raises(SpecError, match="hypervolume_reference: flops: 1.0; give a cost above 0 for any of unique_params, macs"):
         parse_spec(tiny_spec(hypervolume_reference={"flops": 1.0}))
 
+
 def test_repeated_seeds_become_one_row_per_configuration_with_their_spread(tmp_path):
     seeds = trials([0.6, 0.8, 0.3, 0.5], [300, 300, 900, 900]).assign(
         configuration=[0, 0, 1, 1], seed=[0, 1, 0, 1], val_accuracy=[0.7, 0.9, 0.2, 0.4])

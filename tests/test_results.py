@@ -34,6 +34,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.xdist_group("test_results")  # one worker builds the module's searches once
 
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished multi-objective search whose table sizes span decades, reported and logged."""

@@ -351,6 +351,7 @@ def test_the_kernel_cache_is_private_and_foreign_libraries_are_rebuilt(tmp_path,
     assert cache.stat().st_mode & 0o777 == 0o700
     (library,) = cache.glob("table_kernels-*.so")
     assert library.stat().st_uid == os.getuid() and not library.stat().st_mode & 0o022
+
     def plant_library() -> None:  # a new file: the loaded library stays mapped as it was
         library.unlink()
         library.write_bytes(b"not a library")

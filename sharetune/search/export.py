@@ -34,6 +34,7 @@ class SearchExport:
         except ValueError as err:
             raise ValueError(f"--trial: {trial_id}: {err}") from None
 
+
 def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
     """One trial (`sharetune export`); the errors are SearchExport's."""
     SearchExport(folder)(trial_id, out)

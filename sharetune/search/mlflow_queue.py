@@ -394,7 +394,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return experiment
 
 
-
 def local_artifacts() -> str:
     """Artifact root beside the embedded store: ./mlartifacts."""
     return Path(DEFAULT_ARTIFACTS).resolve().as_uri()
