@@ -48,13 +48,16 @@ class Stop:
 
 def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dict, subprocess.CompletedProcess]:
     """Run `sharetune search` on `spec` and stop it as `stops[0]` says; `sharetune resume` it and stop that
-    as each further stop says; then resume it to its end. After each stop something was left unfinished,
+    as each further stop says; then resume it to its end, from another directory (a spec's relative paths
+    name the folders they named where the search started). After each stop something was left unfinished,
     and after Ctrl-C: exit code 130, one line saying so, no unfinished trial among the top trials, the
     MLflow parent and running children KILLED."""
     folder, env, command = cli_search(tmp_path, spec)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    elsewhere, cwd = tmp_path / "elsewhere", tmp_path
+    elsewhere.mkdir()
     for stop in stops:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not stop.when(_result_lines(folder)):
             assert process.poll() is None, process.stdout.read()
@@ -74,8 +77,8 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
             by_trial = {c.data.tags["sharetune.trial_id"]: c.info.status for c in children}
             assert {by_trial[t] for t in unfinished["trial_id"] if t in by_trial} <= {"KILLED"} and "RUNNING" not in by_trial.values()
         stop.then(folder, client)
-        command = [sys.executable, "-m", "sharetune.cli", "resume", str(folder)]
-    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        command, cwd = [sys.executable, "-m", "sharetune.cli", "resume", str(folder)], elsewhere
+    resumed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return folder, env, resumed
 
@@ -162,7 +165,7 @@ def test_ui_serves_the_store_on_loopback(tmp_path):
 def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(tmp_path):
     root = image_folder(tmp_path / "images", per_class=40, test_per_class=10)
     spec = {"name": "folders", "family": "spin", "sampler": "grid", "budget": {"max_concurrent": 1},
-            "data": {"name": "imagefolder", "root": str(root), "img_size": 16, "val_fraction": 0.2, "workers": 2},
+            "data": {"name": "imagefolder", "root": "images", "img_size": 16, "val_fraction": 0.2, "workers": 2},
             "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}

@@ -12,6 +12,7 @@ from sharetune.data.datasets import (
     DataError,
     TensorData,
     canonical_name,
+    data_root,
     dataset_names,
     load,
 )
@@ -20,5 +21,5 @@ from sharetune.data.folders import ImageFolderData
 
 __all__ = [
     "DATASETS", "DEFAULT_DATASET", "DEFAULT_IMG_SIZE", "DEFAULT_ROOT", "FOLDER", "GENERATED", "Augment", "Batches", "DataError",
-    "ImageFolderData", "TensorData", "canonical_name", "dataset_names", "epoch_seed", "fetch", "load", "stratified_split",
+    "ImageFolderData", "TensorData", "canonical_name", "data_root", "dataset_names", "epoch_seed", "fetch", "load", "stratified_split",
 ]

@@ -230,6 +230,11 @@ def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tens
     return (x_train - mean) / std, (x_test - mean) / std
 
 
+def data_root(root: str | Path | None) -> Path:
+    """The folder `root` names from here (None: DEFAULT_ROOT), as an absolute path with `~` expanded."""
+    return (Path(root) if root is not None else DEFAULT_ROOT).expanduser().absolute()
+
+
 def load(
     name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0,
     train_subset: int | None = None, test_subset: int | None = None, val_fraction: float = 0.0,
@@ -242,7 +247,7 @@ def load(
     `label_noise` then corrupts that share of the remaining training labels (val and test stay clean:
     they measure the model)."""
     key = canonical_name(name)
-    root = (Path(root) if root is not None else DEFAULT_ROOT).expanduser().absolute()  # trials run in Ray's folders
+    root = data_root(root)  # trials run in Ray's folders
     if root.exists() and not root.is_dir():
         raise DataError(f"data.root: {root} is not a directory; give a folder (`train`: --data-dir)")
     if key == FOLDER:

@@ -93,6 +93,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     """`storage`: where the search folder goes (a local folder, a shared filesystem, or a URI; default
     DEFAULT_STORAGE)."""
     cluster.check_reachable(address)  # first: an unreachable --address fails in seconds, before the data loads
+    spec = spec.with_data_root()
     sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
     data = load_data(spec)

@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from sharetune.data import DEFAULT_DATASET, DEFAULT_IMG_SIZE, DataError, canonical_name
+from sharetune.data import DEFAULT_DATASET, DEFAULT_IMG_SIZE, GENERATED, DataError, canonical_name, data_root
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.spaces.documents import SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
@@ -474,6 +474,14 @@ class SearchSpec(BaseModel):
     def scheduler_max_t(self) -> int:
         """The epochs of a full trial, for early stopping: the scheduler's max_t, else the most any trial trains."""
         return (self.scheduler and self.scheduler.max_t) or self.max_epochs()
+
+    def with_data_root(self) -> "SearchSpec":
+        """The spec as its search saves it: data read from files names its folder as the absolute path it
+        is where the search starts, so a `resume` from another directory, or a submitted search's driver
+        on the cluster, reads the same data."""
+        if canonical_name(self.data.name) in GENERATED:
+            return self
+        return self.model_copy(update={"data": self.data.model_copy(update={"root": str(data_root(self.data.root))})})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, default_flow_style=None)
