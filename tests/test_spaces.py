@@ -55,6 +55,12 @@ def test_a_set_override_moves_a_setting_between_fixed_and_dimensions():
     assert fixed.fixed["fusion"] == "mean" and "fusion" not in fixed.dimensions
     with pytest.raises(SpecError, match="epochs: both fixed and searched; keep it in one place"):  # a file keeps both
         parse_spec(tiny(dimensions={"epochs": {"choice": [2, 4]}}))
+    small = load_spec("spin-scaling", ["fixed.dim=16", "dimensions.depth={choice: [1, 2]}"])  # the variants set both
+    assert {settings.dim for settings in small.extreme_settings()} == {16}
+    assert {settings.depth for settings in small.extreme_settings()} == {1, 2}
+    assert small.variants["c128-d8-r32-share2"] == {"img_size": 32, "share_rate": 2}
+    rated = load_spec("spin-topology", ["fixed.share_rate=3"])  # seven of its variants share at 2
+    assert {settings.share_rate for settings in rated.extreme_settings()} == {3}
 
 
 @pytest.mark.parametrize(

@@ -537,7 +537,8 @@ MOVES = {"dimensions": "fixed", "fixed": "dimensions"}  # a setting --set puts i
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null). A setting set as
     a dimension leaves `fixed`, and one fixed leaves `dimensions`: `--set dimensions.dim=...` searches
-    what a preset fixes."""
+    what a preset fixes. Either leaves every variant too, whose value would otherwise replace it for
+    that variant's trials: `--set fixed.dim=16` makes the scaling preset's nets 16 wide."""
     check_document(raw)
     raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
@@ -553,8 +554,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not isinstance(node, dict):
             raise SpecError(f"--set {key}: {'.'.join(parents)} is not a mapping")
         node[leaf] = load_yaml(value, f"--set {key}")
-        if len(parents) == 1 and parents[0] in MOVES and isinstance(raw.get(MOVES[parents[0]]), dict):
-            raw[MOVES[parents[0]]].pop(leaf, None)
+        if len(parents) == 1 and parents[0] in MOVES:
+            for settings in [raw.get(MOVES[parents[0]]), *(raw.get("variants") or {}).values()]:
+                if isinstance(settings, dict):
+                    settings.pop(leaf, None)
     return raw
 
 
