@@ -1,8 +1,11 @@
 """Trial settings -> model, without Ray: the builders, the costs, and the pretraining SPIN starts from."""
 
+import shutil
+from types import SimpleNamespace
+
 import pytest
 import torch
-from helpers import MODEL_KINDS, build_kind, tiny_spec
+from helpers import MODEL_KINDS, build_kind, image_folder, tiny_spec
 
 from sharetune.data import load
 from sharetune.models import deployed
@@ -165,3 +168,25 @@ def test_a_checkpoint_that_does_not_record_its_model_input_is_refused_by_export(
     with pytest.raises(ValueError, match="^its checkpoint was written by an older sharetune"):
         export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path):
+    """A class folder added before `resume`: the checkpoint's model no longer fits the data. The trial
+    fails as unbuildable (no retry) with the reason, where loading the state failed three times, in
+    torch's words."""
+    from ray import train
+
+    from sharetune.trainables.trial import ConfigurationError, run_trial
+
+    root = image_folder(tmp_path / "images", per_class=4, test_per_class=2)
+    config = {"family": "spin", "dim": 8, "depth": 2, "patch_size": 4, "kernel_size": 3}
+    before = load("imagefolder", root, img_size=16)
+    settings, model = build_kind("convmixer shared", before)
+    (tmp_path / "checkpoint").mkdir()
+    torch.save({"model": model.state_dict(), BUILT_FOR: built_for(model, before)}, tmp_path / "checkpoint" / CHECKPOINT)
+    for split in ("train", "val"):  # class_3 joins
+        shutil.copytree(root / split / "class_0", root / split / "class_3")
+    session = SimpleNamespace(get_checkpoint=lambda: train.Checkpoint.from_directory(tmp_path / "checkpoint"))
+    changed = r"^the data changed since this trial's checkpoint \(classes: \['class_0', 'class_1', 'class_2'\], now "
+    with pytest.raises(ConfigurationError, match=changed + r"\['class_0', 'class_1', 'class_2', 'class_3'\]\); give"):
+        run_trial(config, load("imagefolder", root, img_size=16), None, session=session, cpus=1, device=torch.device("cpu"))

@@ -105,7 +105,7 @@ def built_for(model: nn.Module, data: Batches) -> dict:
     input shape and classes (what the outputs mean), and SPIN's sharing plan as bank ids (a cka plan
     came from the data). Trials keep it in each checkpoint, so exporting one needs no data."""
     plan = getattr(unwrap(model), "sharing_plan", None)
-    return {"input_shape": list(data.input_shape), "num_classes": data.num_classes, "classes": data.class_names(),
+    return {"classes": data.class_names(), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "plan": None if plan is None else list(plan.bank_ids)}
 
 

@@ -88,6 +88,17 @@ def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilyS
         raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {first_line(err) or 'no message'}") from err
 
 
+def check_same_input(recorded: dict, now: dict) -> None:
+    """A resumed trial's data must build the model its checkpoint holds (`built_for`): ConfigurationError,
+    so no retry, naming what changed (a class folder added, another resolution, another cka plan)."""
+    changed = next((key for key in now if recorded.get(key) != now[key]), None)
+    if changed is not None:
+        shown = [value if not isinstance(value, list) or len(value) <= 8 else f"{len(value)} of them"
+                 for value in (recorded.get(changed), now[changed])]
+        raise ConfigurationError(f"the data changed since this trial's checkpoint ({changed}: {shown[0]}, now "
+                                 f"{shown[1]}); give the search the data it started with")
+
+
 def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: ModuleType, cpus: int,
               device: torch.device, wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
               extra: Callable[[TrainingState], dict] = lambda state: {}, replay: bool = False) -> None:
@@ -103,18 +114,19 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
         training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
     except ValueError as err:  # a precision this device lacks: every retry here would fail alike
         raise ConfigurationError(str(err)) from err
-    start_epoch, history = 0, []
+    start_epoch, history, model_input = 0, [], built_for(model, data)
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT, map_location=device, weights_only=True)  # tensors, never code
+        check_same_input(state.get(BUILT_FOR, model_input), model_input)
         model.load_state_dict(state["model"])
         training.load_state_dict(state["training"])
         start_epoch, history = state["epoch"], state["history"]
         if replay:
             for record in history:
                 session.report(record)
-    node, model_input = ray.get_runtime_context().get_node_id(), built_for(model, data)
+    node = ray.get_runtime_context().get_node_id()
     if checkpoint is None:  # the costs are known now: report them before the first batch (as epoch 0)
         history.append({**costs.as_dict(), "node_id": node})
         session.report(history[-1])
