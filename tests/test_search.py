@@ -167,6 +167,21 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     assert report.trials_from_folder(result.folder)["epochs_done"].tolist() == [cut.epochs_done]
 
 
+def test_a_search_stopped_before_tune_started_its_trials_is_started_by_resume(tmp_path):
+    """Stopped while it pretrained (or loaded its data), a search's folder holds its spec and MLflow
+    store but no Tune state: `search --name` refuses the folder, and `resume` starts its trials."""
+    folder = SearchFolder.at(tmp_path / "results", "early")
+    spec = parse_spec(tiny_spec(budget={"num_samples": 2, "max_concurrent": 2}))
+    folder.save_spec(spec)
+    folder.save_mlflow(f"sqlite:///{tmp_path}/mlflow.db", spec.name)
+    result = tuner.resume(folder)
+    assert result.mlflow_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    trials = report.trials_from_folder(result.folder)
+    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"}
+    (parent,), children = parent_and_child_runs(MlflowClient(result.mlflow_uri), "tiny")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+
+
 def test_a_resumed_search_counts_the_time_its_earlier_drivers_spent_toward_its_time_limit(tmp_path):
     """Tune keeps what is left of the limit, so a resumed search's trials are cut when the limit is
     spent over both drivers: MLflow marks them cut then, as the folder's report does."""

@@ -232,6 +232,10 @@ class SearchFolder(str):
         except OSError:  # no folder there
             return []
 
+    def tune_started(self) -> bool:
+        """Whether Tune started here: it writes its tuner record first, then its states."""
+        return self.read(TUNER_FILE) is not None or bool(self._tune_states())
+
     def tune_trial_ids(self) -> list[str]:
         """The trials Tune's newest saved state records. A folder whose state is missing, unreadable or
         records no trial raises StateError, so `resume` never starts a new search over it."""

@@ -94,21 +94,26 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     DEFAULT_STORAGE)."""
     cluster.check_reachable(address)  # first: an unreachable --address fails in seconds, before the data loads
     spec = spec.with_data_root()
-    sampler = make_sampler(spec)  # bad sampler options fail here, before Ray starts
+    make_sampler(spec)  # bad sampler options fail here, before the data loads
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
-    data = load_data(spec)
-    extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
-    # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
-    spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if folder.is_search():  # a second search there would mix its trials and state into the first's
         raise SpecError(f"--name: {folder} already holds a search; choose another name, or continue that one "
                         f"with `sharetune resume {folder}`")
+    return _start(spec, folder, address, tracking_uri(mlflow_uri), progress)
+
+
+def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
+    """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
+    sampler = make_sampler(spec)
+    data = load_data(spec)
+    extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
+    # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
+    spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
     check_free_space(folder.storage)
     optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
     start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
     folder.save_spec(spec)
-    uri = tracking_uri(mlflow_uri)
     folder.save_mlflow(uri, spec.name)
     pretrained = _pretrained(spec, data, folder)
     # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
@@ -210,11 +215,18 @@ def _optuna_storage(url: str | None) -> optuna.storages.RDBStorage | None:
 
 def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     """Continue an interrupted search: finished trials stay, unfinished ones restart from their
-    last checkpoint, errored ones are retried; the MLflow runs are found again by their tags."""
+    last checkpoint, errored ones are retried; the MLflow runs are found again by their tags. One
+    stopped before Tune started its trials (while pretraining, say) starts them."""
     spec = folder.spec()
+    cluster.check_reachable(address)
+    if not folder.tune_started():
+        try:
+            uri = folder.mlflow()[0]
+        except FileNotFoundError:  # stopped before it recorded its store
+            uri = tracking_uri(None)
+        return _start(spec, folder, address, uri, progress=True)
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
-    cluster.check_reachable(address)
     data = load_data(spec)
     start_ray(spec, address)
     pretrained = _pretrained(spec, data, folder)
