@@ -1,6 +1,7 @@
 """Trial settings -> model, without Ray: the builders, the costs, and the pretraining SPIN starts from."""
 
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -190,3 +191,24 @@ def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path
     changed = r"^the data changed since this trial's checkpoint \(classes: \['class_0', 'class_1', 'class_2'\], now "
     with pytest.raises(ConfigurationError, match=changed + r"\['class_0', 'class_1', 'class_2', 'class_3'\]\); give"):
         run_trial(config, load("imagefolder", root, img_size=16), None, session=session, cpus=1, device=torch.device("cpu"))
+
+
+class Payload:
+    """Code a pickle runs when it is loaded: it would leave `ran` behind."""
+
+    def __init__(self, ran):
+        self.ran = ran
+
+    def __reduce__(self):
+        return (Path.touch, (self.ran,))
+
+
+def test_load_exported_refuses_any_other_file_in_one_line_and_runs_no_code(tmp_path):
+    torch.save({"format": "sharetune-model-1", "config": Payload(tmp_path / "ran")}, tmp_path / "objects.pt")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "tensors.pt")
+    for name in ("objects.pt", "image.png", "empty.pt", "tensors.pt"):
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: not a model written by `sharetune export`"):
+            load_exported(tmp_path / name)
+    assert not (tmp_path / "ran").exists()

@@ -9,6 +9,7 @@ reading it rebuild the architecture from the settings and that record, without t
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -37,10 +38,15 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """The model `sharetune export` wrote, on the CPU in eval mode."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """The model `sharetune export` wrote, on the CPU in eval mode. ValueError for any other file: one
+    that is no torch file, or that holds objects (torch's refusal would suggest loading them as code)."""
+    refusal = ValueError(f"{path}: not a model written by `sharetune export` ({EXPORT_FORMAT})")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError):
+        raise refusal from None
     if not isinstance(saved, dict) or saved.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a model written by `sharetune export` ({EXPORT_FORMAT})")
+        raise refusal
     model = deployed(rebuild(trial_settings(saved["config"]), saved))
     model.load_state_dict(saved["state_dict"])
     return model.eval()
