@@ -399,6 +399,7 @@ def _quiet_unless(verbose: bool) -> None:
 
 def _finish(result: Search, report_dir: Path) -> None:
     """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
+    from sharetune.errors import ExitCode
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
     from sharetune.search.outcome import outcome
@@ -406,7 +407,9 @@ def _finish(result: Search, report_dir: Path) -> None:
     trials = reports.trials_from_folder(result.folder)
     built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference,
                                  title=reports.search_title(result.spec.name, result.spec.data.name))
-    typer.echo(f"\nsearch folder: {result.folder}  (continue it with: sharetune resume {result.folder})")
+    code, line = outcome(trials, result.mlflow_backlog)  # the table holds the failures failed_trials found
+    unfinished = code in (ExitCode.INTERRUPTED, ExitCode.MLFLOW_BEHIND)  # what `resume` continues
+    typer.echo(f"\nsearch folder: {result.folder}" + (f"  (continue it with: sharetune resume {result.folder})" if unfinished else ""))
     typer.echo(console.top_trials(built.configurations, result.spec))
     uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
     _print_report(built, uri, parent)
@@ -422,7 +425,6 @@ def _finish(result: Search, report_dir: Path) -> None:
             typer.echo(f"not logged as a model: {why}")
     if result.note is not None:
         typer.echo(f"\n{result.note}")
-    code, line = outcome(trials, result.mlflow_backlog)  # the table holds the failures failed_trials found
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)

@@ -70,6 +70,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
         if stop.by == signal.SIGINT:
             assert process.returncode == 130, output
             assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
+            assert f"search folder: {folder}  (continue it with: sharetune resume {folder})" in output
             top = output.split("top trials:")[1].split("Pareto front")[0]
             assert "RUNNING" not in top and "PENDING" not in top
             parents, children = parent_and_child_runs(client, spec["name"])
@@ -80,6 +81,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
         command, cwd = [sys.executable, "-m", "sharetune.cli", "resume", str(folder)], elsewhere
     resumed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"search folder: {folder}\n" in resumed.stdout  # finished: nothing left to continue
     return folder, env, resumed
 
 
