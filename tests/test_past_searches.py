@@ -3,6 +3,7 @@ own state and checkpoints), and the light `sharetune ui`."""
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -196,3 +197,34 @@ def test_ui_is_one_light_server_that_says_when_it_is_ready(tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+class Payload:
+    """Code a pickle runs when it is loaded: it would leave `ran` behind."""
+
+    def __init__(self, ran):
+        self.ran = ran
+
+    def __reduce__(self):
+        return (Path.touch, (self.ran,))
+
+
+def test_reading_a_search_folder_runs_no_code_its_tune_state_names(searches, tmp_path):
+    """Tune's saved state holds pickles beside its JSON; a folder from a shared storage or a copy may
+    hold one that runs code. `report`, `list` and `export` read the JSON alone."""
+    root, arbnet, _ = searches
+    hostile = tmp_path / "storage" / "hostile"
+    shutil.copytree(arbnet.folder, hostile)
+    SearchFolder(hostile).save_mlflow(f"sqlite:///{tmp_path}/mlflow.db", "tiny")  # its record names this folder
+    payload = pickle.dumps(Payload(tmp_path / "ran")).hex()
+    for state in hostile.glob("experiment_state-*.json"):
+        saved = json.loads(state.read_text())
+        saved["trial_data"] = [[json.dumps({**json.loads(trial), "_default_placement_group_factory": payload,
+                                            "placement_group_factory": payload}), run] for trial, run in saved["trial_data"]]
+        state.write_text(json.dumps(saved))
+    trial_id = report.trials_from_folder(arbnet.folder)["trial_id"][0]
+    for args in (["report", str(hostile), "--out", str(tmp_path / "report")], ["list", "--storage", str(tmp_path / "storage")],
+                 ["export", str(hostile), "--trial", trial_id, "--out", str(tmp_path / "model.pt")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.pt").is_file() and not (tmp_path / "ran").exists()

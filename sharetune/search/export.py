@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ray.train import Checkpoint
+
 from sharetune.search.storage import SearchFolder
 from sharetune.trainables import export_trial, run_checkpoint
 
@@ -26,7 +28,8 @@ class SearchExport:
             raise ValueError(f"--trial: no trial {trial_id!r} in {self.folder}; its trials: "
                              f"{', '.join(sorted(self.trials)) or 'none yet'}")
         try:
-            checkpoint = trial.checkpoint or run_checkpoint(self.folder, trial_id)  # a trial on several workers: its Ray Train run's
+            path = self.folder.last_checkpoint(trial_id)
+            checkpoint = Checkpoint(path) if path else run_checkpoint(self.folder, trial_id)  # several workers: its Train run's
             if checkpoint is None:
                 raise ValueError(f"it has no checkpoint (status {trial.status}): it finished no epoch")
             with checkpoint.as_directory() as directory:

@@ -16,13 +16,14 @@ import pickle
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyarrow import fs
 
 from sharetune.spaces import SearchSpec, SpecError, parse_spec
 from sharetune.spaces.documents import load_yaml
-from sharetune.storage_filesystem import filesystem_and_path, is_tune_state, is_uri
+from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path, is_tune_state, is_uri
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
@@ -114,6 +115,18 @@ def check_free_space(storage: str) -> None:
     if free < MIN_FREE_BYTES:
         raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {MIN_FREE_BYTES / 2**20:.0f} MB; "
                          "free some space or pass --storage elsewhere")
+
+
+@dataclass(frozen=True)
+class SavedTrial:
+    """A trial as Tune's saved state records it, read from the state's plain JSON fields alone: its
+    other fields are pickles, which run whatever code they name, and a search folder may come from
+    anyone (a shared storage, a copy). Only `resume` hands the state to Tune, which unpickles it."""
+
+    trial_id: str
+    status: str
+    config: dict
+    last_result: dict
 
 
 class SearchFolder(str):
@@ -211,15 +224,21 @@ class SearchFolder(str):
         return location["tracking_uri"], location["experiment"]
 
     def tune_trials(self) -> list:
-        """Tune's trials of the search (statuses, configs, last results); none where Tune has written no
-        state (yet). Reading them needs no running Ray."""
-        from ray import tune
-
+        """Tune's trials of the search, as its newest saved state records them; none where Tune has written
+        no state (yet). Reading them needs no running Ray, and unpickles nothing (SavedTrial)."""
         states = self._tune_states()
         if not states:
             return []
+        filesystem, _ = self._filesystem()
+        with filesystem.open_input_stream(states[-1]) as stream:
+            text = stream.read()
         try:
-            return tune.ExperimentAnalysis(str(self)).trials
+            saved = []
+            for trial, run in json.loads(text)["trial_data"]:
+                trial, run = json.loads(trial), json.loads(run)
+                saved.append(SavedTrial(str(trial["trial_id"]), str(trial["status"]), dict(trial["config"]),
+                                        dict(run["last_result"] or {})))
+            return saved
         except (ValueError, KeyError, TypeError):  # cut short or overwritten: not JSON, or not Tune's
             raise self._damaged(states[-1]) from None
 
@@ -244,12 +263,7 @@ class SearchFolder(str):
         if not states or self.read(TUNER_FILE) is None:
             raise StateError(f"{self}: no Tune state to resume (no {TUNER_FILE} or experiment_state-*.json); "
                              "the search never started its trials here, so run `sharetune search` again")
-        with filesystem.open_input_stream(states[-1]) as stream:
-            text = stream.read()
-        try:
-            recorded = [json.loads(state)["trial_id"] for state, _ in json.loads(text)["trial_data"]]
-        except (ValueError, KeyError, TypeError):
-            raise self._damaged(states[-1]) from None
+        recorded = [trial.trial_id for trial in self.tune_trials()]
         if not recorded:  # Ray 2.60's restore fails on a state with no trial (an IndexError, inside Tune)
             raise StateError(f"{self}: Tune's state records no trial, so there is nothing to continue; "
                              "run `sharetune search` again")
@@ -276,6 +290,17 @@ class SearchFolder(str):
     def trial_dirname(trial_id: str) -> str:
         """A trial's folder inside the search's (Tune's default repeats the whole config in the name)."""
         return f"trial_{trial_id}"
+
+    def last_checkpoint(self, trial_id: str) -> str | None:
+        """The path of the trial's newest checkpoint (the one Tune keeps), None where it saved none."""
+        filesystem, path = self._filesystem()
+        try:
+            found = filesystem.get_file_info(fs.FileSelector(f"{path}/{self.trial_dirname(trial_id)}"))
+        except OSError:  # no trial folder
+            return None
+        names = [info.base_name for info in found if info.type == fs.FileType.Directory
+                 and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", info.base_name)]
+        return f"{self}/{self.trial_dirname(trial_id)}/{max(names)}" if names else None
 
     def trial_results(self, trial_id: str) -> list[dict]:
         """Every result a trial reported (Tune's result.json), oldest first."""
