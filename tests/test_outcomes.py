@@ -1,6 +1,7 @@
 """Refusals before any trial (unreachable cluster, full disk) and the search folder's atomic writes:
 real sockets, a real small filesystem, real files. Searches that end badly are in test_search.py."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -210,6 +211,26 @@ def test_tune_failing_to_save_its_state_on_a_full_disk_logs_one_line_and_other_e
         assert other.exc_info is not None and "Traceback" in caplog.text
         raise OSError(errno.ENOSPC, "No space left on device")
     assert log_failed_save(OSError(errno.ENOSPC, "No space left on device")).exc_info is not None  # filter removed
+
+
+def test_a_search_whose_last_state_save_failed_on_a_full_disk_ends_as_storage_full(tmp_path, caplog):
+    """Its last trials ended while the disk was full: Tune logged the failed save and ended the search as
+    if nothing happened, so the saved state still had them running, and the search exited 130 as
+    interrupted. A saved state that records every trial ended needs nothing of resume."""
+    tune_state = logging.getLogger(TUNE_STATE_LOGGER)
+    for status, stops in (("RUNNING", True), ("TERMINATED", False)):
+        folder = tmp_path / status
+        folder.mkdir()
+        trial = json.dumps({"trial_id": "a", "status": status, "config": {}})
+        (folder / "experiment_state-2026-12-06_00-00-00.json").write_text(json.dumps({"trial_data": [[trial, '{"last_result": {}}']]}))
+        with contextlib.ExitStack() as stack:
+            if stops:
+                stack.enter_context(pytest.raises(StorageFull, match="no space left on its disk mid-search"))
+            stack.enter_context(stop_on_full_disk(str(folder)))
+            try:
+                raise RuntimeError("sync failed") from OSError(errno.ENOSPC, "No space left on device")
+            except RuntimeError:
+                tune_state.error("Saving experiment state to storage at '%s' failed with exception: ", folder, exc_info=True)
 
 
 def test_a_state_save_that_missed_a_temporary_staging_file_is_not_logged(caplog):

@@ -66,11 +66,14 @@ class StateSaveLog(logging.Filter):
     with its own line about it, so the record keeps its message and the error's one line; a save that
     missed a temporary staging file is not a failure anyone can act on, so it is not logged."""
 
+    full_disk = False  # whether a save failed on a full disk
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and vanished_staging_file(record.exc_info[1]):
             return False
         full = full_disk_cause(record.exc_info[1]) if record.exc_info else None
         if full is not None:
+            self.full_disk = True
             record.msg = f"{record.getMessage()}{full}"
             record.args, record.exc_info, record.exc_text = None, None, None
         return True
@@ -83,18 +86,23 @@ STAGING_TEMPORARY = re.compile(r"/\.[0-9a-f-]{36}-tmp-")  # Tune's searcher save
 @contextlib.contextmanager
 def stop_on_full_disk(folder: str):
     """Turn a full disk under the running search into StorageFull: what Tune saved last stays, and
-    `resume` continues from it once there is room."""
+    `resume` continues from it once there is room. Tune only logs a failed save of its state: a search
+    whose last trials end while the disk is full ends as if nothing happened, its saved state stale
+    (trials still running), and is StorageFull too."""
     one_line = StateSaveLog()
     logging.getLogger(TUNE_STATE_LOGGER).addFilter(one_line)
+    full = StorageFull(f"{folder}: no space left on its disk mid-search; free some space, then "
+                       f"`sharetune resume {folder}` continues from Tune's last saved state")
     try:
         yield
     except Exception as err:
         if full_disk_cause(err) is None:
             raise
-        raise StorageFull(f"{folder}: no space left on its disk mid-search; free some space, then "
-                          f"`sharetune resume {folder}` continues from Tune's last saved state") from None
+        raise full from None
     finally:
         logging.getLogger(TUNE_STATE_LOGGER).removeFilter(one_line)
+    if one_line.full_disk and not SearchFolder(folder).state_ended():
+        raise full
 
 
 def canonical(location: str | Path) -> str:
@@ -250,6 +258,13 @@ class SearchFolder(str):
                           if is_tune_state(info.path))
         except OSError:  # no folder there
             return []
+
+    def state_ended(self) -> bool:
+        """Whether Tune's newest saved state (a whole one) records every trial ended."""
+        try:
+            return all(trial.status in ("TERMINATED", "ERROR") for trial in self.tune_trials())
+        except StateError:  # cut short
+            return False
 
     def tune_started(self) -> bool:
         """Whether Tune started here: it writes its tuner record first, then its states."""
