@@ -337,7 +337,10 @@ def report(
         fail(str(err))
     except MlflowException as err:
         fail(f"MLflow did not answer the report's queries: {first_line(err.message)}")
-    built = reports.build_report(trials, out, reference, title=title)
+    try:
+        built = reports.build_report(trials, out, reference, title=title)
+    except OSError as err:  # the disk filled, or the folder went, while writing
+        fail(f"--out: {out}: {err.strerror or err}")
     _print_report(built, uri, parent)
     for trial_id, error in trials[trials["error"].notna()][["trial_id", "error"]].itertuples(index=False):
         typer.echo(f"failed: {trial_id}: {error}")

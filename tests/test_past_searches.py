@@ -228,3 +228,24 @@ def test_reading_a_search_folder_runs_no_code_its_tune_state_names(searches, tmp
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "model.pt").is_file() and not (tmp_path / "ran").exists()
+
+
+def test_a_damaged_search_file_is_one_line_naming_it_and_list_still_shows_the_others(searches, tmp_path):
+    _, arbnet, spin = searches
+    storage = tmp_path / "storage"
+    damages = {"skipped": ("sharetune-skipped.jsonl", "{not json\n"), "entry": ("sharetune-skipped.jsonl", '{"a": 1}\n'),
+               "mlflow": ("sharetune-mlflow.json", '{"tracking_uri": "sqli'), "record": ("sharetune-mlflow.json", "{}")}
+    for name, (filename, text) in damages.items():
+        shutil.copytree(arbnet.folder, storage / name)
+        (storage / name / filename).write_text(text)
+        reported = CliRunner().invoke(app, ["report", str(storage / name), "--out", str(tmp_path / name)])
+        assert reported.exit_code == 2 and reported.output.startswith(f"error: {storage / name}: {filename} is damaged ("), reported.output
+        assert len(reported.output.strip().splitlines()) == 1, reported.output
+    shutil.copytree(spin.folder, storage / "whole")
+    listed = CliRunner().invoke(app, ["list", "--storage", str(storage)])
+    assert listed.exit_code == 0, listed.output
+    damaged = [line for line in listed.output.splitlines() if line.startswith("damaged: ")]
+    assert sorted(damaged) == sorted(f"damaged: {storage / name}: sharetune-skipped.jsonl is damaged ({why})" for name, why in
+                                     [("skipped", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+                                      ("entry", "an entry without its kind or config")])
+    assert "whole" in listed.output and listed.output.count("finished") == 3  # the others, mlflow's damage unread

@@ -67,7 +67,7 @@ def failed_trials(folder: SearchFolder, trials: list | None = None) -> dict[str,
     failed = {}
     for trial in folder.tune_trials() if trials is None else trials:
         data = folder.read(f"{folder.trial_dirname(trial.trial_id)}/error.txt") if trial.status != FINISHED else None
-        text = data.decode() if data else ""
+        text = data.decode(errors="replace") if data else ""
         if trial.status == FAILED or text.count("Failure # ") > max_failures or ConfigurationError.__name__ in text:
             failed[trial.trial_id] = error_line(text)
     return failed

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pyarrow import fs
 
+from sharetune.errors import first_line
 from sharetune.spaces import SearchSpec, SpecError, parse_spec
 from sharetune.spaces.documents import load_yaml
 from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path, is_tune_state, is_uri
@@ -211,25 +212,39 @@ class SearchFolder(str):
                   "search_id": uuid.uuid4().hex}
         self.write(MLFLOW_FILE, json.dumps(record).encode())
 
+    def _mlflow_record(self, required: bool = True) -> dict:
+        """sharetune-mlflow.json ({} where it is missing and not `required`: FileNotFoundError); StateError,
+        naming the file, where it is damaged."""
+        data = self._required(MLFLOW_FILE) if required else self.read(MLFLOW_FILE)
+        if data is None:
+            return {}
+        try:
+            record = json.loads(data)
+            if not isinstance(record.get("tracking_uri"), str) or not isinstance(record.get("experiment"), str):
+                raise ValueError("no tracking_uri or experiment")
+        except (ValueError, AttributeError) as err:  # cut short, or not the record
+            raise StateError(f"{self}: {MLFLOW_FILE} is damaged ({first_line(err)}); it records where the "
+                             "search's MLflow runs are") from None
+        return record
+
     def search_id(self) -> str | None:
         """The id its MLflow runs are tagged with; None for a folder an earlier version wrote (or none)."""
-        data = self.read(MLFLOW_FILE)
-        return json.loads(data).get("search_id") if data else None
+        return self._mlflow_record(required=False).get("search_id")
 
     def check_in_place(self) -> None:
         """A search resumes only in the folder it started in: Tune's state makes the trials it adds
         there (in Ray 2.60 it keeps the storage path it started with), and the MLflow runs are tagged
         with that path. StateError for a moved or copied folder; one an earlier version wrote, which
         recorded no path, passes."""
-        started = json.loads(self._required(MLFLOW_FILE)).get("search_path", self)
+        started = self._mlflow_record().get("search_path", self)
         if started != self:
             raise StateError(f"{self}: the search started in {started} and was moved or copied here; Tune's "
                              "state and its MLflow runs name that folder, so resume it there")
 
     def mlflow(self) -> tuple[str, str]:
         """(tracking URI, experiment name) of the search's MLflow runs."""
-        location = json.loads(self._required(MLFLOW_FILE))
-        return location["tracking_uri"], location["experiment"]
+        record = self._mlflow_record()
+        return record["tracking_uri"], record["experiment"]
 
     def tune_trials(self) -> list:
         """Tune's trials of the search, as its newest saved state records them; none where Tune has written
@@ -326,6 +341,13 @@ class SearchFolder(str):
         self.write(SKIPPED_FILE, "".join(json.dumps(entry) + "\n" for entry in entries).encode())
 
     def skipped(self) -> list[dict]:
-        """The proposals the searcher answered without training, oldest first."""
+        """The proposals the searcher answered without training, oldest first; StateError, naming the
+        file, where it is damaged."""
         data = self.read(SKIPPED_FILE)
-        return [json.loads(line) for line in data.decode().splitlines() if line] if data else []
+        try:
+            entries = [json.loads(line) for line in data.decode().splitlines() if line] if data else []
+            if not all(isinstance(entry, dict) and {"kind", "config"} <= entry.keys() for entry in entries):
+                raise ValueError("an entry without its kind or config")
+        except ValueError as err:  # not JSON, not UTF-8, or not the searcher's
+            raise StateError(f"{self}: {SKIPPED_FILE} is damaged ({first_line(err)})") from None
+        return entries
