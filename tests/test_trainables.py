@@ -169,6 +169,10 @@ def test_a_checkpoint_that_does_not_record_its_model_input_is_refused_by_export(
     with pytest.raises(ValueError, match="^its checkpoint was written by an older sharetune"):
         export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+    for damaged in (b"", b"PK\x03\x04 cut short"):  # a disk that filled, a copy cut short
+        (tmp_path / CHECKPOINT).write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"^its checkpoint {tmp_path / CHECKPOINT} cannot be read: it is cut short"):
+            export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
 
 
 def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path):

@@ -246,7 +246,7 @@ class MlflowQueue:
             self._close()
 
     def _deliver_until_stopped(self) -> None:
-        writer, wait = Writer(self.uri, self.experiment, self.folder), 1.0
+        writer, wait = None, 1.0
         while not self._stop.is_set():
             oldest = self._oldest()
             if oldest is None:
@@ -256,6 +256,7 @@ class MlflowQueue:
             number, body = oldest
             operation = json.loads(body)
             try:
+                writer = writer or Writer(self.uri, self.experiment, self.folder)  # a database store connects here
                 writer.deliver(operation)
             except MlflowException as err:
                 if err.error_code not in PERMANENT:

@@ -26,7 +26,11 @@ EXPORT_FORMAT = "sharetune-model-1"
 def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
     """Write the model of the trial `config` whose checkpoint folder is `checkpoint` to the file `out`.
     ValueError for a checkpoint that does not record what its model was built for."""
-    state = torch.load(Path(checkpoint) / CHECKPOINT, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(Path(checkpoint) / CHECKPOINT, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError):  # torch's errors for a file cut short, or another
+        raise ValueError(f"its checkpoint {Path(checkpoint) / CHECKPOINT} cannot be read: it is cut short or not "
+                         "a torch file") from None
     if BUILT_FOR not in state:
         raise ValueError("its checkpoint was written by an older sharetune, which did not record the model's input "
                          "shape and sharing plan; export it with that version")
