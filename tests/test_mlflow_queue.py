@@ -151,3 +151,24 @@ def test_a_write_that_cannot_be_delivered_is_dropped_and_the_rest_are_delivered(
     assert "a queued metrics write cannot be delivered, dropped: TypeError: " in caplog.text
     assert "MLflow refused a metrics write, dropped: Invalid value \"accuracy?\"" in caplog.text
     assert "does not answer" not in caplog.text
+
+
+
+def test_a_store_that_cannot_be_opened_yet_is_retried_and_then_takes_every_write(tmp_path):
+    """An SQLite store that cannot be opened (here a file stands where its folder goes) fails as MLflow's
+    client is built: the writer waits as for any outage (its thread died there once, leaving every
+    write for `resume`), and delivers them once the store opens."""
+    (tmp_path / "later").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
+    queue = MlflowQueue(SearchFolder(tmp_path / "search"), uri, "later")
+    queue.put("open_parent", name="search", tags={}, params={}, spec_yaml="name: later\n")
+    queue.put("open_trial", key="trial:a", name="a", tags={TRIAL_TAG: "a"}, params={}, dataset=None)
+    queue.start()
+    wait_for(lambda: queue.outage_since is not None, "the writer to meet the missing store", 60)
+    assert queue._thread.is_alive() and queue.pending() == 2
+    (tmp_path / "later").unlink()
+    (tmp_path / "later").mkdir()
+    assert queue.drain(120) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("later").experiment_id], f"tags.`{TRIAL_TAG}` = 'a'")
+    assert run.info.run_name == "a"
