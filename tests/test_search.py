@@ -26,7 +26,7 @@ from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
 from sharetune.search.mlflow_logger import MlflowLogger
 from sharetune.search.outcome import CUT, failed_trials, outcome
-from sharetune.spaces import parse_spec
+from sharetune.spaces import SpecError, parse_spec
 
 # conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.xdist_group("test_search")]
@@ -108,6 +108,10 @@ def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
     assert study.metric_names == ["test_accuracy"] and len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert sorted(zip(trials["hash"], trials["sparsity"])) == sorted(
         (h, s) for h in ("uniform", "modulus") for s in (0.0, 0.5, 0.9))
+    again = parse_spec(tiny_spec(optuna_storage=storage))  # the same name in another storage: the study is taken
+    with pytest.raises(SpecError, match=f"^optuna_storage: its study {result.folder.name} belongs to another search"):
+        tuner.run(again, storage=str(tmp_path / "elsewhere"), name=result.folder.name, mlflow_uri=f"sqlite:///{tmp_path}/m.db")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_a_search_in_a_deleted_searchs_folder_gets_its_own_mlflow_parent_run(tmp_path):

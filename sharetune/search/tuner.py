@@ -112,6 +112,9 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
     spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
     check_free_space(folder.storage)
     optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
+    if optuna_storage is not None and folder.name in optuna.study.get_all_study_names(optuna_storage):
+        raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
+                        "give this one another --name")
     start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
     folder.save_spec(spec)
     folder.save_mlflow(uri, spec.name)
