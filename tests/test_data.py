@@ -41,6 +41,15 @@ def test_idx_files_parse_and_load_through_torchvision(tmp_path):
     assert np.array_equal(read_idx(tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte"), arrays["t10k"][1])
 
 
+@pytest.mark.parametrize("labels", [b"", b"\x00\x00\x08\x01\x00"])
+def test_an_mnist_file_cut_short_is_one_line_naming_the_dataset(tmp_path, labels):
+    """An interrupted copy or a full disk leaves such a file; torchvision's errors were a traceback."""
+    make_mnist(tmp_path)
+    (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(labels)
+    with pytest.raises(DataError, match=f"^mnist: files not found or unreadable under {tmp_path} .*sharetune data fetch mnist"):
+        load("mnist", tmp_path)
+
+
 def test_read_idx_handles_gzip_and_rejects_garbage(tmp_path):
     array = np.arange(24).reshape(2, 3, 4)
     write_idx(tmp_path / "a.gz", array)

@@ -8,6 +8,7 @@ statistics, so a training loop slices batches from memory instead of running a D
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sharetune.data.batches import Augment, batch_starts, epoch_order, share, stratified_split
+from sharetune.errors import first_line
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
@@ -143,9 +145,9 @@ def torchvision_loader(name: str, cls_name: str, classes: int) -> Loader:
         cls = getattr(tvd, cls_name)
         try:
             train, test = cls(str(root), train=True), cls(str(root), train=False)
-        except (RuntimeError, FileNotFoundError, OSError) as err:
+        except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as err:  # missing, cut short
             raise DataError(
-                f"{name}: files not found or unreadable under {root} ({err}). "
+                f"{name}: files not found or unreadable under {root} ({first_line(err) or type(err).__name__}). "
                 f"Fix: run `sharetune data fetch {name} --root {root}`."
             ) from None
         return _images(train.data), np.asarray(train.targets), _images(test.data), np.asarray(test.targets), classes
