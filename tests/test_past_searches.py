@@ -87,6 +87,7 @@ def test_export_names_a_bad_folder_or_trial_in_one_line(searches, tmp_path):
         ([arbnet.folder, "--trial", "nope"], tmp_path / "model.pt", "--trial: no trial 'nope' in"),
         ([arbnet.folder, "--trial", trial_id], tmp_path / "missing" / "model.pt", f"--out: no folder {tmp_path / 'missing'}; create it first"),
         ([arbnet.folder, "--trial", trial_id], tmp_path, f"--out: {tmp_path} is a folder; give a file name in it"),
+        ([arbnet.folder, "--trial", trial_id], Path("/dev/full"), "--out: /dev/full: cannot be written ("),  # a full disk
     ]:
         result = CliRunner().invoke(app, ["export", *args, "--out", str(out)])
         assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output

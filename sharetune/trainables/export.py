@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sharetune.errors import first_line
 from sharetune.models import deployed
 from sharetune.spaces import trial_settings
 from sharetune.trainables.build import rebuild
@@ -37,8 +38,14 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
     settings = trial_settings(config)
     model = rebuild(settings, state[BUILT_FOR])
     model.load_state_dict(evaluated_weights(state))
-    torch.save({"format": EXPORT_FORMAT, "config": {"family": config["family"], **settings.model_dump(mode="json")},
-                **state[BUILT_FOR], "state_dict": deployed(model).state_dict()}, out)
+    exported = {"format": EXPORT_FORMAT, "config": {"family": config["family"], **settings.model_dump(mode="json")},
+                **state[BUILT_FOR], "state_dict": deployed(model).state_dict()}
+    try:
+        torch.save(exported, out)
+    except (OSError, RuntimeError) as err:  # torch's writer fails with RuntimeErrors
+        if Path(out).is_file():  # a disk that filled leaves no half model behind
+            Path(out).unlink()
+        raise OSError(f"cannot be written ({getattr(err, 'strerror', None) or first_line(err)})") from None
 
 
 def load_exported(path: str | Path) -> nn.Module:
