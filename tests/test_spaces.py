@@ -74,11 +74,12 @@ def test_a_set_override_moves_a_setting_between_fixed_and_dimensions():
         ("scheduler={name: asha, grace: 1}", "scheduler.grace: unknown key; did you mean scheduler.grace_period?"),
         ("sampler_option={}", "sampler_option: unknown key; did you mean sampler_options?"),
         ("colour=red", "colour: unknown key"),  # nothing close: no guess
+        ("variants.small={table_sise: 8}", "variants.small.table_sise: unknown key; did you mean variants.small.table_size?"),
     ],
 )
 def test_an_unknown_set_key_suggests_the_nearest_valid_path(override, message):
     with pytest.raises(SpecError) as raised:
-        load_spec("weight-sharing", [override])
+        load_spec("weight-sharing", [override, "fixed.variant=small"] if override.startswith("variants") else [override])
     assert str(raised.value) == message
 
 

@@ -501,7 +501,10 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
         if problem["type"] == "literal_error":
             message = f"allowed: {problem['ctx']['expected']}"
         elif problem["type"] == "extra_forbidden":
+            section, _, _ = where(problem["loc"]).rpartition(".")
             suggestion = nearest_path(where(problem["loc"]), spec_paths(SearchSpec, FAMILIES.values()))
+            if suggestion and suggestion.startswith("fixed.") and section.startswith("variants."):  # a variant's setting
+                suggestion = f"{section}.{suggestion.removeprefix('fixed.')}"
             message = "unknown key" + (f"; did you mean {suggestion}?" if suggestion else "")
         elif problem["type"] in RANGE_ERRORS:
             message = f"{message[0].lower()}{message[1:]}"
