@@ -125,6 +125,8 @@ def test_spin_combinations_are_checked():
         parse_spec({**spin, "dimensions": {"mapping": {"choice": ["sequential", "diagonal"]}}})
     with pytest.raises(SpecError, match="components: unknown component 'attn' for convmixer; allowed: pointwise"):
         parse_spec({**spin, "fixed": {"share_rate": 2, "components": "pointwise,attn"}})
+    listed = parse_spec({**spin, "fixed": {"share_rate": 2, "components": ["pointwise", "depthwise"]}})  # as YAML lists it
+    assert [settings.component_list() for settings in listed.extreme_settings()] == [["pointwise", "depthwise"]]
     with pytest.raises(SpecError, match="variant: unknown variant 'huge'"):
         parse_spec({**spin, "dimensions": {"variant": {"choice": ["huge"]}}})
     with pytest.raises(SpecError, match="preset: unknown preset 'spin'; allowed: arbnet-dirichlet"):

@@ -124,6 +124,12 @@ class SpinSettings(FamilySettings):
     pretrain_epochs: int = Field(0, ge=0)  # fusion, cka: epochs the unshared model trains first
     pretrained: Optional[str] = None  # fusion, cka: an unshared state_dict file instead of pretraining
 
+    @field_validator("components", mode="before")
+    @classmethod
+    def _components_listed(cls, value):
+        """A YAML list of components reads as the comma-separated text (`[pointwise, depthwise]`)."""
+        return ",".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> "SpinSettings":
         if self.components is not None and not self.component_list():
