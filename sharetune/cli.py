@@ -414,6 +414,8 @@ def _finish(result: Search, report_dir: Path) -> None:
     unfinished = code in (ExitCode.INTERRUPTED, ExitCode.MLFLOW_BEHIND)  # what `resume` continues
     typer.echo(f"\nsearch folder: {result.folder}" + (f"  (continue it with: sharetune resume {result.folder})" if unfinished else ""))
     typer.echo(console.top_trials(built.configurations, result.spec))
+    if (unreadable := console.unreadable_note(trials)) is not None:
+        typer.echo(unreadable)
     uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
     _print_report(built, uri, parent)
     if parent is not None:

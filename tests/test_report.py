@@ -99,3 +99,13 @@ def test_the_comparison_is_coloured_by_the_first_searched_setting_every_trial_ha
     assert colour_column(table, ["radius", "hash", "seed"]) == "hash"  # radius: the neighborhood trials' alone
     assert colour_column(table, ["seed", "radius"]) == "radius"  # the only one that varies
     assert colour_column(table, ["seed"]) is None
+
+
+def test_images_a_trial_could_not_decode_get_a_line_on_the_console():
+    """The warning naming them goes to the trial's log on its node, where no one looks."""
+    folders = pd.DataFrame({"trial_id": ["a", "b"], "unreadable_images": [3.0, 2.0]})
+    assert console.unreadable_note(folders) == ("unreadable images: a trial skipped up to 3 it could not decode "
+                                                "(the metric unreadable_images; the trials' logs name the files)")
+    assert console.unreadable_note(folders.assign(unreadable_images=[0.0, 0.0])) is None
+    assert console.unreadable_note(folders.assign(unreadable_images=float("nan"))) is None  # sets in memory
+    assert console.unreadable_note(folders.drop(columns="unreadable_images")) is None

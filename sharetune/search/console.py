@@ -36,6 +36,16 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:
     return f"{title}:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
 
 
+def unreadable_note(trials: pd.DataFrame) -> str | None:
+    """A line where trials skipped images they could not decode (the warning that names them goes to
+    the trial's own log, on its node); None where none did."""
+    skipped = trials["unreadable_images"].max() if "unreadable_images" in trials else 0
+    if not skipped > 0:  # NaN too: the sets in memory count none
+        return None
+    return (f"unreadable images: a trial skipped up to {int(skipped)} it could not decode (the metric unreadable_images; "
+            "the trials' logs name the files)")
+
+
 def front_table(front: pd.DataFrame, cost: str, searched: list[str]) -> str:
     return _table(front[[c for c in ("trial_id", ACCURACY, cost, *searched) if c in front]])
 
