@@ -47,6 +47,7 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
             "table_size": {"choice": [8, 64, 512]}}, fixed={"epochs": 2, "hidden": [16]},
     )
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert {p.name for p in Path(result.folder).glob("trial_*/*")} == {"params.json", "params.pkl", "result.json", "checkpoint_000001"}
     parents, children = parent_and_child_runs(client, "tiny")
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]

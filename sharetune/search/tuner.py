@@ -193,6 +193,9 @@ def _scheduler(spec: SearchSpec, folder: SearchFolder):
     return ASHAScheduler(time_attr=STEP, metric=metric, mode=mode, **options)  # epoch 0 (the costs) has no metric
 
 
+# sharetune reads each trial's result.json alone (ResultLog) and compares results in MLflow: Tune's CSV
+# and TensorBoard logs cost disk every epoch, and a second Ctrl-C printed tensorboardX's traceback
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # Checkpointing every epoch (so trials resume exactly) makes Tune snapshot its state often; that is
 # the point, so its warning about it is noise.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
