@@ -81,6 +81,16 @@ def test_ctrl_c_before_tune_starts_the_trials_exits_130_with_its_line(tmp_path, 
     assert done.exit_code == 130 and done.output == "error: interrupted before Tune started the trials\n", done.output
 
 
+def test_ctrl_c_while_the_command_loads_its_libraries_is_one_line_and_exit_130(tmp_path):
+    """torch and Ray take seconds to import; a Ctrl-C then printed the import's traceback."""
+    command = subprocess.Popen([str(Path(sys.executable).parent / "sharetune"), "list"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # Python is up, torch is loading
+    command.send_signal(signal.SIGINT)
+    stdout, stderr = command.communicate(timeout=60)
+    assert (command.returncode, stdout, stderr) == (130, "", "error: interrupted before the command started\n")
+
+
 def test_list_before_any_search_says_so(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

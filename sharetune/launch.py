@@ -1,0 +1,21 @@
+"""The `sharetune` command. The CLI's libraries (torch, Ray) take seconds to load, and a Ctrl-C that
+breaks into an import can leave a library half loaded: a Ctrl-C meanwhile is held until they have
+loaded, then gets the one line and exit code a later one gets."""
+
+import signal
+import sys
+
+from sharetune.errors import ExitCode
+
+
+def main() -> None:
+    pressed: list[int] = []
+    default = signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
+    try:
+        from sharetune.cli import app
+    finally:
+        signal.signal(signal.SIGINT, default)
+    if pressed:
+        print("error: interrupted before the command started", file=sys.stderr)
+        raise SystemExit(ExitCode.INTERRUPTED)
+    app()
