@@ -91,7 +91,8 @@ def synthetic():
                                                              r"needs about .* GiB to hash its index, more than this machine's memory"),
     (spin(patch_size=64), r"model \(.*patch_size=64.*\): fails on 16x1x8x8 inputs: .*Kernel size can't be greater"),
     (spin(share_rate=100), r"model \(.*share_rate=100.0\): fails on 16x1x8x8 inputs: rate: must be between 1 and the depth \(4\)"),
-    (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train"),
+    (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train on batches of "
+                                  r"16x1x8x8 \(batch_size, then the image: img_size or data.img_size\)"),
     (spin(share_rate=2, fusion="mean", pretrain_epochs=1, components="batchnorm"), r"model \(.*fusion='mean'.*\): .*'batchnorm' holds a BatchNorm2d"),
     (spin(share_rate=2, model="deit_tiny", dim=12, patch_size=4, transform_groups=2), r"transform_groups: transforms act on shared weights"),
 ])

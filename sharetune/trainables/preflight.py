@@ -78,7 +78,9 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
             costs = costs_of(model, data)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, MemoryError) as err:
         raise SpecError(f"model ({_named(settings)}): fails on {'x'.join(map(str, batch))} inputs: {first_line(err) or type(err).__name__}") from None
-    _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, "to train")
+    inputs = f"to train on batches of {'x'.join(map(str, batch))} (batch_size, then the image: img_size or data.img_size)" \
+        if spin else "to train"
+    _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, inputs)
     return costs
 
 
