@@ -94,7 +94,6 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     DEFAULT_STORAGE)."""
     cluster.check_reachable(address)  # first: an unreachable --address fails in seconds, before the data loads
     spec = spec.with_data_root()
-    make_sampler(spec)  # bad sampler options fail here, before the data loads
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if folder.is_search():  # a second search there would mix its trials and state into the first's
@@ -105,7 +104,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 
 def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
     """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
-    sampler = make_sampler(spec)
+    sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
     data = load_data(spec)
     extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
     # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
