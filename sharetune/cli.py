@@ -408,16 +408,24 @@ def _finish(result: Search, report_dir: Path) -> None:
     from sharetune.search.outcome import outcome
 
     trials = reports.trials_from_folder(result.folder)
-    built = reports.build_report(trials, report_dir / result.folder.name, result.spec.hypervolume_reference,
-                                 title=reports.search_title(result.spec.name, result.spec.data.name))
     code, line = outcome(trials, result.mlflow_backlog)  # the table holds the failures failed_trials found
     unfinished = code in (ExitCode.INTERRUPTED, ExitCode.MLFLOW_BEHIND)  # what `resume` continues
     typer.echo(f"\nsearch folder: {result.folder}" + (f"  (continue it with: sharetune resume {result.folder})" if unfinished else ""))
-    typer.echo(console.top_trials(built.configurations, result.spec))
+    out = report_dir / result.folder.name
+    try:
+        built = reports.build_report(trials, out, result.spec.hypervolume_reference,
+                                     title=reports.search_title(result.spec.name, result.spec.data.name))
+    except OSError as err:  # the report's disk filled: the results themselves are safe in the search folder
+        built = None
+        typer.secho(f"--report-dir: {out}: {err.strerror or err}; the report was not written: free some space, then "
+                    f"sharetune report {result.folder}", fg=typer.colors.RED, err=True)
+        code = ExitCode.STORAGE_FULL if code == ExitCode.OK else code
+    typer.echo(console.top_trials(reports.configurations(trials) if built is None else built.configurations, result.spec))
     if (unreadable := console.unreadable_note(trials)) is not None:
         typer.echo(unreadable)
     uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
-    _print_report(built, uri, parent)
+    if built is not None:
+        _print_report(built, uri, parent)
     if parent is not None:
         from sharetune.search.mlflow_logger import trial_runs
         from sharetune.search.models import log_front_models

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import fill, small_filesystem, tiny_spec
@@ -266,6 +267,22 @@ def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, 
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"error: {small_disk}/results: 20 MB free, but a search needs at least 100 MB" in done.stderr
     assert list(small_disk.iterdir()) == []
+
+
+def test_a_report_dir_without_room_at_the_end_is_one_line_exit_5_and_the_results_stay(tmp_path, small_disk):
+    """The trials finished, then the report could not be written: a traceback before, and exit 1."""
+    filler = fill(small_disk)
+    done = sharetune(tmp_path, "--storage", str(tmp_path / "results"), "--name", "x", "--report-dir", str(small_disk))
+    assert done.returncode == 5 and "Traceback" not in done.stderr, done.stderr
+    folder = tmp_path / "results" / "x"
+    assert done.stderr.strip().splitlines()[-1] == (f"--report-dir: {small_disk}/x: No space left on device; the report was not "
+                                                    f"written: free some space, then sharetune report {folder}")
+    assert "top trials:" in done.stdout and "search folder:" in done.stdout
+    filler.unlink()
+    reported = subprocess.run([sys.executable, "-m", "sharetune.cli", "report", str(folder), "--out", str(small_disk / "x")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr
+    assert pd.read_csv(small_disk / "x" / "trials.csv")["trial_id"].tolist() == report.trials_from_folder(folder)["trial_id"].tolist()
 
 
 def test_a_restarted_trials_log_keeps_its_whole_rows_up_to_its_checkpoint_and_appends_after_them(tmp_path):
