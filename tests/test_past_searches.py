@@ -250,3 +250,19 @@ def test_a_damaged_search_file_is_one_line_naming_it_and_list_still_shows_the_ot
                                      [("skipped", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
                                       ("entry", "an entry without its kind or config")])
     assert "whole" in listed.output and listed.output.count("finished") == 3  # the others, mlflow's damage unread
+
+
+def test_resume_refuses_a_damaged_queue_of_mlflow_writes_in_one_line_before_it_starts(searches, tmp_path):
+    """A traceback after Ray and Tune had started, before. (A search resumes only where it ran: the
+    module's own folder is damaged, and mended after.)"""
+    _, arbnet, _ = searches
+    queue = Path(arbnet.folder) / "sharetune-mlflow-queue.db"
+    whole = queue.read_bytes()
+    queue.write_bytes(b"not a database, " * 512)
+    try:
+        resumed = CliRunner().invoke(app, ["resume", str(arbnet.folder), "--report-dir", str(tmp_path / "reports")])
+    finally:
+        queue.write_bytes(whole)
+    assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged (file is not a "
+                                                      "database); move it away to go on without the writes it held\n")
+    assert not ray.is_initialized()

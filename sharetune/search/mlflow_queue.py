@@ -34,7 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from sharetune.cache import cache_dir
 from sharetune.errors import first_line
-from sharetune.search.storage import SearchFolder, is_uri
+from sharetune.search.storage import SearchFolder, StateError, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
@@ -134,8 +134,15 @@ class MlflowQueue:
         self.path = queue_path(folder)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()  # one SQLite connection per thread
-        with self._connection() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
+        try:
+            with self._connection() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError):  # a full disk, a locked file: not the file's content
+                raise
+            self._close()
+            raise StateError(f"{self.path}: the queue of MLflow writes is damaged ({err}); move it away to go on "
+                             "without the writes it held") from None
         self._held: list[str] = []  # writes the disk had no room for, oldest first; the writer delivers them too
         self._held_lock = threading.Lock()  # the writer takes from `_held` while Tune's thread adds to it
         self._delivered = 0  # the last operation delivered (ids grow; the file may still hold it on a full disk)

@@ -24,7 +24,7 @@ from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
-from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
+from sharetune.search.mlflow_logger import MlflowLogger, check_queue, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.result_log import ResultLog
@@ -232,6 +232,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         return _start(spec, folder, address, uri, progress=True)
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
+    check_queue(folder)
     data = load_data(spec)
     start_ray(spec, address)
     pretrained = _pretrained(spec, data, folder)
