@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
+from sharetune.errors import ExitCode, first_line
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
@@ -266,7 +267,6 @@ def resume(
 def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     """Run a search (`start`: a new one or a resumed one); a refusal or a full disk is one line and its
     exit code, else the search's end: its report and the exit code of how it went."""
-    from sharetune.errors import ExitCode
     from sharetune.search.cluster import ClusterError
     from sharetune.search.destinations import check_folder
     from sharetune.search.storage import StateError, StorageFull
@@ -282,6 +282,8 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
         fail(str(err), ExitCode.STORAGE_FULL)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
         fail(str(err))
+    except OSError as err:  # an object store that did not answer (pyarrow's message names the bucket and key)
+        fail(first_line(err))
     _finish(result, report_dir)
 
 
@@ -309,7 +311,6 @@ def report(
     """Trials table (CSV, Parquet), Pareto fronts with hypervolume, plots; logged to the search's parent run."""
     from mlflow.exceptions import MlflowException
 
-    from sharetune.errors import first_line
     from sharetune.search import SearchFolder
     from sharetune.search import report as reports
     from sharetune.search.destinations import check_folder, check_store_exists
@@ -335,6 +336,8 @@ def report(
                            "give a search's folder to report another")
     except (ValueError, FileNotFoundError, StateError) as err:
         fail(str(err))
+    except OSError as err:  # an object store that did not answer
+        fail(f"{source}: {first_line(err)}")
     except MlflowException as err:
         fail(f"MLflow did not answer the report's queries: {first_line(err.message)}")
     try:
@@ -361,7 +364,14 @@ def export(
 
     try:
         check_out_file(out)
-        export_model(SearchFolder(folder), trial, out)
+        search = SearchFolder(folder)
+        search.check_search()  # an object store that does not answer fails here, not as --out's error below
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"{folder}: {first_line(err)}")
+    try:
+        export_model(search, trial, out)
     except (FileNotFoundError, ValueError, DataError, StateError) as err:
         fail(str(err))
     except OSError as err:  # the disk filled, or the folder went, while writing
@@ -387,6 +397,8 @@ def list_searches(
             fail(str(err))
     except ValueError as err:  # pyarrow's ArrowInvalid: a URI no filesystem of its opens
         fail(f"--storage: {err}")
+    except OSError as err:  # an object store that did not answer
+        fail(f"--storage: {first_line(err)}")
     typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
     for search in searches:
         if search.damaged:
@@ -402,7 +414,6 @@ def _quiet_unless(verbose: bool) -> None:
 
 def _finish(result: Search, report_dir: Path) -> None:
     """The search's tables and report, then its exit code (sharetune.search.outcome) and the line that explains it."""
-    from sharetune.errors import ExitCode
     from sharetune.search import console, parent_run_of
     from sharetune.search import report as reports
     from sharetune.search.outcome import outcome
@@ -564,7 +575,6 @@ def logs(
 ) -> None:
     """A submitted search's output (its live progress lines included); with --follow, then the search's
     exit code."""
-    from sharetune.errors import ExitCode
     from sharetune.search import jobs
 
     try:

@@ -145,6 +145,9 @@ def test_destinations_are_checked(tmp_path):
         (str(tmp_path), None, f"file://{tmp_path}/mlruns", r"--mlflow-uri: 'file://.*' is a folder store, which MLflow .* refuses"),
         (str(tmp_path), None, "mlruns", r"--mlflow-uri: 'mlruns' is a folder store"),
         ("foo://bucket/x", None, uri, r"--storage: no filesystem for foo:// URIs; allowed schemes: file, s3, gs"),
+        ("s3://bucket/x?endpoint_override=minio:9000", None, uri,
+         r"--storage: s3://bucket/x\?endpoint_override=minio:9000: options in a URI \(after '\?'\) are not supported; set them "
+         r"in the environment instead, e.g. AWS_ENDPOINT_URL=http://host:9000"),
         (str(tmp_path / "o'brien \"x\""), None, uri, r"--storage: .* holds both ' and \"; MLflow's run filters cannot quote it"),
     ]:
         with pytest.raises(SpecError, match=message):

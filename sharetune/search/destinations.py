@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sharetune.search.storage import is_uri
+from sharetune.search.storage import canonical, is_uri
 from sharetune.spaces import SpecError, check_database_url, safe_name
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
@@ -23,6 +23,10 @@ def check_storage(location: str) -> None:
     if not is_uri(location):
         check_folder("--storage", Path(location), "or a URI like s3://bucket/x")
         return
+    try:
+        canonical(location)
+    except SpecError as err:
+        raise SpecError(f"--storage: {err}") from None
     scheme = location.partition("://")[0]
     if scheme not in STORAGE_SCHEMES:
         raise SpecError(f"--storage: no filesystem for {scheme}:// URIs; allowed schemes: {', '.join(STORAGE_SCHEMES)}, or a local path")

@@ -107,9 +107,15 @@ def stop_on_full_disk(folder: str):
 
 
 def canonical(location: str | Path) -> str:
-    """One spelling per location (absolute path or URI)."""
+    """One spelling per location (absolute path or URI). A URI's options (`?endpoint_override=...`)
+    are refused: the search's folder name goes after the path, and the folder is spelled in MLflow's tags."""
     location = str(location)
-    return location.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
+    if not is_uri(location):
+        return str(Path(location).expanduser().resolve())
+    if "?" in location:
+        raise SpecError(f"{location}: options in a URI (after '?') are not supported; set them in the environment "
+                        "instead, e.g. AWS_ENDPOINT_URL=http://host:9000 for an S3-compatible store")
+    return location.rstrip("/")
 
 
 def check_free_space(storage: str) -> None:
@@ -182,6 +188,8 @@ class SearchFolder(str):
         try:
             return self.read(SPEC_FILE) is not None
         except (OSError, ValueError):
+            if is_uri(self):  # an object store that did not answer: the caller's one line says so
+                raise
             return False
 
     def check_search(self) -> None:
