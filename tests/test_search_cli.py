@@ -123,6 +123,17 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy")) == list(range(1, 16))  # every epoch once
     assert {trial: [row["epoch"] for row in rows] for trial, rows in trial_rows(folder).items()} == {
         trial: list(range(16)) for trial in trials["trial_id"]}  # and in Tune's record: no row twice, none cut
+    # Each trial went on from its checkpoint (weights, optimizer, schedule) as if never stopped: every
+    # epoch's loss and accuracies are those of the same search run straight through
+    (tmp_path / "straight").mkdir()
+    straight, straight_env, command = cli_search(tmp_path / "straight", spec)
+    assert subprocess.run(command, cwd=tmp_path / "straight", env=straight_env, capture_output=True, timeout=300).returncode == 0
+
+    def learning(search: Path) -> dict[str, list[tuple]]:
+        hashes = report.trials_from_folder(search).set_index("trial_id")["hash"]
+        return {hashes[trial]: [(row["loss"], row["train_accuracy"], row["test_accuracy"]) for row in rows[1:]]
+                for trial, rows in trial_rows(search).items()}
+    assert learning(folder) == learning(straight)
 
 
 def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
