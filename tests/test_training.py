@@ -148,8 +148,9 @@ def test_a_run_repeats_from_its_seed_and_a_resumed_one_goes_on_as_if_never_stopp
 
     data = load("synthetic", train_subset=64, test_subset=32)
     changes = {"recipe": "spin", "epochs": 3, "batch_size": 16, "ema_decay": 0.5, "random_erasing": 0.5}
-    settings, model = build_kind(kind, data, **changes)
-    whole = [r.loss for r in train_epochs(model, data, settings, device="cpu")]
+    settings, straight = build_kind(kind, data, **changes)
+    straight_state = TrainingState(straight, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    whole = [r.loss for r in train_epochs(straight, data, settings, device="cpu", state=straight_state)]
     settings, model = build_kind(kind, data, **changes)
     state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
     first = next(train_epochs(model, data, settings, device="cpu", state=state)).loss
@@ -163,3 +164,7 @@ def test_a_run_repeats_from_its_seed_and_a_resumed_one_goes_on_as_if_never_stopp
     state.load_state_dict(checkpoint["training"])
     rest = [r.loss for r in train_epochs(model, data, settings, device="cpu", state=state, start_epoch=1)]
     assert [first, *rest] == pytest.approx(whole, rel=1e-6)
+    # and so are the weights it is evaluated with (the EMA's, whose warm-up counts the updates)
+    assert state.updates == straight_state.updates
+    weights = [{k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)} for m in (state.evaluated(model), straight_state.evaluated(straight))]
+    torch.testing.assert_close(*weights, rtol=1e-5, atol=1e-6)
