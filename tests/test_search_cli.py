@@ -262,3 +262,20 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_s
     assert f"trial {failed} failed; the search goes on: {error}" in output, output  # as it happens
     assert "Trials did not complete" not in output  # Tune's list of the failed trials' names: the last line says more
     assert process.returncode == 3 and f"1 of 2 trials failed: {failed}: {error}" in output, output
+
+    # resume retries the failed trial, from its last checkpoint, to its end. Tune's last snapshot records
+    # a trial's error only where another trial went on after it (here it ended last: its state says
+    # RUNNING), so the state is set as such a snapshot has it
+    (state,) = folder.glob("experiment_state-*.json")
+    saved = json.loads(state.read_text())
+    saved["trial_data"] = [[json.dumps({**json.loads(trial), **({"status": "ERROR"} if failed in trial else {})}), run]
+                           for trial, run in saved["trial_data"]]
+    state.write_text(json.dumps(saved))
+    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = report.trials_from_folder(folder).set_index("trial_id")
+    assert trials.loc[failed, "status"] == "TERMINATED" and trials.loc[failed, "epochs_done"] == epochs
+    rows = [json.loads(line) for line in (folder / f"trial_{failed}" / "result.json").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == list(range(epochs + 1))  # each once: its checkpointed epochs were not trained again
+    assert client.get_run(children[failed].info.run_id).info.status == "FINISHED"
