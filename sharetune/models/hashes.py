@@ -18,6 +18,7 @@ import numpy as np
 
 HashFn = Callable[..., "Hashed"]
 _HASHES: dict[str, HashFn] = {}
+_OPTIONS: dict[str, list[str]] = {}  # each hash's keyword options, read from its signature once (spec checks ask often)
 _DETERMINISTIC: set[str] = set()
 
 
@@ -33,6 +34,7 @@ def register_hash(name: str, *, deterministic: bool = False) -> Callable[[HashFn
 
     def wrap(fn: HashFn) -> HashFn:
         _HASHES[name] = fn
+        _OPTIONS[name] = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
         (_DETERMINISTIC.add if deterministic else _DETERMINISTIC.discard)(name)
         return fn
 
@@ -50,8 +52,8 @@ def hash_names() -> list[str]:
 
 def hash_options(name: str) -> list[str]:
     """Keyword options a hash accepts (e.g. `alpha` for dirichlet)."""
-    params = inspect.signature(get_hash(name)).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    get_hash(name)  # an unknown name: its one-line error
+    return list(_OPTIONS[name])
 
 
 def hashes_taking(option: str) -> list[str]:
