@@ -42,6 +42,19 @@ def test_a_resumed_search_counts_what_its_trials_did_before_and_its_clock_starts
                                               "best: val_accuracy 0.8 (trial a)")
 
 
+def test_trials_ctrl_c_stopped_are_not_counted_done(capsys):
+    """Tune's clean-up after Ctrl-C marks the running trials TERMINATED without completing them: the
+    last line showed them done (5/8), beside the search's own line saying 2 of 5 unfinished."""
+    progress = Progress({"val_accuracy": "max"}, total=3)
+    progress.setup()
+    finished, stopped = trial("a"), trial("b")
+    progress.on_step_begin(0, [finished, stopped])
+    progress.on_trial_complete(0, [finished, stopped], finished)
+    finished.status = stopped.status = "TERMINATED"
+    progress.show([finished, stopped], force=True)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("[     0s] 1/3 done, 0 running")
+
+
 def test_an_80_column_terminal_shows_the_bar_eta_and_the_whole_status():
     console = Console(width=80, record=True, file=io.StringIO(), force_terminal=True)
     bar = StatusBar(console)

@@ -20,7 +20,7 @@ from rich.progress import Progress as Bar
 from rich.text import Text
 
 from sharetune.metrics import STEP, pareto_mask
-from sharetune.search.outcome import ENDED, FAILED, trial_error
+from sharetune.search.outcome import FAILED, FINISHED, trial_error
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
 TUNE_RUN_LOGGER = "ray.tune.tune"  # where Tune's fit logs its end
@@ -61,7 +61,9 @@ class Progress(tune.Callback):
         self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch (not failed nor diverged)
         self.started = self.last = time.monotonic()
         self.epochs = self.diverged = 0
-        self.ended: dict[str, str] = {}  # trial id -> "done" | "error" (Tune updates status after callbacks)
+        # trial id -> "done" | "error", as Tune reports them: it updates a status after the callbacks, and its
+        # clean-up after Ctrl-C or the time limit marks the running trials TERMINATED without completing them
+        self.ended: dict[str, str] = {}
         self.bar: StatusBar | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with its state; the live display stays here
@@ -94,8 +96,8 @@ class Progress(tune.Callback):
                     found[name] = (value, trial_id)
         return found
 
-    def done(self, trials) -> int:
-        return sum(t.status in ENDED or t.trial_id in self.ended for t in trials)
+    def done(self) -> int:
+        return len(self.ended)
 
     def front_size(self) -> int:
         if not self.latest:
@@ -106,11 +108,11 @@ class Progress(tune.Callback):
     def show(self, trials, force: bool = False) -> None:
         if self.bar is not None:
             self.bar.status = self.status(trials)
-            self.bar.update(self.bar.task_ids[0], completed=self.done(trials))
+            self.bar.update(self.bar.task_ids[0], completed=self.done())
         elif force or time.monotonic() - self.last >= LINE_EVERY_S:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
-            typer.echo(f"[{elapsed:6.0f}s] {self.done(trials)}/{self.total} done, {self.status(trials)}")
+            typer.echo(f"[{elapsed:6.0f}s] {self.done()}/{self.total} done, {self.status(trials)}")
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self.caught_up:  # a resumed search's trials, as far as they got before
@@ -124,6 +126,8 @@ class Progress(tune.Callback):
                 values = self._counted(last)
                 if trial.status != FAILED and values is not None:
                     self.latest[trial.trial_id] = values
+                if trial.status in (FINISHED, FAILED):
+                    self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
 
     def _counted(self, result: dict) -> list[float] | None:
         """A result's objectives, where they count toward the best: an epoch's, finite, not diverged."""
