@@ -270,6 +270,7 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     from sharetune.search.cluster import ClusterError
     from sharetune.search.destinations import check_folder
     from sharetune.search.storage import StateError, StorageFull
+    from sharetune.search.tuner import Interrupted
     from sharetune.spaces import SpecError
 
     _quiet_unless(verbose)
@@ -278,13 +279,25 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
         result = start()
     except KeyboardInterrupt:  # before Tune took over Ctrl-C (loading data, starting Ray): no trial started
         fail("interrupted before Tune started the trials", ExitCode.INTERRUPTED)
+    except Interrupted as err:
+        fail(_interrupted_again(err.folder), ExitCode.INTERRUPTED)
     except StorageFull as err:
         fail(str(err), ExitCode.STORAGE_FULL)
     except (SpecError, DataError, FileNotFoundError, ClusterError, StateError) as err:
         fail(str(err))
     except OSError as err:  # an object store that did not answer (pyarrow's message names the bucket and key)
         fail(first_line(err))
-    _finish(result, report_dir)
+    try:
+        _finish(result, report_dir)
+    except KeyboardInterrupt:
+        fail(_interrupted_again(result.folder), ExitCode.INTERRUPTED)
+    finally:  # what is left is Ray's shutdown, at exit: everything is saved, and a Ctrl-C there was a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupted_again(folder: SearchFolder) -> str:
+    """The line of a Ctrl-C while the search ended: typer's own answer to it was exit 130 and no word."""
+    return f"interrupted while the search ended; `sharetune resume {folder}` continues it and writes its report"
 
 
 def _store(mlflow_uri: str | None) -> str:

@@ -92,6 +92,33 @@ def test_ctrl_c_while_the_command_loads_its_libraries_is_one_line_and_exit_130(t
     assert (command.returncode, stdout, stderr) == (130, "", "error: interrupted before the command started\n")
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_search_ends_is_one_line_exit_130_and_resume_finishes_it(tmp_path):
+    """Tune takes the first Ctrl-C and gives the next back to Python: landing in Tune's last save, the
+    MLflow backlog or the report, it was exit 130 and not a word (typer's answer); in Ray's shutdown at
+    exit, a traceback. Where it lands varies with timing: each place gets a line that says to resume."""
+    spec = tiny_spec(fixed={"table_size": 64, "epochs": 30, "hidden": [1024, 1024]}, budget={"num_samples": 2, "max_concurrent": 2})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "results" / "twice"
+    command = [sys.executable, "-m", "sharetune.cli", "search", "spec.yaml", "--storage", "results", "--name", "twice"]
+    search = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while search.poll() is None and not any(len(p.read_text().splitlines()) > 2 for p in folder.glob("trial_*/result.json")):
+        time.sleep(0.2)
+    search.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # Tune is ending the run
+    search.send_signal(signal.SIGINT)
+    _, stderr = search.communicate(timeout=300)
+    assert search.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] in (
+        f"error: interrupted while the search ended; `sharetune resume {folder}` continues it and writes its report",
+        "interrupted: 2 of 2 trials unfinished; continue with `sharetune resume`"), stderr
+    resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    table = report.trials_from_folder(folder)
+    assert list(table["status"]) == ["TERMINATED"] * 2 and list(table["epochs_done"]) == [30, 30]
+
+
 def test_list_before_any_search_says_so(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -59,6 +59,15 @@ class Search:
     note: str | None = None  # what a resume that trained nothing should say
 
 
+class Interrupted(Exception):
+    """A second Ctrl-C while the search ended (Tune's last save, MLflow's backlog): the trials were
+    stopped by the first, and `folder` is what `resume` continues."""
+
+    def __init__(self, folder: SearchFolder) -> None:
+        super().__init__(str(folder))
+        self.folder = folder
+
+
 def load_data(spec: SearchSpec) -> Batches:
     return load(**spec.data.model_dump())
 
@@ -151,13 +160,16 @@ def fit(tuner: tune.Tuner, folder: SearchFolder) -> int:
     only in this process's memory. Once the search has ended with its final state saved, each trial
     keeps only the checkpoint that state names."""
     try:
-        with stop_on_full_disk(folder):
-            results = tuner.fit()
-        keep_final_checkpoints(folder, [result.checkpoint.path for result in results if result.checkpoint])
-    except StorageFull:
-        deliver_backlog(folder)
-        raise
-    return deliver_backlog(folder)
+        try:
+            with stop_on_full_disk(folder):
+                results = tuner.fit()
+            keep_final_checkpoints(folder, [result.checkpoint.path for result in results if result.checkpoint])
+        except StorageFull:
+            deliver_backlog(folder)
+            raise
+        return deliver_backlog(folder)
+    except KeyboardInterrupt:  # Tune takes the first Ctrl-C itself, and gives the next back to Python
+        raise Interrupted(folder) from None
 
 
 class ProposalCosts:
