@@ -73,7 +73,7 @@ def plain_epoch(model, data, recipe: Recipe, workers: int):
         train_batches, test_batches = (lambda epoch: iter(train_loader)), (lambda: iter(test_loader))
     epoch = [0]
 
-    def run() -> None:
+    def run() -> int:
         model.train()
         for x, y in train_batches(epoch[0]):
             x, y = (x[:-1], y[:-1]) if len(x) % 2 else (x, y)
@@ -88,7 +88,8 @@ def plain_epoch(model, data, recipe: Recipe, workers: int):
         with torch.no_grad():
             correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test_batches())
         epoch[0] += 1
-        assert correct >= 0
+        # the count is the evaluation sharetune's epoch does too; the labels are random, so it has no bound to check
+        return correct
 
     return run
 

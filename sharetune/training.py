@@ -142,7 +142,7 @@ class Recipe(BaseModel):
                 unused = RECIPES[self.recipe].get(name, type(self).model_fields[name].default)
                 if getattr(self, other) not in allowed and getattr(self, name) != unused:
                     shown = " or ".join(map(repr, allowed[:4])) + (f" (or {len(allowed) - 4} more)" if len(allowed) > 4 else "")
-                    raise ValueError(f"{name}: applies only to {other} {shown}, not {getattr(self, other)!r}")
+                    raise ValueError(f"{name}: applies only to {other} {shown}, not {getattr(self, other)!r}; leave {name} out")
 
     @property
     def scaled_lr(self) -> float:

@@ -1,8 +1,10 @@
 import math
+import re
 
 import numpy as np
 import pytest
 
+from sharetune.models import hashes
 from sharetune.models.hashes import Hashed, compute_hash, hash_names, register_hash
 
 
@@ -33,12 +35,21 @@ def test_large_radius_behaves_as_uniform():
     assert np.count_nonzero(np.bincount(offsets(3), minlength=n)) == 7  # a narrow radius only reaches 2r+1
 
 
+# The hashes that draw from the generator they are given, with options that make them draw
+SEEDED = {"uniform": {}, "dirichlet": {"alpha": 1.0}, "neighborhood": {"radius": 3}, "hashednets": {"sign": True}}
+
+
 def test_hashes_are_seeded_and_in_range():
-    for name in ["uniform", "dirichlet", "hashednets", "modulus"]:
-        a = compute_hash(name, (50, 60), 123, seed=7)
-        b = compute_hash(name, (50, 60), 123, seed=7)
-        assert np.array_equal(a.index, b.index) and 0 <= a.index.min() and a.index.max() < 123
-    assert not np.array_equal(compute_hash("uniform", (50, 60), 123, seed=1).index, compute_hash("uniform", (50, 60), 123, seed=2).index)
+    """Every random hash draws from the seed it is given: the seed reproduces its index, another seed changes it."""
+    for name, options in SEEDED.items():
+        a, b, other = (compute_hash(name, (50, 60), 123, seed=seed, **options) for seed in (7, 7, 8))
+        assert np.array_equal(a.index, b.index) and 0 <= a.index.min() and a.index.max() < 123, name
+        assert not np.array_equal(a.index, other.index), name
+    signs = [compute_hash("hashednets", (50, 60), 123, seed=seed, sign=True).sign for seed in (7, 7, 8)]
+    assert np.array_equal(signs[0], signs[1]) and not np.array_equal(signs[0], signs[2])
+    # modulus and identity draw nothing, by design: every seed gives the same index
+    for name, size in (("modulus", 123), ("identity", 3000)):
+        assert np.array_equal(compute_hash(name, (50, 60), size, seed=7).index, compute_hash(name, (50, 60), size, seed=8).index)
 
 
 def test_hashednets_sign_is_balanced():
@@ -70,3 +81,20 @@ def test_users_can_register_a_hash():
 
     assert "test_reverse" in hash_names()
     assert compute_hash("test_reverse", (2, 3), 6).index.tolist() == [5, 4, 3, 2, 1, 0]
+
+
+def test_a_hash_whose_index_leaves_the_table_is_refused():
+    """A user's hash is checked where it runs: an entry outside the table would index past it in training."""
+
+    @register_hash("test_shifted")
+    def shifted(shape, table_size, rng, *, by: int = 0, drop: int = 0):
+        return Hashed((np.arange(int(np.prod(shape))) + by)[drop:])
+
+    try:
+        assert compute_hash("test_shifted", (2, 3), 6).index.tolist() == [0, 1, 2, 3, 4, 5]
+        refused = re.escape("hash 'test_shifted' returned an index outside [0, 6) or of the wrong length")
+        for options in ({"by": 1}, {"by": -1}, {"drop": 1}):  # entry 6, entry -1, an index one weight short
+            with pytest.raises(ValueError, match=refused):
+                compute_hash("test_shifted", (2, 3), 6, **options)
+    finally:
+        hashes._HASHES.pop("test_shifted")

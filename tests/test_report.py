@@ -8,6 +8,21 @@ from helpers import tiny_spec
 from sharetune.search import console, report
 from sharetune.spaces import SpecError, parse_spec
 
+# What report.py draws in: trials in C0 at alpha 0.5 (on white), the front in C3; lines and labels take C0, C1, ...
+TRIALS, FRONT = (143, 187, 218), (214, 39, 40)
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+
+
+def spots(png, colour) -> int:
+    """Separate patches of `colour` in a saved figure: a marker, a line or a legend entry each (scraps of
+    anti-aliasing under 5 pixels are left out). scipy comes with mlflow."""
+    from PIL import Image
+    from scipy import ndimage
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    patches, _ = ndimage.label(np.abs(pixels - colour).max(axis=-1) <= 3)
+    return int((np.bincount(patches.ravel())[1:] >= 5).sum())
+
 
 def trials(accuracy, unique, virtual=2000, macs=5000) -> pd.DataFrame:
     count = len(accuracy)
@@ -31,6 +46,36 @@ def test_a_front_whose_cost_never_changes_is_not_plotted_and_says_why(tmp_path):
     assert built.skipped["macs"] == "every trial has macs 5000: no trade-off against it to plot or measure"
     assert "Pareto front, test_accuracy against macs: none; every trial has macs 5000" in console.fronts(built)
     assert (tmp_path / "pareto_unique_params.png").is_file() and 0 < built.hypervolume["unique_params"] <= 1
+
+
+def test_the_front_plot_shows_every_trial_and_the_front_as_a_step(tmp_path):
+    """A file is not a plot: the figure must hold the points and the front it is about."""
+    built = report.build_report(trials([0.5, 0.8, 0.6, 0.9, 0.7], [300, 600, 900, 1200, 1500]), tmp_path)
+    assert list(built.fronts["unique_params"]["trial_id"]) == ["t0", "t1", "t3"]
+    png = tmp_path / "pareto_unique_params.png"
+    assert spots(png, TRIALS) == 3  # t2 and t4, off the front, and the legend's marker (the front's own are drawn over)
+    assert spots(png, FRONT) >= 2  # the step through t0, t1, t3 and its legend entry
+
+
+def test_a_search_gets_the_plots_its_settings_warrant_one_colour_per_group(tmp_path):
+    """ArbNet's figures: accuracy against alpha and entropy (dirichlet), radius (neighborhood), one line
+    per sparsity; and against parameters by whatever distinguishes the trials (here the hash)."""
+    table = trials([0.5, 0.8, 0.6, 0.9, 0.7], [300, 600, 900, 1200, 1500]).assign(
+        hash=["dirichlet"] * 3 + ["uniform"] * 2, alpha=[0.01, 1.0, 100.0, np.nan, np.nan], entropy=[1.0, 3.0, 4.0, 4.5, 4.6])
+    built = report.build_report(table, tmp_path / "dirichlet")
+    assert [p.name for p in built.files] == ["trials.csv", "trials.parquet", "pareto_unique_params.png", "accuracy_vs_alpha.png",
+                                             "accuracy_vs_entropy.png", "accuracy_vs_params_by_hash.png"]
+    alpha, entropy, by_hash = built.files[3:]
+    # a line (a slanted one comes in pieces) and a legend entry per sparsity: the 3 dirichlet trials' own, then
+    # the 5 trials' in LEGEND_GROUPS ranges
+    assert [spots(alpha, colour) >= 2 for colour in COLOURS] == [True, True, True, False]
+    assert [spots(entropy, colour) >= 2 for colour in COLOURS] == [True, True, True, True]
+    assert [spots(by_hash, colour) for colour in COLOURS] == [4, 3, 0, 0]  # a point per trial and a legend entry per hash
+    # entropy is plotted beside alpha only; a neighborhood search gets radius, and no label (one hash)
+    neighborhood = trials([0.5, 0.8, 0.6], [300, 600, 900]).assign(hash="neighborhood", radius=[0, 2, 8], entropy=[1.0, 2.0, 3.0])
+    built = report.build_report(neighborhood, tmp_path / "neighborhood")
+    assert [p.name for p in built.files] == ["trials.csv", "trials.parquet", "pareto_unique_params.png", "accuracy_vs_radius.png"]
+    assert [spots(built.files[3], colour) >= 2 for colour in COLOURS] == [True, True, True, False]
 
 
 def test_a_search_where_no_trial_trained_measures_no_hypervolume(tmp_path):

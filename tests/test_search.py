@@ -51,7 +51,15 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     parents, children = parent_and_child_runs(client, "tiny")
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.params["sampler"] == "nsga2"
+    assert parent.info.status == "FINISHED"
+    # the spec at a glance: what it searched, how, and over which settings (MLflow keeps params as text)
+    reference = result.spec.hypervolume_reference
+    assert parent.data.params == {
+        "name": "tiny", "family": "arbnet", "dataset": "synthetic", "sampler": "nsga2", "num_samples": "4",
+        "objectives": "test_accuracy:max,unique_params:min", "scheduler": "none", "fixed.epochs": "2", "fixed.hidden": "[16]",
+        "dimension.hash": "choice ['uniform', 'dirichlet']", "dimension.alpha": "loguniform (0.01, 10.0)",
+        "dimension.table_size": "choice [8, 64, 512]", "dimensions": "hash,alpha,table_size",
+        **{f"hypervolume_reference.{cost}": str(value) for cost, value in reference.items()}}
     assert parent.data.tags["sharetune.search_path"] == result.folder and parent.data.tags["sharetune.git_commit"]
     # MLflow as the comparison tool: the UI opens on the runs; readable names; every effective setting
     assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
@@ -77,7 +85,10 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     assert not front.empty and 0 < built.hypervolume["unique_params"] <= 1
     points = trials[["test_accuracy", "unique_params"]].to_numpy(float)
     assert set(front["trial_id"]) == set(trials["trial_id"][pareto_mask(points, [True, False])])
-    assert {"trials.csv", "trials.parquet", "pareto_unique_params.png"} <= {p.name for p in built.files}
+    # the seeded first generation drew dirichlet four times: plots against alpha and entropy, no hash to tell apart
+    assert set(trials["hash"]) == {"dirichlet"} and trials["alpha"].notna().all()
+    assert [p.name for p in built.files] == ["trials.csv", "trials.parquet", "pareto_unique_params.png", "accuracy_vs_alpha.png",
+                                             "accuracy_vs_entropy.png"]
     # every ArbNet of one architecture has the same MACs: no front against them (issue 16), and a reason
     assert "pareto_macs.png" not in {p.name for p in built.files} and built.skipped["macs"].startswith("every trial has macs")
     assert len(pd.read_parquet(tmp_path / "report" / "trials.parquet")) == 4
@@ -87,7 +98,6 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     from_mlflow, parent_id = report.trials_from_mlflow("tiny", result.mlflow_uri)
     assert parent_id == parent.info.run_id
     # the fronts' reference, fixed before anything trained: the dense model's costs, in the saved spec and the parent run
-    reference = result.spec.hypervolume_reference
     assert reference == {"unique_params": trials["virtual_params"].max(), "macs": trials["macs"].max()}
     assert result.folder.spec().hypervolume_reference == reference
     assert report.parent_context(result.mlflow_uri, parent_id) == (reference, "tiny on synthetic")  # a report from MLflow: its title

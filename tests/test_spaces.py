@@ -7,6 +7,7 @@ from helpers import tiny_spec as tiny
 
 from sharetune.search.storage import SPEC_FILE, SearchFolder
 from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset_names
+from sharetune.spaces.samplers import GridSampler, NSGAIISampler
 from sharetune.spaces.settings import trial_settings
 from sharetune.spaces.space import OptunaSpace
 
@@ -94,11 +95,15 @@ def test_an_unknown_set_key_suggests_the_nearest_valid_path(override, message):
         ({"fixed": {"epochs": True}}, "^fixed.epochs: got True; give a number$"),  # lax parsing read it as 1 epoch
         ({"fixed": {"lr": "0.1"}}, "^fixed.lr: got '0.1'; give a number$"),
         ({"fixed": {"hidden": []}}, r"fixed.hidden: List should have at least 1 item"),  # not the paper's net instead
-        ({"fixed": {"hash": "identity", "table_size": 5}, "dimensions": {}}, "table_size, compression: the identity hash keeps one entry per weight"),
+        ({"fixed": {"hash": "identity", "table_size": 5}, "dimensions": {}}, "fixed.table_size, fixed.compression: the identity hash keeps one entry per weight"),
         ({"dimensions": {"sparsity": {"choice": [0.1, 1.5]}}}, "dimensions.sparsity: got 1.5"),
         ({"dimensions": {"hash": {"choice": ["uniform", "md5"]}}}, "dimensions.hash: unknown hash 'md5'; allowed: dirichlet"),
         ({"dimensions": {"alpha": {"uniform": [2.0, 1.0]}}}, "dimensions.alpha: uniform: low 2.0 is above high 1.0"),
-        ({"fixed": {"hash": "uniform", "alpha": 1.0}, "dimensions": {}}, "alpha: applies only to hash 'dirichlet'"),
+        ({"fixed": {"hash": "uniform", "alpha": 1.0}, "dimensions": {}}, "fixed.alpha: applies only to hash 'dirichlet'"),
+        ({"fixed": {"hash": "dirichlet"}, "dimensions": {"radius": {"int": [0, 5]}}},  # a preset's dimension, its hash fixed
+         "dimensions.radius: applies only to hash 'neighborhood', not 'dirichlet'; leave radius out"),
+        ({"fixed": {"table_size": 500}, "dimensions": {"compression": {"uniform": [0.1, 0.5]}}},
+         "fixed.table_size, dimensions.compression: give one, not both"),
         ({"objectives": {"accuracy": "max"}}, "objectives: unknown metric 'accuracy'; allowed: test_accuracy"),
         ({"objectives": {"test_accuracy": "up"}}, "objectives.test_accuracy: got 'up'; allowed: 'max' or 'min'"),
         ({"objectives": {"test_accuracy": "max", "macs": "min"}, "scheduler": {"name": "asha"}}, "scheduler: ASHA prunes on one metric"),
@@ -211,21 +216,39 @@ def test_variants_become_trial_settings():
     assert {k: config[k] for k in spec.variants[trial.params["variant"]]} == spec.variants[trial.params["variant"]]
 
 
+# Each sampler name: the sampler it builds, options a spec gives it, and where the sampler keeps them
+# (Optuna's attributes: a sampler has no public view of its settings)
+STARTUP = {"n_startup_trials": 3}
+BUILT = {"tpe": (optuna.samplers.TPESampler, STARTUP, {"_n_startup_trials": 3, "_multivariate": None}),
+         "motpe": (optuna.samplers.TPESampler, STARTUP, {"_n_startup_trials": 3, "_multivariate": True}),
+         "random": (optuna.samplers.RandomSampler, {}, {}),
+         "grid": (GridSampler, {}, {"_search_space": {"hash": ["uniform", "modulus"], "sparsity": [0.0, 0.5, 0.9]}}),
+         "gp": (optuna.samplers.GPSampler, STARTUP, {"_n_startup_trials": 3}),
+         "cmaes": (optuna.samplers.CmaEsSampler, STARTUP, {"_n_startup_trials": 3}),
+         "nsga2": (NSGAIISampler, {"population_size": 6}, {"_population_size": 6})}
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_builds_and_drives_the_space(name):
-    multi = name not in ("cmaes",)
-    changes = {"sampler": name}
+    """The name builds the sampler it names, with the spec's options and seed; then drives the space."""
+    kind, options, kept = BUILT[name]
+    changes = {"sampler": name, "sampler_options": options, "seed": 3}
     if name == "grid":
-        changes["dimensions"] = {"hash": {"choice": ["uniform", "dirichlet"]}}
-    if multi:
+        changes["dimensions"] = {"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}}
+    if name != "cmaes":
         changes["objectives"] = {"test_accuracy": "max", "unique_params": "min"}
     spec = parse_spec(tiny(**changes))
-    study = optuna.create_study(sampler=make_sampler(spec), directions=["maximize", "minimize"][: len(spec.objectives)])
-    for step in range(2):
-        trial = study.ask()
-        OptunaSpace(spec)(trial)
-        study.tell(trial, [0.5 + step / 10, 100.0][: len(spec.objectives)])
-    assert len(study.trials) == 2
+    sampler = make_sampler(spec)
+    assert type(sampler) is kind and {attribute: getattr(sampler, attribute) for attribute in kept} == kept
+    proposals = []
+    for _ in range(2):  # the same spec proposes the same trials: the sampler is seeded
+        study = optuna.create_study(sampler=make_sampler(spec), directions=["maximize", "minimize"][: len(spec.objectives)])
+        for step in range(3):
+            trial = study.ask()
+            OptunaSpace(spec)(trial)
+            study.tell(trial, [0.5 + step / 10, 100.0][: len(spec.objectives)])
+        proposals.append([t.params for t in study.trials])
+    assert proposals[0] == proposals[1] and len(proposals[0]) == 3
 
 
 @pytest.mark.parametrize("name", [n for n in preset_names() if n.startswith("spin-")])

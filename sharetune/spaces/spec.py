@@ -512,6 +512,9 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
             got = repr(problem["input"])
             message = f"{message}, got {got}" if value_last else f"got {got}; {message}"
         path = where(problem["loc"])
+        names, sep, rest = message.partition(": ")
+        if not path and sep and all(name.isidentifier() for name in names.split(", ")):  # a model's own check names its settings
+            path, message = ", ".join(where((name,)) for name in names.split(", ")), rest
         lines.append(f"{path}: {message}" if path else message)
     more = f"; and {len(lines) - MAX_PROBLEMS} more" if len(lines) > MAX_PROBLEMS else ""
     return "; ".join(lines[:MAX_PROBLEMS]) + more
