@@ -15,7 +15,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 def spots(png, colour) -> int:
     """Separate patches of `colour` in a saved figure: a marker, a line or a legend entry each (scraps of
-    anti-aliasing under 5 pixels are left out). scipy comes with mlflow."""
+    anti-aliasing under 5 pixels are left out)."""
     from PIL import Image
     from scipy import ndimage
 
