@@ -60,7 +60,8 @@ def data_fetch(
         where = fetch(name, root)
     except DataError as err:
         fail(str(err))
-    typer.echo(f"{name}: ready under {where}")
+    typer.echo(f"{name}: generated from its seed when a search loads it; nothing to fetch" if where is None
+               else f"{name}: ready under {where}")
 
 
 EPOCHS = typer.Option(None, help=f"training epochs {default(ArbNetSettings, 'epochs')}")

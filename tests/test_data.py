@@ -124,10 +124,22 @@ def test_root_that_is_a_file_is_refused(tmp_path):
         load("mnist", tmp_path / "file")
 
 
-def test_fetching_cifar_offline_says_where_to_put_the_archive(tmp_path):
-    result = CliRunner().invoke(app, ["data", "fetch", "cifar10", "--root", str(tmp_path)])
+@pytest.mark.parametrize(("name", "fetched", "files"), [
+    ("cifar10", "cifar-10-batches-py", "copy cifar-10-python.tar.gz into {root}/"),
+    ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte", "copy its four files (train-images-idx3-ubyte.gz, "
+     "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) into {root}/FashionMNIST/raw/")])
+def test_fetching_offline_says_in_one_line_what_to_put_where(tmp_path, name, fetched, files):
+    """torchvision's reason spans lines; a set of four files has no archive to copy."""
+    result = CliRunner().invoke(app, ["data", "fetch", name, "--root", str(tmp_path)])
     if result.exit_code == 0:  # the internet is reachable: torchvision fetched and checked it
-        assert (tmp_path / "cifar-10-batches-py").is_dir()
+        assert (tmp_path / fetched).exists()
     else:
-        assert result.exit_code == 2 and "Traceback" not in result.output
-        assert f"copy cifar-10-python.tar.gz into {tmp_path}/ and run `sharetune data fetch cifar10 --root {tmp_path}` again" in result.output
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert (f"Offline: {files.format(root=tmp_path)} and run `sharetune data fetch {name} --root {tmp_path}` again"
+                in result.output)
+
+
+def test_a_generated_set_has_nothing_to_fetch(tmp_path):
+    result = CliRunner().invoke(app, ["data", "fetch", "mnist1d", "--root", str(tmp_path)])
+    assert (result.exit_code, result.output) == (0, "mnist1d: generated from its seed when a search loads it; nothing to fetch\n")
+    assert list(tmp_path.iterdir()) == []

