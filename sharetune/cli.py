@@ -507,6 +507,7 @@ def ui(
     port: int = typer.Option(UI_PORT, min=1, max=65535, help=f"port on {UI_HOST}"),
 ) -> None:
     """Start one light MLflow UI (one worker, no job runner) on this machine for the store in use; says when it is ready."""
+    from sharetune.search.destinations import missing_store
     from sharetune.search.mlflow_ui import READY_TIMEOUT_S, port_free, server_log, start_ui, wait_until_ready
 
     uri = _store(mlflow_uri)
@@ -515,7 +516,9 @@ def ui(
         return
     if not port_free(port):
         fail(f"--port {port}: in use on {UI_HOST}; give another port")
-    typer.echo(f"starting the MLflow UI for {uri}")
+    missing = missing_store(uri)
+    typer.echo(f"starting the MLflow UI for {uri}" + (f" (no store at {missing} yet: the UI stays empty until a search "
+                                                      "from here, or one given this --mlflow-uri, writes to it)" if missing else ""))
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop takes the server down too
     server = start_ui(uri, port)
     try:

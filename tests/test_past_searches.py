@@ -189,6 +189,8 @@ def test_ui_is_one_light_server_that_says_when_it_is_ready(tmp_path):
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200  # ready means serving
         said = log.read_text().splitlines()  # the server's own lines go to its log, not the terminal
         assert [line.split(" for ")[0].split(" on ")[0] for line in said] == ["starting the MLflow UI", "MLflow UI ready"], said
+        assert said[0].endswith(f"(no store at {tmp_path}/mlflow.db yet: the UI stays empty until a search from here, or one "
+                                "given this --mlflow-uri, writes to it)")  # an empty UI, and why
         in_use = subprocess.run([sys.executable, "-m", "sharetune.cli", "ui", "--mlflow-uri", f"sqlite:///{tmp_path}/mlflow.db",
                                  "--port", str(port)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert (in_use.returncode, in_use.stdout, in_use.stderr) == (2, "", f"error: --port {port}: in use on 127.0.0.1; give another port\n")
