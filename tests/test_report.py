@@ -129,6 +129,10 @@ def test_the_summary_shows_spin_costs_in_the_papers_units():
                                  dimensions={"fusion": {"choice": [None, "mean"]}}))
     rows = console.top_trials(built.assign(fusion=[None, "mean"]), fused).splitlines()[2:]
     assert [row.split()[-1] for row in rows] == ["mean", "none"]  # a null choice is none, not NaN
+    # a trial a scheduler stopped early: its accuracy is from fewer epochs, shown beside it
+    assert "epochs_done" not in console.top_trials(built.assign(epochs_done=[3, 3]), spec)
+    lines = console.top_trials(built.assign(epochs_done=[1, 3]), spec).splitlines()
+    assert lines[1].split()[:4] == ["trial_id", "status", "epochs_done", "test_accuracy"] and lines[3].split()[2:4] == ["1", "0.6"]
 
 
 def test_a_front_table_shows_the_settings_the_trials_differ_in(tmp_path):

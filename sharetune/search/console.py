@@ -32,7 +32,9 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:
     costs = {column: ranked[cost] / scale for cost, (column, scale) in shown.items()}  # an objective shows as it is
     ranked = ranked.assign(**costs)
     objectives = [c for name in spec.objectives for c in (name, f"{name}_std") if c in trials]
-    columns = ["trial_id", "status", "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
+    # a scheduler's early stop (or a divergence) leaves a trial's objectives from fewer epochs: say so beside them
+    epochs = ["epochs_done"] if "epochs_done" in ranked and ranked["epochs_done"].nunique() > 1 else []
+    columns = ["trial_id", "status", *epochs, "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
     return f"{title}:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
 
 
