@@ -457,7 +457,7 @@ def _finish(result: Search, report_dir: Path) -> None:
 
         logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
         objectives = ", ".join(f"{name} {mode}" for name, mode in result.spec.objectives.items())
-        typer.echo(f"MLflow models: {len(logged)} trials on the front of the objectives ({objectives}), "
+        typer.echo(f"MLflow models: {len(logged)} trial{'' if len(logged) == 1 else 's'} on the front of the objectives ({objectives}), "
                    "each as runs:/<its run>/model")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
