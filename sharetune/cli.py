@@ -72,6 +72,8 @@ SEED = typer.Option(None, help=default(ArbNetSettings, "seed"))
 DATA_DIR = typer.Option(DEFAULT_ROOT, "--data-dir", help="dataset root ($SHARETUNE_DATA, else ./data)")
 DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 AS_JSON = typer.Option(False, "--json", help="print the final metrics as JSON only")
+TRAIN_SUBSET = typer.Option(None, "--train-subset", min=1, help="train on the first N examples (a laptop-sized run)")
+TEST_SUBSET = typer.Option(None, "--test-subset", min=1, help="test on the first N examples")
 
 
 @train_app.command("arbnet")
@@ -85,12 +87,13 @@ def train_arbnet(
     compression: Optional[float] = typer.Option(None, help="table entries per weight, e.g. 0.1"),
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
-    device: Optional[str] = DEVICE, as_json: bool = AS_JSON,
+    train_subset: Optional[int] = TRAIN_SUBSET, test_subset: Optional[int] = TEST_SUBSET, device: Optional[str] = DEVICE,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Train the paper's ArbNet MLP once and print its metrics (the settings and builder a search trial uses)."""
     options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
                "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe, "seed": seed}
-    _train_one("arbnet", options, dataset, data_dir, device, as_json)
+    _train_one("arbnet", options, dataset, data_dir, (train_subset, test_subset), device, as_json)
 
 
 @train_app.command("spin")
@@ -109,7 +112,8 @@ def train_spin(
     pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="epochs the unshared model trains first (fusion, cka)"),
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
-    device: Optional[str] = DEVICE, as_json: bool = AS_JSON,
+    train_subset: Optional[int] = TRAIN_SUBSET, test_subset: Optional[int] = TEST_SUBSET, device: Optional[str] = DEVICE,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Train one SPIN model (shared, transformed or fused) once and print its metrics, as a search trial would."""
     options = {"model": model, "dim": dim, "depth": depth, "patch_size": patch_size, "kernel_size": kernel_size,
@@ -117,10 +121,11 @@ def train_spin(
                "components": components, "transform_groups": transform_groups, "fusion": fusion,
                "pretrain_epochs": pretrain_epochs, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe,
                "seed": seed}
-    _train_one("spin", options, dataset, data_dir, device, as_json)
+    _train_one("spin", options, dataset, data_dir, (train_subset, test_subset), device, as_json)
 
 
-def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device: str | None, as_json: bool) -> None:
+def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets: tuple[int | None, int | None],
+               device: str | None, as_json: bool) -> None:
     """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does."""
     from pydantic import ValidationError
 
@@ -134,7 +139,8 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, device:
     device = _device(device)
     try:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
-        data_spec = DataSpec.model_construct(name=dataset, root=str(data_dir))  # a search's data defaults: the val split held out
+        # a search's data defaults: the val split held out
+        data_spec = DataSpec.model_construct(name=dataset, root=str(data_dir), train_subset=subsets[0], test_subset=subsets[1])
         data = load(**data_spec.model_dump()).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         if settings.needs_pretrained() and not settings.pretrain_epochs:

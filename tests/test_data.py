@@ -106,6 +106,7 @@ def test_mnist1d_generates_offline():
         (["train", "arbnet", "--dataset", "mnist", "--data-dir", "{empty}"], "sharetune data fetch mnist"),
         (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
         (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
+        (["train", "spin", "--dataset", "synthetic", "--train-subset", "5"], "val_fraction: 0.1 of 5 training examples leaves a split empty"),
         (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'"),
         (["data", "fetch", "imagefolder"], "imagefolder: nothing to fetch; it reads your own ImageNet-layout folder"),
     ],
