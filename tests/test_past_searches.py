@@ -261,8 +261,10 @@ def test_resume_refuses_a_damaged_queue_of_mlflow_writes_in_one_line_before_it_s
     queue = Path(arbnet.folder) / "sharetune-mlflow-queue.db"
     whole = queue.read_bytes()
     queue.write_bytes(b"not a database, " * 512)
+    files = sorted(Path(arbnet.folder).iterdir())
     try:
         resumed = CliRunner().invoke(app, ["resume", str(arbnet.folder), "--report-dir", str(tmp_path / "reports")])
+        assert sorted(Path(arbnet.folder).iterdir()) == files  # nothing written beside it
     finally:
         queue.write_bytes(whole)
     assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged (file is not a "

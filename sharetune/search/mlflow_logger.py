@@ -231,11 +231,6 @@ class MlflowLogger(tune.Callback):
         self.queue.put("end", key="parent", status="KILLED" if unfinished else "FINISHED", tags={})
 
 
-def check_queue(folder: SearchFolder) -> None:
-    """Open the folder's queue of MLflow writes: a damaged one is refused (StateError) before anything starts."""
-    MlflowQueue.of(folder, *folder.mlflow())
-
-
 def remove_orphans(folder: SearchFolder, recorded: list[str]) -> None:
     """Queue the removal of the runs of trials Tune's restored state never recorded; queued, it comes
     after every run the killed driver asked for."""

@@ -72,6 +72,21 @@ def queue_path(folder: SearchFolder) -> Path:
     return Path(folder) / QUEUE_FILE
 
 
+def check_queue(folder: SearchFolder) -> None:
+    """StateError where the folder's queue file is there but no SQLite database. It is read as immutable, so
+    nothing is written beside it: `resume` checks it before anything starts, and a refusal later on
+    leaves the folder as it was."""
+    path = queue_path(folder)
+    if not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)) as db:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise StateError(f"{path}: the queue of MLflow writes is damaged ({err}); move it away to go on without the "
+                         "writes it held") from None
+
+
 def malformed(err: Exception) -> bool:
     """Whether delivering an operation failed on the operation itself (one another version queued), so
     that every try fails alike. A server that does not answer raises OSErrors (requests' errors are,
@@ -134,15 +149,8 @@ class MlflowQueue:
         self.path = queue_path(folder)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()  # one SQLite connection per thread
-        try:
-            with self._connection() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
-        except sqlite3.DatabaseError as err:
-            if isinstance(err, sqlite3.OperationalError):  # a full disk, a locked file: not the file's content
-                raise
-            self._close()
-            raise StateError(f"{self.path}: the queue of MLflow writes is damaged ({err}); move it away to go on "
-                             "without the writes it held") from None
+        with self._connection() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS operations (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL)")
         self._held: list[str] = []  # writes the disk had no room for, oldest first; the writer delivers them too
         self._held_lock = threading.Lock()  # the writer takes from `_held` while Tune's thread adds to it
         self._delivered = 0  # the last operation delivered (ids grow; the file may still hold it on a full disk)

@@ -24,7 +24,8 @@ from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.destinations import check_destinations
-from sharetune.search.mlflow_logger import MlflowLogger, check_queue, deliver_backlog, remove_orphans, tracking_uri
+from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
+from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
 from sharetune.search.progress import Progress
 from sharetune.search.result_log import ResultLog
