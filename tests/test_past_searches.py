@@ -267,6 +267,6 @@ def test_resume_refuses_a_damaged_queue_of_mlflow_writes_in_one_line_before_it_s
         assert sorted(Path(arbnet.folder).iterdir()) == files  # nothing written beside it
     finally:
         queue.write_bytes(whole)
-    assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged (file is not a "
+    assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged (not a SQLite "
                                                       "database); move it away to go on without the writes it held\n")
     assert not ray.is_initialized()

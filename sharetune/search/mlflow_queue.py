@@ -37,6 +37,7 @@ from sharetune.errors import first_line
 from sharetune.search.storage import SearchFolder, StateError, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 SEARCH_ID_TAG = "sharetune.search_id"  # which search in that folder: one deleted and started afresh is another
@@ -73,18 +74,18 @@ def queue_path(folder: SearchFolder) -> Path:
 
 
 def check_queue(folder: SearchFolder) -> None:
-    """StateError where the folder's queue file is there but no SQLite database. It is read as immutable, so
-    nothing is written beside it: `resume` checks it before anything starts, and a refusal later on
-    leaves the folder as it was."""
+    """StateError where the folder's queue file is there but is no SQLite database (by its header). Only
+    the header is read: opening the database would write its WAL files beside it (a folder `resume` then
+    refuses would not be left as it was), and reading it without them misreads a queue whose last
+    writes are still in its WAL (a driver stopped by a full disk)."""
     path = queue_path(folder)
     if not path.is_file():
         return
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)) as db:
-            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-    except sqlite3.DatabaseError as err:
-        raise StateError(f"{path}: the queue of MLflow writes is damaged ({err}); move it away to go on without the "
-                         "writes it held") from None
+    with path.open("rb") as file:
+        header = file.read(len(SQLITE_HEADER))
+    if header and header != SQLITE_HEADER:  # SQLite takes an empty file for an empty database
+        raise StateError(f"{path}: the queue of MLflow writes is damaged (not a SQLite database); move it away to go on "
+                         "without the writes it held")
 
 
 def malformed(err: Exception) -> bool:
