@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import signal
 import warnings
@@ -294,12 +295,13 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
         fail(str(err))
     except OSError as err:  # an object store that did not answer (pyarrow's message names the bucket and key)
         fail(first_line(err))
+    # At exit, before Ray's shutdown (registered earlier, run later): everything is saved by then, and a Ctrl-C
+    # during that shutdown was a traceback
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
     try:
         _finish(result, report_dir)
     except KeyboardInterrupt:
         fail(_interrupted_again(result.folder), ExitCode.INTERRUPTED)
-    finally:  # what is left is Ray's shutdown, at exit: everything is saved, and a Ctrl-C there was a traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted_again(folder: SearchFolder) -> str:

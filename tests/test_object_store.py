@@ -17,7 +17,9 @@ import yaml
 from helpers import free_port, parent_and_child_runs, tiny_spec
 from mlflow.tracking import MlflowClient
 from pyarrow import fs
+from typer.testing import CliRunner
 
+from sharetune.cli import app
 from sharetune.search.mlflow_queue import QUEUE_FILE
 from sharetune.trainables import load_exported
 
@@ -60,7 +62,7 @@ def result_rows(bucket: fs.FileSystem, folder: str) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
-def test_a_search_on_s3_resumes_after_ctrl_c_and_lists_reports_and_exports_from_there(s3_endpoint, tmp_path):
+def test_a_search_on_s3_resumes_after_ctrl_c_and_lists_reports_and_exports_from_there(s3_endpoint, tmp_path, monkeypatch):
     env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint, "SHARETUNE_CACHE": str(tmp_path / "cache"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     epochs = 12
@@ -100,17 +102,19 @@ def test_a_search_on_s3_resumes_after_ctrl_c_and_lists_reports_and_exports_from_
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy"))
         assert child.info.status == "FINISHED" and steps == list(range(1, epochs + 1))
 
-    listed = sharetune(env, tmp_path, "list", "--storage", storage)
-    assert listed.returncode == 0, listed.stderr
-    (line,) = [line for line in listed.stdout.splitlines() if line.endswith(folder)]
+    for name in (*CREDENTIALS, "AWS_ENDPOINT_URL"):  # the commands that only read the store, in this process
+        monkeypatch.setenv(name, env[name])
+    listed = CliRunner().invoke(app, ["list", "--storage", storage])
+    assert listed.exit_code == 0, listed.output
+    (line,) = [line for line in listed.output.splitlines() if line.endswith(folder)]
     assert " finished " in line and " 2/2 " in line
-    reported = sharetune(env, tmp_path, "report", folder, "--out", str(tmp_path / "report"))
-    assert reported.returncode == 0, reported.stderr
+    reported = CliRunner().invoke(app, ["report", folder, "--out", str(tmp_path / "report")])
+    assert reported.exit_code == 0, reported.output
     table = (tmp_path / "report" / "trials.csv").read_text().splitlines()
     assert sorted(row.split(",")[0] for row in table[1:]) == sorted(rows)
     trial = sorted(rows)[0]
-    exported = sharetune(env, tmp_path, "export", folder, "--trial", trial, "--out", str(tmp_path / "model.pt"))
-    assert exported.returncode == 0, exported.stderr
+    exported = CliRunner().invoke(app, ["export", folder, "--trial", trial, "--out", str(tmp_path / "model.pt")])
+    assert exported.exit_code == 0, exported.output
     assert load_exported(tmp_path / "model.pt")(torch.zeros(2, 1, 8, 8)).shape == (2, 4)  # synthetic: 1x8x8, 4 classes
 
 

@@ -299,7 +299,8 @@ def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, 
 def test_a_report_dir_without_room_at_the_end_is_one_line_exit_5_and_the_results_stay(tmp_path, small_disk):
     """The trials finished, then the report could not be written: a traceback before, and exit 1."""
     filler = fill(small_disk)
-    done = sharetune(tmp_path, "--storage", str(tmp_path / "results"), "--name", "x", "--report-dir", str(small_disk))
+    done = sharetune(tmp_path, "--storage", str(tmp_path / "results"), "--name", "x", "--report-dir", str(small_disk),
+                     "--set", "budget.num_samples=2")
     assert done.returncode == 5 and "Traceback" not in done.stderr, done.stderr
     folder = tmp_path / "results" / "x"
     assert done.stderr.strip().splitlines()[-1] == (f"--report-dir: {small_disk}/x: No space left on device; the report was not "

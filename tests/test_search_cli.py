@@ -126,7 +126,7 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
     # Each trial went on from its checkpoint (weights, optimizer, schedule) as if never stopped: every
     # epoch's loss and accuracies are those of the same search run straight through
     (tmp_path / "straight").mkdir()
-    straight, straight_env, command = cli_search(tmp_path / "straight", spec)
+    straight, straight_env, command = cli_search(tmp_path / "straight", {**spec, "budget": {"max_concurrent": 3}})  # a trial's own seed
     assert subprocess.run(command, cwd=tmp_path / "straight", env=straight_env, capture_output=True, timeout=300).returncode == 0
 
     def learning(search: Path) -> dict[str, list[tuple]]:
