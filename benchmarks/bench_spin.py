@@ -38,8 +38,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32, device=args.device)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
     unshared = create_model("convmixer", **arch).to(args.device)
-    shared = create_model("convmixer", **arch, sharing={"rate": 2}).to(args.device)
-    fused = create_model("convmixer", **arch, pretrained=unshared.state_dict(), sharing={"rate": 2, "fusion": "channel_weighted_mean"}).to(args.device)
+    shared = create_model("convmixer", **arch, sharing={"share_rate": 2}).to(args.device)
+    fused = create_model("convmixer", **arch, pretrained=unshared.state_dict(), sharing={"share_rate": 2, "fusion": "channel_weighted_mean"}).to(args.device)
     folded = fold(fused).to(args.device)
     print(f"ConvMixer-{args.dim}/{args.depth} 32x32 batch {args.batch}, device={args.device}, threads={torch.get_num_threads()}")
     rows = [  # steps made when their row runs: each sets its models' train or eval mode

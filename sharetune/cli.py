@@ -31,11 +31,28 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 warnings.formatwarning = _one_line_warning
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Search how neural networks share their weights.")
-train_app = typer.Typer(no_args_is_help=True, help="Train one model, without Ray.")
-data_app = typer.Typer(no_args_is_help=True, help="Fetch datasets.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",  # docstrings wrap as paragraphs
+                  help="Search how neural networks share their weights.")
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Train one model, without Ray.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Fetch datasets.")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
+
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"sharetune {version('sharetune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                      help="Print sharetune's version and exit."),
+) -> None:
+    """Search how neural networks share their weights."""
 
 
 def default(settings: type[SpinSettings | ArbNetSettings], field: str) -> str:
@@ -133,16 +150,13 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     from sharetune.data import load
     from sharetune.metrics import TrialMetrics
     from sharetune.spaces import FAMILIES, describe_error
-    from sharetune.spaces.spec import DataSpec
     from sharetune.trainables import build_model, check_model, costs_of, pretrain
     from sharetune.training import train_epochs
 
     device = _device(device)
     try:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
-        # a search's data defaults: the val split held out
-        data_spec = DataSpec.model_construct(name=dataset, root=str(data_dir), train_subset=subsets[0], test_subset=subsets[1])
-        data = load(**data_spec.model_dump()).with_resolution(settings.resolution)
+        data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1]).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         if settings.needs_pretrained() and not settings.pretrain_epochs:
             fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")
@@ -188,7 +202,8 @@ def _device(name: str | None) -> str | None:
     return name
 
 
-presets_app = typer.Typer(help="Paper experiments as ready-made search specs.", invoke_without_command=True)
+presets_app = typer.Typer(rich_markup_mode="markdown", help="Paper experiments as ready-made search specs.",
+                          invoke_without_command=True)
 app.add_typer(presets_app, name="presets")
 
 
@@ -377,8 +392,9 @@ def export(
     trial: str = typer.Option(..., "--trial", help="the trial id (as `sharetune report` lists it)"),
     out: Path = typer.Option(..., "--out", help="the file to write"),
 ) -> None:
-    """Write a trial's deployable model (fused layers folded) and settings to one torch file; load it
-    with sharetune.trainables.load_exported(FILE), without Ray or MLflow."""
+    """Write a trial's deployable model (fused layers folded), settings and input preprocessing to one
+    torch file; load them with sharetune.trainables.load_exported(FILE) and load_preprocessing(FILE),
+    without Ray or MLflow."""
     from sharetune.search import SearchFolder
     from sharetune.search.destinations import check_out_file
     from sharetune.search.export import export as export_model
@@ -398,7 +414,8 @@ def export(
         fail(str(err))
     except OSError as err:  # the disk filled, or the folder went, while writing
         fail(f"--out: {out}: {err.strerror or err}")
-    typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r})")
+    typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r}), and what makes "
+               f"its inputs with load_preprocessing({str(out)!r})")
 
 
 @app.command("list")

@@ -50,7 +50,7 @@ def fused_convmixer(strategy: str, depth: int = 8, components=("pointwise",), de
     arch = dict(dim=16, depth=depth, patch_size=2, kernel_size=3, num_classes=4, in_chans=1)
     unshared = create_model("convmixer", **arch)
     model = create_model("convmixer", **arch, pretrained=unshared.state_dict(),
-                         sharing={"rate": 2, "fusion": strategy, "components": list(components)})
+                         sharing={"share_rate": 2, "fusion": strategy, "components": list(components)})
     with torch.no_grad():  # away from their initial values, so every strategy's parameters matter
         for name, p in model.named_parameters():
             if "alpha" in name or "mix" in name:

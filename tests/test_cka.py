@@ -51,7 +51,7 @@ def test_cka_plan_groups_similar_neighbours_within_the_budget():
     for group in ([0, 1, 2], [3], [4, 5]):
         similarity[np.ix_(group, group)] = 0.95
     np.fill_diagonal(similarity, 1.0)
-    plan = cka_plan(similarity, rate=2)
+    plan = cka_plan(similarity, share_rate=2)
     assert plan.bank_ids == (0, 0, 0, 1, 2, 2)
     assert plan.num_entries == 3
 
@@ -61,16 +61,16 @@ def test_cka_mapping_builds_a_plan_from_a_pretrained_model():
     arch = dict(dim=8, depth=6, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
     pretrained = create_model("convmixer", **arch).state_dict()
     data = torch.randn(64, 1, 8, 8)
-    model = create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka", "rate": 2})
+    model = create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka", "share_rate": 2})
     plan = model.sharing_plan
     assert plan.num_entries == 3 and list(plan.bank_ids) == sorted(plan.bank_ids)  # contiguous groups
     assert model.training  # as every model is built: comparing its layers ran in eval mode, and ended there once
     with pytest.raises(ValueError, match="mapping: 'cka' needs pretrained"):
-        create_model("convmixer", **arch, sharing={"mapping": "cka", "rate": 2})
+        create_model("convmixer", **arch, sharing={"mapping": "cka", "share_rate": 2})
     for count in (65, 4):  # a last minibatch of 1 once failed HSIC's four; 4 is the least it takes
         create_model("convmixer", **arch, pretrained=pretrained, cka_data=torch.randn(count, 1, 8, 8),
-                     sharing={"mapping": "cka", "rate": 2})
+                     sharing={"mapping": "cka", "share_rate": 2})
     with pytest.raises(ValueError, match="cka_data: the cka mapping compares layers on 4 inputs or more, got 3"):
-        create_model("convmixer", **arch, pretrained=pretrained, cka_data=data[:3], sharing={"mapping": "cka", "rate": 2})
-    with pytest.raises(ValueError, match="sharing: the cka mapping needs rate"):
+        create_model("convmixer", **arch, pretrained=pretrained, cka_data=data[:3], sharing={"mapping": "cka", "share_rate": 2})
+    with pytest.raises(ValueError, match="sharing: the cka mapping needs share_rate"):
         create_model("convmixer", **arch, pretrained=pretrained, cka_data=data, sharing={"mapping": "cka"})

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from sharetune.cli import app
-from sharetune.data import DataError, load
+from sharetune.data import DataError, Preprocessing, load
 from sharetune.data.datasets import add_label_noise
 from sharetune.data.fetch import read_idx
 
@@ -33,7 +33,7 @@ def make_mnist(root, n_train=20, n_test=10):
 
 def test_idx_files_parse_and_load_through_torchvision(tmp_path):
     arrays = make_mnist(tmp_path)
-    data = load("mnist", tmp_path)
+    data = load("mnist", tmp_path, val_fraction=0)
     assert data.x_train.shape == (20, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
     assert torch.equal(data.y_train, torch.as_tensor(arrays["train"][1]))
     pixels = torch.as_tensor(arrays["train"][0], dtype=torch.float32) / 255
@@ -72,7 +72,7 @@ def test_label_noise_fraction_is_exact(fraction):
 
 
 def test_load_applies_label_noise_to_the_training_labels_only(tmp_path):
-    clean, noisy = load("synthetic"), load("synthetic", label_noise=0.25)
+    clean, noisy = load("synthetic", val_fraction=0), load("synthetic", label_noise=0.25, val_fraction=0)
     assert int((clean.y_train != noisy.y_train).sum()) == 128
     clean, noisy = (load("synthetic", label_noise=noise, val_fraction=0.25, train_subset=400) for noise in (0, 0.5))
     assert torch.equal(clean.y_val, noisy.y_val) and torch.equal(clean.y_test, noisy.y_test)  # what selects and measures
@@ -85,7 +85,7 @@ def test_load_applies_label_noise_to_the_training_labels_only(tmp_path):
     (64, 2, 512), (7, 2, 511), (9, 4, 512), (10, 4, 510), (500, 3, 512), (511, 2, 511), (600, 4, 512),
 ])  # 512 % 7 = 1 and 512 % 10 = 2 leave a worker under two examples: dropped; 512 % 9 = 8 and 12 do not
 def test_every_step_is_split_among_the_workers_and_only_a_short_last_batch_is_dropped(batch_size, world, trained):
-    data = load("synthetic")  # 512 training examples
+    data = load("synthetic", val_fraction=0)  # 512 training examples
     ranks = [list(data.shard(rank, world).train_batches(0, batch_size, seed=1, device=torch.device("cpu"))) for rank in range(world)]
     steps = list(zip(*ranks, strict=True))
     assert len(steps) == data.shard(0, world).steps_per_epoch(batch_size)
@@ -94,9 +94,28 @@ def test_every_step_is_split_among_the_workers_and_only_a_short_last_batch_is_dr
 
 
 def test_mnist1d_generates_offline():
-    data = load("mnist1d")
+    data = load("mnist1d", val_fraction=0)
     assert data.x_train.shape == (4000, 40) and data.num_classes == 10
     assert abs(float(data.x_train.mean())) < 1e-4
+
+
+def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_model_read(tmp_path):
+    """What an exported model carries (`Preprocessing`, as plain values) turns a raw MNIST image (a PIL
+    image, or its 8-bit pixels) and a raw MNIST-1D example into the inputs its trial trained on."""
+    from mnist1d.data import get_dataset_args, make_dataset
+    from PIL import Image
+
+    arrays = make_mnist(tmp_path)
+    how = Preprocessing.from_dict(load("mnist", tmp_path, val_fraction=0).preprocessing.as_dict())
+    data = load("mnist", tmp_path, val_fraction=0.5)  # the val split holds the same images out
+    assert how == data.preprocessing and how.mode == "L" and how.max_value == 255 and how.mean == (0.1307,)
+    for pixels, x in zip(arrays["t10k"][0], data.x_test, strict=True):
+        assert torch.equal(how(Image.fromarray(pixels.astype(np.uint8)).convert("RGB")), x)  # any mode: read as MNIST's
+        assert torch.equal(how(pixels[None]), x)
+    generated, features = make_dataset(get_dataset_args()), load("mnist1d", val_fraction=0)
+    how = Preprocessing.from_dict(features.preprocessing.as_dict())
+    assert how.mode is None and how.max_value == 1 and how.mean[0] != 0
+    assert torch.equal(torch.stack([how(x) for x in generated["x_test"][:50]]), features.x_test[:50])
 
 
 @pytest.mark.parametrize(

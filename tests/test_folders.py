@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 from helpers import image_folder
+from PIL import Image
 
-from sharetune.data import DataError, ImageFolderData, load, stratified_split
+from sharetune.data import DataError, ImageFolderData, Preprocessing, load, stratified_split
 from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
 from sharetune.training import Recipe, train_epochs
@@ -41,9 +42,22 @@ def test_a_folder_streams_its_splits_in_a_seeded_order(tmp_path):
     assert first != [y.tolist() for _, y in data.train_batches(3, 8, seed=5, device=CPU, workers=2)]
     x, _ = next(data.eval_batches("test", CPU))
     assert x.shape == (24, 3, 16, 16) and data.with_resolution(24).input_shape == (3, 24, 24)
-    subset = load("imagefolder", tmp_path, train_subset=9, test_subset=6)._lists()
+    subset = load("imagefolder", tmp_path, train_subset=9, test_subset=6, val_fraction=0)._lists()
     assert collections.Counter(label for _, label in subset["train"]) == {0: 3, 1: 3, 2: 3}  # every class alike
     assert collections.Counter(label for _, label in subset["test"]) == {0: 2, 1: 2, 2: 2}
+
+
+def test_the_recorded_preprocessing_makes_from_an_image_file_exactly_what_evaluation_reads(tmp_path):
+    """What an exported model carries (timm's evaluation transform as plain values) turns each image
+    file, at another size than the trial's, into the tensor the trial evaluated."""
+    data = load("imagefolder", image_folder(tmp_path, size=23), img_size=16)
+    how = Preprocessing.from_dict(data.preprocessing.as_dict())
+    assert (how.mode, how.resize, how.crop, how.interpolation) == ("RGB", 18, 16, "bilinear")  # timm's crop_pct 0.875
+    assert how.mean == pytest.approx((0.485, 0.456, 0.406)) and how.std == pytest.approx((0.229, 0.224, 0.225))
+    evaluated = torch.cat([x for x, _ in data.eval_batches("test", CPU)])
+    files = [path for path, _ in data._lists()["test"]]
+    assert torch.equal(torch.stack([how(Image.open(path)) for path in files]), evaluated)
+    assert data.with_resolution(24).preprocessing.crop == 24
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
@@ -94,7 +108,7 @@ def _rank_batches(data: ImageFolderData, world: int, epoch: int = 0) -> list[lis
 
 
 def test_data_parallel_ranks_read_their_shares_of_the_one_process_batches(tmp_path):
-    data = load("imagefolder", image_folder(tmp_path), img_size=16)
+    data = load("imagefolder", image_folder(tmp_path), img_size=16, val_fraction=0)
     alone = [y.tolist() for _, y in data.train_batches(0, 8, seed=5, device=CPU)]
     first, second = _rank_batches(data, 2)
     assert [a + b for a, b in zip(first, second, strict=True)] == alone  # the same steps, each batch split in two

@@ -27,7 +27,7 @@ from sharetune.search.mlflow_logger import trial_runs
 from sharetune.search.models import front_trials, log_front_models, tracking_at
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import parse_spec
-from sharetune.trainables import load_exported
+from sharetune.trainables import load_exported, load_preprocessing
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -127,6 +127,9 @@ def test_front_trials_are_mlflow_models_that_predict_as_the_trials_do(finished):
             info = mlflow.models.get_model_info(uri)
         assert torch.allclose(loaded(x), expected)
         assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
+        # what its outputs mean and how its inputs are made, for whoever loads it from the registry
+        assert info.metadata == {"classes": ["0", "1", "2", "3"], "preprocessing": load_preprocessing(tmp / f"{trial_id}.pt").as_dict()}
+        assert info.metadata["preprocessing"]["max_value"] == 1 and info.metadata["preprocessing"]["mode"] is None
 
 
 def test_spin_reports_get_the_papers_table(tmp_path):

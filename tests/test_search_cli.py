@@ -17,11 +17,12 @@ import torch
 import yaml
 from helpers import image_folder, parent_and_child_runs, tiny_spec, trial_rows
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from sharetune.cli import app
 from sharetune.search import report
-from sharetune.trainables import load_exported
+from sharetune.trainables import load_exported, load_preprocessing
 
 
 def _result_lines(folder: Path) -> list[int]:
@@ -193,11 +194,18 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
         for metric in ("val_accuracy", "test_accuracy", "lr"):
             assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == list(range(1, 9))
     root.rename(tmp_path / "moved")  # each checkpoint records what its model was built for: export needs no data
-    for trial_id in trials["trial_id"]:
+    test_images = sorted((tmp_path / "moved" / "val").glob("*/*.png"))
+    for trial_id, accuracy in zip(trials["trial_id"], trials["test_accuracy"]):
         result = CliRunner().invoke(app, ["export", str(folder), "--trial", trial_id, "--out", str(tmp_path / "model.pt")])
         assert result.exit_code == 0, result.output
-        assert torch.load(tmp_path / "model.pt", weights_only=True)["classes"] == ["class_0", "class_1", "class_2"]
-        assert load_exported(tmp_path / "model.pt")(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+        classes = torch.load(tmp_path / "model.pt", weights_only=True)["classes"]
+        assert classes == ["class_0", "class_1", "class_2"]
+        # from the image files, as someone who has only the exported file would: the trial's test accuracy
+        model, preprocess = load_exported(tmp_path / "model.pt"), load_preprocessing(tmp_path / "model.pt")
+        with torch.no_grad(), contextlib.ExitStack() as files:
+            predicted = model(torch.stack([preprocess(files.enter_context(Image.open(path))) for path in test_images])).argmax(1)
+        right = sum(classes[label] == path.parent.name for label, path in zip(predicted.tolist(), test_images))
+        assert right / len(test_images) == pytest.approx(accuracy)
 
 
 def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
@@ -265,11 +273,13 @@ def test_a_trial_whose_worker_dies_is_retried_and_one_out_of_retries_fails_the_s
 
     # resume retries the failed trial, from its last checkpoint, to its end. Tune's last snapshot records
     # a trial's error only where another trial went on after it (here it ended last: its state says
-    # RUNNING), so the state is set as such a snapshot has it
+    # RUNNING), so the state is set as such a snapshot has it; and as CI once saw one, with a decision to
+    # stop the trial that Tune held until its save resolved (Ray applied it to the retried trial's first save)
     (state,) = folder.glob("experiment_state-*.json")
     saved = json.loads(state.read_text())
     saved["trial_data"] = [[json.dumps({**json.loads(trial), **({"status": "ERROR"} if failed in trial else {})}), run]
                            for trial, run in saved["trial_data"]]
+    saved["runner_data"]["_cached_trial_decisions"] = {failed: "STOP"}
     state.write_text(json.dumps(saved))
     resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=300)

@@ -134,8 +134,10 @@ def test_spin_combinations_are_checked():
     assert [settings.component_list() for settings in listed.extreme_settings()] == [["pointwise", "depthwise"]]
     with pytest.raises(SpecError, match="variant: unknown variant 'huge'"):
         parse_spec({**spin, "dimensions": {"variant": {"choice": ["huge"]}}})
-    with pytest.raises(SpecError, match="preset: unknown preset 'spin'; allowed: arbnet-dirichlet"):
+    with pytest.raises(SpecError, match=r"^preset: unknown preset 'spin'; allowed: arbnet-dirichlet, .*, weight-sharing, or a spec file \(.yaml\)$"):
         load_spec("spin")
+    with pytest.raises(SpecError, match=r"^preset: unknown preset 'spin-topolgy'; did you mean 'spin-topology'\? allowed: arbnet-dirichlet, "):
+        load_spec("spin-topolgy")
 
 
 def test_bad_sampler_options_fail_before_ray():

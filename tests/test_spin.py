@@ -11,15 +11,15 @@ from sharetune.models.spin import DISTRIBUTIONS, MAPPINGS, SharingPlan
 
 
 @pytest.mark.parametrize("mapping, distribution", list(itertools.product(MAPPINGS, DISTRIBUTIONS)))
-@pytest.mark.parametrize("depth, rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4), (32, 1.5), (32, 1.86), (20, 2.5)])
-def test_every_topology_covers_each_layer_once_with_the_right_bank(mapping, distribution, depth, rate):
-    plan = SharingPlan.from_topology(depth, rate, mapping, distribution, seed=1)
+@pytest.mark.parametrize("depth, share_rate", [(32, 2), (12, 3), (18, 4), (8, 1), (16, 4), (32, 1.5), (32, 1.86), (20, 2.5)])
+def test_every_topology_covers_each_layer_once_with_the_right_bank(mapping, distribution, depth, share_rate):
+    plan = SharingPlan.from_topology(depth, share_rate, mapping, distribution, seed=1)
     assert plan.depth == depth
     entries = plan.num_entries
-    if distribution == "uniform" or rate == 1:
-        assert entries == -(-depth // rate)
+    if distribution == "uniform" or share_rate == 1:
+        assert entries == -(-depth // share_rate)
     else:
-        assert abs(depth / entries - rate) <= 0.5 * rate  # the section's rate is rate + 1, the rest unshared
+        assert abs(depth / entries - share_rate) <= 0.5 * share_rate  # the section's rate is share_rate + 1, the rest unshared
     assert sorted(set(plan.bank_ids)) == list(range(entries))
 
 
@@ -52,14 +52,14 @@ def test_uneven_rate_spreads_the_layers_evenly_over_its_entries():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: SharingPlan.from_topology(8, 0.5), "rate: must be between 1 and the depth"),
-        (lambda: SharingPlan.from_topology(8, 9), "rate: must be between 1 and the depth"),
+        (lambda: SharingPlan.from_topology(8, 0.5), "share_rate: must be between 1 and the depth"),
+        (lambda: SharingPlan.from_topology(8, 9), "share_rate: must be between 1 and the depth"),
         (lambda: SharingPlan.from_topology(8, 2, "zigzag"), "mapping: unknown value 'zigzag'; allowed: sequential"),
         (lambda: SharingPlan.from_topology(8, 2, distribution="edges"), "distribution: unknown value 'edges'"),
         (lambda: SharingPlan.from_notation("4 by 2"), "not N x S notation"),
         (lambda: SharingPlan((0, 2)), "plan: bank ids must be 0..1"),
         (lambda: create_model("convmixer", dim=8, depth=4, sharing="[1x2]"), "plan: covers 2 layers but the model has 4"),
-        (lambda: create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "components": ["fins"]}), "components: unknown component 'fins'"),
+        (lambda: create_model("convmixer", dim=8, depth=4, sharing={"share_rate": 2, "components": ["fins"]}), "components: unknown component 'fins'"),
         (lambda: create_model("resnet50"), "model: unknown model 'resnet50'"),
     ],
 )
@@ -73,7 +73,7 @@ def test_bad_plans_are_refused_with_the_field_named(build, message):
     [(["batchnorm", "bias", "depthwise", "pointwise"], 10.84), (["bias", "depthwise", "pointwise"], 10.89), (["depthwise", "pointwise"], 10.92), (["pointwise"], 11.02)],
 )
 def test_component_ablation_matches_table_9(components, params):
-    model = create_model("convmixer", dim=768, depth=32, patch_size=14, kernel_size=3, sharing={"rate": 2, "components": components})
+    model = create_model("convmixer", dim=768, depth=32, patch_size=14, kernel_size=3, sharing={"share_rate": 2, "components": components})
     assert abs(count_params(model).unique / 1e6 - params) < 0.01  # the paper rounds or truncates to 0.01 M
 
 
@@ -92,22 +92,22 @@ def test_spin_parameter_counts_match_the_paper():
     millions = lambda model: count_params(model).unique / 1e6
     convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
     assert abs(millions(create_model("convmixer", **convmixer)) - 20.46) < 0.01
-    rate2 = create_model("convmixer", **convmixer, sharing={"rate": 2, "mapping": "sequential", "distribution": "uniform", "components": ["pointwise"]})
+    rate2 = create_model("convmixer", **convmixer, sharing={"share_rate": 2, "mapping": "sequential", "distribution": "uniform", "components": ["pointwise"]})
     assert abs(millions(rate2) - 11.02) < 0.01
-    assert round(millions(create_model("convmixer", **convmixer, sharing={"rate": 4})), 1) == 6.3
+    assert round(millions(create_model("convmixer", **convmixer, sharing={"share_rate": 4})), 1) == 6.3
     assert round(count_macs(rate2, (3, 224, 224)) / 1e9, 2) == 5.03  # sharing leaves MACs unchanged
     assert count_params(rate2).virtual == count_params(create_model("convmixer", **convmixer)).virtual
-    assert round(millions(create_model("deit_tiny", sharing={"rate": 2})), 2) == 3.05
-    assert round(millions(create_model("deit_tiny", sharing={"rate": 3})), 2) == 2.16
+    assert round(millions(create_model("deit_tiny", sharing={"share_rate": 2})), 2) == 3.05
+    assert round(millions(create_model("deit_tiny", sharing={"share_rate": 3})), 2) == 2.16
     # Table 8's WS-DeiT-S: attention and MLP shared, each layer keeps its LayerNorms (whole blocks: 11.40, 7.86)
-    assert round(millions(create_model("deit_small", sharing={"rate": 2})), 2) == 11.41
-    assert round(millions(create_model("deit_small", sharing={"rate": 3})), 2) == 7.87
+    assert round(millions(create_model("deit_small", sharing={"share_rate": 2})), 2) == 11.41
+    assert round(millions(create_model("deit_small", sharing={"share_rate": 3})), 2) == 7.87
     assert round(millions(create_model("convnext_isotropic", dim=384, depth=18)), 1) == 22.3
 
 
 def small_shared_convmixer():
     torch.manual_seed(0)
-    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"]})
+    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"share_rate": 2, "components": ["pointwise", "depthwise"]})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,7 +136,7 @@ def test_checkpoint_reloads_into_an_equal_model():
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(1)
-    other = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"]}).eval()
+    other = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"share_rate": 2, "components": ["pointwise", "depthwise"]}).eval()
     other.load_state_dict(torch.load(buffer))
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(other(x), model(x))
@@ -147,7 +147,7 @@ def test_transforms_reproduce_table_2_counts():
     convmixer = dict(dim=768, depth=32, patch_size=14, kernel_size=3)
     dense = count_params(create_model("convmixer", **convmixer)).virtual
     for groups, params, gmacs in [(1, 11.05, 5.04), (16, 11.20, 5.17), (64, 11.80, 5.63)]:
-        model = create_model("convmixer", **convmixer, sharing={"rate": 2, "transform_groups": groups})
+        model = create_model("convmixer", **convmixer, sharing={"share_rate": 2, "transform_groups": groups})
         assert abs(count_params(model).unique / 1e6 - params) < 0.04
         assert count_params(model).virtual == dense  # the unshared model's size: transforms are the sharing's cost
         assert abs(count_macs(model, (3, 224, 224)) / 1e9 - gmacs) < 0.015
@@ -156,7 +156,7 @@ def test_transforms_reproduce_table_2_counts():
 def test_transforms_start_as_plain_sharing():
     shared = small_shared_convmixer().eval()
     torch.manual_seed(0)  # the same initial weights as small_shared_convmixer()
-    transformed = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise", "depthwise"], "transform_groups": 4}).eval()
+    transformed = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"share_rate": 2, "components": ["pointwise", "depthwise"], "transform_groups": 4}).eval()
     assert count_params(transformed).unique > count_params(shared).unique
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(transformed(x), shared(x))
@@ -168,7 +168,7 @@ def test_fusion_trains_the_pretrained_weights_and_folds_exactly(strategy, device
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the fold is compared in full float32
     torch.manual_seed(0)
     pretrained = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1)
-    fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"rate": 2, "fusion": strategy}).to(device)
+    fused = create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, pretrained=pretrained.state_dict(), sharing={"share_rate": 2, "fusion": strategy}).to(device)
     x = torch.randn(4, 1, 8, 8, device=device)
     fused(x).square().sum().backward()
     entry = fused.spin_bank["1__0"]  # the fused pointwise layer of bank entry 0
@@ -196,7 +196,7 @@ def test_fusion_fuses_every_layer_of_a_shared_module_and_folds_to_plain_sharing(
     """SPIN Table 8 fuses DeiT: a shared module fuses each layer it holds (LayerNorms averaged, as biases)."""
     torch.manual_seed(0)
     arch = {**TINY[name], "num_classes": 3, "in_chans": 1}
-    sharing = {"rate": 2} if components is None else {"rate": 2, "components": components}
+    sharing = {"share_rate": 2} if components is None else {"share_rate": 2, "components": components}
     fused = create_model(name, **arch, pretrained=create_model(name, **arch).state_dict(), sharing={**sharing, "fusion": strategy})
     x = torch.randn(2, 1, 8, 8)
     fused(x).square().sum().backward()
@@ -217,16 +217,16 @@ def test_sharing_a_model_cannot_take_is_refused_with_the_field_named(name, shari
     arch = {**TINY[name], "num_classes": 3, "in_chans": 1}
     pretrained = create_model(name, **arch).state_dict() if "fusion" in sharing else None
     with pytest.raises(ValueError, match=message):
-        create_model(name, **arch, pretrained=pretrained, sharing={"rate": 2, **sharing})
+        create_model(name, **arch, pretrained=pretrained, sharing={"share_rate": 2, **sharing})
 
 
 def small_shared_convmixer_pointwise():
-    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"rate": 2, "components": ["pointwise_conv"]})
+    return create_model("convmixer", dim=16, depth=4, patch_size=2, kernel_size=3, num_classes=3, in_chans=1, sharing={"share_rate": 2, "components": ["pointwise_conv"]})
 
 
 def test_fusion_without_pretrained_weights_is_refused():
     with pytest.raises(ValueError, match="fusion: needs pretrained"):
-        create_model("convmixer", dim=8, depth=4, sharing={"rate": 2, "fusion": "mean"})
+        create_model("convmixer", dim=8, depth=4, sharing={"share_rate": 2, "fusion": "mean"})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -234,7 +234,7 @@ def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset, device):
     from sharetune.training import Recipe, train_epochs
 
     torch.manual_seed(0)
-    model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"rate": 2, "mapping": "sequential"})
+    model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"share_rate": 2, "mapping": "sequential"})
     results = list(train_epochs(model, mnist_subset, Recipe(epochs=3, lr=0.05, batch_size=64), device=device))
     assert results[-1].test_accuracy > 0.7  # chance is 0.1
 

@@ -17,11 +17,12 @@ from sharetune.trainables import (
     costs_of,
     export_trial,
     load_exported,
+    load_preprocessing,
     pretrain,
     pretrained_weights,
 )
 from sharetune.trainables.build import build_spin, built_for
-from sharetune.trainables.trial import BUILT_FOR, CHECKPOINT
+from sharetune.trainables.trial import BUILT_FOR, CHECKPOINT, ConfigurationError, check_same_input
 from sharetune.training import TrainingState, evaluate, train_epochs
 
 ARCH = {"dim": 8, "depth": 4, "patch_size": 2, "kernel_size": 3}
@@ -175,6 +176,22 @@ def test_a_checkpoint_that_does_not_record_its_model_input_is_refused_by_export(
             export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
 
 
+def test_a_checkpoint_from_before_preprocessing_was_recorded_exports_resumes_and_says_what_it_lacks(tmp_path):
+    data = load("synthetic", train_subset=64, test_subset=32)
+    _, model = build_kind("arbnet dirichlet", data)
+    now = built_for(model, data)
+    older = {key: value for key, value in now.items() if key != "preprocessing"}
+    check_same_input(older, now)  # resume: what it did not record is not compared
+    with pytest.raises(ConfigurationError, match=r"^the data changed since this trial's checkpoint \(preprocessing: "):
+        check_same_input({**now, "preprocessing": {**now["preprocessing"], "std": [1.0]}}, now)
+    torch.save({"model": model.state_dict(), "training": {"ema": None}, BUILT_FOR: older}, tmp_path / CHECKPOINT)
+    export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
+    x = data.sample_inputs(4)
+    torch.testing.assert_close(load_exported(tmp_path / "model.pt")(x), deployed(model).eval()(x))
+    with pytest.raises(ValueError, match=r"model.pt: its trial did not record its preprocessing \(an older sharetune's"):
+        load_preprocessing(tmp_path / "model.pt")
+
+
 def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path):
     """A class folder added before `resume`: the checkpoint's model no longer fits the data. The trial
     fails as unbuildable (no retry) with the reason, where loading the state failed three times, in
@@ -185,7 +202,7 @@ def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path
 
     root = image_folder(tmp_path / "images", per_class=4, test_per_class=2)
     config = {"family": "spin", "dim": 8, "depth": 2, "patch_size": 4, "kernel_size": 3}
-    before = load("imagefolder", root, img_size=16)
+    before = load("imagefolder", root, img_size=16, val_fraction=0)
     settings, model = build_kind("convmixer shared", before)
     (tmp_path / "checkpoint").mkdir()
     torch.save({"model": model.state_dict(), BUILT_FOR: built_for(model, before)}, tmp_path / "checkpoint" / CHECKPOINT)
@@ -194,7 +211,7 @@ def test_a_trial_resumed_on_changed_data_fails_once_naming_what_changed(tmp_path
     session = SimpleNamespace(get_checkpoint=lambda: train.Checkpoint.from_directory(tmp_path / "checkpoint"))
     changed = r"^the data changed since this trial's checkpoint \(classes: \['class_0', 'class_1', 'class_2'\], now "
     with pytest.raises(ConfigurationError, match=changed + r"\['class_0', 'class_1', 'class_2', 'class_3'\]\); give"):
-        run_trial(config, load("imagefolder", root, img_size=16), None, session=session, cpus=1, device=torch.device("cpu"))
+        run_trial(config, load("imagefolder", root, img_size=16, val_fraction=0), None, session=session, cpus=1, device=torch.device("cpu"))
 
 
 class Payload:

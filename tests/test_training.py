@@ -23,7 +23,7 @@ def test_arbnet_learns_mnist1d_well_above_chance(device):
 
 def test_learning_rate_drops_tenfold_after_four_epochs_without_better_train_accuracy():
     torch.manual_seed(0)
-    data = load("synthetic")
+    data = load("synthetic", val_fraction=0)
     model = ArbNetMLP(64, [16], 4, hash="uniform", table_size=50)
     results = list(train_epochs(model, data, Recipe(epochs=30, lr=1e-5), device="cpu"))  # too small to learn
     best, flat, lr = -1.0, 0, 1e-5
@@ -59,7 +59,7 @@ def test_timms_optimizer_and_ema_see_a_shared_spin_tensor_once():
     from sharetune.training import TrainingState
 
     torch.manual_seed(0)
-    model = create_model("convmixer", dim=8, depth=4, patch_size=2, kernel_size=3, num_classes=4, in_chans=1, sharing={"rate": 2})
+    model = create_model("convmixer", dim=8, depth=4, patch_size=2, kernel_size=3, num_classes=4, in_chans=1, sharing={"share_rate": 2})
     state = TrainingState(model, Recipe(recipe="spin", ema_decay=0.5, mixup=0, cutmix=0), steps_per_epoch=4, num_classes=4)
     unique = list(model.parameters())
     in_optimizer = [p for group in state.optimizer.param_groups for p in group["params"]]

@@ -90,7 +90,7 @@ def synthetic():
     (tiny_spec(fixed={"table_size": 10**12, "hidden": [16]}), r"model \(hash='uniform', table_size=1000000000000, hidden=\[16\]\): "
                                                              r"needs about .* GiB to hash its index, more than this machine's memory"),
     (spin(patch_size=64), r"model \(.*patch_size=64.*\): fails on 16x1x8x8 inputs: .*Kernel size can't be greater"),
-    (spin(share_rate=100), r"model \(.*share_rate=100.0\): fails on 16x1x8x8 inputs: rate: must be between 1 and the depth \(4\)"),
+    (spin(share_rate=100), r"model \(.*share_rate=100.0\): fails on 16x1x8x8 inputs: share_rate: must be between 1 and the depth \(4\)"),
     (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train on batches of "
                                   r"16x1x8x8 \(batch_size, then the image: img_size or data.img_size\)"),
     (spin(share_rate=2, fusion="mean", pretrain_epochs=1, components="batchnorm"), r"model \(.*fusion='mean'.*\): .*'batchnorm' holds a BatchNorm2d"),
@@ -268,6 +268,19 @@ def test_the_cli_says_one_line_and_exits_2(args, message, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line and "warn(" not in line]
     assert (len(lines) == 1 or message == "Usage: ") and lines[0].startswith(message), done.stderr
     assert not (tmp_path / "results").exists()  # refused before anything was written
+
+
+def test_the_cli_tells_its_version_and_its_help_reads_in_sentences():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from sharetune.cli import app
+
+    done = CliRunner().invoke(app, ["--version"])
+    assert done.exit_code == 0 and done.output == f"sharetune {version('sharetune')}\n"
+    shown = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output
+    assert "Write a trial's deployable model (fused layers folded), settings and input preprocessing to one torch file; load" in shown
 
 
 def test_a_bad_spec_is_answered_before_ray_tune_and_mlflow_load(tmp_path):

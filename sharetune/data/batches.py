@@ -8,9 +8,10 @@ data-parallel trial (`shard`) each take their part of the same batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Protocol
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,12 +25,60 @@ class Augment:
     random_erasing: float = 0.0  # probability per image
 
 
+PIXEL_MAX = 255.0  # an 8-bit pixel's largest value
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw example becomes what a model trained on this data reads, as plain values that an
+    exported model carries (a model is useless to someone who cannot feed it what it trained on).
+    An image (`mode`: the PIL mode it is converted to) has its shorter side resized to `resize` and its
+    centre cropped to `crop` where they are given; then every value is divided by `max_value` (255:
+    8-bit pixels to [0, 1]) and normalised per channel by `mean` and `std`."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_value: float = PIXEL_MAX
+    mode: str | None = None  # "L" or "RGB" for images; None: the raw values are features (MNIST-1D)
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Preprocessing":
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+
+    def __call__(self, raw: Any) -> Tensor:
+        """One example as the model reads it (no batch dimension): a PIL image, or a tensor or array of
+        raw values as the dataset holds them (channels first for images)."""
+        if self.mode is not None and not isinstance(raw, (Tensor, np.ndarray)):
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms import functional as F
+
+            image = raw.convert(self.mode)
+            if self.resize is not None:
+                image = F.resize(image, self.resize, InterpolationMode(self.interpolation))
+            if self.crop is not None:
+                image = F.center_crop(image, self.crop)
+            raw = F.pil_to_tensor(image)
+        values = torch.as_tensor(raw).to(torch.float32) / self.max_value
+        shape = (-1, *[1] * (values.dim() - 1)) if len(self.mean) > 1 else (1,)
+        return (values - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+
+
 class Batches(Protocol):
     name: str
     num_classes: int
 
     @property
     def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """How raw examples became these inputs; None for inputs made in memory (tests' tensors)."""
 
     def splits(self) -> tuple[str, ...]:
         """The evaluated splits: "val" (held out of train for selection) where there is one, and "test"."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sharetune.data.batches import Augment, batch_starts, epoch_order, share, stratified_split
+from sharetune.data.batches import PIXEL_MAX, Augment, Preprocessing, batch_starts, epoch_order, share, stratified_split
 from sharetune.errors import first_line
 
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
@@ -27,6 +27,9 @@ GENERATED = ("mnist1d", "synthetic")  # made from the seed, not read from files
 FOLDER = "imagefolder"  # root/train/<class>/*.jpg|png and root/val/<class>/...: streamed, not loaded
 EVAL_BATCH = 1024
 DEFAULT_IMG_SIZE = 224  # an image folder's decoded resolution: ImageNet's, as the SPIN models expect
+# Held out of the training set, stratified and seeded, for selection: searching on the test split
+# would fit the hyperparameters to it. 0: no val split (select on test_accuracy, as ArbNet did).
+DEFAULT_VAL_FRACTION = 0.1
 
 
 class DataError(RuntimeError):
@@ -45,6 +48,7 @@ class TensorData:
     num_classes: int
     x_val: Tensor | None = None
     y_val: Tensor | None = None
+    preprocessing: Preprocessing | None = None  # how the raw examples became x (None: made in memory)
     rank: int = 0  # a data-parallel worker's share (see shard)
     world: int = 1
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> its copies
@@ -157,7 +161,7 @@ def torchvision_loader(name: str, cls_name: str, classes: int) -> Loader:
 
 def _images(data) -> np.ndarray:
     """torchvision keeps MNIST-likes as N x H x W tensors and CIFAR as N x H x W x C arrays."""
-    array = np.asarray(data, dtype=np.float32) / 255.0
+    array = np.asarray(data, dtype=np.float32) / PIXEL_MAX
     return array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
 
 
@@ -224,12 +228,17 @@ def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int
     return noisy
 
 
-def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
+def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor, Preprocessing]:
+    """Both splits normalised by the training set's statistics (the field's values for the image sets,
+    whose pixels `_images` divided by PIXEL_MAX), and that preprocessing as the exported models record it."""
     if name in _STATS:
-        mean, std = (torch.tensor(v).view(1, -1, *([1] * (x_train.dim() - 2))) for v in _STATS[name])
+        mean, std = _STATS[name]
+        how = Preprocessing(mean, std, mode={1: "L", 3: "RGB"}[x_train.shape[1]])
     else:  # computed on the training split only, so test data never leaks into it
-        mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, (x_test - mean) / std
+        how = Preprocessing((x_train.mean().item(),), (x_train.std().item(),), max_value=1.0)
+    shape = (1, -1, *[1] * (x_train.dim() - 2))
+    mean, std = torch.tensor(how.mean).view(shape), torch.tensor(how.std).view(shape)
+    return (x_train - mean) / std, (x_test - mean) / std, how
 
 
 def data_root(root: str | Path | None) -> Path:
@@ -239,7 +248,7 @@ def data_root(root: str | Path | None) -> Path:
 
 def load(
     name: str, root: str | Path | None = None, *, label_noise: float = 0.0, seed: int = 0,
-    train_subset: int | None = None, test_subset: int | None = None, val_fraction: float = 0.0,
+    train_subset: int | None = None, test_subset: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
     img_size: int = DEFAULT_IMG_SIZE, workers: int | None = None,
 ):
     """Open `name`: a TensorData in memory (normalised float32 inputs, int64 labels), or for
@@ -262,11 +271,12 @@ def load(
         return ImageFolderData.open(root, img_size=img_size, val_fraction=val_fraction, seed=seed, workers=workers,
                                     train_subset=train_subset, test_subset=test_subset)
     x_train, y_train, x_test, y_test, classes = DATASETS[key](root, seed)
-    x_train, x_test = _normalise(key, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32))
+    x_train, x_test, how = _normalise(key, torch.as_tensor(x_train, dtype=torch.float32), torch.as_tensor(x_test, dtype=torch.float32))
     y_train = torch.as_tensor(np.asarray(y_train), dtype=torch.int64)
     y_test = torch.as_tensor(np.asarray(y_test), dtype=torch.int64)
     train, test = slice(0, train_subset), slice(0, test_subset)
-    data = TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes)
+    data = TensorData(key, x_train[train].contiguous(), y_train[train], x_test[test].contiguous(), y_test[test], classes,
+                      preprocessing=how)
     data = hold_out(data, val_fraction, seed) if val_fraction else data
     return replace(data, y_train=add_label_noise(data.y_train, label_noise, classes, seed)) if label_noise else data
 
@@ -283,5 +293,5 @@ def val_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tenso
 def hold_out(data: TensorData, fraction: float, seed: int) -> TensorData:
     """`data` with a stratified `fraction` of its training examples moved to the val split."""
     train, val = val_split(data.y_train, fraction, seed)
-    return TensorData(data.name, data.x_train[train].contiguous(), data.y_train[train], data.x_test, data.y_test,
-                      data.num_classes, data.x_train[val].contiguous(), data.y_train[val])
+    return replace(data, x_train=data.x_train[train].contiguous(), y_train=data.y_train[train],
+                   x_val=data.x_train[val].contiguous(), y_val=data.y_train[val], _on_device={})

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sharetune.data.batches import Augment, batch_starts, epoch_order, share
-from sharetune.data.datasets import DEFAULT_IMG_SIZE, EVAL_BATCH, FOLDER, DataError, val_split
+from sharetune.data.batches import Augment, Preprocessing, batch_starts, epoch_order, share
+from sharetune.data.datasets import EVAL_BATCH, FOLDER, DataError, val_split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png (root: data.root, or --data-dir for sharetune train)"
@@ -97,12 +97,12 @@ class ImageFolderData:
 
     root: Path
     classes: list[str]
-    img_size: int = DEFAULT_IMG_SIZE
-    val_fraction: float = 0.0
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers; None: the caller's (a trial's CPUs)
-    train_subset: int | None = None
-    test_subset: int | None = None
+    img_size: int  # these as `load` gives them
+    val_fraction: float
+    seed: int
+    workers: int | None  # DataLoader workers; None: the caller's (a trial's CPUs)
+    train_subset: int | None
+    test_subset: int | None
     name: str = FOLDER
     rank: int = 0  # a data-parallel worker's share (see shard)
     world: int = 1
@@ -132,6 +132,15 @@ class ImageFolderData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (3, self.img_size, self.img_size)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """timm's evaluation transform, which val and test images go through, as plain values."""
+        from timm.data import create_transform
+
+        resize, crop, _, normalise = create_transform(self.img_size, is_training=False).transforms
+        return Preprocessing(tuple(normalise.mean.tolist()), tuple(normalise.std.tolist()), mode="RGB", resize=resize.size,
+                             crop=crop.size[0], interpolation=resize.interpolation.value)
 
     def splits(self) -> tuple[str, ...]:
         return ("val", "test") if self.val_fraction else ("test",)

@@ -2,7 +2,7 @@
 
 `create_model` looks the name up in the registry (each model registers next to its builder) and
 calls the builder; `sharing=` then applies a SPIN plan to the model's blocks (sharetune.models.sharing):
-a dict {rate, mapping, distribution, seed, components, transform_groups, fusion}, N x S notation
+a dict {share_rate, mapping, distribution, seed, components, transform_groups, fusion}, N x S notation
 ("[4x1,1x2,...]"), a list of bank ids, or a SharingPlan.
 """
 
@@ -41,7 +41,7 @@ def create_model(
 ) -> nn.Module:
     """Build `name`; `pretrained` is an unshared state_dict (or its file) loaded before sharing.
 
-    `sharing` as a dict takes the plan keys (rate, mapping, distribution, seed, or `plan` for N x S
+    `sharing` as a dict takes the plan keys (share_rate, mapping, distribution, seed, or `plan` for N x S
     notation or bank ids) plus `components`, `transform_groups` (Table 2) and `fusion` (Table 3,
     needs `pretrained`). `mapping="cka"` groups contiguous layers whose outputs on `cka_data` are
     most alike in the pretrained model.

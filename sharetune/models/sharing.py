@@ -59,15 +59,15 @@ def _weight_components(entry: ModelEntry) -> list[str]:
 def _similarity_plan(model: nn.Module, options: dict, pretrained: bool, data: torch.Tensor | None) -> SharingPlan:
     if not pretrained or data is None:
         raise ValueError("mapping: 'cka' needs pretrained= weights and cka_data= inputs to compare layers on")
-    unknown = sorted(set(options) - {"mapping", "rate"})
+    unknown = sorted(set(options) - {"mapping", "share_rate"})
     if unknown:
-        raise ValueError(f"sharing: {unknown[0]!r} does not apply to the cka mapping; it takes: rate")
-    if "rate" not in options:
-        raise ValueError("sharing: the cka mapping needs rate (layers per bank entry)")
+        raise ValueError(f"sharing: {unknown[0]!r} does not apply to the cka mapping; it takes: share_rate")
+    if "share_rate" not in options:
+        raise ValueError("sharing: the cka mapping needs share_rate (layers per bank entry)")
     if len(data) < MIN_HSIC_SAMPLES:
         raise ValueError(f"cka_data: the cka mapping compares layers on {MIN_HSIC_SAMPLES} inputs or more, got {len(data)}")
     batches = torch.tensor_split(data, math.ceil(len(data) / CKA_BATCH))  # even sizes: no short tail batch
-    return cka_plan(cka_matrix(model, batches), options["rate"])
+    return cka_plan(cka_matrix(model, batches), options["share_rate"])
 
 
 def _fused_layers(block: nn.Module, entry: ModelEntry, component: str) -> list[str]:

@@ -49,12 +49,12 @@ def _group_sizes(layers: int, entries: int, mapping: str) -> list[int]:
     return [size + (k < larger) for k in range(entries)]
 
 
-def _section_ids(layers: int, rate: float, mapping: str, seed: int) -> list[int]:
-    entries = math.ceil(layers / rate)
+def _section_ids(layers: int, share_rate: float, mapping: str, seed: int) -> list[int]:
+    entries = math.ceil(layers / share_rate)
     if mapping == "strided":
         return [i % entries for i in range(layers)]
     if mapping == "random":
-        sequential = _section_ids(layers, rate, "sequential", seed)
+        sequential = _section_ids(layers, share_rate, "sequential", seed)
         return np.random.default_rng(seed).permutation(sequential).tolist()
     sizes = _group_sizes(layers, entries, mapping)
     return [entry for entry, size in enumerate(sizes) for _ in range(size)]
@@ -113,25 +113,25 @@ class SharingPlan:
 
     @classmethod
     def from_topology(
-        cls, depth: int, rate: float, mapping: str = DEFAULT_MAPPING, distribution: str = DEFAULT_DISTRIBUTION, seed: int = 0
+        cls, depth: int, share_rate: float, mapping: str = DEFAULT_MAPPING, distribution: str = DEFAULT_DISTRIBUTION, seed: int = 0
     ) -> "SharingPlan":
         """A mapping x distribution at an overall share rate (depth / bank entries), as in SPIN Table 1.
 
-        Non-uniform distributions share only a section (front, middle or back) at rate + 1 and keep the
-        other layers unshared, the section sized in whole groups of rate + 1 layers to come near `rate`:
-        exactly where the depth allows (depth 32, rate 2: 24 shared layers at rate 3 and 8 unshared),
-        else near it (depth 20, rate 4: 20 layers at rate 5, so 5 overall, as the metric effective_share_rate reports).
+        Non-uniform distributions share only a section (front, middle or back) at share_rate + 1 and keep
+        the other layers unshared, the section sized in whole groups of share_rate + 1 layers to come near
+        `share_rate`: exactly where the depth allows (depth 32, share_rate 2: 24 shared layers at 3 and 8
+        unshared), else near it (depth 20, share_rate 4: 20 layers at 5, so 5 overall, as the metric
+        effective_share_rate reports).
         """
         if mapping in SIMILARITY_MAPPINGS:
             raise ValueError(f"mapping: {mapping!r} groups layers by their similarity in a pretrained model; use cka_plan")
         _choice("mapping", mapping, MAPPINGS)
         _choice("distribution", distribution, DISTRIBUTIONS)
-        if not 1 <= rate <= depth:
-            raise ValueError(f"rate: must be between 1 and the depth ({depth}), got {rate}")
-        if distribution == "uniform" or rate == 1:
-            return cls.from_ids(_section_ids(depth, rate, mapping, seed))
-        section_rate = rate + 1
-        shared = round(depth * (1 - 1 / rate) / (1 - 1 / section_rate) / section_rate) * section_rate
+        _check_share_rate(share_rate, depth)
+        if distribution == "uniform" or share_rate == 1:
+            return cls.from_ids(_section_ids(depth, share_rate, mapping, seed))
+        section_rate = share_rate + 1
+        shared = round(depth * (1 - 1 / share_rate) / (1 - 1 / section_rate) / section_rate) * section_rate
         shared = min(depth, max(int(section_rate), int(shared)))
         start = {"front": 0, "back": depth - shared, "middle": (depth - shared) // 2}[distribution]
         section = _section_ids(shared, section_rate, mapping, seed)
@@ -140,14 +140,19 @@ class SharingPlan:
         return cls.from_ids(ids)
 
 
+def _check_share_rate(share_rate: float, depth: int) -> None:
+    if not 1 <= share_rate <= depth:
+        raise ValueError(f"share_rate: must be between 1 and the depth ({depth}), got {share_rate}")
+
+
 def make_plan(depth: int, spec: "SharingPlan | str | Sequence[int] | dict") -> SharingPlan:
-    """Accept a plan, N x S notation, a list of bank ids, or {rate, mapping, distribution, seed}."""
+    """Accept a plan, N x S notation, a list of bank ids, or {share_rate, mapping, distribution, seed}."""
     if isinstance(spec, SharingPlan):
         plan = spec
     elif isinstance(spec, str):
         plan = SharingPlan.from_notation(spec)
     elif isinstance(spec, dict):
-        allowed = {"rate", "mapping", "distribution", "seed"}
+        allowed = {"share_rate", "mapping", "distribution", "seed"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"sharing: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
@@ -249,13 +254,12 @@ def share(
     return model
 
 
-def cka_plan(similarity: np.ndarray, rate: float) -> SharingPlan:
-    """Contiguous groups of mutually similar layers: exactly ceil(L / rate) bank entries, chosen by
+def cka_plan(similarity: np.ndarray, share_rate: float) -> SharingPlan:
+    """Contiguous groups of mutually similar layers: exactly ceil(L / share_rate) bank entries, chosen by
     dynamic programming to minimise the summed dissimilarity (1 - CKA) over pairs within a group."""
     depth = similarity.shape[0]
-    if not 1 <= rate <= depth:
-        raise ValueError(f"rate: must be between 1 and the depth ({depth}), got {rate}")
-    entries = int(np.ceil(depth / rate))
+    _check_share_rate(share_rate, depth)
+    entries = int(np.ceil(depth / share_rate))
     distance = 1.0 - np.asarray(similarity, dtype=float)
     cost = np.zeros((depth + 1, depth + 1))  # cost[i, j]: group of layers i..j-1
     for i in range(depth):

@@ -1,6 +1,7 @@
 """The models people take away: each trial on the final Pareto front (the best trial, for one
 objective) as an MLflow model in its child run, built as `sharetune export` builds one (fused layers
-folded, ArbNet indices recomputed), with a signature and an input example."""
+folded, ArbNet indices recomputed), with a signature, an input example, and its classes and
+preprocessing as the model's metadata."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from sharetune.spaces import SearchSpec
 from sharetune.trainables import load_exported
 
 MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
+# in the model's MLmodel file: what its outputs mean and how raw examples become its inputs
+MODEL_METADATA = ("classes", "preprocessing")
 MODEL_TAG = "sharetune.model_uri"  # on a child run whose model is logged: each trial's once, however often resumed
 
 
@@ -73,13 +76,14 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
             except ValueError as err:
                 missing.append(str(err).removeprefix("--trial: "))
                 continue
-            model = load_exported(path)
-            example = torch.zeros(2, *torch.load(path, weights_only=True)["input_shape"])
+            model, record = load_exported(path), torch.load(path, weights_only=True)
+            example = torch.zeros(2, *record["input_shape"])
             with torch.no_grad():
                 output = model(example).numpy()
             with mlflow.start_run(run_id=runs[trial_id]):
                 info = mlflow.pytorch.log_model(model, name=MODEL_NAME, signature=infer_signature(example.numpy(), output),
                                                 input_example=example.numpy(), pip_requirements=requirements,
+                                                metadata={key: record.get(key) for key in MODEL_METADATA},
                                                 serialization_format="pickle")  # ArbNet's table kernels do not trace
             client.set_tag(runs[trial_id], MODEL_TAG, info.model_uri)
             logged.append(info.model_uri)

@@ -308,6 +308,21 @@ class SearchFolder(str):
         self._check_searcher_state(filesystem, path)
         return recorded
 
+    def forget_pending_decisions(self) -> None:
+        """Drop the decisions Tune's last driver held for its trials' actors until a save resolved (stop,
+        pause). Ray 2.60 keeps them in its saved state and, after a restore, applies them when the
+        restarted trial's first checkpoint is saved: a failed trial that `resume` retried was stopped
+        after one epoch and counted as cut short, exit 0. Those actors are gone; a scheduler decides again."""
+        states = self._tune_states()
+        filesystem, _ = self._filesystem()
+        with filesystem.open_input_stream(states[-1]) as stream:
+            saved = json.loads(stream.read())
+        runner = saved["runner_data"]
+        if runner.get("_cached_trial_decisions") or runner.get("_queued_trial_decisions"):
+            runner.update(_cached_trial_decisions={}, _queued_trial_decisions={})
+            with filesystem.open_output_stream(states[-1]) as stream:
+                stream.write(json.dumps(saved).encode())
+
     def _damaged(self, path: str) -> StateError:
         return StateError(f"{self}: Tune's state {path.rpartition('/')[2]} is damaged and cannot be restored; "
                           "the folder is left as it is")

@@ -249,6 +249,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     data = load_data(spec)
     start_ray(spec, address)
     pretrained = _pretrained(spec, data, folder)
+    folder.forget_pending_decisions()
     try:
         filesystem, path = filesystem_and_path(folder)
         tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),

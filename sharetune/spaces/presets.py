@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sharetune.spaces.documents import load_yaml
 from sharetune.spaces.spec import SearchSpec, SpecError, apply_overrides, parse_spec, read_spec_file
+from sharetune.spaces.suggest import did_you_mean
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SCALES = ("reduced", "full")
@@ -23,7 +24,8 @@ def preset_names() -> list[str]:
 def preset(name: str, scale: str = DEFAULT_SCALE) -> dict:
     """The preset's spec as a dict, at `scale`."""
     if name not in preset_names():
-        raise SpecError(f"preset: unknown preset {name!r}; allowed: {', '.join(preset_names())}")
+        raise SpecError(f"preset: unknown preset {name!r}; {did_you_mean(name, preset_names())}allowed: "
+                        f"{', '.join(preset_names())}, or a spec file (.yaml)")
     if scale not in SCALES:
         raise SpecError(f"scale: unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     raw = read_spec_file(PRESET_DIR / f"{name}.yaml")

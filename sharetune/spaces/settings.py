@@ -119,7 +119,7 @@ class SpinSettings(FamilySettings):
     mapping: Literal[ALL_MAPPINGS] = DEFAULT_MAPPING  # type: ignore[valid-type]
     distribution: Literal[DISTRIBUTIONS] = DEFAULT_DISTRIBUTION  # type: ignore[valid-type]
     components: Optional[str] = None  # comma-separated; default: the model's (Table 1: pointwise)
-    transform_groups: Optional[int] = Field(None, ge=1)
+    transform_groups: Optional[int] = Field(None, ge=1)  # Table 2's G: channels each layer's transform mixes
     fusion: Optional[Literal[FUSIONS]] = None  # type: ignore[valid-type]
     pretrain_epochs: int = Field(0, ge=0)  # fusion, cka: epochs the unshared model trains first
     pretrained: Optional[str] = None  # fusion, cka: an unshared state_dict file instead of pretraining

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 import copy
-import difflib
 import functools
 import itertools
 import math
@@ -39,13 +38,21 @@ from pydantic import (
     model_validator,
 )
 
-from sharetune.data import DEFAULT_DATASET, DEFAULT_IMG_SIZE, GENERATED, DataError, canonical_name, data_root
+from sharetune.data import (
+    DEFAULT_DATASET,
+    DEFAULT_IMG_SIZE,
+    DEFAULT_VAL_FRACTION,
+    GENERATED,
+    DataError,
+    canonical_name,
+    data_root,
+)
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.spaces.documents import SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
-from sharetune.spaces.suggest import nearest_path, spec_paths
+from sharetune.spaces.suggest import did_you_mean, nearest_path, spec_paths
 from sharetune.training import ACCEPTED, MAX_SEED, Seed, accepted
 
 Scalar = Union[bool, int, float, str, None]
@@ -172,9 +179,7 @@ class DataSpec(BaseModel):
     test_subset: Optional[int] = Field(None, ge=1)
     label_noise: float = Field(0.0, ge=0, le=1)
     seed: Seed = 0
-    # Held out of the training set, stratified and seeded, for selection: searching on the test split
-    # would fit the hyperparameters to it. 0: no val split (select on test_accuracy, as ArbNet did).
-    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(DEFAULT_VAL_FRACTION, ge=0, lt=1)  # held out of train for selection; 0: none
     img_size: int = Field(DEFAULT_IMG_SIZE, ge=8)  # imagefolder: the resolution images are cropped and resized to
     workers: Optional[int] = Field(None, ge=0)  # imagefolder: DataLoader workers (default: the trial's CPUs)
 
@@ -277,9 +282,8 @@ class SearchSpec(BaseModel):
         for section, names in (("fixed", self.fixed), ("dimensions", self.dimensions)):
             name = next((name for name in names if name not in allowed), None)
             if name is not None:
-                near = difflib.get_close_matches(name, allowed, n=1)
                 raise ValueError(f"{section}.{name}: not {'an' if self.family[0] in 'aeiou' else 'a'} {self.family} setting; "
-                                 + (f"did you mean {near[0]!r}? " if near else "") + f"allowed: {', '.join(allowed)}")
+                                 f"{did_you_mean(name, allowed)}allowed: {', '.join(allowed)}")
         overlap = set(self.fixed) & set(self.dimensions)
         if overlap:
             raise ValueError(f"{sorted(overlap)[0]}: both fixed and searched; keep it in one place")

@@ -35,6 +35,12 @@ def spec_paths(spec: type[BaseModel], settings: Iterable[type[BaseModel]]) -> di
     return {**paths, **ALIASES}
 
 
+def did_you_mean(name: str, allowed: Iterable[str]) -> str:
+    """"did you mean 'x'? " for the allowed name nearest to an unknown one, or nothing."""
+    near = difflib.get_close_matches(name, list(allowed), n=1)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
 def nearest_path(key: str, paths: dict[str, str]) -> str | None:
     """The valid path `key` (dotted, unknown) most likely meant: its last part's own path, a close
     spelling of the whole path, or of the last part; None when nothing is close."""

@@ -78,12 +78,12 @@ def build_spin(
         if plan is not None:
             sharing = {"plan": plan}
         elif s.mapping == "cka":
-            sharing = {"rate": s.share_rate, "mapping": s.mapping}
+            sharing = {"share_rate": s.share_rate, "mapping": s.mapping}
             with torch.no_grad():
                 cka_data = data.sample_inputs(CKA_SAMPLES)
                 cka_data = cka_data if resize is None else resize(cka_data)
         else:
-            sharing = {"rate": s.share_rate, "mapping": s.mapping, "distribution": s.distribution, "seed": s.seed}
+            sharing = {"share_rate": s.share_rate, "mapping": s.mapping, "distribution": s.distribution, "seed": s.seed}
         extras = {"components": s.component_list(), "transform_groups": s.transform_groups, "fusion": s.fusion}
         sharing.update({k: v for k, v in extras.items() if v is not None})
     starts_from = pretrained if sharing is not None and s.needs_pretrained() else None
@@ -102,11 +102,13 @@ def build_model(
 
 def built_for(model: nn.Module, data: Batches) -> dict:
     """What rebuilding `model` (built from `data`) needs besides its settings, as plain values: the data's
-    input shape and classes (what the outputs mean), and SPIN's sharing plan as bank ids (a cka plan
-    came from the data). Trials keep it in each checkpoint, so exporting one needs no data."""
+    input shape and classes (what the outputs mean), SPIN's sharing plan as bank ids (a cka plan came
+    from the data), and how raw examples become its inputs (`Preprocessing`). Trials keep it in each
+    checkpoint, so exporting one needs no data."""
     plan = getattr(unwrap(model), "sharing_plan", None)
     return {"classes": data.class_names(), "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "plan": None if plan is None else list(plan.bank_ids)}
+            "plan": None if plan is None else list(plan.bank_ids),
+            "preprocessing": None if data.preprocessing is None else data.preprocessing.as_dict()}
 
 
 def rebuild(settings: FamilySettings, record: dict) -> nn.Module:

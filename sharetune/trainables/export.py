@@ -2,7 +2,7 @@
 
 The file holds plain values and tensors only, so `torch.load(weights_only=True)` reads it: the
 trial's settings (as a config), what the model was built for (`build.built_for`: the data's input
-shape and classes, SPIN's sharing plan as bank ids), and the state_dict of the model as it deploys
+shape, classes and preprocessing, SPIN's sharing plan as bank ids), and the state_dict of the model as it deploys
 (fused layers folded; an ArbNet layer stores its table and recomputes its index). Both writing and
 reading it rebuild the architecture from the settings and that record, without the data.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sharetune.data import Preprocessing
 from sharetune.errors import first_line
 from sharetune.models import deployed
 from sharetune.spaces import trial_settings
@@ -48,9 +49,9 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
         raise OSError(f"cannot be written ({getattr(err, 'strerror', None) or first_line(err)})") from None
 
 
-def load_exported(path: str | Path) -> nn.Module:
-    """The model `sharetune export` wrote, on the CPU in eval mode. ValueError for any other file: one
-    that is no torch file, or that holds objects (torch's refusal would suggest loading them as code)."""
+def _read_exported(path: str | Path) -> dict:
+    """What `sharetune export` wrote to `path`. ValueError for any other file: one that is no torch file,
+    or that holds objects (torch's refusal would suggest loading them as code)."""
     refusal = ValueError(f"{path}: not a model written by `sharetune export` ({EXPORT_FORMAT})")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -58,6 +59,23 @@ def load_exported(path: str | Path) -> nn.Module:
         raise refusal from None
     if not isinstance(saved, dict) or saved.get("format") != EXPORT_FORMAT:
         raise refusal
+    return saved
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The model `sharetune export` wrote, on the CPU in eval mode; it reads what `load_preprocessing`
+    makes of raw examples."""
+    saved = _read_exported(path)
     model = deployed(rebuild(trial_settings(saved["config"]), saved))
     model.load_state_dict(saved["state_dict"])
     return model.eval()
+
+
+def load_preprocessing(path: str | Path) -> Preprocessing:
+    """How the model `sharetune export` wrote wants its inputs: call it on a PIL image (or raw values)
+    for one input. ValueError where its trial's checkpoint, written by an older sharetune, recorded none."""
+    record = _read_exported(path).get("preprocessing")
+    if record is None:
+        raise ValueError(f"{path}: its trial did not record its preprocessing (an older sharetune's checkpoint, "
+                         "or data made in memory)")
+    return Preprocessing.from_dict(record)

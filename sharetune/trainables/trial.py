@@ -90,8 +90,9 @@ def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilyS
 
 def check_same_input(recorded: dict, now: dict) -> None:
     """A resumed trial's data must build the model its checkpoint holds (`built_for`): ConfigurationError,
-    so no retry, naming what changed (a class folder added, another resolution, another cka plan)."""
-    changed = next((key for key in now if recorded.get(key) != now[key]), None)
+    so no retry, naming what changed (a class folder added, another resolution, another cka plan). What an
+    older checkpoint did not record (its preprocessing) is not compared."""
+    changed = next((key for key in now if recorded.get(key, now[key]) != now[key]), None)
     if changed is not None:
         shown = [value if not isinstance(value, list) or len(value) <= 8 else f"{len(value)} of them"
                  for value in (recorded.get(changed), now[changed])]
