@@ -59,7 +59,7 @@ class Configuration:
 
 class ConfigurationSearcher(Searcher):
     def __init__(self, space: OptunaSpace, objectives: dict[str, str], study: optuna.Study, folder: SearchFolder, *,
-                 num_samples: int, repeats: int = 1, constraints: dict[str, Bound] | None = None,
+                 num_samples: int, repeats: int, constraints: dict[str, Bound] | None = None,
                  costs: Callable[[dict], ModelCosts] | None = None, space_size: int | None = None) -> None:
         """`costs`: a configuration's costs before training (picklable: Tune saves the searcher);
         `space_size`: how many distinct configurations there are, where the space is finite (the

@@ -51,19 +51,17 @@ def configuration_error(err: BaseException | None) -> ConfigurationError | None:
     return next(filter(None, map(configuration_error, ranks.values())), None) or configuration_error(err.__cause__)
 
 
-def train_trial(config: dict, data: Batches, pretrained: dict | None = None, resources: Resources | None = None,
-                storage: str | None = None) -> None:
+def train_trial(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
     """Ray Tune entry point; `data` (tensors, or a folder's description) and `pretrained` come once per
     search through the object store. A folder streams through as many loader workers as the trial has CPUs.
     With `resources.workers` > 1 the trial runs as a Ray Train data-parallel job (sharetune.trainables.
     distributed), its runs kept under `storage` (the search folder)."""
     try:
-        if resources is not None and resources.workers > 1:
+        if resources.workers > 1:
             from sharetune.trainables.distributed import train_distributed
 
             return train_distributed(config, data, pretrained, resources, storage)
-        cpus = max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
-        run_trial(config, data, pretrained, session=tune, cpus=cpus, device=pick_device())
+        run_trial(config, data, pretrained, session=tune, cpus=resources.threads, device=pick_device())
     except Exception as err:
         unbuildable = configuration_error(err)
         if unbuildable is not None:  # Tune takes this report before the error: the trial then gets no retry
