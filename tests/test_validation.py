@@ -252,6 +252,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["resume", "stored/damaged"], "error: "),
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),
+    (["search", "SPEC", "--storage", "/proc/sharetune"], "error: /proc/sharetune: /proc is on a read-only or virtual filesystem"),
     (["ui", "--port", "99999"], "Usage: "),
 ])
 def test_the_cli_says_one_line_and_exits_2(args, message, tmp_path):
