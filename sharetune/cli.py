@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -156,7 +157,9 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     device = _device(device)
     try:
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
-        data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1]).with_resolution(settings.resolution)
+        # a folder decodes in as many loader processes as this machine gives the command CPUs, as a trial's in its own
+        data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1],
+                    workers=len(os.sched_getaffinity(0))).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         if settings.needs_pretrained() and not settings.pretrain_epochs:
             fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")

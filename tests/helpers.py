@@ -52,6 +52,16 @@ def build_kind(kind: str, data, **changes):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
+def all_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process on the machine, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
+    return found
+
+
 def tiny_spec(**changes) -> dict:
     spec = {
         "name": "tiny", "family": "arbnet", "data": {"name": "synthetic"},

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, free_port, mlflow_server, tiny_spec, trial_rows, wait_for
+from helpers import BIN, all_processes, free_port, mlflow_server, tiny_spec, trial_rows, wait_for
 from mlflow.tracking import MlflowClient
 
 from sharetune.search import report
@@ -68,20 +68,10 @@ class Cluster:
     crash_second_node: Callable[[], None]  # kill -9 of all its processes, as when its machine fails
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id) of every process on the machine, from /proc."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-            found[int(stat.parent.name)] = (int(fields[1]), int(fields[3]))
-    return found
-
-
 def stop_node(node: subprocess.Popen, sig: signal.Signals) -> None:
     """Signal every process of a `ray start --block` node: its session (Ray's daemons, the command) and
     every descendant (the raylet's workers, which may leave the session)."""
-    processes, doomed = _processes(), {node.pid}
+    processes, doomed = all_processes(), {node.pid}
     while grown := {pid for pid, (parent, session) in processes.items()
                     if pid not in doomed and (parent in doomed or session == node.pid)}:
         doomed |= grown

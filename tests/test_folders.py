@@ -2,12 +2,16 @@
 the errors a bad folder gets."""
 
 import collections
+import contextlib
 import pickle
 import re
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import image_folder
+from helpers import BIN, all_processes, image_folder
 from PIL import Image
 
 from sharetune.data import DataError, ImageFolderData, Preprocessing, load, stratified_split
@@ -58,6 +62,25 @@ def test_the_recorded_preprocessing_makes_from_an_image_file_exactly_what_evalua
     files = [path for path, _ in data._lists()["test"]]
     assert torch.equal(torch.stack([how(Image.open(path)) for path in files]), evaluated)
     assert data.with_resolution(24).preprocessing.crop == 24
+
+
+def test_sharetune_train_decodes_a_folder_in_loader_processes_as_a_trial_does(tmp_path):
+    """A trial's loader takes its CPUs; `sharetune train` the machine's, not its main process alone
+    (forked DataLoader workers: children with the command's own command line)."""
+    root = image_folder(tmp_path / "images", per_class=40)
+    process = subprocess.Popen([str(BIN / "sharetune"), "train", "spin", "--dataset", "imagefolder", "--data-dir", str(root),
+                                "--dim", "8", "--depth", "2", "--patch-size", "4", "--kernel-size", "3", "--img-size", "16",
+                                "--epochs", "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, loaders = None, set()
+    while process.poll() is None:
+        with contextlib.suppress(OSError):
+            command = command or Path(f"/proc/{process.pid}/cmdline").read_bytes()
+            for pid, (parent, _) in all_processes().items():
+                if parent == process.pid and Path(f"/proc/{pid}/cmdline").read_bytes() == command:
+                    loaders.add(pid)
+        time.sleep(0.05)
+    assert process.returncode == 0, process.stderr.read()
+    assert len(loaders) >= 2  # the training and the evaluation loaders' workers, each of their own
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
