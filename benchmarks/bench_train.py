@@ -103,7 +103,7 @@ def main() -> None:
     recipe = Recipe(recipe="spin", epochs=10**6, batch_size=args.batch)
     arch = dict(dim=args.dim, depth=args.depth, patch_size=2, kernel_size=5, num_classes=10)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = load("imagefolder", write_folder(Path(tmp), args.images), img_size=32)
+        folder = load("imagefolder", write_folder(Path(tmp), args.images), img_size=32, val_fraction=0)  # as plain_epoch
         rng = torch.Generator().manual_seed(0)
         memory = TensorData("memory", torch.randn(args.images, 3, 32, 32, generator=rng), torch.randint(0, 10, (args.images,), generator=rng),
                             torch.randn(64, 3, 32, 32, generator=rng), torch.randint(0, 10, (64,), generator=rng), 10)

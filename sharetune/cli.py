@@ -32,8 +32,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 warnings.formatwarning = _one_line_warning
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",  # docstrings wrap as paragraphs
-                  help="Search how neural networks share their weights.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")  # docstrings wrap as paragraphs
 train_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Train one model, without Ray.")
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Fetch datasets.")
 app.add_typer(train_app, name="train")

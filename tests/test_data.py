@@ -112,6 +112,8 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
     for pixels, x in zip(arrays["t10k"][0], data.x_test, strict=True):
         assert torch.equal(how(Image.fromarray(pixels.astype(np.uint8)).convert("RGB")), x)  # any mode: read as MNIST's
         assert torch.equal(how(pixels[None]), x)
+    with pytest.raises(ValueError, match=r"^got an array of shape \(28, 28\); give a PIL image, or 1 x H x W pixels"):
+        how(arrays["t10k"][0][0])  # no channel: it would be normalised along the wrong axis
     generated, features = make_dataset(get_dataset_args()), load("mnist1d", val_fraction=0)
     how = Preprocessing.from_dict(features.preprocessing.as_dict())
     assert how.mode is None and how.max_value == 1 and how.mean[0] != 0

@@ -479,3 +479,21 @@ def test_constraints_no_proposal_met_are_bad_input_not_success():
                                                         "trained; loosen them")
     trained = pd.concat([skipped, pd.DataFrame({"trial_id": ["a"], "status": ["TERMINATED"]})])
     assert outcome(trained) == (ExitCode.OK, None)
+
+
+def test_resume_forgets_the_decisions_tune_held_for_the_last_drivers_actors_and_nothing_else(tmp_path):
+    """Ray saves a stop it held until a trial's save resolved, and applies it after a restore to the
+    restarted trial's first save (a retried trial stopped after one epoch, in CI)."""
+    folder = SearchFolder(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    state = tmp_path / "run" / "experiment_state-2026-12-06_10-00-00.json"
+    runner = {"_cached_trial_decisions": {}, "_queued_trial_decisions": {}, "_iteration": 7, "_stopper": {"_type": "CLOUDPICKLE_FALLBACK"}}
+    saved = {"trial_data": [["{}", "{}"]], "runner_data": runner, "stats": {"start_time": 1.5}}
+    state.write_text(json.dumps(saved))
+    before = state.stat().st_mtime_ns, state.read_bytes()
+    folder.forget_pending_decisions()
+    assert (state.stat().st_mtime_ns, state.read_bytes()) == before  # nothing to forget: not rewritten
+    state.write_text(json.dumps({**saved, "runner_data": {**runner, "_cached_trial_decisions": {"a1": "STOP"},
+                                                           "_queued_trial_decisions": {"b2": "PAUSE"}}}))
+    folder.forget_pending_decisions()
+    assert json.loads(state.read_text()) == saved

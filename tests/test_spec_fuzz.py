@@ -109,7 +109,7 @@ def train_one_batch(spec: SearchSpec) -> bool:
     if settings.batch_size > 256 or getattr(settings, "dim", None) and settings.dim > 256:
         return False
     settings = settings.model_copy(update={"epochs": 1, "compile": False})  # compiling takes a minute on 2 cores
-    data = load("synthetic", train_subset=settings.batch_size, test_subset=64).with_resolution(settings.resolution)
+    data = load("synthetic", train_subset=settings.batch_size, test_subset=64, val_fraction=0).with_resolution(settings.resolution)
     torch.manual_seed(settings.seed)
     model = build_model(settings, data)
     if costs_of(model, data).unique_params > 2_000_000:

@@ -188,7 +188,7 @@ def test_a_checkpoint_from_before_preprocessing_was_recorded_exports_resumes_and
     export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
     x = data.sample_inputs(4)
     torch.testing.assert_close(load_exported(tmp_path / "model.pt")(x), deployed(model).eval()(x))
-    with pytest.raises(ValueError, match=r"model.pt: its trial did not record its preprocessing \(an older sharetune's"):
+    with pytest.raises(ValueError, match=r"model.pt: its trial did not record its preprocessing \(a checkpoint an older sharetune wrote"):
         load_preprocessing(tmp_path / "model.pt")
 
 

@@ -52,9 +52,17 @@ class Preprocessing:
         return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
 
     def __call__(self, raw: Any) -> Tensor:
-        """One example as the model reads it (no batch dimension): a PIL image, or a tensor or array of
-        raw values as the dataset holds them (channels first for images)."""
-        if self.mode is not None and not isinstance(raw, (Tensor, np.ndarray)):
+        """One example as the model reads it (no batch dimension). An image: a PIL image (of the data's
+        size where nothing is resized: 28 x 28 for MNIST), or, where nothing is resized, its 8-bit pixels
+        channels first (C x H x W). Features: their values as they are. ValueError for pixels in
+        another layout, which would be normalised along the wrong axis."""
+        if self.mode is not None and isinstance(raw, (Tensor, np.ndarray)):
+            shape, channels = tuple(raw.shape), len(self.mean)
+            if self.resize is not None or self.crop is not None or len(shape) != 3 or shape[0] != channels:
+                raise ValueError(f"got an array of shape {shape}; give a PIL image"
+                                 + ("" if self.resize is not None or self.crop is not None else
+                                    f", or {channels} x H x W pixels (channels first)"))
+        elif self.mode is not None:
             from torchvision.transforms import InterpolationMode
             from torchvision.transforms import functional as F
 

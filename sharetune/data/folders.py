@@ -135,10 +135,8 @@ class ImageFolderData:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """timm's evaluation transform, which val and test images go through, as plain values."""
-        from timm.data import create_transform
-
-        resize, crop, _, normalise = create_transform(self.img_size, is_training=False).transforms
+        """The evaluation transform, which val and test images go through, as plain values."""
+        resize, crop, _, normalise = self._transform(None).transforms
         return Preprocessing(tuple(normalise.mean.tolist()), tuple(normalise.std.tolist()), mode="RGB", resize=resize.size,
                              crop=crop.size[0], interpolation=resize.interpolation.value)
 
@@ -162,11 +160,8 @@ class ImageFolderData:
     def _loader(self, split: str, batch_size: int, device: torch.device, workers: int, augment: Augment | None) -> DataLoader:
         key = (split, batch_size, str(device), workers, augment)
         if key not in self._cache:
-            from timm.data import create_transform
-
             training = augment is not None
-            transform = create_transform(self.img_size, is_training=training, **(
-                {"auto_augment": augment.randaugment, "re_prob": augment.random_erasing, "re_mode": "pixel"} if training else {}))
+            transform = self._transform(augment)
             files = self._lists()[split]
             workers = self.workers if self.workers is not None else workers
             if training:
@@ -178,6 +173,13 @@ class ImageFolderData:
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             )
         return self._cache[key]
+
+    def _transform(self, augment: Augment | None):
+        """timm's transform: training's with `augment`, else evaluation's (resize, centre crop, normalise)."""
+        from timm.data import create_transform
+
+        return create_transform(self.img_size, is_training=augment is not None, **(
+            {"auto_augment": augment.randaugment, "re_prob": augment.random_erasing, "re_mode": "pixel"} if augment is not None else {}))
 
     def _stream(self, loader: DataLoader, split: str, device: torch.device, *,
                 every_step: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

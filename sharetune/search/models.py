@@ -24,7 +24,7 @@ from sharetune.search.export import SearchExport
 from sharetune.search.report import TRAINED
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec
-from sharetune.trainables import load_exported
+from sharetune.trainables import load_exported, read_exported
 
 MODEL_NAME = "model"  # the artifact path inside the child run: runs:/<run id>/model
 # in the model's MLmodel file: what its outputs mean and how raw examples become its inputs
@@ -76,7 +76,7 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
             except ValueError as err:
                 missing.append(str(err).removeprefix("--trial: "))
                 continue
-            model, record = load_exported(path), torch.load(path, weights_only=True)
+            model, record = load_exported(path), read_exported(path)
             example = torch.zeros(2, *record["input_shape"])
             with torch.no_grad():
                 output = model(example).numpy()

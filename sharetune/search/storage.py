@@ -318,15 +318,18 @@ class SearchFolder(str):
         pause). Ray 2.60 keeps them in its saved state and, after a restore, applies them when the
         restarted trial's first checkpoint is saved: a failed trial that `resume` retried was stopped
         after one epoch and counted as cut short, exit 0. Those actors are gone; a scheduler decides again."""
-        states = self._tune_states()
+        newest = self._tune_states()[-1]
         filesystem, _ = self._filesystem()
-        with filesystem.open_input_stream(states[-1]) as stream:
-            saved = json.loads(stream.read())
-        runner = saved["runner_data"]
-        if runner.get("_cached_trial_decisions") or runner.get("_queued_trial_decisions"):
-            runner.update(_cached_trial_decisions={}, _queued_trial_decisions={})
-            with filesystem.open_output_stream(states[-1]) as stream:
-                stream.write(json.dumps(saved).encode())
+        try:
+            with filesystem.open_input_stream(newest) as stream:
+                saved = json.loads(stream.read())
+            runner = saved.get("runner_data")
+            if isinstance(runner, dict) and (runner.get("_cached_trial_decisions") or runner.get("_queued_trial_decisions")):
+                runner.update(_cached_trial_decisions={}, _queued_trial_decisions={})
+                with filesystem.open_output_stream(newest) as stream:  # whole: the old file stays until it is written
+                    stream.write(json.dumps(saved).encode())
+        except OSError as err:  # (tune_trial_ids read this file as JSON already)
+            raise StateError(f"{self}: Tune's state {newest.rpartition('/')[2]} cannot be updated ({first_line(err)})") from None
 
     def _damaged(self, path: str) -> StateError:
         return StateError(f"{self}: Tune's state {path.rpartition('/')[2]} is damaged and cannot be restored; "

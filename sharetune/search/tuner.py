@@ -249,7 +249,6 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     data = load_data(spec)
     start_ray(spec, address)
     pretrained = _pretrained(spec, data, folder)
-    folder.forget_pending_decisions()
     try:
         filesystem, path = filesystem_and_path(folder)
         tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),
@@ -257,6 +256,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
         raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
                          f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
+    folder.forget_pending_decisions()  # Tune reads its state when the search starts again (fit), not before
     remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
     limited = spec.budget.time_limit_s is not None
     trained = epochs_trained(folder) if limited else None

@@ -49,7 +49,7 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
         raise OSError(f"cannot be written ({getattr(err, 'strerror', None) or first_line(err)})") from None
 
 
-def _read_exported(path: str | Path) -> dict:
+def read_exported(path: str | Path) -> dict:
     """What `sharetune export` wrote to `path`. ValueError for any other file: one that is no torch file,
     or that holds objects (torch's refusal would suggest loading them as code)."""
     refusal = ValueError(f"{path}: not a model written by `sharetune export` ({EXPORT_FORMAT})")
@@ -65,7 +65,7 @@ def _read_exported(path: str | Path) -> dict:
 def load_exported(path: str | Path) -> nn.Module:
     """The model `sharetune export` wrote, on the CPU in eval mode; it reads what `load_preprocessing`
     makes of raw examples."""
-    saved = _read_exported(path)
+    saved = read_exported(path)
     model = deployed(rebuild(trial_settings(saved["config"]), saved))
     model.load_state_dict(saved["state_dict"])
     return model.eval()
@@ -74,8 +74,8 @@ def load_exported(path: str | Path) -> nn.Module:
 def load_preprocessing(path: str | Path) -> Preprocessing:
     """How the model `sharetune export` wrote wants its inputs: call it on a PIL image (or raw values)
     for one input. ValueError where its trial's checkpoint, written by an older sharetune, recorded none."""
-    record = _read_exported(path).get("preprocessing")
+    record = read_exported(path).get("preprocessing")
     if record is None:
-        raise ValueError(f"{path}: its trial did not record its preprocessing (an older sharetune's checkpoint, "
-                         "or data made in memory)")
+        raise ValueError(f"{path}: its trial did not record its preprocessing (a checkpoint an older sharetune "
+                         "wrote, or data built in memory rather than by sharetune.data.load)")
     return Preprocessing.from_dict(record)
