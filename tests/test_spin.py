@@ -54,6 +54,7 @@ def test_uneven_rate_spreads_the_layers_evenly_over_its_entries():
     [
         (lambda: SharingPlan.from_topology(8, 0.5), "share_rate: must be between 1 and the depth"),
         (lambda: SharingPlan.from_topology(8, 9), "share_rate: must be between 1 and the depth"),
+        (lambda: create_model("convmixer", dim=8, depth=4, sharing={"mapping": "strided"}), "sharing: needs share_rate"),
         (lambda: SharingPlan.from_topology(8, 2, "zigzag"), "mapping: unknown value 'zigzag'; allowed: sequential"),
         (lambda: SharingPlan.from_topology(8, 2, distribution="edges"), "distribution: unknown value 'edges'"),
         (lambda: SharingPlan.from_notation("4 by 2"), "not N x S notation"),

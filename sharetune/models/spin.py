@@ -156,6 +156,8 @@ def make_plan(depth: int, spec: "SharingPlan | str | Sequence[int] | dict") -> S
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"sharing: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        if "share_rate" not in spec:
+            raise ValueError("sharing: needs share_rate (layers per bank entry)")
         plan = SharingPlan.from_topology(depth, **spec)
     else:
         plan = SharingPlan.from_ids(list(spec))
