@@ -49,7 +49,7 @@ def _show_version(asked: bool) -> None:
 
 @app.callback()
 def _options(
-    show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+    show_version: bool = typer.Option(False, "--version", "-V", callback=_show_version, is_eager=True,
                                       help="Print sharetune's version and exit."),
 ) -> None:
     """Search how neural networks share their weights."""
@@ -440,7 +440,8 @@ def list_searches(
         fail(f"--storage: {err}")
     except OSError as err:  # an object store that did not answer
         fail(f"--storage: {first_line(err)}")
-    typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches else "no searches yet")
+    typer.echo(pd.DataFrame(table_rows(searches)).to_string(index=False) if searches
+               else f"no searches yet under {storage or DEFAULT_STORAGE} (--storage, $SHARETUNE_STORAGE)")
     for search in searches:
         if search.damaged:
             typer.echo(f"damaged: {search.damaged}")
@@ -484,8 +485,9 @@ def _finish(result: Search, report_dir: Path) -> None:
 
         logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
         objectives = ", ".join(f"{name} {mode}" for name, mode in result.spec.objectives.items())
-        typer.echo(f"MLflow models: {len(logged)} trial{'' if len(logged) == 1 else 's'} on the front of the objectives ({objectives}), "
-                   "each as runs:/<its run>/model")
+        typer.echo(f"MLflow models: {len(logged)} trial{'' if len(logged) == 1 else 's'} on the front of the objectives ({objectives}):")
+        for trial_id, model_uri in logged.items():
+            typer.echo(f"  trial {trial_id}: {model_uri}  (mlflow.pytorch.load_model)")
         for why in missing:
             typer.echo(f"not logged as a model: {why}")
     if result.note is not None:

@@ -114,6 +114,12 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
         assert torch.equal(how(pixels[None]), x)
     with pytest.raises(ValueError, match=r"^got an array of shape \(28, 28\); give a PIL image, or 1 x H x W pixels"):
         how(arrays["t10k"][0][0])  # no channel: it would be normalised along the wrong axis
+    with pytest.raises(ValueError, match=r"^got float32 values; give the 8-bit pixels \(0 to 255\)"):
+        how(data.x_test[0] * 0.3081 + 0.1307)  # already scaled (torchvision's to_tensor): it would be scaled twice
+    with pytest.raises(ValueError, match=r"^got a 64 x 48 image; the model takes 28 x 28 \(resize it first\)$"):
+        how(Image.fromarray(np.zeros((64, 48), np.uint8)))
+    Image.fromarray(arrays["t10k"][0][0].astype(np.uint8)).save(tmp_path / "digit.png")
+    assert torch.equal(how(tmp_path / "digit.png"), data.x_test[0]) and torch.equal(how(str(tmp_path / "digit.png")), data.x_test[0])
     generated, features = make_dataset(get_dataset_args()), load("mnist1d", val_fraction=0)
     how = Preprocessing.from_dict(features.preprocessing.as_dict())
     assert how.mode is None and how.max_value == 1 and how.mean[0] != 0

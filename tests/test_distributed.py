@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import mlflow.pytorch
@@ -60,10 +61,12 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     # it scores on the test split what the trial reported last
     parsed = parse_spec(spec)
     data = tuner.load_data(parsed)
-    assert "MLflow models: 1 trial on the front of the objectives (test_accuracy max)" in resumed.stdout and "not logged as a model" not in resumed.stdout
+    assert "MLflow models: 1 trial on the front of the objectives (test_accuracy max):\n  trial " in resumed.stdout and "not logged as a model" not in resumed.stdout
     (child,) = parent_and_child_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]), spec["name"])[1]
+    (printed,) = re.findall(rf"^  trial {child.data.tags['sharetune.trial_id']}: (\S+)  \(mlflow.pytorch.load_model\)$",
+                            resumed.stdout, re.MULTILINE)
     with tracking_at(env["MLFLOW_TRACKING_URI"]):  # as the CLI's line says to load it
-        model = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
+        model = mlflow.pytorch.load_model(printed)
     assert evaluate(model, data.eval_batches("test", torch.device("cpu"))) == reported[-1]["test_accuracy"]
 
     # the first epochs are what one process trains on the same data and seed (the all-reduce sums in

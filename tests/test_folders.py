@@ -56,7 +56,7 @@ def test_the_recorded_preprocessing_makes_from_an_image_file_exactly_what_evalua
     file, at another size than the trial's, into the tensor the trial evaluated."""
     data = load("imagefolder", image_folder(tmp_path, size=23), img_size=16)
     how = Preprocessing.from_dict(data.preprocessing.as_dict())
-    assert (how.mode, how.resize, how.crop, how.interpolation) == ("RGB", 18, 16, "bilinear")  # timm's crop_pct 0.875
+    assert (how.mode, how.resize, how.crop, how.interpolation, how.size) == ("RGB", 18, 16, "bilinear", (16, 16))  # crop_pct 0.875
     assert how.mean == pytest.approx((0.485, 0.456, 0.406)) and how.std == pytest.approx((0.229, 0.224, 0.225))
     evaluated = torch.cat([x for x, _ in data.eval_batches("test", CPU)])
     files = [path for path, _ in data._lists()["test"]]

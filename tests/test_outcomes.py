@@ -126,7 +126,7 @@ def test_list_before_any_search_says_so(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # no results/ yet: the default storage is not an error
     listed = CliRunner().invoke(app, ["list"])
-    assert listed.exit_code == 0 and listed.output == "no searches yet\n", listed.output
+    assert listed.exit_code == 0 and listed.output == "no searches yet under results (--storage, $SHARETUNE_STORAGE)\n", listed.output
     listed = CliRunner().invoke(app, ["list", "--storage", str(tmp_path / "nowhere")])  # one given must be there
     assert listed.exit_code == 2 and "--storage: no folder" in listed.output
 

@@ -112,14 +112,14 @@ def test_front_trials_are_mlflow_models_that_predict_as_the_trials_do(finished):
     before = os.environ.get("MLFLOW_TRACKING_URI")
     uris, missing = log_front_models(SearchFolder(result.folder), spec, trials, result.mlflow_uri,
                                      trial_runs(result.mlflow_uri, parent_id))
-    assert 0 < len(uris) == len(front) < len(trained) and missing == []
+    assert 0 < len(uris) == len(front) < len(trained) and list(uris) == front and missing == []
     again = log_front_models(SearchFolder(result.folder), spec, trials, result.mlflow_uri, trial_runs(result.mlflow_uri, parent_id))
     assert again == (uris, [])  # as `resume` of a finished search calls it: nothing logged twice
     experiment = MlflowClient(result.mlflow_uri).get_experiment_by_name("tiny").experiment_id
     assert len(MlflowClient(result.mlflow_uri).search_logged_models(experiment_ids=[experiment])) == len(front)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before  # none left for later subprocesses to inherit (seen in CI)
     x = torch.randn(5, 1, 8, 8)
-    for trial_id, uri in zip(front, uris):
+    for trial_id, uri in uris.items():
         export(SearchFolder(result.folder), trial_id, tmp / f"{trial_id}.pt")
         expected = load_exported(tmp / f"{trial_id}.pt")(x)
         with tracking_at(result.mlflow_uri):

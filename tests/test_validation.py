@@ -278,8 +278,9 @@ def test_the_cli_tells_its_version_and_its_help_reads_in_sentences():
 
     from sharetune.cli import app
 
-    done = CliRunner().invoke(app, ["--version"])
-    assert done.exit_code == 0 and done.output == f"sharetune {version('sharetune')}\n"
+    for flag in ("--version", "-V"):
+        done = CliRunner().invoke(app, [flag])
+        assert done.exit_code == 0 and done.output == f"sharetune {version('sharetune')}\n"
     shown = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output
     assert "Write a trial's deployable model (fused layers folded), settings and input preprocessing to one torch file; load" in shown
 

@@ -9,6 +9,7 @@ data-parallel trial (`shard`) each take their part of the same batches.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import PurePath
 from typing import Any, Iterator, Protocol
 
 import numpy as np
@@ -32,8 +33,9 @@ PIXEL_MAX = 255.0  # an 8-bit pixel's largest value
 class Preprocessing:
     """How a raw example becomes what a model trained on this data reads, as plain values that an
     exported model carries (a model is useless to someone who cannot feed it what it trained on).
-    An image (`mode`: the PIL mode it is converted to) has its shorter side resized to `resize` and its
-    centre cropped to `crop` where they are given; then every value is divided by `max_value` (255:
+    An image (`mode`: the PIL mode it is converted to, so an RGB image of a digit reads as MNIST's
+    grey) has its shorter side resized to `resize` and its centre cropped to `crop` where they are
+    given, and must then be `size` (height, width); every value is divided by `max_value` (255:
     8-bit pixels to [0, 1]) and normalised per channel by `mean` and `std`."""
 
     mean: tuple[float, ...]
@@ -43,35 +45,48 @@ class Preprocessing:
     resize: int | None = None
     crop: int | None = None
     interpolation: str = "bilinear"
+    size: tuple[int, int] | None = None  # an image's (height, width) as the model takes it
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "size": self.size and list(self.size)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "Preprocessing":
-        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"])})
+        size = values.get("size")
+        return cls(**{**values, "mean": tuple(values["mean"]), "std": tuple(values["std"]), "size": size and tuple(size)})
 
     def __call__(self, raw: Any) -> Tensor:
-        """One example as the model reads it (no batch dimension). An image: a PIL image (of the data's
-        size where nothing is resized: 28 x 28 for MNIST), or, where nothing is resized, its 8-bit pixels
-        channels first (C x H x W). Features: their values as they are. ValueError for pixels in
-        another layout, which would be normalised along the wrong axis."""
+        """One example as the model reads it (no batch dimension). An image: a PIL image or its file's
+        path, or, where nothing is resized, its 8-bit pixels channels first (C x H x W). Features: their
+        values as they are. ValueError for pixels in another layout or already scaled (they would be
+        normalised wrongly, and the model would answer nonsense) and for an image of another size."""
         if self.mode is not None and isinstance(raw, (Tensor, np.ndarray)):
             shape, channels = tuple(raw.shape), len(self.mean)
             if self.resize is not None or self.crop is not None or len(shape) != 3 or shape[0] != channels:
                 raise ValueError(f"got an array of shape {shape}; give a PIL image"
                                  + ("" if self.resize is not None or self.crop is not None else
                                     f", or {channels} x H x W pixels (channels first)"))
+            if torch.as_tensor(raw).is_floating_point():
+                raise ValueError(f"got {str(raw.dtype).removeprefix('torch.')} values; give the 8-bit pixels (0 to {self.max_value:g}), which this "
+                                 "preprocessing scales itself")
         elif self.mode is not None:
+            from PIL import Image
             from torchvision.transforms import InterpolationMode
             from torchvision.transforms import functional as F
 
-            image = raw.convert(self.mode)
+            if isinstance(raw, (str, PurePath)):
+                with Image.open(raw) as opened:
+                    image = opened.convert(self.mode)
+            else:
+                image = raw.convert(self.mode)
             if self.resize is not None:
                 image = F.resize(image, self.resize, InterpolationMode(self.interpolation))
             if self.crop is not None:
                 image = F.center_crop(image, self.crop)
             raw = F.pil_to_tensor(image)
+        if self.size is not None and self.mode is not None and tuple(raw.shape[-2:]) != self.size:
+            raise ValueError(f"got a {raw.shape[-2]} x {raw.shape[-1]} image; the model takes {self.size[0]} x "
+                             f"{self.size[1]} (resize it first)")
         values = torch.as_tensor(raw).to(torch.float32) / self.max_value
         shape = (-1, *[1] * (values.dim() - 1)) if len(self.mean) > 1 else (1,)
         return (values - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)

@@ -233,7 +233,7 @@ def _normalise(name: str, x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tens
     whose pixels `_images` divided by PIXEL_MAX), and that preprocessing as the exported models record it."""
     if name in _STATS:
         mean, std = _STATS[name]
-        how = Preprocessing(mean, std, mode={1: "L", 3: "RGB"}[x_train.shape[1]])
+        how = Preprocessing(mean, std, mode={1: "L", 3: "RGB"}[x_train.shape[1]], size=tuple(x_train.shape[2:]))
     else:  # computed on the training split only, so test data never leaks into it
         how = Preprocessing((x_train.mean().item(),), (x_train.std().item(),), max_value=1.0)
     shape = (1, -1, *[1] * (x_train.dim() - 2))

@@ -138,7 +138,7 @@ class ImageFolderData:
         """The evaluation transform, which val and test images go through, as plain values."""
         resize, crop, _, normalise = self._transform(None).transforms
         return Preprocessing(tuple(normalise.mean.tolist()), tuple(normalise.std.tolist()), mode="RGB", resize=resize.size,
-                             crop=crop.size[0], interpolation=resize.interpolation.value)
+                             crop=crop.size[0], interpolation=resize.interpolation.value, size=tuple(crop.size))
 
     def splits(self) -> tuple[str, ...]:
         return ("val", "test") if self.val_fraction else ("test",)

@@ -56,11 +56,11 @@ def tracking_at(uri: str) -> Iterator[None]:
 
 
 def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFrame, uri: str,
-                     runs: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Log each front trial's model into its child run (`runs`: trial id -> run id). Returns the model
-    URIs, and a line for each front trial without a model to log (it saved no checkpoint)."""
+                     runs: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Log each front trial's model into its child run (`runs`: trial id -> run id). Returns each logged
+    trial's model URI, and a line for each front trial without a model to log (it saved no checkpoint)."""
     requirements = [f"torch=={version('torch')}", f"timm=={version('timm')}", f"sharetune=={version('sharetune')}"]
-    logged, missing = [], []
+    logged, missing = {}, []
     export, client = SearchExport(folder), MlflowClient(uri)
     with tempfile.TemporaryDirectory() as scratch, tracking_at(uri):
         for trial_id in front_trials(trials, spec):
@@ -68,7 +68,7 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
                 continue
             earlier = client.get_run(runs[trial_id]).data.tags.get(MODEL_TAG)  # a resumed search's finished trial
             if earlier is not None:
-                logged.append(earlier)
+                logged[trial_id] = earlier
                 continue
             path = Path(scratch) / f"{trial_id}.pt"
             try:
@@ -86,5 +86,5 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
                                                 metadata={key: record.get(key) for key in MODEL_METADATA},
                                                 serialization_format="pickle")  # ArbNet's table kernels do not trace
             client.set_tag(runs[trial_id], MODEL_TAG, info.model_uri)
-            logged.append(info.model_uri)
+            logged[trial_id] = info.model_uri
     return logged, missing
