@@ -343,7 +343,7 @@ def _store(mlflow_uri: str | None) -> str:
 
 @app.command("report")
 def report(
-    source: str = typer.Argument(..., help="a search folder or an MLflow experiment name"),
+    source: str = typer.Argument(..., help="a search folder, or an MLflow experiment name (its newest search)"),
     out: Optional[Path] = typer.Option(None, help="output folder (default: reports/NAME)"),
     mlflow_uri: Optional[str] = typer.Option(None, "--mlflow-uri", help="the store holding the experiment (a search folder names its own)"),
 ) -> None:
@@ -356,23 +356,27 @@ def report(
     from sharetune.search.storage import StateError
 
     folder = SearchFolder(source)
-    out = out or REPORTS / source.rstrip("/").rpartition("/")[2]
     try:
-        check_folder("--out", out)
-        if folder.is_search() or "/" in source or Path(source).exists():  # no experiment name has a slash
-            spec = folder.spec()  # one that is no search folder: FileNotFoundError, naming it
-            trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
-            title = reports.search_title(spec.name, spec.data.name)
-            uri, parent = _parent_if_stored(folder)
-        else:
+        named = not (folder.is_search() or "/" in source or Path(source).exists())  # no experiment name has a slash
+        if named:
             uri = _store(mlflow_uri)
             check_store_exists(uri)
-            trials, parent = reports.trials_from_mlflow(source, uri)
-            reference, title = reports.parent_context(uri, parent)
             folders = reports.search_folders(source, uri)
             if len(folders) > 1:
                 typer.echo(f"experiment {source} holds {len(folders)} searches: this reports the newest, {folders[0]}; "
                            "give a search's folder to report another")
+            if folders and _readable_search(SearchFolder(folders[0])):  # the report `report FOLDER` writes
+                folder, named = SearchFolder(folders[0]), False
+        if named:  # its folder moved, or is on another machine: MLflow's record alone
+            trials, parent = reports.trials_from_mlflow(source, uri)
+            reference, title = reports.parent_context(uri, parent)
+        else:
+            spec = folder.spec()  # one that is no search folder: FileNotFoundError, naming it
+            trials, reference = reports.trials_from_folder(folder), spec.hypervolume_reference
+            title = reports.search_title(spec.name, spec.data.name)
+            uri, parent = _parent_if_stored(folder)
+        out = out or REPORTS / (source if named else folder.name)
+        check_folder("--out", out)
     except (ValueError, FileNotFoundError, StateError) as err:
         fail(str(err))
     except OSError as err:  # an object store that did not answer
@@ -495,6 +499,14 @@ def _finish(result: Search, report_dir: Path) -> None:
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _readable_search(folder: SearchFolder) -> bool:
+    """Whether `folder` holds a search this machine can read (an object store that does not answer: no)."""
+    try:
+        return folder.is_search()
+    except OSError:
+        return False
 
 
 def _parent_if_stored(folder: SearchFolder) -> tuple[str, str | None]:

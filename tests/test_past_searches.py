@@ -129,6 +129,10 @@ def test_list_shows_each_past_search_newest_first(searches):
     reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", store, "--out", str(root / "tiny-report")])
     assert reported.exit_code == 0 and reported.output.startswith(
         f"experiment tiny holds 2 searches: this reports the newest, {arbnet.folder}; give a search's folder to report another\n"), reported.output
+    # from its folder, which this machine reads: the very report `report FOLDER` writes
+    assert CliRunner().invoke(app, ["report", arbnet.folder, "--out", str(root / "folder-report")]).exit_code == 0
+    assert sorted(p.name for p in (root / "tiny-report").iterdir()) == sorted(p.name for p in (root / "folder-report").iterdir())
+    assert (root / "tiny-report" / "trials.csv").read_text() == (root / "folder-report" / "trials.csv").read_text()
     client.create_run(client.create_experiment("empty"), tags={"sharetune.search_path": str(root / "results" / "empty")})
     reported = CliRunner().invoke(app, ["report", "empty", "--mlflow-uri", store, "--out", str(root / "empty-report")])
     assert (reported.exit_code, reported.output) == (
