@@ -92,6 +92,7 @@ DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when available)")
 AS_JSON = typer.Option(False, "--json", help="print the final metrics as JSON only")
 TRAIN_SUBSET = typer.Option(None, "--train-subset", min=1, help="train on the first N examples (a laptop-sized run)")
 TEST_SUBSET = typer.Option(None, "--test-subset", min=1, help="test on the first N examples")
+OUT = typer.Option(None, "--out", help="also write the trained model to this file, as `sharetune export` does")
 
 
 @train_app.command("arbnet")
@@ -106,12 +107,12 @@ def train_arbnet(
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
     train_subset: Optional[int] = TRAIN_SUBSET, test_subset: Optional[int] = TEST_SUBSET, device: Optional[str] = DEVICE,
-    as_json: bool = AS_JSON,
+    as_json: bool = AS_JSON, out: Optional[Path] = OUT,
 ) -> None:
     """Train the paper's ArbNet MLP once and print its metrics (the settings and builder a search trial uses)."""
     options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
                "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe, "seed": seed}
-    _train_one("arbnet", options, dataset, data_dir, (train_subset, test_subset), device, as_json)
+    _train_one("arbnet", options, dataset, data_dir, (train_subset, test_subset), device, as_json, out)
 
 
 @train_app.command("spin")
@@ -131,7 +132,7 @@ def train_spin(
     epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH_SIZE, lr: Optional[float] = LR,
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
     train_subset: Optional[int] = TRAIN_SUBSET, test_subset: Optional[int] = TEST_SUBSET, device: Optional[str] = DEVICE,
-    as_json: bool = AS_JSON,
+    as_json: bool = AS_JSON, out: Optional[Path] = OUT,
 ) -> None:
     """Train one SPIN model (shared, transformed or fused) once and print its metrics, as a search trial would."""
     options = {"model": model, "dim": dim, "depth": depth, "patch_size": patch_size, "kernel_size": kernel_size,
@@ -139,22 +140,27 @@ def train_spin(
                "components": components, "transform_groups": transform_groups, "fusion": fusion,
                "pretrain_epochs": pretrain_epochs, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe,
                "seed": seed}
-    _train_one("spin", options, dataset, data_dir, (train_subset, test_subset), device, as_json)
+    _train_one("spin", options, dataset, data_dir, (train_subset, test_subset), device, as_json, out)
 
 
 def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets: tuple[int | None, int | None],
-               device: str | None, as_json: bool) -> None:
-    """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does."""
+               device: str | None, as_json: bool, out: Path | None) -> None:
+    """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does;
+    `out`: where the trained model goes, as `sharetune export` writes a trial's."""
     from pydantic import ValidationError
 
     from sharetune.data import load
     from sharetune.metrics import TrialMetrics
+    from sharetune.search.destinations import check_out_file
     from sharetune.spaces import FAMILIES, describe_error
-    from sharetune.trainables import build_model, check_model, costs_of, pretrain
-    from sharetune.training import train_epochs
+    from sharetune.trainables import build_model, check_model, costs_of, pretrain, save_exported
+    from sharetune.trainables.build import built_for
+    from sharetune.training import TrainingState, pick_device, train_epochs
 
-    device = _device(device)
+    device = pick_device(_device(device))
     try:
+        if out is not None:
+            check_out_file(out)  # before the training it would hold
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
         # a folder decodes in as many loader processes as this machine gives the command CPUs, as a trial's in its own
         data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1],
@@ -172,8 +178,10 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     if not as_json:
         typer.echo(f"{dataset}: {family} {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters, "
                    f"{costs.macs:,} MACs; recipe {settings.recipe}")
+    model.to(device)
+    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)  # as a trial's
     try:
-        for epoch in train_epochs(model, data, settings, device=device):
+        for epoch in train_epochs(model, data, settings, device=device, state=state):
             if not as_json:
                 typer.echo(
                     f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
@@ -183,6 +191,12 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     except DataError as err:  # a folder whose images of a split are all unreadable
         fail(str(err))
     typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
+    if out is not None:
+        try:
+            save_exported(family, settings, state.evaluated(model), built_for(model, data), out)
+        except OSError as err:
+            fail(f"--out: {out}: {err}")
+        typer.echo(f"{out}: the trained model; load it with sharetune.trainables.load_exported({str(out)!r})", err=as_json)
 
 
 def _device(name: str | None) -> str | None:

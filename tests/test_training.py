@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from sharetune.cli import app
 from sharetune.data import load
 from sharetune.models.arbnet import ArbNetMLP
+from sharetune.trainables import load_exported, load_preprocessing
 from sharetune.training import Recipe, train_epochs
 
 
@@ -93,13 +94,18 @@ def test_the_recipe_decays_no_bias_norm_scale_or_token_shared_fused_or_not(kind)
     assert not [name for name in names if name.endswith(("pos_embed", "cls_token"))]  # DeiT's, as timm declares
 
 
-def test_cli_trains_one_spin_model_as_a_trial_would():
+def test_cli_trains_one_spin_model_as_a_trial_would_and_writes_it_as_export_does(tmp_path):
     args = ["train", "spin", "--dataset", "synthetic", "--dim", "16", "--depth", "4", "--patch-size", "2", "--kernel-size", "3",
-            "--share-rate", "2", "--epochs", "2", "--json"]
+            "--share-rate", "2", "--epochs", "2", "--json", "--out", str(tmp_path / "model.pt")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output.strip().splitlines()[-1])
+    metrics = json.loads(result.stdout)  # the model's line goes to stderr: stdout stays JSON
     assert metrics["epoch"] == 2 and metrics["effective_share_rate"] == pytest.approx(2164 / 1652)  # as in the search test
+    # the file holds the model evaluation measured (the spin recipe's EMA), deployed: it scores the test accuracy printed
+    model, test = load_exported(tmp_path / "model.pt"), load("synthetic")
+    with torch.no_grad():
+        assert (model(test.x_test).argmax(1) == test.y_test).float().mean().item() == pytest.approx(metrics["test_accuracy"])
+    assert load_preprocessing(tmp_path / "model.pt") == test.preprocessing
     bad = CliRunner().invoke(app, ["train", "spin", "--dataset", "synthetic", "--mapping", "diagonal"])
     assert bad.exit_code == 2 and "mapping: allowed: 'sequential', 'strided', 'pyramid', 'random' or 'cka', got 'diagonal'" in bad.output
 

@@ -18,7 +18,7 @@ from torch import nn
 from sharetune.data import Preprocessing
 from sharetune.errors import first_line
 from sharetune.models import deployed
-from sharetune.spaces import trial_settings
+from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.trainables.build import rebuild
 from sharetune.trainables.trial import BUILT_FOR, CHECKPOINT, evaluated_weights
 
@@ -39,8 +39,15 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
     settings = trial_settings(config)
     model = rebuild(settings, state[BUILT_FOR])
     model.load_state_dict(evaluated_weights(state))
-    exported = {"format": EXPORT_FORMAT, "config": {"family": config["family"], **settings.model_dump(mode="json")},
-                **state[BUILT_FOR], "state_dict": deployed(model).state_dict()}
+    save_exported(config["family"], settings, model, state[BUILT_FOR], out)
+
+
+def save_exported(family: str, settings: FamilySettings, model: nn.Module, built: dict, out: str | Path) -> None:
+    """Write `model` (as evaluation runs it: the EMA's, where the recipe keeps one) of `family` with
+    `settings`, and what it was built for (`build.built_for`), to the file `out`, deployed. OSError in
+    one line where it cannot be written; no half file stays."""
+    exported = {"format": EXPORT_FORMAT, "config": {"family": family, **settings.model_dump(mode="json")},
+                **built, "state_dict": deployed(model).state_dict()}
     try:
         torch.save(exported, out)
     except (OSError, RuntimeError) as err:  # torch's writer fails with RuntimeErrors
