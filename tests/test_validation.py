@@ -89,7 +89,8 @@ def synthetic():
      r"sampler_options: nsga2 sampler rejected"),
     (tiny_spec(fixed={"table_size": 10**12, "hidden": [16]}), r"model \(hash='uniform', table_size=1000000000000, hidden=\[16\]\): "
                                                              r"needs about .* GiB to hash its index, more than this machine's memory"),
-    (spin(patch_size=64), r"model \(.*patch_size=64.*\): fails on 16x1x8x8 inputs: .*Kernel size can't be greater"),
+    (spin(patch_size=64), r"^patch_size: 64 is larger than the 8 x 8 images the model sees; allowed: up to 8, or an img_size of at least the patch$"),
+    (spin(patch_size=None, img_size=12), r"^patch_size: 14 \(convmixer default\) is larger than the 12 x 12 images the model sees; allowed: up to 12$"),
     (spin(share_rate=100), r"model \(.*share_rate=100.0\): fails on 16x1x8x8 inputs: share_rate: must be between 1 and the depth \(4\)"),
     (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train on batches of "
                                   r"16x1x8x8 \(batch_size, then the image: img_size or data.img_size\)"),
@@ -239,7 +240,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "BADSPEC"], "error: spec: "),
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
     (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
-    (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: model (patch_size=64): fails on"),
+    (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: patch_size: 64 is larger than the 8 x 8 images"),
     (["train", "spin", "--dataset", "mnist1d", "--dim", "8", "--depth", "2"], "error: model (dim=8, depth=2): fails on 128x40 inputs: data: SPIN's models take images"),
     (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: components: none given; allowed: pointwise"),
     (["train", "spin", "--dataset", "synthetic", "--dim", "8", "--depth", "4", "--patch-size", "2", "--share-rate", "2",

@@ -34,6 +34,11 @@ class ModelEntry:
         params = inspect.signature(self.builder).parameters.values()
         return tuple(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
+    def default(self, option: str):
+        """The builder's default for `option`; None where it names none."""
+        parameter = inspect.signature(self.builder).parameters.get(option)
+        return None if parameter is None or parameter.default is parameter.empty else parameter.default
+
     def check_options(self, options: dict) -> None:
         """One clear error for an option the builder does not name (and passes to no **kwargs)."""
         params = inspect.signature(self.builder).parameters.values()

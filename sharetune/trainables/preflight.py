@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from sharetune.data import Batches
 from sharetune.errors import first_line
 from sharetune.metrics import ModelCosts
-from sharetune.models import WeightsError, load_state_dict, table_sizes
+from sharetune.models import WeightsError, get_model, load_state_dict, table_sizes
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
 from sharetune.trainables.build import arbnet_widths, build_model, build_spin, costs_of, unwrap
 from sharetune.training import Recipe
@@ -67,6 +67,8 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
     if isinstance(settings, ArbNetSettings):
         _check_bytes(_arbnet_hashing_bytes(settings, data), available, where, settings, "to hash its index")
     spin = isinstance(settings, SpinSettings)
+    if spin:
+        _check_patch(settings, data)
     layout = settings.model_copy(update={"mapping": "sequential"}) if spin else settings  # cka's groups need data
     batch = (settings.batch_size, *data.input_shape)
     try:
@@ -82,6 +84,16 @@ def check_model(settings: FamilySettings, data: Batches, memory: tuple[int, str]
         if spin else "to train"
     _check_bytes(TRAINING_COPIES * _tensor_bytes(model) + activations, available, where, settings, inputs)
     return costs
+
+
+def _check_patch(settings: SpinSettings, data: Batches) -> None:
+    """A patch larger than the image it cuts leaves nothing to convolve; torch says "padded input size"."""
+    patch = settings.patch_size or get_model(settings.model).default("patch_size")
+    side = settings.resolution or (min(data.input_shape[1:]) if len(data.input_shape) == 3 else None)
+    if patch and side and patch > side:
+        raise SpecError(f"patch_size: {patch}{'' if settings.patch_size else f' ({settings.model} default)'} is larger than "
+                        f"the {side} x {side} images the model sees; allowed: up to {side}"
+                        + ("" if settings.resolution else ", or an img_size of at least the patch"))
 
 
 def _check_bytes(needed: int, available: int, where: str, settings: FamilySettings, doing: str) -> None:
