@@ -241,6 +241,9 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
     (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
     (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: patch_size: 64 is larger than the 8 x 8 images"),
+    (["train", "spin", "--dataset", "synthetic", "--model", "deit_tiny", "--dim", "100", "--patch-size", "4"],
+     "error: model (model='deit_tiny', dim=100, patch_size=4): fails on 128x1x8x8 inputs: dim: 100 is not a multiple of "
+     "deit_tiny's 3 attention heads; allowed: multiples of 3"),
     (["train", "spin", "--dataset", "mnist1d", "--dim", "8", "--depth", "2"], "error: model (dim=8, depth=2): fails on 128x40 inputs: data: SPIN's models take images"),
     (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: components: none given; allowed: pointwise"),
     (["train", "spin", "--dataset", "synthetic", "--dim", "8", "--depth", "4", "--patch-size", "2", "--share-rate", "2",

@@ -88,6 +88,9 @@ class ConvNeXtIsotropic(nn.Module):
         return self.head(self.norm(x.mean((2, 3))))
 
 
+DEIT_HEADS = {"tiny": 3, "small": 6}  # attention heads of timm's deit_*_patch16_224 (the DeiT paper's)
+
+
 def deit(
     variant: str, dim: int | None = None, depth: int | None = None, patch_size: int = 16, img_size: int = 224,
     num_classes: int = 1000, in_chans: int = 3, **kwargs,
@@ -96,6 +99,9 @@ def deit(
     embed_dim, so every isotropic model takes the same architecture settings."""
     import timm
 
+    if dim is not None and dim % DEIT_HEADS[variant]:  # timm's own words name neither the setting nor the heads
+        heads = DEIT_HEADS[variant]
+        raise ValueError(f"dim: {dim} is not a multiple of deit_{variant}'s {heads} attention heads; allowed: multiples of {heads}")
     sizes = {k: v for k, v in {"embed_dim": dim, "depth": depth}.items() if v is not None}
     return timm.create_model(f"deit_{variant}_patch16_224", pretrained=False, patch_size=patch_size, img_size=img_size,
                              num_classes=num_classes, in_chans=in_chans, **sizes, **kwargs)
