@@ -153,8 +153,7 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     from sharetune.metrics import TrialMetrics
     from sharetune.search.destinations import check_out_file
     from sharetune.spaces import FAMILIES, describe_error
-    from sharetune.trainables import build_model, check_model, costs_of, pretrain, save_exported
-    from sharetune.trainables.build import built_for
+    from sharetune.trainables import build_model, built_for, check_model, costs_of, pretrain, save_exported
     from sharetune.training import TrainingState, pick_device, train_epochs
 
     device = pick_device(_device(device))
