@@ -222,13 +222,14 @@ def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_f
     assert unbuildable and set(trained.index) - unbuildable  # seed 0 samples both kinds
     assert set(trained.loc[list(unbuildable), "status"]) == {"ERROR"}
     assert set(trained.drop(index=list(unbuildable))["status"]) == {"TERMINATED"}
-    message = "the configuration cannot be built: AssertionError: dim should be divisible by num_heads"
+    messages = {trial_id: f"the configuration cannot be built: ValueError: dim: {trained.loc[trial_id, 'dim']} is not a "
+                          "multiple of deit_tiny's 3 attention heads; allowed: multiples of 3" for trial_id in unbuildable}
     for trial_id in unbuildable:
         failures = (Path(result.folder) / f"trial_{trial_id}" / "error.txt").read_text()
-        assert failures.count("Failure # ") == 1 and message in failures  # tried once
+        assert failures.count("Failure # ") == 1 and messages[trial_id] in failures  # tried once
     _, children = parent_and_child_runs(client, "tiny")
     errors = {c.data.tags["sharetune.trial_id"]: c.data.tags.get("error") for c in children if c.info.status == "FAILED"}
-    assert errors.keys() == unbuildable and all(error.endswith(message) for error in errors.values())
+    assert errors.keys() == unbuildable and all(errors[trial_id].endswith(messages[trial_id]) for trial_id in errors)
     assert trained["error"].dropna().to_dict() == errors  # in the report, from the folder and from MLflow
     from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)
     assert from_mlflow.set_index("trial_id")["error"].dropna().to_dict() == errors
