@@ -150,7 +150,7 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
                "PATH": f"{BIN}:{os.environ['PATH']}", **STOP_AS_CTRL_C}
         env.pop("MLFLOW_TRACKING_URI", None)
         (root / "artifacts").mkdir()
-        epochs = 40  # about 13 s a trial: the second starts while the first trains, so on the second node
+        epochs = 60  # about 20 s a trial: the second starts while the first trains, so on the second node
         spec = tiny_spec(name="cluster", budget={"num_samples": 2, "max_concurrent": 2},
                          fixed={"table_size": 64, "epochs": epochs, "hidden": [1024, 1024]})
         (root / "spec.yaml").write_text(yaml.safe_dump(spec))
