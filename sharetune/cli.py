@@ -178,7 +178,7 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
         typer.echo(f"{dataset}: {family} {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters, "
                    f"{costs.macs:,} MACs; recipe {settings.recipe}")
     model.to(device)
-    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)  # as a trial's
+    state = TrainingState.for_data(model, settings, data)  # as a trial's
     try:
         for epoch in train_epochs(model, data, settings, device=device, state=state):
             if not as_json:

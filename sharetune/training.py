@@ -335,6 +335,11 @@ class TrainingState:
                                label_smoothing=recipe.label_smoothing, num_classes=num_classes)
             self.soft_loss = SoftTargetCrossEntropy()
 
+    @classmethod
+    def for_data(cls, model: nn.Module, recipe: Recipe, data: Batches) -> TrainingState:
+        """The state for training `model` on `data`: its steps per epoch (for the schedule) and classes (for MixUp)."""
+        return cls(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
+
     def loss(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's loss and logits, the forward pass in the run's precision (MixUp/CutMix mix the
         batch and soften its targets). `model`: the module, or what runs it (DDP, torch.compile)."""
@@ -446,7 +451,7 @@ def train_epochs(
     layout = torch.channels_last if channels_last(model, recipe, device) else None
     if layout is not None:
         model.to(memory_format=layout)
-    state = state or TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
+    state = state or TrainingState.for_data(model, recipe, data)
     forward = wrap(model) if wrap is not None else model
     forward = EagerFallback(forward) if recipe.compile else forward
 

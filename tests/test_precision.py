@@ -83,7 +83,7 @@ def test_fp32_runs_in_fp32_and_the_checkpoint_holds_a_scaler_state_that_loads_wi
     data = load("synthetic")
     model = ArbNetMLP(64, [16], 4, hash="uniform", table_size=50)
     dtypes = output_dtypes(model)
-    state = TrainingState(model, Recipe(epochs=1), data.steps_per_epoch(128), 4)
+    state = TrainingState.for_data(model, Recipe(epochs=1), data)
     list(train_epochs(model, data, Recipe(epochs=1), device="cpu", state=state))
     assert dtypes == {torch.float32} and state.precision == "fp32" and not state.scaler.is_enabled()
     buffer = io.BytesIO()
@@ -91,7 +91,7 @@ def test_fp32_runs_in_fp32_and_the_checkpoint_holds_a_scaler_state_that_loads_wi
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)  # tensors and plain containers only
     assert "scaler" in loaded["training"]
-    TrainingState(model, Recipe(epochs=1), data.steps_per_epoch(128), 4).load_state_dict(loaded["training"])
+    TrainingState.for_data(model, Recipe(epochs=1), data).load_state_dict(loaded["training"])
 
 
 @CUDA
@@ -99,13 +99,13 @@ def test_fp16_on_cuda_scales_the_loss_and_the_scaler_resumes_from_the_checkpoint
     data = load("synthetic")
     model = tiny_convnext().cuda()
     recipe = Recipe(recipe="spin", epochs=2, batch_size=32, precision="fp16", mixup=0, cutmix=0)
-    state = TrainingState(model, recipe, data.steps_per_epoch(32), 4)
+    state = TrainingState.for_data(model, recipe, data)
     results = list(train_epochs(model, data, recipe, device="cuda", state=state))
     assert state.scaler.is_enabled() and results[-1].test_accuracy > 0.5
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
     buffer.seek(0)
-    restored = TrainingState(model, recipe, data.steps_per_epoch(32), 4)
+    restored = TrainingState.for_data(model, recipe, data)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.scaler.get_scale() == state.scaler.get_scale()
 
@@ -115,8 +115,7 @@ def test_a_step_the_gradient_scaler_skips_moves_neither_the_schedule_nor_the_upd
     gradient stands in for it: each step is skipped and the scale halves."""
     data = load("synthetic")
     model = tiny_convnext()
-    state = TrainingState(model, Recipe(recipe="spin", epochs=2, batch_size=64, mixup=0, cutmix=0),
-                          data.steps_per_epoch(64), 4)
+    state = TrainingState.for_data(model, Recipe(recipe="spin", epochs=2, batch_size=64, mixup=0, cutmix=0), data)
     largest = torch.finfo(torch.float32).max
     state.scaler = torch.amp.GradScaler("cpu", init_scale=largest)  # the scaled loss is infinite
     before = [p.detach().clone() for p in model.parameters()], state.lr

@@ -272,7 +272,7 @@ def test_every_spin_preset_runs_offline_at_its_reduced_scale(name, mnist_root):
     assert settings.recipe == "spin"
     data = data.with_resolution(settings.resolution)
     model = build_model(settings, data, pretrain(settings, data) if settings.needs_pretrained() else None)
-    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    state = TrainingState.for_data(model, settings, data)
     x, y = next(data.train_batches(0, 16, 0, torch.device("cpu")))
     loss, _ = state.loss(model, x, y)
     state.step(model, loss)

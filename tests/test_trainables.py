@@ -152,7 +152,7 @@ def test_every_model_kind_exports_the_model_its_metrics_measured(kind, tmp_path)
     data = load("synthetic", train_subset=64, test_subset=32)
     changes = {"epochs": 1, "batch_size": 16, "ema_decay": 0.5}
     settings, model = build_kind(kind, data, **changes)
-    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    state = TrainingState.for_data(model, settings, data)
     list(train_epochs(model, data, settings, device="cpu", state=state))
     checkpoint = {"model": model.state_dict(), "training": state.state_dict(), BUILT_FOR: built_for(model, data)}
     torch.save(checkpoint, tmp_path / CHECKPOINT)  # as a trial saves it

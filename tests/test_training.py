@@ -155,10 +155,10 @@ def test_a_run_repeats_from_its_seed_and_a_resumed_one_goes_on_as_if_never_stopp
     data = load("synthetic", train_subset=64, test_subset=32)
     changes = {"recipe": "spin", "epochs": 3, "batch_size": 16, "ema_decay": 0.5, "random_erasing": 0.5}
     settings, straight = build_kind(kind, data, **changes)
-    straight_state = TrainingState(straight, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    straight_state = TrainingState.for_data(straight, settings, data)
     whole = [r.loss for r in train_epochs(straight, data, settings, device="cpu", state=straight_state)]
     settings, model = build_kind(kind, data, **changes)
-    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    state = TrainingState.for_data(model, settings, data)
     first = next(train_epochs(model, data, settings, device="cpu", state=state)).loss
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "training": state.state_dict()}, saved)  # as a trial checkpoints
@@ -166,7 +166,7 @@ def test_a_run_repeats_from_its_seed_and_a_resumed_one_goes_on_as_if_never_stopp
     checkpoint = torch.load(saved, weights_only=True)
     settings, model = build_kind(kind, data, **changes)
     model.load_state_dict(checkpoint["model"])
-    state = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+    state = TrainingState.for_data(model, settings, data)
     state.load_state_dict(checkpoint["training"])
     rest = [r.loss for r in train_epochs(model, data, settings, device="cpu", state=state, start_epoch=1)]
     assert [first, *rest] == pytest.approx(whole, rel=1e-6)

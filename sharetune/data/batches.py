@@ -60,16 +60,25 @@ class Preprocessing:
         path, or, where nothing is resized, its 8-bit pixels channels first (C x H x W). Features: their
         values as they are. ValueError for pixels in another layout or already scaled (they would be
         normalised wrongly, and the model would answer nonsense) and for an image of another size."""
-        if self.mode is not None and isinstance(raw, (Tensor, np.ndarray)):
+        if self.mode is not None:
+            raw = self._pixels(raw)
+        values = torch.as_tensor(raw).to(torch.float32) / self.max_value
+        shape = (-1, *[1] * (values.dim() - 1)) if len(self.mean) > 1 else (1,)
+        return (values - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+
+    def _pixels(self, raw: Any) -> Tensor:
+        """An image's 8-bit pixels, C x H x W at the model's size: decoded, resized and cropped as recorded."""
+        if isinstance(raw, (Tensor, np.ndarray)):
             shape, channels = tuple(raw.shape), len(self.mean)
             if self.resize is not None or self.crop is not None or len(shape) != 3 or shape[0] != channels:
                 raise ValueError(f"got an array of shape {shape}; give a PIL image"
                                  + ("" if self.resize is not None or self.crop is not None else
                                     f", or {channels} x H x W pixels (channels first)"))
-            if torch.as_tensor(raw).is_floating_point():
+            pixels = torch.as_tensor(raw)
+            if pixels.is_floating_point():
                 raise ValueError(f"got {str(raw.dtype).removeprefix('torch.')} values; give the 8-bit pixels (0 to {self.max_value:g}), which this "
                                  "preprocessing scales itself")
-        elif self.mode is not None:
+        else:
             from PIL import Image
             from torchvision.transforms import InterpolationMode
             from torchvision.transforms import functional as F
@@ -83,13 +92,11 @@ class Preprocessing:
                 image = F.resize(image, self.resize, InterpolationMode(self.interpolation))
             if self.crop is not None:
                 image = F.center_crop(image, self.crop)
-            raw = F.pil_to_tensor(image)
-        if self.size is not None and self.mode is not None and tuple(raw.shape[-2:]) != self.size:
-            raise ValueError(f"got a {raw.shape[-2]} x {raw.shape[-1]} image; the model takes {self.size[0]} x "
+            pixels = F.pil_to_tensor(image)
+        if self.size is not None and tuple(pixels.shape[-2:]) != self.size:
+            raise ValueError(f"got a {pixels.shape[-2]} x {pixels.shape[-1]} image; the model takes {self.size[0]} x "
                              f"{self.size[1]} (resize it first)")
-        values = torch.as_tensor(raw).to(torch.float32) / self.max_value
-        shape = (-1, *[1] * (values.dim() - 1)) if len(self.mean) > 1 else (1,)
-        return (values - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+        return pixels
 
 
 class Batches(Protocol):

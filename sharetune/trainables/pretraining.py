@@ -41,7 +41,7 @@ def pretrain(settings: SpinSettings, data: Batches, *, device: torch.device | No
     torch.manual_seed(settings.seed)
     model = build_spin(settings, data, unshared=True).to(pick_device(device))
     recipe = settings.model_copy(update={"epochs": settings.pretrain_epochs})  # the settings refuse a warm-up past it
-    state = TrainingState(model, recipe, data.steps_per_epoch(recipe.batch_size), data.num_classes)
+    state = TrainingState.for_data(model, recipe, data)
     for epoch in train_epochs(model, data, recipe, device=device, state=state, workers=cpus or 0, wrap=wrap):
         say(f"pretraining the unshared {settings.model}: epoch {epoch.epoch}/{recipe.epochs}, loss {epoch.loss:.4f}, "
             f"test accuracy {epoch.test_accuracy:.4f}")

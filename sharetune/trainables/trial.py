@@ -110,7 +110,7 @@ def run_trial(config: dict, data: Batches, pretrained: dict | None, *, session: 
     settings, data, model, costs = built(config, data, pretrained)  # a folder decodes at the trial's resolution
     model.to(device)
     try:
-        training = TrainingState(model, settings, data.steps_per_epoch(settings.batch_size), data.num_classes)
+        training = TrainingState.for_data(model, settings, data)
     except ValueError as err:  # a precision this device lacks: every retry here would fail alike
         raise ConfigurationError(str(err)) from err
     start_epoch, history, model_input = 0, [], built_for(model, data)
