@@ -6,7 +6,6 @@ import atexit
 import json
 import os
 import signal
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -14,6 +13,7 @@ import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
 from sharetune.errors import ExitCode, first_line
+from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
@@ -24,13 +24,6 @@ if TYPE_CHECKING:
     from sharetune.search import SearchFolder
     from sharetune.search.tuner import Search
 
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as one line: Python's format adds the file, the line number and the source line."""
-    return f"{category.__name__}: {message}\n"
-
-
-warnings.formatwarning = _one_line_warning
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown")  # docstrings wrap as paragraphs
 train_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Train one model, without Ray.")
@@ -58,12 +51,6 @@ def _options(
 def default(settings: type[SpinSettings | ArbNetSettings], field: str) -> str:
     """`train`'s options default to None (unset: the settings decide); their help shows the settings' default."""
     return f"(default: {settings.model_fields[field].default})"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """One line and the exit code: 2 for bad input (sharetune.errors.ExitCode lists them all)."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @data_app.command("fetch")
@@ -590,9 +577,6 @@ def ui(
         server.wait()
 
 
-DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="the Ray dashboard, http://HEAD:8265")
-
-
 @app.command("submit")
 def submit(
     source: str = SOURCE,
@@ -628,51 +612,8 @@ def submit(
     typer.echo(f"follow it: sharetune logs {job} --follow{flag}; status: sharetune status {job}{flag}", err=True)
 
 
-@app.command("status")
-def status(job: str = typer.Argument(..., help="the id `sharetune submit` printed"), address: Optional[str] = DASHBOARD) -> None:
-    """A submitted search's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    from sharetune.search import jobs
-
-    try:
-        typer.echo(jobs.describe(jobs.status(address, job)))
-    except jobs.JobsError as err:
-        fail(str(err))
-
-
-@app.command("logs")
-def logs(
-    job: str = typer.Argument(...), address: Optional[str] = DASHBOARD,
-    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends, then exit with the search's exit code"),
-) -> None:
-    """A submitted search's output (its live progress lines included); with --follow, then the search's
-    exit code."""
-    from sharetune.search import jobs
-
-    try:
-        for chunk in jobs.logs(address, job, follow):
-            typer.echo(chunk, nl=False)
-        ended = jobs.status(address, job) if follow else None
-    except jobs.JobsError as err:
-        fail(str(err))
-    if ended is None:
-        return
-    if not ended.status.is_terminal():
-        fail(f"logs {job}: the log stream closed while the job is {ended.status.value}; follow it again")
-    code = jobs.exit_code(ended)
-    if code == ExitCode.NOT_STARTED:  # no search line ended the output: Ray's says why
-        typer.secho(jobs.describe(ended), fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-@app.command("stop")
-def stop(job: str = typer.Argument(...), address: Optional[str] = DASHBOARD) -> None:
-    """Stop a submitted search; its folder keeps what finished, so `sharetune resume` can continue it."""
-    from sharetune.search import jobs
-
-    try:
-        typer.echo("stopping" if jobs.stop(address, job) else "already ended")
-    except jobs.JobsError as err:
-        fail(str(err))
+for _name, _command in JOB_COMMANDS.items():  # status, logs, stop: `sharetune.launch` runs them without this module
+    app.command(_name)(_command)
 
 
 if __name__ == "__main__":

@@ -58,12 +58,16 @@ def test_an_unreachable_address_fails_in_one_line_well_within_a_minute(tmp_path,
 
 
 @pytest.mark.parametrize("command", [["status", "raysubmit_x"], ["logs", "raysubmit_x", "--follow"], ["stop", "raysubmit_x"]])
-def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line(tmp_path, command):
+def test_job_commands_against_an_unreachable_dashboard_answer_in_one_line_without_loading_torch(tmp_path, command):
+    """As the `sharetune` command runs them (sharetune.launch): torch, Tune and MLflow take seconds to load."""
     dashboard = f"http://127.0.0.1:{closed_port()}"
-    done = subprocess.run([sys.executable, "-m", "sharetune.cli", *command, "--address", dashboard], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "from sharetune.launch import main; main()", *command,
+                           "--address", dashboard], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
+    assert said == [f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."]
+    assert "ray.job_submission" in imported and not imported & {"torch", "ray.tune", "mlflow", "sharetune.cli"}
 
 
 def test_ctrl_c_before_tune_starts_the_trials_exits_130_with_its_line(tmp_path, monkeypatch):

@@ -1,0 +1,80 @@
+"""`sharetune status`, `logs` and `stop`: the commands on a submitted search (a Ray Job), which only
+talk to the cluster's dashboard. They load neither torch nor Tune, so they answer in about a second;
+`sharetune.launch` runs them from here, and `sharetune.cli` lists them with the other commands. The
+CLI's one-line errors (`fail`) live here, below both."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import typer
+
+from sharetune.errors import ExitCode
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line: Python's format adds the file, the line number and the source line."""
+    return f"{category.__name__}: {message}\n"
+
+
+warnings.formatwarning = _one_line_warning
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line and the exit code: 2 for bad input (sharetune.errors.ExitCode lists them all)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="the Ray dashboard, http://HEAD:8265")
+
+
+def status(job: str = typer.Argument(..., help="the id `sharetune submit` printed"), address: Optional[str] = DASHBOARD) -> None:
+    """A submitted search's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    from sharetune.search import jobs
+
+    try:
+        typer.echo(jobs.describe(jobs.status(address, job)))
+    except jobs.JobsError as err:
+        fail(str(err))
+
+
+def logs(
+    job: str = typer.Argument(...), address: Optional[str] = DASHBOARD,
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends, then exit with the search's exit code"),
+) -> None:
+    """A submitted search's output (its live progress lines included); with --follow, then the search's
+    exit code."""
+    from sharetune.search import jobs
+
+    try:
+        for chunk in jobs.logs(address, job, follow):
+            typer.echo(chunk, nl=False)
+        ended = jobs.status(address, job) if follow else None
+    except jobs.JobsError as err:
+        fail(str(err))
+    if ended is None:
+        return
+    if not ended.status.is_terminal():
+        fail(f"logs {job}: the log stream closed while the job is {ended.status.value}; follow it again")
+    code = jobs.exit_code(ended)
+    if code == ExitCode.NOT_STARTED:  # no search line ended the output: Ray's says why
+        typer.secho(jobs.describe(ended), fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def stop(job: str = typer.Argument(...), address: Optional[str] = DASHBOARD) -> None:
+    """Stop a submitted search; its folder keeps what finished, so `sharetune resume` can continue it."""
+    from sharetune.search import jobs
+
+    try:
+        typer.echo("stopping" if jobs.stop(address, job) else "already ended")
+    except jobs.JobsError as err:
+        fail(str(err))
+
+
+JOB_COMMANDS = {"status": status, "logs": logs, "stop": stop}
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown")
+for _name, _command in JOB_COMMANDS.items():
+    app.command(_name)(_command)
