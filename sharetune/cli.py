@@ -527,7 +527,7 @@ def _print_report(built, uri: str, parent: str | None) -> None:
     from sharetune.search import console
     from sharetune.search import report as reports
 
-    typer.echo(console.fronts(built), nl=False)
+    typer.echo(console.fronts(built).lstrip("\n"), nl=False)  # the blank line parts them from a search's top trials
     typer.echo(f"\nreport: {built.files[0].parent}")
     if parent is not None:
         from sharetune.search.comparison import log_comparison

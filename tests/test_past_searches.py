@@ -130,7 +130,8 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert reported.exit_code == 0 and reported.output.startswith(
         f"experiment tiny holds 2 searches: this reports the newest, {arbnet.folder}; give a search's folder to report another\n"), reported.output
     # from its folder, which this machine reads: the very report `report FOLDER` writes
-    assert CliRunner().invoke(app, ["report", arbnet.folder, "--out", str(root / "folder-report")]).exit_code == 0
+    reported = CliRunner().invoke(app, ["report", arbnet.folder, "--out", str(root / "folder-report")])
+    assert reported.exit_code == 0 and reported.output.startswith("Pareto front, "), reported.output  # no blank line first
     assert sorted(p.name for p in (root / "tiny-report").iterdir()) == sorted(p.name for p in (root / "folder-report").iterdir())
     assert (root / "tiny-report" / "trials.csv").read_text() == (root / "folder-report" / "trials.csv").read_text()
     client.create_run(client.create_experiment("empty"), tags={"sharetune.search_path": str(root / "results" / "empty")})
