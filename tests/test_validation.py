@@ -68,6 +68,9 @@ def test_a_dimension_set_to_null_is_left_out(tmp_path):
     path.write_text(yaml.safe_dump(tiny_spec(dimensions={"hash": {"choice": ["uniform", "neighborhood"]}, "radius": {"int": [0, 4]}})))
     spec = load_spec(path, ["dimensions.hash={choice: [uniform, dirichlet]}", "dimensions.radius=null"])
     assert list(spec.dimensions) == ["hash"]
+    for order in (["fixed.hash=neighborhood", "dimensions.hash=null"], ["dimensions.hash=null", "fixed.hash=neighborhood"]):
+        spec = load_spec(path, order)  # dropping the dimension keeps what is fixed, whichever comes first
+        assert spec.fixed["hash"] == "neighborhood" and "hash" not in spec.dimensions, order
 
 
 def test_a_when_that_can_hold_is_kept():

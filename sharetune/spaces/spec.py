@@ -548,7 +548,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set a.b=value` edits: the value is parsed as YAML (numbers, lists, null). A setting set as
     a dimension leaves `fixed`, and one fixed leaves `dimensions`: `--set dimensions.dim=...` searches
     what a preset fixes. Either leaves every variant too, whose value would otherwise replace it for
-    that variant's trials: `--set fixed.dim=16` makes the scaling preset's nets 16 wide."""
+    that variant's trials: `--set fixed.dim=16` makes the scaling preset's nets 16 wide. A dimension
+    set to null is only dropped: `fixed`'s value, set before or after, stays."""
     check_document(raw)
     raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
@@ -564,7 +565,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not isinstance(node, dict):
             raise SpecError(f"--set {key}: {'.'.join(parents)} is not a mapping")
         node[leaf] = load_yaml(value, f"--set {key}")
-        if len(parents) == 1 and parents[0] in MOVES:
+        dropped = parents == ["dimensions"] and node[leaf] is None  # searched no more: what is fixed stays
+        if len(parents) == 1 and parents[0] in MOVES and not dropped:
             for settings in [raw.get(MOVES[parents[0]]), *(raw.get("variants") or {}).values()]:
                 if isinstance(settings, dict):
                     settings.pop(leaf, None)
