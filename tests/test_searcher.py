@@ -2,6 +2,7 @@
 seeds. The searcher alone against real Optuna studies, then whole searches through real Ray and MLflow."""
 
 import tracemalloc
+import warnings
 
 import optuna
 import pandas as pd
@@ -77,6 +78,26 @@ def test_an_infeasible_proposal_is_never_trained_and_the_sampler_is_told_so(tmp_
     assert trial.constraints == {"unique_params": pytest.approx((512 - 100) / 100)}
     feasible = [t for t in study.trials if t.params["table_size"] != 512]
     assert all(t.constraints["unique_params"] <= 0 for t in feasible)
+
+
+@pytest.mark.parametrize("infeasible", TABLE_SIZES)
+def test_a_finite_space_ends_once_its_last_configuration_is_proposed_an_infeasible_one_too(tmp_path, infeasible):
+    """Whichever configuration the sampler proposes last, nothing is asked after it (a walk's grid search
+    logged 99 duplicates after its last, infeasible, configuration, and warned the space was exhausted)."""
+    def costs(config: dict) -> ModelCosts:
+        return table_costs({"table_size": 10_000 if config["table_size"] == infeasible else 10})
+
+    spec = table_spec(budget={"num_samples": 10}, constraints={"unique_params": {"max": 100}})
+    searcher, study = searcher_for(tmp_path, spec, costs=costs)
+    configs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "the sampler proposed 100 configurations in a row ..."
+        while (config := searcher.suggest(f"t{len(configs)}")) != ConfigurationSearcher.FINISHED:
+            configs.append(config)
+    assert sorted(c["table_size"] for c in configs) == sorted(set(TABLE_SIZES) - {infeasible})
+    proposed = [t.params["table_size"] for t in study.trials]
+    assert proposed[-1] not in proposed[:-1]  # the last question asked was a new configuration
+    assert [e["config"]["table_size"] for e in searcher.folder.skipped() if e["kind"] == "infeasible"] == [infeasible]
 
 
 def test_repeats_train_each_configuration_with_consecutive_seeds_and_tell_the_mean(tmp_path):

@@ -81,7 +81,7 @@ class ConfigurationSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not self.queue:
-            if self.started >= self.num_samples or len(self.by_params) == self.space_size:
+            if self.started >= self.num_samples:
                 return Searcher.FINISHED
             configuration = self._propose()
             if configuration is None:
@@ -101,6 +101,8 @@ class ConfigurationSearcher(Searcher):
     def _propose(self) -> Configuration | None:
         """The next configuration to train; re-proposals and infeasible ones are answered on the way."""
         for _ in range(MAX_SKIPPED_IN_A_ROW):
+            if len(self.by_params) == self.space_size:  # every configuration proposed, the last infeasible
+                return None
             trial = self.study.ask()
             config = {**self.space(trial), CONFIGURATION: trial.number}
             key = tuple(sorted(trial.params.items()))
@@ -121,7 +123,7 @@ class ConfigurationSearcher(Searcher):
             self._tell(configuration, [float(costs[m]) if m in costs else self._worst(i) for i, m in enumerate(self.objectives)])
             self._record("infeasible", config, costs=costs, violations=configuration.constraints)
         warnings.warn(f"the sampler proposed {MAX_SKIPPED_IN_A_ROW} configurations in a row that were infeasible or "
-                      f"already tried; the search ends after {self.started} configurations", stacklevel=2)
+                      f"already tried; the search ends with {self.started} configurations trained", stacklevel=2)
         return None
 
     def _worst(self, objective: int) -> float:
