@@ -69,7 +69,7 @@ def test_the_comparison_renders_every_trial_in_a_browser_from_the_mlflow_server(
     assert "Pareto front" in html and '"type":"log"' in html  # 8 to 1024 entries: a log axis
     assert '"name":"table_size ' in html and '"name":"lr ' not in html  # coloured by the spec's first dimension
     runs = trial_runs(result.mlflow_uri, parent_id)
-    assert all(run in html for run in runs.values())  # each point's hover names its MLflow run
+    assert all(run.info.run_id in html for run in runs.values())  # each point's hover names its MLflow run
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sharetune.cli", "ui", "--mlflow-uri", result.mlflow_uri, "--port",
                                str(port)], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -130,6 +130,33 @@ def test_front_trials_are_mlflow_models_that_predict_as_the_trials_do(finished):
         # what its outputs mean and how its inputs are made, for whoever loads it from the registry
         assert info.metadata == {"classes": ["0", "1", "2", "3"], "preprocessing": load_preprocessing(tmp / f"{trial_id}.pt").as_dict()}
         assert info.metadata["preprocessing"]["max_value"] == 1 and info.metadata["preprocessing"]["mode"] is None
+
+    # An interrupted search logs the front of the trials that had finished; its end (resume) logs the whole
+    # search's and deletes the models of trials that front leaves out: one model per front trial, tagged once
+    def logged_models() -> list[str]:
+        return sorted("models:/" + m.model_id for m in MlflowClient(result.mlflow_uri).search_logged_models(experiment_ids=[experiment]))
+
+    def tagged() -> dict[str, str]:
+        return {trial: run.data.tags["sharetune.model_uri"] for trial, run in trial_runs(result.mlflow_uri, parent_id).items()
+                if "sharetune.model_uri" in run.data.tags}
+
+    for finished_then in (trials[trials["trial_id"].isin(set(trained["trial_id"]) - set(front))], trials):
+        now, _ = log_front_models(SearchFolder(result.folder), spec, finished_then, result.mlflow_uri, trial_runs(result.mlflow_uri, parent_id))
+        assert now and logged_models() == sorted(now.values()) and tagged() == now
+    assert list(now) == front
+
+
+def test_with_repeated_seeds_the_front_is_of_configuration_means_and_keeps_each_ones_best_seed():
+    """What the summary ranks and the sampler was told: one configuration's lucky seed (0.9, mean 0.7) is
+    not the best configuration (0.81 and 0.79, mean 0.8)."""
+    spec = parse_spec(tiny_spec(repeats=2))
+    trials = pd.DataFrame({"trial_id": ["lucky", "unlucky", "steady1", "steady2"], "status": ["TERMINATED"] * 4,
+                           "configuration": [0, 0, 1, 1], "seed": [0, 1, 0, 1], "diverged": [0] * 4,
+                           "test_accuracy": [0.9, 0.5, 0.79, 0.81]})
+    assert front_trials(trials, spec) == ["steady2"]
+    two = parse_spec(tiny_spec(repeats=2, objectives={"test_accuracy": "max", "unique_params": "min"}))
+    costs = trials.assign(unique_params=[100, 100, 1000, 1000])  # configuration 0 is the smaller: both are on the front
+    assert front_trials(costs, two) == ["lucky", "steady2"]
 
 
 def test_spin_reports_get_the_papers_table(tmp_path):

@@ -166,6 +166,8 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     assert (trained["unique_params"] <= 500).all()
     listed = describe(result.folder)  # `sharetune list`: 4 of the 8 trials asked for, as the space ran out
     assert (listed.status, listed.done, listed.planned) == ("finished", 4, 8)
+    means = trained.groupby("table_size")["test_accuracy"].mean()  # the best configuration, as the summary ranks them
+    assert listed.best == {"test_accuracy": pytest.approx(means.max()), "unique_params": trained["unique_params"].min()}
 
     built = report.build_report(trials, tmp_path / "report")
     table = pd.read_csv(tmp_path / "report" / "configurations.csv")

@@ -72,7 +72,8 @@ def log_comparison(report: Report, uri: str, parent_id: str) -> Path | None:
     params = MlflowClient(uri).get_run(parent_id).data.params
     searched = params[DIMENSIONS_PARAM].split(",") if params.get(DIMENSIONS_PARAM) else \
         [key.removeprefix("dimension.") for key in params if key.startswith("dimension.")]  # runs logged without it: name order
-    path = write_comparison(report, searched, trial_runs(uri, parent_id), report.files[0].parent)
+    runs = {trial_id: run.info.run_id for trial_id, run in trial_runs(uri, parent_id).items()}
+    path = write_comparison(report, searched, runs, report.files[0].parent)
     if path is not None:
         MlflowClient(uri).log_artifact(parent_id, str(path))
     return path

@@ -32,7 +32,7 @@ class PastSearch:
     done: int  # trials that ended, failed ones included
     failed: int
     pending: int  # trials Tune has but that have not ended
-    best: dict[str, float]  # objective -> its best last value over the trials
+    best: dict[str, float]  # objective -> its best last value over the configurations (their seeds' mean)
     damaged: str = ""  # why the folder cannot be read, where it cannot
     exhausted: bool = False  # every configuration of a finite space was proposed: the searcher ended early
 
@@ -52,10 +52,14 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
     ended = [t for t in trials if t.status in ENDED or t.trial_id in failed]
     best = {}
     for objective, mode in spec.objectives.items():
-        values = [v for t in ended if t.trial_id not in failed
-                  and isinstance(v := (t.last_result or {}).get(objective), (int, float)) and not math.isnan(v)]
-        if values:
-            best[objective] = max(values) if mode == "max" else min(values)
+        seeds: dict[object, list[float]] = {}  # configuration -> its seeds' values
+        for trial in ended:
+            value = (trial.last_result or {}).get(objective)
+            if trial.trial_id not in failed and isinstance(value, (int, float)) and not math.isnan(value):
+                seeds.setdefault(trial.config.get(CONFIGURATION, trial.trial_id), []).append(value)
+        if seeds:
+            means = [sum(values) / len(values) for values in seeds.values()]
+            best[objective] = max(means) if mode == "max" else min(means)
     proposed = {t.config.get(CONFIGURATION) for t in trials} | {
         entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
     return PastSearch(folder, spec.name, started, spec.planned_trials(), done=len(ended), failed=len(failed),

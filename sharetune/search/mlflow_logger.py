@@ -23,7 +23,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mlflow.entities import Dataset
+from mlflow.entities import Dataset, Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_GIT_COMMIT,
@@ -71,12 +71,12 @@ def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
     return uri, parent.info.run_id if parent else None
 
 
-def trial_runs(uri: str, parent_id: str) -> dict[str, str]:
-    """A search's child runs of trained trials: trial id -> run id."""
+def trial_runs(uri: str, parent_id: str) -> dict[str, Run]:
+    """A search's child runs of trained trials: trial id -> run (its tags included)."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     children = child_runs(client, parent.info.experiment_id, parent_id)
-    return {run.data.tags[TRIAL_TAG]: run.info.run_id for run in children if TRIAL_TAG in run.data.tags}
+    return {run.data.tags[TRIAL_TAG]: run for run in children if TRIAL_TAG in run.data.tags}
 
 
 def source_tags() -> dict[str, str]:
