@@ -478,8 +478,9 @@ def _finish(result: Search, report_dir: Path) -> None:
                     f"sharetune report {result.folder}", fg=typer.colors.RED, err=True)
         code = ExitCode.STORAGE_FULL if code == ExitCode.OK else code
     typer.echo(console.top_trials(reports.configurations(trials) if built is None else built.configurations, result.spec))
-    if (unreadable := console.unreadable_note(trials)) is not None:
-        typer.echo(unreadable)
+    for note in (console.space_note(trials, result.spec), console.unreadable_note(trials)):
+        if note is not None:
+            typer.echo(note)
     uri, parent = parent_run_of(result.folder) if not result.mlflow_backlog else (result.mlflow_uri, None)
     if built is not None:
         _print_report(built, uri, parent)

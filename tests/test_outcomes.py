@@ -115,7 +115,7 @@ def test_a_second_ctrl_c_while_the_search_ends_is_one_line_exit_130_and_resume_f
     assert search.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] in (
         f"error: interrupted while the search ended; `sharetune resume {folder}` continues it and writes its report",
-        "interrupted: 2 of 2 trials unfinished; continue with `sharetune resume`"), stderr
+        "interrupted: 2 of the 2 trials started are unfinished; continue with `sharetune resume`"), stderr
     resumed = subprocess.run([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

@@ -70,7 +70,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
         assert not unfinished.empty
         if stop.by == signal.SIGINT:
             assert process.returncode == 130, output
-            assert f"interrupted: {len(unfinished)} of {len(trials)} trials unfinished; continue with `sharetune resume`" in output
+            assert f"interrupted: {len(unfinished)} of the {len(trials)} trials started are unfinished; continue with `sharetune resume`" in output
             assert f"search folder: {folder}  (continue it with: sharetune resume {folder})" in output
             top = output.split("top trials:")[1].split("Pareto front")[0]
             assert "RUNNING" not in top and "PENDING" not in top

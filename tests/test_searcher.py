@@ -11,7 +11,7 @@ from helpers import tiny_spec
 from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import ModelCosts
-from sharetune.search import report, tuner
+from sharetune.search import console, report, tuner
 from sharetune.search.listing import describe
 from sharetune.search.searcher import CONFIGURATION, ConfigurationSearcher
 from sharetune.search.storage import SearchFolder
@@ -164,8 +164,10 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     infeasible = trials[trials["status"] == "INFEASIBLE"]
     assert set(infeasible["table_size"]) == {512} and (infeasible["unique_params"] > 500).all()
     assert (trained["unique_params"] <= 500).all()
-    listed = describe(result.folder)  # `sharetune list`: 4 of the 8 trials asked for, as the space ran out
-    assert (listed.status, listed.done, listed.planned) == ("finished", 4, 8)
+    listed = describe(result.folder)  # `sharetune list`: the 4 trials of the 8 asked for that the space held
+    assert (listed.status, listed.done, listed.planned) == ("finished", 4, 4)
+    assert console.space_note(trials, spec) == ("4 of the 8 planned trials: the space holds 3 configurations, 1 of them "
+                                                 "outside the constraints, and the search proposed each once")
     means = trained.groupby("table_size")["test_accuracy"].mean()  # the best configuration, as the summary ranks them
     assert listed.best == {"test_accuracy": pytest.approx(means.max()), "unique_params": trained["unique_params"].min()}
 

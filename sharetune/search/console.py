@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from sharetune.metrics import COSTS
-from sharetune.search.outcome import CUT
+from sharetune.search.outcome import CUT, DUPLICATE, INFEASIBLE
 from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
+from sharetune.search.searcher import CONFIGURATION
 from sharetune.spaces import FAMILIES, SearchSpec
 
 TOP = 5  # the trials the console shows
@@ -36,6 +37,20 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:
     epochs = ["epochs_done"] if "epochs_done" in ranked and ranked["epochs_done"].nunique() > 1 else []
     columns = ["trial_id", "status", *epochs, "repeats", *objectives, *costs, *[c for c in spec.dimensions if c in trials]]
     return f"{title}:\n" + _table(ranked[[c for c in dict.fromkeys(columns) if c in ranked]])
+
+
+def space_note(trials: pd.DataFrame, spec: SearchSpec) -> str | None:
+    """A line where a finite space ran out before the budget did, so fewer trials trained than the
+    progress counted on; None where the search stopped for another reason or trained them all."""
+    distinct, planned = spec.distinct_configurations(), spec.planned_trials()
+    started = int(trials["trial_id"].notna().sum())
+    if distinct is None or started >= planned or CONFIGURATION not in trials:
+        return None
+    if trials.loc[trials["status"] != DUPLICATE, CONFIGURATION].nunique() < distinct:  # Ctrl-C, the time limit
+        return None
+    infeasible = int((trials["status"] == INFEASIBLE).sum())
+    return (f"{started} of the {planned} planned trials: the space holds {distinct} configurations"
+            + (f", {infeasible} of them outside the constraints," if infeasible else "") + " and the search proposed each once")
 
 
 def unreadable_note(trials: pd.DataFrame) -> str | None:

@@ -28,13 +28,12 @@ class PastSearch:
     folder: SearchFolder
     name: str
     started: datetime | None
-    planned: int  # trials the budget asks for (num_samples x repeats)
+    planned: int  # trials the budget asks for (num_samples x repeats), or a finite space's feasible ones where it ran out first
     done: int  # trials that ended, failed ones included
     failed: int
     pending: int  # trials Tune has but that have not ended
     best: dict[str, float]  # objective -> its best last value over the configurations (their seeds' mean)
     damaged: str = ""  # why the folder cannot be read, where it cannot
-    exhausted: bool = False  # every configuration of a finite space was proposed: the searcher ended early
 
     @property
     def status(self) -> str:
@@ -42,7 +41,7 @@ class PastSearch:
             return "damaged"
         if self.done == self.pending == 0:
             return "no trials"
-        return "finished" if (self.done >= self.planned or self.exhausted) and not self.pending else "incomplete"
+        return "finished" if self.done >= self.planned and not self.pending else "incomplete"
 
 
 def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
@@ -60,11 +59,12 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
         if seeds:
             means = [sum(values) / len(values) for values in seeds.values()]
             best[objective] = max(means) if mode == "max" else min(means)
-    proposed = {t.config.get(CONFIGURATION) for t in trials} | {
-        entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
-    return PastSearch(folder, spec.name, started, spec.planned_trials(), done=len(ended), failed=len(failed),
-                      pending=len(trials) - len(ended), best=best,
-                      exhausted=len(proposed) >= (spec.distinct_configurations() or math.inf))
+    trained = {t.config.get(CONFIGURATION) for t in trials}
+    proposed = trained | {entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
+    exhausted = len(proposed) >= (spec.distinct_configurations() or math.inf)
+    planned = len(trained) * spec.repeats if exhausted else spec.planned_trials()  # all a finite space held
+    return PastSearch(folder, spec.name, started, planned, done=len(ended), failed=len(failed),
+                      pending=len(trials) - len(ended), best=best)
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:

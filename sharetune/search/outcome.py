@@ -83,7 +83,7 @@ def outcome(trials: pd.DataFrame, mlflow_backlog: int = 0) -> tuple[ExitCode, st
                                     "loosen them")
     unfinished = tune_trials[~tune_trials["status"].isin(ENDED)]
     if not unfinished.empty:
-        return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of {len(tune_trials)} trials unfinished; "
+        return ExitCode.INTERRUPTED, (f"interrupted: {len(unfinished)} of the {len(tune_trials)} trials started are unfinished; "
                                       "continue with `sharetune resume`")
     failed = tune_trials[tune_trials["status"] == FAILED]
     if not failed.empty:
