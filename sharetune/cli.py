@@ -15,6 +15,7 @@ from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
 from sharetune.errors import ExitCode, first_line
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
+from sharetune.models.hashes import hash_defaults, hashes_taking
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
@@ -53,6 +54,11 @@ def default(settings: type[SpinSettings | ArbNetSettings], field: str) -> str:
     return f"(default: {settings.model_fields[field].default})"
 
 
+def hash_default(option: str) -> str:
+    """A hash option's help shows the default of the hash that takes it (its signature's)."""
+    return "(" + "; ".join(f"{name} hash, default {hash_defaults(name)[option]}" for name in hashes_taking(option)) + ")"
+
+
 @data_app.command("fetch")
 def data_fetch(
     name: str = typer.Argument(..., help=f"one of: {', '.join(sorted(DATASETS))}"),
@@ -86,8 +92,8 @@ OUT = typer.Option(None, "--out", help="also write the trained model to this fil
 def train_arbnet(
     dataset: str = typer.Option(DEFAULT_DATASET, help="dataset name; the paper nets are sized for mnist and cifar10"),
     hash: Optional[str] = typer.Option(None, "--hash", help=f"hash function {default(ArbNetSettings, 'hash')}"),
-    alpha: Optional[float] = typer.Option(None, help="Dirichlet concentration (dirichlet hash)"),
-    radius: Optional[int] = typer.Option(None, help="neighbourhood radius (neighborhood hash)"),
+    alpha: Optional[float] = typer.Option(None, help=f"Dirichlet concentration {hash_default('alpha')}"),
+    radius: Optional[int] = typer.Option(None, help=f"neighbourhood radius {hash_default('radius')}"),
     sparsity: Optional[float] = typer.Option(None, help=f"fraction of virtual weights fixed at zero {default(ArbNetSettings, 'sparsity')}"),
     table_size: Optional[int] = typer.Option(None, "--table-size", help=f"table entries per layer (default: {DEFAULT_TABLE_SIZE})"),
     compression: Optional[float] = typer.Option(None, help="table entries per weight, e.g. 0.1"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from helpers import tiny_spec
 from typer.testing import CliRunner
 
@@ -105,3 +106,16 @@ def test_a_new_hash_option_is_one_definition_for_validation_and_the_space():
         hashes._HASHES.pop("test_windowed")
     with pytest.raises(SpecError, match="dimensions.hash: unknown hash 'test_windowed'"):
         parse_spec(tiny_spec(dimensions={"hash": {"choice": ["uniform", "test_windowed"]}}))
+
+
+def test_a_hash_option_left_out_is_the_hashs_own_default_and_a_trials_run_records_it():
+    """The hash's signature owns the default (dirichlet's alpha 1.0, neighborhood's radius 0); the settings
+    fill it in, so MLflow and reports show the value trained with instead of None."""
+    from sharetune.search.mlflow_logger import effective_params
+
+    dirichlet, neighborhood = (effective_params({"family": "arbnet", "hash": h}) for h in ("dirichlet", "neighborhood"))
+    assert (dirichlet["alpha"], dirichlet["radius"]) == (1.0, None)
+    assert (neighborhood["alpha"], neighborhood["radius"]) == (None, 0)
+    data = load("synthetic")
+    implicit, explicit = (build_model(ArbNetSettings(**options), data) for options in ({}, {"alpha": 1.0}))
+    assert all(torch.equal(a.index, b.index) for a, b in zip(implicit.modules(), explicit.modules()) if hasattr(a, "index"))

@@ -18,7 +18,7 @@ import numpy as np
 
 HashFn = Callable[..., "Hashed"]
 _HASHES: dict[str, HashFn] = {}
-_OPTIONS: dict[str, list[str]] = {}  # each hash's keyword options, read from its signature once (spec checks ask often)
+_OPTIONS: dict[str, dict[str, object]] = {}  # each hash's keyword options and their defaults, read from its signature once
 _DETERMINISTIC: set[str] = set()
 
 
@@ -34,7 +34,8 @@ def register_hash(name: str, *, deterministic: bool = False) -> Callable[[HashFn
 
     def wrap(fn: HashFn) -> HashFn:
         _HASHES[name] = fn
-        _OPTIONS[name] = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        _OPTIONS[name] = {p.name: None if p.default is inspect.Parameter.empty else p.default
+                          for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         (_DETERMINISTIC.add if deterministic else _DETERMINISTIC.discard)(name)
         return fn
 
@@ -52,8 +53,13 @@ def hash_names() -> list[str]:
 
 def hash_options(name: str) -> list[str]:
     """Keyword options a hash accepts (e.g. `alpha` for dirichlet)."""
+    return list(hash_defaults(name))
+
+
+def hash_defaults(name: str) -> dict[str, object]:
+    """Each keyword option of a hash and its default (None where it has none): the one place they are set."""
     get_hash(name)  # an unknown name: its one-line error
-    return list(_OPTIONS[name])
+    return dict(_OPTIONS[name])
 
 
 def hashes_taking(option: str) -> list[str]:

@@ -22,7 +22,7 @@ from sharetune.models import (
     get_model,
     shareable_model_names,
 )
-from sharetune.models.hashes import hash_names, hashes_taking
+from sharetune.models.hashes import hash_defaults, hash_names, hashes_taking
 from sharetune.training import ACCEPTED, RECIPES, Recipe, accepted
 
 DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size nor compression is given
@@ -59,7 +59,7 @@ class ArbNetSettings(FamilySettings):
     """The ArbNet paper MLP: a hash per layer over a table per layer."""
 
     hash: str = "dirichlet"
-    alpha: Optional[float] = Field(None, gt=0, le=1e6)  # None: the hash's own; 1e6 is uniform already, 1e308 overflows
+    alpha: Optional[float] = Field(None, gt=0, le=1e6)  # None: the hash's own, filled in; 1e6 is uniform already, 1e308 overflows
     radius: Optional[int] = Field(None, ge=0)
     sparsity: float = 0.0  # fraction of virtual weights read as zero
     table_size: Optional[int] = Field(None, ge=1)  # default: DEFAULT_TABLE_SIZE, unless compression is given
@@ -93,6 +93,9 @@ class ArbNetSettings(FamilySettings):
             raise ValueError("table_size, compression: the identity hash keeps one entry per weight; leave them out")
         if self.table_size is None and self.compression is None and self.hash != "identity":
             self.table_size = DEFAULT_TABLE_SIZE
+        for option, value in hash_defaults(self.hash).items():  # so runs and reports record what the hash used
+            if option in type(self).model_fields and getattr(self, option) is None:
+                setattr(self, option, value)
         return self
 
 
