@@ -537,12 +537,21 @@ def _print_report(built, uri: str, parent: str | None) -> None:
     typer.echo(console.fronts(built).lstrip("\n"), nl=False)  # the blank line parts them from a search's top trials
     typer.echo(f"\nreport: {built.files[0].parent}")
     if parent is not None:
+        from mlflow.tracking import MlflowClient
+
         from sharetune.search.comparison import log_comparison
+        from sharetune.search.mlflow_ui import ui_link
 
         reports.log_report(built, uri, parent)
-        if log_comparison(built, uri, parent) is not None:
+        compared = log_comparison(built, uri, parent)
+        if compared is not None:
             typer.echo("comparison: the parent run's comparison.html artifact (accuracy against costs, interactive)")
-        typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}")
+        run = (MlflowClient(uri).get_run(parent).info.experiment_id, parent)
+        if uri.startswith(("http://", "https://")):  # the tracking server is the UI
+            typer.echo(f"MLflow: parent run {parent}: {ui_link(uri, run, compared and compared.name)}")
+        else:
+            typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}, then "
+                       f"{ui_link(f'http://{UI_HOST}:{UI_PORT}', run, compared and compared.name)}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -556,11 +565,11 @@ def ui(
 ) -> None:
     """Start one light MLflow UI (one worker, no job runner) on this machine for the store in use; says when it is ready."""
     from sharetune.search.destinations import missing_store
-    from sharetune.search.mlflow_ui import READY_TIMEOUT_S, port_free, server_log, start_ui, wait_until_ready
+    from sharetune.search.mlflow_ui import READY_TIMEOUT_S, port_free, server_log, start_ui, ui_link, wait_until_ready
 
     uri = _store(mlflow_uri)
     if uri.startswith(("http://", "https://")):
-        typer.echo(f"the tracking server already serves the UI: {uri}")
+        typer.echo(f"the tracking server already serves the UI: {ui_link(uri)}")
         return
     if not port_free(port):
         fail(f"--port {port}: in use on {UI_HOST}; give another port")
@@ -575,7 +584,7 @@ def ui(
             fail(f"--port {port}: the MLflow server " + (f"exited with code {code}" if code is not None else
                                                           f"did not answer within {READY_TIMEOUT_S:.0f} s")
                  + f"; its log: {server_log(port)}")
-        typer.echo(f"MLflow UI ready on http://{UI_HOST}:{port} (Ctrl-C stops it; the server's log: {server_log(port)})")
+        typer.echo(f"MLflow UI ready on {ui_link(f'http://{UI_HOST}:{port}')} (Ctrl-C stops it; the server's log: {server_log(port)})")
         server.wait()
     except KeyboardInterrupt:
         pass

@@ -24,6 +24,7 @@ from sharetune.search import report, tuner
 from sharetune.search.comparison import log_comparison
 from sharetune.search.export import export
 from sharetune.search.mlflow_logger import trial_runs
+from sharetune.search.mlflow_ui import MODEL_TRAINING_VIEW, ui_link
 from sharetune.search.models import front_trials, log_front_models, tracking_at
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import parse_spec
@@ -93,6 +94,15 @@ def test_the_comparison_renders_every_trial_in_a_browser_from_the_mlflow_server(
         trained = (trials["status"] == "TERMINATED").sum()
         costs = len([c for c, front in built.fronts.items() if not front.empty])
         assert trained == 6 and drawn == trained * costs
+        # the link the search prints opens the UI on the comparison, in its model-training view: MLflow 3.17's
+        # UI opens an experiment on its GenAI overview (traces, judges) otherwise, whatever the experiment's kind
+        experiment = MlflowClient(result.mlflow_uri).get_run(parent_id).info.experiment_id
+        link = ui_link(f"http://127.0.0.1:{port}", (experiment, parent_id), path.name)
+        for address, model_training in ((link, True), (link.replace(MODEL_TRAINING_VIEW, ""), False)):
+            dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                                  "--dump-dom", address], capture_output=True, text=True, timeout=180).stdout
+            assert 'class="mlflow-html-iframe"' in dom  # the comparison, selected and shown in the run's artifacts
+            assert ("Model registry" in dom and "Training runs" not in dom) == model_training, address
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

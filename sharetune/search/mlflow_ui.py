@@ -23,6 +23,15 @@ from sharetune.spaces.locations import UI_HOST
 # MLflow 3 runs GenAI jobs (and their periodic tasks) in huey consumer processes the UI never uses
 LIGHT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 READY_TIMEOUT_S = 300.0  # a loaded machine takes minutes to import MLflow's server
+# MLflow 3.17's UI shows its GenAI pages (an experiment's traces overview) unless a page asks for model training
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def ui_link(server: str, run: tuple[str, str] | None = None, artifact: str | None = None) -> str:
+    """A page of the UI at `server` (http://HOST:PORT) in its model-training view: the experiments, or
+    a run (experiment id, run id), with one of its artifacts selected."""
+    page = "experiments" if run is None else f"experiments/{run[0]}/runs/{run[1]}" + (f"/artifacts/{artifact}" if artifact else "")
+    return f"{server.rstrip('/')}/#/{page}{MODEL_TRAINING_VIEW}"
 
 
 def port_free(port: int) -> bool:
