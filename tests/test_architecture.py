@@ -62,6 +62,16 @@ def test_no_layer_imports_a_higher_one_or_another_package_internals(path):
             assert module == "sharetune.trainables", f"{own} imports trainables' internals: {module}"
 
 
+def test_train_repeats_from_its_seed_as_a_trial_does():
+    """`sharetune train` drew its model's weights from wherever torch's generator stood (a walk's two
+    runs of one command differed from the first epoch); the model is built from the seed now."""
+    runs = [CliRunner().invoke(app, ["train", "spin", "--dataset", "synthetic", "--epochs", "2", "--dim", "8", "--depth", "2",
+                                     "--patch-size", "2", "--json"]) for _ in range(2)]
+    assert all(run.exit_code == 0 for run in runs), runs[0].output
+    first, second = (json.loads(run.output.strip().splitlines()[-1]) for run in runs)
+    assert first["loss"] == second["loss"] and first["test_accuracy"] == second["test_accuracy"]
+
+
 def test_only_lr_is_both_a_setting_and_a_metric():
     # the setting is the initial rate, the metric each epoch's; reports show the metric as final_lr
     for family, settings in FAMILIES.items():

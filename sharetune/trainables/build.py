@@ -95,6 +95,9 @@ def build_spin(
 def build_model(
     settings: FamilySettings, data: Batches | DataShape, pretrained: dict | None = None, plan: list[int] | None = None
 ) -> nn.Module:
+    """The settings' model for the data, its weights drawn from `settings.seed`: a trial, `sharetune train`
+    and a resumed trial start from the same ones."""
+    torch.manual_seed(settings.seed)
     if isinstance(settings, ArbNetSettings):
         return build_arbnet(settings, data)
     return build_spin(settings, data, pretrained, plan=plan)

@@ -77,7 +77,6 @@ def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilyS
     try:
         settings = trial_settings(config)
         data = data.with_resolution(settings.resolution)
-        torch.manual_seed(settings.seed)
         model = build_model(settings, data, pretrained)
         return settings, data, model, costs_of(model, data)
     except Exception as err:
