@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 
 from sharetune.metrics import STEP
+from sharetune.search import progress as progress_module
 from sharetune.search.progress import Progress, StatusBar
 
 
@@ -53,6 +54,22 @@ def test_trials_ctrl_c_stopped_are_not_counted_done(capsys):
     finished.status = stopped.status = "TERMINATED"
     progress.show([finished, stopped], force=True)
     assert capsys.readouterr().out.splitlines()[-1].startswith("[     0s] 1/3 done, 0 running")
+
+
+def test_off_a_terminal_a_line_comes_every_ten_seconds_while_no_trial_reports(capsys, monkeypatch):
+    """A walk's slow epochs showed no line for 55 s: lines came only with results."""
+    clock = [1000.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    progress = Progress({"val_accuracy": "max"}, total=2)
+    progress.setup()
+    running = [trial("a"), trial("b")]
+    seen = []
+    for _ in range(60):  # Tune's loop steps every second or so; no result comes
+        clock[0] += 1
+        progress.on_step_begin(0, running)
+        seen += capsys.readouterr().out.splitlines()
+    assert [line[:9] for line in seen] == [f"[{s:6d}s]" for s in (10, 20, 30, 40, 50, 60)]
+    assert seen[-1].endswith("0/2 done, 2 running (0 diverged, 0 errored), 0 epochs; best: none yet")
 
 
 def test_an_80_column_terminal_shows_the_bar_eta_and_the_whole_status():
