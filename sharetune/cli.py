@@ -13,7 +13,7 @@ import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
 from sharetune.errors import ExitCode, first_line
-from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail
+from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
@@ -633,4 +633,4 @@ for _name, _command in JOB_COMMANDS.items():  # status, logs, stop: `sharetune.l
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

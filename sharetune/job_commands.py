@@ -1,7 +1,7 @@
 """`sharetune status`, `logs` and `stop`: the commands on a submitted search (a Ray Job), which only
 talk to the cluster's dashboard. They load neither torch nor Tune, so they answer in about a second;
 `sharetune.launch` runs them from here, and `sharetune.cli` lists them with the other commands. The
-CLI's one-line errors (`fail`) live here, below both."""
+CLI's one-line errors (`fail`, `run`) live here, below both."""
 
 from __future__ import annotations
 
@@ -25,6 +25,25 @@ def fail(message: str, code: int = 2) -> None:
     """One line and the exit code: 2 for bad input (sharetune.errors.ExitCode lists them all)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def run(app: typer.Typer) -> None:
+    """Run `app` as the `sharetune` command. A usage mistake (an unknown command or option, an argument
+    missing or extra, a value of the wrong type) is one line and exit 2, as other bad input is, instead
+    of click's boxed usage. Click's exceptions are matched by what they carry: typer vendors click and
+    exports none of their classes."""
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+    except Exception as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # no command given: click printed the help making it
+            raise SystemExit(err.exit_code) from None
+        if not (hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)):
+            raise
+        where = getattr(err, "ctx", None)
+        hint = f" (`{where.command_path} --help` says what it takes)" if where is not None else ""
+        typer.secho(f"error: {' '.join(err.format_message().split()).rstrip('.')}{hint}", fg=typer.colors.RED, err=True)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else ExitCode.OK)
 
 
 DASHBOARD = typer.Option(None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="the Ray dashboard, http://HEAD:8265")

@@ -13,7 +13,7 @@ def main() -> None:
     pressed: list[int] = []
     default = signal.signal(signal.SIGINT, lambda number, frame: pressed.append(number))
     try:
-        from sharetune.job_commands import JOB_COMMANDS
+        from sharetune.job_commands import JOB_COMMANDS, run
 
         if sys.argv[1:2] and sys.argv[1] in JOB_COMMANDS:
             from sharetune.job_commands import app
@@ -24,4 +24,4 @@ def main() -> None:
     if pressed:
         print("error: interrupted before the command started", file=sys.stderr)
         raise SystemExit(ExitCode.INTERRUPTED)
-    app()
+    run(app)

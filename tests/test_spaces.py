@@ -6,7 +6,7 @@ import yaml
 from helpers import tiny_spec as tiny
 
 from sharetune.search.storage import SPEC_FILE, SearchFolder
-from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset_names
+from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset, preset_names
 from sharetune.spaces.samplers import GridSampler, NSGAIISampler
 from sharetune.spaces.settings import trial_settings
 from sharetune.spaces.space import OptunaSpace
@@ -138,6 +138,8 @@ def test_spin_combinations_are_checked():
         load_spec("spin")
     with pytest.raises(SpecError, match=r"^preset: unknown preset 'spin-topolgy'; did you mean 'spin-topology'\? allowed: arbnet-dirichlet, "):
         load_spec("spin-topolgy")
+    with pytest.raises(SpecError, match=r"^preset: unknown preset 'spin'; allowed: arbnet-dirichlet, .*, weight-sharing$"):
+        preset("spin")  # `presets show` takes a preset only
 
 
 def test_bad_sampler_options_fail_before_ray():

@@ -292,6 +292,19 @@ def test_the_cli_tells_its_version_and_its_help_reads_in_sentences():
     assert "Write a trial's deployable model (fused layers folded), settings and input preprocessing to one torch file; load" in shown
 
 
+@pytest.mark.parametrize(("command", "line"), [
+    (["presets", "list"], "error: No such command 'list' (`sharetune presets --help` says what it takes)"),
+    (["train", "arbnet", "--epoch", "3"], "error: No such option: --epoch (Possible options: --epochs) (`sharetune train arbnet "
+                                          "--help` says what it takes)"),
+    (["logs"], "error: Missing argument 'job' (`sharetune logs --help` says what it takes)"),  # a command without torch
+])
+def test_a_usage_mistake_is_one_line_and_exit_2(tmp_path, command, line):
+    """Click's boxed usage was six lines, unlike every other bad input (a walk)."""
+    done = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'sharetune'; from sharetune.launch import main; main()",
+                           *command], capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", line + "\n")
+
+
 def test_a_bad_spec_is_answered_before_ray_tune_and_mlflow_load(tmp_path):
     """Loading them takes seconds; a typo in a spec should not wait for them."""
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tiny_spec(sampler="nope")))

@@ -25,7 +25,7 @@ def preset(name: str, scale: str = DEFAULT_SCALE) -> dict:
     """The preset's spec as a dict, at `scale`."""
     if name not in preset_names():
         raise SpecError(f"preset: unknown preset {name!r}; {did_you_mean(name, preset_names())}allowed: "
-                        f"{', '.join(preset_names())}, or a spec file (.yaml)")
+                        f"{', '.join(preset_names())}")
     if scale not in SCALES:
         raise SpecError(f"scale: unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     raw = read_spec_file(PRESET_DIR / f"{name}.yaml")
@@ -50,7 +50,10 @@ def load_spec(source: str | Path, overrides: list[str] = (), scale: str = DEFAUL
             raise SpecError(f"spec: no such file {path}")
         raw = read_spec_file(path)
     else:
-        raw = preset(str(source), scale)
+        try:
+            raw = preset(str(source), scale)
+        except SpecError as err:
+            raise (SpecError(f"{err}, or a spec file (.yaml)") if str(err).startswith("preset:") else err) from None
     return parse_spec(apply_overrides(raw, list(overrides)))
 
 
