@@ -56,6 +56,7 @@ def spin(**fixed) -> dict:
      r"dimensions.sparsity.when: epochs can never be any of \[2\]"),
     (tiny_spec(variants={"big": {"table_size": -5}}), r"variants.big.table_size: got -5; input should be greater than or equal to 1"),
     (tiny_spec(resources={"cpu": float("inf")}), r"resources.cpu: Input should be a finite number"),
+    ({k: v for k, v in tiny_spec().items() if k != "family"}, r"^family: required; allowed: arbnet, spin$"),
 ])
 def test_invalid_specs_fail_in_one_line_naming_the_field(raw, message):
     with pytest.raises(SpecError, match=message) as caught:
@@ -206,7 +207,7 @@ def test_a_spec_path_that_is_no_spec_file_says_what_it_is(tmp_path):
         with pytest.raises(SpecError, match=message):
             load_spec(source)
     lines = "".join(f"line{i}:x:\n" for i in range(30))  # a file that is no spec (/etc/shadow): not echoed whole
-    with pytest.raises(SpecError, match=r"^family: Field required; line0:x: unknown key; .*; and 26 more$"):
+    with pytest.raises(SpecError, match=r"^family: required; allowed: arbnet, spin; line0:x: unknown key; .*; and 26 more$"):
         load_spec(write(tmp_path, lines))
 
 

@@ -24,7 +24,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import (
@@ -510,6 +510,9 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
             if suggestion and suggestion.startswith("fixed.") and section.startswith("variants."):  # a variant's setting
                 suggestion = f"{section}.{suggestion.removeprefix('fixed.')}"
             message = "unknown key" + (f"; did you mean {suggestion}?" if suggestion else "")
+        elif problem["type"] == "missing" and len(problem["loc"]) == 1 and problem["loc"][0] in SearchSpec.model_fields:
+            choices = get_args(SearchSpec.model_fields[problem["loc"][0]].annotation)  # a Literal's values
+            message = "required" + (f"; allowed: {', '.join(map(str, choices))}" if all(isinstance(c, str) for c in choices) and choices else "")
         elif problem["type"] in RANGE_ERRORS:
             message = f"{message[0].lower()}{message[1:]}"
         if problem["type"] == "literal_error" or problem["type"] in RANGE_ERRORS:  # say what was given
