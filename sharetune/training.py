@@ -315,6 +315,7 @@ class TrainingState:
         from timm.optim import create_optimizer_v2
 
         self.recipe, self.updates = recipe, 0
+        self.last_lr: float | None = None  # the rate of the latest update
         self.device = next(model.parameters()).device  # the model is on its device before its state is made
         self.precision = resolve_precision(recipe.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")  # bf16 needs none
@@ -368,6 +369,7 @@ class TrainingState:
         if scale is not None and self.scaler.get_scale() < scale:
             return
         self.updates += 1
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next update's
         if self.recipe.schedule == "onecycle":
             self.scheduler.step()
         elif self.recipe.schedule == "cosine":
@@ -384,7 +386,10 @@ class TrainingState:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The rate the latest update used (the next one's before any): an epoch's `lr` metric. The rate the
+        schedule holds after the last update is the next step's, and one-cycle's past its end mirrors its
+        descent (a short run's last two epochs read the same)."""
+        return self.optimizer.param_groups[0]["lr"] if self.last_lr is None else self.last_lr
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "updates": self.updates,

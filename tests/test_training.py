@@ -9,7 +9,7 @@ from sharetune.cli import app
 from sharetune.data import load
 from sharetune.models.arbnet import ArbNetMLP
 from sharetune.trainables import load_exported, load_preprocessing
-from sharetune.training import Recipe, train_epochs
+from sharetune.training import Recipe, TrainingState, train_epochs
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -29,14 +29,33 @@ def test_learning_rate_drops_tenfold_after_four_epochs_without_better_train_accu
     results = list(train_epochs(model, data, Recipe(epochs=30, lr=1e-5), device="cpu"))  # too small to learn
     best, flat, lr = -1.0, 0, 1e-5
     for r in results:
+        assert r.lr == pytest.approx(lr)  # the rate the epoch trained at: a drop shows from the next epoch
         if r.train_accuracy > best * (1 + 1e-4):  # ReduceLROnPlateau's default relative threshold
             best, flat = r.train_accuracy, 0
         else:
             flat += 1
         if flat == 4:
             lr, flat = lr / 10, 0
-        assert r.lr == pytest.approx(lr)
     assert results[-1].lr < 1e-5
+
+
+def test_an_epochs_lr_is_the_rate_its_last_update_used_down_to_one_cycles_end():
+    """Past its last step one-cycle's cosine mirrors back up: a 4-epoch run of 2 steps an epoch reported
+    its last two epochs at the same rate (a walk)."""
+    data = load("synthetic", val_fraction=0)
+    recipe = Recipe(recipe="spin", epochs=4, batch_size=256, mixup=0, cutmix=0)  # 2 steps an epoch
+    model = ArbNetMLP(64, [16], 4, hash="uniform", table_size=50)
+    state = TrainingState.for_data(model, recipe, data)
+    rates = [r.lr for r in train_epochs(model, data, recipe, device="cpu", state=state)]
+    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([torch.zeros(1)], lr=1), max_lr=recipe.scaled_lr,
+                                                    total_steps=8, cycle_momentum=False)
+    used = []
+    for _ in range(8):  # each step's rate, as PyTorch's scheduler gives it
+        used.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    assert data.steps_per_epoch(256) == 2 and rates == pytest.approx(used[1::2])
+    assert rates[-1] == pytest.approx(recipe.scaled_lr / 25 / 1e4)  # one-cycle's floor: initial / final_div_factor
 
 
 def test_diverging_run_stops_and_says_so():
