@@ -167,6 +167,8 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     except (DataError, ValueError) as err:
         fail(str(err))
     costs = costs_of(model, data)
+    if (note := data.upscaling_note()) is not None:
+        typer.secho(f"note: {note} (--img-size)", fg=typer.colors.YELLOW, err=True)
     if not as_json:
         typer.echo(f"{dataset}: {family} {costs.unique_params:,} unique / {costs.virtual_params:,} virtual parameters, "
                    f"{costs.macs:,} MACs; recipe {settings.recipe}")

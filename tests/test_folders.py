@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, all_processes, image_folder
+from helpers import BIN, all_processes, image_folder, tiny_spec
 from PIL import Image
+from typer.testing import CliRunner
 
+from sharetune.cli import app
 from sharetune.data import DataError, ImageFolderData, Preprocessing, load, stratified_split
 from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
+from sharetune.search import tuner
+from sharetune.spaces import parse_spec
 from sharetune.training import Recipe, train_epochs
 
 CPU = torch.device("cpu")
@@ -81,6 +85,24 @@ def test_sharetune_train_decodes_a_folder_in_loader_processes_as_a_trial_does(tm
         time.sleep(0.05)
     assert process.returncode == 0, process.stderr.read()
     assert len(loaders) >= 2  # the training and the evaluation loaders' workers, each of their own
+
+
+def test_images_stored_smaller_than_they_are_decoded_get_a_note_from_train_and_search(tmp_path):
+    """A walk's 32-pixel images trained at the default 224: 49 times the compute, and not a word."""
+    root = image_folder(tmp_path / "images", size=16)
+    data = load("imagefolder", root, img_size=64)
+    note = f"{root}: its images are 16 x 16 (the first one), decoded at 64 x 64: 16 times the pixels to compute; img_size 16 trains at their size"
+    assert data.upscaling_note() == note and data.upscaling_note([16, None]) == note  # the largest a trial decodes at
+    assert data.with_resolution(16).upscaling_note() is None and data.upscaling_note([16]) is None
+    assert load("synthetic").upscaling_note() is None  # the sets in memory are used at their size
+    trained = CliRunner().invoke(app, ["train", "spin", "--dataset", "imagefolder", "--data-dir", str(root), "--dim", "8", "--depth", "1",
+                                       "--patch-size", "8", "--img-size", "32", "--epochs", "1", "--json"])
+    assert trained.exit_code == 0 and trained.stderr == (f"note: {root}: its images are 16 x 16 (the first one), decoded at 32 x 32: "
+                                                         "4 times the pixels to compute; img_size 16 trains at their size (--img-size)\n")
+    spec = parse_spec(tiny_spec(family="spin", data={"name": "imagefolder", "root": str(root), "img_size": 16},
+                                fixed={"epochs": 1, "dim": 8, "depth": 1, "patch_size": 4}, dimensions={"img_size": {"choice": [16, 32]}}))
+    with pytest.warns(UserWarning, match=r"decoded at 32 x 32: 4 times .* \(data.img_size, or a SPIN trial's img_size\)$"):
+        tuner.warn_of_upscaling(spec, load(**spec.data.model_dump()))
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):

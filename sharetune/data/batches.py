@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -127,6 +127,11 @@ class Batches(Protocol):
 
     def unreadable(self) -> int | None:
         """Files read so far that could not be decoded, and so were skipped; None for sets in memory."""
+
+    def upscaling_note(self, sizes: Iterable[int | None] = (None,)) -> str | None:
+        """A line where images stored smaller than the largest of `sizes` (resolutions they are decoded at;
+        None: the data's own) would be enlarged to it, which costs many times the compute and adds
+        nothing; None otherwise, and for sets in memory."""
 
     def with_resolution(self, size: int | None) -> "Batches": ...
 

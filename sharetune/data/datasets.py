@@ -12,7 +12,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -99,6 +99,9 @@ class TensorData:
 
     def unreadable(self) -> None:
         return None
+
+    def upscaling_note(self, sizes: Iterable[int | None] = (None,)) -> None:
+        return None  # the sets in memory are used at their size
 
     def class_names(self) -> list[str]:
         return [str(label) for label in range(self.num_classes)]  # the sets in memory keep their labels only

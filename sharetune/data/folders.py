@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -223,6 +223,19 @@ class ImageFolderData:
 
     def class_names(self) -> list[str]:
         return list(self.classes)  # the class folders, sorted
+
+    def upscaling_note(self, sizes: Iterable[int | None] = (None,)) -> str | None:
+        largest = max(size or self.img_size for size in sizes)
+        try:
+            with Image.open(self._lists()["train"][0][0]) as first:  # its header only
+                width, height = first.size
+        except (OSError, ValueError, SyntaxError, IndexError, Image.DecompressionBombError):
+            return None  # counted as unreadable when training reads it
+        if max(width, height) >= largest:
+            return None
+        return (f"{self.root}: its images are {width} x {height} (the first one), decoded at {largest} x {largest}: "
+                f"{largest ** 2 / (width * height):.0f} times the pixels to compute; img_size {max(width, height)} "
+                "trains at their size")
 
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
