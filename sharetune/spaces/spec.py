@@ -336,7 +336,10 @@ class SearchSpec(BaseModel):
                     raise ValueError(f"dimensions.{name}.when: {key!r} is neither fixed nor searched")
         for name in [n for n in self.variants if n not in self._variant_names()]:  # never picked: checked all the same
             for combo in self._extreme_combos():
-                self._resolve({**combo, "variant": name}, lambda loc, name=name: ".".join(["variants", name, *map(str, loc)]))
+                try:
+                    self._resolve({**combo, "variant": name}, lambda loc, name=name: ".".join(["variants", name, *map(str, loc)]))
+                except ValueError as err:
+                    raise ValueError(f"{err} (no trial picks variant {name}; variants: {{}} leaves a preset's out)") from None
         extremes = self.extreme_settings()
         for settings in extremes:  # each value first (an unknown hash), then what they leave unsampled
             self._check_pretrained(settings)
