@@ -1,10 +1,13 @@
 """Reports without a search: fronts against a fixed reference point, fronts with nothing to trade, legends."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from helpers import tiny_spec
 
+from sharetune.analysis.figures import save_figure
 from sharetune.search import console, report
 from sharetune.spaces import SpecError, parse_spec
 
@@ -115,6 +118,23 @@ def test_repeated_seeds_become_one_row_per_configuration_with_their_spread(tmp_p
         "best_val_accuracy_mean": 0.8, "best_val_accuracy_std": 0.02 ** 0.5,
         "best_test_accuracy_mean": 0.7, "best_test_accuracy_std": 0.02 ** 0.5})
     assert "repeats" in console.top_trials(built.configurations, parse_spec(tiny_spec()))
+
+
+def test_with_repeated_seeds_the_plots_say_a_point_is_a_configurations_mean_and_its_bar_the_spread(tmp_path, monkeypatch):
+    """A walk read 'trials' on points that were configuration means, with nothing saying what the bars were."""
+    drawn = {}
+
+    def record(fig, path):
+        axes = fig.axes[0]
+        drawn[Path(path).name] = (axes.get_ylabel(), [text.get_text() for text in axes.get_legend().get_texts()])
+        return save_figure(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", record)
+    seeds = trials([0.6, 0.8, 0.3, 0.5], [300, 300, 900, 900]).assign(configuration=[0, 0, 1, 1], seed=[0, 1, 0, 1])
+    report.build_report(seeds, tmp_path / "repeated")
+    assert drawn["pareto_unique_params.png"] == ("test_accuracy: mean ± sample std over 2 seeds", ["Pareto front", "configurations"])
+    report.build_report(trials([0.6, 0.8], [300, 900]), tmp_path / "single")
+    assert drawn["pareto_unique_params.png"] == ("test_accuracy", ["Pareto front", "trials"])
 
 
 def test_the_summary_shows_spin_costs_in_the_papers_units():

@@ -205,6 +205,13 @@ def _error_bars(rows: pd.DataFrame) -> pd.Series | None:
     return rows[column].fillna(0) if column in rows else None
 
 
+def _accuracy_axis(rows: pd.DataFrame) -> str:
+    """The accuracy axis' label: what a point and its bar are where seeds repeat."""
+    if "repeats" not in rows or rows["repeats"].max() <= 1:
+        return ACCURACY
+    return f"{ACCURACY}: mean ± sample std over {int(rows['repeats'].max())} seeds"
+
+
 def spans_decades(values: pd.Series) -> bool:
     """Whether positive values span a factor of ten or more: sizes like that read on a log axis."""
     values = pd.to_numeric(values, errors="coerce").dropna()
@@ -224,10 +231,10 @@ def _title(report_title: str, what: str) -> str:
 def _plot_front(trials: pd.DataFrame, front: pd.DataFrame, cost: str, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(trials[cost], trials[ACCURACY], yerr=_error_bars(trials), fmt="o", ms=4, alpha=0.5, capsize=2,
-                label="trials")
+                label="configurations" if "repeats" in trials else "trials")
     ax.step(front[cost], front[ACCURACY], where="post", color="C3", marker="o", label="Pareto front")
     _cost_axis(ax, trials[cost])
-    ax.set(xlabel=cost, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {cost}"))
+    ax.set(xlabel=cost, ylabel=_accuracy_axis(trials), title=_title(title, f"{ACCURACY} against {cost}"))
     ax.legend()
     save_figure(fig, path)
 
@@ -241,7 +248,7 @@ def _plot_lines(trials: pd.DataFrame, x: str, path: Path, log: bool, title: str)
         ax.errorbar(group[x], group[ACCURACY], yerr=_error_bars(group), marker="o", capsize=2, label=f"sparsity {sparsity}")
     if log:
         ax.set_xscale("log")
-    ax.set(xlabel=x, ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against {x}"))
+    ax.set(xlabel=x, ylabel=_accuracy_axis(trials), title=_title(title, f"{ACCURACY} against {x}"))
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -253,7 +260,7 @@ def _plot_labelled(trials: pd.DataFrame, label: str, path: Path, title: str) -> 
         ax.errorbar(group["unique_params"], group[ACCURACY], yerr=_error_bars(group), fmt="o", capsize=2,
                     label=f"{label} {value}")
     _cost_axis(ax, trials["unique_params"])
-    ax.set(xlabel="unique_params", ylabel=ACCURACY, title=_title(title, f"{ACCURACY} against parameters, by {label}"))
+    ax.set(xlabel="unique_params", ylabel=_accuracy_axis(trials), title=_title(title, f"{ACCURACY} against parameters, by {label}"))
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
