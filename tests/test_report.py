@@ -110,6 +110,8 @@ def test_repeated_seeds_become_one_row_per_configuration_with_their_spread(tmp_p
     table = built.configurations.set_index("configuration")
     assert table.loc[0, "test_accuracy"] == pytest.approx(0.7) and table.loc[0, "test_accuracy_std"] == pytest.approx(0.02 ** 0.5)
     assert table.loc[1, "repeats"] == 2 and table.loc[1, "trial_id"] == "t2,t3" and table.loc[1, "seed"] == "0,1"
+    resumed = report.configurations(seeds.iloc[::-1])  # a resumed search's folder lists the trials in another order
+    assert resumed.set_index("configuration").loc[1, ["trial_id", "seed"]].tolist() == ["t2,t3", "0,1"]
     assert table.loc[2, "status"] == "INFEASIBLE"  # kept, but no front or plot point
     assert list(built.fronts["unique_params"]["configuration"]) == [0]  # the means: 0.7 at 300 dominates 0.4 at 900
     assert (tmp_path / "configurations.csv").is_file() and (tmp_path / "pareto_unique_params.png").is_file()

@@ -69,7 +69,11 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
         first = {"duplicate_of": duplicate_of(entry)} if entry["kind"] == "duplicate" else {}
         rows.append({"trial_id": None, "status": entry["kind"].upper(), "error": None, "epochs_done": 0, **entry["config"],
                      **_metric_columns(entry.get("costs", {})), **first})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in ("seed", CONFIGURATION):  # whole numbers, though proposals answered without training have no seed
+        if column in table:
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 SETTINGS = {name for family in FAMILIES.values() for name in family.model_fields}
@@ -149,7 +153,7 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     if CONFIGURATION not in trials or not trained[CONFIGURATION].duplicated().any():
         return trials
     metrics = [c for c in _metric_columns({}) if c in trained]
-    groups = trained.groupby(CONFIGURATION, sort=False)
+    groups = trained.sort_values("seed", kind="stable").groupby(CONFIGURATION, sort=False)  # seeds in order, resumed or not
     table = groups.first()
     table[metrics] = groups[metrics].mean()
     spread = groups[metrics].std().add_suffix("_std")
