@@ -161,6 +161,7 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     assert len(trials) == len(trained) + len(skipped)
     # 512-entry tables break the constraint; the two others are trained with two seeds each, once
     assert sorted(trained["table_size"]) == [8, 8, 64, 64] and sorted(trained["seed"]) == [0, 0, 1, 1]
+    assert str(trials["seed"].dtype) == "Int64"  # whole numbers in trials.csv, beside the skipped proposals' none
     infeasible = trials[trials["status"] == "INFEASIBLE"]
     assert set(infeasible["table_size"]) == {512} and (infeasible["unique_params"] > 500).all()
     assert (trained["unique_params"] <= 500).all()
