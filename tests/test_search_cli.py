@@ -4,6 +4,7 @@ trial's worker killed, bad input, the UI; each command starts its own Ray."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
         Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15),  # Ctrl-C: one trial done, one running, one not started
         Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan))  # kill -9 of the resumed driver, mid-trial
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
-    assert "/artifacts/comparison.html?workflowType=machine_learning" in resumed.stdout  # the UI's page to open
+    # the UI's page to open: the parent run (no comparison: every trial has the same costs), in the model-training view
+    assert re.search(r", then http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning\n",
+                     resumed.stdout), resumed.stdout
     # quiet unless --verbose: none of Ray's, Tune's, Optuna's or MLflow's start-up output
     for noise in ("Configuration for experiment", "TensorBoard", "Token authentication", "A new study", "Creating initial MLflow"):
         assert noise not in resumed.stdout + resumed.stderr
