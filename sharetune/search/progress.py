@@ -128,7 +128,8 @@ class Progress(tune.Callback):
                     self.latest[trial.trial_id] = values
                 if trial.status in (FINISHED, FAILED):
                     self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
-        self.show(trials)  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
+        if self.bar is None:  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
+            self.show(trials)  # (a terminal's bar keeps its clock itself; its status changes with results)
 
     def _counted(self, result: dict) -> list[float] | None:
         """A result's objectives, where they count toward the best: an epoch's, finite, not diverged."""
