@@ -154,6 +154,10 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
         if out is not None:
             check_out_file(out)  # before the training it would hold
         settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
+        unused = settings.unused(k for k, v in options.items() if v is not None) if isinstance(settings, SpinSettings) else {}
+        if unused:
+            name, where = next(iter(unused.items()))
+            fail(f"--{name.replace('_', '-')}: this run never reads it (it applies {where}); leave it out")
         # a folder decodes in as many loader processes as this machine gives the command CPUs, as a trial's in its own
         data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1],
                     workers=len(os.sched_getaffinity(0))).with_resolution(settings.resolution)

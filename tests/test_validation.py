@@ -58,11 +58,21 @@ def spin(**fixed) -> dict:
      r"\(no trial picks variant big; variants: \{\} leaves a preset's out\)$"),
     (tiny_spec(resources={"cpu": float("inf")}), r"resources.cpu: Input should be a finite number"),
     ({k: v for k, v in tiny_spec().items() if k != "family"}, r"^family: required; allowed: arbnet, spin$"),
+    (spin(transform_groups=4), r"^fixed.transform_groups: no trial of this search reads it \(it applies where share_rate is above 1\); "
+                               r"leave transform_groups out$"),
+    ({**spin(share_rate=2, pretrain_epochs=2), "dimensions": {"mapping": {"choice": ["sequential", "strided"]}}},
+     r"^fixed.pretrain_epochs: no trial of this search reads it \(it applies where fusion or the cka mapping start from"),
 ])
 def test_invalid_specs_fail_in_one_line_naming_the_field(raw, message):
     with pytest.raises(SpecError, match=message) as caught:
         parse_spec(raw)
     assert "\n" not in str(caught.value)
+
+
+def test_a_sharing_option_some_trials_read_is_accepted():
+    """Searching share_rate down to 1 with transforms fixed: the trials above 1 read them."""
+    spec = parse_spec({**spin(transform_groups=4), "dimensions": {"share_rate": {"choice": [1, 2]}}})
+    assert {settings.transform_groups for settings in spec.extreme_settings()} == {4}
 
 
 def test_a_dimension_set_to_null_is_left_out(tmp_path):
@@ -262,6 +272,8 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),
     (["search", "SPEC", "--storage", "/proc/sharetune"], "error: /proc/sharetune: /proc is on a read-only or virtual filesystem"),
+    (["train", "spin", "--dataset", "synthetic", "--transform-groups", "4"],
+     "error: --transform-groups: this run never reads it (it applies where share_rate is above 1); leave it out"),
     (["ui", "--port", "99999"], "error: Invalid value for '--port': Input should be less than or equal to 65535 "
                                 "(`python -m sharetune.cli ui --help` says what it takes)"),  # click's usage error: one line too
 ])

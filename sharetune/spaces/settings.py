@@ -8,7 +8,7 @@ once, and the CLI's `train` command builds one from its options. Each extends th
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional, get_args
+from typing import ClassVar, Iterable, Literal, Optional, get_args
 
 from pydantic import ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -159,6 +159,16 @@ class SpinSettings(FamilySettings):
 
     def needs_pretrained(self) -> bool:
         return self.share_rate > 1 and (self.fusion is not None or self.mapping == "cka")
+
+    def unused(self, given: Iterable[str]) -> dict[str, str]:
+        """Of the settings `given`, those this model never reads, each with where it would apply: a sharing
+        plan's without sharing (share_rate 1), pretraining's where no model starts from the unshared one."""
+        unused = {name: "where share_rate is above 1" for name in ("mapping", "distribution", "components", "transform_groups")
+                  if self.share_rate == 1}
+        if not self.needs_pretrained():
+            unused.update(dict.fromkeys(("pretrain_epochs", "pretrained"), "where fusion or the cka mapping start from the unshared model"))
+        given = set(given)
+        return {name: where for name, where in unused.items() if name in given}
 
     def unshared_model(self) -> tuple:
         """What the unshared network is (not how it trains): pretrained weights fit the trials alike in it."""

@@ -353,6 +353,7 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"batch_size: {settings.batch_size} gives some of resources.workers: {self.resources.workers} "
                                  f"fewer than two examples a step; allowed: {2 * self.resources.workers} or more")
         self._check_pretraining(extremes)
+        self._check_read(extremes)
         for name in self.dimensions:
             for key, values in self.condition(name).items():
                 possible = self.dimensions[key].can_be(values) if key in self.dimensions else self.fixed.get(key) in values
@@ -382,6 +383,19 @@ class SearchSpec(BaseModel):
     def _unshared_settings(self) -> SpinSettings:
         unshared = {k: v for k, v in self._config({}).items() if k not in SpinSettings.SHARING}
         return SpinSettings.model_validate(unshared, context=ACCEPTED if self._accepted else None)
+
+    def _check_read(self, extremes: list[FamilySettings]) -> None:
+        """A SPIN setting the spec gives that no trial reads (a sharing plan's option at share_rate 1) is
+        refused: it looks searched or set, and changes nothing."""
+        if self.family != "spin" or self._accepted:
+            return
+        variants = self.variants if "variant" in self.dimensions or "variant" in self.fixed else {}
+        given = {*self.fixed, *self.dimensions, *(name for settings in variants.values() for name in settings)}
+        unused = [settings.unused(given) for settings in extremes]
+        for name, where in unused[0].items():
+            if all(name in each for each in unused):
+                raise ValueError(f"{self._varied(name) or f'fixed.{name}'}: no trial of this search reads it (it applies {where}); "
+                                 f"leave {name} out")
 
     def _check_pretraining(self, extremes: list[FamilySettings]) -> None:
         """One unshared model is pretrained per search, from the fixed settings: how it pretrains is
