@@ -35,7 +35,9 @@ def run(app: typer.Typer) -> None:
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
     except Exception as err:
-        if type(err).__name__ == "NoArgsIsHelpError":  # no command given: click printed the help making it
+        if type(err).__name__ == "NoArgsIsHelpError":  # no command given: the help (rich printed it making the error)
+            if err.format_message():
+                err.show()
             raise SystemExit(err.exit_code) from None
         if not (hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int)):
             raise

@@ -65,6 +65,8 @@ def test_a_search_gets_the_plots_its_settings_warrant_one_colour_per_group(tmp_p
     per sparsity; and against parameters by whatever distinguishes the trials (here the hash)."""
     table = trials([0.5, 0.8, 0.6, 0.9, 0.7], [300, 600, 900, 1200, 1500]).assign(
         hash=["dirichlet"] * 3 + ["uniform"] * 2, alpha=[0.01, 1.0, 100.0, np.nan, np.nan], entropy=[1.0, 3.0, 4.0, 4.5, 4.6])
+    constant = report.build_report(table.assign(hash="dirichlet", alpha=1.0), tmp_path / "one-alpha")
+    assert "accuracy_vs_alpha.png" not in [p.name for p in constant.files]  # every point at one x: no plot
     built = report.build_report(table, tmp_path / "dirichlet")
     assert [p.name for p in built.files] == ["trials.csv", "trials.parquet", "pareto_unique_params.png", "accuracy_vs_alpha.png",
                                              "accuracy_vs_entropy.png", "accuracy_vs_params_by_hash.png"]

@@ -59,7 +59,7 @@ def spin(**fixed) -> dict:
     (tiny_spec(resources={"cpu": float("inf")}), r"resources.cpu: Input should be a finite number"),
     ({k: v for k, v in tiny_spec().items() if k != "family"}, r"^family: required; allowed: arbnet, spin$"),
     (spin(transform_groups=4), r"^fixed.transform_groups: no trial of this search reads it \(it applies where share_rate is above 1\); "
-                               r"leave transform_groups out$"),
+                               r"leave transform_groups out \(--set fixed.transform_groups=null\)$"),
     ({**spin(share_rate=2, pretrain_epochs=2), "dimensions": {"mapping": {"choice": ["sequential", "strided"]}}},
      r"^fixed.pretrain_epochs: no trial of this search reads it \(it applies where fusion or the cka mapping start from"),
 ])
@@ -73,6 +73,17 @@ def test_a_sharing_option_some_trials_read_is_accepted():
     """Searching share_rate down to 1 with transforms fixed: the trials above 1 read them."""
     spec = parse_spec({**spin(transform_groups=4), "dimensions": {"share_rate": {"choice": [1, 2]}}})
     assert {settings.transform_groups for settings in spec.extreme_settings()} == {4}
+    # a variant no trial picks gives nothing: the unshared one alone runs, the mapped one is only checked
+    spec = parse_spec({**spin(variant="plain"), "variants": {"plain": {}, "mapped": {"share_rate": 2, "mapping": "strided"}}})
+    assert [settings.mapping for settings in spec.extreme_settings()] == ["sequential"]
+
+
+def test_a_setting_no_trial_reads_is_left_out_with_the_line_the_error_gives(tmp_path):
+    """The preset fixes pretrain_epochs for its fusion trials; without them, null leaves it out."""
+    with pytest.raises(SpecError, match=r"^fixed.pretrain_epochs: no trial of this search reads it .*\(--set fixed.pretrain_epochs=null\)$"):
+        load_spec("spin-fusion", ["dimensions.fusion=null"])
+    spec = load_spec("spin-fusion", ["dimensions.fusion=null", "fixed.pretrain_epochs=null"])
+    assert "pretrain_epochs" not in spec.fixed and {s.pretrain_epochs for s in spec.extreme_settings()} == {0}
 
 
 def test_a_dimension_set_to_null_is_left_out(tmp_path):
@@ -318,6 +329,13 @@ def test_a_usage_mistake_is_one_line_and_exit_2(tmp_path, command, line):
     done = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'sharetune'; from sharetune.launch import main; main()",
                            *command], capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "NO_COLOR": "1"})
     assert (done.returncode, done.stdout, done.stderr) == (2, "", line + "\n")
+
+
+def test_no_command_shows_the_help_with_or_without_rich(tmp_path):
+    for rich in ("1", "0"):  # rich prints it while click makes its error; click's own error holds it
+        done = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'sharetune'; from sharetune.launch import main; main()"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120, env={**os.environ, "TYPER_USE_RICH": rich})
+        assert done.returncode == 2 and "Usage: sharetune [OPTIONS] COMMAND [ARGS]..." in done.stdout + done.stderr, rich
 
 
 def test_a_bad_spec_is_answered_before_ray_tune_and_mlflow_load(tmp_path):

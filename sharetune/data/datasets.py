@@ -101,7 +101,7 @@ class TensorData:
         return None
 
     def upscaling_note(self, sizes: Iterable[int | None] = (None,)) -> None:
-        return None  # the sets in memory are used at their size
+        return None  # the sets in memory are decoded already; a SPIN img_size resizes them in the model (spin-scaling's way)
 
     def class_names(self) -> list[str]:
         return [str(label) for label in range(self.num_classes)]  # the sets in memory keep their labels only

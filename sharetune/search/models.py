@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_TRACKING_URI
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -75,7 +76,8 @@ def log_front_models(folder: SearchFolder, spec: SearchSpec, trials: pd.DataFram
     for trial_id, run in runs.items():
         if trial_id not in front and MODEL_TAG in run.data.tags:
             client.delete_tag(run.info.run_id, MODEL_TAG)  # first: a tag never names a deleted model
-            client.delete_logged_model(run.data.tags[MODEL_TAG].removeprefix("models:/"))
+            with contextlib.suppress(MlflowException):  # deleted already (in the UI, say): nothing left to do
+                client.delete_logged_model(run.data.tags[MODEL_TAG].removeprefix("models:/"))
     with tempfile.TemporaryDirectory() as scratch, tracking_at(uri):
         for trial_id in front:
             if trial_id not in runs:

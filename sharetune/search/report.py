@@ -300,7 +300,7 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
             report.files.append(out / f"pareto_{cost}.png")
     healthy = done[done["diverged"].fillna(0) == 0]
     for x, log in (("alpha", True), ("entropy", False), ("radius", False)):
-        if x in healthy and healthy[x].notna().sum() > 1 and ("alpha" in healthy or x != "entropy"):
+        if x in healthy and healthy[x].dropna().nunique() > 1 and ("alpha" in healthy or x != "entropy"):
             _plot_lines(healthy.dropna(subset=[x]), x, out / f"accuracy_vs_{x}.png", log, title)
             report.files.append(out / f"accuracy_vs_{x}.png")
     label = _label(healthy)

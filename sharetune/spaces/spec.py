@@ -58,6 +58,7 @@ from sharetune.training import ACCEPTED, MAX_SEED, Seed, accepted
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")
 COUNTED_COMBINATIONS = 100_000  # more than this, and a space is not counted (a search of it ends by its budget)
+MAX_EXTREME_COMBINATIONS = 4096  # more than this, and the extremes vary one dimension at a time
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # every spec section: no unknown keys, no inf or nan
 
 
@@ -366,10 +367,14 @@ class SearchSpec(BaseModel):
         settings: since every setting's allowed values are intervals, what all trials range over."""
         return [self._resolve(combo, functools.partial(self._where, combo)) for combo in self._extreme_combos()]
 
+    def _extremes_combined(self) -> bool:
+        """Whether the extremes are every combination of the dimensions' (else, for huge grids, each dimension's alone)."""
+        return math.prod(len(dim.extremes()) for dim in self.dimensions.values()) <= MAX_EXTREME_COMBINATIONS
+
     def _extreme_combos(self) -> list[dict[str, Scalar]]:
         names = list(self.dimensions)
         options = [self.dimensions[n].extremes() for n in names]
-        if math.prod(len(o) for o in options) > 4096:  # huge grids: each dimension on its own
+        if not self._extremes_combined():  # huge grids: each dimension on its own
             return [dict({n: v}) for n, o in zip(names, options) for v in o] or [{}]
         return [dict(zip(names, values)) for values in itertools.product(*options)] or [{}]
 
@@ -387,15 +392,16 @@ class SearchSpec(BaseModel):
     def _check_read(self, extremes: list[FamilySettings]) -> None:
         """A SPIN setting the spec gives that no trial reads (a sharing plan's option at share_rate 1) is
         refused: it looks searched or set, and changes nothing."""
-        if self.family != "spin" or self._accepted:
-            return
-        variants = self.variants if "variant" in self.dimensions or "variant" in self.fixed else {}
-        given = {*self.fixed, *self.dimensions, *(name for settings in variants.values() for name in settings)}
+        if self.family != "spin" or self._accepted or not self._extremes_combined():
+            return  # (a huge grid's extremes vary one dimension at a time: they miss trials that read it)
+        picked = [self.variants.get(name, {}) for name in self._variant_names()]
+        given = {*self.fixed, *self.dimensions, *(name for settings in picked for name in settings)}
         unused = [settings.unused(given) for settings in extremes]
         for name, where in unused[0].items():
             if all(name in each for each in unused):
-                raise ValueError(f"{self._varied(name) or f'fixed.{name}'}: no trial of this search reads it (it applies {where}); "
-                                 f"leave {name} out")
+                place = self._varied(name) or f"fixed.{name}"
+                raise ValueError(f"{place}: no trial of this search reads it (it applies {where}); leave {name} out "
+                                 f"(--set {place}=null)")
 
     def _check_pretraining(self, extremes: list[FamilySettings]) -> None:
         """One unshared model is pretrained per search, from the fixed settings: how it pretrains is
@@ -569,7 +575,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     a dimension leaves `fixed`, and one fixed leaves `dimensions`: `--set dimensions.dim=...` searches
     what a preset fixes. Either leaves every variant too, whose value would otherwise replace it for
     that variant's trials: `--set fixed.dim=16` makes the scaling preset's nets 16 wide. A dimension
-    set to null is only dropped: `fixed`'s value, set before or after, stays."""
+    set to null is only dropped: `fixed`'s value, set before or after, stays; a fixed setting set to
+    null is left out everywhere (each trial takes its default)."""
     check_document(raw)
     raw = copy.deepcopy(raw)  # keeps the order of keys: the first objective is the one that ranks trials
     for item in overrides:
@@ -590,6 +597,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             for settings in [raw.get(MOVES[parents[0]]), *(raw.get("variants") or {}).values()]:
                 if isinstance(settings, dict):
                     settings.pop(leaf, None)
+        if parents == ["fixed"] and node[leaf] is None:  # left out: at its default for every trial
+            node.pop(leaf)
     return raw
 
 
