@@ -153,8 +153,9 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
     try:
         if out is not None:
             check_out_file(out)  # before the training it would hold
-        settings = FAMILIES[family](**{k: v for k, v in options.items() if v is not None})
-        unused = settings.unused(k for k, v in options.items() if v is not None) if isinstance(settings, SpinSettings) else {}
+        given = {k: v for k, v in options.items() if v is not None}
+        settings = FAMILIES[family](**given)
+        unused = settings.unused(given) if isinstance(settings, SpinSettings) else {}
         if unused:
             name, where = next(iter(unused.items()))
             fail(f"--{name.replace('_', '-')}: this run never reads it (it applies {where}); leave it out")
@@ -553,11 +554,10 @@ def _print_report(built, uri: str, parent: str | None) -> None:
         if compared is not None:
             typer.echo("comparison: the parent run's comparison.html artifact (accuracy against costs, interactive)")
         run = (MlflowClient(uri).get_run(parent).info.experiment_id, parent)
-        if uri.startswith(("http://", "https://")):  # the tracking server is the UI
-            typer.echo(f"MLflow: parent run {parent}: {ui_link(uri, run, compared and compared.name)}")
-        else:
-            typer.echo(f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}, then "
-                       f"{ui_link(f'http://{UI_HOST}:{UI_PORT}', run, compared and compared.name)}")
+        served = uri.startswith(("http://", "https://"))  # the tracking server is the UI
+        link = ui_link(uri if served else f"http://{UI_HOST}:{UI_PORT}", run, None if compared is None else compared.name)
+        typer.echo(f"MLflow: parent run {parent}: {link}" if served else
+                   f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}, then {link}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
