@@ -19,8 +19,8 @@ from sharetune.cli import app
 from sharetune.data import DataError, ImageFolderData, Preprocessing, load, stratified_split
 from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
-from sharetune.search import tuner
 from sharetune.spaces import parse_spec
+from sharetune.trainables.preflight import check_search
 from sharetune.training import Recipe, train_epochs
 
 CPU = torch.device("cpu")
@@ -102,7 +102,7 @@ def test_images_stored_smaller_than_they_are_decoded_get_a_note_from_train_and_s
     spec = parse_spec(tiny_spec(family="spin", data={"name": "imagefolder", "root": str(root), "img_size": 16},
                                 fixed={"epochs": 1, "dim": 8, "depth": 1, "patch_size": 4}, dimensions={"img_size": {"choice": [16, 32]}}))
     with pytest.warns(UserWarning, match=r"decoded at 32 x 32: 4 times .* \(data.img_size, or a SPIN trial's img_size\)$"):
-        tuner.warn_of_upscaling(spec, load(**spec.data.model_dump()))
+        check_search(spec, load(**spec.data.model_dump()))
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):

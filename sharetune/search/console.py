@@ -42,12 +42,13 @@ def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:
 def space_note(trials: pd.DataFrame, spec: SearchSpec) -> str | None:
     """A line where a finite space ran out before the budget did, so fewer trials trained than the
     progress counted on; None where the search stopped for another reason or trained them all."""
-    distinct, planned = spec.distinct_configurations(), spec.planned_trials()
-    started = int(trials["trial_id"].notna().sum())
-    if distinct is None or started >= planned or CONFIGURATION not in trials:
+    planned, started = spec.planned_trials(), int(trials["trial_id"].notna().sum())
+    if started >= planned or CONFIGURATION not in trials:
         return None
-    if trials.loc[trials["status"] != DUPLICATE, CONFIGURATION].nunique() < distinct:  # Ctrl-C, the time limit
+    proposed = trials.loc[trials["status"] != DUPLICATE, CONFIGURATION].nunique()
+    if not spec.ran_out(proposed):  # Ctrl-C, the time limit, a continuous space
         return None
+    distinct = spec.distinct_configurations()
     infeasible = int((trials["status"] == INFEASIBLE).sum())
     return (f"{started} of the {planned} planned trials: the space holds {distinct} configurations"
             + (f", {infeasible} of them outside the constraints," if infeasible else "") + " and the search proposed each once")

@@ -61,8 +61,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
             best[objective] = max(means) if mode == "max" else min(means)
     trained = {t.config.get(CONFIGURATION) for t in trials}
     proposed = trained | {entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
-    exhausted = len(proposed) >= (spec.distinct_configurations() or math.inf)
-    planned = len(trained) * spec.repeats if exhausted else spec.planned_trials()  # all a finite space held
+    planned = len(trained) * spec.repeats if spec.ran_out(len(proposed)) else spec.planned_trials()  # all a finite space held
     return PastSearch(folder, spec.name, started, planned, done=len(ended), failed=len(failed),
                       pending=len(trials) - len(ended), best=best)
 

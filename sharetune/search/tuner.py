@@ -73,13 +73,6 @@ def load_data(spec: SearchSpec) -> Batches:
     return load(**spec.data.model_dump())
 
 
-def warn_of_upscaling(spec: SearchSpec, data: Batches) -> None:
-    """A line where trials would enlarge the images to a resolution above the one they are stored at."""
-    note = data.upscaling_note(settings.resolution for settings in spec.extreme_settings())
-    if note is not None:
-        warnings.warn(f"{note} (data.img_size, or a SPIN trial's img_size)", stacklevel=2)
-
-
 def start_ray(spec: SearchSpec, address: str | None) -> None:
     """Join the cluster (or start a local Ray) and refuse a spec one trial of which it cannot hold."""
     cluster.start_ray(address)
@@ -124,7 +117,6 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
     sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
     data = load_data(spec)
     extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
-    warn_of_upscaling(spec, data)
     # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
     spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
     check_free_space(folder.storage)

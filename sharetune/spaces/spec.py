@@ -485,6 +485,10 @@ class SearchSpec(BaseModel):
             distinct.add(tuple((name, value) for name, value in zip(names, combo) if not self._inactive(name, config)))
         return len(distinct)
 
+    def ran_out(self, proposed: int) -> bool:
+        """Whether `proposed` different configurations are all the space holds (a finite space)."""
+        return proposed >= (self.distinct_configurations() or math.inf)
+
     def num_samples(self) -> int:
         if self.budget.num_samples is not None:
             return self.budget.num_samples

@@ -13,6 +13,7 @@ state dict, loaded with `weights_only=True`, whose names and shapes fit the unsh
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -39,15 +40,19 @@ def machine_memory(gpu: bool) -> tuple[int, str]:
 
 def check_search(spec: SearchSpec, data: Batches) -> list[ModelCosts]:
     """SpecError (one line) for a spec whose sampler, models or pretrained weights would fail in a trial;
-    else the costs of the models its dimensions' extremes build."""
+    else the costs of the models its dimensions' extremes build. Warns, in one line, where trials would
+    enlarge the images to a resolution above the one they are stored at."""
     rehearse_sampler(spec)
     memory = machine_memory(spec.resources.gpu > 0)
     checked, costs = set(), []
-    for settings in spec.extreme_settings():
+    extremes = spec.extreme_settings()
+    for settings in extremes:
         costs.append(check_model(settings, data, memory))
         if isinstance(settings, SpinSettings) and settings.pretrained and settings.pretrained not in checked:
             check_pretrained(settings, data)
             checked.add(settings.pretrained)
+    if (note := data.upscaling_note(settings.resolution for settings in extremes)) is not None:
+        warnings.warn(f"{note} (data.img_size, or a SPIN trial's img_size)", stacklevel=2)
     return costs
 
 
