@@ -26,7 +26,8 @@ SPIN = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "objective
 
 
 def spin(**fixed) -> dict:
-    return {**SPIN, "fixed": {**SPIN["fixed"], **fixed}}
+    """The SPIN spec with `fixed` changed (None: left out)."""
+    return {**SPIN, "fixed": {k: v for k, v in {**SPIN["fixed"], **fixed}.items() if v is not None}}
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -62,6 +63,8 @@ def spin(**fixed) -> dict:
                                r"leave transform_groups out \(--set fixed.transform_groups=null\)$"),
     ({**spin(share_rate=2, pretrain_epochs=2), "dimensions": {"mapping": {"choice": ["sequential", "strided"]}}},
      r"^fixed.pretrain_epochs: no trial of this search reads it \(it applies where fusion or the cka mapping start from"),
+    (spin(model="deit_tiny", dim=6, patch_size=4, kernel_size=5), r"^fixed.kernel_size: no trial of this search reads it \(it applies "
+                                                                  r"to the models that take it: convmixer, convnext_isotropic\); "),
 ])
 def test_invalid_specs_fail_in_one_line_naming_the_field(raw, message):
     with pytest.raises(SpecError, match=message) as caught:
@@ -73,6 +76,8 @@ def test_a_sharing_option_some_trials_read_is_accepted():
     """Searching share_rate down to 1 with transforms fixed: the trials above 1 read them."""
     spec = parse_spec({**spin(transform_groups=4), "dimensions": {"share_rate": {"choice": [1, 2]}}})
     assert {settings.transform_groups for settings in spec.extreme_settings()} == {4}
+    spec = parse_spec({**spin(dim=6, patch_size=4, kernel_size=5), "dimensions": {"model": {"choice": ["convmixer", "deit_tiny"]}}})
+    assert {settings.kernel_size for settings in spec.extreme_settings()} == {5}  # the convmixer trials read it
     # a variant no trial picks gives nothing: the unshared one alone runs, the mapped one is only checked
     spec = parse_spec({**spin(variant="plain"), "variants": {"plain": {}, "mapped": {"share_rate": 2, "mapping": "strided"}}})
     assert [settings.mapping for settings in spec.extreme_settings()] == ["sequential"]
@@ -121,7 +126,7 @@ def synthetic():
     (spin(dim=100_000, depth=64), r"model \(.*dim=100000, depth=64.*\): needs about .* GiB to train on batches of "
                                   r"16x1x8x8 \(batch_size, then the image: img_size or data.img_size\)"),
     (spin(share_rate=2, fusion="mean", pretrain_epochs=1, components="batchnorm"), r"model \(.*fusion='mean'.*\): .*'batchnorm' holds a BatchNorm2d"),
-    (spin(share_rate=2, model="deit_tiny", dim=12, patch_size=4, transform_groups=2), r"transform_groups: transforms act on shared weights"),
+    (spin(share_rate=2, model="deit_tiny", dim=12, patch_size=4, kernel_size=None, transform_groups=2), r"transform_groups: transforms act on shared weights"),
 ])
 def test_dry_runs_catch_what_fails_only_in_a_trial(raw, message, synthetic):
     spec = parse_spec(raw)  # valid by types and ranges
@@ -285,6 +290,8 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "SPEC", "--storage", "/proc/sharetune"], "error: /proc/sharetune: /proc is on a read-only or virtual filesystem"),
     (["train", "spin", "--dataset", "synthetic", "--transform-groups", "4"],
      "error: --transform-groups: this run never reads it (it applies where share_rate is above 1); leave it out"),
+    (["train", "spin", "--dataset", "synthetic", "--model", "deit_tiny", "--kernel-size", "5"],  # timm's DeiT has no such option
+     "error: --kernel-size: this run never reads it (it applies to the models that take it: convmixer, convnext_isotropic); leave it out"),
     (["ui", "--port", "99999"], "error: Invalid value for '--port': Input should be less than or equal to 65535 "
                                 "(`python -m sharetune.cli ui --help` says what it takes)"),  # click's usage error: one line too
 ])

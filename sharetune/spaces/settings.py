@@ -162,11 +162,14 @@ class SpinSettings(FamilySettings):
 
     def unused(self, given: Iterable[str]) -> dict[str, str]:
         """Of the settings `given`, those this model never reads, each with where it would apply: a sharing
-        plan's without sharing (share_rate 1), pretraining's where no model starts from the unshared one."""
+        plan's without sharing (share_rate 1), pretraining's where no model starts from the unshared one, a
+        model option (kernel_size) the model does not take."""
         unused = {name: "where share_rate is above 1" for name in ("mapping", "distribution", "components", "transform_groups")
                   if self.share_rate == 1}
         if not self.needs_pretrained():
             unused.update(dict.fromkeys(("pretrain_epochs", "pretrained"), "where fusion or the cka mapping start from the unshared model"))
+        for name in (name for name in self.ARCHITECTURE if name not in get_model(self.model).options):
+            unused[name] = f"to the models that take it: {', '.join(m for m in SPIN_MODELS if name in get_model(m).options)}"
         given = set(given)
         return {name: where for name, where in unused.items() if name in given}
 
