@@ -1,4 +1,5 @@
-"""Multi-objective successive halving: the ranking, the scheduler's decisions, and a real search."""
+"""Multi-objective successive halving: the ranking, the scheduler's decisions, and a real search; ASHA's
+rungs kept for a resumed search."""
 
 import json
 import pickle
@@ -11,6 +12,7 @@ from helpers import tiny_spec
 from ray.tune.experiment import Trial
 
 from sharetune.search import SearchFolder, report, tuner
+from sharetune.search.asha import KeptASHA
 from sharetune.search.moasha import MOASHA, contributions, fronts, going_on, ranks_ahead
 from sharetune.spaces import SpecError, parse_spec
 
@@ -75,6 +77,30 @@ def test_a_resumed_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp
     earlier = pickle.loads(at_start)  # as an earlier version pickled it: no store; it ranks in memory
     del earlier.__dict__["store"], earlier.__dict__["restored"]
     assert report_at(earlier, "a", 0.9, 50) == "CONTINUE" and report_at(earlier, "b", 0.5, 100) == "STOP"
+
+
+def test_a_resumed_asha_search_ranks_against_the_rungs_recorded_before_it_stopped(tmp_path):
+    """Ray's ASHA as Tune rebuilds it on resume (from the pickle taken at the start) forgot its rungs."""
+    def report_at(scheduler: KeptASHA, name: str, epoch: int, accuracy: float) -> str:
+        trial = Trial("train_trial", stub=True, trial_id=name)
+        if name not in scheduler._trial_info:
+            scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, trial, {"epoch": epoch, "test_accuracy": accuracy})
+
+    def asha(store=None) -> KeptASHA:
+        return KeptASHA(time_attr="epoch", metric="test_accuracy", mode="max", max_t=9, grace_period=1, reduction_factor=3, store=store)
+
+    started = asha(SearchFolder(tmp_path))
+    at_start = pickle.dumps(started)
+    assert [report_at(started, name, 1, accuracy) for name, accuracy in (("a", 0.9), ("b", 0.1), ("c", 0.95))] == ["CONTINUE", "STOP", "CONTINUE"]
+    written = (tmp_path / KeptASHA.RUNGS_FILE).stat().st_mtime_ns
+    assert report_at(started, "a", 2, 0.95) == "CONTINUE"
+    assert (tmp_path / KeptASHA.RUNGS_FILE).stat().st_mtime_ns == written  # between rungs: nothing changed, nothing written
+    resumed = pickle.loads(at_start)
+    assert report_at(resumed, "d", 1, 0.2) == "STOP"  # below the top third of a, b and c, recorded before the search stopped
+    assert resumed._num_stopped == 2
+    assert report_at(asha(), "d", 1, 0.2) == "CONTINUE"  # what Ray's own did on resume: empty rungs, the first goes on
+    assert json.loads((tmp_path / KeptASHA.RUNGS_FILE).read_text())["brackets"][0][-1] == {"a": 0.9, "b": 0.1, "c": 0.95, "d": 0.2}
 
 
 def test_the_spec_reference_point_replaces_the_dense_cost():

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from sharetune.errors import ExitCode
 from sharetune.metrics import pareto_mask
 from sharetune.search import SearchFolder, report, tuner
+from sharetune.search.asha import KeptASHA
 from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
 from sharetune.search.mlflow_logger import MlflowLogger
@@ -257,12 +258,14 @@ def test_a_trial_whose_configuration_cannot_be_built_fails_once_and_the_others_f
 
 
 def test_single_objective_search_with_asha_and_spin_models(tmp_path):
-    _, trials, _ = search(
+    result, trials, _ = search(
         tmp_path, family="spin", sampler="tpe", scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
         fixed={"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "epochs": 2, "lr": 0.05},
         dimensions={"share_rate": {"choice": [1, 2, 4]}, "mapping": {"choice": ["sequential", "strided"]}},
     )
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    rungs = json.loads((Path(result.folder) / KeptASHA.RUNGS_FILE).read_text())  # for `resume`: every trial reached epoch 1
+    assert set(rungs["brackets"][0][-1]) == set(trials["trial_id"])
     for _, trial in trials.iterrows():
         assert trial["effective_share_rate"] == pytest.approx(trial["virtual_params"] / trial["unique_params"])
         assert trial["unique_params"] < trial["virtual_params"] or trial["effective_share_rate"] == 1

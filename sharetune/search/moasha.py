@@ -13,8 +13,7 @@ reduction_factor rounded down (ASHA's top k), but at least one; otherwise it goe
 ASHA, the first trial at a rung always continues, a trial is stopped only by trials that are
 clearly better, and at most the top 1/reduction_factor go on once a rung has a few trials.
 
-The rungs' records are kept in the search folder (RUNGS_FILE) as they change: Tune saves no
-scheduler state, so a resumed search would otherwise rank its next trials against empty rungs.
+The rungs' records are kept in the search folder (RUNGS_FILE) as they change (sharetune.search.rungs).
 
 What the sampler is told about a stopped trial: its objectives at the rung where it stopped, as a
 complete trial (Tune reports a stopped trial's last result to the searcher). That is a choice with
@@ -25,16 +24,14 @@ since NSGA-II and TPE would then learn nothing from most trials.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from sharetune.metrics import DENSE_COST, STEP, hypervolume, pareto_mask
+from sharetune.search.rungs import KeptRungs
 from sharetune.storage_filesystem import FileStore
-
-RUNGS_FILE = "sharetune-moasha.json"
 
 
 def fronts(points: np.ndarray) -> list[np.ndarray]:
@@ -80,14 +77,13 @@ def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
     raise IndexError(index)
 
 
-class MOASHA(FIFOScheduler):
-    store: FileStore | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
-    restored = True
+class MOASHA(KeptRungs, FIFOScheduler):
+    RUNGS_FILE = "sharetune-moasha.json"
 
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int, reduction_factor: float,
                  reference: dict[str, float] | None = None, store: FileStore | None = None) -> None:
         super().__init__()
-        self.store, self.restored = store, store is None
+        self.keep_rungs_in(store)
         self.objectives, self.reference = dict(objectives), dict(reference or {})
         self.signs = np.array([-1.0 if mode == "max" else 1.0 for mode in objectives.values()])  # all minimised
         self.reduction_factor = reduction_factor
@@ -105,7 +101,7 @@ class MOASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if STEP not in result or any(not isinstance(result.get(m), (int, float)) for m in self.objectives):
             return TrialScheduler.CONTINUE
-        self._restore()
+        self.restore_rungs()
         epoch = result[STEP]
         rung = max((r for r in self.rungs if r <= epoch), default=None)
         if rung is None or trial.trial_id in self.rungs[rung]:
@@ -119,26 +115,18 @@ class MOASHA(FIFOScheduler):
         reference = np.max([bound for _, bound in recorded.values()], axis=0)
         stop = ranks_ahead(points, reference, len(points) - 1) >= going_on(len(points), self.reduction_factor)
         self.stopped += stop
-        self._save()
+        self.save_rungs()
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
-    def _save(self) -> None:
-        if self.store is not None:
-            rungs = {rung: {trial: [point.tolist(), bound.tolist()] for trial, (point, bound) in recorded.items()}
-                     for rung, recorded in self.rungs.items()}
-            self.store.write(RUNGS_FILE, json.dumps({"rungs": rungs, "stopped": self.stopped}).encode())
+    def _rung_state(self) -> dict:
+        rungs = {rung: {trial: [point.tolist(), bound.tolist()] for trial, (point, bound) in recorded.items()}
+                 for rung, recorded in self.rungs.items()}
+        return {"rungs": rungs, "stopped": self.stopped}
 
-    def _restore(self) -> None:
-        """Once, in a resumed search's scheduler (Tune rebuilds it as it was when the search started)."""
-        if self.restored:
-            return
-        self.restored = True
-        saved = self.store.read(RUNGS_FILE)
-        if saved is not None:
-            state = json.loads(saved)
-            for rung, recorded in state["rungs"].items():
-                self.rungs[int(rung)] = {trial: (np.array(point), np.array(bound)) for trial, (point, bound) in recorded.items()}
-            self.stopped = state["stopped"]
+    def _load_rungs(self, state: dict) -> None:
+        for rung, recorded in state["rungs"].items():
+            self.rungs[int(rung)] = {trial: (np.array(point), np.array(bound)) for trial, (point, bound) in recorded.items()}
+        self.stopped = state["stopped"]
 
     def bound(self, result: dict) -> np.ndarray:
         """The reference point this result implies, minimised; the rung's is the largest over its trials.

@@ -17,12 +17,12 @@ from pathlib import Path
 import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from sharetune.data import Batches, load
 from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
+from sharetune.search.asha import KeptASHA
 from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
@@ -193,8 +193,8 @@ class ProposalCosts:
 
 
 def _scheduler(spec: SearchSpec, folder: SearchFolder):
-    """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them (its rungs kept
-    in the folder)."""
+    """The spec's early stopping: ASHA on the one objective, or MO-ASHA on all of them (either's rungs
+    kept in the folder, for `resume`)."""
     if spec.scheduler is None:
         return None
     options = {"max_t": spec.scheduler_max_t(), "grace_period": spec.scheduler.grace_period,
@@ -202,7 +202,7 @@ def _scheduler(spec: SearchSpec, folder: SearchFolder):
     if spec.scheduler.name == "moasha":
         return MOASHA(spec.objectives, reference=spec.hypervolume_reference, store=folder, **options)
     (metric, mode), = spec.objectives.items()
-    return ASHAScheduler(time_attr=STEP, metric=metric, mode=mode, **options)  # epoch 0 (the costs) has no metric
+    return KeptASHA(time_attr=STEP, metric=metric, mode=mode, store=folder, **options)  # epoch 0 (the costs) has no metric
 
 
 # sharetune reads each trial's result.json alone (ResultLog) and compares results in MLflow: Tune's CSV

@@ -1,0 +1,47 @@
+"""Successive halving's rungs kept in the search folder as they change.
+
+Tune saves no scheduler state: a resumed search rebuilds its scheduler as it was when the search
+started (from tuner.pkl), so without a copy it would rank its next trials against empty rungs and
+stop none of them until new trials filled the rungs again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from sharetune.storage_filesystem import FileStore
+
+
+class KeptRungs:
+    """A scheduler's rungs, written to `store` whenever they change and read back once in a resumed
+    search; a scheduler has `_rung_state` (JSON-ready) and `_load_rungs` (its inverse)."""
+
+    RUNGS_FILE: ClassVar[str]
+    store: FileStore | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
+    restored = True
+    written: str | None = None  # what the store holds, so that a result that changes no rung writes nothing
+
+    def keep_rungs_in(self, store: FileStore | None) -> None:
+        self.store, self.restored = store, store is None
+
+    def _rung_state(self) -> dict:
+        raise NotImplementedError  # each scheduler's own records
+
+    def _load_rungs(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save_rungs(self) -> None:
+        state = json.dumps(self._rung_state())
+        if self.store is not None and state != self.written:
+            self.store.write(self.RUNGS_FILE, state.encode())
+            self.written = state
+
+    def restore_rungs(self) -> None:
+        """Once, in a resumed search's scheduler: the rungs as the folder holds them (none in a new search)."""
+        if self.restored:
+            return
+        self.restored = True
+        saved = self.store.read(self.RUNGS_FILE)
+        if saved is not None:
+            self._load_rungs(json.loads(saved))
