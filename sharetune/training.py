@@ -24,20 +24,18 @@ import contextlib
 import ctypes
 import functools
 import math
-import random
 import time
 import warnings
 from fnmatch import fnmatch
 from typing import Annotated, Callable, Iterator, Literal, Optional, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor, nn
 
-from sharetune.data import Augment, Batches, epoch_seed
+from sharetune.data import Augment, Batches, epoch_seed, seed_host_generators
 from sharetune.errors import first_line
 from sharetune.metrics import EpochMetrics
 
@@ -243,10 +241,9 @@ def seed_epoch(seed: int, epoch: int) -> None:
     """Seed every generator a recipe's random pieces draw from by the seed and the epoch alone: torch's
     (dropout, drop-path), NumPy's (timm's MixUp and CutMix) and Python's (timm's random erasing). A
     run is then reproducible from its seed, and a resumed one goes on as if it had never stopped."""
-    value = epoch_seed(seed, epoch) % 2**32  # NumPy's legacy generator takes 32 bits
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
+    value = epoch_seed(seed, epoch) % 2**32
+    seed_host_generators(value)
+    torch.manual_seed(value)  # and the devices' (dropout on a GPU)
 
 
 def _distributed() -> bool:

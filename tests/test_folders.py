@@ -13,10 +13,11 @@ import pytest
 import torch
 from helpers import BIN, all_processes, image_folder, tiny_spec
 from PIL import Image
+from torch import Tensor
 from typer.testing import CliRunner
 
 from sharetune.cli import app
-from sharetune.data import DataError, ImageFolderData, Preprocessing, load, stratified_split
+from sharetune.data import Augment, DataError, ImageFolderData, Preprocessing, load, stratified_split
 from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
 from sharetune.spaces import parse_spec
@@ -103,6 +104,30 @@ def test_images_stored_smaller_than_they_are_decoded_get_a_note_from_train_and_s
                                 fixed={"epochs": 1, "dim": 8, "depth": 1, "patch_size": 4}, dimensions={"img_size": {"choice": [16, 32]}}))
     with pytest.warns(UserWarning, match=r"decoded at 32 x 32: 4 times .* \(data.img_size, or a SPIN trial's img_size\)$"):
         check_search(spec, load(**spec.data.model_dump()))
+
+
+def test_an_images_augmentation_depends_on_the_seed_the_epoch_and_the_image_alone(tmp_path):
+    """A resumed trial's persistent loader workers start at its epoch, trials get different numbers of
+    them, and the ranks of a data-parallel trial each decode a share: each used to draw its own
+    augmentations (RandAugment, random erasing)."""
+    image_folder(tmp_path)
+    augment, cpu = Augment(randaugment="rand-m9-mstd0.5-inc1", random_erasing=0.5), torch.device("cpu")
+
+    def epoch(data, number: int, workers: int) -> list[Tensor]:
+        return [x for x, _ in data.train_batches(number, 16, 3, cpu, augment=augment, workers=workers)]
+
+    def folder(**options):
+        return load("imagefolder", tmp_path, img_size=16, **options)
+
+    uninterrupted = folder()
+    epoch(uninterrupted, 0, 2)
+    second = epoch(uninterrupted, 1, 2)  # from the pair of persistent workers that decoded the first epoch
+    for other in (epoch(folder(), 1, 2), epoch(folder(), 1, 1), epoch(folder(), 1, 0)):  # resumed at epoch 1; one worker; none
+        assert len(other) == len(second) and all(torch.equal(a, b) for a, b in zip(other, second))
+    ranks = [epoch(folder().shard(rank, 2), 1, 1) for rank in (0, 1)]  # a two-worker trial's ranks: halves of the same batches
+    assert all(torch.equal(torch.cat(halves), whole) for *halves, whole in zip(*ranks, second))
+    images = uninterrupted._loader("train", 16, cpu, 0, augment).dataset
+    assert torch.equal(images[(0, 7)][0], images[(0, 7)][0]) and not torch.equal(images[(0, 7)][0], images[(0, 8)][0])  # random, seeded
 
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):

@@ -8,6 +8,7 @@ data-parallel trial (`shard`) each take their part of the same batches.
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
 from typing import Any, Iterable, Iterator, Protocol
@@ -157,6 +158,21 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """What an epoch's randomness is seeded with: the run's seed and the epoch alone, distinct for
     every epoch of every seed."""
     return seed * 1_000_003 + epoch
+
+
+def seed_host_generators(value: int) -> None:
+    """Seed the host's generators that random pieces draw from: Python's, NumPy's (its legacy one takes
+    32 bits) and torch's CPU one (torch.manual_seed also seeds every device's, and costs 100 times more)."""
+    value %= 2**32
+    random.seed(value)
+    np.random.seed(value)
+    torch.default_generator.manual_seed(value)
+
+
+def image_seed(epoch_value: int, index: int) -> int:
+    """What one image's augmentation draws from in an epoch (`epoch_value`: `epoch_seed`'s): the same
+    whichever loader worker, rank or resumed run decodes it."""
+    return int(np.random.SeedSequence((epoch_value, index)).generate_state(1)[0])
 
 
 def epoch_order(size: int, seed: int, epoch: int) -> Tensor:

@@ -21,7 +21,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sharetune.data.batches import Augment, Preprocessing, batch_starts, epoch_order, share
+from sharetune.data.batches import (
+    Augment,
+    Preprocessing,
+    batch_starts,
+    epoch_order,
+    epoch_seed,
+    image_seed,
+    seed_host_generators,
+    share,
+)
 from sharetune.data.datasets import EVAL_BATCH, FOLDER, DataError, val_split
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -49,7 +58,10 @@ def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
 
 
 class _Images(Dataset):
-    """Decodes and transforms one file; an unreadable one comes back as its path, to be counted."""
+    """Decodes and transforms one file; an unreadable one comes back as its path, to be counted. A
+    training item, `(index, epoch_value)`, is augmented from `image_seed` alone: the same in every
+    loader worker, rank and resumed run (a worker's own generators depend on how many there are and
+    on when a persistent one started)."""
 
     def __init__(self, files: list[tuple[str, int]], transform) -> None:
         self.files, self.transform = files, transform
@@ -57,13 +69,16 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, epoch_value = item if isinstance(item, tuple) else (item, None)
         path, label = self.files[index]
         try:
             with Image.open(path) as image:
                 decoded = image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image we can read
             return path
+        if epoch_value is not None:
+            seed_host_generators(image_seed(epoch_value, index))
         return self.transform(decoded), label
 
 
@@ -78,17 +93,18 @@ def _collate(items: list) -> tuple[Tensor, Tensor, list[str]]:
 class _EpochBatches(Sampler):
     """A distributed batch sampler: the epoch's seeded order cut into batches of `batch_size`, and of
     each batch the rank's share, so `world` workers step through the single process's batches
-    together. Seed and epoch are set before each epoch, so persistent workers keep running."""
+    together. Seed and epoch are set before each epoch, so persistent workers keep running; each
+    index goes with the epoch's seed, which its augmentation draws from (`_Images`)."""
 
     def __init__(self, size: int, batch_size: int, rank: int, world: int) -> None:
         self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world
         self.seed, self.epoch = 0, 0
 
     def __iter__(self):
-        order = epoch_order(self.size, self.seed, self.epoch).tolist()
+        order, epoch_value = epoch_order(self.size, self.seed, self.epoch).tolist(), epoch_seed(self.seed, self.epoch)
         for start in batch_starts(self.size, self.batch_size, self.world):
             batch = order[start : start + self.batch_size]
-            yield batch[share(len(batch), self.rank, self.world)]
+            yield [(index, epoch_value) for index in batch[share(len(batch), self.rank, self.world)]]
 
 
 @dataclass
