@@ -191,6 +191,21 @@ def test_space_samples_a_setting_only_where_it_applies():
     assert len(seen) == 8
 
 
+def test_a_fixed_setting_a_sampled_condition_turns_off_is_left_out_of_those_trials():
+    """A fixed alpha beside a searched hash: the uniform trials' configs carried alpha 0.5 (to MLflow, the
+    report and the duplicate check) while the spec's checks left it out of them."""
+    spec = parse_spec(tiny(fixed={"alpha": 0.5}, dimensions={"hash": {"choice": ["uniform", "dirichlet"]}}))
+    study, space, configs = optuna.create_study(), OptunaSpace(spec), {}
+    for hash_name in ("uniform", "dirichlet"):
+        study.enqueue_trial({"hash": hash_name})
+        trial = study.ask()
+        configs[trial.params["hash"]] = space(trial)
+        study.tell(trial, 0.5)
+    assert configs["uniform"] == {"family": "arbnet", **{k: v for k, v in spec.fixed.items() if k != "alpha"}, "hash": "uniform"}
+    assert configs["dirichlet"] == {"family": "arbnet", **spec.fixed, "hash": "dirichlet"}
+    assert [(s.hash, s.alpha) for s in spec.extreme_settings()] == [("uniform", None), ("dirichlet", 0.5)]  # what the checks read
+
+
 def test_a_setting_the_run_would_ignore_is_refused():
     with pytest.raises(SpecError, match="warmup_epochs: applies only to schedule 'cosine', not 'onecycle'"):
         parse_spec(tiny(fixed={"recipe": "spin", "warmup_epochs": 2}))

@@ -24,8 +24,8 @@ def suggest(trial: optuna.Trial, name: str, dim: Dimension) -> Any:
 
 class OptunaSpace:
     """Define-by-run space. Samples unconditional dimensions first, then those whose condition holds
-    (alpha only for dirichlet, ...); returns the trial's whole config: the family, the fixed settings,
-    the sampled ones and the chosen variant's. A class, not a closure, so Tune can pickle the searcher."""
+    (alpha only for dirichlet, ...); returns the trial's whole config: the family and
+    `SearchSpec.trial_config` (the one every check of the spec reads too). A class, not a closure, so Tune can pickle the searcher."""
 
     def __init__(self, spec: SearchSpec) -> None:
         self.spec = spec
@@ -38,8 +38,7 @@ class OptunaSpace:
             known = {**spec.fixed, **chosen}
             if all(known.get(key) in values for key, values in self.conditions[name].items()):
                 chosen[name] = suggest(trial, name, spec.dimensions[name])
-        variant = chosen.get("variant", spec.fixed.get("variant"))
-        return {"family": spec.family, **spec.fixed, **chosen, **spec.variants.get(variant, {})}
+        return {"family": spec.family, **spec.trial_config(chosen)}
 
 
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:

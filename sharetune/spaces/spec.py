@@ -428,12 +428,16 @@ class SearchSpec(BaseModel):
             return f"dimensions.{name}"
         return next((f"variants.{variant}.{name}" for variant, settings in self.variants.items() if name in settings), None)
 
-    def _config(self, combo: dict[str, Scalar]) -> dict:
-        """The config of a trial that samples `combo`: the fixed settings, the active samples, its variant's."""
-        config = {**self.fixed, **combo}
+    def trial_config(self, sampled: dict[str, Scalar]) -> dict:
+        """The settings of a trial that samples `sampled`: the fixed ones and the samples, less those its
+        conditions turn off (a fixed alpha where the hash sampled is not dirichlet), and its variant's."""
+        config = {**self.fixed, **sampled}
         config = {k: v for k, v in config.items() if not self._inactive(k, config)}
-        config.update(self.variants.get(config.pop("variant", None), {}))
-        return config
+        return {**config, **self.variants.get(config.get("variant"), {})}
+
+    def _config(self, combo: dict[str, Scalar]) -> dict:
+        """`trial_config` as the settings read it (the variant's name is no setting)."""
+        return {k: v for k, v in self.trial_config(combo).items() if k != "variant"}
 
     def _resolve(self, combo: dict[str, Scalar], where: Callable[[tuple], str]) -> FamilySettings:
         """The settings of a trial that samples `combo`; errors name the field as `where` spells it."""
