@@ -1,10 +1,13 @@
 """Search specs: presets, validation errors, overrides and the Optuna space they define."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 import yaml
 from helpers import tiny_spec as tiny
 
+from sharetune.search.mlflow_logger import dataset_of
 from sharetune.search.storage import SPEC_FILE, SearchFolder
 from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset, preset_names
 from sharetune.spaces.samplers import GridSampler, NSGAIISampler
@@ -204,6 +207,15 @@ def test_a_fixed_setting_a_sampled_condition_turns_off_is_left_out_of_those_tria
     assert configs["uniform"] == {"family": "arbnet", **{k: v for k, v in spec.fixed.items() if k != "alpha"}, "hash": "uniform"}
     assert configs["dirichlet"] == {"family": "arbnet", **spec.fixed, "hash": "dirichlet"}
     assert [(s.hash, s.alpha) for s in spec.extreme_settings()] == [("uniform", None), ("dirichlet", 0.5)]  # what the checks read
+
+
+def test_a_generated_set_however_spelled_is_read_from_no_folder():
+    """`MNIST1D` parsed as mnist1d; the spec kept no folder for it, but MLflow's dataset named `./data` as its source."""
+    for name in ("mnist1d", "MNIST1D", "Mnist1d"):
+        spec = parse_spec(tiny(data={"name": name}))
+        assert spec.data.generated and spec.with_data_root().data.root is None and dataset_of(spec).source == "generated"
+    spec = parse_spec(tiny(data={"name": "mnist", "root": "somewhere"}))
+    assert not spec.data.generated and dataset_of(spec).source == str(Path("somewhere").resolve())
 
 
 def test_a_setting_the_run_would_ignore_is_refused():

@@ -33,7 +33,7 @@ from mlflow.utils.mlflow_tags import (
 )
 from ray import tune
 
-from sharetune.data import GENERATED, data_root
+from sharetune.data import data_root
 from sharetune.metrics import METRICS, STEP
 from sharetune.search.mlflow_queue import (
     CONFIGURATION_TAG,
@@ -100,7 +100,7 @@ def dataset_of(spec: SearchSpec) -> Dataset:
     root, subsets, seeds, val split), and where it comes from."""
     settings = spec.data.model_dump(mode="json")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    source = str(data_root(spec.data.root)) if spec.data.name not in GENERATED else "generated"
+    source = "generated" if spec.data.generated else str(data_root(spec.data.root))
     return Dataset(name=spec.data.name, digest=digest, source_type="local", source=source,
                    profile=json.dumps(settings))
 

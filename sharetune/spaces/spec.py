@@ -194,6 +194,11 @@ class DataSpec(BaseModel):
             raise ValueError(str(err).removeprefix("data.name: ")) from None
         return value
 
+    @property
+    def generated(self) -> bool:
+        """Made from the seed (any spelling of the name), not read from files under `root`."""
+        return canonical_name(self.name) in GENERATED
+
 
 class Scheduler(BaseModel):
     """Early stopping: asha (one objective) or moasha (several; sharetune.search.moasha)."""
@@ -514,7 +519,7 @@ class SearchSpec(BaseModel):
         """The spec as its search saves it: data read from files names its folder as the absolute path it
         is where the search starts, so a `resume` from another directory, or a submitted search's driver
         on the cluster, reads the same data."""
-        if canonical_name(self.data.name) in GENERATED:
+        if self.data.generated:
             return self
         return self.model_copy(update={"data": self.data.model_copy(update={"root": str(data_root(self.data.root))})})
 
