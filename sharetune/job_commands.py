@@ -21,8 +21,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 warnings.formatwarning = _one_line_warning
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line and the exit code: 2 for bad input (sharetune.errors.ExitCode lists them all)."""
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
+    """One line and the exit code (sharetune.errors.ExitCode lists them all)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 

@@ -41,7 +41,7 @@ class EpochMetrics:
     val_accuracy: float | None  # on the split held out of training for selection; None without one
     train_accuracy: float
     loss: float  # mean training loss over the epoch
-    lr: float  # the learning rate after the epoch's schedule step
+    lr: float  # the learning rate the epoch's last update used
     epoch_seconds: float
     diverged: bool = False  # the loss turned NaN or infinite; training stopped
     unreadable_images: int | None = None  # an image folder's files skipped so far as undecodable (summed over a

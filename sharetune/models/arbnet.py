@@ -132,13 +132,6 @@ class ArbLinear(nn.Module):
         p = counts[counts > 0] / counts.sum()
         return float(-(p * p.log()).sum())
 
-    def load_factor(self) -> float:
-        """Trainable virtual weights per table entry (the zero slot's weights are not loaded)."""
-        return float(self.usage().sum()) / self.table_size
-
-    def sparsity(self) -> float:
-        return float((self.index == self.table_size).sum()) / self.index.numel()
-
     def virtual_parameter_count(self) -> int:
         """Dense-equivalent parameters: what an unshared `nn.Linear` of this shape would hold."""
         return self.index.numel() + (0 if self.bias is None else self.bias.numel())

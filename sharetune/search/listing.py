@@ -18,7 +18,7 @@ from pyarrow import fs
 
 from sharetune.search.outcome import ENDED, failed_trials
 from sharetune.search.searcher import CONFIGURATION
-from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
+from sharetune.search.storage import INFEASIBLE_KIND, SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
 
@@ -60,7 +60,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
             means = [sum(values) / len(values) for values in seeds.values()]
             best[objective] = max(means) if mode == "max" else min(means)
     trained = {t.config.get(CONFIGURATION) for t in trials}
-    proposed = trained | {entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == "infeasible"}
+    proposed = trained | {entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == INFEASIBLE_KIND}
     planned = len(trained) * spec.repeats if spec.ran_out(len(proposed)) else spec.planned_trials()  # all a finite space held
     return PastSearch(folder, spec.name, started, planned, done=len(ended), failed=len(failed),
                       pending=len(trials) - len(ended), best=best)

@@ -27,6 +27,7 @@ from mlflow.entities import Dataset, Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_GIT_COMMIT,
+    MLFLOW_RUN_NOTE,
     MLFLOW_SOURCE_NAME,
     MLFLOW_SOURCE_TYPE,
     MLFLOW_USER,
@@ -44,7 +45,7 @@ from sharetune.search.mlflow_queue import (
 )
 from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
-from sharetune.search.storage import SearchFolder
+from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
 from sharetune.spaces.locations import DEFAULT_STORE
 
@@ -53,7 +54,6 @@ ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
 CUT_TAG = "sharetune.cut"  # a trial the time limit ended before its last epoch (its run ends KILLED)
 DIMENSIONS_PARAM = "dimensions"  # the parent run's: the searched settings, in the spec's order
-NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
 
 
@@ -174,7 +174,7 @@ class MlflowLogger(tune.Callback):
     def setup(self, **info) -> None:
         self.started = time.monotonic()
         self.queue = MlflowQueue.of(self.folder, self.uri, self.experiment)
-        tags = {**self.tags, **({NOTE_TAG: self.description} if self.description else {})}
+        tags = {**self.tags, **({MLFLOW_RUN_NOTE: self.description} if self.description else {})}
         self.queue.put("open_parent", name=self.folder.name, tags=tags, params=self.params, spec_yaml=self.spec_yaml)
         self.queue.start()
 
@@ -185,7 +185,7 @@ class MlflowLogger(tune.Callback):
             if number in self.skipped_logged:
                 continue
             tags = {KIND_TAG: entry["kind"], CONFIGURATION_TAG: str(number)}
-            if entry["kind"] == "duplicate":
+            if entry["kind"] == DUPLICATE_KIND:
                 tags[DUPLICATE_TAG] = duplicate_of(entry)
                 name = f"duplicate of configuration {entry['duplicate_of']}"
             else:

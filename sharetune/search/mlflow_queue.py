@@ -30,10 +30,11 @@ from pathlib import Path
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from sharetune.cache import cache_dir
-from sharetune.errors import first_line
+from sharetune.errors import ExitCode, first_line
 from sharetune.search.storage import SearchFolder, StateError, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
@@ -43,7 +44,7 @@ SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spell
 SEARCH_ID_TAG = "sharetune.search_id"  # which search in that folder: one deleted and started afresh is another
 TRIAL_TAG = "sharetune.trial_id"
 CONFIGURATION_TAG = "sharetune.configuration"  # a proposal answered without training: its Optuna trial number
-PARENT_TAG = "mlflow.parentRunId"
+MOST_RUNS = 10_000  # runs one query lists: a search's children, an experiment's searches
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PROGRESS_STEP = "unique_params"  # every report carries it (the costs' at step 0 too): a run's last logged step
 RETRY_MAX_S = 30.0  # the longest wait between two tries while the server does not answer
@@ -64,7 +65,7 @@ if PASSWORD_FILE and "MLFLOW_TRACKING_PASSWORD" not in os.environ:
     except OSError as err:  # read as the module loads, so no command can answer later: one line here
         print(f"error: MLFLOW_TRACKING_PASSWORD_FILE: {PASSWORD_FILE}: {err.strerror}; give the file that holds the "
               "tracking server's password", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(ExitCode.BAD_INPUT) from None
 
 
 def queue_path(folder: SearchFolder) -> Path:
@@ -108,7 +109,7 @@ def runs_filters(trial_ids: list[str]) -> list[str]:
 
 
 def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
-    return client.search_runs([experiment_id], tag_filter(PARENT_TAG, parent_id), max_results=10000)
+    return client.search_runs([experiment_id], tag_filter(MLFLOW_PARENT_RUN_ID, parent_id), max_results=MOST_RUNS)
 
 
 def search_tags(folder: SearchFolder) -> dict[str, str]:
@@ -124,13 +125,13 @@ def search_parent(client: MlflowClient, experiment_id: str, folder: SearchFolder
     return runs[0] if runs else None
 
 
-def batched(items: list, size: int = 100):  # MLflow caps params per log_batch at 100
+def batched(items: list, size: int = MAX_PARAMS_TAGS_PER_BATCH):
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def params_of(values: dict) -> list[Param]:
-    return [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
+    return [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in sorted(values.items())]
 
 
 class MlflowQueue:
@@ -355,7 +356,7 @@ class Writer:
         if run_id is not None:  # a resumed trial keeps logging into its run
             self.client.update_run(run_id, status="RUNNING")
             return
-        run_id = self._create(key, name, {**tags, PARENT_TAG: self.run_id("parent")}, params)
+        run_id = self._create(key, name, {**tags, MLFLOW_PARENT_RUN_ID: self.run_id("parent")}, params)
         if dataset is not None:
             self.client.log_inputs(run_id, [DatasetInput(Dataset(**dataset), [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
 
@@ -363,7 +364,7 @@ class Writer:
         """A finished run for a proposal answered without training, once."""
         if self.run_id(key) is not None:
             return
-        run_id = self._create(key, name, {**tags, PARENT_TAG: self.run_id("parent")}, params)
+        run_id = self._create(key, name, {**tags, MLFLOW_PARENT_RUN_ID: self.run_id("parent")}, params)
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in costs.items()])
         self.client.set_terminated(run_id, status="FINISHED")
 

@@ -11,14 +11,13 @@ import pandas as pd
 
 from sharetune.errors import ExitCode
 from sharetune.metrics import STEP
-from sharetune.search.storage import SearchFolder
+from sharetune.search.storage import DUPLICATE_KIND, FAILED, FINISHED, INFEASIBLE_KIND, SearchFolder
 from sharetune.spaces import trial_settings
 from sharetune.trainables import ConfigurationError
 
-FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 CUT = "CUT"  # the report's status of a trial the search's time_limit_s ended before its last epoch
 ENDED = (FINISHED, FAILED, CUT)
-INFEASIBLE, DUPLICATE = "INFEASIBLE", "DUPLICATE"  # the report's statuses of proposals answered without training
+INFEASIBLE, DUPLICATE = INFEASIBLE_KIND.upper(), DUPLICATE_KIND.upper()  # the report's statuses of the skipped proposals
 
 
 ERROR_LINE_CHARS = 200  # past this, an error line keeps its first sentence (Ray's paragraphs, e.g. a dead worker's)

@@ -27,10 +27,10 @@ from sharetune.search.mlflow_logger import (
     TRIAL_TAG,
     tracking_uri,
 )
-from sharetune.search.mlflow_queue import SEARCH_TAG, child_runs
+from sharetune.search.mlflow_queue import MOST_RUNS, SEARCH_TAG, child_runs
 from sharetune.search.outcome import CUT, DUPLICATE, FAILED, FINISHED, INFEASIBLE, cut_short, failed_trials
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
-from sharetune.search.storage import SearchFolder
+from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import FAMILIES
 
 ACCURACY = "test_accuracy"
@@ -66,7 +66,7 @@ def trials_from_folder(folder: SearchFolder | str | Path) -> pd.DataFrame:
                      "node_id": last.get("node_id", last.get("node_ip")), **trial.config,
                      **_metric_columns(last)})
     for entry in folder.skipped():
-        first = {"duplicate_of": duplicate_of(entry)} if entry["kind"] == "duplicate" else {}
+        first = {"duplicate_of": duplicate_of(entry)} if entry["kind"] == DUPLICATE_KIND else {}
         rows.append({"trial_id": None, "status": entry["kind"].upper(), "error": None, "epochs_done": 0, **entry["config"],
                      **_metric_columns(entry.get("costs", {})), **first})
     table = pd.DataFrame(rows)
@@ -85,7 +85,7 @@ def _metric_columns(metrics: dict) -> dict:
     return {f"final_{m}" if m in SETTINGS else m: metrics.get(m, math.nan) for m in METRICS}
 
 
-def _search_parents(client: MlflowClient, experiment_id: str, most: int = 10000) -> list:
+def _search_parents(client: MlflowClient, experiment_id: str, most: int = MOST_RUNS) -> list:
     """The parent runs of the experiment's searches, newest first."""
     return client.search_runs([experiment_id], f"tags.`{SEARCH_TAG}` != ''", order_by=["attributes.start_time DESC"],
                               max_results=most)
@@ -316,9 +316,10 @@ def paper_table(trials: pd.DataFrame, label: str | None, out: Path) -> list[Path
     """SPIN's kind of table: one row per trial (or configuration), what distinguishes it, parameters
     in millions, MACs in billions, accuracy in percent (as the paper gives it); as CSV and Markdown."""
     accuracies = [c for c in ("val_accuracy", ACCURACY) if c in trials and trials[c].notna().any()]
+    (_, million), (_, billion) = (FAMILIES["spin"].COST_UNITS[cost] for cost in ("unique_params", "macs"))
     table = pd.DataFrame({
         label or "trial": trials[label] if label else trials["trial_id"],
-        "params (M)": (trials["unique_params"] / 1e6).round(3), "MACs (G)": (trials["macs"] / 1e9).round(3),
+        "params (M)": (trials["unique_params"] / million).round(3), "MACs (G)": (trials["macs"] / billion).round(3),
         **{f"{name} (%)": (100 * trials[name]).round(2) for name in accuracies}})
     table = table.sort_values("params (M)", ascending=False)
     table.to_csv(out / "spin_table.csv", index=False)

@@ -29,7 +29,7 @@ from ray.tune.search import Searcher
 
 from sharetune.metrics import ModelCosts
 from sharetune.search.mlflow_queue import runs_filters
-from sharetune.search.storage import SearchFolder
+from sharetune.search.storage import DUPLICATE_KIND, INFEASIBLE_KIND, SearchFolder
 from sharetune.spaces import Bound, OptunaSpace, trial_settings
 
 MAX_SKIPPED_IN_A_ROW = 100  # proposals answered without training before the space counts as exhausted
@@ -121,7 +121,7 @@ class ConfigurationSearcher(Searcher):
             if max(configuration.constraints.values()) <= 0:
                 return configuration
             self._tell(configuration, [float(costs[m]) if m in costs else self._worst(i) for i, m in enumerate(self.objectives)])
-            self._record("infeasible", config, costs=costs, violations=configuration.constraints)
+            self._record(INFEASIBLE_KIND, config, costs=costs, violations=configuration.constraints)
         warnings.warn(f"the sampler proposed {MAX_SKIPPED_IN_A_ROW} configurations in a row that were infeasible or "
                       f"already tried; the search ends with {self.started} configurations trained", stacklevel=2)
         return None
@@ -142,7 +142,7 @@ class ConfigurationSearcher(Searcher):
             self._tell_one(trial, first.values)
         else:
             first.duplicates.append(trial)
-        self._record("duplicate", config, duplicate_of=first.trial.number, duplicate_of_trials=first.trial_ids)
+        self._record(DUPLICATE_KIND, config, duplicate_of=first.trial.number, duplicate_of_trials=first.trial_ids)
 
     def _record(self, kind: str, config: dict, **details) -> None:
         self.skipped.append({"kind": kind, "config": config, **details})

@@ -29,7 +29,9 @@ from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path,
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
-SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training (infeasible, duplicates)
+SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training, each of a kind:
+INFEASIBLE_KIND, DUPLICATE_KIND = "infeasible", "duplicate"  # outside the constraints; a configuration proposed before
+FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
 TUNER_FILE = "tuner.pkl"  # Tune's own record of the run, which Tuner.restore reads
 MIN_FREE_BYTES = 100 * 2**20  # refused below this: Tune's state, result logs and checkpoints of small nets
 
@@ -290,7 +292,7 @@ class SearchFolder(str):
     def state_ended(self) -> bool:
         """Whether Tune's newest saved state (a whole one) records every trial ended."""
         try:
-            return all(trial.status in ("TERMINATED", "ERROR") for trial in self.tune_trials())
+            return all(trial.status in (FINISHED, FAILED) for trial in self.tune_trials())
         except StateError:  # cut short
             return False
 

@@ -32,9 +32,9 @@ RUN = "pretraining"  # the Ray Train run's name in the search folder (with `work
 POLL_S = 0.5  # how often the driver prints the lines that came in
 
 
-def cluster_pretrainer(resources: Resources, storage: str, say: Callable[[str], None] = show) -> Pretrainer:
+def cluster_pretrainer(resources: Resources, storage: str) -> Pretrainer:
     """`pretrained_weights`' trainer for a search: pretraining on the cluster, kept under `storage`."""
-    return functools.partial(pretrain_on_cluster, resources=resources, storage=storage, say=say)
+    return functools.partial(pretrain_on_cluster, resources=resources, storage=storage)
 
 
 def pretrain_on_cluster(settings: SpinSettings, data: Batches, *, resources: Resources, storage: str,
