@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 from sharetune.cli import app
 from sharetune.data import DataError, Preprocessing, load
 from sharetune.data.datasets import add_label_noise
-from sharetune.data.fetch import read_idx
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -38,7 +37,7 @@ def test_idx_files_parse_and_load_through_torchvision(tmp_path):
     assert torch.equal(data.y_train, torch.as_tensor(arrays["train"][1]))
     pixels = torch.as_tensor(arrays["train"][0], dtype=torch.float32) / 255
     torch.testing.assert_close(data.x_train[:, 0], (pixels - 0.1307) / 0.3081)
-    assert np.array_equal(read_idx(tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte"), arrays["t10k"][1])
+    assert torch.equal(data.y_test, torch.as_tensor(arrays["t10k"][1]))
 
 
 @pytest.mark.parametrize("labels", [b"", b"\x00\x00\x08\x01\x00"])
@@ -48,19 +47,6 @@ def test_an_mnist_file_cut_short_is_one_line_naming_the_dataset(tmp_path, labels
     (tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(labels)
     with pytest.raises(DataError, match=f"^mnist: files not found or unreadable under {tmp_path} .*sharetune data fetch mnist"):
         load("mnist", tmp_path)
-
-
-def test_read_idx_handles_gzip_and_rejects_garbage(tmp_path):
-    array = np.arange(24).reshape(2, 3, 4)
-    write_idx(tmp_path / "a.gz", array)
-    assert np.array_equal(read_idx(tmp_path / "a.gz"), array)
-    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
-    with pytest.raises(DataError, match="not an IDX file"):
-        read_idx(tmp_path / "bad")
-    write_idx(tmp_path / "short", array)
-    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
-    with pytest.raises(DataError, match="header says"):
-        read_idx(tmp_path / "short")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.13, 0.5, 1.0])

