@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from sharetune.search.mlflow_logger import DIMENSIONS_PARAM, trial_runs
-from sharetune.search.report import ACCURACY, TRAINED, Report, legend_groups, spans_decades
+from sharetune.search.mlflow_logger import DIMENSION_PREFIX, DIMENSIONS_PARAM, trial_runs
+from sharetune.search.report import ACCURACY, Report, legend_groups, spans_decades, trained
 
 COMPARISON_FILE = "comparison.html"
 PALETTE = qualitative.Plotly
@@ -37,8 +37,7 @@ def hover_text(row: pd.Series, searched: list[str], runs: dict[str, str]) -> str
 def write_comparison(report: Report, searched: list[str], runs: dict[str, str], out: Path) -> Path | None:
     """`searched`: the spec's dimensions, in order; `runs`: trial id -> MLflow run id. None where no
     cost varies (nothing to compare)."""
-    table = report.configurations
-    done = table[table["status"].isin(TRAINED)].dropna(subset=[ACCURACY])
+    done = trained(report.configurations)
     costs = [cost for cost in report.fronts if not report.fronts[cost].empty]
     if done.empty or not costs:
         return None
@@ -71,7 +70,7 @@ def log_comparison(report: Report, uri: str, parent_id: str) -> Path | None:
     artifacts (one click from the run). The searched settings come from the parent run's params."""
     params = MlflowClient(uri).get_run(parent_id).data.params
     searched = params[DIMENSIONS_PARAM].split(",") if params.get(DIMENSIONS_PARAM) else \
-        [key.removeprefix("dimension.") for key in params if key.startswith("dimension.")]  # runs logged without it: name order
+        [key.removeprefix(DIMENSION_PREFIX) for key in params if key.startswith(DIMENSION_PREFIX)]  # runs logged without it: name order
     runs = {trial_id: run.info.run_id for trial_id, run in trial_runs(uri, parent_id).items()}
     path = write_comparison(report, searched, runs, report.files[0].parent)
     if path is not None:

@@ -53,7 +53,10 @@ KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered witho
 ERROR_TAG = "error"  # a failed trial's exception, in one line
 DUPLICATE_TAG = "sharetune.duplicate_of"
 CUT_TAG = "sharetune.cut"  # a trial the time limit ended before its last epoch (its run ends KILLED)
-DIMENSIONS_PARAM = "dimensions"  # the parent run's: the searched settings, in the spec's order
+# The parent run's params that reports read back (`parent_params` writes them):
+NAME_PARAM, DATASET_PARAM = "name", "dataset"
+REFERENCE_PREFIX, DIMENSION_PREFIX = "hypervolume_reference.", "dimension."  # + a cost; + a searched setting
+DIMENSIONS_PARAM = "dimensions"  # the searched settings, in the spec's order
 DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a search's end waits for MLflow
 
 
@@ -130,12 +133,12 @@ def effective_params(config: dict) -> dict:
 
 def parent_params(spec: SearchSpec) -> dict:
     """What the search's parent run shows of its spec."""
-    params = {"name": spec.name, "family": spec.family, "dataset": spec.data.name, "sampler": spec.sampler,
+    params = {NAME_PARAM: spec.name, "family": spec.family, DATASET_PARAM: spec.data.name, "sampler": spec.sampler,
               "objectives": ",".join(f"{k}:{v}" for k, v in spec.objectives.items()),
               "num_samples": spec.num_samples(), "scheduler": spec.scheduler.name if spec.scheduler else "none"}
     params.update({f"fixed.{k}": v for k, v in spec.fixed.items()})
-    params.update({f"hypervolume_reference.{k}": v for k, v in spec.hypervolume_reference.items()})
-    params.update({f"dimension.{k}": f"{d.kind} {d.choice if d.kind == 'choice' else d.bounds()}" for k, d in spec.dimensions.items()})
+    params.update({f"{REFERENCE_PREFIX}{k}": v for k, v in spec.hypervolume_reference.items()})
+    params.update({f"{DIMENSION_PREFIX}{k}": f"{d.kind} {d.choice if d.kind == 'choice' else d.bounds()}" for k, d in spec.dimensions.items()})
     params[DIMENSIONS_PARAM] = ",".join(spec.dimensions)  # their order (MLflow returns params sorted by name)
     return params
 

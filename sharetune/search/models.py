@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from sharetune.metrics import pareto_mask
 from sharetune.search.export import SearchExport
-from sharetune.search.report import TRAINED, configurations
+from sharetune.search.report import TRAINED, configurations, converged
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SearchSpec
 from sharetune.trainables import load_exported, read_exported
@@ -41,9 +41,7 @@ def front_trials(trials: pd.DataFrame, spec: SearchSpec) -> list[str]:
     the best first objective. Where seeds repeat, configurations are compared by their means, as the
     report, the summary and the sampler compare them."""
     trained = trials[trials["status"].isin(TRAINED)]
-    table = configurations(trained).dropna(subset=list(spec.objectives))
-    if "diverged" in table:
-        table = table[table["diverged"].fillna(0) == 0]
+    table = converged(configurations(trained).dropna(subset=list(spec.objectives)))
     points = table[list(spec.objectives)].to_numpy(float)
     front = table["trial_id"][pareto_mask(points, [mode == "max" for mode in spec.objectives.values()])]
     first, mode = next(iter(spec.objectives.items()))

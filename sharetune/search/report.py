@@ -21,9 +21,12 @@ from sharetune.analysis.figures import save_figure
 from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
 from sharetune.search.mlflow_logger import (
     CUT_TAG,
+    DATASET_PARAM,
     DUPLICATE_TAG,
     ERROR_TAG,
     KIND_TAG,
+    NAME_PARAM,
+    REFERENCE_PREFIX,
     TRIAL_TAG,
     tracking_uri,
 )
@@ -145,6 +148,16 @@ TRAINED = (FINISHED,)  # the status of a trial that trained to its end (or diver
 SKIPPED = (INFEASIBLE, DUPLICATE)  # proposals the searcher answered without training (benchmarks leave them out)
 
 
+def trained(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows that trained to their end and report an accuracy (a diverged one too: its NaN is kept)."""
+    return table[table["status"].isin(TRAINED)].dropna(subset=[ACCURACY])
+
+
+def converged(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose training did not diverge."""
+    return table[table["diverged"].fillna(0) == 0] if "diverged" in table else table
+
+
 def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: the trials of its repeats (seeds) as the mean of each metric, with
     `<metric>_std` (sample standard deviation) and `repeats` (how many trained). Tables without
@@ -175,8 +188,7 @@ def reference_cost(trials: pd.DataFrame, cost: str, reference: dict[str, float] 
 def pareto(trials: pd.DataFrame, cost: str, reference: dict[str, float] | None = None) -> tuple[pd.DataFrame, float]:
     """Front of accuracy against `cost`, and its hypervolume normalised to [0, 1] by the box from
     the reference point (accuracy 0, `reference_cost`) to (accuracy 1, cost 0)."""
-    converged = trials[trials["diverged"].fillna(0) == 0] if "diverged" in trials else trials
-    usable = converged.dropna(subset=[ACCURACY, cost])
+    usable = converged(trials).dropna(subset=[ACCURACY, cost])
     if usable.empty:
         return usable, 0.0
     points = usable[[ACCURACY, cost]].to_numpy(float)
@@ -283,8 +295,7 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
     if report.configurations is not trials:  # repeated seeds: the fronts and plots are of their means
         report.configurations.to_csv(out / "configurations.csv", index=False)
         report.files.append(out / "configurations.csv")
-    table = report.configurations
-    done = table[table["status"].isin(TRAINED)].dropna(subset=[ACCURACY])
+    done = trained(report.configurations)
     for cost in COSTS:
         if done.empty:  # a hypervolume of 0 would read as a result
             report.skipped[cost] = "no trial trained to its end: nothing to plot or measure"
@@ -298,7 +309,7 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
         if not front.empty:
             _plot_front(done, front, cost, out / f"pareto_{cost}.png", title)
             report.files.append(out / f"pareto_{cost}.png")
-    healthy = done[done["diverged"].fillna(0) == 0]
+    healthy = converged(done)
     for x, log in (("alpha", True), ("entropy", False), ("radius", False)):
         if x in healthy and healthy[x].dropna().nunique() > 1 and ("alpha" in healthy or x != "entropy"):
             _plot_lines(healthy.dropna(subset=[x]), x, out / f"accuracy_vs_{x}.png", log, title)
@@ -336,9 +347,8 @@ def parent_context(uri: str, parent_id: str) -> tuple[dict[str, float], str]:
     """What a search's parent run records of its spec for a report: the reference costs
     (`hypervolume_reference`) and the title."""
     params = MlflowClient(uri).get_run(parent_id).data.params
-    prefix = "hypervolume_reference."
-    reference = {k.removeprefix(prefix): float(v) for k, v in params.items() if k.startswith(prefix)}
-    return reference, search_title(params.get("name", "?"), params.get("dataset", "?"))
+    reference = {k.removeprefix(REFERENCE_PREFIX): float(v) for k, v in params.items() if k.startswith(REFERENCE_PREFIX)}
+    return reference, search_title(params.get(NAME_PARAM, "?"), params.get(DATASET_PARAM, "?"))
 
 
 def log_report(report: Report, uri: str, parent_id: str) -> None:

@@ -130,7 +130,7 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
     pretrained = _pretrained(spec, data, folder)
     # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
     study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
-                                directions=[f"{mode}imize" for mode in spec.objectives.values()])
+                                directions=spec.directions)
     with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
         study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
     searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),

@@ -73,7 +73,7 @@ def rehearse_sampler(spec: SearchSpec) -> None:
     values, space = random.Random(spec.seed), OptunaSpace(spec)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(sampler=sampler, directions=[f"{m}imize" for m in spec.objectives.values()])
+    study = optuna.create_study(sampler=sampler, directions=spec.directions)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # experimental-feature notices, fallbacks to independent sampling

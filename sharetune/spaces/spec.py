@@ -474,6 +474,11 @@ class SearchSpec(BaseModel):
             raise ValueError(f"pretrained: no such file {settings.pretrained}")
 
     @property
+    def directions(self) -> list[str]:
+        """The objectives' directions as Optuna's studies take them."""
+        return [f"{mode}imize" for mode in self.objectives.values()]
+
+    @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
