@@ -5,9 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from sharetune.metrics import COSTS
-from sharetune.search.outcome import CUT, DUPLICATE, INFEASIBLE
-from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report
-from sharetune.search.searcher import CONFIGURATION
+from sharetune.search.outcome import CUT, INFEASIBLE
+from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report, proposed
 from sharetune.spaces import FAMILIES, SearchSpec
 
 TOP = 5  # the trials the console shows
@@ -43,10 +42,7 @@ def space_note(trials: pd.DataFrame, spec: SearchSpec) -> str | None:
     """A line where a finite space ran out before the budget did, so fewer trials trained than the
     progress counted on; None where the search stopped for another reason or trained them all."""
     planned, started = spec.planned_trials(), int(trials["trial_id"].notna().sum())
-    if started >= planned or CONFIGURATION not in trials:
-        return None
-    proposed = trials.loc[trials["status"] != DUPLICATE, CONFIGURATION].nunique()
-    if not spec.ran_out(proposed):  # Ctrl-C, the time limit, a continuous space
+    if started >= planned or not spec.ran_out(proposed(trials)):  # Ctrl-C, the time limit, a continuous space
         return None
     distinct = spec.distinct_configurations()
     infeasible = int((trials["status"] == INFEASIBLE).sum())

@@ -10,15 +10,15 @@ resume.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 
 from pyarrow import fs
 
-from sharetune.search.outcome import ENDED, failed_trials
+from sharetune.search.outcome import ENDED, FAILED
+from sharetune.search.report import TRAINED, configurations, proposed, trials_from_folder
 from sharetune.search.searcher import CONFIGURATION
-from sharetune.search.storage import INFEASIBLE_KIND, SPEC_FILE, SearchFolder, StateError, canonical
+from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
 
@@ -45,25 +45,22 @@ class PastSearch:
 
 
 def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
+    """The search in `folder` as the report's table has it: the best of each objective is the summary's
+    (over the configurations that trained to their end, by their seeds' mean)."""
     spec = folder.spec()
-    trials = folder.tune_trials()
-    failed = failed_trials(folder, trials)
-    ended = [t for t in trials if t.status in ENDED or t.trial_id in failed]
-    best = {}
-    for objective, mode in spec.objectives.items():
-        seeds: dict[object, list[float]] = {}  # configuration -> its seeds' values
-        for trial in ended:
-            value = (trial.last_result or {}).get(objective)
-            if trial.trial_id not in failed and isinstance(value, (int, float)) and not math.isnan(value):
-                seeds.setdefault(trial.config.get(CONFIGURATION, trial.trial_id), []).append(value)
-        if seeds:
-            means = [sum(values) / len(values) for values in seeds.values()]
-            best[objective] = max(means) if mode == "max" else min(means)
-    trained = {t.config.get(CONFIGURATION) for t in trials}
-    proposed = trained | {entry["config"].get(CONFIGURATION) for entry in folder.skipped() if entry["kind"] == INFEASIBLE_KIND}
-    planned = len(trained) * spec.repeats if spec.ran_out(len(proposed)) else spec.planned_trials()  # all a finite space held
-    return PastSearch(folder, spec.name, started, planned, done=len(ended), failed=len(failed),
-                      pending=len(trials) - len(ended), best=best)
+    try:
+        table = trials_from_folder(folder)
+    except FileNotFoundError:  # no trial yet
+        return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, best={})
+    trials = table[table["trial_id"].notna()]
+    ended = trials["status"].isin(ENDED)
+    done = configurations(trials[trials["status"].isin(TRAINED)])
+    best = {objective: float(done[objective].max() if mode == "max" else done[objective].min())
+            for objective, mode in spec.objectives.items() if objective in done and done[objective].notna().any()}
+    trained = trials[CONFIGURATION].nunique() if CONFIGURATION in trials else len(trials)
+    planned = trained * spec.repeats if spec.ran_out(proposed(table)) else spec.planned_trials()  # all a finite space held
+    return PastSearch(folder, spec.name, started, planned, done=int(ended.sum()), failed=int((trials["status"] == FAILED).sum()),
+                      pending=int((~ended).sum()), best=best)
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:

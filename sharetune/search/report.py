@@ -158,6 +158,12 @@ def converged(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["diverged"].fillna(0) == 0] if "diverged" in table else table
 
 
+def proposed(trials: pd.DataFrame) -> int:
+    """How many different configurations the searcher proposed: those trained (or training) and those
+    outside the constraints (a duplicate proposes none anew)."""
+    return int(trials.loc[trials["status"] != DUPLICATE, CONFIGURATION].nunique()) if CONFIGURATION in trials else 0
+
+
 def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: the trials of its repeats (seeds) as the mean of each metric, with
     `<metric>_std` (sample standard deviation) and `repeats` (how many trained). Tables without
