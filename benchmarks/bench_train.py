@@ -21,7 +21,8 @@ from timing import compare, convmixer_arguments
 
 from sharetune.data import TensorData, load
 from sharetune.models import create_model
-from sharetune.training import Recipe, pick_device, train_epochs
+from sharetune.recipes import Recipe
+from sharetune.training import pick_device, train_epochs
 
 
 def write_folder(root: Path, images: int, classes: int = 10) -> Path:

@@ -16,10 +16,10 @@ from sharetune.errors import ExitCode, first_line
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
+from sharetune.recipes import RECIPES
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
-from sharetune.training import RECIPES
 
 if TYPE_CHECKING:
     from sharetune.search import SearchFolder

@@ -20,9 +20,10 @@ from sharetune.cli import app
 from sharetune.data import Augment, DataError, ImageFolderData, Preprocessing, load, stratified_split
 from sharetune.data.batches import epoch_order
 from sharetune.models import create_model
+from sharetune.recipes import Recipe
 from sharetune.spaces import parse_spec
 from sharetune.trainables.preflight import check_search
-from sharetune.training import Recipe, train_epochs
+from sharetune.training import train_epochs
 
 CPU = torch.device("cpu")
 

@@ -15,8 +15,9 @@ from helpers import DEVICES, tiny_spec
 from sharetune.data import load
 from sharetune.models import create_model
 from sharetune.models.arbnet import ArbNetMLP
+from sharetune.recipes import Recipe
 from sharetune.spaces import SpecError, parse_spec
-from sharetune.training import EagerFallback, Recipe, TrainingState, channels_last, resolve_precision, train_epochs
+from sharetune.training import EagerFallback, TrainingState, channels_last, resolve_precision, train_epochs
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -147,7 +148,8 @@ import json, warnings
 import torch
 from test_precision import tiny_convnext
 from sharetune.data import load
-from sharetune.training import Recipe, train_epochs
+from sharetune.recipes import Recipe
+from sharetune.training import train_epochs
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     results = list(train_epochs(tiny_convnext(), load("synthetic"), Recipe(epochs=2, batch_size=64, compile=True), device="cpu"))

@@ -232,7 +232,8 @@ def test_fusion_without_pretrained_weights_is_refused():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_small_shared_convmixer_learns_real_mnist(mnist_subset, device):
-    from sharetune.training import Recipe, train_epochs
+    from sharetune.recipes import Recipe
+    from sharetune.training import train_epochs
 
     torch.manual_seed(0)
     model = create_model("convmixer", dim=32, depth=4, patch_size=4, kernel_size=5, num_classes=10, in_chans=1, sharing={"share_rate": 2, "mapping": "sequential"})

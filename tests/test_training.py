@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from sharetune.cli import app
 from sharetune.data import load
 from sharetune.models.arbnet import ArbNetMLP
+from sharetune.recipes import Recipe
 from sharetune.trainables import load_exported, load_preprocessing
-from sharetune.training import Recipe, TrainingState, train_epochs
+from sharetune.training import TrainingState, train_epochs
 
 
 @pytest.mark.parametrize("device", DEVICES)

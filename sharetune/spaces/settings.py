@@ -23,7 +23,7 @@ from sharetune.models import (
     shareable_model_names,
 )
 from sharetune.models.hashes import hash_defaults, hash_names, hashes_taking
-from sharetune.training import ACCEPTED, RECIPES, Recipe, accepted
+from sharetune.recipes import ACCEPTED, RECIPES, Recipe, accepted
 
 DEFAULT_TABLE_SIZE = 1000  # entries per ArbNet layer when neither table_size nor compression is given
 

@@ -48,12 +48,12 @@ from sharetune.data import (
     data_root,
 )
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
+from sharetune.recipes import ACCEPTED, MAX_SEED, Seed, accepted
 from sharetune.spaces.documents import SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
 from sharetune.spaces.suggest import did_you_mean, nearest_path, spec_paths
-from sharetune.training import ACCEPTED, MAX_SEED, Seed, accepted
 
 Scalar = Union[bool, int, float, str, None]
 KINDS = ("choice", "uniform", "loguniform", "int", "logint")

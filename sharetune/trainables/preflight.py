@@ -22,9 +22,9 @@ from sharetune.data import Batches
 from sharetune.errors import first_line
 from sharetune.metrics import ModelCosts
 from sharetune.models import WeightsError, get_model, load_state_dict, table_sizes
+from sharetune.recipes import Recipe
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
 from sharetune.trainables.build import arbnet_widths, build_model, build_spin, costs_of, unwrap
-from sharetune.training import Recipe
 
 TRAINING_COPIES = 4  # bytes of a parameter while training, in its own size: itself, its gradient, two optimizer moments
 HASHING_BYTES = 16  # host bytes per virtual weight or table entry while an ArbNet hashes (int64 index, float64 draws)
