@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sharetune.models import hashes
-from sharetune.models.hashes import Hashed, compute_hash, hash_names, register_hash
+from sharetune.models.hashes import Hashed, categorical, compute_hash, hash_names, register_hash
 
 
 def usage_entropy(index: np.ndarray, n: int) -> float:
@@ -98,3 +98,15 @@ def test_a_hash_whose_index_leaves_the_table_is_refused():
                 compute_hash("test_shifted", (2, 3), 6, **options)
     finally:
         hashes._HASHES.pop("test_shifted")
+
+
+@pytest.mark.parametrize("entries, count, alpha", [(1, 5, 1.0), (7, 1000, 0.05), (1000, 3, 1.0), (5000, 20000, 10.0)])
+def test_the_dirichlet_draws_are_numpys_choice_value_for_value(entries, count, alpha):
+    """The dirichlet hash's index is recomputed when a checkpoint loads: the faster lookup must draw what
+    `Generator.choice` drew, and leave the generator where it left it."""
+    ours, numpys = np.random.default_rng(3), np.random.default_rng(3)
+    probs = ours.dirichlet(np.full(entries, alpha))
+    numpys.dirichlet(np.full(entries, alpha))
+    probs /= probs.sum()
+    assert np.array_equal(categorical(probs, count, ours), numpys.choice(entries, size=count, p=probs))
+    assert ours.random() == numpys.random()

@@ -19,7 +19,7 @@ from sharetune.metrics import dense_reference
 from sharetune.models import WeightsError, load_state_dict, native
 from sharetune.search.destinations import check_destinations
 from sharetune.spaces import SpecError, SpinSettings, load_spec, parse_spec, trial_settings
-from sharetune.trainables import build_model, check_search, costs_of, pretrained_weights
+from sharetune.trainables import build_model, check_search, costs_of, preflight, pretrained_weights
 
 SPIN = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "objectives": {"test_accuracy": "max"},
         "fixed": {"dim": 16, "depth": 4, "patch_size": 2, "kernel_size": 3, "batch_size": 16}}
@@ -134,10 +134,22 @@ def test_dry_runs_catch_what_fails_only_in_a_trial(raw, message, synthetic):
         check_search(spec, synthetic)
 
 
+def test_the_dry_runs_build_each_extreme_model_once_and_say_how_far_they_are(synthetic, monkeypatch):
+    """An ArbNet on 224-pixel images took minutes to hash at every extreme, twice where a radius beside
+    the dirichlet hash changed nothing, and said nothing meanwhile."""
+    spec = parse_spec(tiny_spec(dimensions={"hash": {"choice": ["dirichlet", "neighborhood"]}, "alpha": {"loguniform": [0.1, 10]},
+                                            "radius": {"int": [0, 4]}}))
+    monkeypatch.setattr(preflight, "PROGRESS_S", 0)  # a line after every model but the last
+    said = []
+    assert len(spec.extreme_settings()) == 8 and len(check_search(spec, synthetic, say=said.append)) == 4
+    assert said == [f"checking the models at the dimensions' extremes before any trial starts: {n} of 4 built" for n in (1, 2, 3)]
+
+
 def test_a_sound_spec_passes_its_dry_runs_with_the_costs_of_the_models_its_extremes_build(synthetic):
     for raw in (tiny_spec(), tiny_spec(sampler="gp"), {**SPIN, "fixed": {"depth": 4, "patch_size": 2, "kernel_size": 3, "share_rate": 2}, "dimensions": {"dim": {"choice": [8, 16]}}}):
         spec = parse_spec(raw)
-        built = [costs_of(build_model(settings, synthetic), synthetic) for settings in spec.extreme_settings()]
+        models = {settings.model_dump_json(): settings for settings in spec.extreme_settings()}.values()  # each model once
+        built = [costs_of(build_model(settings, synthetic), synthetic) for settings in models]
         dry = check_search(spec, synthetic)  # on the meta device: shapes, no values (an ArbNet's entropy needs its index)
         assert dry == [replace(costs, entropy=None) for costs in built]
     # the fronts' reference: the widest net's unshared size and its MACs, whichever trials a search happens to train

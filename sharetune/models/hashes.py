@@ -125,9 +125,24 @@ def dirichlet_hash(
     if not alpha > 0:
         raise ValueError(f"alpha: must be > 0 for the dirichlet hash, got {alpha}")
     probs = rng.dirichlet(np.full(table_size, float(alpha)))
-    probs = probs / probs.sum()
-    index = rng.choice(table_size, size=int(np.prod(shape)), p=probs)
-    return Hashed(index.astype(np.int64))
+    return Hashed(categorical(probs / probs.sum(), int(np.prod(shape)), rng))
+
+
+def categorical(probs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` draws of an entry by `probs`: what `rng.choice(len(probs), count, p=probs)` draws, value for
+    value (its inverse CDF of `rng.random`), so saved indices stay valid. It looks the draws up in sorted
+    order: into a large table, NumPy's lookups in draw order miss the cache (41 s against 12 s for 30 M
+    weights over 15 M entries)."""
+    cdf = probs.cumsum()
+    cdf /= cdf[-1]
+    draws = rng.random(count)
+    order = np.argsort(draws)
+    draws = draws[order]  # at most three arrays of `count` at once (preflight's HASHING_BYTES)
+    found = cdf.searchsorted(draws, side="right")
+    del draws
+    index = np.empty_like(found)
+    index[order] = found
+    return index
 
 
 @register_hash("neighborhood", deterministic=True)

@@ -13,7 +13,9 @@ state dict, loaded with `weights_only=True`, whose names and shapes fit the unsh
 from __future__ import annotations
 
 import os
+import time
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -25,10 +27,12 @@ from sharetune.models import WeightsError, get_model, load_state_dict, table_siz
 from sharetune.recipes import Recipe
 from sharetune.spaces import ArbNetSettings, FamilySettings, SearchSpec, SpecError, SpinSettings, rehearse_sampler
 from sharetune.trainables.build import arbnet_widths, build_model, build_spin, costs_of, unwrap
+from sharetune.trainables.pretraining import show
 
 TRAINING_COPIES = 4  # bytes of a parameter while training, in its own size: itself, its gradient, two optimizer moments
-HASHING_BYTES = 16  # host bytes per virtual weight or table entry while an ArbNet hashes (int64 index, float64 draws)
+HASHING_BYTES = 24  # host bytes per virtual weight or table entry while an ArbNet hashes (the dirichlet draws' order, lookups, index)
 FLOAT_BYTES = 4
+PROGRESS_S = 10  # while the extremes take long to build, a line this often
 
 
 def machine_memory(gpu: bool) -> tuple[int, str]:
@@ -38,19 +42,24 @@ def machine_memory(gpu: bool) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
-def check_search(spec: SearchSpec, data: Batches) -> list[ModelCosts]:
+def check_search(spec: SearchSpec, data: Batches, say: Callable[[str], None] = show) -> list[ModelCosts]:
     """SpecError (one line) for a spec whose sampler, models or pretrained weights would fail in a trial;
     else the costs of the models its dimensions' extremes build. Warns, in one line, where trials would
-    enlarge the images to a resolution above the one they are stored at."""
+    enlarge the images to a resolution above the one they are stored at. Models that take long to
+    build (hashing a large ArbNet's index) get a line to `say` every PROGRESS_S seconds."""
     rehearse_sampler(spec)
     memory = machine_memory(spec.resources.gpu > 0)
-    checked, costs = set(), []
-    extremes = spec.extreme_settings()
+    # extremes that differ only in settings their conditions turn off (radius beside dirichlet) are one model
+    extremes = list({settings.model_dump_json(): settings for settings in spec.extreme_settings()}.values())
+    checked, costs, said = set(), [], time.monotonic()
     for settings in extremes:
         costs.append(check_model(settings, data, memory))
         if isinstance(settings, SpinSettings) and settings.pretrained and settings.pretrained not in checked:
             check_pretrained(settings, data)
             checked.add(settings.pretrained)
+        if time.monotonic() - said >= PROGRESS_S and len(costs) < len(extremes):
+            say(f"checking the models at the dimensions' extremes before any trial starts: {len(costs)} of {len(extremes)} built")
+            said = time.monotonic()
     if (note := data.upscaling_note(settings.resolution for settings in extremes)) is not None:
         warnings.warn(f"{note} (data.img_size, or a SPIN trial's img_size)", stacklevel=2)
     return costs
