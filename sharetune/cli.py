@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
-from sharetune.errors import ExitCode, first_line
+from sharetune.errors import ExitCode, first_line, plural
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
@@ -212,7 +212,7 @@ def _device(name: str | None) -> str | None:
         fail(f"--device: unknown device {name!r}; allowed: cpu, cuda, cuda:N")
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and (device.index or 0) >= count:
-        fail(f"--device: {name} is not here (this machine has {count} CUDA device{'' if count == 1 else 's'}); "
+        fail(f"--device: {name} is not here (this machine has {plural(count, 'CUDA device')}); "
              f"allowed: cpu{', cuda' if count else ''}")
     return name
 
@@ -503,7 +503,7 @@ def _finish(result: Search, report_dir: Path) -> None:
 
         logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
         objectives = ", ".join(f"{name} {mode}" for name, mode in result.spec.objectives.items())
-        typer.echo(f"MLflow models: {len(logged)} trial{'' if len(logged) == 1 else 's'} on the front of the objectives ({objectives}):")
+        typer.echo(f"MLflow models: {plural(len(logged), 'trial')} on the front of the objectives ({objectives}):")
         for trial_id, model_uri in logged.items():
             typer.echo(f"  trial {trial_id}: {model_uri}  (mlflow.pytorch.load_model)")
         for why in missing:

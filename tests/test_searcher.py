@@ -167,6 +167,7 @@ def test_a_search_with_constraints_repeats_and_duplicates_through_ray_and_mlflow
     assert (trained["unique_params"] <= 500).all()
     listed = describe(result.folder)  # `sharetune list`: the 4 trials of the 8 asked for that the space held
     assert (listed.status, listed.done, listed.planned) == ("finished", 4, 4)
+    assert spec.expected_trials() == 6  # what the progress counts on: the space's 3 configurations, two seeds each (not 8)
     assert console.space_note(trials, spec) == ("4 of the 8 planned trials: the space holds 3 configurations, 1 of them "
                                                  "outside the constraints, and the search proposed each once")
     means = trained.groupby("table_size")["test_accuracy"].mean()  # the best configuration, as the summary ranks them

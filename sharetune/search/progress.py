@@ -1,6 +1,9 @@
 """Live progress of a search: a bar with its ETA on a terminal (rich), a line every LINE_EVERY_S seconds
-elsewhere (Ray Job logs, pipes); both say trials running/done/diverged/errored, epochs done, the best
-value of each objective with the trial that reached it, and the size of the Pareto front so far."""
+elsewhere (Ray Job logs, pipes); both say trials running/done/diverged/errored, epochs done, the leading
+value of each objective (over the trials' latest results, as the summary ranks them) with its trial,
+and the size of the Pareto front so far. The ETA counts epochs, not trials, so it shows from the first
+epoch on: each planned trial is `epochs` of work, and a trial that ends early (stopped, diverged, fewer
+epochs) counts as all of them."""
 
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import optuna
 import typer
 from ray import tune
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 from rich.text import Text
 
+from sharetune.errors import plural
 from sharetune.metrics import STEP, pareto_mask
 from sharetune.search.outcome import FAILED, FINISHED, trial_error
 
@@ -47,7 +51,7 @@ class StatusBar(Bar):
 
     def __init__(self, console: Console) -> None:
         self.status = ""
-        super().__init__(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        super().__init__(TextColumn("[bold]trials"), BarColumn(), TextColumn("{task.fields[trials]}"), TimeElapsedColumn(),
                          TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
 
     def get_renderables(self):
@@ -56,10 +60,13 @@ class StatusBar(Bar):
 
 
 class Progress(tune.Callback):
-    def __init__(self, objectives: dict[str, str], total: int) -> None:
-        self.objectives, self.total = objectives, total
+    def __init__(self, objectives: dict[str, str], total: int, epochs: int) -> None:
+        """`total`: the trials the search expects to train; `epochs`: the most one trains."""
+        self.objectives, self.total, self.trial_epochs = objectives, total, epochs
         self.latest: dict[str, list[float]] = {}  # trial id -> its objectives at its last epoch (not failed nor diverged)
+        self.steps: dict[str, int] = {}  # trial id -> its epochs so far
         self.started = self.last = time.monotonic()
+        self.work_at_start = 0  # epochs' worth done when this run of the search started (a resumed one's earlier)
         self.epochs = self.diverged = 0
         # trial id -> "done" | "error", as Tune reports them: it updates a status after the callbacks, and its
         # clean-up after Ctrl-C or the time limit marks the running trials TERMINATED without completing them
@@ -76,7 +83,7 @@ class Progress(tune.Callback):
         self.caught_up = False
         if sys.stdout.isatty():
             self.bar = StatusBar(Console())
-            self.bar.add_task("", total=self.total)
+            self.bar.add_task("", total=self.total * self.trial_epochs, trials=f"{self.done()}/{self.total}")
             self.bar.start()
 
     def status(self, trials) -> str:
@@ -84,11 +91,12 @@ class Progress(tune.Callback):
         errored = sum(t.status == FAILED or self.ended.get(t.trial_id) == "error" for t in trials)
         best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best().items()) or "none yet"
         front = f"; Pareto front {self.front_size()}" if len(self.objectives) > 1 else ""
-        return (f"{running} running ({self.diverged} diverged, {errored} errored), {self.epochs} epochs; "
-                f"best: {best}{front}")
+        return (f"{running} running ({self.diverged} diverged, {errored} errored), {plural(self.epochs, 'epoch')}; "
+                f"leading: {best}{front}")
 
     def best(self) -> dict[str, tuple[float, str]]:
-        """Objective -> (value, trial id): the best of the trials' latest values."""
+        """Objective -> (value, trial id): the best of the trials' latest values (a trial's value may fall
+        from one epoch to the next: the summary, too, ranks trials by their last epoch)."""
         found: dict[str, tuple[float, str]] = {}
         for trial_id, values in self.latest.items():
             for (name, mode), value in zip(self.objectives.items(), values):
@@ -99,6 +107,20 @@ class Progress(tune.Callback):
     def done(self) -> int:
         return len(self.ended)
 
+    def work_done(self) -> int:
+        """Epochs' worth of the planned work done: an ended trial counts all its epochs (the most a trial trains)."""
+        return sum(self.trial_epochs if trial_id in self.ended else min(self.steps.get(trial_id, 0), self.trial_epochs)
+                   for trial_id in {*self.steps, *self.ended})
+
+    def eta(self) -> str:
+        """The time left at this run's pace so far, as `0:02:10`; `-:--:--` before its first epoch."""
+        done, total = self.work_done(), self.total * self.trial_epochs
+        pace = (done - self.work_at_start) / max(time.monotonic() - self.started, 1e-9)
+        if pace <= 0:
+            return "-:--:--"
+        left = max(total - done, 0) / pace
+        return f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+
     def front_size(self) -> int:
         if not self.latest:
             return 0
@@ -108,26 +130,28 @@ class Progress(tune.Callback):
     def show(self, trials, force: bool = False) -> None:
         if self.bar is not None:
             self.bar.status = self.status(trials)
-            self.bar.update(self.bar.task_ids[0], completed=self.done())
+            self.bar.update(self.bar.task_ids[0], completed=self.work_done(), trials=f"{self.done()}/{self.total}")
         elif force or time.monotonic() - self.last >= LINE_EVERY_S:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
-            typer.echo(f"[{elapsed:6.0f}s] {self.done()}/{self.total} done, {self.status(trials)}")
+            typer.echo(f"[{elapsed:6.0f}s] {self.done()}/{self.total} done, eta {self.eta()}, {self.status(trials)}")
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self.caught_up:  # a resumed search's trials, as far as they got before
             self.caught_up = True
             self.epochs = self.diverged = 0
-            self.latest, self.ended = {}, {}
+            self.latest, self.ended, self.steps = {}, {}, {}
             for trial in trials:
                 last = trial.last_result or {}
                 self.epochs += int(last.get(STEP, 0))
+                self.steps[trial.trial_id] = int(last.get(STEP, 0))
                 self.diverged += bool(last.get("diverged"))
                 values = self._counted(last)
                 if trial.status != FAILED and values is not None:
                     self.latest[trial.trial_id] = values
                 if trial.status in (FINISHED, FAILED):
                     self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
+            self.work_at_start = self.work_done()
         if self.bar is None:  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
             self.show(trials)  # (a terminal's bar keeps its clock itself; its status changes with results)
 
@@ -142,6 +166,7 @@ class Progress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get(STEP, 0) >= 1:
             self.epochs += 1
+            self.steps[trial.trial_id] = int(result[STEP])
         values = self._counted(result)
         if values is not None:
             self.latest[trial.trial_id] = values

@@ -139,7 +139,7 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
                                      space_size=spec.distinct_configurations())
     callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
     if progress:
-        callbacks.append(Progress(spec.objectives, spec.planned_trials()))
+        callbacks.append(Progress(spec.objectives, spec.expected_trials(), spec.max_epochs()))
     tuner = tune.Tuner(
         _trainable(spec, data, pretrained, folder),
         # The searcher ends the search: proposals answered without training do not count

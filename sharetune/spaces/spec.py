@@ -512,6 +512,11 @@ class SearchSpec(BaseModel):
         """Tune trials the search trains: each configuration `repeats` times."""
         return self.num_samples() * self.repeats
 
+    def expected_trials(self) -> int:
+        """`planned_trials`, or fewer where a finite space holds fewer configurations than the budget
+        asks for (the searcher stops once it has proposed each)."""
+        return min(self.num_samples(), self.distinct_configurations() or math.inf) * self.repeats
+
     def max_epochs(self) -> int:
         """The most epochs a trial trains (settings are intervals: the most of the extremes')."""
         return max(settings.epochs for settings in self.extreme_settings())
