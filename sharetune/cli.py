@@ -503,7 +503,10 @@ def _finish(result: Search, report_dir: Path) -> None:
 
         logged, missing = log_front_models(result.folder, result.spec, trials, uri, trial_runs(uri, parent))
         objectives = ", ".join(f"{name} {mode}" for name, mode in result.spec.objectives.items())
-        typer.echo(f"MLflow models: {plural(len(logged), 'trial')} on the front of the objectives ({objectives}):")
+        if built is not None and any(not front.empty for front in built.fronts.values()) and reports.ACCURACY not in result.spec.objectives:  # two fronts of other trials
+            objectives += f"; the fronts above rank {reports.ACCURACY}"
+        typer.echo(f"MLflow models: {plural(len(logged), 'trial')} on the front of the search's objectives ({objectives})"
+                   + (":" if logged else ""))
         for trial_id, model_uri in logged.items():
             typer.echo(f"  trial {trial_id}: {model_uri}  (mlflow.pytorch.load_model)")
         for why in missing:

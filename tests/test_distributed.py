@@ -61,7 +61,7 @@ def test_a_two_worker_trial_trains_what_one_process_does_and_resumes_every_rank_
     # it scores on the test split what the trial reported last
     parsed = parse_spec(spec)
     data = tuner.load_data(parsed)
-    assert "MLflow models: 1 trial on the front of the objectives (test_accuracy max):\n  trial " in resumed.stdout and "not logged as a model" not in resumed.stdout
+    assert "MLflow models: 1 trial on the front of the search's objectives (test_accuracy max):\n  trial " in resumed.stdout and "not logged as a model" not in resumed.stdout
     (child,) = parent_and_child_runs(MlflowClient(env["MLFLOW_TRACKING_URI"]), spec["name"])[1]
     (printed,) = re.findall(rf"^  trial {child.data.tags['sharetune.trial_id']}: (\S+)  \(mlflow.pytorch.load_model\)$",
                             resumed.stdout, re.MULTILINE)

@@ -188,7 +188,10 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
     # mid-trial: the first trial has reported three of its eight epochs
-    folder, env, _ = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3))
+    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3))
+    # the model kept is the search's best on val, which the report's fronts (on test) need not show
+    assert ("MLflow models: 1 trial on the front of the search's objectives (val_accuracy max; the fronts above rank "
+            "test_accuracy):\n  trial ") in resumed.stdout
     trials = report.trials_from_folder(folder)
     assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
     assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
