@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
-from sharetune.errors import ExitCode, first_line, plural
+from sharetune.errors import ExitCode, first_line
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
@@ -20,6 +20,7 @@ from sharetune.recipes import RECIPES
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
 from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
+from sharetune.text import plural
 
 if TYPE_CHECKING:
     from sharetune.search import SearchFolder
@@ -167,8 +168,8 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
             fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")
         pretrained = pretrain(settings, data) if settings.needs_pretrained() else None
         model = build_model(settings, data, pretrained)
-    except ValidationError as err:
-        fail(describe_error(err, value_last=True))
+    except ValidationError as err:  # named as the options are
+        fail(describe_error(err, lambda loc: f"--{str(loc[0]).replace('_', '-')}" if loc else "", value_last=True))
     except (DataError, ValueError) as err:
         fail(str(err))
     costs = costs_of(model, data)

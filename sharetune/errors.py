@@ -7,11 +7,6 @@ from __future__ import annotations
 from enum import IntEnum
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 epoch`, `3 epochs`: how the lines count things."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def first_line(err: BaseException) -> str:
     """The first line of the exception's message ("" when it has none): what a one-line error quotes."""
     lines = str(err).strip().splitlines()

@@ -23,7 +23,7 @@ from sharetune.trainables import build_model, costs_of
 PACKAGE = Path(__file__).resolve().parents[1] / "sharetune"
 # Each layer may import itself and the layers before it: configuration flows spec -> space -> trial
 # settings -> model -> training -> metrics -> MLflow, and each step is built on the ones below.
-LAYERS = [{"metrics", "data", "analysis", "storage_filesystem", "errors", "ema", "cache"}, {"models"}, {"recipes", "training"}, {"spaces"}, {"trainables"}, {"search"}, {"job_commands"}, {"cli", "launch"}]
+LAYERS = [{"metrics", "data", "analysis", "storage_filesystem", "errors", "text", "ema", "cache"}, {"models"}, {"recipes", "training"}, {"spaces"}, {"trainables"}, {"search"}, {"job_commands"}, {"cli", "launch"}]
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 

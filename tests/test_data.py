@@ -120,12 +120,15 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
         (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
         (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
         (["train", "spin", "--dataset", "synthetic", "--train-subset", "5"], "val_fraction: 0.1 of 5 training examples leaves a split empty"),
-        (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'"),
+        (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'; allowed: cifar10, cifar100, fashion_mnist, kmnist, mnist, mnist1d, "
+                                    "synthetic"),  # not imagefolder: it has nothing to fetch
+        (["train", "arbnet", "--dataset", "cifar10", "--data-dir", "{empty}"],  # torchvision's hint names an option of its own
+         "cifar10: files not found or unreadable under {empty} (Dataset not found or corrupted.). Fix: run `sharetune data fetch"),
         (["data", "fetch", "imagefolder"], "imagefolder: nothing to fetch; it reads your own ImageNet-layout folder"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
-    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    args, message = [a.replace("{empty}", str(tmp_path)) for a in args], message.replace("{empty}", str(tmp_path))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output

@@ -470,6 +470,9 @@ def test_an_error_is_its_exception_line():
             "(2) ray stop --force was called, or (3) the worker crashed unexpectedly.")
     assert error_line(f"Failure # 1\n{dead}") == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
     assert error_line("x" * 300) == "x" * 200 + "…"
+    unbuildable = ("sharetune.trainables.trial.ConfigurationError: the configuration cannot be built: ValueError: dim: 8 is not "
+                   "a multiple of deit_tiny's 3 attention heads; allowed: multiples of 3")
+    assert error_line(f"Failure # 1\n{unbuildable}") == unbuildable.split("ConfigurationError: ")[1]  # our own: its message alone
 
 
 def test_constraints_no_proposal_met_are_bad_input_not_success():

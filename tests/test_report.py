@@ -10,6 +10,7 @@ from helpers import tiny_spec
 from sharetune.analysis.figures import save_figure
 from sharetune.search import console, report
 from sharetune.spaces import SpecError, parse_spec
+from sharetune.text import number, plural
 
 # What report.py draws in: trials in C0 at alpha 0.5 (on white), the front in C3; lines and labels take C0, C1, ...
 TRIALS, FRONT = (143, 187, 218), (214, 39, 40)
@@ -182,3 +183,14 @@ def test_images_a_trial_could_not_decode_get_a_line_on_the_console():
     assert console.unreadable_note(folders.assign(unreadable_images=[0.0, 0.0])) is None
     assert console.unreadable_note(folders.assign(unreadable_images=float("nan"))) is None  # sets in memory
     assert console.unreadable_note(folders.drop(columns="unreadable_images")) is None
+
+
+def test_whole_numbers_read_as_themselves_in_the_tables_and_lines():
+    """`list` showed 63831 parameters as 6.383e+04, and a table's column of them 1.046e+04."""
+    assert [number(v) for v in (458573.0, 0.58134, 1.0, float("nan"), 3.0155e7 + 0.5)] == ["458573", "0.5813", "1", "nan", "3.016e+07"]
+    assert [plural(1, "epoch"), plural(0, "epoch"), plural(3, "trial")] == ["1 epoch", "0 epochs", "3 trials"]
+    table = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2, "test_accuracy": [0.5, 0.75],
+                          "unique_params": [10460.0, 63831.0]})
+    assert console.top_trials(table, parse_spec(tiny_spec())).splitlines()[1:] == [
+        "trial_id     status  test_accuracy  unique_params", "       b TERMINATED           0.75          63831",
+        "       a TERMINATED            0.5          10460"]

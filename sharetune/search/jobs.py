@@ -66,7 +66,7 @@ def _ask(address: str | None, request: Callable[[JobSubmissionClient], T]) -> T:
             given = address or any(os.environ.get(v) for v in ADDRESS_VARIABLES)
             if dashboard is None and not given:  # Ray looked for a local cluster and found none
                 raise JobsError("--address: no Ray cluster given and none runs here; give its dashboard, "
-                                "e.g. --address http://HEAD:8265 (or set $RAY_ADDRESS)") from None
+                                "e.g. --address http://HEAD:8265 (or set $RAY_API_SERVER_ADDRESS)") from None
             where = address or "from $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS"
             if isinstance(err, AuthenticationError):  # its text is a paragraph on token setup
                 raise JobsError(f"--address {where}: the dashboard refused this client's token ({first_line(err)}); "

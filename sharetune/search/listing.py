@@ -21,6 +21,7 @@ from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
 from sharetune.spaces.locations import DEFAULT_STORAGE
+from sharetune.text import number
 
 
 @dataclass(frozen=True)
@@ -88,5 +89,5 @@ def table_rows(searches: list[PastSearch]) -> list[dict[str, str]]:
     return [{
         "name": s.name, "started": s.started.strftime("%Y-%m-%d %H:%M") if s.started else "?", "status": s.status,
         "trials": f"{s.done}/{s.planned}" + (f" ({s.failed} failed)" if s.failed else ""),
-        "best": ", ".join(f"{k} {v:.4g}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
+        "best": ", ".join(f"{k} {number(v)}" for k, v in s.best.items()) or "-", "folder": str(s.folder),
     } for s in searches]

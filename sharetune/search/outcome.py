@@ -30,6 +30,7 @@ def error_line(text: str | None) -> str:
     lines = [line for line in (text or "").splitlines() if line.strip() and not line.startswith("Failure # ")]
     unindented = [line for line in lines if not line[0].isspace() and not line.startswith("Traceback")]
     line = (unindented or lines or ["the trial raised"])[-1].strip()
+    line = line.removeprefix(f"{ConfigurationError.__module__}.{ConfigurationError.__name__}: ")  # its message says it all
     if len(line) <= ERROR_LINE_CHARS:
         return line
     end = line.find(". ")

@@ -22,9 +22,9 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainin
 from rich.progress import Progress as Bar
 from rich.text import Text
 
-from sharetune.errors import plural
 from sharetune.metrics import STEP, pareto_mask
 from sharetune.search.outcome import FAILED, FINISHED, trial_error
+from sharetune.text import number, plural
 
 NOISY_LOGGERS = ("mlflow", "alembic", "ray._private.authentication", "ray.tune", "ray.train")
 TUNE_RUN_LOGGER = "ray.tune.tune"  # where Tune's fit logs its end
@@ -89,7 +89,7 @@ class Progress(tune.Callback):
     def status(self, trials) -> str:
         running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
         errored = sum(t.status == FAILED or self.ended.get(t.trial_id) == "error" for t in trials)
-        best = ", ".join(f"{name} {value:.4g} (trial {trial})" for name, (value, trial) in self.best().items()) or "none yet"
+        best = ", ".join(f"{name} {number(value)} (trial {trial})" for name, (value, trial) in self.best().items()) or "none yet"
         front = f"; Pareto front {self.front_size()}" if len(self.objectives) > 1 else ""
         return (f"{running} running ({self.diverged} diverged, {errored} errored), {plural(self.epochs, 'epoch')}; "
                 f"leading: {best}{front}")

@@ -35,6 +35,7 @@ from sharetune.search.outcome import CUT, DUPLICATE, FAILED, FINISHED, INFEASIBL
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import FAMILIES
+from sharetune.text import number
 
 ACCURACY = "test_accuracy"
 LEGEND_GROUPS = 4  # continuous settings are binned to this many legend entries
@@ -307,7 +308,7 @@ def build_report(trials: pd.DataFrame, out: str | Path, reference: dict[str, flo
             report.skipped[cost] = "no trial trained to its end: nothing to plot or measure"
             continue
         if cost in done and done[cost].nunique() == 1:
-            report.skipped[cost] = (f"every trial has {cost} {done[cost].iloc[0]:.4g}: no trade-off against it to plot "
+            report.skipped[cost] = (f"every trial has {cost} {number(done[cost].iloc[0])}: no trade-off against it to plot "
                                     f"or measure")
             continue
         front, volume = pareto(done, cost, reference)

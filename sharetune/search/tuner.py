@@ -18,7 +18,7 @@ import optuna
 import ray
 from ray import tune
 
-from sharetune.data import Batches, load
+from sharetune.data import Batches, DataError, load
 from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
@@ -70,7 +70,12 @@ class Interrupted(Exception):
 
 
 def load_data(spec: SearchSpec) -> Batches:
-    return load(**spec.data.model_dump())
+    """The spec's data; an error naming one of its settings names it as the spec does (`data.val_fraction`)."""
+    try:
+        return load(**spec.data.model_dump())
+    except DataError as err:
+        field = str(err).partition(":")[0]
+        raise DataError(f"data.{err}" if field in type(spec.data).model_fields else str(err)) from None
 
 
 def start_ray(spec: SearchSpec, address: str | None) -> None:
