@@ -174,7 +174,8 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     assert cut.status == CUT and cut.epochs_done < 100_000  # on a loaded machine, maybe before its first epoch
     assert outcome(trials) == (ExitCode.OK, None)  # it spent the budget it was given
     assert top_trials(trials, result.spec) == "top trials (left out: 1 the time limit cut short): none trained to its end"
-    assert describe(result.folder).best == {}  # nor is it `sharetune list`'s best (its partial accuracy was)
+    listed = describe(result.folder)  # nor is it `sharetune list`'s best (its partial accuracy was), and a resume trains no more
+    assert (listed.best, listed.status) == ({}, "out of time")
     (parent,), (child,) = parent_and_child_runs(client, "tiny")
     assert parent.info.status == child.info.status == "KILLED"
     from_mlflow, _ = report.trials_from_mlflow("tiny", result.mlflow_uri)  # reads as the folder does

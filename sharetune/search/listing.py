@@ -15,7 +15,7 @@ from datetime import datetime
 
 from pyarrow import fs
 
-from sharetune.search.outcome import ENDED, FAILED
+from sharetune.search.outcome import CUT, ENDED, FAILED
 from sharetune.search.report import TRAINED, configurations, proposed, trials_from_folder
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
@@ -33,6 +33,7 @@ class PastSearch:
     done: int  # trials that ended, failed ones included
     failed: int
     pending: int  # trials Tune has but that have not ended
+    cut: int  # trials the search's time limit ended before their last epoch (the limit is spent: resume trains no more)
     best: dict[str, float]  # objective -> its best last value over the configurations (their seeds' mean)
     damaged: str = ""  # why the folder cannot be read, where it cannot
 
@@ -42,7 +43,11 @@ class PastSearch:
             return "damaged"
         if self.done == self.pending == 0:
             return "no trials"
-        return "finished" if self.done >= self.planned and not self.pending else "incomplete"
+        if self.pending:
+            return "incomplete"
+        if self.cut:  # ended by the time limit, with trials it cut short
+            return "out of time"
+        return "finished" if self.done >= self.planned else "incomplete"
 
 
 def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearch:
@@ -52,7 +57,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
     try:
         table = trials_from_folder(folder)
     except FileNotFoundError:  # no trial yet
-        return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, best={})
+        return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, cut=0, best={})
     trials = table[table["trial_id"].notna()]
     ended = trials["status"].isin(ENDED)
     done = configurations(trials[trials["status"].isin(TRAINED)])
@@ -61,7 +66,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
     trained = trials[CONFIGURATION].nunique() if CONFIGURATION in trials else len(trials)
     planned = trained * spec.repeats if spec.ran_out(proposed(table)) else spec.planned_trials()  # all a finite space held
     return PastSearch(folder, spec.name, started, planned, done=int(ended.sum()), failed=int((trials["status"] == FAILED).sum()),
-                      pending=int((~ended).sum()), best=best)
+                      pending=int((~ended).sum()), cut=int((trials["status"] == CUT).sum()), best=best)
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:
@@ -79,7 +84,7 @@ def past_searches(storage: str | None = None) -> list[PastSearch]:
             try:
                 searches.append(describe(folder, started))
             except (SpecError, StateError) as err:  # one damaged folder is listed as such; the others still are
-                searches.append(PastSearch(folder, entry.base_name, started, planned=0, done=0, failed=0, pending=0,
+                searches.append(PastSearch(folder, entry.base_name, started, planned=0, done=0, failed=0, pending=0, cut=0,
                                            best={}, damaged=str(err)))
     return sorted(searches, key=lambda s: s.started.timestamp() if s.started else 0.0, reverse=True)
 
