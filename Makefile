@@ -51,6 +51,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_spin.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
+	$(BIN)/python benchmarks/bench_hashes.py
 	$(BIN)/python benchmarks/bench_storage.py
 	$(BIN)/python benchmarks/bench_ddp.py
 	$(BIN)/python benchmarks/bench_search.py  # about 15 minutes: hypervolume against epochs, training share
