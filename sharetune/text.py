@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def plural(count: int, noun: str) -> str:
@@ -12,6 +13,7 @@ def plural(count: int, noun: str) -> str:
 
 def number(value: float) -> str:
     """A whole number as itself (458573 parameters, not 4.586e+05), any other to four significant figures."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+    if isinstance(value, numbers.Integral) or (isinstance(value, float) and math.isfinite(value) and value.is_integer()
+                                               and abs(value) < 1e15):
         return str(int(value))
     return f"{value:.4g}"

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import BIN, all_processes, image_folder, tiny_spec
@@ -127,6 +128,9 @@ def test_an_images_augmentation_depends_on_the_seed_the_epoch_and_the_image_alon
         assert len(other) == len(second) and all(torch.equal(a, b) for a, b in zip(other, second))
     ranks = [epoch(folder().shard(rank, 2), 1, 1) for rank in (0, 1)]  # a two-worker trial's ranks: halves of the same batches
     assert all(torch.equal(torch.cat(halves), whole) for *halves, whole in zip(*ranks, second))
+    np.random.seed(5)
+    epoch(folder(), 1, 0)  # decoded in this process: the epoch's own draws (MixUp's, dropout's) go on as seeded
+    assert np.random.random() == np.random.RandomState(5).random_sample()
     images = uninterrupted._loader("train", 16, cpu, 0, augment).dataset
     assert torch.equal(images[(0, 7)][0], images[(0, 7)][0]) and not torch.equal(images[(0, 7)][0], images[(0, 8)][0])  # random, seeded
 

@@ -43,6 +43,21 @@ def test_a_resumed_search_counts_what_its_trials_did_before_and_its_clock_starts
                                               "leading: val_accuracy 0.8 (trial a)")
 
 
+def test_a_search_an_earlier_version_started_resumes_with_its_progress(capsys):
+    """Tune restores the callback the search pickled when it started; one pickled before the ETA counted
+    epochs had none of its fields, and the resumed search's first step raised."""
+    earlier = Progress({"val_accuracy": "max"}, total=2, epochs=3)
+    for name in ("trial_epochs", "steps", "work_at_start"):
+        del earlier.__dict__[name]
+    restored = pickle.loads(pickle.dumps(earlier))
+    restored.setup()
+    done = trial("a", "TERMINATED")
+    done.last_result = {STEP: 3, "val_accuracy": 0.8}
+    restored.on_step_begin(0, [done, trial("b")])
+    restored.show([done, trial("b")], force=True)
+    assert capsys.readouterr().out.startswith("[     0s] 1/2 done, eta -:--:--, 1 running")
+
+
 def test_trials_ctrl_c_stopped_are_not_counted_done(capsys):
     """Tune's clean-up after Ctrl-C marks the running trials TERMINATED without completing them: the
     last line showed them done (5/8), beside the search's own line saying 2 of 5 unfinished."""

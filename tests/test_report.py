@@ -188,6 +188,7 @@ def test_images_a_trial_could_not_decode_get_a_line_on_the_console():
 def test_whole_numbers_read_as_themselves_in_the_tables_and_lines():
     """`list` showed 63831 parameters as 6.383e+04, and a table's column of them 1.046e+04."""
     assert [number(v) for v in (458573.0, 0.58134, 1.0, float("nan"), 3.0155e7 + 0.5)] == ["458573", "0.5813", "1", "nan", "3.016e+07"]
+    assert [number(63831), number(np.int64(63831))] == ["63831", "63831"]  # a result's unique_params is an int
     assert [plural(1, "epoch"), plural(0, "epoch"), plural(3, "trial")] == ["1 epoch", "0 epochs", "3 trials"]
     table = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2, "test_accuracy": [0.5, 0.75],
                           "unique_params": [10460.0, 63831.0]})

@@ -8,6 +8,7 @@ data-parallel trial (`shard`) each take their part of the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import asdict, dataclass
 from pathlib import PurePath
@@ -167,6 +168,20 @@ def seed_host_generators(value: int) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.default_generator.manual_seed(value)
+
+
+@contextlib.contextmanager
+def host_generators_seeded(value: int) -> Iterator[None]:
+    """The host's generators seeded by `value` inside, as they were outside: an image decoded in the
+    training process itself (no loader workers) leaves the epoch's draws (MixUp, dropout) as they were."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed_host_generators(value)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def image_seed(epoch_value: int, index: int) -> int:

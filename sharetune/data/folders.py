@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from sharetune.data.batches import (
     Augment,
@@ -27,6 +27,7 @@ from sharetune.data.batches import (
     batch_starts,
     epoch_order,
     epoch_seed,
+    host_generators_seeded,
     image_seed,
     seed_host_generators,
     share,
@@ -77,8 +78,13 @@ class _Images(Dataset):
                 decoded = image.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not an image we can read
             return path
-        if epoch_value is not None:
-            seed_host_generators(image_seed(epoch_value, index))
+        if epoch_value is None:
+            return self.transform(decoded), label
+        seed = image_seed(epoch_value, index)
+        if get_worker_info() is None:  # in the training process: its own draws go on afterwards
+            with host_generators_seeded(seed):
+                return self.transform(decoded), label
+        seed_host_generators(seed)  # a loader worker's generators serve its images alone
         return self.transform(decoded), label
 
 

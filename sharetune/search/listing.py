@@ -2,10 +2,10 @@
 
 A search folder holds its spec (written before Ray starts, so its time is the search's start) and
 Tune's state (each trial's status and last results). Whether a search still runs cannot be told from
-its folder; one with trials left is `incomplete` (interrupted, running, or out of time), and
-`sharetune resume` continues it (within what is left of its time limit); one Tune records no trial of
-has `no trials` (none met the constraints, or it stopped before its first), and there is nothing to
-resume.
+its folder; one with trials left is `incomplete` (interrupted or running), and `sharetune resume`
+continues it; one its time limit ended with trials cut short is `out of time` (a resume does not renew
+the limit); one Tune records no trial of has `no trials` (none met the constraints, or it stopped
+before its first), and there is nothing to resume.
 """
 
 from __future__ import annotations

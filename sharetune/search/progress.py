@@ -76,6 +76,11 @@ class Progress(tune.Callback):
     def __getstate__(self) -> dict:  # Tune pickles callbacks with its state; the live display stays here
         return {**self.__dict__, "bar": None}
 
+    def __setstate__(self, state: dict) -> None:
+        """A search an earlier version started pickled its callback without the epochs' count (its ETA
+        then counts each trial as one epoch)."""
+        self.__dict__.update({"trial_epochs": 1, "steps": {}, "work_at_start": 0, **state})
+
     def setup(self, **info) -> None:
         """Also where a resumed search starts: Tune restores this callback as the search first pickled it,
         so the clock restarts here and the trials' earlier epochs are counted at the first step."""
@@ -152,6 +157,8 @@ class Progress(tune.Callback):
                 if trial.status in (FINISHED, FAILED):
                     self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
             self.work_at_start = self.work_done()
+            if self.bar is not None:  # from there: the bar's pace counts this run's epochs alone
+                self.bar.reset(self.bar.task_ids[0], completed=self.work_at_start, trials=f"{self.done()}/{self.total}")
         if self.bar is None:  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
             self.show(trials)  # (a terminal's bar keeps its clock itself; its status changes with results)
 
