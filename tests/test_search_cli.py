@@ -190,8 +190,8 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
     # mid-trial: the first trial has reported three of its eight epochs
     folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3))
     # the model kept is the search's best on val, which the report's fronts (on test) need not show
-    assert ("MLflow models: 1 trial on the front of the search's objectives (val_accuracy max; the fronts above rank "
-            "test_accuracy):\n  trial ") in resumed.stdout
+    assert re.search(r"\nMLflow models: \d trials? on the front of the search's objectives \(val_accuracy max; the fronts "
+                     r"above rank test_accuracy\):\n  trial ", resumed.stdout), resumed.stdout  # (two, where they tie on val)
     trials = report.trials_from_folder(folder)
     assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {8}
     assert trials["test_accuracy"].max() > 0.6 and trials["val_accuracy"].max() > 0.6  # chance is 1/3
