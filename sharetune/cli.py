@@ -139,6 +139,11 @@ def train_spin(
     _train_one("spin", options, dataset, data_dir, (train_subset, test_subset), device, as_json, out)
 
 
+def _option(setting: str) -> str:
+    """How `train` spells a setting as its option: patch_size is --patch-size."""
+    return f"--{setting.replace('_', '-')}"
+
+
 def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets: tuple[int | None, int | None],
                device: str | None, as_json: bool, out: Path | None) -> None:
     """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does;
@@ -161,7 +166,7 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
         unused = settings.unused(given) if isinstance(settings, SpinSettings) else {}
         if unused:
             name, where = next(iter(unused.items()))
-            fail(f"--{name.replace('_', '-')}: this run never reads it (it applies {where}); leave it out")
+            fail(f"{_option(name)}: this run never reads it (it applies {where}); leave it out")
         # a folder decodes in as many loader processes as this machine gives the command CPUs, as a trial's in its own
         data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1],
                     workers=len(os.sched_getaffinity(0))).with_resolution(settings.resolution)
@@ -171,7 +176,7 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
         pretrained = pretrain(settings, data) if settings.needs_pretrained() else None
         model = build_model(settings, data, pretrained)
     except ValidationError as err:  # named as the options are
-        fail(describe_error(err, lambda loc: f"--{str(loc[0]).replace('_', '-')}" if loc else "", value_last=True))
+        fail(describe_error(err, lambda loc: _option(str(loc[0])) if loc else "", value_last=True))
     except (DataError, ValueError) as err:
         fail(str(err))
     costs = costs_of(model, data)

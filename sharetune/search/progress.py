@@ -88,7 +88,7 @@ class Progress(tune.Callback):
         self.caught_up = False
         if sys.stdout.isatty():
             self.bar = StatusBar(Console())
-            self.bar.add_task("", total=self.total * self.trial_epochs, trials=f"{self.done()}/{self.total}")
+            self.bar.add_task("", total=self.work_planned(), trials=self.counted())
             self.bar.start()
 
     def status(self, trials) -> str:
@@ -112,6 +112,14 @@ class Progress(tune.Callback):
     def done(self) -> int:
         return len(self.ended)
 
+    def counted(self) -> str:
+        """Trials ended of those expected, `3/8`."""
+        return f"{self.done()}/{self.total}"
+
+    def work_planned(self) -> int:
+        """Epochs' worth of work in the trials expected."""
+        return self.total * self.trial_epochs
+
     def work_done(self) -> int:
         """Epochs' worth of the planned work done: an ended trial counts all its epochs (the most a trial trains)."""
         return sum(self.trial_epochs if trial_id in self.ended else min(self.steps.get(trial_id, 0), self.trial_epochs)
@@ -119,11 +127,11 @@ class Progress(tune.Callback):
 
     def eta(self) -> str:
         """The time left at this run's pace so far, as `0:02:10`; `-:--:--` before its first epoch."""
-        done, total = self.work_done(), self.total * self.trial_epochs
+        done = self.work_done()
         pace = (done - self.work_at_start) / max(time.monotonic() - self.started, 1e-9)
         if pace <= 0:
             return "-:--:--"
-        left = max(total - done, 0) / pace
+        left = max(self.work_planned() - done, 0) / pace
         return f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
 
     def front_size(self) -> int:
@@ -135,11 +143,11 @@ class Progress(tune.Callback):
     def show(self, trials, force: bool = False) -> None:
         if self.bar is not None:
             self.bar.status = self.status(trials)
-            self.bar.update(self.bar.task_ids[0], completed=self.work_done(), trials=f"{self.done()}/{self.total}")
+            self.bar.update(self.bar.task_ids[0], completed=self.work_done(), trials=self.counted())
         elif force or time.monotonic() - self.last >= LINE_EVERY_S:
             self.last = time.monotonic()
             elapsed = time.monotonic() - self.started
-            typer.echo(f"[{elapsed:6.0f}s] {self.done()}/{self.total} done, eta {self.eta()}, {self.status(trials)}")
+            typer.echo(f"[{elapsed:6.0f}s] {self.counted()} done, eta {self.eta()}, {self.status(trials)}")
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         if not self.caught_up:  # a resumed search's trials, as far as they got before
@@ -158,7 +166,7 @@ class Progress(tune.Callback):
                     self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
             self.work_at_start = self.work_done()
             if self.bar is not None:  # from there: the bar's pace counts this run's epochs alone
-                self.bar.reset(self.bar.task_ids[0], completed=self.work_at_start, trials=f"{self.done()}/{self.total}")
+                self.bar.reset(self.bar.task_ids[0], completed=self.work_at_start, trials=self.counted())
         if self.bar is None:  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
             self.show(trials)  # (a terminal's bar keeps its clock itself; its status changes with results)
 
