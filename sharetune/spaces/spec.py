@@ -461,8 +461,11 @@ class SearchSpec(BaseModel):
                    ["dimensions"] if loc[0] in self.dimensions else ["fixed"])
         return ".".join([*section, *map(str, loc)])
 
-    def _inactive(self, name: str, config: dict) -> bool:
-        return any(config.get(key) not in values for key, values in self.condition(name).items())
+    def _inactive(self, name: str, config: dict, conditions: dict[str, dict] | None = None) -> bool:
+        """Whether `name`'s condition turns it off in `config`; `conditions`: each dimension's, read once
+        by a caller that asks for many configs (reading one reads the family's signatures)."""
+        condition = self.condition(name) if conditions is None else conditions[name]
+        return any(config.get(key) not in values for key, values in condition.items())
 
     def _check_pretrained(self, settings) -> None:
         if not isinstance(settings, SpinSettings):
@@ -493,10 +496,10 @@ class SearchSpec(BaseModel):
         values = [self.dimensions[name].values() for name in names]
         if any(v is None for v in values) or math.prod(len(v) for v in values) > COUNTED_COMBINATIONS:
             return None
-        distinct = set()
+        distinct, conditions = set(), {name: self.condition(name) for name in names}
         for combo in itertools.product(*values):
             config = {**self.fixed, **dict(zip(names, combo))}
-            distinct.add(tuple((name, value) for name, value in zip(names, combo) if not self._inactive(name, config)))
+            distinct.add(tuple((name, value) for name, value in zip(names, combo) if not self._inactive(name, config, conditions)))
         return len(distinct)
 
     def ran_out(self, proposed: int) -> bool:
