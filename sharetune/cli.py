@@ -71,7 +71,7 @@ def data_fetch(
     try:
         where = fetch(name, root)
     except DataError as err:
-        fail(str(err))
+        fail(str(err.spelled(str.upper)))  # the argument, as the usage line names it
     typer.echo(f"{name}: generated from its seed when a search loads it; nothing to fetch" if where is None
                else f"{name}: ready under {where}")
 
@@ -144,6 +144,11 @@ def _option(setting: str) -> str:
     return f"--{setting.replace('_', '-')}"
 
 
+def _data_option(setting: str) -> str:
+    """How `train` names a data setting: by its option where it has one (the rest keep a search's defaults)."""
+    return {"name": "--dataset", "root": "--data-dir"}.get(setting, setting)
+
+
 def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets: tuple[int | None, int | None],
                device: str | None, as_json: bool, out: Path | None) -> None:
     """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does;
@@ -177,7 +182,9 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
         model = build_model(settings, data, pretrained)
     except ValidationError as err:  # named as the options are
         fail(describe_error(err, lambda loc: _option(str(loc[0])) if loc else "", value_last=True))
-    except (DataError, ValueError) as err:
+    except DataError as err:
+        fail(str(err.spelled(_data_option)))
+    except ValueError as err:
         fail(str(err))
     costs = costs_of(model, data)
     if (note := data.upscaling_note()) is not None:

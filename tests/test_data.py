@@ -1,4 +1,5 @@
 import gzip
+import pickle
 import struct
 
 import numpy as np
@@ -115,12 +116,13 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "arbnet", "--dataset", "imagenet"], "dataset: unknown dataset 'imagenet'; allowed: cifar10"),
+        (["train", "arbnet", "--dataset", "imagenet"], "error: --dataset: unknown dataset 'imagenet'; allowed: cifar10"),
+        (["train", "arbnet", "--dataset", "synthetic", "--data-dir", "{file}"], "error: --data-dir: {file} is not a directory"),
         (["train", "arbnet", "--dataset", "mnist", "--data-dir", "{empty}"], "sharetune data fetch mnist"),
         (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
         (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
         (["train", "spin", "--dataset", "synthetic", "--train-subset", "5"], "val_fraction: 0.1 of 5 training examples leaves a split empty"),
-        (["data", "fetch", "svhn"], "dataset: unknown dataset 'svhn'; allowed: cifar10, cifar100, fashion_mnist, kmnist, mnist, mnist1d, "
+        (["data", "fetch", "svhn"], "error: NAME: unknown dataset 'svhn'; allowed: cifar10, cifar100, fashion_mnist, kmnist, mnist, mnist1d, "
                                     "synthetic"),  # not imagefolder: it has nothing to fetch
         (["train", "arbnet", "--dataset", "cifar10", "--data-dir", "{empty}"],  # torchvision's hint names an option of its own
          "cifar10: files not found or unreadable under {empty} (Dataset not found or corrupted.). Fix: run `sharetune data fetch"),
@@ -128,11 +130,22 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
-    args, message = [a.replace("{empty}", str(tmp_path)) for a in args], message.replace("{empty}", str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    where = {"{empty}": str(tmp_path), "{file}": str(tmp_path / "file")}
+    for placeholder, path in where.items():
+        args, message = [a.replace(placeholder, path) for a in args], message.replace(placeholder, path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_data_error_names_its_setting_as_each_caller_spells_it_also_after_crossing_processes():
+    err = pickle.loads(pickle.dumps(DataError("0.5 of 4 training examples leaves a split empty", "val_fraction")))
+    assert str(err) == "val_fraction: 0.5 of 4 training examples leaves a split empty"
+    assert str(err.spelled(lambda setting: f"data.{setting}")) == "data.val_fraction: 0.5 of 4 training examples leaves a split empty"
+    unnamed = DataError("every image is unreadable")
+    assert unnamed.spelled(str.upper) is unnamed and str(unnamed) == "every image is unreadable"
 
 
 def test_root_that_is_a_file_is_refused(tmp_path):

@@ -33,7 +33,20 @@ DEFAULT_VAL_FRACTION = 0.1
 
 
 class DataError(RuntimeError):
-    """A dataset problem the user can fix; the message says how."""
+    """A dataset problem the user can fix; the message says how. `setting`: the `load` argument it is
+    about (name, root, label_noise, val_fraction), which each command spells as its users typed it
+    (`data.val_fraction` in a spec, `--data-dir` for `train`)."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message, setting)  # both in args: a copy pickled across processes keeps its setting
+        self.message, self.setting = message, setting
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.message}" if self.setting else self.message
+
+    def spelled(self, spell: Callable[[str], str]) -> DataError:
+        """The same error, its setting as `spell` names it."""
+        return DataError(self.message, spell(self.setting)) if self.setting else self
 
 
 @dataclass
@@ -216,19 +229,19 @@ def dataset_key(name: str) -> str:
     return name.lower().replace("-", "_")
 
 
-def canonical_name(name: str, field: str = "dataset", allowed: list[str] | None = None) -> str:
-    """The registry's key for `name` (any case, - or _); DataError naming `field` and the `allowed` names
-    (default: every dataset) if it is none of them."""
+def canonical_name(name: str, allowed: list[str] | None = None) -> str:
+    """The registry's key for `name` (any case, - or _); DataError about `name` naming the `allowed`
+    names (default: every dataset) if it is none of them."""
     key, allowed = dataset_key(name), allowed or dataset_names()
     if key not in allowed:
-        raise DataError(f"{field}: unknown dataset {name!r}; allowed: {', '.join(allowed)}")
+        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(allowed)}", "name")
     return key
 
 
 def add_label_noise(labels: Tensor, fraction: float, num_classes: int, seed: int = 0) -> Tensor:
     """Replace exactly round(fraction * n) labels, chosen by `seed`, with a different random class."""
     if not 0.0 <= fraction <= 1.0:
-        raise DataError(f"label_noise: must be in [0, 1], got {fraction}")
+        raise DataError(f"must be in [0, 1], got {fraction}", "label_noise")
     gen = torch.Generator().manual_seed(seed)
     count = round(fraction * len(labels))
     chosen = torch.randperm(len(labels), generator=gen)[:count]
@@ -270,13 +283,13 @@ def load(
     key = canonical_name(name)
     root = data_root(root)  # trials run in Ray's folders
     if root.exists() and not root.is_dir():
-        raise DataError(f"data.root: {root} is not a directory; give a folder (`train`: --data-dir)")
+        raise DataError(f"{root} is not a directory; give a folder", "root")
     if key == FOLDER:
         from sharetune.data.folders import ImageFolderData
 
         if label_noise:
-            raise DataError(f"label_noise: {label_noise} applies to the sets held in memory; imagefolder's labels are "
-                            "its class folders (allowed: 0)")
+            raise DataError(f"{label_noise} applies to the sets held in memory; imagefolder's labels are "
+                            "its class folders (allowed: 0)", "label_noise")
 
         return ImageFolderData.open(root, img_size=img_size, val_fraction=val_fraction, seed=seed, workers=workers,
                                     train_subset=train_subset, test_subset=test_subset)
@@ -296,7 +309,7 @@ def val_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tenso
     leaves either side empty (a split of nothing has no accuracy)."""
     train, held = stratified_split(labels, fraction, seed)
     if not len(held) or not len(train):
-        raise DataError(f"val_fraction: {fraction} of {len(labels)} training examples leaves a split empty")
+        raise DataError(f"{fraction} of {len(labels)} training examples leaves a split empty", "val_fraction")
     return train, held
 
 

@@ -74,8 +74,7 @@ def load_data(spec: SearchSpec) -> Batches:
     try:
         return load(**spec.data.model_dump())
     except DataError as err:
-        field = str(err).partition(":")[0]
-        raise DataError(f"data.{err}" if field in type(spec.data).model_fields else str(err)) from None
+        raise err.spelled(lambda setting: f"data.{setting}") from None
 
 
 def start_ray(spec: SearchSpec, address: str | None) -> None:

@@ -189,9 +189,9 @@ class DataSpec(BaseModel):
     def _known(cls, value):
         """One of the datasets (`--set data.name=` gives none); the message names them."""
         try:
-            canonical_name(value if isinstance(value, str) else repr(value), field="data.name")
+            canonical_name(value if isinstance(value, str) else repr(value))
         except DataError as err:
-            raise ValueError(str(err).removeprefix("data.name: ")) from None
+            raise ValueError(err.message) from None
         return value
 
     @property
