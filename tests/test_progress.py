@@ -9,7 +9,7 @@ from rich.console import Console
 
 from sharetune.metrics import STEP
 from sharetune.search import progress as progress_module
-from sharetune.search.progress import Progress, StatusBar
+from sharetune.search.progress import Progress, StartSteps, StatusBar
 
 
 def trial(trial_id: str, status: str = "RUNNING") -> SimpleNamespace:
@@ -116,3 +116,14 @@ def test_the_eta_counts_epochs_so_it_shows_before_the_first_trial_ends(capsys, m
     progress.on_trial_complete(0, running, running[0])  # stopped early: its 3 epochs left are work no longer to do
     assert progress.work_done() == 5 and progress.eta() == "0:00:06"
     assert capsys.readouterr().out.splitlines()[-1].startswith("[    10s] 1/2 done, eta 0:00:06, 1 running")
+
+
+def test_the_start_steps_spin_on_a_terminal_are_erased_when_done_and_say_nothing_elsewhere():
+    drawn = io.StringIO()
+    with StartSteps(True, Console(file=drawn, force_terminal=True)) as step:
+        step("starting a local Ray")
+    assert "starting a local Ray…" in drawn.getvalue() and drawn.getvalue().endswith("\x1b[2K")  # the line cleared
+    for progress, console in ((True, Console(file=io.StringIO())), (False, Console(file=io.StringIO(), force_terminal=True))):
+        with StartSteps(progress, console) as step:
+            step("starting a local Ray")
+        assert console.file.getvalue() == ""

@@ -150,6 +150,45 @@ def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def on_a_terminal(command: list[str], cwd: Path, env: dict, timeout: float = 300) -> tuple[int, str]:
+    """Run `command` with a pseudo-terminal as its stdout and stderr, as in a user's shell; its exit code
+    and everything it drew there."""
+    import pty
+    import select
+
+    main, terminal = pty.openpty()
+    process = subprocess.Popen(command, cwd=cwd, env={**env, "TERM": "xterm", "COLUMNS": "100"}, stdin=subprocess.DEVNULL,
+                               stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    drawn, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([main], [], [], 1)[0]:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:  # the command and its children closed the terminal
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+    finally:
+        os.close(main)
+    return process.wait(timeout=60), drawn.decode(errors="replace")
+
+
+def test_on_a_terminal_a_search_says_each_step_of_its_start_then_draws_its_bar(tmp_path):
+    """The start (the data, the dry runs, Ray) took up to half a minute without a word (a walk)."""
+    folder, env, command = cli_search(tmp_path, tiny_spec(budget={"num_samples": 2, "max_concurrent": 2}))
+    code, drawn = on_a_terminal(command, tmp_path, env)
+    assert code == 0, drawn
+    # each step stays until the next (a step shorter than a frame, as loading `synthetic`, may never be drawn)
+    ray, trials = drawn.find("starting a local Ray…"), drawn.find("starting the trials…")
+    assert 0 <= ray < trials, drawn
+    bar = drawn[trials:]
+    assert "trials" in bar and "eta" in bar and "2/2" in bar and "leading: test_accuracy" in bar, drawn
+    assert "top trials:" in drawn and "Pareto front" in drawn
+
+
 def test_ui_serves_the_store_on_loopback(tmp_path):
     import socket
     import urllib.request

@@ -45,6 +45,28 @@ def quiet() -> None:
     logging.getLogger(TUNE_RUN_LOGGER).addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
 
 
+class StartSteps:
+    """What a search does before Tune starts its trials (loading the data, the dry runs, starting Ray:
+    seconds to minutes), as a spinner on a terminal until the bar takes over; nothing elsewhere, where
+    the slow steps print their own lines. Use as a context: `step("loading mnist")`."""
+
+    def __init__(self, progress: bool, console: Console | None = None) -> None:
+        console = console or Console()
+        self.spinner = console.status("starting") if progress and console.is_terminal else None
+
+    def __enter__(self) -> StartSteps:
+        return self
+
+    def __call__(self, step: str) -> None:
+        if self.spinner is not None:
+            self.spinner.start()  # once started, again does nothing
+            self.spinner.update(f"{step}…")
+
+    def __exit__(self, *exc_info) -> None:
+        if self.spinner is not None:
+            self.spinner.stop()
+
+
 class StatusBar(Bar):
     """The trials' bar, count, elapsed time and ETA on one line, and the search's status on the next:
     in one row, a long status squeezed the bar and the ETA out of an 80-column terminal."""

@@ -27,7 +27,7 @@ from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
-from sharetune.search.progress import Progress
+from sharetune.search.progress import Progress, StartSteps
 from sharetune.search.result_log import ResultLog
 from sharetune.search.retries import NoRetryWhenUnbuildable
 from sharetune.search.searcher import ConfigurationSearcher
@@ -77,6 +77,11 @@ def load_data(spec: SearchSpec) -> Batches:
         raise err.spelled(lambda setting: f"data.{setting}") from None
 
 
+def ray_step(address: str | None) -> str:
+    """What starting Ray is, as the start's spinner says it."""
+    return "starting a local Ray" if address is None else f"joining the Ray cluster at {address}"
+
+
 def start_ray(spec: SearchSpec, address: str | None) -> None:
     """Join the cluster (or start a local Ray) and refuse a spec one trial of which it cannot hold."""
     cluster.start_ray(address)
@@ -118,44 +123,51 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 
 def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
     """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
-    sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
-    data = load_data(spec)
-    extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
-    # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
-    spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
-    check_free_space(folder.storage)
-    optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
-    if optuna_storage is not None and folder.name in optuna.study.get_all_study_names(optuna_storage):
-        raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
-                        "give this one another --name")
-    start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
-    folder.save_spec(spec)
-    folder.save_mlflow(uri, spec.name)
-    pretrained = _pretrained(spec, data, folder)
-    # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
-    study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
-                                directions=spec.directions)
-    with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-        study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
-    searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),
-                                     repeats=spec.repeats, constraints=spec.constraints,
-                                     costs=ProposalCosts(spec, folder, data, pretrained),
-                                     space_size=spec.distinct_configurations())
-    callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
-    if progress:
-        callbacks.append(Progress(spec.objectives, spec.expected_trials(), spec.max_epochs()))
-    tuner = tune.Tuner(
-        _trainable(spec, data, pretrained, folder),
-        # The searcher ends the search: proposals answered without training do not count
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec, folder), num_samples=-1,
-                                    max_concurrent_trials=spec.budget.max_concurrent,
-                                    time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
-                                    reuse_actors=True),  # a worker per trial costs seconds of imports
-        run_config=tune.RunConfig(name=folder.name, **tune_storage(folder.storage), callbacks=callbacks, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  # a trial whose worker or node dies goes on from its last checkpoint
-                                  failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
-    )
+    with StartSteps(progress) as step:  # a spinner on a terminal until the bar takes over
+        sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
+        step(f"loading {spec.data.name}")
+        data = load_data(spec)
+        step("checking the models at the dimensions' extremes")
+        extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
+        # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
+        spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
+        check_free_space(folder.storage)
+        optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
+        if optuna_storage is not None and folder.name in optuna.study.get_all_study_names(optuna_storage):
+            raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
+                            "give this one another --name")
+        step(ray_step(address))
+        start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
+        folder.save_spec(spec)
+        folder.save_mlflow(uri, spec.name)
+        if spec.pretraining_settings() is not None:
+            step("the unshared model the trials start from")
+        pretrained = _pretrained(spec, data, folder)
+        step("starting the trials")
+        # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
+        study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
+                                    directions=spec.directions)
+        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+            study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
+        searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),
+                                         repeats=spec.repeats, constraints=spec.constraints,
+                                         costs=ProposalCosts(spec, folder, data, pretrained),
+                                         space_size=spec.distinct_configurations())
+        callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
+        if progress:
+            callbacks.append(Progress(spec.objectives, spec.expected_trials(), spec.max_epochs()))
+        tuner = tune.Tuner(
+            _trainable(spec, data, pretrained, folder),
+            # The searcher ends the search: proposals answered without training do not count
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec, folder), num_samples=-1,
+                                        max_concurrent_trials=spec.budget.max_concurrent,
+                                        time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
+                                        reuse_actors=True),  # a worker per trial costs seconds of imports
+            run_config=tune.RunConfig(name=folder.name, **tune_storage(folder.storage), callbacks=callbacks, verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      # a trial whose worker or node dies goes on from its last checkpoint
+                                      failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
+        )
     return Search(spec, folder, uri, fit(tuner, folder))
 
 
@@ -250,18 +262,22 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
     check_queue(folder)
-    data = load_data(spec)
-    start_ray(spec, address)
-    pretrained = _pretrained(spec, data, folder)
-    try:
-        filesystem, path = filesystem_and_path(folder)
-        tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),
-                                   resume_errored=True)
-    except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
-        raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
-                         f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
-    folder.forget_pending_decisions()  # Tune reads its state when the search starts again (fit), not before
-    remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
+    with StartSteps(progress=True) as step:
+        step(f"loading {spec.data.name}")
+        data = load_data(spec)
+        step(ray_step(address))
+        start_ray(spec, address)
+        pretrained = _pretrained(spec, data, folder)
+        step("restoring the search's state")
+        try:
+            filesystem, path = filesystem_and_path(folder)
+            tuner = tune.Tuner.restore(path, storage_filesystem=filesystem, trainable=_trainable(spec, data, pretrained, folder),
+                                       resume_errored=True)
+        except Exception as err:  # Tune's own record (tuner.pkl) unreadable: never fall back to a new search
+            raise StateError(f"{folder}: Tune's state cannot be restored ({type(err).__name__}: "
+                             f"{first_line(err) or 'unreadable'}); the folder is left as it is") from None
+        folder.forget_pending_decisions()  # Tune reads its state when the search starts again (fit), not before
+        remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
     limited = spec.budget.time_limit_s is not None
     trained = epochs_trained(folder) if limited else None
     search = Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
