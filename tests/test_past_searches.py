@@ -265,13 +265,16 @@ def test_resume_refuses_a_damaged_queue_of_mlflow_writes_in_one_line_before_it_s
     _, arbnet, _ = searches
     queue = Path(arbnet.folder) / "sharetune-mlflow-queue.db"
     whole = queue.read_bytes()
-    queue.write_bytes(b"not a database, " * 512)
+    damages = {"file is not a database": b"not a database, " * 512,
+               "database disk image is malformed": whole[:100] + b"Z" * (len(whole) - 100)}  # SQLite's header, then garbage
     files = sorted(Path(arbnet.folder).iterdir())
-    try:
-        resumed = CliRunner().invoke(app, ["resume", str(arbnet.folder), "--report-dir", str(tmp_path / "reports")])
-        assert sorted(Path(arbnet.folder).iterdir()) == files  # nothing written beside it
-    finally:
-        queue.write_bytes(whole)
-    assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged (not a SQLite "
-                                                      "database); move it away to go on without the writes it held\n")
+    for why, damaged in damages.items():
+        queue.write_bytes(damaged)
+        try:
+            resumed = CliRunner().invoke(app, ["resume", str(arbnet.folder), "--report-dir", str(tmp_path / "reports")])
+            assert sorted(Path(arbnet.folder).iterdir()) == files  # nothing written beside it
+        finally:
+            queue.write_bytes(whole)
+        assert (resumed.exit_code, resumed.output) == (2, f"error: {queue}: the queue of MLflow writes is damaged ({why}); "
+                                                          "move it away to go on without the writes it held\n")
     assert not ray.is_initialized()

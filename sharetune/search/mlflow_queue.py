@@ -38,7 +38,6 @@ from sharetune.errors import ExitCode, first_line
 from sharetune.search.storage import SearchFolder, StateError, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
-SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
 SEARCH_TAG = "sharetune.search_path"  # the search folder, as SearchFolder spells it
 SEARCH_ID_TAG = "sharetune.search_id"  # which search in that folder: one deleted and started afresh is another
@@ -75,17 +74,20 @@ def queue_path(folder: SearchFolder) -> Path:
 
 
 def check_queue(folder: SearchFolder) -> None:
-    """StateError where the folder's queue file is there but is no SQLite database (by its header). Only
-    the header is read: opening the database would write its WAL files beside it (a folder `resume` then
-    refuses would not be left as it was), and reading it without them misreads a queue whose last
-    writes are still in its WAL (a driver stopped by a full disk)."""
+    """StateError where the folder's queue file is there but is no SQLite database, or a damaged one
+    (SQLite's own check, which reads the file with its WAL: a driver stopped by a full disk leaves its
+    last writes there). The files SQLite makes beside it are gone again when it closes, so a folder
+    `resume` refuses is left as it was."""
     path = queue_path(folder)
     if not path.is_file():
         return
-    with path.open("rb") as file:
-        header = file.read(len(SQLITE_HEADER))
-    if header and header != SQLITE_HEADER:  # SQLite takes an empty file for an empty database
-        raise StateError(f"{path}: the queue of MLflow writes is damaged (not a SQLite database); move it away to go on "
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as err:
+        problems = [str(err)]
+    if problems != ["ok"]:
+        raise StateError(f"{path}: the queue of MLflow writes is damaged ({'; '.join(problems)[:200]}); move it away to go on "
                          "without the writes it held")
 
 
