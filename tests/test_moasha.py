@@ -14,6 +14,7 @@ from ray.tune.experiment import Trial
 from sharetune.search import SearchFolder, report, tuner
 from sharetune.search.asha import KeptASHA
 from sharetune.search.moasha import MOASHA, contributions, fronts, going_on, ranks_ahead
+from sharetune.search.storage import StateError
 from sharetune.spaces import SpecError, parse_spec
 
 OBJECTIVES = {"test_accuracy": "max", "unique_params": "min"}
@@ -184,3 +185,13 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
     for row in trials.itertuples():
         last = epochs[row.trial_id][-1]
         assert told[(row.lr, row.table_size)].values == pytest.approx([last["test_accuracy"], last["unique_params"]])
+
+
+@pytest.mark.parametrize("kept", [b"{", b'{"brackets": 3}', b"[]"], ids=["cut short", "wrong shape", "not a mapping"])
+def test_kept_rungs_that_do_not_read_back_are_one_line_naming_the_file(tmp_path, kept):
+    folder = SearchFolder(tmp_path)
+    for scheduler in (MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3, store=folder),
+                      KeptASHA(time_attr="epoch", metric="test_accuracy", mode="max", max_t=9, grace_period=1, store=folder)):
+        (tmp_path / scheduler.RUNGS_FILE).write_bytes(kept)
+        with pytest.raises(StateError, match=rf"^{tmp_path}: {scheduler.RUNGS_FILE} is damaged \(.+\); move it away"):
+            scheduler.check_kept()

@@ -27,6 +27,7 @@ from sharetune.search.console import top_trials
 from sharetune.search.listing import describe
 from sharetune.search.mlflow_logger import MlflowLogger
 from sharetune.search.outcome import CUT, failed_trials, outcome
+from sharetune.search.storage import StateError
 from sharetune.spaces import SpecError, parse_spec
 
 # conftest: one local Ray for the module; xdist_group keeps the module on one worker, so it starts once
@@ -268,6 +269,14 @@ def test_single_objective_search_with_asha_and_spin_models(tmp_path):
     assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
     rungs = json.loads((Path(result.folder) / KeptASHA.RUNGS_FILE).read_text())  # for `resume`: every trial reached epoch 1
     assert set(rungs["brackets"][0][-1]) == set(trials["trial_id"])
+    kept = Path(result.folder) / KeptASHA.RUNGS_FILE
+    whole, files = kept.read_text(), sorted(Path(result.folder).rglob("*"))
+    kept.write_text(whole[:len(whole) // 2])  # damaged: `resume` refuses it before anything starts, naming it
+    with pytest.raises(StateError, match=rf"^{result.folder}: sharetune-asha.json is damaged \(.*\); move it away to resume "
+                                         r"with empty rungs"):
+        tuner.resume(SearchFolder(result.folder))
+    assert sorted(Path(result.folder).rglob("*")) == files
+    kept.write_text(whole)
     for _, trial in trials.iterrows():
         assert trial["effective_share_rate"] == pytest.approx(trial["virtual_params"] / trial["unique_params"])
         assert trial["unique_params"] < trial["virtual_params"] or trial["effective_share_rate"] == 1
@@ -320,8 +329,6 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_a_folder_whose_tune_state_cannot_be_restored_is_refused_and_left_untouched(tmp_path, diverging):
     import shutil
-
-    from sharetune.search.storage import SearchFolder, StateError
 
     result, _, _ = diverging
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from sharetune.errors import first_line
+from sharetune.search.storage import StateError
 from sharetune.storage_filesystem import FileStore
 
 
@@ -45,3 +47,14 @@ class KeptRungs:
         saved = self.store.read(self.RUNGS_FILE)
         if saved is not None:
             self._load_rungs(json.loads(saved))
+
+    def check_kept(self) -> None:
+        """StateError, naming the file, where the rungs kept in the store do not read back (damaged):
+        `resume` checks them so, with the search's own scheduler, before anything starts; inside Tune's
+        loop the same error was a traceback."""
+        try:
+            self.restore_rungs()
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StateError(f"{self.store}: {self.RUNGS_FILE} is damaged ({first_line(err) or type(err).__name__}); "
+                             "move it away to resume with empty rungs (the scheduler then ranks the next trials "
+                             "against new ones)") from None

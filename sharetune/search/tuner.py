@@ -262,6 +262,8 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
     check_queue(folder)
+    if spec.scheduler is not None:
+        _scheduler(spec, folder).check_kept()
     with StartSteps(progress=True) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
