@@ -2,16 +2,17 @@
 
 A fresh interpreter spends seconds importing torch before a command can answer; tests that check how
 dozens of bad inputs are answered would spend minutes on that alone. The server imports what the
-`sharetune` command imports on its way to a command (`sharetune.launch`, `sharetune.cli`), then forks
-a child per command: each child is its own process with its own argv, working directory, stdout,
-stderr and exit code, and loads the rest (Ray, MLflow) itself, as the installed command would. Only
-for commands run in the server's environment: a few settings are read from it as modules load.
+`sharetune` command imports on its way to a command (`sharetune.launch`, `sharetune.cli`) and the
+libraries a search loads after its first checks (Ray Tune, Optuna, MLflow), then forks a child per
+command: each child is its own process with its own argv, working directory, stdin (empty), stdout,
+stderr and exit code. Only for commands run in the server's environment (a few settings are read
+from it as modules load) that start no Ray of their own (a child's exit runs the atexit handlers,
+not an interpreter's whole shutdown).
 """
 
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 TIMEOUT_S = 300  # as long as a command may take to answer
 SERVER = r"""
-import atexit, json, os, sys, traceback
+import atexit, json, os, signal, sys, traceback
 import sharetune.cli, sharetune.launch  # what every command loads first, loaded once
 import mlflow, optuna, ray.tune, sharetune.search.tuner  # and what a search loads after its first checks
 
@@ -30,7 +31,9 @@ for line in sys.stdin:
     if child == 0:
         code = 1
         try:
+            signal.alarm(request["timeout"])  # a command that hangs dies of it, as subprocess.run's timeout kills
             os.chdir(request["cwd"])
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
             for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.argv = ["sharetune", *request["args"]]
@@ -42,7 +45,7 @@ for line in sys.stdin:
             except BaseException:
                 traceback.print_exc()
         finally:
-            atexit._run_exitfuncs()  # as an interpreter's exit runs them: a Ray the command started is stopped
+            atexit._run_exitfuncs()  # as an interpreter's exit runs them (logging's last flush, say)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -60,12 +63,10 @@ class ForkedCommands:
     def run(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(prefix="sharetune-forked-") as scratch:
             out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-            self.server.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}) + "\n")
+            request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "timeout": TIMEOUT_S}
+            self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
-            if not select.select([self.server.stdout], [], [], TIMEOUT_S)[0]:
-                self.server.kill()
-                raise TimeoutError(f"sharetune {' '.join(args)}: no answer in {TIMEOUT_S} s")
-            answer = self.server.stdout.readline()
+            answer = self.server.stdout.readline()  # the child's exit code, at most TIMEOUT_S later
             if not answer:
                 raise RuntimeError(f"the forking server ended with {self.server.wait()}")
             return subprocess.CompletedProcess(["sharetune", *args], int(answer), out.read_text(), err.read_text())

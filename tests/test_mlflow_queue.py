@@ -13,8 +13,8 @@ from helpers import fill, free_port, mlflow_server, small_filesystem, tiny_spec,
 from mlflow.tracking import MlflowClient
 
 from sharetune.errors import ExitCode
-from sharetune.search.mlflow_queue import SEARCH_TAG, TRIAL_TAG, MlflowQueue, queue_path
-from sharetune.search.storage import SearchFolder
+from sharetune.search.mlflow_queue import SEARCH_TAG, TRIAL_TAG, MlflowQueue, check_queue, queue_path
+from sharetune.search.storage import SearchFolder, StateError
 
 EPOCHS, TRIALS = 4, 4
 
@@ -172,3 +172,31 @@ def test_a_store_that_cannot_be_opened_yet_is_retried_and_then_takes_every_write
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("later").experiment_id], f"tags.`{TRIAL_TAG}` = 'a'")
     assert run.info.run_name == "a"
+
+
+def test_the_queue_check_reads_a_healthy_queue_with_its_wal_and_refuses_a_damaged_page_in_one_line_changing_nothing(tmp_path):
+    """`resume` checks the queue before anything starts (check_queue), read-only: a queue whose last writes
+    are still in its WAL (its writer still holds it open here) passes untouched; one whose page is damaged
+    is refused in one line (SQLite's report spans two), and neither leaves a file beside it."""
+    folder = SearchFolder(tmp_path / "search")
+    queue = MlflowQueue(folder, "http://127.0.0.1:1", "checked")
+    for step in range(200):
+        queue.put("metrics", key="trial:a", step=step, timestamp=0, metrics={"val_accuracy": 0.5}, tags={})
+    path = queue_path(folder)
+
+    def files() -> dict[str, bytes]:  # the shared-memory index (-shm) changes with every reader
+        return {p.name: p.read_bytes() for p in path.parent.iterdir() if not p.name.endswith("-shm")}
+
+    held = files()
+    assert f"{path.name}-wal" in held and len(held[f"{path.name}-wal"]) > 0
+    check_queue(folder)
+    assert files() == held
+    queue._connection().close()  # the writer's process ends: SQLite folds the WAL into the file and removes it
+    damaged = bytearray(path.read_bytes())
+    damaged[2 * 4096 + 1:2 * 4096 + 3] = (4000).to_bytes(2, "big")  # page 3's first free block: past its cells
+    path.write_bytes(damaged)
+    before = sorted(path.parent.iterdir())
+    with pytest.raises(StateError, match=rf"^{path}: the queue of MLflow writes is damaged \(Page 3: free space corruption\); "
+                                         "move it away to go on without the writes it held$"):
+        check_queue(folder)
+    assert sorted(path.parent.iterdir()) == before

@@ -151,8 +151,8 @@ def test_cli_rejects_a_bad_spec_before_starting_ray(tmp_path):
 
 
 def on_a_terminal(command: list[str], cwd: Path, env: dict, timeout: float = 300) -> tuple[int, str]:
-    """Run `command` with a pseudo-terminal as its stdout and stderr, as in a user's shell; its exit code
-    and everything it drew there."""
+    """Run `command` with a pseudo-terminal as its stdout and stderr, as a user's shell gives it one; its
+    exit code and everything it drew there."""
     import pty
     import select
 
@@ -165,19 +165,20 @@ def on_a_terminal(command: list[str], cwd: Path, env: dict, timeout: float = 300
         while time.monotonic() < deadline:
             if select.select([main], [], [], 1)[0]:
                 try:
-                    chunk = os.read(main, 65536)
-                except OSError:  # the command and its children closed the terminal
+                    drawn += os.read(main, 65536)
+                except OSError:  # every process holding the terminal closed it
                     break
-                if not chunk:
-                    break
-                drawn += chunk
+            elif process.poll() is not None:  # ended, and nothing more to read
+                break
+        return process.wait(timeout=60), drawn.decode(errors="replace")
     finally:
         os.close(main)
-    return process.wait(timeout=60), drawn.decode(errors="replace")
+        if process.poll() is None:
+            process.kill()
 
 
 def test_on_a_terminal_a_search_says_each_step_of_its_start_then_draws_its_bar(tmp_path):
-    """The start (the data, the dry runs, Ray) took up to half a minute without a word (a walk)."""
+    """The start (the data, the dry runs, Ray) took up to half a minute without a word (a walk); `resume`'s too."""
     folder, env, command = cli_search(tmp_path, tiny_spec(budget={"num_samples": 2, "max_concurrent": 2}))
     code, drawn = on_a_terminal(command, tmp_path, env)
     assert code == 0, drawn
@@ -187,6 +188,8 @@ def test_on_a_terminal_a_search_says_each_step_of_its_start_then_draws_its_bar(t
     bar = drawn[trials:]
     assert "trials" in bar and "eta" in bar and "2/2" in bar and "leading: test_accuracy" in bar, drawn
     assert "top trials:" in drawn and "Pareto front" in drawn
+    code, drawn = on_a_terminal([sys.executable, "-m", "sharetune.cli", "resume", str(folder)], tmp_path, env)  # likewise
+    assert code == 0 and 0 <= drawn.find("starting a local Ray…") < drawn.find("restoring the search's state…"), drawn
 
 
 def test_ui_serves_the_store_on_loopback(tmp_path):

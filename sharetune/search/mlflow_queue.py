@@ -74,21 +74,28 @@ def queue_path(folder: SearchFolder) -> Path:
 
 
 def check_queue(folder: SearchFolder) -> None:
-    """StateError where the folder's queue file is there but is no SQLite database, or a damaged one
-    (SQLite's own check, which reads the file with its WAL: a driver stopped by a full disk leaves its
-    last writes there). The files SQLite makes beside it are gone again when it closes, so a folder
-    `resume` refuses is left as it was."""
+    """StateError where the folder's queue file is there but is no SQLite database, or a damaged one:
+    SQLite's own check, read-only, which reads the file with its WAL (a driver stopped by a full disk
+    leaves its last writes there) and changes neither; the files it makes beside them to read them go
+    again, so a folder `resume` refuses is left as it was."""
     path = queue_path(folder)
     if not path.is_file():
         return
+    made = [file for file in (Path(f"{path}-wal"), Path(f"{path}-shm")) if not file.exists()]  # SQLite's, to read it
     try:
-        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
-            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
-    except sqlite3.DatabaseError as err:
-        problems = [str(err)]
-    if problems != ["ok"]:
-        raise StateError(f"{path}: the queue of MLflow writes is damaged ({'; '.join(problems)[:200]}); move it away to go on "
-                         "without the writes it held")
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+            (found,) = db.execute("PRAGMA quick_check(1)").fetchone()  # "ok", or the first problem
+    except sqlite3.OperationalError as err:  # locked, unreadable: whole or not, it cannot be read now
+        raise StateError(f"{path}: the queue of MLflow writes cannot be read ({err})") from None
+    except sqlite3.DatabaseError as err:  # not a database, or too damaged to check
+        found = str(err)
+    finally:
+        for file in made:
+            file.unlink(missing_ok=True)
+    if found != "ok":
+        why = " ".join(found.replace("*** in database main ***", "").split())  # SQLite's report spans lines
+        raise StateError(f"{path}: the queue of MLflow writes is damaged ({why}); move it away to go on without "
+                         "the writes it held")
 
 
 def malformed(err: Exception) -> bool:

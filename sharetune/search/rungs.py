@@ -54,7 +54,8 @@ class KeptRungs:
         loop the same error was a traceback."""
         try:
             self.restore_rungs()
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise StateError(f"{self.store}: {self.RUNGS_FILE} is damaged ({first_line(err) or type(err).__name__}); "
+        except (ValueError, KeyError, TypeError) as err:  # not JSON; JSON of another shape
+            why = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            raise StateError(f"{self.store}: {self.RUNGS_FILE} is damaged ({why}); "
                              "move it away to resume with empty rungs (the scheduler then ranks the next trials "
                              "against new ones)") from None

@@ -97,9 +97,11 @@ def _trainable(spec: SearchSpec, data: Batches, pretrained: dict | None, folder:
     return tune.with_resources(trainable, resources)
 
 
-def _pretrained(spec: SearchSpec, data: Batches, folder: SearchFolder) -> dict | None:
+def _pretrained(spec: SearchSpec, data: Batches, folder: SearchFolder, step: StartSteps) -> dict | None:
     """The unshared weights the trials start from (fusion, cka): the folder's copy, else trained on the
     cluster with a trial's resources and kept there."""
+    if spec.pretraining_settings() is not None:
+        step("the unshared model the trials start from")
     return pretrained_weights(spec, data, folder, cluster_pretrainer(spec.resources, str(folder)))
 
 
@@ -140,9 +142,7 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
         start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
         folder.save_spec(spec)
         folder.save_mlflow(uri, spec.name)
-        if spec.pretraining_settings() is not None:
-            step("the unshared model the trials start from")
-        pretrained = _pretrained(spec, data, folder)
+        pretrained = _pretrained(spec, data, folder, step)
         step("starting the trials")
         # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
         study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
@@ -262,14 +262,14 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
     check_queue(folder)
-    if spec.scheduler is not None:
-        _scheduler(spec, folder).check_kept()
+    if (scheduler := _scheduler(spec, folder)) is not None:
+        scheduler.check_kept()
     with StartSteps(progress=True) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
         step(ray_step(address))
         start_ray(spec, address)
-        pretrained = _pretrained(spec, data, folder)
+        pretrained = _pretrained(spec, data, folder, step)
         step("restoring the search's state")
         try:
             filesystem, path = filesystem_and_path(folder)
