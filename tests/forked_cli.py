@@ -40,8 +40,10 @@ for line in sys.stdin:
             try:
                 sharetune.launch.main()
                 code = 0
-            except SystemExit as exit:
+            except SystemExit as exit:  # as the interpreter ends on it: a code, or a message and 1
                 code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+                if not isinstance(exit.code, (int, type(None))):
+                    print(exit.code, file=sys.stderr)
             except BaseException:
                 traceback.print_exc()
         finally:
