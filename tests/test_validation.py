@@ -19,7 +19,7 @@ from sharetune.data import load
 from sharetune.metrics import dense_reference
 from sharetune.models import WeightsError, load_state_dict, native
 from sharetune.search.destinations import check_destinations
-from sharetune.spaces import SpecError, SpinSettings, load_spec, parse_spec, trial_settings
+from sharetune.spaces import SpecError, SpinSettings, load_spec, make_sampler, parse_spec, trial_settings
 from sharetune.trainables import build_model, check_search, costs_of, preflight, pretrained_weights
 
 SPIN = {"name": "s", "family": "spin", "data": {"name": "synthetic"}, "objectives": {"test_accuracy": "max"},
@@ -110,13 +110,23 @@ def test_a_when_that_can_hold_is_kept():
     assert spec.condition("radius") == {"hash": ["neighborhood"]}
 
 
+@pytest.mark.parametrize("sampler, option", [("tpe", "gamma"), ("motpe", "weights"), ("nsga2", "after_trial_strategy")])
+def test_an_option_optuna_takes_as_a_function_is_one_line_without_optunas_notices_before_it(sampler, option, recwarn):
+    """A spec's values are data: `gamma: 0.3` printed Optuna's FutureWarning (gamma is deprecated), then failed at trial 11."""
+    with pytest.raises(SpecError, match=rf"^sampler_options.{option}: the {sampler} sampler takes a function there, which a "
+                                        "spec cannot give; leave it out for the sampler's own$"):
+        make_sampler(parse_spec(tiny_spec(sampler=sampler, sampler_options={option: 0.3})))
+    assert [str(w.message) for w in recwarn if issubclass(w.category, FutureWarning)] == []
+
+
 @pytest.fixture(scope="module")
 def synthetic():
     return load("synthetic")
 
 
 @pytest.mark.parametrize("raw, message", [
-    (tiny_spec(sampler_options={"gamma": "x"}), r"sampler_options: tpe sampler with \{'gamma': 'x'\} fails at trial 11 of a dry run"),
+    (tiny_spec(sampler_options={"n_ei_candidates": 0}), r"sampler_options: tpe sampler with \{'n_ei_candidates': 0\} fails at trial 11 "
+                                                        "of a dry run"),
     (tiny_spec(sampler="nsga2", sampler_options={"population_size": 4, "mutation_prob": "x"}),
      r"sampler_options: nsga2 sampler rejected"),
     (tiny_spec(fixed={"table_size": 10**12, "hidden": [16]}), r"model \(hash='uniform', table_size=1000000000000, hidden=\[16\]\): "

@@ -42,12 +42,22 @@ class OptunaSpace:
 
 
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler with its `sampler_options` (seeded by the spec); bad options are a SpecError."""
+    """The spec's sampler with its `sampler_options` (seeded by the spec); bad options are a SpecError,
+    without the notices Optuna gave while building it (a deprecated option's), which else come first."""
     options = {"seed": spec.seed, **spec.sampler_options}
-    try:
-        return SAMPLERS[spec.sampler].build(spec, options)
-    except (TypeError, ValueError, ImportError) as err:
-        raise SpecError(f"sampler_options: {spec.sampler} sampler rejected {spec.sampler_options}: {err}") from None
+    with warnings.catch_warnings(record=True) as noticed:  # as the filters let them through, shown once it is built
+        try:
+            sampler = SAMPLERS[spec.sampler].build(spec, options)
+        except (TypeError, ValueError, ImportError) as err:
+            raise SpecError(f"sampler_options: {spec.sampler} sampler rejected {spec.sampler_options}: {err}") from None
+    parameters = inspect.signature(type(sampler)).parameters
+    for name in spec.sampler_options:  # a spec's values are data: where Optuna takes a function, none fits
+        if name in parameters and "Callable" in str(parameters[name].annotation):
+            raise SpecError(f"sampler_options.{name}: the {spec.sampler} sampler takes a function there, which a spec "
+                            "cannot give; leave it out for the sampler's own")
+    for notice in noticed:
+        warnings.showwarning(notice.message, notice.category, notice.filename, notice.lineno)
+    return sampler
 
 
 REHEARSAL_ROUNDS = 1  # trials past the warm-up: the first the sampler's own model proposes
@@ -66,7 +76,7 @@ def warmup_trials(sampler: optuna.samplers.BaseSampler, spec: SearchSpec) -> int
 def rehearse_sampler(spec: SearchSpec) -> None:
     """Drive a fresh copy of the spec's sampler through its warm-up and the first trial its model
     proposes, on the spec's space, telling it made-up objective values, so options that fail only once
-    its model starts (TPE's `gamma` at trial 11) fail before Ray starts; a warm-up longer than
+    its model starts (TPE's `n_ei_candidates: 0` at trial 11) fail before Ray starts; a warm-up longer than
     MAX_REHEARSAL is rehearsed in part. SpecError naming the option on failure."""
     sampler = make_sampler(spec)
     rounds = min(warmup_trials(sampler, spec) + REHEARSAL_ROUNDS, MAX_REHEARSAL)
