@@ -45,14 +45,19 @@ def quiet() -> None:
     logging.getLogger(TUNE_RUN_LOGGER).addFilter(lambda record: not record.getMessage().startswith("Trials did not complete"))
 
 
+def terminal_console() -> Console | None:
+    """Where the live displays (the start's spinner, the bar) draw: stdout when it is a user's terminal;
+    None in logs and pipes, which get lines instead."""
+    return Console() if sys.stdout.isatty() else None
+
+
 class StartSteps:
     """What a search does before Tune starts its trials (loading the data, the dry runs, starting Ray:
-    seconds to minutes), as a spinner on a terminal until the bar takes over; nothing elsewhere, where
+    seconds to minutes), as a spinner on `console` until the bar takes over; nothing without one, where
     the slow steps print their own lines. Use as a context: `step("loading mnist")`."""
 
-    def __init__(self, progress: bool, console: Console | None = None) -> None:
-        console = console or Console()
-        self.spinner = console.status("starting") if progress and console.is_terminal else None
+    def __init__(self, console: Console | None) -> None:
+        self.spinner = console.status("starting") if console is not None else None
 
     def __enter__(self) -> StartSteps:
         return self
@@ -108,8 +113,9 @@ class Progress(tune.Callback):
         so the clock restarts here and the trials' earlier epochs are counted at the first step."""
         self.started = self.last = time.monotonic()
         self.caught_up = False
-        if sys.stdout.isatty():
-            self.bar = StatusBar(Console())
+        console = terminal_console()
+        if console is not None:
+            self.bar = StatusBar(console)
             self.bar.add_task("", total=self.work_planned(), trials=self.counted())
             self.bar.start()
 

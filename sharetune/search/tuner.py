@@ -27,7 +27,7 @@ from sharetune.search.destinations import check_destinations
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
-from sharetune.search.progress import Progress, StartSteps
+from sharetune.search.progress import Progress, StartSteps, terminal_console
 from sharetune.search.result_log import ResultLog
 from sharetune.search.retries import NoRetryWhenUnbuildable
 from sharetune.search.searcher import ConfigurationSearcher
@@ -125,7 +125,7 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 
 def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
     """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
-    with StartSteps(progress) as step:  # a spinner on a terminal until the bar takes over
+    with StartSteps(terminal_console() if progress else None) as step:  # until the bar takes over
         sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
         step(f"loading {spec.data.name}")
         data = load_data(spec)
@@ -264,7 +264,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     check_queue(folder)
     if (scheduler := _scheduler(spec, folder)) is not None:
         scheduler.check_kept()
-    with StartSteps(progress=True) as step:
+    with StartSteps(terminal_console()) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
         step(ray_step(address))
