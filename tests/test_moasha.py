@@ -187,11 +187,37 @@ def test_a_moasha_search_stops_dominated_trials_and_tells_the_sampler_their_rung
         assert told[(row.lr, row.table_size)].values == pytest.approx([last["test_accuracy"], last["unique_params"]])
 
 
+def _moasha(store: SearchFolder) -> MOASHA:
+    return MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3, store=store)
+
+
+def _asha(store: SearchFolder) -> KeptASHA:
+    return KeptASHA(time_attr="epoch", metric="test_accuracy", mode="max", max_t=9, grace_period=1, store=store)
+
+
 @pytest.mark.parametrize("kept", [b"{", b'{"brackets": 3}', b"[]"], ids=["cut short", "wrong shape", "not a mapping"])
 def test_kept_rungs_that_do_not_read_back_are_one_line_naming_the_file(tmp_path, kept):
     folder = SearchFolder(tmp_path)
-    for scheduler in (MOASHA(OBJECTIVES, max_t=9, grace_period=1, reduction_factor=3, store=folder),
-                      KeptASHA(time_attr="epoch", metric="test_accuracy", mode="max", max_t=9, grace_period=1, store=folder)):
+    for scheduler in (_moasha(folder), _asha(folder)):
         (tmp_path / scheduler.RUNGS_FILE).write_bytes(kept)
         with pytest.raises(StateError, match=rf"^{tmp_path}: {scheduler.RUNGS_FILE} is damaged \(.+\); move it away"):
             scheduler.check_kept()
+
+
+@pytest.mark.parametrize("scheduler, kept, why", [
+    (_asha, {"brackets": [[{"a": "0.5"}]], "stopped": 0}, "brackets.0.0.a: Input should be a valid number"),
+    (_asha, {"brackets": [[{"a": 0.5}]], "stopped": 0.5}, "stopped: Input should be a valid integer"),
+    (_moasha, {"rungs": {"1": {"a": [["x", 1], [0, 0]]}}, "stopped": 0}, "rungs.1.a.0.0: Input should be a valid number"),
+    (_moasha, {"rungs": {"2": {}}, "stopped": 0}, "rungs.2: not one of this search's rungs (1, 3)"),
+    (_moasha, {"rungs": {"1": {"a": [[0.5], [0, 0]]}}, "stopped": 0},
+     "rungs.1.a: a point and a bound of 2 values (one per objective), got 1 and 2"),
+], ids=["asha value", "asha count", "moasha value", "moasha rung", "moasha point"])
+def test_kept_rungs_with_values_of_the_wrong_type_or_place_are_refused_before_they_are_loaded(tmp_path, scheduler, kept, why):
+    """Right shape, wrong values: they loaded, then failed inside Tune's loop (a traceback) or, as an
+    unknown rung, ranked trials where the search has no rung."""
+    scheduler = scheduler(SearchFolder(tmp_path))
+    (tmp_path / scheduler.RUNGS_FILE).write_text(json.dumps(kept))
+    with pytest.raises(StateError) as refused:
+        scheduler.check_kept()
+    assert str(refused.value) == f"{tmp_path}: {scheduler.RUNGS_FILE} is damaged ({why}); move it away to resume with " \
+        "empty rungs (the scheduler then ranks the next trials against new ones)"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from ray.tune.schedulers import ASHAScheduler
 
-from sharetune.search.rungs import KeptRungs
+from sharetune.search.rungs import KeptRungs, RungsFile
 from sharetune.storage_filesystem import FileStore
+
+
+class ASHARungs(RungsFile):
+    brackets: list[list[dict[str, float]]]  # each bracket's rungs, in order: trial id -> its value there
 
 
 class KeptASHA(KeptRungs, ASHAScheduler):
@@ -13,6 +17,7 @@ class KeptASHA(KeptRungs, ASHAScheduler):
     and its count of stopped trials, which a resumed search reads back."""
 
     RUNGS_FILE = "sharetune-asha.json"
+    Rungs = ASHARungs
 
     def __init__(self, *, store: FileStore | None = None, **options) -> None:
         super().__init__(**options)
@@ -33,8 +38,8 @@ class KeptASHA(KeptRungs, ASHAScheduler):
         return {"brackets": [[recorded for _, recorded in bracket._rungs] for bracket in self._brackets],
                 "stopped": self._num_stopped}
 
-    def _load_rungs(self, state: dict) -> None:
-        for bracket, rungs in zip(self._brackets, state["brackets"]):
+    def _load_rungs(self, state: ASHARungs) -> None:
+        for bracket, rungs in zip(self._brackets, state.brackets):
             for (_, recorded), saved in zip(bracket._rungs, rungs):
                 recorded.update(saved)
-        self._num_stopped = state["stopped"]
+        self._num_stopped = state.stopped

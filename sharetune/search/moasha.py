@@ -30,7 +30,7 @@ import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from sharetune.metrics import DENSE_COST, STEP, hypervolume, pareto_mask
-from sharetune.search.rungs import KeptRungs
+from sharetune.search.rungs import KeptRungs, RungsFile
 from sharetune.storage_filesystem import FileStore
 
 
@@ -77,8 +77,13 @@ def ranks_ahead(points: np.ndarray, reference: np.ndarray, index: int) -> int:
     raise IndexError(index)
 
 
+class MOASHARungs(RungsFile):
+    rungs: dict[int, dict[str, tuple[list[float], list[float]]]]  # rung -> trial id -> (its point, its bound)
+
+
 class MOASHA(KeptRungs, FIFOScheduler):
     RUNGS_FILE = "sharetune-moasha.json"
+    Rungs = MOASHARungs
 
     def __init__(self, objectives: dict[str, str], *, max_t: int, grace_period: int, reduction_factor: float,
                  reference: dict[str, float] | None = None, store: FileStore | None = None) -> None:
@@ -123,10 +128,16 @@ class MOASHA(KeptRungs, FIFOScheduler):
                  for rung, recorded in self.rungs.items()}
         return {"rungs": rungs, "stopped": self.stopped}
 
-    def _load_rungs(self, state: dict) -> None:
-        for rung, recorded in state["rungs"].items():
-            self.rungs[int(rung)] = {trial: (np.array(point), np.array(bound)) for trial, (point, bound) in recorded.items()}
-        self.stopped = state["stopped"]
+    def _load_rungs(self, state: MOASHARungs) -> None:
+        for rung, recorded in state.rungs.items():
+            if rung not in self.rungs:
+                raise ValueError(f"rungs.{rung}: not one of this search's rungs ({', '.join(map(str, self.rungs))})")
+            for trial, values in recorded.items():
+                if any(len(value) != len(self.objectives) for value in values):
+                    raise ValueError(f"rungs.{rung}.{trial}: a point and a bound of {len(self.objectives)} values (one per "
+                                     f"objective), got {' and '.join(str(len(value)) for value in values)}")
+            self.rungs[rung] = {trial: (np.array(point), np.array(bound)) for trial, (point, bound) in recorded.items()}
+        self.stopped = state.stopped
 
     def bound(self, result: dict) -> np.ndarray:
         """The reference point this result implies, minimised; the rung's is the largest over its trials.

@@ -10,16 +10,28 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from sharetune.errors import first_line
 from sharetune.search.storage import StateError
 from sharetune.storage_filesystem import FileStore
 
 
+class RungsFile(BaseModel):
+    """What a scheduler's RUNGS_FILE holds, each scheduler's records added; read strictly (a string where
+    a number belongs is damage, not a number), so that a damaged file is refused before Tune's loop."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    stopped: int  # how many trials the scheduler stopped
+
+
 class KeptRungs:
     """A scheduler's rungs, written to `store` whenever they change and read back once in a resumed
-    search; a scheduler has `_rung_state` (JSON-ready) and `_load_rungs` (its inverse)."""
+    search; a scheduler has `_rung_state` (JSON-ready), `_load_rungs` (its inverse, from its
+    `RungsFile` model) and `Rungs`, that model."""
 
     RUNGS_FILE: ClassVar[str]
+    Rungs: ClassVar[type[RungsFile]]
     store: FileStore | None = None  # a scheduler an earlier version pickled has neither: it keeps its rungs in memory
     restored = True
     written: str | None = None  # what the store holds, so that a result that changes no rung writes nothing
@@ -30,7 +42,7 @@ class KeptRungs:
     def _rung_state(self) -> dict:
         raise NotImplementedError  # each scheduler's own records
 
-    def _load_rungs(self, state: dict) -> None:
+    def _load_rungs(self, state: RungsFile) -> None:
         raise NotImplementedError
 
     def save_rungs(self) -> None:
@@ -46,7 +58,7 @@ class KeptRungs:
         self.restored = True
         saved = self.store.read(self.RUNGS_FILE)
         if saved is not None:
-            self._load_rungs(json.loads(saved))
+            self._load_rungs(self.Rungs.model_validate_json(saved))
 
     def check_kept(self) -> None:
         """StateError, naming the file, where the rungs kept in the store do not read back (damaged):
@@ -54,8 +66,14 @@ class KeptRungs:
         loop the same error was a traceback."""
         try:
             self.restore_rungs()
-        except (ValueError, KeyError, TypeError) as err:  # not JSON; JSON of another shape
-            why = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        except ValueError as err:  # not JSON; JSON of another shape or with values of another type
+            why = _problems(err) if isinstance(err, ValidationError) else first_line(err)
             raise StateError(f"{self.store}: {self.RUNGS_FILE} is damaged ({why}); "
                              "move it away to resume with empty rungs (the scheduler then ranks the next trials "
                              "against new ones)") from None
+
+
+def _problems(err: ValidationError) -> str:
+    """A validation error in one line: each problem's place in the file and what is wrong there."""
+    return "; ".join(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" if problem["loc"] else problem["msg"]
+                     for problem in err.errors())
