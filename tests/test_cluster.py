@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,9 +69,9 @@ class Cluster:
     crash_second_node: Callable[[], None]  # kill -9 of all its processes, as when its machine fails
 
 
-def stop_node(node: subprocess.Popen, sig: signal.Signals) -> None:
+def stop_node(node: subprocess.Popen, sig: signal.Signals, wait_s: float = 30) -> None:
     """Signal every process of a `ray start --block` node: its session (Ray's daemons, the command) and
-    every descendant (the raylet's workers, which may leave the session)."""
+    every descendant (the raylet's workers, which may leave the session); wait up to `wait_s` for it to end."""
     processes, doomed = all_processes(), {node.pid}
     while grown := {pid for pid, (parent, session) in processes.items()
                     if pid not in doomed and (parent in doomed or session == node.pid)}:
@@ -79,7 +80,7 @@ def stop_node(node: subprocess.Popen, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        node.wait(timeout=30)
+        node.wait(timeout=wait_s)
 
 
 @contextlib.contextmanager
@@ -99,20 +100,21 @@ def ray_cluster(env: dict, temp: Path):
         return nodes[-1]
 
     def node_ids() -> dict[str, str]:
-        listed = run([str(BIN / "ray"), "list", "nodes", "--address", f"http://127.0.0.1:{dashboard}", "--format", "json",
-                      "--filter", "state=ALIVE", "--detail"], env).stdout
-        return {"second" if "second_node" in node["resources_total"] else "head": node["node_id"] for node in json.loads(listed)}
+        alive = {"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"}
+        listed = dashboard_get(f"http://127.0.0.1:{dashboard}", f"/api/v0/nodes?{urllib.parse.urlencode(alive)}", env)
+        return {"second" if "second_node" in node["resources_total"] else "head": node["node_id"]
+                for node in listed["data"]["result"]["result"]}
 
     try:
         head = start("--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                      "--include-dashboard", "true", "--temp-dir", str(temp))
-        wait_for(lambda: "head" in node_ids(), "the head node", 120, head, every=2)  # each check starts a `ray` process
+        wait_for(lambda: "head" in node_ids(), "the head node", 120, head)
         second = start("--address", f"127.0.0.1:{port}", "--resources", json.dumps({"second_node": 1}))
-        wait_for(lambda: "second" in node_ids(), "the second node", 120, second, every=2)
+        wait_for(lambda: "second" in node_ids(), "the second node", 120, second)
         yield Cluster(f"http://127.0.0.1:{dashboard}", node_ids()["second"], lambda: stop_node(second, signal.SIGKILL))
     finally:
         for node in reversed(nodes):
-            stop_node(node, signal.SIGTERM)
+            stop_node(node, signal.SIGTERM, wait_s=5)  # the head's `ray start --block` takes more than 30 s to end on it
             stop_node(node, signal.SIGKILL)  # whatever SIGTERM left
 
 
@@ -124,12 +126,16 @@ def sharetune(*args: str, env: dict, cwd: Path, expect: int = 0) -> subprocess.C
     return run([str(BIN / "sharetune"), *args], env, expect, cwd=cwd)
 
 
-def job_status(dashboard: str, job: str, env: dict) -> str:
-    """A job's status from the dashboard's REST API, to poll with: `sharetune status` starts a process
-    that imports Ray (seconds of a core each call)."""
-    request = urllib.request.Request(f"{dashboard}/api/jobs/{job}", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
+def dashboard_get(dashboard: str, path: str, env: dict) -> dict:
+    """The dashboard's REST answer at `path`, to poll with: a `sharetune status` or `ray list` command
+    starts a process that imports Ray (seconds of a core each call)."""
+    request = urllib.request.Request(f"{dashboard}{path}", headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)["status"]
+        return json.load(response)
+
+
+def job_status(dashboard: str, job: str, env: dict) -> str:
+    return dashboard_get(dashboard, f"/api/jobs/{job}", env)["status"]
 
 
 def submit_entrypoint(dashboard: str, env: dict, entrypoint: str, runtime_env: dict | None = None) -> str:
@@ -209,12 +215,17 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
                                env=env, cwd=root).stdout.strip()
 
             wait_for(lambda: trial_rows(root / "results" / "long"), "the second search's first trial", 300)
+            follower = subprocess.Popen([str(BIN / "sharetune"), "logs", second, "--follow", "--address", cluster.dashboard],
+                                        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            streamed = follower.stdout.readline()  # following the running search's stream
             assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
             wait_for(lambda: job_status(cluster.dashboard, second, env) == "STOPPED", "the stopped search")
             assert sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.startswith("STOPPED")
             # stopped as Ctrl-C stops a search (the stack's RAY_JOB_STOP_SIGNAL), not killed: its runs end KILLED
             assert "continue with `sharetune resume`" in sharetune("logs", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
-            sharetune("logs", second, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=130)  # as Ctrl-C
+            rest, errors = follower.communicate(timeout=120)  # the stream went on to the end: exit 130, as Ctrl-C
+            assert follower.returncode == 130 and "continue with `sharetune resume`" in streamed + rest and errors == "", errors
+            sharetune("logs", second, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=130)  # and once ended
             stopped = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sharetune.search_path", "").endswith("/long")]
             assert [r.info.status for r in stopped] == ["KILLED"]
 

@@ -117,10 +117,11 @@ def exit_code(job: JobDetails) -> int:
 
 
 def logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str]:
-    if not follow:
+    # an unknown job or a refused token: one line, first; an ended job's output is whole: Ray's stream of it
+    # would close only seconds after the last line
+    if not follow or status(address, job_id).status.is_terminal():
         yield _ask(address, lambda jobs: jobs.get_job_logs(job_id))
         return
-    status(address, job_id)  # an unknown job or a refused token: one line, first
     logging.getLogger(JOBS_SDK_LOGGER).setLevel(logging.WARNING)  # its INFO line on the stream's close
     stream = _ask(address, lambda jobs: jobs.tail_job_logs(job_id).__aiter__())
     loop = asyncio.new_event_loop()
