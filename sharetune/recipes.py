@@ -14,6 +14,7 @@ it (sharetune.spaces.settings), so a trial's settings are its recipe, and sharet
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -74,10 +75,12 @@ class Recipe(BaseModel):
 
     @field_validator("optimizer")
     @classmethod
-    def _known_optimizer(cls, value: str | None) -> str | None:
+    def _known_optimizer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or accepted(info):  # an accepted one was checked (timm's list costs an import of timm)
+            return value
         from timm.optim import list_optimizers
 
-        if value is not None and value not in list_optimizers():
+        if value not in list_optimizers():
             raise ValueError(f"unknown optimizer {value!r}; allowed: timm's, e.g. momentum, sgd, adamw, lamb")
         return value
 
@@ -98,7 +101,7 @@ class Recipe(BaseModel):
         """Settings that apply only for some values of another: {setting: {other: [values]}}. The
         search space samples them only there, and a run refuses one it would ignore."""
         return {"warmup_epochs": {"schedule": ["cosine"]}, "plateau_epochs": {"schedule": ["plateau"]},
-                "momentum": {"optimizer": momentum_optimizers()}}
+                "momentum": {"optimizer": MOMENTUM_OPTIMIZERS}}
 
     @model_validator(mode="after")
     def _from_bundle(self, info: ValidationInfo) -> "Recipe":
@@ -117,7 +120,7 @@ class Recipe(BaseModel):
         for name, condition in self.conditions().items():
             for other, allowed in condition.items():
                 unused = RECIPES[self.recipe].get(name, type(self).model_fields[name].default)
-                if getattr(self, other) not in allowed and getattr(self, name) != unused:
+                if getattr(self, name) != unused and getattr(self, other) not in allowed:  # reads `allowed` only if set
                     shown = " or ".join(map(repr, allowed[:4])) + (f" (or {len(allowed) - 4} more)" if len(allowed) > 4 else "")
                     raise ValueError(f"{name}: applies only to {other} {shown}, not {getattr(self, other)!r}; leave {name} out")
 
@@ -135,10 +138,23 @@ def accepted(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get("accepted"))
 
 
-@functools.cache
-def momentum_optimizers() -> list[str]:
-    """timm's optimizers that take a momentum, the common ones first (error messages show a few)."""
-    from timm.optim import get_optimizer_info, list_optimizers
+class _MomentumOptimizers(Sequence[str]):
+    """timm's optimizers that take a momentum, the common ones first (error messages show a few), listed
+    on first use: listing them imports timm, seconds of a search's start that an ArbNet search whose
+    optimizer is neither searched nor given a momentum never needs."""
 
-    common = ("momentum", "sgd", "nesterov", "rmsprop")
-    return sorted((n for n in list_optimizers() if get_optimizer_info(n).has_momentum), key=lambda n: (n not in common, n))
+    @functools.cached_property
+    def _names(self) -> list[str]:
+        from timm.optim import get_optimizer_info, list_optimizers
+
+        common = ("momentum", "sgd", "nesterov", "rmsprop")
+        return sorted((n for n in list_optimizers() if get_optimizer_info(n).has_momentum), key=lambda n: (n not in common, n))
+
+    def __getitem__(self, index):
+        return self._names[index]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+MOMENTUM_OPTIMIZERS = _MomentumOptimizers()

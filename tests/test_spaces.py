@@ -226,6 +226,23 @@ def test_a_setting_the_run_would_ignore_is_refused():
     parse_spec(tiny(fixed={"recipe": "spin", "momentum": 0.9}))  # the value it has anyway: harmless
 
 
+def test_an_arbnet_spec_and_its_trials_settings_are_checked_without_importing_timm():
+    """Listing timm's optimizers imports timm, a second of every search's start and of reading its
+    trials back: only a spec that searches the optimizer or gives a momentum needs the list."""
+    import json
+    import subprocess
+    import sys
+
+    check = ("import json, sys\nfrom sharetune.spaces import parse_spec, trial_settings\n"
+             f"spec = parse_spec(json.loads({json.dumps(json.dumps(tiny()))}))\n"
+             "spec.extreme_settings(), trial_settings({'family': 'arbnet', **spec.trial_config({'hash': 'dirichlet', 'alpha': 1.0})})\n"
+             "print('timm' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "False\n", done.stderr
+    with pytest.raises(SpecError, match="fixed.optimizer: unknown optimizer 'sgdx'"):  # a given optimizer is still checked
+        parse_spec(tiny(fixed={"optimizer": "sgdx"}))
+
+
 def test_a_saved_spec_stays_readable_and_resumable_when_the_checks_grow(tmp_path):
     """A folder an earlier version wrote holds a spec it accepted; a check added since refuses it as a
     new spec, but the folder's spec, its extremes and its trials' configs still parse."""
