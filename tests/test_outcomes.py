@@ -300,6 +300,20 @@ def test_a_storage_without_room_is_refused_before_anything_is_written(tmp_path, 
     assert list(small_disk.iterdir()) == []
 
 
+def test_a_new_mlflow_store_its_disk_cannot_hold_is_one_line_before_the_folder_is_written_and_is_removed(tmp_path):
+    """MLflow creates a SQLite store's tables on first use: cut short by a full disk, it left a file MLflow
+    never opened again ("table spans already exists"), and every write of the search and of each resume
+    waited for it. The store is now created before the search writes its folder, and a failed one removed."""
+    with small_filesystem(tmp_path / "tiny", "200k") as disk:
+        store = disk / "mlflow.db"
+        done = sharetune(tmp_path, "--storage", str(tmp_path / "results"), "--name", "x", "--mlflow-uri", f"sqlite:///{store}")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"error: --mlflow-uri: MLflow could not create its store at {store} ((sqlite3.OperationalError) database or disk "
+            "is full); free some space there or give another --mlflow-uri"]
+        assert list(disk.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
 def test_a_report_dir_without_room_at_the_end_is_one_line_exit_5_and_the_results_stay(tmp_path, small_disk):
     """The trials finished, then the report could not be written: a traceback before, and exit 1."""
     filler = fill(small_disk)

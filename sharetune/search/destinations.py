@@ -97,6 +97,29 @@ def missing_store(uri: str) -> str | None:
     return None
 
 
+def create_store(uri: str) -> None:
+    """Create the SQLite store `uri` names where there is none, before the search starts: MLflow
+    creates its tables on first use, and a creation cut short (a full disk) left a file MLflow can
+    never open again ("table spans already exists"), so the search's writes waited for it forever.
+    A creation that fails is refused in one line, and what it left is removed."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sharetune.errors import first_line
+
+    missing = missing_store(uri)
+    if missing is None:
+        return
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, SQLAlchemyError, OSError) as err:
+        for made in (missing, f"{missing}-journal", f"{missing}-wal", f"{missing}-shm"):
+            Path(made).expanduser().unlink(missing_ok=True)
+        raise SpecError(f"--mlflow-uri: MLflow could not create its store at {missing} ({first_line(err)}); "
+                        "free some space there or give another --mlflow-uri") from None
+
+
 def check_store_exists(uri: str) -> None:
     """A store a command only reads must be there."""
     missing = missing_store(uri)

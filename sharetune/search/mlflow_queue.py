@@ -304,8 +304,8 @@ class MlflowQueue:
     def _unreachable(self, err: Exception, wait: float) -> float:
         if self.outage_since is None:
             self.outage_since = time.monotonic()
-            log.warning("MLflow at %s does not answer (%s); results wait in %s and are delivered when it does",
-                        self.uri, type(err).__name__, self.path)
+            log.warning("MLflow at %s does not answer (%s: %s); results wait in %s and are delivered when it does",
+                        self.uri, type(err).__name__, first_line(err)[:200], self.path)
         self._stop.wait(wait)
         return min(wait * 2, RETRY_MAX_S)
 

@@ -23,7 +23,7 @@ from sharetune.errors import first_line
 from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.asha import KeptASHA
-from sharetune.search.destinations import check_destinations
+from sharetune.search.destinations import check_destinations, create_store
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
@@ -140,6 +140,7 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
                             "give this one another --name")
         step(ray_step(address))
         start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
+        create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
         folder.save_spec(spec)
         folder.save_mlflow(uri, spec.name)
         pretrained = _pretrained(spec, data, folder, step)
@@ -264,6 +265,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     check_queue(folder)
     if (scheduler := _scheduler(spec, folder)) is not None:
         scheduler.check_kept()
+    create_store(folder.mlflow()[0])  # where a broken store was moved away, say
     with StartSteps(terminal_console()) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
