@@ -97,7 +97,7 @@ class Recipe(BaseModel):
         return value
 
     @classmethod
-    def conditions(cls) -> dict[str, dict[str, list]]:
+    def conditions(cls) -> dict[str, dict[str, Sequence]]:
         """Settings that apply only for some values of another: {setting: {other: [values]}}. The
         search space samples them only there, and a run refuses one it would ignore."""
         return {"warmup_epochs": {"schedule": ["cosine"]}, "plateau_epochs": {"schedule": ["plateau"]},
@@ -150,11 +150,14 @@ class _MomentumOptimizers(Sequence[str]):
         common = ("momentum", "sgd", "nesterov", "rmsprop")
         return sorted((n for n in list_optimizers() if get_optimizer_info(n).has_momentum), key=lambda n: (n not in common, n))
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> str | list[str]:
         return self._names[index]
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def __repr__(self) -> str:  # error messages show the list
+        return repr(self._names)
 
 
 MOMENTUM_OPTIMIZERS = _MomentumOptimizers()

@@ -215,15 +215,18 @@ def test_a_submitted_search_survives_a_crashed_node_and_logs_every_epoch_once_to
                                env=env, cwd=root).stdout.strip()
 
             wait_for(lambda: trial_rows(root / "results" / "long"), "the second search's first trial", 300)
-            follower = subprocess.Popen([str(BIN / "sharetune"), "logs", second, "--follow", "--address", cluster.dashboard],
-                                        env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            streamed = follower.stdout.readline()  # following the running search's stream
-            assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
-            wait_for(lambda: job_status(cluster.dashboard, second, env) == "STOPPED", "the stopped search")
+            with subprocess.Popen([str(BIN / "sharetune"), "logs", second, "--follow", "--address", cluster.dashboard],
+                                  env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
+                try:
+                    streamed = follower.stdout.readline()  # following the running search's stream
+                    assert sharetune("stop", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.strip() == "stopping"
+                    wait_for(lambda: job_status(cluster.dashboard, second, env) == "STOPPED", "the stopped search")
+                    rest, errors = follower.communicate(timeout=120)  # the stream went on to the end: exit 130, as Ctrl-C
+                finally:
+                    follower.kill()
             assert sharetune("status", second, "--address", cluster.dashboard, env=env, cwd=root).stdout.startswith("STOPPED")
             # stopped as Ctrl-C stops a search (the stack's RAY_JOB_STOP_SIGNAL), not killed: its runs end KILLED
             assert "continue with `sharetune resume`" in sharetune("logs", second, "--address", cluster.dashboard, env=env, cwd=root).stdout
-            rest, errors = follower.communicate(timeout=120)  # the stream went on to the end: exit 130, as Ctrl-C
             assert follower.returncode == 130 and "continue with `sharetune resume`" in streamed + rest and errors == "", errors
             sharetune("logs", second, "--follow", "--address", cluster.dashboard, env=env, cwd=root, expect=130)  # and once ended
             stopped = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("sharetune.search_path", "").endswith("/long")]

@@ -205,13 +205,14 @@ def test_kept_rungs_that_do_not_read_back_are_one_line_naming_the_file(tmp_path,
 
 
 @pytest.mark.parametrize("scheduler, kept, why", [
-    (_asha, {"brackets": [[{"a": "0.5"}]], "stopped": 0}, "brackets.0.0.a: Input should be a valid number"),
-    (_asha, {"brackets": [[{"a": 0.5}]], "stopped": 0.5}, "stopped: Input should be a valid integer"),
+    (_asha, {"brackets": [[{"a": "0.5"}, {}]], "stopped": 0}, "brackets.0.0.a: Input should be a valid number"),
+    (_asha, {"brackets": [[{"a": 0.5}, {}]], "stopped": 0.5}, "stopped: Input should be a valid integer"),
+    (_asha, {"brackets": [[{"a": 0.5}]], "stopped": 0}, "brackets: [1] rungs, where this search has [2]"),
     (_moasha, {"rungs": {"1": {"a": [["x", 1], [0, 0]]}}, "stopped": 0}, "rungs.1.a.0.0: Input should be a valid number"),
     (_moasha, {"rungs": {"2": {}}, "stopped": 0}, "rungs.2: not one of this search's rungs (1, 3)"),
     (_moasha, {"rungs": {"1": {"a": [[0.5], [0, 0]]}}, "stopped": 0},
      "rungs.1.a: a point and a bound of 2 values (one per objective), got 1 and 2"),
-], ids=["asha value", "asha count", "moasha value", "moasha rung", "moasha point"])
+], ids=["asha value", "asha count", "asha rungs", "moasha value", "moasha rung", "moasha point"])
 def test_kept_rungs_with_values_of_the_wrong_type_or_place_are_refused_before_they_are_loaded(tmp_path, scheduler, kept, why):
     """Right shape, wrong values: they loaded, then failed inside Tune's loop (a traceback) or, as an
     unknown rung, ranked trials where the search has no rung."""
@@ -221,3 +222,19 @@ def test_kept_rungs_with_values_of_the_wrong_type_or_place_are_refused_before_th
         scheduler.check_kept()
     assert str(refused.value) == f"{tmp_path}: {scheduler.RUNGS_FILE} is damaged ({why}); move it away to resume with " \
         "empty rungs (the scheduler then ranks the next trials against new ones)"
+
+
+def test_rungs_holding_a_diverged_trials_values_read_back(tmp_path):
+    """At their worst the files hold a diverged trial's values (NaN from Ray's ASHA, infinity from
+    MO-ASHA), written as JSON's NaN and Infinity: the strict read takes them."""
+    folder = SearchFolder(tmp_path)
+    diverged = {"epoch": 1, "test_accuracy": float("nan"), "unique_params": 10, "virtual_params": 1000}
+    _moasha(folder).on_trial_result(None, Trial("train_trial", stub=True, trial_id="a"), diverged)
+    asha, trial = _asha(folder), Trial("train_trial", stub=True, trial_id="b")
+    asha.on_trial_add(None, trial)
+    asha.on_trial_result(None, trial, diverged)
+    moasha, asha = _moasha(folder), _asha(folder)
+    moasha.check_kept()
+    asha.check_kept()
+    assert np.isinf(moasha.rungs[1]["a"][0]).all()
+    assert "NaN" in (tmp_path / KeptASHA.RUNGS_FILE).read_text() and np.isnan(asha._brackets[0]._rungs[-1][1]["b"])  # rung 1

@@ -25,6 +25,7 @@ from pyarrow import fs
 
 from sharetune.search import report
 from sharetune.search.cluster import ClusterError, check_resources
+from sharetune.search.destinations import _link, create_store
 from sharetune.search.outcome import error_line
 from sharetune.search.result_log import rewrite, rows_up_to
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
@@ -309,9 +310,21 @@ def test_a_new_mlflow_store_its_disk_cannot_hold_is_one_line_before_the_folder_i
         done = sharetune(tmp_path, "--storage", str(tmp_path / "results"), "--name", "x", "--mlflow-uri", f"sqlite:///{store}")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().splitlines() == [
-            f"error: --mlflow-uri: MLflow could not create its store at {store} ((sqlite3.OperationalError) database or disk "
-            "is full); free some space there or give another --mlflow-uri"]
+            f"error: --mlflow-uri: MLflow could not create its store at {store} (database or disk is full); "
+            "make room or write access there, or give another --mlflow-uri"]
         assert list(disk.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
+def test_a_new_mlflow_store_is_made_aside_and_never_replaces_one_another_search_made_meanwhile(tmp_path):
+    store = tmp_path / "mlflow.db"
+    create_store(f"sqlite:///{store}")
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]  # nothing left beside it
+    assert [e.name for e in MlflowClient(f"sqlite:///{store}").search_experiments()] == ["Default"]
+    theirs, ours = tmp_path / "theirs.db", tmp_path / "ours.db"
+    theirs.write_bytes(b"their store")
+    ours.write_bytes(b"our store")
+    _link(ours, theirs)  # theirs appeared while ours was being made
+    assert theirs.read_bytes() == b"their store"
 
 
 def test_a_report_dir_without_room_at_the_end_is_one_line_exit_5_and_the_results_stay(tmp_path, small_disk):

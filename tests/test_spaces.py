@@ -1,5 +1,8 @@
 """Search specs: presets, validation errors, overrides and the Optuna space they define."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -228,14 +231,12 @@ def test_a_setting_the_run_would_ignore_is_refused():
 
 def test_an_arbnet_spec_and_its_trials_settings_are_checked_without_importing_timm():
     """Listing timm's optimizers imports timm, a second of every search's start and of reading its
-    trials back: only a spec that searches the optimizer or gives a momentum needs the list."""
-    import json
-    import subprocess
-    import sys
-
+    trials back: only a spec that searches the optimizer or gives a momentum needs the list, and a
+    trial's accepted settings (the optimizer named) are not checked against it again."""
     check = ("import json, sys\nfrom sharetune.spaces import parse_spec, trial_settings\n"
              f"spec = parse_spec(json.loads({json.dumps(json.dumps(tiny()))}))\n"
              "spec.extreme_settings(), trial_settings({'family': 'arbnet', **spec.trial_config({'hash': 'dirichlet', 'alpha': 1.0})})\n"
+             "trial_settings({'family': 'arbnet', 'optimizer': 'adamw', 'momentum': 0.5})\n"
              "print('timm' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert done.stdout == "False\n", done.stderr

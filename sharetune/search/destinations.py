@@ -98,12 +98,14 @@ def missing_store(uri: str) -> str | None:
 
 
 def create_store(uri: str) -> None:
-    """Create the SQLite store `uri` names where there is none, before the search starts: MLflow
-    creates its tables on first use, and a creation cut short (a full disk) left a file MLflow can
-    never open again ("table spans already exists"), so the search's writes waited for it forever.
-    A creation that fails is refused in one line, and what it left is removed."""
+    """Create the SQLite store `uri` names where there is none, before the search writes its folder:
+    MLflow creates its tables on first use, and a creation cut short (a full disk) left a file MLflow
+    never opened again ("table spans already exists"), for which every write waited. It is made under a
+    name of its own, then linked into place, so a failure leaves nothing and two searches starting
+    together in one folder (sharing ./mlflow.db) never remove each other's store."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from sharetune.errors import first_line
@@ -111,13 +113,29 @@ def create_store(uri: str) -> None:
     missing = missing_store(uri)
     if missing is None:
         return
+    target = Path(missing).expanduser()
+    making = target.with_name(f"{target.name}.creating-{os.getpid()}")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        MlflowClient(make_url(uri).set(database=str(making)).render_as_string(hide_password=False)).search_experiments(max_results=1)
+        _link(making, target)
     except (MlflowException, SQLAlchemyError, OSError) as err:
-        for made in (missing, f"{missing}-journal", f"{missing}-wal", f"{missing}-shm"):
-            Path(made).expanduser().unlink(missing_ok=True)
-        raise SpecError(f"--mlflow-uri: MLflow could not create its store at {missing} ({first_line(err)}); "
-                        "free some space there or give another --mlflow-uri") from None
+        why = first_line(getattr(err, "orig", None) or err)  # SQLAlchemy's own line repeats the driver's type
+        raise SpecError(f"--mlflow-uri: MLflow could not create its store at {missing} ({why}); "
+                        "make room or write access there, or give another --mlflow-uri") from None
+    finally:
+        for made in (making, *(making.with_name(making.name + side) for side in ("-journal", "-wal", "-shm"))):
+            made.unlink(missing_ok=True)
+
+
+def _link(made: Path, target: Path) -> None:
+    """`made` also at `target`, unless another search put a store there first: theirs stays."""
+    try:
+        os.link(made, target)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links
+        if not target.exists():
+            os.replace(made, target)
 
 
 def check_store_exists(uri: str) -> None:

@@ -129,13 +129,14 @@ class MOASHA(KeptRungs, FIFOScheduler):
         return {"rungs": rungs, "stopped": self.stopped}
 
     def _load_rungs(self, state: MOASHARungs) -> None:
-        for rung, recorded in state.rungs.items():
+        for rung, recorded in state.rungs.items():  # all checked before any is loaded
             if rung not in self.rungs:
                 raise ValueError(f"rungs.{rung}: not one of this search's rungs ({', '.join(map(str, self.rungs))})")
             for trial, values in recorded.items():
                 if any(len(value) != len(self.objectives) for value in values):
                     raise ValueError(f"rungs.{rung}.{trial}: a point and a bound of {len(self.objectives)} values (one per "
                                      f"objective), got {' and '.join(str(len(value)) for value in values)}")
+        for rung, recorded in state.rungs.items():
             self.rungs[rung] = {trial: (np.array(point), np.array(bound)) for trial, (point, bound) in recorded.items()}
         self.stopped = state.stopped
 

@@ -8,6 +8,7 @@ once, and the CLI's `train` command builds one from its options. Each extends th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Iterable, Literal, Optional, get_args
 
 from pydantic import ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
@@ -67,7 +68,7 @@ class ArbNetSettings(FamilySettings):
     hidden: Optional[list[PositiveInt]] = Field(None, min_length=1)  # default: the paper's net for the dataset
 
     @classmethod
-    def conditions(cls) -> dict[str, dict[str, list]]:
+    def conditions(cls) -> dict[str, dict[str, Sequence]]:
         """A hash option (alpha, radius) applies only to the hashes that declare it."""
         return {**super().conditions(), **{name: {"hash": hashes_taking(name)} for name in cls.model_fields if hashes_taking(name)}}
 
