@@ -227,6 +227,8 @@ def test_a_setting_the_run_would_ignore_is_refused():
     with pytest.raises(SpecError, match=r"momentum: applies only to optimizer 'momentum' or 'nesterov' or 'rmsprop' or 'sgd' \(or \d+ more\), not 'adamw'"):
         parse_spec(tiny(fixed={"optimizer": "adamw"}, dimensions={"momentum": {"uniform": [0.5, 0.95]}}))
     parse_spec(tiny(fixed={"recipe": "spin", "momentum": 0.9}))  # the value it has anyway: harmless
+    with pytest.raises(SpecError, match=r"dimensions.momentum.when: optimizer can never be any of \['momentum', 'nesterov', "):
+        parse_spec(tiny(dimensions={"optimizer": {"choice": ["adamw", "lamb"]}, "momentum": {"uniform": [0.5, 0.9]}}))
 
 
 def test_an_arbnet_spec_and_its_trials_settings_are_checked_without_importing_timm():
