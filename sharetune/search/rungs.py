@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sharetune.errors import first_line
 from sharetune.search.storage import StateError
-from sharetune.spaces.spec import MAX_PROBLEMS
+from sharetune.spaces.spec import joined
 from sharetune.storage_filesystem import FileStore
 
 
@@ -76,7 +76,5 @@ class KeptRungs:
 
 def _problems(err: ValidationError) -> str:
     """A validation error in one line: the first problems' places in the file and what is wrong there."""
-    problems = [f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" if problem["loc"] else problem["msg"]
-                for problem in err.errors()]
-    more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
-    return "; ".join(problems[:MAX_PROBLEMS]) + more
+    return joined([f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" if problem["loc"] else problem["msg"]
+                   for problem in err.errors()])

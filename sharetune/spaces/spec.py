@@ -572,8 +572,13 @@ def describe_error(err: ValidationError, where: Callable[[tuple], str] = lambda 
         if not path and sep and all(name.isidentifier() for name in names.split(", ")):  # a model's own check names its settings
             path, message = ", ".join(where((name,)) for name in names.split(", ")), rest
         lines.append(f"{path}: {message}" if path else message)
-    more = f"; and {len(lines) - MAX_PROBLEMS} more" if len(lines) > MAX_PROBLEMS else ""
-    return "; ".join(lines[:MAX_PROBLEMS]) + more
+    return joined(lines)
+
+
+def joined(problems: list[str]) -> str:
+    """Problems in one line: the first MAX_PROBLEMS, and how many more."""
+    more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+    return "; ".join(problems[:MAX_PROBLEMS]) + more
 
 
 def check_document(raw: Any) -> None:
