@@ -39,9 +39,9 @@ class KeptASHA(KeptRungs, ASHAScheduler):
                 "stopped": self._num_stopped}
 
     def _load_rungs(self, state: ASHARungs) -> None:
-        shape = [len(bracket._rungs) for bracket in self._brackets]  # rungs are kept by position: they must line up
-        if [len(rungs) for rungs in state.brackets] != shape:
-            raise ValueError(f"brackets: {[len(rungs) for rungs in state.brackets]} rungs, where this search has {shape}")
+        shape, saved = [len(bracket._rungs) for bracket in self._brackets], [len(rungs) for rungs in state.brackets]
+        if saved != shape:  # rungs are kept by position: they must line up
+            raise ValueError(f"brackets: {saved} rungs, where this search has {shape}")
         for bracket, rungs in zip(self._brackets, state.brackets):
             for (_, recorded), saved in zip(bracket._rungs, rungs):
                 recorded.update(saved)

@@ -265,7 +265,8 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     check_queue(folder)
     if (scheduler := _scheduler(spec, folder)) is not None:
         scheduler.check_kept()
-    create_store(folder.mlflow()[0])  # where a broken store was moved away, say
+    uri = folder.mlflow()[0]
+    create_store(uri)  # where a broken store was moved away, say
     with StartSteps(terminal_console()) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
@@ -284,7 +285,7 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
         remove_orphans(folder, recorded)  # runs of trials a killed driver started after Tune's last snapshot
     limited = spec.budget.time_limit_s is not None
     trained = epochs_trained(folder) if limited else None
-    search = Search(spec, folder, folder.mlflow()[0], fit(tuner, folder))  # with what an earlier driver left queued
+    search = Search(spec, folder, uri, fit(tuner, folder))  # with what an earlier driver left queued
     if limited and epochs_trained(folder) == trained:  # Tune keeps what is left of the limit
         search.note = (f"budget.time_limit_s: the search had spent its {spec.budget.time_limit_s:g} s, so nothing more "
                        "trained; a new search trains more")
