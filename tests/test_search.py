@@ -34,10 +34,11 @@ from sharetune.spaces import SpecError, parse_spec
 pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.xdist_group("test_search")]
 
 
-def search(tmp_path: Path, storage: str | None = None, **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
+def search(tmp_path: Path, storage: str | None = None, mlflow_uri: str | None = None,
+           **changes) -> tuple[tuner.Search, pd.DataFrame, MlflowClient]:
     spec = parse_spec(tiny_spec(**changes))
     result = tuner.run(spec, storage=storage or str(tmp_path / "results"),
-                       mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+                       mlflow_uri=mlflow_uri or f"sqlite:///{tmp_path}/mlflow.db", progress=False)
     return result, report.trials_from_folder(result.folder), MlflowClient(result.mlflow_uri)
 
 
@@ -107,13 +108,20 @@ def test_multi_objective_search_logs_parent_and_children_and_yields_a_front(tmp_
     assert from_mlflow.set_index("trial_id")["test_accuracy"].to_dict() == trials.set_index("trial_id")["test_accuracy"].to_dict()
 
 
-def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path):
+def test_grid_search_into_an_optuna_storage_and_a_storage_uri(tmp_path, monkeypatch):
+    """The databases named from the home folder (`~`) are there, not in a folder named `~` where the
+    search ran (SQLAlchemy opens a path as written)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path}/optuna.db"
     uri = (tmp_path / "bucket").as_uri()  # file://: the pyarrow filesystem path s3:// and gs:// take too
     result, trials, _ = search(
-        tmp_path, storage=uri, sampler="grid", budget={"max_concurrent": 2}, optuna_storage=storage,
+        tmp_path, storage=uri, mlflow_uri="sqlite:///~/mlflow.db", sampler="grid", budget={"max_concurrent": 2},
+        optuna_storage="sqlite:///~/optuna.db",
         dimensions={"hash": {"choice": ["uniform", "modulus"]}, "sparsity": {"choice": [0.0, 0.5, 0.9]}},
     )
+    assert result.mlflow_uri == f"sqlite:///{tmp_path}/mlflow.db" and not (tmp_path / "~").exists()
+    assert len(parent_and_child_runs(MlflowClient(result.mlflow_uri), "tiny")[1]) == 6
     assert len(trials) == 6
     assert result.folder.startswith("file://") and result.folder.spec().sampler == "grid"
     assert (tmp_path / "bucket" / Path(result.folder).name / "sharetune-spec.yaml").is_file()
@@ -184,6 +192,30 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     resumed = tuner.resume(result.folder)  # Tune keeps what is left of the budget: none, so it says why nothing trains
     assert resumed.note == "budget.time_limit_s: the search had spent its 10 s, so nothing more trained; a new search trains more"
     assert report.trials_from_folder(result.folder)["epochs_done"].tolist() == [cut.epochs_done]
+
+
+def test_a_trial_the_time_limit_stopped_before_its_first_epoch_has_a_cut_mlflow_run_as_in_the_folder(tmp_path):
+    """Tune stops a trial whose worker was still starting (TERMINATED, no result) or leaves it PENDING;
+    MLflow had no run for it, while the folder's table lists it as cut."""
+    from ray.tune.experiment import Trial
+
+    from sharetune.search.mlflow_logger import CUT_TAG, TRIAL_TAG, deliver_backlog
+
+    folder = SearchFolder.at(tmp_path / "results", "tiny")
+    folder.save_mlflow(uri := f"sqlite:///{tmp_path}/mlflow.db", "tiny")
+    logger = MlflowLogger(uri, "tiny", folder, {}, {}, time_limit_s=10)
+    logger.setup()
+    config = {"family": "arbnet", "epochs": 2, "hidden": [16], "hash": "uniform"}
+    stopped, waiting = Trial("tiny", config=config, trial_id="a_0001", stub=True), Trial("tiny", config=config, trial_id="b_0002", stub=True)
+    stopped.set_status(Trial.TERMINATED)
+    logger.started = time.monotonic() - 11  # the limit is spent
+    logger.on_experiment_end([stopped, waiting])
+    assert deliver_backlog(folder) == 0
+    (parent,), children = parent_and_child_runs(MlflowClient(uri), "tiny")
+    assert parent.info.status == "KILLED"
+    assert sorted((c.data.tags[TRIAL_TAG], c.info.status, c.data.tags.get(CUT_TAG)) for c in children) == [
+        ("a_0001", "KILLED", "true"), ("b_0002", "KILLED", "true")]
+    assert {c.data.params["hash"] for c in children} == {"uniform"}
 
 
 def test_a_search_stopped_before_tune_started_its_trials_is_started_by_resume(tmp_path):

@@ -47,7 +47,7 @@ from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
-from sharetune.spaces.locations import DEFAULT_STORE
+from sharetune.spaces.locations import DEFAULT_STORE, expand_home
 
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
@@ -62,7 +62,7 @@ DRAIN_S = float(os.environ.get("SHARETUNE_MLFLOW_WAIT_S", "60"))  # how long a s
 
 def tracking_uri(uri: str | None = None) -> str:
     """--mlflow-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store ./mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+    return expand_home(uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}")
 
 
 def parent_run_of(folder: SearchFolder) -> tuple[str, str | None]:
@@ -200,6 +200,10 @@ class MlflowLogger(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.log_skipped()  # the searcher answers those on its way to this trial
         self.running.add(trial.trial_id)
+        self._open(trial)
+
+    def _open(self, trial) -> None:
+        """The trial's child run, found again where an earlier driver opened it."""
         dataset = self.dataset.to_dictionary() if self.dataset is not None else None
         self.queue.put("open_trial", key=f"trial:{trial.trial_id}", tags={**self.tags, TRIAL_TAG: trial.trial_id},
                        name=run_name(trial.config, self.searched, trial.trial_id),
@@ -229,6 +233,11 @@ class MlflowLogger(tune.Callback):
         # completing them; those, and any left PENDING, did not train to their end.
         unfinished = self.running | {t.trial_id for t in trials if t.status not in (FINISHED, FAILED)}
         timed_out = self.time_limit_s is not None and self.spent_s() >= self.time_limit_s
+        if timed_out:  # a trial the limit stopped before its first epoch gets a run too: the folder lists it, cut
+            unstarted = [t for t in trials if t.status != FAILED and t.trial_id not in self.running and STEP not in (t.last_result or {})]
+            for trial in unstarted:
+                self._open(trial)
+            unfinished |= {trial.trial_id for trial in unstarted}
         for trial_id in sorted(unfinished):
             self.queue.put("end", key=f"trial:{trial_id}", status="KILLED", tags={CUT_TAG: "true"} if timed_out else {})
         self.queue.put("end", key="parent", status="KILLED" if unfinished else "FINISHED", tags={})

@@ -39,7 +39,7 @@ from sharetune.search.storage import (
     stop_on_full_disk,
 )
 from sharetune.spaces import OptunaSpace, SearchSpec, SpecError, make_sampler
-from sharetune.spaces.locations import DEFAULT_STORAGE
+from sharetune.spaces.locations import DEFAULT_STORAGE, expand_home
 from sharetune.storage_filesystem import filesystem_and_path, keep_final_checkpoints, tune_storage
 from sharetune.trainables import (
     DRIVER_MEMORY,
@@ -243,7 +243,7 @@ def _optuna_storage(url: str | None) -> optuna.storages.RDBStorage | None:
     if url is None:
         return None
     try:
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(expand_home(url))
     except SQLAlchemyError as err:
         raise SpecError(f"optuna_storage: the database did not answer ({first_line(getattr(err, 'orig', None) or err)})") from None
 

@@ -25,6 +25,20 @@ def safe_name(value: str) -> str:
     return value
 
 
+def expand_home(url: str) -> str:
+    """`url` with a SQLite file's `~` expanded. SQLAlchemy opens the path as written, so MLflow made
+    `sqlite:///~/x.db` a folder named `~` in the working directory, while sharetune's checks (and a
+    user) read it as the home folder."""
+    if not url.startswith("sqlite"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not (parsed.database or "").startswith("~"):
+        return url
+    return parsed.set(database=str(Path(parsed.database).expanduser())).render_as_string(hide_password=False)
+
+
 def check_database_url(url: str) -> str:
     """`url` if SQLAlchemy can open it here (known dialect, driver installed; for SQLite, an existing folder)."""
     from sqlalchemy.engine import make_url
