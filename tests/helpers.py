@@ -162,10 +162,11 @@ def mlflow_server(backend: str, artifacts: Path, port: int | None = None, *, opt
 
 
 @contextlib.contextmanager
-def small_filesystem(mount: Path, size: str):
-    """A real filesystem of `size` (tmpfs, e.g. "20m") at `mount`; skips where mounting needs root."""
+def small_filesystem(mount: Path, size: str, read_only: bool = False):
+    """A real filesystem of `size` (tmpfs, e.g. "20m") at `mount`, read-only if asked; skips where mounting needs root."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+    options = f"size={size}{',ro' if read_only else ''}"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         yield mount

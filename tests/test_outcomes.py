@@ -29,6 +29,7 @@ from sharetune.search.destinations import _link, create_store
 from sharetune.search.outcome import error_line
 from sharetune.search.result_log import rewrite, rows_up_to
 from sharetune.search.storage import SPEC_FILE, TUNE_STATE_LOGGER, SearchFolder, StorageFull, stop_on_full_disk
+from sharetune.spaces import SpecError
 from sharetune.spaces.spec import Resources
 from sharetune.storage_filesystem import keep_final_checkpoints, tune_storage
 
@@ -313,6 +314,16 @@ def test_a_new_mlflow_store_its_disk_cannot_hold_is_one_line_before_the_folder_i
             f"error: --mlflow-uri: MLflow could not create its store at {store} (database or disk is full); "
             "make room or write access there, or give another --mlflow-uri"]
         assert list(disk.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
+def test_a_new_mlflow_store_in_a_read_only_folder_is_one_line_at_once(tmp_path):
+    """MLflow retried its connection to such a store for about 100 s, then the clean-up's own error
+    (unlinking a missing file on a read-only disk) escaped as a traceback."""
+    with small_filesystem(tmp_path / "ro", "1m", read_only=True) as disk:
+        with pytest.raises(SpecError) as refused:
+            create_store(f"sqlite:///{disk}/mlflow.db")
+        assert str(refused.value) == (f"--mlflow-uri: MLflow could not create its store at {disk}/mlflow.db (Read-only file "
+                                      "system); make room or write access there, or give another --mlflow-uri")
 
 
 def test_a_new_mlflow_store_is_made_aside_and_never_replaces_one_another_search_made_meanwhile(tmp_path):

@@ -116,15 +116,19 @@ def create_store(uri: str) -> None:
     target = Path(missing).expanduser()
     making = target.with_name(f"{target.name}.creating-{os.getpid()}")
     try:
+        making.touch(exist_ok=False)  # an empty SQLite database; fails at once where MLflow retries for minutes (read-only)
         MlflowClient(make_url(uri).set(database=str(making)).render_as_string(hide_password=False)).search_experiments(max_results=1)
         _link(making, target)
     except (MlflowException, SQLAlchemyError, OSError) as err:
         why = first_line(getattr(err, "orig", None) or err)  # SQLAlchemy's own line repeats the driver's type
+        if isinstance(err, OSError) and err.strerror:
+            why = err.strerror  # not our own file's name
         raise SpecError(f"--mlflow-uri: MLflow could not create its store at {missing} ({why}); "
                         "make room or write access there, or give another --mlflow-uri") from None
     finally:
         for made in (making, *(making.with_name(making.name + side) for side in ("-journal", "-wal", "-shm"))):
-            made.unlink(missing_ok=True)
+            if made.exists():  # unlinking a missing file on a read-only disk raises
+                made.unlink()
 
 
 def _link(made: Path, target: Path) -> None:
