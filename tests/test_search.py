@@ -195,8 +195,8 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
 
 
 def test_a_trial_the_time_limit_stopped_before_its_first_epoch_has_a_cut_mlflow_run_as_in_the_folder(tmp_path):
-    """Tune stops a trial whose worker was still starting (TERMINATED, no result) or leaves it PENDING;
-    MLflow had no run for it, while the folder's table lists it as cut."""
+    """The time limit stops every trial, one whose worker was still starting too (TERMINATED without a
+    result; or left PENDING): MLflow had no run for it, while the folder's table lists it as cut."""
     from ray.tune.experiment import Trial
 
     from sharetune.search.mlflow_logger import CUT_TAG, TRIAL_TAG, deliver_backlog
