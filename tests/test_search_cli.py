@@ -52,7 +52,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
     """Run `sharetune search` on `spec` and stop it as `stops[0]` says; `sharetune resume` it and stop that
     as each further stop says; then resume it to its end, from another directory (a spec's relative paths
     name the folders they named where the search started). After each stop something was left unfinished,
-    and after Ctrl-C: exit code 130, one line saying so, no unfinished trial among the top trials, the
+    and after Ctrl-C or SIGTERM: exit code 130, one line saying so, no unfinished trial among the top trials, the
     MLflow parent and running children KILLED."""
     folder, env, command = cli_search(tmp_path, spec)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -69,7 +69,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
         trials = report.trials_from_folder(folder)
         unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
         assert not unfinished.empty
-        if stop.by == signal.SIGINT:
+        if stop.by in (signal.SIGINT, signal.SIGTERM):  # kill, timeout and docker stop end it as Ctrl-C does
             assert process.returncode == 130, output
             assert f"interrupted: {len(unfinished)} of the {len(trials)} trials started are unfinished; continue with `sharetune resume`" in output
             assert f"search folder: {folder}  (continue it with: sharetune resume {folder})" in output
@@ -229,8 +229,8 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
             "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
-    # mid-trial: the first trial has reported three of its eight epochs
-    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3))
+    # mid-trial: the first trial has reported three of its eight epochs; stopped as `kill` stops it
+    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3, signal.SIGTERM))
     # the model kept is the search's best on val, which the report's fronts (on test) need not show
     assert re.search(r"\nMLflow models: \d trials? on the front of the search's objectives \(val_accuracy max; the fronts "
                      r"above rank test_accuracy\):\n  trial ", resumed.stdout), resumed.stdout  # (two, where they tie on val)
