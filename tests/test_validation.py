@@ -197,6 +197,8 @@ def test_destinations_are_checked(tmp_path):
         (str(tmp_path), "../x", uri, r"--name: '../x' is not a safe folder name"),
         (str(tmp_path), None, "zzz://host", r"--mlflow-uri: no MLflow tracking store for 'zzz://host'; allowed schemes: .*http"),
         (str(tmp_path), None, "sqlite:////no/such/folder/m.db", r"--mlflow-uri: .*folder /no/such/folder does not exist"),
+        (str(tmp_path), None, "sqlite:///", r"--mlflow-uri: 'sqlite:///' is an in-memory database, which keeps nothing; give a file"),
+        (str(tmp_path), None, "sqlite://", r"--mlflow-uri: 'sqlite://' is an in-memory database"),
         (str(tmp_path), None, f"file://{tmp_path}/mlruns", r"--mlflow-uri: 'file://.*' is a folder store, which MLflow .* refuses"),
         (str(tmp_path), None, "mlruns", r"--mlflow-uri: 'mlruns' is a folder store"),
         ("foo://bucket/x", None, uri, r"--storage: no filesystem for foo:// URIs; allowed schemes: file, s3, gs"),

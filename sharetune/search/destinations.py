@@ -68,6 +68,7 @@ def check_mlflow_uri(uri: str) -> None:
     from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores  # MLflow's own scheme table
+    from sqlalchemy.engine import make_url
 
     try:
         stores.get_store_builder(uri)
@@ -84,6 +85,8 @@ def check_mlflow_uri(uri: str) -> None:
             check_database_url(uri)
         except ValueError as err:
             raise SpecError(f"--mlflow-uri: {err}") from None
+    if uri.startswith("sqlite") and make_url(uri).database in (None, "", ":memory:"):  # each connection gets an empty one
+        raise SpecError(f"--mlflow-uri: {uri!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
 
 
 def missing_store(uri: str) -> str | None:
