@@ -250,12 +250,20 @@ def test_a_damaged_search_file_is_one_line_naming_it_and_list_still_shows_the_ot
         assert reported.exit_code == 2 and reported.output.startswith(f"error: {storage / name}: {filename} is damaged ("), reported.output
         assert len(reported.output.strip().splitlines()) == 1, reported.output
     shutil.copytree(spin.folder, storage / "whole")
+    shutil.copytree(arbnet.folder, storage / "edited")  # Tune's state of the right shape, a value of the wrong type
+    (state_file,) = (storage / "edited").glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    run = json.loads(state["trial_data"][0][1])
+    state["trial_data"][0][1] = json.dumps({**run, "last_result": {**run["last_result"], "epoch": "x"}})
+    state_file.write_text(json.dumps(state))
     listed = CliRunner().invoke(app, ["list", "--storage", str(storage)])
     assert listed.exit_code == 0, listed.output
     damaged = [line for line in listed.output.splitlines() if line.startswith("damaged: ")]
-    assert sorted(damaged) == sorted(f"damaged: {storage / name}: sharetune-skipped.jsonl is damaged ({why})" for name, why in
-                                     [("skipped", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-                                      ("entry", "an entry without its kind or config")])
+    assert sorted(damaged) == sorted([*(f"damaged: {storage / name}: sharetune-skipped.jsonl is damaged ({why})" for name, why in
+                                        [("skipped", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+                                         ("entry", "an entry without its kind or config")]),
+                                      f"damaged: {storage / 'edited'}: Tune's state {state_file.name} is damaged and cannot be "
+                                      "restored; the folder is left as it is"])
     assert "whole" in listed.output and listed.output.count("finished") == 3  # the others, mlflow's damage unread
 
 

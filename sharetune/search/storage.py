@@ -23,6 +23,7 @@ from pathlib import Path
 from pyarrow import fs
 
 from sharetune.errors import first_line
+from sharetune.metrics import METRICS, STEP
 from sharetune.spaces import SearchSpec, SpecError, parse_spec
 from sharetune.spaces.documents import load_yaml
 from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path, is_tune_state, is_uri
@@ -137,6 +138,16 @@ def check_free_space(storage: str) -> None:
     if free < MIN_FREE_BYTES:
         raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {MIN_FREE_BYTES / 2**20:.0f} MB; "
                          "free some space or pass --storage elsewhere")
+
+
+def _numbers_checked(result: dict) -> dict:
+    """A saved result whose epoch is a whole number and whose metrics are numbers (or null), else
+    TypeError: an edited state's `"epoch": "x"` broke `sharetune list` of the whole storage."""
+    epoch, metrics = result.get(STEP, 0), [result.get(name) for name in METRICS]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or any(
+            isinstance(value, (bool, str, list, dict)) for value in metrics):  # JSON's other kinds
+        raise TypeError(f"{STEP} or a metric is not a number")
+    return result
 
 
 @dataclass(frozen=True)
@@ -275,7 +286,7 @@ class SearchFolder(str):
             for trial, run in json.loads(text)["trial_data"]:
                 trial, run = json.loads(trial), json.loads(run)
                 saved.append(SavedTrial(str(trial["trial_id"]), str(trial["status"]), dict(trial["config"]),
-                                        dict(run["last_result"] or {})))
+                                        _numbers_checked(dict(run["last_result"] or {}))))
             return saved
         except (ValueError, KeyError, TypeError):  # cut short or overwritten: not JSON, or not Tune's
             raise self._damaged(states[-1]) from None
