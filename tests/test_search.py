@@ -194,28 +194,29 @@ def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_ou
     assert report.trials_from_folder(result.folder)["epochs_done"].tolist() == [cut.epochs_done]
 
 
-def test_a_trial_the_time_limit_stopped_before_its_first_epoch_has_a_cut_mlflow_run_as_in_the_folder(tmp_path):
+@pytest.mark.parametrize("time_limit_s", [10, None])
+def test_a_trial_stopped_before_its_first_epoch_leaves_the_parent_run_killed_and_a_cut_one_has_a_run(tmp_path, time_limit_s):
     """The time limit stops every trial, one whose worker was still starting too (TERMINATED without a
-    result; or left PENDING): MLflow had no run for it, while the folder's table lists it as cut."""
+    result): MLflow had no run for it, while the folder's table lists it as cut. Ctrl-C stops it so
+    too (resume trains it): the parent run ended FINISHED."""
     from ray.tune.experiment import Trial
 
     from sharetune.search.mlflow_logger import CUT_TAG, TRIAL_TAG, deliver_backlog
 
     folder = SearchFolder.at(tmp_path / "results", "tiny")
     folder.save_mlflow(uri := f"sqlite:///{tmp_path}/mlflow.db", "tiny")
-    logger = MlflowLogger(uri, "tiny", folder, {}, {}, time_limit_s=10)
+    logger = MlflowLogger(uri, "tiny", folder, {}, {}, time_limit_s=time_limit_s)
     logger.setup()
     config = {"family": "arbnet", "epochs": 2, "hidden": [16], "hash": "uniform"}
-    stopped, waiting = Trial("tiny", config=config, trial_id="a_0001", stub=True), Trial("tiny", config=config, trial_id="b_0002", stub=True)
+    stopped = Trial("tiny", config=config, trial_id="a_0001", stub=True)
     stopped.set_status(Trial.TERMINATED)
-    logger.started = time.monotonic() - 11  # the limit is spent
-    logger.on_experiment_end([stopped, waiting])
+    logger.started = time.monotonic() - 11  # past the limit, where there is one
+    logger.on_experiment_end([stopped])
     assert deliver_backlog(folder) == 0
     (parent,), children = parent_and_child_runs(MlflowClient(uri), "tiny")
     assert parent.info.status == "KILLED"
-    assert sorted((c.data.tags[TRIAL_TAG], c.info.status, c.data.tags.get(CUT_TAG)) for c in children) == [
-        ("a_0001", "KILLED", "true"), ("b_0002", "KILLED", "true")]
-    assert {c.data.params["hash"] for c in children} == {"uniform"}
+    runs = sorted((c.data.tags[TRIAL_TAG], c.info.status, c.data.tags.get(CUT_TAG), c.data.params["hash"]) for c in children)
+    assert runs == ([("a_0001", "KILLED", "true", "uniform")] if time_limit_s else [])
 
 
 def test_a_search_stopped_before_tune_started_its_trials_is_started_by_resume(tmp_path):

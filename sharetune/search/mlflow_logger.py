@@ -233,11 +233,12 @@ class MlflowLogger(tune.Callback):
         # completing them; those, and any left PENDING, did not train to their end.
         unfinished = self.running | {t.trial_id for t in trials if t.status not in (FINISHED, FAILED)}
         timed_out = self.time_limit_s is not None and self.spent_s() >= self.time_limit_s
-        if timed_out:  # a trial the limit stopped before its first epoch gets a run too: the folder lists it, cut
-            unstarted = [t for t in trials if t.status != FAILED and t.trial_id not in self.running and STEP not in (t.last_result or {})]
+        # stopped before their first epoch (Tune's clean-up marks them TERMINATED too)
+        unstarted = [t for t in trials if t.status != FAILED and t.trial_id not in self.running and STEP not in (t.last_result or {})]
+        if timed_out:  # such a trial gets a run too: the folder lists it, cut (an interrupted one trains on resume)
             for trial in unstarted:
                 self._open(trial)
-            unfinished |= {trial.trial_id for trial in unstarted}
+        unfinished |= {trial.trial_id for trial in unstarted}
         for trial_id in sorted(unfinished):
             self.queue.put("end", key=f"trial:{trial_id}", status="KILLED", tags={CUT_TAG: "true"} if timed_out else {})
         self.queue.put("end", key="parent", status="KILLED" if unfinished else "FINISHED", tags={})
