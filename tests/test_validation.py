@@ -315,11 +315,13 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "SPEC", "--address", "bogus"], "error: --address bogus: give host:port, ray://host:port, or auto"),
     (["status", "abc", "--address", "bogus"], "error: --address bogus: "),
     (["search", "SPEC", "--report-dir", "afile"], "error: --report-dir: "),
+    (["search", "SPEC", "--report-dir", "/proc/sharetune"], "error: --report-dir: /proc is on a read-only or virtual filesystem"),
+    (["train", "arbnet", "--dataset", "synthetic", "--out", "/proc/model.pt"], "error: --out: /proc is on a read-only or virtual filesystem"),
     (["search", "SPEC", "--storage", "stored", "--name", "taken"], "error: --name: "),  # it would mix two searches
     (["resume", "stored/damaged"], "error: "),
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),
-    (["search", "SPEC", "--storage", "/proc/sharetune"], "error: /proc/sharetune: /proc is on a read-only or virtual filesystem"),
+    (["search", "SPEC", "--storage", "/proc/sharetune"], "error: --storage: /proc is on a read-only or virtual filesystem"),
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: --lr: Input should be a finite number"),  # as typed
     (["train", "arbnet", "--dataset", "synthetic", "--table-size", "100", "--compression", "0.1"],
      "error: --table-size, --compression: give one, not both"),

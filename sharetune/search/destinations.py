@@ -40,6 +40,15 @@ def check_folder(option: str, path: Path, alternatives: str = "") -> None:
         raise SpecError(f"{option}: {existing} is a file; give a folder (it is created if missing){' ' + alternatives if alternatives else ''}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SpecError(f"{option}: {existing} is not writable by this user; give a folder you can write")
+    if unwritable_filesystem(existing):
+        raise SpecError(f"{option}: {existing} is on a read-only or virtual filesystem; give another folder")
+
+
+def unwritable_filesystem(path: Path) -> bool:
+    """Whether `path` is on a filesystem mounted read-only, or one that holds no files (/proc, /sys):
+    there even root's `os.access` says writable."""
+    disk = os.statvfs(path)
+    return bool(disk.f_flag & os.ST_RDONLY) or not disk.f_blocks
 
 
 def check_out_file(path: Path) -> None:
@@ -52,6 +61,8 @@ def check_out_file(path: Path) -> None:
         raise SpecError(f"--out: no folder {path.parent}; create it first")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise SpecError(f"--out: {path.parent} is not writable by this user")
+    if unwritable_filesystem(path.parent):
+        raise SpecError(f"--out: {path.parent} is on a read-only or virtual filesystem; give another folder")
 
 
 def check_name(name: str) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -130,10 +129,6 @@ def check_free_space(storage: str) -> None:
     path = Path(canonical(storage))
     while not path.exists():
         path = path.parent
-    disk = os.statvfs(path)
-    if disk.f_flag & os.ST_RDONLY or not disk.f_blocks:  # mounted read-only, or holds no files (/proc, /sys)
-        raise StateError(f"{storage}: {path} is on a read-only or virtual filesystem, which cannot hold a search; "
-                         "pass --storage elsewhere")
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
         raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {MIN_FREE_BYTES / 2**20:.0f} MB; "
