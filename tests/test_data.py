@@ -121,7 +121,8 @@ def test_the_recorded_preprocessing_makes_from_a_raw_example_exactly_what_the_mo
         (["train", "arbnet", "--dataset", "mnist", "--data-dir", "{empty}"], "sharetune data fetch mnist"),
         (["train", "arbnet", "--dataset", "synthetic", "--hash", "bogus"], "hash: unknown hash 'bogus'"),
         (["train", "arbnet", "--dataset", "synthetic", "--sparsity", "1.5"], "sparsity: must be in [0, 1)"),
-        (["train", "spin", "--dataset", "synthetic", "--train-subset", "5"], "val_fraction: 0.1 of 5 training examples leaves a split empty"),
+        (["train", "spin", "--dataset", "synthetic", "--train-subset", "5"],
+         "val_fraction: 0.1 of 5 training examples leaves a split empty; give more training examples (train_subset) or another fraction (0: no val split)"),
         (["data", "fetch", "svhn"], "error: NAME: unknown dataset 'svhn'; allowed: cifar10, cifar100, fashion_mnist, kmnist, mnist, mnist1d, "
                                     "synthetic"),  # not imagefolder: it has nothing to fetch
         (["train", "arbnet", "--dataset", "cifar10", "--data-dir", "{empty}"],  # torchvision's hint names an option of its own

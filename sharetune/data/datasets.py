@@ -309,7 +309,8 @@ def val_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tenso
     leaves either side empty (a split of nothing has no accuracy)."""
     train, held = stratified_split(labels, fraction, seed)
     if not len(held) or not len(train):
-        raise DataError(f"{fraction} of {len(labels)} training examples leaves a split empty", "val_fraction")
+        raise DataError(f"{fraction} of {len(labels)} training examples leaves a split empty; give more training "
+                        "examples (train_subset) or another fraction (0: no val split)", "val_fraction")
     return train, held
 
 
