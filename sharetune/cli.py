@@ -194,8 +194,10 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
                    f"{costs.macs:,} MACs; recipe {settings.recipe}")
     model.to(device)
     state = TrainingState.for_data(model, settings, data)  # as a trial's
+    trained = 0
     try:
         for epoch in train_epochs(model, data, settings, device=device, state=state):
+            trained = epoch.epoch
             if not as_json:
                 typer.echo(
                     f"epoch {epoch.epoch:3d}  loss {epoch.loss:.4f}  train {epoch.train_accuracy:.4f}  "
@@ -204,6 +206,9 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
                 )
     except DataError as err:  # a folder whose images of a split are all unreadable
         fail(str(err))
+    except KeyboardInterrupt:  # typer's answer was exit 130 and no word
+        fail(f"interrupted after {plural(trained, 'epoch')} of {settings.epochs}" + (f"; {out} was not written" if out else ""),
+             ExitCode.INTERRUPTED)
     typer.echo(json.dumps(TrialMetrics(costs, epoch).as_dict(), indent=None if as_json else 2))
     if out is not None:
         try:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -314,6 +315,19 @@ def test_a_new_mlflow_store_its_disk_cannot_hold_is_one_line_before_the_folder_i
             f"error: --mlflow-uri: MLflow could not create its store at {store} (database or disk is full); "
             "make room or write access there, or give another --mlflow-uri"]
         assert list(disk.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
+def test_train_interrupted_mid_run_says_so_in_one_line_and_writes_no_model(tmp_path):
+    """Typer's answer to Ctrl-C was exit 130 and no word."""
+    out = tmp_path / "model.pt"
+    train = subprocess.Popen([sys.executable, "-m", "sharetune.cli", "train", "arbnet", "--dataset", "synthetic", "--epochs", "100000",
+                              "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert any(line.startswith("epoch") for line in train.stdout)  # an epoch trained (and the loop waits for it)
+    train.send_signal(signal.SIGINT)
+    _, stderr = train.communicate(timeout=60)
+    assert train.returncode == 130, stderr
+    assert re.fullmatch(rf"error: interrupted after \d+ epochs? of 100000; {out} was not written", stderr.strip()), stderr
+    assert not out.exists()
 
 
 def test_a_new_mlflow_store_in_a_read_only_folder_is_one_line_at_once(tmp_path):
