@@ -115,7 +115,12 @@ def test_the_eta_counts_epochs_so_it_shows_before_the_first_trial_ends(capsys, m
     running[0].last_result = {STEP: 1, "val_accuracy": 0.5}
     progress.on_trial_complete(0, running, running[0])  # stopped early: its 3 epochs left are work no longer to do
     assert progress.work_done() == 5 and progress.eta() == "0:00:06"
-    assert capsys.readouterr().out.splitlines()[-1].startswith("[    10s] 1/2 done, eta 0:00:06, 1 running")
+    clock[0] += 10  # off a terminal, a line every 10 s: the trial's end said nothing of its own
+    progress.on_step_begin(0, running)
+    progress.on_trial_complete(0, running, running[1])
+    progress.on_experiment_end(running)  # and the last line, where the search ended
+    assert [line[:22] for line in capsys.readouterr().out.splitlines()] == [
+        "[    10s] 0/2 done, et", "[    20s] 1/2 done, et", "[    20s] 2/2 done, et"]
 
 
 def test_the_start_steps_spin_on_a_terminal_are_erased_when_done_and_say_nothing_elsewhere():
