@@ -1,6 +1,8 @@
 """Trial settings -> model, without Ray: the builders, the costs, and the pretraining SPIN starts from."""
 
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,10 +172,15 @@ def test_a_checkpoint_that_does_not_record_its_model_input_is_refused_by_export(
     with pytest.raises(ValueError, match="^its checkpoint was written by an older sharetune"):
         export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
-    for damaged in (b"", b"PK\x03\x04 cut short"):  # a disk that filled, a copy cut short
+    hostile = pickle.dumps({"model": Payload(tmp_path / "ran")}, protocol=4)  # not torch's own protocol: torch warned
+    for damaged in (b"", b"PK\x03\x04 cut short", hostile):  # a disk that filled, a copy cut short, a pickle that runs code
         (tmp_path / CHECKPOINT).write_bytes(damaged)
-        with pytest.raises(ValueError, match=f"^its checkpoint {tmp_path / CHECKPOINT} cannot be read: it is cut short"):
-            export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=f"^its checkpoint {tmp_path / CHECKPOINT} cannot be read: it is cut short, "
+                                                 "not a torch file, or holds objects torch would load as code$"):
+                export_trial(MODEL_KINDS["arbnet dirichlet"], tmp_path, tmp_path / "model.pt")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_checkpoint_from_before_preprocessing_was_recorded_exports_resumes_and_says_what_it_lacks(tmp_path):
