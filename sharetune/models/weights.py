@@ -8,7 +8,9 @@ only this way, and what loads must be a mapping of names to tensors.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import Tensor
@@ -20,12 +22,19 @@ class WeightsError(ValueError):
     """A weights file that is not a state dict (or would run code to become one)."""
 
 
+def load_plain(source: str | Path | IO[bytes]):
+    """`torch.load` of tensors and plain values only, on the CPU, quiet: a pickle torch did not write
+    (another protocol) made its unpickler warn before it refused the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
     """The state dict in a file (or its bytes), on the CPU; WeightsError if it is anything else."""
     name = "weights" if isinstance(source, bytes) else str(source)
     try:
-        state = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
-                           weights_only=True)
+        state = load_plain(io.BytesIO(source) if isinstance(source, bytes) else source)
     except OSError as err:
         raise WeightsError(f"{name}: cannot read it ({err.strerror or err})") from None
     except Exception as err:  # whatever torch's unpickler makes of bytes that are not its format

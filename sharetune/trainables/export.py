@@ -10,7 +10,6 @@ reading it rebuild the architecture from the settings and that record, without t
 from __future__ import annotations
 
 import pickle
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from sharetune.data import Preprocessing
 from sharetune.errors import first_line
 from sharetune.models import deployed
+from sharetune.models.weights import load_plain
 from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.trainables.build import rebuild
 from sharetune.trainables.trial import BUILT_FOR, CHECKPOINT, evaluated_weights
@@ -30,7 +30,7 @@ def export_trial(config: dict, checkpoint: str | Path, out: str | Path) -> None:
     """Write the model of the trial `config` whose checkpoint folder is `checkpoint` to the file `out`.
     ValueError for a checkpoint that does not record what its model was built for."""
     try:
-        state = _load_plain(Path(checkpoint) / CHECKPOINT)
+        state = load_plain(Path(checkpoint) / CHECKPOINT)
     except (pickle.UnpicklingError, EOFError, RuntimeError):  # torch's errors for a file cut short, or another
         raise ValueError(f"its checkpoint {Path(checkpoint) / CHECKPOINT} cannot be read: it is cut short, not "
                          "a torch file, or holds objects torch would load as code") from None
@@ -62,20 +62,12 @@ def read_exported(path: str | Path) -> dict:
     or that holds objects (torch's refusal would suggest loading them as code)."""
     refusal = ValueError(f"{path}: not a model written by `sharetune export` ({EXPORT_FORMAT})")
     try:
-        saved = _load_plain(path)
+        saved = load_plain(path)
     except (pickle.UnpicklingError, EOFError, RuntimeError):
         raise refusal from None
     if not isinstance(saved, dict) or saved.get("format") != EXPORT_FORMAT:
         raise refusal
     return saved
-
-
-def _load_plain(path: str | Path):
-    """`torch.load` of tensors and plain values only, quiet: a pickle torch did not write (another
-    protocol) made its unpickler warn before it refused the file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_exported(path: str | Path) -> nn.Module:
