@@ -313,6 +313,9 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
       "--fusion", "mean"], "error: --pretrain-epochs: fusion and the cka mapping start from the unshared model"),
     (["search", "SPEC", "--set", "optuna_storage=postgresql://u@127.0.0.1:1/db"], "error: optuna_storage: the database did not answer"),
     (["search", "SPEC", "--address", "bogus"], "error: --address bogus: give host:port, ray://host:port, or auto"),
+    (["search", "SPEC", "--address", "http://127.0.0.1:8265"], "error: --address http://127.0.0.1:8265: give host:port, "
+     "ray://host:port, or auto (an http:// address is the dashboard's, which `sharetune submit` takes)"),
+    (["search", "SPEC", "--address", "ray://127.0.0.1:99999"], "error: --address ray://127.0.0.1:99999: give host:port"),
     (["status", "abc", "--address", "bogus"], "error: --address bogus: "),
     (["search", "SPEC", "--report-dir", "afile"], "error: --report-dir: "),
     (["search", "SPEC", "--report-dir", "/proc/sharetune"], "error: --report-dir: /proc is on a read-only or virtual filesystem"),

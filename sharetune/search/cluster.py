@@ -24,10 +24,13 @@ class ClusterError(RuntimeError):
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
-    """The host and port an explicit address names (ray://host:port or host:port); None for `auto`."""
+    """The host and port an explicit address names (ray://host:port or host:port); None for `auto`, or
+    an address of another kind (http://: a dashboard's)."""
     rest = address.removeprefix("ray://")
     host, _, port = rest.rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
+    if "://" in rest or not (host and port.isdigit() and 0 < int(port) < 65536):
+        return None
+    return host, int(port)
 
 
 def check_reachable(address: str | None) -> None:
@@ -37,7 +40,8 @@ def check_reachable(address: str | None) -> None:
         return
     target = _host_port(address)
     if target is None:
-        raise ClusterError(f"--address {address}: give host:port, ray://host:port, or auto")
+        dashboard = " (an http:// address is the dashboard's, which `sharetune submit` takes)" if address.startswith("http") else ""
+        raise ClusterError(f"--address {address}: give host:port, ray://host:port, or auto{dashboard}")
     try:
         socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
