@@ -143,7 +143,8 @@ def test_a_job_commands_address_wins_over_rays_variables_and_needs_its_scheme(tm
     dashboard, elsewhere = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": elsewhere}
     for address, line in [(dashboard, f"error: --address {dashboard}: Failed to connect to Ray at address: {dashboard}."),
-                          ("127.0.0.1:1", "error: --address 127.0.0.1:1: give the dashboard's URL, e.g. http://127.0.0.1:8265")]:
+                          ("127.0.0.1:1", "error: --address 127.0.0.1:1: give the dashboard's URL, e.g. http://127.0.0.1:8265"),
+                          ("ftp://h:21", "error: --address ftp://h:21: give the dashboard's URL, e.g. http://h:8265")]:  # Ray: a module
         done = subprocess.run([sys.executable, "-m", "sharetune.cli", "status", "raysubmit_x", "--address", address],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and done.stderr.splitlines() == [line], done.stderr

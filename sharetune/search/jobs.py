@@ -37,11 +37,13 @@ class JobsError(RuntimeError):
 def client(address: str | None) -> JobSubmissionClient:
     """`address`: the dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS). One
     given wins over those variables, which Ray would take instead; one without a scheme is refused
-    (Ray would wait most of a minute for a cluster's GCS there)."""
+    (Ray would wait most of a minute for a cluster's GCS there), and one of another scheme (ftp://)."""
     if address is None:
         return JobSubmissionClient(None)
-    if "://" not in address and address != "auto":
-        raise ValueError(f"give the dashboard's URL, e.g. http://{address.rpartition(':')[0] or address}:8265")
+    scheme, _, rest = address.rpartition("://")
+    if address != "auto" and scheme not in ("http", "https", "ray"):  # Ray would take another as a module's name
+        host = rest.rpartition(":")[0] or rest.partition("/")[0]
+        raise ValueError(f"give the dashboard's URL, e.g. http://{host}:8265")
     hidden = {name: os.environ.pop(name) for name in ADDRESS_VARIABLES if name in os.environ}
     try:
         return JobSubmissionClient(address)
