@@ -154,6 +154,19 @@ def test_a_write_that_cannot_be_delivered_is_dropped_and_the_rest_are_delivered(
 
 
 
+def test_a_database_server_that_does_not_answer_is_an_outage_from_the_first_try(tmp_path, caplog):
+    """MLflow's store retried its first connection ten times over 101 s before it raised, so the outage's
+    one warning came that late: a short search ended first, then exited 4 without a word of why."""
+    uri = f"postgresql+psycopg://u@127.0.0.1:{free_port()}/db"  # nothing listens there
+    queue = MlflowQueue(SearchFolder(tmp_path / "search"), uri, "down")
+    queue.put("open_parent", name="search", tags={}, params={}, spec_yaml="name: down\n")
+    queue.start()
+    wait_for(lambda: queue.outage_since is not None, "the writer to meet the store that does not answer", 300)
+    assert queue.drain(0) == 1
+    assert f"MLflow at {uri} does not answer (OperationalError: " in caplog.text
+    assert "Operation will be retried" not in caplog.text  # MLflow's own retries, which came first
+
+
 def test_a_store_that_cannot_be_opened_yet_is_retried_and_then_takes_every_write(tmp_path):
     """An SQLite store that cannot be opened (here a file stands where its folder goes) fails as MLflow's
     client is built: the writer waits as for any outage (its thread died there once, leaving every

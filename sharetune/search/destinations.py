@@ -10,7 +10,8 @@ from pathlib import Path
 from sharetune.search.storage import canonical, is_uri
 from sharetune.spaces import SpecError, check_database_url, safe_name
 
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores
+SERVER_DATABASES = ("postgresql", "mysql", "mssql")
+DATABASE_SCHEMES = ("sqlite", *SERVER_DATABASES)  # MLflow's SQLAlchemy stores
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow's filesystems open
 
 

@@ -35,6 +35,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 
 from sharetune.cache import cache_dir
 from sharetune.errors import ExitCode, first_line
+from sharetune.search.destinations import SERVER_DATABASES
 from sharetune.search.storage import SearchFolder, StateError, is_uri
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
@@ -310,10 +311,27 @@ class MlflowQueue:
         return min(wait * 2, RETRY_MAX_S)
 
 
+def connect_once(uri: str) -> None:
+    """Connect to a database server store once, which raises at once where it does not answer: MLflow's
+    store retries its first connection ten times over 101 s before it raises, and the outage's warning
+    came that late (a short search ended first, then exit 4 with no word of why)."""
+    if uri.partition(":")[0].partition("+")[0] not in SERVER_DATABASES:
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
 class Writer:
     """Delivers one operation at a time; knows the runs by key, finding them again by their tags."""
 
     def __init__(self, uri: str, experiment: str, folder: SearchFolder) -> None:
+        connect_once(uri)
         self.client, self.experiment, self.folder = MlflowClient(uri), experiment, folder
         self.experiment_id: str | None = None
         self.runs: dict[str, str] = {}  # key -> run id
