@@ -109,9 +109,10 @@ def test_list_shows_each_past_search_newest_first(searches):
     assert found[cut].status == "damaged" and "experiment_state-2026-01-01_00-00-00.json is damaged" in found[cut].damaged
     reported = CliRunner().invoke(app, ["report", cut, "--out", str(root / "cut-report")])
     assert reported.exit_code == 2 and reported.output.startswith(f"error: {cut}: Tune's state"), reported.output
-    for path in (root / "results", root / "results" / "nosuch"):  # a path, not an experiment's name
+    for path, why in ((root / "results", "not a sharetune search folder (no sharetune-spec.yaml)"),
+                      (root / "results" / "nosuch", "no such folder")):  # a path, not an experiment's name
         reported = CliRunner().invoke(app, ["report", str(path), "--out", str(root / "no-report")])
-        assert reported.exit_code == 2 and reported.output == f"error: {path}: not a sharetune search folder (no sharetune-spec.yaml)\n"
+        assert reported.exit_code == 2 and reported.output == f"error: {path}: {why}\n", reported.output
     store = root / "none.db"  # a store the report would only read: never created
     reported = CliRunner().invoke(app, ["report", "tiny", "--mlflow-uri", f"sqlite:///{store}", "--out", str(root / "no-report")])
     assert reported.exit_code == 2 and reported.output == f"error: --mlflow-uri: no MLflow store at {store}; a search writes one there\n"

@@ -211,6 +211,8 @@ class SearchFolder(str):
 
     def _required(self, filename: str) -> bytes:
         data = self.read(filename)
+        if data is None and not is_uri(self) and not Path(self).exists():
+            raise FileNotFoundError(f"{self}: no such folder")
         if data is None:
             raise FileNotFoundError(f"{self}: not a sharetune search folder (no {filename})")
         return data
