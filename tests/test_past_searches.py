@@ -82,7 +82,16 @@ def test_an_exported_model_computes_what_the_trial_trained(searches, tmp_path):
 def test_export_names_a_bad_folder_or_trial_in_one_line(searches, tmp_path):
     root, arbnet, _ = searches
     trial_id = report.trials_from_folder(arbnet.folder)["trial_id"][0]
+    shutil.copytree(arbnet.folder, tmp_path / "edited")  # a trial's settings of the wrong type in Tune's state
+    (state_file,) = (tmp_path / "edited").glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        entry[0] = json.dumps({**trial, "config": {**trial["config"], "epochs": "x"}})
+    state_file.write_text(json.dumps(state))
     for args, out, message in [
+        ([str(tmp_path / "edited"), "--trial", trial_id], tmp_path / "model.pt",
+         f"--trial: {trial_id}: its settings in Tune's state are damaged (epochs: got 'x'; "),
         ([str(root / "results"), "--trial", "nope"], tmp_path / "model.pt", "not a sharetune search folder (no sharetune-spec.yaml)"),
         ([arbnet.folder, "--trial", "nope"], tmp_path / "model.pt", "--trial: no trial 'nope' in"),
         ([arbnet.folder, "--trial", trial_id], tmp_path / "missing" / "model.pt", f"--out: no folder {tmp_path / 'missing'}; create it first"),

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
 from ray.train import Checkpoint
 
 from sharetune.search.storage import SearchFolder
+from sharetune.spaces import describe_error
 from sharetune.trainables import export_trial, run_checkpoint
 
 
@@ -34,6 +36,8 @@ class SearchExport:
                 raise ValueError(f"it has no checkpoint (status {trial.status}): it finished no epoch")
             with checkpoint.as_directory() as directory:
                 export_trial(trial.config, directory, out)
+        except ValidationError as err:  # an edited state: pydantic's own message spans lines
+            raise ValueError(f"--trial: {trial_id}: its settings in Tune's state are damaged ({describe_error(err)})") from None
         except ValueError as err:
             raise ValueError(f"--trial: {trial_id}: {err}") from None
 
