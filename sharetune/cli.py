@@ -540,7 +540,7 @@ def _finish(result: Search, report_dir: Path) -> None:
         typer.echo(f"\n{result.note}")
     if line is not None:
         typer.secho(f"\n{line}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 def _readable_search(folder: SearchFolder) -> bool:

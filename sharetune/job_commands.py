@@ -24,7 +24,7 @@ warnings.formatwarning = _one_line_warning
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
     """One line and the exit code (sharetune.errors.ExitCode lists them all)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+    raise SystemExit(code)  # past typer, which `run` tells from a Ctrl-C it swallowed
 
 
 def run(app: typer.Typer) -> None:
@@ -33,7 +33,9 @@ def run(app: typer.Typer) -> None:
     of click's boxed usage. Click's exceptions are matched by what they carry: typer vendors click and
     exports none of their classes."""
     try:
-        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+        code = app(standalone_mode=False)  # commands end with SystemExit; typer answers a Ctrl-C with 130
+    except KeyboardInterrupt:  # while typer built the command, before its own handler
+        code = ExitCode.INTERRUPTED
     except Exception as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # no command given: the help (rich printed it making the error)
             if err.format_message():
@@ -45,6 +47,8 @@ def run(app: typer.Typer) -> None:
         hint = f" (`{where.command_path} --help` says what it takes)" if where is not None else ""
         typer.secho(f"error: {' '.join(err.format_message().split()).rstrip('.')}{hint}", fg=typer.colors.RED, err=True)
         raise SystemExit(err.exit_code) from None
+    if code == ExitCode.INTERRUPTED:  # a Ctrl-C no command caught: typer's answer was no word
+        typer.secho("error: interrupted", fg=typer.colors.RED, err=True)
     raise SystemExit(code if isinstance(code, int) else ExitCode.OK)
 
 
@@ -82,7 +86,7 @@ def logs(
     code = jobs.exit_code(ended)
     if code == ExitCode.NOT_STARTED:  # no search line ended the output: Ray's says why
         typer.secho(jobs.describe(ended), fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 def stop(job: str = typer.Argument(...), address: Optional[str] = DASHBOARD) -> None:

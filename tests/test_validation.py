@@ -186,6 +186,37 @@ def test_a_pretrained_file_must_be_a_state_dict_that_fits(tmp_path, synthetic):
     check_search(parse_spec({**fused, "fixed": {**fused["fixed"], "pretrained": str(tmp_path / "good.pt")}}), synthetic)
 
 
+def test_a_ctrl_c_no_command_caught_is_one_line_and_exit_130_and_a_commands_own_line_stays_alone(capsys, monkeypatch):
+    """Typer answers a KeyboardInterrupt from a command (importing torch, loading a spec) with 130 and no
+    word; a command that says why it stops keeps its own line."""
+    import typer
+
+    from sharetune.errors import ExitCode
+    from sharetune.job_commands import fail, run
+
+    def pressed_while_loading() -> None:
+        raise KeyboardInterrupt
+
+    def says_why() -> None:
+        fail("interrupted while the search ended", ExitCode.INTERRUPTED)
+
+    monkeypatch.setattr(sys, "argv", ["sharetune"])
+    for command, said in [(pressed_while_loading, "error: interrupted\n"), (says_why, "error: interrupted while the search ended\n")]:
+        app = typer.Typer()
+        app.command()(command)
+        with pytest.raises(SystemExit) as ended:
+            run(app)
+        assert ended.value.code == ExitCode.INTERRUPTED and capsys.readouterr().err == said
+
+    def building(app: typer.Typer) -> None:  # pressed while typer builds the command, before its own handler
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(typer.main, "get_command", building)  # it was a traceback
+    with pytest.raises(SystemExit) as ended:
+        run(app)
+    assert ended.value.code == ExitCode.INTERRUPTED and capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_destinations_are_checked(tmp_path):
     afile = tmp_path / "results.txt"
     afile.write_text("")
