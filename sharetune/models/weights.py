@@ -26,7 +26,7 @@ def load_plain(source: str | Path | IO[bytes]):
     """`torch.load` of tensors and plain values only, on the CPU, quiet: a pickle torch did not write
     (another protocol) made its unpickler warn before it refused the file."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
         return torch.load(source, map_location="cpu", weights_only=True)
 
 

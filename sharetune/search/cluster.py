@@ -61,17 +61,17 @@ def start_ray(address: str | None) -> None:
     except ConnectionError as err:  # `auto` with no cluster running
         raise ClusterError(f"--address {address}: {first_line(err) or 'no Ray cluster answered'}") from None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # replaces ray.init's, which exited at once
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # replaces ray.init's, which exited at once
 
 
-def _interrupt(number: int, frame) -> None:
+def interrupt_on_sigterm(number: int, frame) -> None:
     """A SIGTERM (kill, timeout, docker stop, a Ray job's stop) ends the search as Ctrl-C does: Tune
     saves its state, MLflow's runs end KILLED, exit 130. Ray's handler exited mid-loop (exit 134),
     leaving the runs RUNNING."""
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):  # Tune's while it runs the trials, else Python's KeyboardInterrupt
         handler(signal.SIGINT, frame)
-    elif handler != signal.SIG_IGN:  # ignored as the search exits
+    else:  # Ctrl-C ignored (a search a script started in the background): SIGTERM still stops it
         raise KeyboardInterrupt
 
 

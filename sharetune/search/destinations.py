@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sharetune.search.storage import canonical, is_uri
+from sharetune.search.storage import canonical, is_uri, unwritable_filesystem
 from sharetune.spaces import SpecError, check_database_url, safe_name
 
 SERVER_DATABASES = ("postgresql", "mysql", "mssql")
@@ -33,23 +33,22 @@ def check_storage(location: str) -> None:
         raise SpecError(f"--storage: no filesystem for {scheme}:// URIs; allowed schemes: {', '.join(STORAGE_SCHEMES)}, or a local path")
 
 
-def check_folder(option: str, path: Path, alternatives: str = "") -> None:
-    """A folder to write into: an existing, writable one, or one that can be created in one."""
+def check_not_file(option: str, path: Path, alternatives: str = "") -> Path:
+    """The folder that holds `path`, or is it: a file there is refused."""
     path = path.expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise SpecError(f"{option}: {existing} is a file; give a folder (it is created if missing){' ' + alternatives if alternatives else ''}")
+    return existing
+
+
+def check_folder(option: str, path: Path, alternatives: str = "") -> None:
+    """A folder to write into: an existing, writable one, or one that can be created in one."""
+    existing = check_not_file(option, path, alternatives)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SpecError(f"{option}: {existing} is not writable by this user; give a folder you can write")
     if unwritable_filesystem(existing):
         raise SpecError(f"{option}: {existing} is on a read-only or virtual filesystem; give another folder")
-
-
-def unwritable_filesystem(path: Path) -> bool:
-    """Whether `path` is on a filesystem mounted read-only, or one that holds no files (/proc, /sys):
-    there even root's `os.access` says writable."""
-    disk = os.statvfs(path)
-    return bool(disk.f_flag & os.ST_RDONLY) or not disk.f_blocks
 
 
 def check_out_file(path: Path) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -121,6 +122,13 @@ def canonical(location: str | Path) -> str:
     return location.rstrip("/")
 
 
+def unwritable_filesystem(path: Path) -> bool:
+    """Whether `path` is on a filesystem mounted read-only, or one that holds no files (/proc, /sys):
+    there even root's `os.access` says writable."""
+    disk = os.statvfs(path)
+    return bool(disk.f_flag & os.ST_RDONLY) or not disk.f_blocks
+
+
 def check_free_space(storage: str) -> None:
     """Refuse a local storage with less than MIN_FREE_BYTES free before anything is written; a full
     disk mid-search loses checkpoints. An object store's space is its own business."""
@@ -129,6 +137,9 @@ def check_free_space(storage: str) -> None:
     path = Path(canonical(storage))
     while not path.exists():
         path = path.parent
+    if unwritable_filesystem(path):  # checked with --storage; again for the folder `resume` starts
+        raise StateError(f"{storage}: {path} is on a read-only or virtual filesystem, which cannot hold a search; "
+                         "pass --storage elsewhere")
     free = shutil.disk_usage(path).free
     if free < MIN_FREE_BYTES:
         raise StateError(f"{storage}: {free / 2**20:.0f} MB free, but a search needs at least {MIN_FREE_BYTES / 2**20:.0f} MB; "
