@@ -184,8 +184,8 @@ def test_the_embedded_ray_answers_no_client_without_its_token(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(submit, timeout=30)
         assert refused.value.code == 401
-    finally:
-        os.killpg(host.pid, signal.SIGTERM)
+    finally:  # its Ray with it (SIGTERM, which a search takes as Ctrl-C, would leave it waiting on its dead GCS)
+        os.killpg(host.pid, signal.SIGKILL)
         host.wait(timeout=60)
 
 
