@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sharetune.search.storage import canonical, is_uri, unwritable_filesystem
 from sharetune.spaces import SpecError, check_database_url, safe_name
+from sharetune.spaces.locations import sqlite_file
 
 SERVER_DATABASES = ("postgresql", "mysql", "mssql")
 DATABASE_SCHEMES = ("sqlite", *SERVER_DATABASES)  # MLflow's SQLAlchemy stores
@@ -44,11 +45,16 @@ def check_not_file(option: str, path: Path, alternatives: str = "") -> Path:
 
 def check_folder(option: str, path: Path, alternatives: str = "") -> None:
     """A folder to write into: an existing, writable one, or one that can be created in one."""
-    existing = check_not_file(option, path, alternatives)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"{option}: {existing} is not writable by this user; give a folder you can write")
-    if unwritable_filesystem(existing):
-        raise SpecError(f"{option}: {existing} is on a read-only or virtual filesystem; give another folder")
+    check_writable(option, check_not_file(option, path, alternatives))
+
+
+def check_writable(option: str, folder: Path) -> None:
+    """An existing folder this user can write files into. Root passes `os.access` everywhere, so the
+    filesystem is asked too."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"{option}: {folder} is not writable by this user; give a folder you can write")
+    if unwritable_filesystem(folder):
+        raise SpecError(f"{option}: {folder} is on a read-only or virtual filesystem; give another folder")
 
 
 def check_out_file(path: Path) -> None:
@@ -59,10 +65,7 @@ def check_out_file(path: Path) -> None:
         raise SpecError(f"--out: {path} is a folder; give a file name in it, e.g. {path / 'model.pt'}")
     if not path.parent.is_dir():
         raise SpecError(f"--out: no folder {path.parent}; create it first")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise SpecError(f"--out: {path.parent} is not writable by this user")
-    if unwritable_filesystem(path.parent):
-        raise SpecError(f"--out: {path.parent} is on a read-only or virtual filesystem; give another folder")
+    check_writable("--out", path.parent)
 
 
 def check_name(name: str) -> None:
@@ -79,7 +82,6 @@ def check_mlflow_uri(uri: str) -> None:
     from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     from mlflow.exceptions import MlflowException
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores  # MLflow's own scheme table
-    from sqlalchemy.engine import make_url
 
     try:
         stores.get_store_builder(uri)
@@ -96,19 +98,14 @@ def check_mlflow_uri(uri: str) -> None:
             check_database_url(uri)
         except ValueError as err:
             raise SpecError(f"--mlflow-uri: {err}") from None
-    if uri.startswith("sqlite") and make_url(uri).database in (None, "", ":memory:"):  # each connection gets an empty one
+    if uri.startswith("sqlite") and sqlite_file(uri) is None:  # in memory: each connection gets an empty one
         raise SpecError(f"--mlflow-uri: {uri!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
 
 
-def missing_store(uri: str) -> str | None:
+def missing_store(uri: str) -> Path | None:
     """The SQLite file `uri` names, where there is none: MLflow would create an empty database there."""
-    from sqlalchemy.engine import make_url
-
-    if uri.startswith("sqlite:"):
-        database = make_url(uri).database
-        if database not in (None, "", ":memory:") and not Path(database).expanduser().is_file():
-            return database
-    return None
+    file = sqlite_file(uri)
+    return file if file is not None and not file.expanduser().is_file() else None
 
 
 def create_store(uri: str) -> None:
@@ -127,7 +124,7 @@ def create_store(uri: str) -> None:
     missing = missing_store(uri)
     if missing is None:
         return
-    target = Path(missing).expanduser()
+    target = missing.expanduser()
     making = target.with_name(f"{target.name}.creating-{os.getpid()}")
     try:
         making.touch(exist_ok=False)  # an empty SQLite database; fails at once where MLflow retries for minutes (read-only)

@@ -25,18 +25,27 @@ def safe_name(value: str) -> str:
     return value
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, as SQLAlchemy reads it; None for another database or an in-memory one.
+    The one reading of a SQLite URL's path, for the checks, the store's creation and `~`."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return None if database in (None, "", ":memory:") else Path(database)
+
+
 def expand_home(url: str) -> str:
     """`url` with a SQLite file's `~` expanded. SQLAlchemy opens the path as written, so MLflow made
     `sqlite:///~/x.db` a folder named `~` in the working directory, while sharetune's checks (and a
     user) read it as the home folder."""
-    if not url.startswith("sqlite"):
+    file = sqlite_file(url)
+    if file is None or not str(file).startswith("~"):
         return url
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
-    if not (parsed.database or "").startswith("~"):
-        return url
-    return parsed.set(database=str(Path(parsed.database).expanduser())).render_as_string(hide_password=False)
+    return make_url(url).set(database=str(file.expanduser())).render_as_string(hide_password=False)
 
 
 def check_database_url(url: str) -> str:
@@ -54,8 +63,9 @@ def check_database_url(url: str) -> str:
         dialect.import_dbapi()
     except ImportError as err:
         raise ValueError(f"{url!r}: the {parsed.drivername} driver is not installed ({err})") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().parent
+    file = sqlite_file(url) if parsed.get_backend_name() == "sqlite" else None
+    if file is not None:
+        folder = file.expanduser().parent
         if not folder.is_dir():
             raise ValueError(f"{url!r}: folder {folder} does not exist")
     return url
