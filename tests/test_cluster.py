@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import urllib.parse
@@ -92,12 +93,15 @@ def ray_cluster(env: dict, temp: Path):
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
     nodes: list[subprocess.Popen] = []
 
-    def start(*args: str) -> subprocess.Popen:
+    def start(*args: str, agent: int) -> subprocess.Popen:
         # each node's job agent on a port of its own: Ray's default (52365) may be another Ray's on this machine
-        agent = ["--dashboard-agent-listen-port", str(free_port())]
-        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *args, *agent, *common], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *args, "--dashboard-agent-listen-port", str(agent), *common],
+                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         return nodes[-1]
+
+    def listening(port: int) -> bool:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
 
     def node_ids() -> dict[str, str]:
         alive = {"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"}
@@ -106,10 +110,13 @@ def ray_cluster(env: dict, temp: Path):
                 for node in listed["data"]["result"]["result"]}
 
     try:
+        head_agent = free_port()
         head = start("--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                     "--include-dashboard", "true", "--temp-dir", str(temp))
+                     "--include-dashboard", "true", "--temp-dir", str(temp), agent=head_agent)
         wait_for(lambda: "head" in node_ids(), "the head node", 120, head)
-        second = start("--address", f"127.0.0.1:{port}", "--resources", json.dumps({"second_node": 1}))
+        # jobs go to the head's agent, which starts after its node is listed (past submit's 60 s on a loaded machine)
+        wait_for(lambda: listening(head_agent), "the head's job agent", 180, head)
+        second = start("--address", f"127.0.0.1:{port}", "--resources", json.dumps({"second_node": 1}), agent=free_port())
         wait_for(lambda: "second" in node_ids(), "the second node", 120, second)
         yield Cluster(f"http://127.0.0.1:{dashboard}", node_ids()["second"], lambda: stop_node(second, signal.SIGKILL))
     finally:
