@@ -48,6 +48,7 @@ MOST_RUNS = 10_000  # runs one query lists: a search's children, an experiment's
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PROGRESS_STEP = "unique_params"  # every report carries it (the costs' at step 0 too): a run's last logged step
 RETRY_MAX_S = 30.0  # the longest wait between two tries while the server does not answer
+CONNECT_TIMEOUT_S = 10  # a server database's connection: one that accepts and never answers held the writer for good
 PERMANENT = {"BAD_REQUEST", "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}  # refusals no retry changes
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -314,12 +315,17 @@ class MlflowQueue:
 def connect_once(uri: str) -> None:
     """Connect to a database server store once, which raises at once where it does not answer: MLflow's
     store retries its first connection ten times over 101 s before it raises, and the outage's warning
-    came that late (a short search ended first, then exit 4 with no word of why)."""
-    if uri.partition(":")[0].partition("+")[0] not in SERVER_DATABASES:
+    came that late (a short search ended first, then exit 4 with no word of why). PostgreSQL's and
+    MySQL's drivers wait without end for a server that accepts and never answers (a wrong port) unless
+    the URL sets `connect_timeout`, so CONNECT_TIMEOUT_S bounds them."""
+    database = uri.partition(":")[0].partition("+")[0]
+    if database not in SERVER_DATABASES:
         return
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(uri)
+    url = sqlalchemy.engine.make_url(uri)
+    bounded = database != "mssql" and "connect_timeout" not in url.query  # pyodbc names its own timeout
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if bounded else {})
     try:
         with engine.connect():
             pass
