@@ -18,7 +18,7 @@ from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
 from sharetune.recipes import RECIPES
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
-from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
+from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT, shown_url
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
 from sharetune.text import plural
 
@@ -586,7 +586,7 @@ def _print_report(built, uri: str, parent: str | None) -> None:
         served = uri.startswith(("http://", "https://"))  # the tracking server is the UI
         link = ui_link(uri if served else f"http://{UI_HOST}:{UI_PORT}", run, None if compared is None else compared.name)
         typer.echo(f"MLflow: parent run {parent}: {link}" if served else
-                   f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {uri}, then {link}")
+                   f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {shown_url(uri)}, then {link}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -609,7 +609,7 @@ def ui(
     if not port_free(port):
         fail(f"--port {port}: in use on {UI_HOST}; give another port")
     missing = missing_store(uri)
-    typer.echo(f"starting the MLflow UI for {uri}" + (f" (no store at {missing} yet: the UI stays empty until a search "
+    typer.echo(f"starting the MLflow UI for {shown_url(uri)}" + (f" (no store at {missing} yet: the UI stays empty until a search "
                                                       "from here, or one given this --mlflow-uri, writes to it)" if missing else ""))
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop takes the server down too
     server = start_ui(uri, port)

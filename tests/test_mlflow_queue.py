@@ -166,13 +166,14 @@ def test_a_database_server_that_does_not_answer_is_an_outage_from_the_first_try(
             silent.bind(("127.0.0.1", 0))
             silent.listen()
         port = silent.getsockname()[1] if server == "silent" else free_port()  # closed: nothing listens there
-        uri = f"postgresql+psycopg://u@127.0.0.1:{port}/db"
+        uri = f"postgresql+psycopg://u:s3cret@127.0.0.1:{port}/db"
         queue = MlflowQueue(SearchFolder(tmp_path / "search"), uri, "down")
         queue.put("open_parent", name="search", tags={}, params={}, spec_yaml="name: down\n")
         queue.start()
         wait_for(lambda: queue.outage_since is not None, "the writer to meet the store that does not answer", 300)
         assert queue.drain(0) == 1
-    assert f"MLflow at {uri} does not answer (OperationalError: " in caplog.text
+    assert f"MLflow at postgresql+psycopg://u:***@127.0.0.1:{port}/db does not answer (OperationalError: " in caplog.text
+    assert "s3cret" not in caplog.text  # the warning reaches logs others read
     assert "Operation will be retried" not in caplog.text  # MLflow's own retries, which came first
 
 

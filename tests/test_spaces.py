@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import tiny_spec as tiny
 
-from sharetune.search.mlflow_logger import dataset_of
+from sharetune.search.mlflow_logger import dataset_of, shown_spec
 from sharetune.search.storage import SPEC_FILE, SearchFolder
 from sharetune.spaces import SAMPLERS, SCALES, SpecError, load_spec, make_sampler, parse_spec, preset, preset_names
 from sharetune.spaces.samplers import GridSampler, NSGAIISampler
@@ -219,6 +219,15 @@ def test_a_generated_set_however_spelled_is_read_from_no_folder():
         assert spec.data.generated and spec.with_data_root().data.root is None and dataset_of(spec).source == "generated"
     spec = parse_spec(tiny(data={"name": "mnist", "root": "somewhere"}))
     assert not spec.data.generated and dataset_of(spec).source == str(Path("somewhere").resolve())
+
+
+def test_the_spec_mlflow_shows_everyone_holds_no_database_password_and_the_search_keeps_it():
+    storage = "postgresql+psycopg://me:s3cret@db.example:5432/optuna"  # parsed, not connected
+    spec = parse_spec(tiny(optuna_storage=storage))
+    shown = yaml.safe_load(shown_spec(spec))
+    assert shown["optuna_storage"] == "postgresql+psycopg://me:***@db.example:5432/optuna"
+    assert shown == {**yaml.safe_load(spec.to_yaml()), "optuna_storage": shown["optuna_storage"]}
+    assert spec.optuna_storage == storage  # what the search folder saves, to resume with
 
 
 def test_a_setting_the_run_would_ignore_is_refused():

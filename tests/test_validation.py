@@ -227,6 +227,8 @@ def test_destinations_are_checked(tmp_path):
         (str(afile / "below"), None, uri, r"--storage: .*results.txt is a file"),
         (str(tmp_path), "../x", uri, r"--name: '../x' is not a safe folder name"),
         (str(tmp_path), None, "zzz://host", r"--mlflow-uri: no MLflow tracking store for 'zzz://host'; allowed schemes: .*http"),
+        (str(tmp_path), None, "postgresql+nodriver://me:s3cret@db/mlflow",  # the line reaches logs: no password
+         r"^--mlflow-uri: 'postgresql\+nodriver://me:\*\*\*@db/mlflow' is not a database URL SQLAlchemy knows"),
         (str(tmp_path), None, "sqlite:////no/such/folder/m.db", r"--mlflow-uri: .*folder /no/such/folder does not exist"),
         (str(tmp_path), None, "sqlite:///", r"--mlflow-uri: 'sqlite:///' is an in-memory database, which keeps nothing; give a file"),
         (str(tmp_path), None, "sqlite://", r"--mlflow-uri: 'sqlite://' is an in-memory database"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sharetune.search.storage import canonical, is_uri, unwritable_filesystem
 from sharetune.spaces import SpecError, check_database_url, safe_name
-from sharetune.spaces.locations import sqlite_file
+from sharetune.spaces.locations import shown_url, sqlite_file
 
 SERVER_DATABASES = ("postgresql", "mysql", "mssql")
 DATABASE_SCHEMES = ("sqlite", *SERVER_DATABASES)  # MLflow's SQLAlchemy stores
@@ -87,10 +87,10 @@ def check_mlflow_uri(uri: str) -> None:
         stores.get_store_builder(uri)
     except MlflowException:
         allowed = ", ".join(sorted(scheme for scheme in stores._registry if scheme and scheme != "file"))
-        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {uri!r}; allowed schemes: {allowed}") from None
+        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {shown_url(uri)!r}; allowed schemes: {allowed}") from None
     folder_store = uri.startswith("file:") or ":" not in uri  # file:///x, or a plain path
     if folder_store and not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses one unless told to allow it
-        raise SpecError(f"--mlflow-uri: {uri!r} is a folder store, which MLflow keeps in maintenance mode and "
+        raise SpecError(f"--mlflow-uri: {shown_url(uri)!r} is a folder store, which MLflow keeps in maintenance mode and "
                         "refuses; give a database such as sqlite:///mlflow.db or an http(s):// server "
                         "(or set MLFLOW_ALLOW_FILE_STORE=true)")
     if uri.partition(":")[0].partition("+")[0] in DATABASE_SCHEMES:
@@ -99,7 +99,7 @@ def check_mlflow_uri(uri: str) -> None:
         except ValueError as err:
             raise SpecError(f"--mlflow-uri: {err}") from None
     if uri.startswith("sqlite") and sqlite_file(uri) is None:  # in memory: each connection gets an empty one
-        raise SpecError(f"--mlflow-uri: {uri!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
+        raise SpecError(f"--mlflow-uri: {shown_url(uri)!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
 
 
 def missing_store(uri: str) -> Path | None:

@@ -47,7 +47,7 @@ from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
-from sharetune.spaces.locations import DEFAULT_STORE, expand_home
+from sharetune.spaces.locations import DEFAULT_STORE, expand_home, shown_url
 
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
@@ -143,6 +143,13 @@ def parent_params(spec: SearchSpec) -> dict:
     return params
 
 
+def shown_spec(spec: SearchSpec) -> str:
+    """The spec as its parent run shows it to everyone who reads the experiment: no database password."""
+    if spec.optuna_storage is not None:
+        spec = spec.model_copy(update={"optuna_storage": shown_url(spec.optuna_storage)})
+    return spec.to_yaml()
+
+
 class MlflowLogger(tune.Callback):
     def __init__(self, uri: str, experiment: str, folder: SearchFolder, params: dict, tags: dict, *,
                  searched: list[str] = (), dataset: Dataset | None = None, spec_yaml: str = "",
@@ -163,7 +170,7 @@ class MlflowLogger(tune.Callback):
     def for_search(cls, spec: SearchSpec, folder: SearchFolder, uri: str) -> "MlflowLogger":
         searched = [*spec.dimensions, *(["seed"] if spec.repeats > 1 else [])]
         return cls(uri, spec.name, folder, parent_params(spec), source_tags(),
-                   searched=searched, dataset=dataset_of(spec), spec_yaml=spec.to_yaml(), description=spec.description,
+                   searched=searched, dataset=dataset_of(spec), spec_yaml=shown_spec(spec), description=spec.description,
                    time_limit_s=spec.budget.time_limit_s)
 
     def __getstate__(self) -> dict:  # Tune pickles callbacks with the experiment state

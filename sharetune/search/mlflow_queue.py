@@ -37,6 +37,7 @@ from sharetune.cache import cache_dir
 from sharetune.errors import ExitCode, first_line
 from sharetune.search.destinations import SERVER_DATABASES
 from sharetune.search.storage import SearchFolder, StateError, is_uri
+from sharetune.spaces.locations import shown_url
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
@@ -298,7 +299,7 @@ class MlflowQueue:
                 log.warning("a queued %s write cannot be delivered, dropped: %s: %s", operation["op"],
                             type(err).__name__, first_line(err))
             if self.outage_since is not None:
-                log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", self.uri,
+                log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", shown_url(self.uri),
                             time.monotonic() - self.outage_since)
                 self.outage_since, wait = None, 1.0
             self._forget(number, body)
@@ -307,7 +308,7 @@ class MlflowQueue:
         if self.outage_since is None:
             self.outage_since = time.monotonic()
             log.warning("MLflow at %s does not answer (%s: %s); results wait in %s and are delivered when it does",
-                        self.uri, type(err).__name__, first_line(err)[:200], self.path)
+                        shown_url(self.uri), type(err).__name__, first_line(err)[:200], self.path)
         self._stop.wait(wait)
         return min(wait * 2, RETRY_MAX_S)
 

@@ -16,6 +16,7 @@ DEFAULT_STORE = "mlflow.db"  # the embedded MLflow store (SQLite), unless --mlfl
 UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `sharetune ui` serves MLflow's UI: this machine only
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
+USER_PASSWORD = re.compile(r"^([\w+.-]+://[^:/@]*:)[^@]*@")  # the password of scheme://user:password@host
 
 
 def safe_name(value: str) -> str:
@@ -23,6 +24,12 @@ def safe_name(value: str) -> str:
     if not SAFE_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a safe folder name; allowed: {SAFE_NAME_RULE}")
     return value
+
+
+def shown_url(url: str) -> str:
+    """`url` as a line may show it: a password in it (`scheme://user:password@host`, as SQLAlchemy reads
+    one) reads `***`. Lines reach terminals, CI logs and Ray job logs that others read."""
+    return USER_PASSWORD.sub(r"\1***@", url)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -58,14 +65,14 @@ def check_database_url(url: str) -> str:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise ValueError(f"{url!r} is not a database URL SQLAlchemy knows ({err}); {example}") from None
+        raise ValueError(f"{shown_url(url)!r} is not a database URL SQLAlchemy knows ({err}); {example}") from None
     try:
         dialect.import_dbapi()
     except ImportError as err:
-        raise ValueError(f"{url!r}: the {parsed.drivername} driver is not installed ({err})") from None
+        raise ValueError(f"{shown_url(url)!r}: the {parsed.drivername} driver is not installed ({err})") from None
     file = sqlite_file(url) if parsed.get_backend_name() == "sqlite" else None
     if file is not None:
         folder = file.expanduser().parent
         if not folder.is_dir():
-            raise ValueError(f"{url!r}: folder {folder} does not exist")
+            raise ValueError(f"{shown_url(url)!r}: folder {folder} does not exist")
     return url
