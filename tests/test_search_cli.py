@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from sharetune.cli import app
 from sharetune.search import report
+from sharetune.search.cluster import RAY_GONE
 from sharetune.trainables import load_exported, load_preprocessing
 
 
@@ -42,10 +43,12 @@ def cli_search(tmp_path: Path, spec: dict) -> tuple[Path, dict, list[str]]:
 @dataclass(frozen=True)
 class Stop:
     """Stop a running `sharetune search` or `resume` by sending it `by` once `when(result line counts)`
-    holds, then call `then(folder, MlflowClient)`."""
+    holds (to its whole process group, with the Ray it started, if `group`), then call
+    `then(folder, MlflowClient)`."""
     when: Callable[[list[int]], bool]
     by: signal.Signals = signal.SIGINT
     then: Callable[[Path, MlflowClient], None] = lambda folder, client: None
+    group: bool = False
 
 
 def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dict, subprocess.CompletedProcess]:
@@ -59,17 +62,23 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
     elsewhere, cwd = tmp_path / "elsewhere", tmp_path
     elsewhere.mkdir()
     for stop in stops:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)  # its own process group, as a shell's job or a service has
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not stop.when(_result_lines(folder)):
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.2)
-        process.send_signal(stop.by)
-        output, _ = process.communicate(timeout=120)
+        if stop.group:
+            os.killpg(process.pid, stop.by)
+        else:
+            process.send_signal(stop.by)
+        output, _ = process.communicate(timeout=120 if not stop.group else 40)  # Ray's own abort came after 60 s
         trials = report.trials_from_folder(folder)
         unfinished = trials[~trials["status"].isin(["TERMINATED", "ERROR"])]
         assert not unfinished.empty
-        if stop.by in (signal.SIGINT, signal.SIGTERM):  # kill, timeout and docker stop end it as Ctrl-C does
+        if stop.group:  # systemd's stop: its Ray is gone too, so it ends as a kill -9 would, and says so
+            assert process.returncode == 130 and output.endswith(f"{RAY_GONE}\n"), output
+        elif stop.by in (signal.SIGINT, signal.SIGTERM):  # kill, timeout and docker stop end it as Ctrl-C does
             assert process.returncode == 130, output
             assert f"interrupted: {len(unfinished)} of the {len(trials)} trials started are unfinished; continue with `sharetune resume`" in output
             assert f"search folder: {folder}  (continue it with: sharetune resume {folder})" in output
@@ -104,7 +113,8 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
     folder, env, resumed = stop_and_resume(
         tmp_path, spec,
         Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15),  # Ctrl-C: one trial done, one running, one not started
-        Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan))  # kill -9 of the resumed driver, mid-trial
+        Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan),  # kill -9 of the resumed driver, mid-trial
+        Stop(lambda lines: len(lines) == 3 and lines[0] >= 8, signal.SIGTERM, group=True))  # systemd's stop of the next
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout
     # the UI's page to open: the parent run (no comparison: every trial has the same costs), in the model-training view
     assert re.search(r", then http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\?workflowType=machine_learning\n",

@@ -7,16 +7,24 @@ trials PENDING forever, so it is refused at once, naming the spec field.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import sys
 import threading
+import time
 
 import ray
+from ray._private import worker as ray_worker
 
-from sharetune.errors import first_line
+from sharetune.errors import ExitCode, first_line
 from sharetune.spaces.spec import Resources
 
 CONNECT_TIMEOUT_S = 10.0  # how long an explicit --address may take to accept a TCP connection
+RAY_GONE_WAIT_S = 0.5  # how long a SIGTERM waits to see whether it also ended the Ray this driver started
+RAY_GONE = ("error: interrupted, and the SIGTERM stopped the search's own Ray too (it went to the whole process group), "
+            "so the search ended as if killed: `sharetune resume` continues it from its last saved state "
+            "(`sharetune list` names its folder)")
 
 
 class ClusterError(RuntimeError):
@@ -68,11 +76,26 @@ def interrupt_on_sigterm(number: int, frame) -> None:
     """A SIGTERM (kill, timeout, docker stop, a Ray job's stop) ends the search as Ctrl-C does: Tune
     saves its state, MLflow's runs end KILLED, exit 130. Ray's handler exited mid-loop (exit 134),
     leaving the runs RUNNING."""
+    _exit_if_ray_died(ray_worker._global_node)
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):  # Tune's while it runs the trials, else Python's KeyboardInterrupt
         handler(signal.SIGINT, frame)
     else:  # Ctrl-C ignored (a search a script started in the background): SIGTERM still stops it
         raise KeyboardInterrupt
+
+
+def _exit_if_ray_died(node) -> None:
+    """A SIGTERM to the search's whole process group (systemd's stop, `kill -- -PGID`) also reaches the
+    Ray this driver started: Tune's stop then waited on its GCS for 60 s, holding the interpreter, until
+    Ray aborted the process (exit 1, with its own message). Where any of the Ray processes died at the
+    signal (the log monitor does at once), end now instead, as a kill -9 would, which `resume` recovers
+    from. Checked here, before Tune's stop begins: no thread runs once it waits."""
+    deadline = time.monotonic() + RAY_GONE_WAIT_S
+    while node is not None and time.monotonic() < deadline:
+        if node.dead_processes():  # Ray's own shutdown has not begun: none is stopped on purpose yet
+            print(RAY_GONE, file=sys.stderr, flush=True)
+            os._exit(ExitCode.INTERRUPTED)
+        time.sleep(0.02)
 
 
 def check_resources(resources: Resources, total: dict[str, float]) -> None:
