@@ -387,6 +387,28 @@ def test_the_cli_says_one_line_and_exits_2(args, message, tmp_path, forked):
     assert not (tmp_path / "results").exists()  # refused before anything was written
 
 
+def test_nothing_writes_into_a_search_folder(tmp_path, forked):
+    """`export --out` over a search's spec (or through a link to it) left the search unreadable; a
+    report or another search inside one mixes files into it (`report --out` is checked alike)."""
+    search = tmp_path / "results" / "done"
+    search.mkdir(parents=True)
+    (search / "sharetune-spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    (tmp_path / "model.pt").symlink_to(search / "sharetune-spec.yaml")
+    inside = f"is in (or links into) the search folder {search}, whose files it could replace; give a path outside it"
+    for args, option, path in [
+        (["export", "results/done", "--trial", "x", "--out", "results/done/sharetune-spec.yaml"], "--out", search / "sharetune-spec.yaml"),
+        (["export", "results/done", "--trial", "x", "--out", "model.pt"], "--out", tmp_path / "model.pt"),
+        (["train", "arbnet", "--dataset", "synthetic", "--out", "results/done/model.pt"], "--out", search / "model.pt"),
+        (["search", "spec.yaml", "--report-dir", "results/done/report"], "--report-dir", "results/done/report"),
+        (["search", "spec.yaml", "--storage", "results/done"], "--storage", "results/done"),
+    ]:
+        done = forked.run(*args, cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (2, f"error: {option}: {path} {inside}\n"), args
+    assert yaml.safe_load((search / "sharetune-spec.yaml").read_text()) == tiny_spec()
+    assert [p.name for p in search.iterdir()] == ["sharetune-spec.yaml"]
+
+
 def test_the_cli_tells_its_version_and_its_help_reads_in_sentences():
     from importlib.metadata import version
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sharetune.search.storage import canonical, is_uri, unwritable_filesystem
+from sharetune.search.storage import SPEC_FILE, canonical, is_uri, unwritable_filesystem
 from sharetune.spaces import SpecError, check_database_url, safe_name
 from sharetune.spaces.locations import shown_url, sqlite_file
 
@@ -44,8 +44,20 @@ def check_not_file(option: str, path: Path, alternatives: str = "") -> Path:
 
 
 def check_folder(option: str, path: Path, alternatives: str = "") -> None:
-    """A folder to write into: an existing, writable one, or one that can be created in one."""
+    """A folder to write into: an existing, writable one, or one that can be created in one, outside
+    every search folder."""
     check_writable(option, check_not_file(option, path, alternatives))
+    check_outside_searches(option, path)
+
+
+def check_outside_searches(option: str, path: Path) -> None:
+    """`path` (symbolic links followed) is in no search folder: a file written there replaced the
+    search's own (an export over its spec left it unreadable)."""
+    target = path.expanduser().resolve()
+    for folder in (target, *target.parents):
+        if (folder / SPEC_FILE).is_file():
+            raise SpecError(f"{option}: {path} is in (or links into) the search folder {folder}, whose files it could replace; "
+                            "give a path outside it")
 
 
 def check_writable(option: str, folder: Path) -> None:
@@ -66,6 +78,7 @@ def check_out_file(path: Path) -> None:
     if not path.parent.is_dir():
         raise SpecError(f"--out: no folder {path.parent}; create it first")
     check_writable("--out", path.parent)
+    check_outside_searches("--out", path)
 
 
 def check_name(name: str) -> None:
