@@ -286,11 +286,16 @@ def test_non_utf8_deep_and_alias_bombs_are_errors(tmp_path):
 
 def test_a_spec_path_that_is_no_spec_file_says_what_it_is(tmp_path):
     (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "big.yaml").write_text("name: x\ndescription: " + "a" * 1_000_000)
     for source, message in [(tmp_path / "folder.yaml", r"is a folder; give a spec file \(.yaml\) or a preset name"),
                             (tmp_path, "is a folder"), ("/dev/null", "spec: /dev/null is empty"),
-                            (write(tmp_path, "\n"), "spec.yaml is empty"), (tmp_path / "nope.yaml", "spec: no such file")]:
+                            (write(tmp_path, "\n"), "spec.yaml is empty"), (tmp_path / "nope.yaml", "spec: no such file"),
+                            ("/dev/zero", "^spec: /dev/zero: larger than 1 MB; a spec is a few kB$"),  # read no further
+                            (tmp_path / "big.yaml", "big.yaml: larger than 1 MB")]:
         with pytest.raises(SpecError, match=message):
             load_spec(source)
+    with pytest.raises(SpecError, match=r"^--set description: larger than 1 MB"):
+        load_spec(write(tmp_path, yaml.safe_dump(tiny_spec())), [f"description={'a' * 1_000_001}"])
     lines = "".join(f"line{i}:x:\n" for i in range(30))  # a file that is no spec (/etc/shadow): not echoed whole
     with pytest.raises(SpecError, match=r"^family: required; allowed: arbnet, spin; line0:x: unknown key; .*; and 26 more$"):
         load_spec(write(tmp_path, lines))

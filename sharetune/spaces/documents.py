@@ -18,6 +18,7 @@ import yaml
 
 MAX_DEPTH = 32  # levels of nesting (aliases expanded); the presets use 4
 MAX_NODES = 100_000  # values once aliases are expanded; the largest preset has a few hundred
+MAX_BYTES = 1_000_000  # a spec's text; the largest preset has a few kB, and /dev/zero never ends
 
 
 class SpecError(ValueError):
@@ -80,6 +81,8 @@ def _measure(node: yaml.Node, sizes: dict[int, int], level: int) -> int:
 
 def load_yaml(text: str | bytes, source: str) -> Any:
     """The document in `text` (UTF-8 if bytes); `source` names it in the error (a file, `--set key`)."""
+    if len(text) > MAX_BYTES:
+        raise SpecError(f"{source}: larger than {MAX_BYTES // 1_000_000} MB; a spec is a few kB")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

@@ -49,7 +49,7 @@ from sharetune.data import (
 )
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.recipes import ACCEPTED, MAX_SEED, Seed, accepted
-from sharetune.spaces.documents import SpecError, check_tree, load_yaml
+from sharetune.spaces.documents import MAX_BYTES, SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
@@ -636,7 +636,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_spec_file(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with path.open("rb") as file:
+            text = file.read(MAX_BYTES + 1)  # no further: a device or a pipe may never end
     except IsADirectoryError:
         raise SpecError(f"spec: {path} is a folder; give a spec file (.yaml) or a preset name") from None
     except OSError as err:
