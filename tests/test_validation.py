@@ -360,6 +360,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "SPEC", "--report-dir", "/proc/sharetune"], "error: --report-dir: /proc is on a read-only or virtual filesystem"),
     (["train", "arbnet", "--dataset", "synthetic", "--out", "/proc/model.pt"], "error: --out: /proc is on a read-only or virtual filesystem"),
     (["search", "SPEC", "--storage", "stored", "--name", "taken"], "error: --name: "),  # it would mix two searches
+    (["search", "SPEC", "--storage", ".", "--name", "afile"], "error: --name: "),  # pyarrow's error, once Ray was up
     (["resume", "stored/damaged"], "error: "),
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),

@@ -178,4 +178,7 @@ def check_destinations(storage: str, name: str | None, mlflow_uri: str) -> None:
     check_storage(storage)
     if name is not None:
         check_name(name)
+        named = Path(storage).expanduser() / name
+        if not is_uri(storage) and named.exists() and not named.is_dir():
+            raise SpecError(f"--name: {named.absolute()} is a file; choose another name")
     check_mlflow_uri(mlflow_uri)
