@@ -454,13 +454,15 @@ def export(
     except OSError as err:
         fail(f"{folder}: {first_line(err)}")
     try:
-        export_model(search, trial, out)
+        note = export_model(search, trial, out)
     except (FileNotFoundError, ValueError, DataError, StateError) as err:
         fail(str(err))
     except OSError as err:  # the disk filled, or the folder went, while writing
         fail(f"--out: {out}: {err.strerror or err}")
     typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r}), and what makes "
                f"its inputs with load_preprocessing({str(out)!r})")
+    if note is not None:
+        typer.echo(f"note: {note}")
 
 
 @app.command("list")

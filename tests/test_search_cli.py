@@ -110,9 +110,21 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
         tags = {"mlflow.parentRunId": parent.info.run_id, "sharetune.trial_id": "0rphan00"}
         orphan["run"] = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
 
+    def export_unfinished(folder: Path, client: MlflowClient) -> None:
+        """An interrupted trial exports its last checkpoint, and says it is unfinished (the file does not)."""
+        trials = report.trials_from_folder(folder).set_index("trial_id")
+        (trial, done), = trials[trials["status"] != "TERMINATED"].query("epochs_done > 0")["epochs_done"].items()
+        exported = CliRunner().invoke(app, ["export", str(folder), "--trial", trial, "--out", str(tmp_path / "unfinished.pt")])
+        assert exported.exit_code == 0 and exported.output.endswith(
+            f"note: trial {trial} is unfinished ({trials.at[trial, 'status']}, {done} of 15 epochs): the model is its last "
+            "checkpoint's\n"), exported.output
+        finished = trials.index[trials["status"] == "TERMINATED"][0]
+        exported = CliRunner().invoke(app, ["export", str(folder), "--trial", finished, "--out", str(tmp_path / "finished.pt")])
+        assert exported.exit_code == 0 and "note:" not in exported.output, exported.output
+
     folder, env, resumed = stop_and_resume(
         tmp_path, spec,
-        Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15),  # Ctrl-C: one trial done, one running, one not started
+        Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15, then=export_unfinished),  # Ctrl-C: one trial done, one running, one not started
         Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan),  # kill -9 of the resumed driver, mid-trial
         Stop(lambda lines: len(lines) == 3 and lines[0] >= 8, signal.SIGTERM, group=True))  # systemd's stop of the next
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout

@@ -9,8 +9,9 @@ from pathlib import Path
 from pydantic import ValidationError
 from ray.train import Checkpoint
 
+from sharetune.metrics import STEP
 from sharetune.search.storage import SearchFolder
-from sharetune.spaces import describe_error
+from sharetune.spaces import describe_error, trial_settings
 from sharetune.trainables import export_trial, run_checkpoint
 
 
@@ -42,6 +43,19 @@ class SearchExport:
             raise ValueError(f"--trial: {trial_id}: {err}") from None
 
 
-def export(folder: SearchFolder, trial_id: str, out: str | Path) -> None:
-    """One trial (`sharetune export`); the errors are SearchExport's."""
-    SearchExport(folder)(trial_id, out)
+    def unfinished(self, trial_id: str) -> str | None:
+        """How far a trial that did not finish trained (an interrupted search's, a failed one's): its
+        model is its last checkpoint's, which the file does not say; None for a finished trial (an early
+        stop included: its search was done with it)."""
+        trial = self.trials[trial_id]
+        if trial.status == "TERMINATED":
+            return None
+        done, planned = trial.last_result.get(STEP, 0), trial_settings(trial.config).epochs
+        return f"trial {trial_id} is unfinished ({trial.status}, {done} of {planned} epochs): the model is its last checkpoint's"
+
+
+def export(folder: SearchFolder, trial_id: str, out: str | Path) -> str | None:
+    """One trial (`sharetune export`); the errors are SearchExport's. Returns a note where the trial is unfinished."""
+    search = SearchExport(folder)
+    search(trial_id, out)
+    return search.unfinished(trial_id)
