@@ -40,6 +40,8 @@ def spin(**fixed) -> dict:
     (tiny_spec(dimensions={"alpha": {"loguniform": [0.1, 1], "step": 0.1}}), r"dimensions.alpha: step: applies to uniform and int"),
     (tiny_spec(dimensions={"radius": {"int": [0, 10], "step": 0.5}, "hash": {"choice": ["neighborhood"]}}),
      r"dimensions.radius: step: int needs a whole step, got 0.5"),
+    (tiny_spec(dimensions={"sparsity": {"uniform": [0, 0.9], "step": 5}}),  # Optuna sampled 0 alone, with its own warning
+     r"^dimensions.sparsity: step: 5 is wider than uniform \[0, 0.9\], which leaves one value; allowed: up to 0.9$"),
     (tiny_spec(name="it's"), r"""name: "it's" is not a safe folder name; allowed: letters, digits"""),
     (tiny_spec(name="../x"), r"name: '../x' is not a safe folder name"),
     (tiny_spec(name="a/b"), r"name: 'a/b' is not a safe folder name"),

@@ -90,6 +90,9 @@ class Dimension(BaseModel):
             raise ValueError(f"step: applies to uniform and int only, not {self.kind} (Optuna samples a log scale without steps)")
         if self.step is not None and self.kind == "int" and self.step != builtins.int(self.step):
             raise ValueError(f"step: int needs a whole step, got {self.step}")
+        if self.step is not None and 0 < low_high[1] - low_high[0] < self.step:  # Optuna would sample `low` alone
+            raise ValueError(f"step: {self.step:g} is wider than {self.kind} [{low_high[0]:g}, {low_high[1]:g}], which leaves "
+                             f"one value; allowed: up to {low_high[1] - low_high[0]:g}")
         return self
 
     def can_be(self, values: list[Scalar]) -> bool:
