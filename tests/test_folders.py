@@ -211,16 +211,70 @@ def test_a_rank_whose_share_of_a_batch_is_unreadable_still_takes_the_step(tmp_pa
         list(second.train_batches(0, 8, seed=5, device=CPU))
 
 
+EMPTY_CLASS = (r"val/class_2: an empty class folder \(no file ending in \.jpg, \.jpeg, \.png, \.ppm, \.bmp, \.pgm, \.tif, "
+               r"\.tiff, \.webp, in any case, in it or its sub-folders\); add its images or remove it$")
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda root: __import__("shutil").rmtree(root / "val"), r"val: no such folder; an image folder needs root/train/<class>/.* \(root: data.root, or --data-dir for sharetune train\)$"),
         (lambda root: (root / "train" / "class_3").mkdir(), r"train/ and val/ hold different classes \(e.g. 'class_3'\)"),
-        (lambda root: [p.unlink() for p in (root / "val" / "class_2").iterdir()], r"val/class_2: an empty class folder"),
+        (lambda root: [p.unlink() for p in (root / "val" / "class_2").iterdir()], EMPTY_CLASS),
+        (lambda root: [p.rename(p.with_suffix(".gif")) for p in (root / "val" / "class_2").iterdir()], EMPTY_CLASS),  # none ImageFolder reads
+        (lambda root: [p.rename(p.parent / f".{p.name}") for p in (root / "val" / "class_2").iterdir()], EMPTY_CLASS),  # hidden: macOS's ._x.png
+        (lambda root: [__import__("shutil").rmtree(root / split / name) for split in ("train", "val") for name in ("class_1", "class_2")],
+         r"hold one class folder \('class_0'\); a classifier needs at least two classes: add a folder for each of the others$"),
     ],
-    ids=["no val", "other classes", "empty class"],
+    ids=["no val", "other classes", "empty class", "no image file", "hidden images only", "one class"],
 )
 def test_a_bad_folder_gets_one_line_naming_the_path_and_the_fix(tmp_path, damage, message):
     damage(image_folder(tmp_path))
     with pytest.raises(DataError, match=message):
         load("imagefolder", tmp_path)
+
+
+def test_a_folder_of_one_class_is_refused_in_one_line_before_training(tmp_path):
+    """It trained to loss 0 and accuracy 1: one class leaves nothing to tell apart."""
+    root = image_folder(tmp_path, classes=1)
+    result = CliRunner().invoke(app, ["train", "spin", "--dataset", "imagefolder", "--data-dir", str(root), "--epochs", "1", "--json"])
+    assert (result.exit_code, result.output) == (2, f"error: {root}: train/ and val/ hold one class folder ('class_0'); a classifier "
+                                                    "needs at least two classes: add a folder for each of the others\n")
+
+
+def test_a_folder_reads_the_images_torchvisions_imagefolder_reads(tmp_path):
+    """ImageNet-layout folders are prepared for torchvision: each extension its `ImageFolder` takes, in any
+    case, and the images in a class folder's sub-folders too."""
+    from torchvision.datasets import ImageFolder
+
+    root = image_folder(tmp_path)
+    for split in ("train", "val"):
+        for i, path in enumerate(sorted((root / split / "class_0").iterdir())):
+            Image.open(path).save(path.with_suffix(".WEBP" if i % 2 else ".webp"))
+            path.unlink()
+        for i, path in enumerate(sorted((root / split / "class_1").iterdir())):
+            Image.open(path).save(path.with_suffix(".bmp" if i % 2 else ".tif"))
+            path.unlink()
+        nested = root / split / "class_2" / "n01440764"
+        nested.mkdir()
+        for path in sorted((root / split / "class_2").glob("*.png"))[::2]:  # half of them one level down
+            path.rename(nested / path.name)
+    data = load("imagefolder", root, img_size=16, val_fraction=0)
+    lists = data._lists()
+    assert sorted(lists["train"]) == sorted(ImageFolder(str(root / "train")).samples)
+    assert sorted(lists["test"]) == sorted(ImageFolder(str(root / "val")).samples)
+    assert sum(len(y) for _, y in data.eval_batches("test", CPU)) == 24 and data.unreadable() == 0  # PIL decodes them all
+
+
+def test_hidden_folders_and_files_are_no_classes_and_no_images(tmp_path):
+    """A notebook's .ipynb_checkpoints was taken for a class (and refused as empty); macOS's ._x.png is no image."""
+    root = image_folder(tmp_path)
+    plain = load("imagefolder", root, img_size=16, val_fraction=0)._lists()
+    for split in ("train", "val"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+        (root / split / ".DS_Store").write_bytes(b"")
+        (root / split / "class_0" / ".ipynb_checkpoints").mkdir()
+        Image.new("RGB", (16, 16)).save(root / split / "class_0" / ".ipynb_checkpoints" / "0-checkpoint.png")
+        (root / split / "class_1" / "._0.png").write_bytes(b"macOS's metadata, not a png")
+    data = load("imagefolder", root, img_size=16, val_fraction=0)
+    assert data.class_names() == ["class_0", "class_1", "class_2"] and data._lists() == plain

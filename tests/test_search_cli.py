@@ -288,7 +288,8 @@ def test_a_bad_image_folder_fails_in_one_line_before_ray_starts(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sharetune.cli", "search", "bad.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"error: {root}/val/class_0: an empty class folder (no .jpg or .png); add its images or remove it" in done.stderr
+    assert (f"error: {root}/val/class_0: an empty class folder (no file ending in .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
+            ".webp, in any case, in it or its sub-folders); add its images or remove it") in done.stderr
     assert not (tmp_path / "results").exists()
 
 

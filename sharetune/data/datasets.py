@@ -24,7 +24,7 @@ from sharetune.errors import first_line
 DEFAULT_ROOT = Path(os.environ.get("SHARETUNE_DATA", "data"))  # images point this at a mounted volume
 DEFAULT_DATASET = "mnist"
 GENERATED = ("mnist1d", "synthetic")  # made from the seed, not read from files
-FOLDER = "imagefolder"  # root/train/<class>/*.jpg|png and root/val/<class>/...: streamed, not loaded
+FOLDER = "imagefolder"  # root/train/<class>/<images> and root/val/<class>/...: streamed, not loaded
 EVAL_BATCH = 1024
 DEFAULT_IMG_SIZE = 224  # an image folder's decoded resolution: ImageNet's, as the SPIN models expect
 # Held out of the training set, stratified and seeded, for selection: searching on the test split

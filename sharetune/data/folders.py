@@ -1,4 +1,4 @@
-"""ImageNet-style folders streamed from disk: root/train/<class>/*.jpg|png, root/val/<class>/...
+"""ImageNet-style folders streamed from disk: root/train/<class>/<images>, root/val/<class>/...
 
 The layout is checked once where the search starts (before Ray); each trial lists the files again
 on its own node (a shared filesystem, or a local copy per node) and streams them through a
@@ -34,26 +34,44 @@ from sharetune.data.batches import (
 )
 from sharetune.data.datasets import EVAL_BATCH, FOLDER, DataError, val_split
 
-EXTENSIONS = (".jpg", ".jpeg", ".png")
-LAYOUT = "an image folder needs root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png (root: data.root, or --data-dir for sharetune train)"
+LAYOUT = ("an image folder needs root/train/<class>/<images> and root/val/<class>/<images> "
+          "(root: data.root, or --data-dir for sharetune train)")
+
+
+def _hidden(name: str) -> bool:
+    """A dot name (.ipynb_checkpoints, macOS's ._x.jpg, .DS_Store) is a tool's, not a class or an image."""
+    return name.startswith(".")
 
 
 def _classes(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; {LAYOUT}")
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not _hidden(entry.name))
     if not classes:
         raise DataError(f"{folder}: no class folders; {LAYOUT}")
     return classes
 
 
+def _images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
+    """A class folder's image files, its sub-folders' too: what torchvision's `ImageFolder` reads from
+    it (any case of its extensions, links followed), hidden ones left out."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not _hidden(name)]  # os.walk descends into what is left
+        found += [os.path.join(parent, name) for name in files if not _hidden(name) and name.lower().endswith(extensions)]
+    return sorted(found)
+
+
 def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) of every image, the classes interleaved, so that the first N hold them all alike."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # here: importing torchvision takes every command a second
+
     per_class = []
     for label, name in enumerate(classes):
-        images = sorted(e.path for e in os.scandir(folder / name) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+        images = _images(folder / name, IMG_EXTENSIONS)
         if not images:
-            raise DataError(f"{folder / name}: an empty class folder (no .jpg or .png); add its images or remove it")
+            raise DataError(f"{folder / name}: an empty class folder (no file ending in {', '.join(IMG_EXTENSIONS)}, in any "
+                            "case, in it or its sub-folders); add its images or remove it")
         per_class.append([(path, label) for path in images])
     return [item for row in itertools.zip_longest(*per_class) for item in row if item is not None]
 
@@ -136,13 +154,16 @@ class ImageFolderData:
 
     @classmethod
     def open(cls, root: str | Path, **options) -> "ImageFolderData":
-        """Check the layout (both splits, the same classes, no empty class folder) and list it once."""
+        """Check the layout (both splits, the same classes, two or more, no empty class folder) and list it once."""
         root = Path(root)
         train, val = _classes(root / "train"), _classes(root / "val")
         if train != val:
             missing = sorted(set(train) ^ set(val))
             raise DataError(f"{root}: train/ and val/ hold different classes (e.g. {missing[0]!r}); "
                             f"give both splits the same class folders")
+        if len(train) == 1:  # it would train to loss 0 and accuracy 1, having nothing to tell apart
+            raise DataError(f"{root}: train/ and val/ hold one class folder ({train[0]!r}); a classifier needs at least "
+                            "two classes: add a folder for each of the others")
         data = cls(root, train, **options)
         data._lists()
         return data
