@@ -63,6 +63,8 @@ def test_a_server_down_for_the_rest_of_the_search_loses_nothing_and_resume_deliv
         # ran out under two test workers with 9 writes still queued)
         done = sharetune(tmp_path, "resume", str(folder), mlflow_wait_s=None)
         assert done.returncode == ExitCode.OK, done.stderr
+        # its progress line tells the trials as they ended (it said `0/4 done` and nothing leading)
+        assert f"] {TRIALS}/{TRIALS} done," in done.stdout and "leading: none yet" not in done.stdout, done.stdout
         client = MlflowClient(uri)
         parent = parent_of(client, folder)
         assert parent.info.status == "FINISHED"

@@ -177,24 +177,30 @@ class Progress(tune.Callback):
             elapsed = time.monotonic() - self.started
             typer.echo(f"[{elapsed:6.0f}s] {self.counted()} done, eta {self.eta()}, {self.status(trials)}")
 
+    def _catch_up(self, trials) -> None:
+        """A resumed search's trials, as far as they got before: at its first step, or at its end where
+        it had none (a finished search's resume, whose line said `0/6 done` and nothing leading)."""
+        if self.caught_up:
+            return
+        self.caught_up = True
+        self.epochs = self.diverged = 0
+        self.latest, self.ended, self.steps = {}, {}, {}
+        for trial in trials:
+            last = trial.last_result or {}
+            self.epochs += int(last.get(STEP, 0))
+            self.steps[trial.trial_id] = int(last.get(STEP, 0))
+            self.diverged += bool(last.get("diverged"))
+            values = self._counted(last)
+            if trial.status != FAILED and values is not None:
+                self.latest[trial.trial_id] = values
+            if trial.status in (FINISHED, FAILED):
+                self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
+        self.work_at_start = self.work_done()
+        if self.bar is not None:  # from there: the bar's pace counts this run's epochs alone
+            self.bar.reset(self.bar.task_ids[0], completed=self.work_at_start, trials=self.counted())
+
     def on_step_begin(self, iteration, trials, **info) -> None:
-        if not self.caught_up:  # a resumed search's trials, as far as they got before
-            self.caught_up = True
-            self.epochs = self.diverged = 0
-            self.latest, self.ended, self.steps = {}, {}, {}
-            for trial in trials:
-                last = trial.last_result or {}
-                self.epochs += int(last.get(STEP, 0))
-                self.steps[trial.trial_id] = int(last.get(STEP, 0))
-                self.diverged += bool(last.get("diverged"))
-                values = self._counted(last)
-                if trial.status != FAILED and values is not None:
-                    self.latest[trial.trial_id] = values
-                if trial.status in (FINISHED, FAILED):
-                    self.ended[trial.trial_id] = "done" if trial.status == FINISHED else "error"
-            self.work_at_start = self.work_done()
-            if self.bar is not None:  # from there: the bar's pace counts this run's epochs alone
-                self.bar.reset(self.bar.task_ids[0], completed=self.work_at_start, trials=self.counted())
+        self._catch_up(trials)
         if self.bar is None:  # a line every LINE_EVERY_S off a terminal, through epochs that report nothing for long
             self.show(trials)  # (a terminal's bar keeps its clock itself; its status changes with results)
 
@@ -231,6 +237,7 @@ class Progress(tune.Callback):
         self.show(trials, force=True)
 
     def on_experiment_end(self, trials, **info) -> None:
+        self._catch_up(trials)
         self.show(trials, force=True)  # off a terminal, where the search ended: the last line says
         if self.bar is not None:
             self.bar.stop()
