@@ -38,6 +38,8 @@ def quiet() -> None:
     # A failed trial gets one line from Progress (its error.txt holds the traceback), not Tune's traceback
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # Ray's copy of the same error, from the worker
+    # MLflow's two "View run ... at" lines for each run it ends on a tracking server; the search links its parent run
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
