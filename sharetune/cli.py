@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 
-from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_ROOT, DataError
+from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_IMG_SIZE, DEFAULT_ROOT, DataError
 from sharetune.errors import ExitCode, first_line
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
@@ -107,11 +107,13 @@ def train_arbnet(
     recipe: Optional[str] = RECIPE, seed: Optional[int] = SEED, data_dir: Path = DATA_DIR,
     train_subset: Optional[int] = TRAIN_SUBSET, test_subset: Optional[int] = TEST_SUBSET, device: Optional[str] = DEVICE,
     as_json: bool = AS_JSON, out: Optional[Path] = OUT,
+    img_size: Optional[int] = typer.Option(None, "--img-size", min=8, help=f"imagefolder: the resolution its images are "
+                                           f"decoded at, a search's data.img_size (default: {DEFAULT_IMG_SIZE})"),
 ) -> None:
     """Train the paper's ArbNet MLP once and print its metrics (the settings and builder a search trial uses)."""
     options = {"hash": hash, "alpha": alpha, "radius": radius, "sparsity": sparsity, "table_size": table_size,
                "compression": compression, "epochs": epochs, "batch_size": batch_size, "lr": lr, "recipe": recipe, "seed": seed}
-    _train_one("arbnet", options, dataset, data_dir, (train_subset, test_subset), device, as_json, out)
+    _train_one("arbnet", options, dataset, data_dir, (train_subset, test_subset), device, as_json, out, decoded_at=img_size)
 
 
 @train_app.command("spin")
@@ -155,12 +157,13 @@ def _data_option(setting: str) -> str:
 
 
 def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets: tuple[int | None, int | None],
-               device: str | None, as_json: bool, out: Path | None) -> None:
+               device: str | None, as_json: bool, out: Path | None, decoded_at: int | None = None) -> None:
     """Parse the options into the family's settings (the defaults' owner), then build and train as a trial does;
-    `out`: where the trained model goes, as `sharetune export` writes a trial's."""
+    `out`: where the trained model goes, as `sharetune export` writes a trial's; `decoded_at`: an image
+    folder's resolution, where the model has no setting of its own for it (ArbNet's)."""
     from pydantic import ValidationError
 
-    from sharetune.data import load
+    from sharetune.data import FOLDER, canonical_name, load
     from sharetune.metrics import TrialMetrics
     from sharetune.search.destinations import check_out_file
     from sharetune.spaces import FAMILIES, describe_error
@@ -178,8 +181,10 @@ def _train_one(family: str, options: dict, dataset: str, data_dir: Path, subsets
             name, where = next(iter(unused.items()))
             fail(f"{_option(name)}: this run never reads it (it applies {where}); leave it out")
         # a folder decodes in as many loader processes as this machine gives the command CPUs, as a trial's in its own
-        data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1],
-                    workers=len(os.sched_getaffinity(0))).with_resolution(settings.resolution)
+        if decoded_at and canonical_name(dataset) != FOLDER:  # a set held in memory is used at its size
+            fail(f"--img-size: applies to imagefolder, not {dataset}; leave it out")
+        data = load(dataset, data_dir, train_subset=subsets[0], test_subset=subsets[1], workers=len(os.sched_getaffinity(0)),
+                    **({"img_size": decoded_at} if decoded_at else {})).with_resolution(settings.resolution)
         check_model(settings, data)  # on the meta device: a model too big or the wrong shape fails here, in one line
         if settings.needs_pretrained() and not settings.pretrain_epochs:
             fail("--pretrain-epochs: fusion and the cka mapping start from the unshared model trained first; give 1 or more")

@@ -102,6 +102,10 @@ def test_images_stored_smaller_than_they_are_decoded_get_a_note_from_train_and_s
                                        "--patch-size", "8", "--img-size", "32", "--epochs", "1", "--json"])
     assert trained.exit_code == 0 and trained.stderr == (f"note: {root}: its images are 16 x 16 (the first one), decoded at 32 x 32: "
                                                          "4 times the pixels to compute; img_size 16 trains at their size (--img-size)\n")
+    # ArbNet's train has the option the note names too (it named it, and had none): decoded at their size, no note
+    trained = CliRunner().invoke(app, ["train", "arbnet", "--dataset", "imagefolder", "--data-dir", str(root), "--img-size", "16",
+                                       "--table-size", "64", "--epochs", "1", "--json"])
+    assert trained.exit_code == 0 and trained.stderr == "", trained.output
     spec = parse_spec(tiny_spec(family="spin", data={"name": "imagefolder", "root": str(root), "img_size": 16},
                                 fixed={"epochs": 1, "dim": 8, "depth": 1, "patch_size": 4}, dimensions={"img_size": {"choice": [16, 32]}}))
     with pytest.warns(UserWarning, match=r"decoded at 32 x 32: 4 times .* \(data.img_size, or a SPIN trial's img_size\)$"):

@@ -368,6 +368,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["list", "--storage", "foo://x"], "error: --storage: "),
     (["search", "SPEC", "--storage", "/proc/sharetune"], "error: --storage: /proc is on a read-only or virtual filesystem"),
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: --lr: Input should be a finite number"),  # as typed
+    (["train", "arbnet", "--dataset", "synthetic", "--img-size", "16"], "error: --img-size: applies to imagefolder, not synthetic"),
     (["train", "arbnet", "--dataset", "synthetic", "--table-size", "100", "--compression", "0.1"],
      "error: --table-size, --compression: give one, not both"),
     (["search", "SPEC", "--set", "data.train_subset=20", "--set", "data.val_fraction=0.01"],
