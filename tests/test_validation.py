@@ -366,6 +366,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["resume", "stored/damaged"], "error: "),
     (["report", "stored/damaged"], "error: "),
     (["list", "--storage", "foo://x"], "error: --storage: "),
+    (["list", "--storage", "stored/taken"], "error: --storage: "),  # a search folder: "no searches yet"
     (["search", "SPEC", "--storage", "/proc/sharetune"], "error: --storage: /proc is on a read-only or virtual filesystem"),
     (["train", "arbnet", "--dataset", "synthetic", "--lr", "nan"], "error: --lr: Input should be a finite number"),  # as typed
     (["train", "arbnet", "--dataset", "synthetic", "--img-size", "16"], "error: --img-size: applies to imagefolder, not synthetic"),

@@ -71,10 +71,16 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:
     """The searches under `storage` (a path or URI; default DEFAULT_STORAGE), newest first.
-    FileNotFoundError when `storage` does not exist."""
-    filesystem, root = fs.FileSystem.from_uri(canonical(storage or DEFAULT_STORAGE))
-    if filesystem.get_file_info(root).type != fs.FileType.Directory:
-        raise FileNotFoundError(f"--storage: no folder {canonical(storage or DEFAULT_STORAGE)}")
+    FileNotFoundError when `storage` does not exist, ValueError where it is a file or a search folder."""
+    where = canonical(storage or DEFAULT_STORAGE)
+    filesystem, root = fs.FileSystem.from_uri(where)
+    kind = filesystem.get_file_info(root).type
+    if kind == fs.FileType.File:
+        raise ValueError(f"{where} is a file; give the folder that holds the search folders")
+    if kind != fs.FileType.Directory:
+        raise FileNotFoundError(f"--storage: no folder {where}")
+    if filesystem.get_file_info(f"{root}/{SPEC_FILE}").type == fs.FileType.File:
+        raise ValueError(f"{where} is a search folder; give the folder that holds it, {where.rpartition('/')[0]}")
     searches = []
     for entry in filesystem.get_file_info(fs.FileSelector(root)):
         spec_file = filesystem.get_file_info(f"{entry.path}/{SPEC_FILE}")
