@@ -176,6 +176,16 @@ def test_a_diverging_trial_is_reported_and_the_others_finish(diverging):
     assert from_mlflow.set_index("lr")["status"].to_dict() == {1e30: "TERMINATED", 0.1: "TERMINATED"}
 
 
+def test_a_search_whose_every_trial_diverged_lists_no_best(tmp_path):
+    """`sharetune list` gave the diverged nets' accuracy as the best (0), while the progress and the
+    summary give none."""
+    result, trials, _ = search(tmp_path, sampler="grid", fixed={"table_size": 64, "epochs": 2, "hidden": [16]},
+                               dimensions={"lr": {"choice": [1e30]}})
+    assert trials["diverged"].tolist() == [1]
+    listed = describe(result.folder)
+    assert (listed.best, listed.status) == ({}, "finished")
+
+
 def test_a_time_limit_ends_the_search_with_exit_0_and_keeps_the_trials_it_cut_out_of_the_top(tmp_path):
     result, trials, client = search(tmp_path, fixed={"table_size": 64, "epochs": 100_000, "hidden": [16]}, dimensions={},
                                     budget={"num_samples": 1, "time_limit_s": 10})

@@ -16,7 +16,7 @@ from datetime import datetime
 from pyarrow import fs
 
 from sharetune.search.outcome import CUT, ENDED, FAILED
-from sharetune.search.report import TRAINED, configurations, proposed, trials_from_folder
+from sharetune.search.report import TRAINED, configurations, converged, proposed, trials_from_folder
 from sharetune.search.searcher import CONFIGURATION
 from sharetune.search.storage import SPEC_FILE, SearchFolder, StateError, canonical
 from sharetune.spaces import SpecError
@@ -34,7 +34,7 @@ class PastSearch:
     failed: int
     pending: int  # trials Tune has but that have not ended
     cut: int  # trials the search's time limit ended before their last epoch (the limit is spent: resume trains no more)
-    best: dict[str, float]  # objective -> its best last value over the configurations (their seeds' mean)
+    best: dict[str, float]  # objective -> its best last value over the configurations that converged (their seeds' mean)
     damaged: str = ""  # why the folder cannot be read, where it cannot
 
     @property
@@ -60,7 +60,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
         return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, cut=0, best={})
     trials = table[table["trial_id"].notna()]
     ended = trials["status"].isin(ENDED)
-    done = configurations(trials[trials["status"].isin(TRAINED)])
+    done = configurations(converged(trials[trials["status"].isin(TRAINED)]))  # a diverged net's accuracy is no one's best
     best = {objective: float(done[objective].max() if mode == "max" else done[objective].min())
             for objective, mode in spec.objectives.items() if objective in done and done[objective].notna().any()}
     trained = trials[CONFIGURATION].nunique() if CONFIGURATION in trials else len(trials)
