@@ -483,8 +483,9 @@ def plant(path: Path, marker: Path) -> Path:
 def test_weights_that_would_run_code_are_refused(tmp_path, synthetic):
     marker = tmp_path / "marker"
     weights = plant(tmp_path / "pretrained.pt", marker)
-    with pytest.raises(WeightsError, match="not a state dict torch loads without running code"):
+    with pytest.raises(WeightsError, match="not a state dict torch loads without running code") as refused:
         load_state_dict(weights)
+    assert str(refused.value).endswith("(Unsupported global: GLOBAL getattr was not an allowed global by default.)")
     with pytest.raises(WeightsError):
         load_state_dict(weights.read_bytes())
     fused = spin(share_rate=2, fusion="mean", pretrained=str(weights))

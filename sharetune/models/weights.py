@@ -15,8 +15,6 @@ from typing import IO
 import torch
 from torch import Tensor
 
-from sharetune.errors import first_line
-
 
 class WeightsError(ValueError):
     """A weights file that is not a state dict (or would run code to become one)."""
@@ -30,6 +28,14 @@ def load_plain(source: str | Path | IO[bytes]):
         return torch.load(source, map_location="cpu", weights_only=True)
 
 
+def _why_refused(err: Exception) -> str:
+    """Torch's reason (the object it refused, or the bytes it could not read) without its advice, which
+    is to load the file with `weights_only=False` or to allowlist the object: to run the code it names."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(err).splitlines()]
+    reasons = [line for line in lines if line and "weights_only" not in line and not line.startswith("Weights only load failed")]
+    return reasons[0].split(" Please use ")[0] if reasons else type(err).__name__
+
+
 def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
     """The state dict in a file (or its bytes), on the CPU; WeightsError if it is anything else."""
     name = "weights" if isinstance(source, bytes) else str(source)
@@ -38,7 +44,7 @@ def load_state_dict(source: str | Path | bytes) -> dict[str, Tensor]:
     except OSError as err:
         raise WeightsError(f"{name}: cannot read it ({err.strerror or err})") from None
     except Exception as err:  # whatever torch's unpickler makes of bytes that are not its format
-        raise WeightsError(f"{name}: not a state dict torch loads without running code ({first_line(err) or type(err).__name__})") from None
+        raise WeightsError(f"{name}: not a state dict torch loads without running code ({_why_refused(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise WeightsError(f"{name}: not a state dict (a mapping of parameter names to tensors); got a {type(state).__name__}")
     return state
