@@ -296,6 +296,11 @@ def test_a_spec_path_that_is_no_spec_file_says_what_it_is(tmp_path):
                             (tmp_path / "big.yaml", "big.yaml: larger than 1 MB")]:
         with pytest.raises(SpecError, match=message):
             load_spec(source)
+    spec = write(tmp_path, yaml.safe_dump(tiny_spec()))
+    with pytest.raises(SpecError, match=rf"^scale: full applies to presets; {spec} is a spec, read as written: leave"):
+        load_spec(spec, scale="full")  # it was ignored
+    with pytest.raises(SpecError, match=r"^spec: env: needs a variable's name, e.g. env:SPEC$"):
+        load_spec("env:")
     with pytest.raises(SpecError, match=r"^--set description: larger than 1 MB"):
         load_spec(write(tmp_path, yaml.safe_dump(tiny_spec())), [f"description={'a' * 1_000_001}"])
     lines = "".join(f"line{i}:x:\n" for i in range(30))  # a file that is no spec (/etc/shadow): not echoed whole

@@ -39,21 +39,25 @@ def preset(name: str, scale: str = DEFAULT_SCALE) -> dict:
 def load_spec(source: str | Path, overrides: list[str] = (), scale: str = DEFAULT_SCALE) -> SearchSpec:
     """A spec from a YAML file, a preset name, or `env:NAME` (YAML in an environment variable, which
     is how a submitted Ray Job receives it), with `--set key=value` overrides applied."""
-    path = Path(source)
+    path, is_preset = Path(source), False
     if str(source).startswith("env:"):
         variable = str(source)[4:]
-        if variable not in os.environ:
-            raise SpecError(f"spec: environment variable {variable} is not set")
+        if not variable or variable not in os.environ:
+            raise SpecError(f"spec: environment variable {variable} is not set" if variable else
+                            "spec: env: needs a variable's name, e.g. env:SPEC")
         raw = load_yaml(os.environ[variable], f"spec: ${variable}") or {}
     elif path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise SpecError(f"spec: no such file {path}")
         raw = read_spec_file(path)
     else:
+        is_preset = True
         try:
             raw = preset(str(source), scale)
         except SpecError as err:
             raise (SpecError(f"{err}, or a spec file (.yaml)") if str(err).startswith("preset:") else err) from None
+    if scale != DEFAULT_SCALE and not is_preset:  # a spec is read as written: the scale would be ignored
+        raise SpecError(f"scale: {scale} applies to presets; {source} is a spec, read as written: leave the scale out")
     return parse_spec(apply_overrides(raw, list(overrides)))
 
 
