@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Callable, Optional
 import typer
 
 from sharetune.data import DATASETS, DEFAULT_DATASET, DEFAULT_IMG_SIZE, DEFAULT_ROOT, DataError
-from sharetune.errors import ExitCode, first_line
+from sharetune.errors import ExitCode, first_line, without_passwords
 from sharetune.job_commands import DASHBOARD, JOB_COMMANDS, fail, run
 from sharetune.models import ALL_MAPPINGS, DISTRIBUTIONS, FUSIONS
 from sharetune.models.hashes import hash_defaults, hashes_taking
 from sharetune.recipes import RECIPES
 from sharetune.spaces import DEFAULT_SCALE, ArbNetSettings, SpinSettings
-from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT, shown_url
+from sharetune.spaces.locations import DEFAULT_STORAGE, DEFAULT_STORE, UI_HOST, UI_PORT
 from sharetune.spaces.settings import DEFAULT_TABLE_SIZE, SPIN_MODELS
 from sharetune.text import plural
 
@@ -316,7 +316,8 @@ def search(
     spec = _load_spec(source, overrides, scale, num_samples)  # a bad spec is answered before Ray Tune and MLflow load
     from sharetune.search import tuner
 
-    _run(lambda: tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name), report_dir, verbose)
+    _run(lambda: tuner.run(spec, storage=storage, address=address, mlflow_uri=mlflow_uri, name=name), report_dir, verbose,
+         storage or DEFAULT_STORAGE)
 
 
 @app.command("resume")
@@ -328,22 +329,27 @@ def resume(
 ) -> None:
     """Continue an interrupted search: nothing lost, nothing run twice."""
     from sharetune.search import SearchFolder, tuner
+    from sharetune.spaces import SpecError
 
-    _run(lambda: tuner.resume(SearchFolder(path), address=address), report_dir, verbose)
+    try:
+        folder = SearchFolder(path)
+    except SpecError as err:  # a URI with options
+        fail(str(err))
+    _run(lambda: tuner.resume(folder, address=address), report_dir, verbose, folder.storage)
 
 
-def _run(start: Callable[[], Search], report_dir: Path, verbose: bool) -> None:
-    """Run a search (`start`: a new one or a resumed one); a refusal or a full disk is one line and its
-    exit code, else the search's end: its report and the exit code of how it went."""
+def _run(start: Callable[[], Search], report_dir: Path, verbose: bool, storage: str) -> None:
+    """Run a search (`start`: a new one or a resumed one, its folder in `storage`); a refusal or a full
+    disk is one line and its exit code, else the search's end: its report and the exit code of how it went."""
     from sharetune.search.cluster import ClusterError
-    from sharetune.search.destinations import check_folder
+    from sharetune.search.destinations import check_report_dir
     from sharetune.search.storage import StateError, StorageFull
     from sharetune.search.tuner import Interrupted
     from sharetune.spaces import SpecError
 
     _quiet_unless(verbose)
     try:
-        check_folder("--report-dir", report_dir)
+        check_report_dir(report_dir, storage)
         result = start()
     except KeyboardInterrupt:  # before Tune took over Ctrl-C (loading data, starting Ray): no trial started
         fail("interrupted before Tune started the trials", ExitCode.INTERRUPTED)
@@ -467,7 +473,7 @@ def export(
     typer.echo(f"{out}: trial {trial}; load it with sharetune.trainables.load_exported({str(out)!r}), and what makes "
                f"its inputs with load_preprocessing({str(out)!r})")
     if note is not None:
-        typer.echo(f"note: {note}")
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command("list")
@@ -593,7 +599,7 @@ def _print_report(built, uri: str, parent: str | None) -> None:
         served = uri.startswith(("http://", "https://"))  # the tracking server is the UI
         link = ui_link(uri if served else f"http://{UI_HOST}:{UI_PORT}", run, None if compared is None else compared.name)
         typer.echo(f"MLflow: parent run {parent}: {link}" if served else
-                   f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {shown_url(uri)}, then {link}")
+                   f"MLflow: parent run {parent}; open the UI with: sharetune ui --mlflow-uri {without_passwords(uri)}, then {link}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -616,7 +622,7 @@ def ui(
     if not port_free(port):
         fail(f"--port {port}: in use on {UI_HOST}; give another port")
     missing = missing_store(uri)
-    typer.echo(f"starting the MLflow UI for {shown_url(uri)}" + (f" (no store at {missing} yet: the UI stays empty until a search "
+    typer.echo(f"starting the MLflow UI for {without_passwords(uri)}" + (f" (no store at {missing} yet: the UI stays empty until a search "
                                                       "from here, or one given this --mlflow-uri, writes to it)" if missing else ""))
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop takes the server down too
     server = start_ui(uri, port)

@@ -4,13 +4,25 @@ nothing heavy, so the dashboard commands read them without loading torch."""
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+# scheme://user:password@host: a user may hold @ (Azure's user@server), a password @ too (up to the last one)
+USER_PASSWORD = re.compile(r"([\w+.-]+://[^:/\s]*:)[^/\s]*@")
+
+
+def without_passwords(text: str) -> str:
+    """`text` (a URL, or a line quoting one) as a line may show it: each URL's password
+    (`scheme://user:password@host`, read as SQLAlchemy and urllib read it) becomes `***`. Lines reach
+    terminals, CI logs and Ray job logs that others read."""
+    return USER_PASSWORD.sub(r"\1***@", text)
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of the exception's message ("" when it has none): what a one-line error quotes."""
+    """The first line of the exception's message ("" when it has none), without passwords: what a
+    one-line error quotes (MLflow's own errors quote the tracking URI)."""
     lines = str(err).strip().splitlines()
-    return lines[0] if lines else ""
+    return without_passwords(lines[0]) if lines else ""
 
 
 class ExitCode(IntEnum):

@@ -16,9 +16,11 @@ from helpers import tiny_spec
 
 from sharetune.cache import CACHE_ENV
 from sharetune.data import load
+from sharetune.errors import without_passwords
 from sharetune.metrics import dense_reference
 from sharetune.models import WeightsError, load_state_dict, native
 from sharetune.search.destinations import check_destinations
+from sharetune.search.storage import SearchFolder
 from sharetune.spaces import SpecError, SpinSettings, load_spec, make_sampler, parse_spec, trial_settings
 from sharetune.trainables import build_model, check_search, costs_of, preflight, pretrained_weights
 
@@ -219,6 +221,17 @@ def test_a_ctrl_c_no_command_caught_is_one_line_and_exit_130_and_a_commands_own_
     assert ended.value.code == ExitCode.INTERRUPTED and capsys.readouterr().err == "error: interrupted\n"
 
 
+def test_lines_show_no_password_of_a_url():
+    for text, shown in [
+        ("postgresql+psycopg://me:s3cret@db:5432/mlflow?sslmode=require", "postgresql+psycopg://me:***@db:5432/mlflow?sslmode=require"),
+        ("postgresql://user@server:s3cret@server.example/db", "postgresql://user@server:***@server.example/db"),  # Azure's users
+        ("http://me:p@ss@host:5000", "http://me:***@host:5000"),  # as urllib reads it: the password up to the last @
+        ("API request to http://me:s3cret@host:5000/api/2.0/mlflow/runs/get failed", "API request to http://me:***@host:5000/api/2.0/mlflow/runs/get failed"),
+        ("sqlite:////data/a:b@c.db", "sqlite:////data/a:b@c.db"), ("http://host:5000/x@y", "http://host:5000/x@y"),
+    ]:
+        assert without_passwords(text) == shown
+
+
 def test_destinations_are_checked(tmp_path):
     afile = tmp_path / "results.txt"
     afile.write_text("")
@@ -301,6 +314,10 @@ def test_a_spec_path_that_is_no_spec_file_says_what_it_is(tmp_path):
         load_spec(spec, scale="full")  # it was ignored
     with pytest.raises(SpecError, match=r"^spec: env: needs a variable's name, e.g. env:SPEC$"):
         load_spec("env:")
+    saved = tmp_path / "saved"  # the spec a search saved for itself is read whatever its size: an earlier version's
+    saved.mkdir()
+    (saved / "sharetune-spec.yaml").write_text(yaml.safe_dump({**tiny_spec(), "description": "é" * 600_000}, allow_unicode=True))
+    assert len(SearchFolder(saved).spec().description) == 600_000
     with pytest.raises(SpecError, match=r"^--set description: larger than 1 MB"):
         load_spec(write(tmp_path, yaml.safe_dump(tiny_spec())), [f"description={'a' * 1_000_001}"])
     lines = "".join(f"line{i}:x:\n" for i in range(30))  # a file that is no spec (/etc/shadow): not echoed whole
@@ -344,6 +361,7 @@ def test_an_unreadable_mlflow_password_file_is_one_line_for_every_command(tmp_pa
     (["search", "SPEC", "--set", "fixed.hidden=[1,"], "error: --set fixed.hidden: not valid YAML"),
     (["search", "SPEC", "--storage", "afile"], "error: --storage: "),
     (["search", "SPEC", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
+    (["search", "SPEC", "--mlflow-uri", "sqlite:x.db"], "error: --mlflow-uri: 'sqlite:x.db' is not a database URL SQLAlchemy knows"),
     (["report", "no-such-experiment", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
     (["ui", "--mlflow-uri", "zzz://x"], "error: --mlflow-uri: no MLflow tracking store"),
     (["search", "BADSPEC"], "error: spec: "),
@@ -410,6 +428,7 @@ def test_nothing_writes_into_a_search_folder(tmp_path, forked):
     (search / "sharetune-spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(tiny_spec()))
     (tmp_path / "model.pt").symlink_to(search / "sharetune-spec.yaml")
+    (tmp_path / "loop.pt").symlink_to(tmp_path / "loop.pt")
     inside = f"is in (or links into) the search folder {search}, whose files it could replace; give a path outside it"
     for args, option, path in [
         (["export", "results/done", "--trial", "x", "--out", "results/done/sharetune-spec.yaml"], "--out", search / "sharetune-spec.yaml"),
@@ -420,6 +439,11 @@ def test_nothing_writes_into_a_search_folder(tmp_path, forked):
     ]:
         done = forked.run(*args, cwd=tmp_path)
         assert (done.returncode, done.stderr) == (2, f"error: {option}: {path} {inside}\n"), args
+    done = forked.run("search", "spec.yaml", "--report-dir", "results", cwd=tmp_path)  # reports go to results/NAME
+    assert (done.returncode, done.stderr) == (2, "error: --report-dir: results holds the search folders, where a report would "
+                                                 "go into its search's own folder; give another folder\n")
+    done = forked.run("export", "results/done", "--trial", "x", "--out", "loop.pt", cwd=tmp_path)  # was a traceback
+    assert (done.returncode, done.stderr) == (2, f"error: --out: {tmp_path}/loop.pt is a loop of symbolic links; give another path\n")
     assert yaml.safe_load((search / "sharetune-spec.yaml").read_text()) == tiny_spec()
     assert [p.name for p in search.iterdir()] == ["sharetune-spec.yaml"]
 
@@ -566,3 +590,10 @@ def test_the_kernel_cache_is_private_and_foreign_libraries_are_rebuilt(tmp_path,
         monkeypatch.setenv(CACHE_ENV, str(other))
         assert native.table_kernels.__wrapped__() is not None
         assert not list(other.glob("*.so"))  # a folder this user does not own is not used
+
+
+def test_a_step_that_fits_its_range_in_decimals_is_accepted():
+    """0.3 - 0.1 is 0.19999... in floats: a step of 0.2 was refused as wider than the range, which Optuna
+    (reading decimals) samples as two values."""
+    spec = parse_spec(tiny_spec(dimensions={"sparsity": {"uniform": [0.1, 0.3], "step": 0.2}}))
+    assert spec.dimensions["sparsity"].step == 0.2

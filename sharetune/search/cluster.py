@@ -16,12 +16,13 @@ import time
 
 import ray
 from ray._private import worker as ray_worker
+from ray._private.node import Node as RayNode
 
 from sharetune.errors import ExitCode, first_line
 from sharetune.spaces.spec import Resources
 
 CONNECT_TIMEOUT_S = 10.0  # how long an explicit --address may take to accept a TCP connection
-RAY_GONE_WAIT_S = 0.5  # how long a SIGTERM waits to see whether it also ended the Ray this driver started
+RAY_GONE_WAIT_S = 2.0  # how long a SIGTERM waits to see whether it also ended the Ray this driver started
 RAY_GONE = ("error: interrupted, and the SIGTERM stopped the search's own Ray too (it went to the whole process group), "
             "so the search ended as if killed: `sharetune resume` continues it from its last saved state "
             "(`sharetune list` names its folder)")
@@ -69,14 +70,16 @@ def start_ray(address: str | None) -> None:
     except ConnectionError as err:  # `auto` with no cluster running
         raise ClusterError(f"--address {address}: {first_line(err) or 'no Ray cluster answered'}") from None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # replaces ray.init's, which exited at once
+        dead_at_start = _dead(ray_worker._global_node)
+        # replaces ray.init's handler, which exited at once
+        signal.signal(signal.SIGTERM, lambda number, frame: interrupt_on_sigterm(number, frame, dead_at_start))
 
 
-def interrupt_on_sigterm(number: int, frame) -> None:
-    """A SIGTERM (kill, timeout, docker stop, a Ray job's stop) ends the search as Ctrl-C does: Tune
-    saves its state, MLflow's runs end KILLED, exit 130. Ray's handler exited mid-loop (exit 134),
-    leaving the runs RUNNING."""
-    _exit_if_ray_died(ray_worker._global_node)
+def interrupt_on_sigterm(number: int, frame, dead_at_start: frozenset[int] = frozenset()) -> None:
+    """A SIGTERM (kill, docker stop, a Ray job's stop) ends the search as Ctrl-C does: Tune saves its
+    state, MLflow's runs end KILLED, exit 130. Ray's handler exited mid-loop (exit 134), leaving the
+    runs RUNNING. `dead_at_start`: the Ray processes already dead when Ray started (none, normally)."""
+    _exit_if_ray_died(ray_worker._global_node, dead_at_start)
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):  # Tune's while it runs the trials, else Python's KeyboardInterrupt
         handler(signal.SIGINT, frame)
@@ -84,15 +87,22 @@ def interrupt_on_sigterm(number: int, frame) -> None:
         raise KeyboardInterrupt
 
 
-def _exit_if_ray_died(node) -> None:
-    """A SIGTERM to the search's whole process group (systemd's stop, `kill -- -PGID`) also reaches the
-    Ray this driver started: Tune's stop then waited on its GCS for 60 s, holding the interpreter, until
-    Ray aborted the process (exit 1, with its own message). Where any of the Ray processes died at the
-    signal (the log monitor does at once), end now instead, as a kill -9 would, which `resume` recovers
-    from. Checked here, before Tune's stop begins: no thread runs once it waits."""
+def _dead(node: RayNode | None) -> frozenset[int]:
+    """The ids of the processes `node` started that have died (Ray's own stops are not counted)."""
+    return frozenset(process.pid for _, process in node.dead_processes()) if node is not None else frozenset()
+
+
+def _exit_if_ray_died(node: RayNode | None, dead_at_start: frozenset[int]) -> None:
+    """A SIGTERM to the search's whole process group (systemd's stop, `timeout` without --foreground,
+    `kill -- -PGID`) also reaches the Ray this driver started: Tune's stop then waited on its GCS for
+    60 s, holding the interpreter, until Ray aborted the process (exit 1, with its own message). Where
+    one of its processes died since Ray started (the log monitor does at the signal), end now instead,
+    as a kill -9 would, which `resume` recovers from. Checked here, before Tune's stop begins: no thread
+    runs once it waits. A driver joined to a cluster started no processes: nothing to watch."""
     deadline = time.monotonic() + RAY_GONE_WAIT_S
-    while node is not None and time.monotonic() < deadline:
-        if node.dead_processes():  # Ray's own shutdown has not begun: none is stopped on purpose yet
+    while node is not None and node.all_processes and time.monotonic() < deadline:
+        if _dead(node) - dead_at_start:
+            sys.stdout.flush()  # the last progress lines, where stdout is a pipe or a log
             print(RAY_GONE, file=sys.stderr, flush=True)
             os._exit(ExitCode.INTERRUPTED)
         time.sleep(0.02)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sharetune.errors import without_passwords
 from sharetune.search.storage import SPEC_FILE, canonical, is_uri, unwritable_filesystem
 from sharetune.spaces import SpecError, check_database_url, safe_name
-from sharetune.spaces.locations import shown_url, sqlite_file
+from sharetune.spaces.locations import sqlite_file
 
 SERVER_DATABASES = ("postgresql", "mysql", "mssql")
 DATABASE_SCHEMES = ("sqlite", *SERVER_DATABASES)  # MLflow's SQLAlchemy stores
@@ -50,10 +51,22 @@ def check_folder(option: str, path: Path, alternatives: str = "") -> None:
     check_outside_searches(option, path)
 
 
+def check_report_dir(report_dir: Path, storage: str) -> None:
+    """`--report-dir`: a report goes to REPORT_DIR/<the search folder's name>, which in the storage
+    itself is the search folder."""
+    check_folder("--report-dir", report_dir)
+    if not is_uri(storage) and report_dir.expanduser().resolve() == Path(storage).expanduser().resolve():
+        raise SpecError(f"--report-dir: {report_dir} holds the search folders, where a report would go into its search's "
+                        "own folder; give another folder")
+
+
 def check_outside_searches(option: str, path: Path) -> None:
     """`path` (symbolic links followed) is in no search folder: a file written there replaced the
     search's own (an export over its spec left it unreadable)."""
-    target = path.expanduser().resolve()
+    try:
+        target = path.expanduser().resolve()
+    except RuntimeError:  # a loop of symbolic links
+        raise SpecError(f"{option}: {path} is a loop of symbolic links; give another path") from None
     for folder in (target, *target.parents):
         if (folder / SPEC_FILE).is_file():
             raise SpecError(f"{option}: {path} is in (or links into) the search folder {folder}, whose files it could replace; "
@@ -100,10 +113,10 @@ def check_mlflow_uri(uri: str) -> None:
         stores.get_store_builder(uri)
     except MlflowException:
         allowed = ", ".join(sorted(scheme for scheme in stores._registry if scheme and scheme != "file"))
-        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {shown_url(uri)!r}; allowed schemes: {allowed}") from None
+        raise SpecError(f"--mlflow-uri: no MLflow tracking store for {without_passwords(uri)!r}; allowed schemes: {allowed}") from None
     folder_store = uri.startswith("file:") or ":" not in uri  # file:///x, or a plain path
     if folder_store and not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses one unless told to allow it
-        raise SpecError(f"--mlflow-uri: {shown_url(uri)!r} is a folder store, which MLflow keeps in maintenance mode and "
+        raise SpecError(f"--mlflow-uri: {without_passwords(uri)!r} is a folder store, which MLflow keeps in maintenance mode and "
                         "refuses; give a database such as sqlite:///mlflow.db or an http(s):// server "
                         "(or set MLFLOW_ALLOW_FILE_STORE=true)")
     if uri.partition(":")[0].partition("+")[0] in DATABASE_SCHEMES:
@@ -112,7 +125,7 @@ def check_mlflow_uri(uri: str) -> None:
         except ValueError as err:
             raise SpecError(f"--mlflow-uri: {err}") from None
     if uri.startswith("sqlite") and sqlite_file(uri) is None:  # in memory: each connection gets an empty one
-        raise SpecError(f"--mlflow-uri: {shown_url(uri)!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
+        raise SpecError(f"--mlflow-uri: {without_passwords(uri)!r} is an in-memory database, which keeps nothing; give a file such as sqlite:///mlflow.db")
 
 
 def missing_store(uri: str) -> Path | None:

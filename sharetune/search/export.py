@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from ray.train import Checkpoint
 
 from sharetune.metrics import STEP
+from sharetune.search.outcome import CUT, FINISHED, cut_short
 from sharetune.search.storage import SearchFolder
 from sharetune.spaces import describe_error, trial_settings
 from sharetune.trainables import export_trial, run_checkpoint
@@ -44,14 +45,19 @@ class SearchExport:
 
 
     def unfinished(self, trial_id: str) -> str | None:
-        """How far a trial that did not finish trained (an interrupted search's, a failed one's): its
-        model is its last checkpoint's, which the file does not say; None for a finished trial (an early
-        stop included: its search was done with it)."""
+        """How far a trial that did not finish trained (an interrupted search's, a failed one's, one the
+        time limit cut): its model is its last checkpoint's, which the file does not say; None for a
+        finished trial (an early stop included: its search was done with it)."""
         trial = self.trials[trial_id]
-        if trial.status == "TERMINATED":
+        if trial.status == FINISHED and not cut_short(trial):
             return None
-        done, planned = trial.last_result.get(STEP, 0), trial_settings(trial.config).epochs
-        return f"trial {trial_id} is unfinished ({trial.status}, {done} of {planned} epochs): the model is its last checkpoint's"
+        done = (trial.last_result or {}).get(STEP, 0)
+        try:
+            planned = f" of {trial_settings(trial.config).epochs}"
+        except ValueError:  # an older version's settings: the epochs done alone
+            planned = ""
+        status = CUT if trial.status == FINISHED else trial.status
+        return f"trial {trial_id} is unfinished ({status}, {done}{planned} epochs): the model is its last checkpoint's"
 
 
 def export(folder: SearchFolder, trial_id: str, out: str | Path) -> str | None:

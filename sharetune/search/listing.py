@@ -60,7 +60,7 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
         return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, cut=0, best={})
     trials = table[table["trial_id"].notna()]
     ended = trials["status"].isin(ENDED)
-    done = configurations(converged(trials[trials["status"].isin(TRAINED)]))  # a diverged net's accuracy is no one's best
+    done = converged(configurations(trials[trials["status"].isin(TRAINED)]))  # a diverged net's accuracy is no one's best
     best = {objective: float(done[objective].max() if mode == "max" else done[objective].min())
             for objective, mode in spec.objectives.items() if objective in done and done[objective].notna().any()}
     trained = trials[CONFIGURATION].nunique() if CONFIGURATION in trials else len(trials)

@@ -35,6 +35,7 @@ from mlflow.utils.mlflow_tags import (
 from ray import tune
 
 from sharetune.data import data_root
+from sharetune.errors import without_passwords
 from sharetune.metrics import METRICS, STEP
 from sharetune.search.mlflow_queue import (
     CONFIGURATION_TAG,
@@ -47,7 +48,7 @@ from sharetune.search.outcome import FAILED, FINISHED, cut_short, trial_error
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import SearchSpec, trial_settings
-from sharetune.spaces.locations import DEFAULT_STORE, expand_home, shown_url
+from sharetune.spaces.locations import DEFAULT_STORE, expand_home
 
 KIND_TAG = "sharetune.kind"  # infeasible | duplicate: a proposal answered without training
 ERROR_TAG = "error"  # a failed trial's exception, in one line
@@ -146,7 +147,7 @@ def parent_params(spec: SearchSpec) -> dict:
 def shown_spec(spec: SearchSpec) -> str:
     """The spec as its parent run shows it to everyone who reads the experiment: no database password."""
     if spec.optuna_storage is not None:
-        spec = spec.model_copy(update={"optuna_storage": shown_url(spec.optuna_storage)})
+        spec = spec.model_copy(update={"optuna_storage": without_passwords(spec.optuna_storage)})
     return spec.to_yaml()
 
 

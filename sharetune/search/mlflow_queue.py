@@ -34,10 +34,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from sharetune.cache import cache_dir
-from sharetune.errors import ExitCode, first_line
+from sharetune.errors import ExitCode, first_line, without_passwords
 from sharetune.search.destinations import SERVER_DATABASES
 from sharetune.search.storage import SearchFolder, StateError, is_uri
-from sharetune.spaces.locations import shown_url
 
 QUEUE_FILE = "sharetune-mlflow-queue.db"
 SPOOL = "mlflow-queue"  # under the cache folder: the queues of search folders on object stores
@@ -50,6 +49,10 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 PROGRESS_STEP = "unique_params"  # every report carries it (the costs' at step 0 too): a run's last logged step
 RETRY_MAX_S = 30.0  # the longest wait between two tries while the server does not answer
 CONNECT_TIMEOUT_S = 10  # a server database's connection: one that accepts and never answers held the writer for good
+# SQLAlchemy's name of a driver -> the arguments that bound its first connection (PyMySQL's connect_timeout
+# ends once the socket connects; its read_timeout bounds the wait for the server's greeting)
+CONNECT_TIMEOUTS = {"psycopg": ("connect_timeout",), "psycopg2": ("connect_timeout",), "mysqldb": ("connect_timeout",),
+                    "pymysql": ("connect_timeout", "read_timeout"), "pg8000": ("timeout",)}
 PERMANENT = {"BAD_REQUEST", "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}  # refusals no retry changes
 DEFAULT_ARTIFACTS = "mlartifacts"
 
@@ -299,7 +302,7 @@ class MlflowQueue:
                 log.warning("a queued %s write cannot be delivered, dropped: %s: %s", operation["op"],
                             type(err).__name__, first_line(err))
             if self.outage_since is not None:
-                log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", shown_url(self.uri),
+                log.warning("MLflow at %s answers again after %.0f s; delivering the backlog", without_passwords(self.uri),
                             time.monotonic() - self.outage_since)
                 self.outage_since, wait = None, 1.0
             self._forget(number, body)
@@ -308,7 +311,7 @@ class MlflowQueue:
         if self.outage_since is None:
             self.outage_since = time.monotonic()
             log.warning("MLflow at %s does not answer (%s: %s); results wait in %s and are delivered when it does",
-                        shown_url(self.uri), type(err).__name__, first_line(err)[:200], self.path)
+                        without_passwords(self.uri), type(err).__name__, first_line(err)[:200], self.path)
         self._stop.wait(wait)
         return min(wait * 2, RETRY_MAX_S)
 
@@ -316,17 +319,16 @@ class MlflowQueue:
 def connect_once(uri: str) -> None:
     """Connect to a database server store once, which raises at once where it does not answer: MLflow's
     store retries its first connection ten times over 101 s before it raises, and the outage's warning
-    came that late (a short search ended first, then exit 4 with no word of why). PostgreSQL's and
-    MySQL's drivers wait without end for a server that accepts and never answers (a wrong port) unless
-    the URL sets `connect_timeout`, so CONNECT_TIMEOUT_S bounds them."""
-    database = uri.partition(":")[0].partition("+")[0]
-    if database not in SERVER_DATABASES:
+    came that late (a short search ended first, then exit 4 with no word of why). The drivers wait
+    without end for a server that accepts and never answers (a wrong port) unless told how long, each
+    by its own names (CONNECT_TIMEOUTS); a URL's own setting stays."""
+    if uri.partition(":")[0].partition("+")[0] not in SERVER_DATABASES:
         return
     import sqlalchemy
 
     url = sqlalchemy.engine.make_url(uri)
-    bounded = database != "mssql" and "connect_timeout" not in url.query  # pyodbc names its own timeout
-    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if bounded else {})
+    bounds = {name: CONNECT_TIMEOUT_S for name in CONNECT_TIMEOUTS.get(url.get_driver_name(), ()) if name not in url.query}
+    engine = sqlalchemy.create_engine(url, connect_args=bounds)
     try:
         with engine.connect():
             pass

@@ -17,8 +17,9 @@ import urllib.request
 from pathlib import Path
 
 from sharetune.cache import cache_dir
+from sharetune.errors import without_passwords
 from sharetune.search.mlflow_queue import local_artifacts
-from sharetune.spaces.locations import UI_HOST, shown_url
+from sharetune.spaces.locations import UI_HOST
 
 # MLflow 3 runs GenAI jobs (and their periodic tasks) in huey consumer processes the UI never uses
 LIGHT_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -31,7 +32,7 @@ def ui_link(server: str, run: tuple[str, str] | None = None, artifact: str | Non
     """A page of the UI at `server` (http://HOST:PORT) in its model-training view: the experiments, or
     a run (experiment id, run id), with one of its artifacts selected."""
     page = "experiments" if run is None else f"experiments/{run[0]}/runs/{run[1]}" + (f"/artifacts/{artifact}" if artifact else "")
-    return f"{shown_url(server).rstrip('/')}/#/{page}{MODEL_TRAINING_VIEW}"
+    return f"{without_passwords(server).rstrip('/')}/#/{page}{MODEL_TRAINING_VIEW}"
 
 
 def port_free(port: int) -> bool:

@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from sharetune.analysis.figures import save_figure
+from sharetune.errors import without_passwords
 from sharetune.metrics import COSTS, DENSE_COST, METRICS, STEP, hypervolume, pareto_mask
 from sharetune.search.mlflow_logger import (
     CUT_TAG,
@@ -35,7 +36,6 @@ from sharetune.search.outcome import CUT, DUPLICATE, FAILED, FINISHED, INFEASIBL
 from sharetune.search.searcher import CONFIGURATION, duplicate_of
 from sharetune.search.storage import DUPLICATE_KIND, SearchFolder
 from sharetune.spaces import FAMILIES
-from sharetune.spaces.locations import shown_url
 from sharetune.text import number
 
 ACCURACY = "test_accuracy"
@@ -108,7 +108,7 @@ def trials_from_mlflow(experiment: str, uri: str | None = None) -> tuple[pd.Data
     client = MlflowClient(tracking_uri(uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"experiment: no MLflow experiment {experiment!r} in {shown_url(client.tracking_uri)}")
+        raise ValueError(f"experiment: no MLflow experiment {experiment!r} in {without_passwords(client.tracking_uri)}")
     parents = _search_parents(client, found.experiment_id, most=1)
     if not parents:
         raise ValueError(f"experiment: {experiment!r} has no sharetune search runs")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sharetune.errors import without_passwords
+
 DEFAULT_STORAGE = "results"  # where search folders go unless --storage or $SHARETUNE_STORAGE says otherwise
 DEFAULT_STORE = "mlflow.db"  # the embedded MLflow store (SQLite), unless --mlflow-uri or $MLFLOW_TRACKING_URI
 UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `sharetune ui` serves MLflow's UI: this machine only
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100"
-USER_PASSWORD = re.compile(r"^([\w+.-]+://[^:/@]*:)[^@]*@")  # the password of scheme://user:password@host
 
 
 def safe_name(value: str) -> str:
@@ -26,20 +27,19 @@ def safe_name(value: str) -> str:
     return value
 
 
-def shown_url(url: str) -> str:
-    """`url` as a line may show it: a password in it (`scheme://user:password@host`, as SQLAlchemy reads
-    one) reads `***`. Lines reach terminals, CI logs and Ray job logs that others read."""
-    return USER_PASSWORD.sub(r"\1***@", url)
-
-
 def sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names, as SQLAlchemy reads it; None for another database or an in-memory one.
+    """The file a SQLite URL names, as SQLAlchemy reads it; None for another database, an in-memory one
+    or no URL at all.
     The one reading of a SQLite URL's path, for the checks, the store's creation and `~`."""
     if not url.startswith("sqlite"):
         return None
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    database = make_url(url).database
+    try:
+        database = make_url(url).database
+    except ArgumentError:  # no URL: check_database_url says so, in one line
+        return None
     return None if database in (None, "", ":memory:") else Path(database)
 
 
@@ -65,14 +65,14 @@ def check_database_url(url: str) -> str:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise ValueError(f"{shown_url(url)!r} is not a database URL SQLAlchemy knows ({err}); {example}") from None
+        raise ValueError(without_passwords(f"{url!r} is not a database URL SQLAlchemy knows ({err}); {example}")) from None
     try:
         dialect.import_dbapi()
     except ImportError as err:
-        raise ValueError(f"{shown_url(url)!r}: the {parsed.drivername} driver is not installed ({err})") from None
+        raise ValueError(without_passwords(f"{url!r}: the {parsed.drivername} driver is not installed ({err})")) from None
     file = sqlite_file(url) if parsed.get_backend_name() == "sqlite" else None
     if file is not None:
         folder = file.expanduser().parent
         if not folder.is_dir():
-            raise ValueError(f"{shown_url(url)!r}: folder {folder} does not exist")
+            raise ValueError(f"{without_passwords(url)!r}: folder {folder} does not exist")
     return url
