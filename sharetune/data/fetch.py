@@ -55,12 +55,11 @@ def _present_but_bad(key: str, root: Path) -> str | None:
 
     cls = _torchvision_class(key)
     if key in ARCHIVES:
-        folder, expected = root, {cls.filename: cls.tgz_md5}
+        folder, expected = root, {ARCHIVES[key]: cls.tgz_md5}
     else:
         folder, expected = raw_folder(root, key), dict(cls.resources)
-        unpacked = [Path(file).stem for file in expected]
-        if all((folder / file).is_file() for file in unpacked):  # torchvision downloads nothing then
-            return f"the unpacked files in {folder}/ ({', '.join(unpacked)}) are there but do not load (damaged or incomplete): delete them"
+        if all((folder / file).is_file() for file in MNIST_FILES):  # torchvision downloads nothing then
+            return f"the unpacked files in {folder}/ ({', '.join(MNIST_FILES)}) are there but do not load (damaged or incomplete): delete them"
     failing = [file for file, md5 in expected.items() if (folder / file).is_file() and not check_integrity(str(folder / file), md5)]
     if not failing:
         return None

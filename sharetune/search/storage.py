@@ -235,7 +235,7 @@ class SearchFolder(str):
         """The search's spec; SpecError (one line, naming the file) where the file is damaged."""
         data = self._required(SPEC_FILE)
         try:
-            return parse_spec(load_yaml(data, SPEC_FILE), saved=True)
+            return parse_spec(load_yaml(data, SPEC_FILE, most_bytes=None), saved=True)
         except SpecError as err:
             raise SpecError(f"{self}: damaged spec: {err}") from None
 

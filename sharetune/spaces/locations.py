@@ -70,7 +70,7 @@ def check_database_url(url: str) -> str:
         dialect.import_dbapi()
     except ImportError as err:
         raise ValueError(without_passwords(f"{url!r}: the {parsed.drivername} driver is not installed ({err})")) from None
-    file = sqlite_file(url) if parsed.get_backend_name() == "sqlite" else None
+    file = sqlite_file(url)
     if file is not None:
         folder = file.expanduser().parent
         if not folder.is_dir():

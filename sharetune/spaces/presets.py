@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sharetune.spaces.documents import check_size, load_yaml
+from sharetune.spaces.documents import load_yaml
 from sharetune.spaces.spec import SearchSpec, SpecError, apply_overrides, parse_spec, read_spec_file
 from sharetune.spaces.suggest import did_you_mean
 
@@ -45,7 +45,6 @@ def load_spec(source: str | Path, overrides: list[str] = (), scale: str = DEFAUL
         if not variable or variable not in os.environ:
             raise SpecError(f"spec: environment variable {variable} is not set" if variable else
                             "spec: env: needs a variable's name, e.g. env:SPEC")
-        check_size(os.environ[variable], f"spec: ${variable}")
         raw = load_yaml(os.environ[variable], f"spec: ${variable}") or {}
     elif path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():

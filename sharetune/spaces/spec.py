@@ -50,7 +50,7 @@ from sharetune.data import (
 )
 from sharetune.metrics import CONSTRAINABLE, COSTS, METRICS
 from sharetune.recipes import ACCEPTED, MAX_SEED, Seed, accepted
-from sharetune.spaces.documents import MAX_BYTES, SpecError, check_size, check_tree, load_yaml
+from sharetune.spaces.documents import MAX_BYTES, SpecError, check_tree, load_yaml
 from sharetune.spaces.locations import check_database_url, safe_name
 from sharetune.spaces.samplers import MULTI_OBJECTIVE_SAMPLERS, SAMPLERS
 from sharetune.spaces.settings import FAMILIES, FamilySettings, SpinSettings
@@ -91,11 +91,11 @@ class Dimension(BaseModel):
             raise ValueError(f"step: applies to uniform and int only, not {self.kind} (Optuna samples a log scale without steps)")
         if self.step is not None and self.kind == "int" and self.step != builtins.int(self.step):
             raise ValueError(f"step: int needs a whole step, got {self.step}")
-        # in decimals, as Optuna reads them (0.3 - 0.1 is 0.2 there): a wider step left it sampling `low` alone
-        width = Decimal(str(low_high[1])) - Decimal(str(low_high[0])) if self.step is not None else None
-        if width is not None and 0 < width < Decimal(str(self.step)):
-            raise ValueError(f"step: {self.step:g} is wider than {self.kind} [{low_high[0]:g}, {low_high[1]:g}], which leaves "
-                             f"one value; allowed: up to {width}")
+        if self.step is not None:  # in decimals, as Optuna reads them (0.3 - 0.1 is 0.2 there)
+            width = Decimal(str(low_high[1])) - Decimal(str(low_high[0]))
+            if 0 < width < Decimal(str(self.step)):  # Optuna would sample `low` alone
+                raise ValueError(f"step: {self.step:g} is wider than {self.kind} [{low_high[0]:g}, {low_high[1]:g}], which "
+                                 f"leaves one value; allowed: up to {width}")
         return self
 
     def can_be(self, values: list[Scalar]) -> bool:
@@ -629,7 +629,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise SpecError(f"--set {key}: {'.'.join(parents)} is not a mapping")
-        check_size(value, f"--set {key}")
         node[leaf] = load_yaml(value, f"--set {key}")
         dropped = parents == ["dimensions"] and node[leaf] is None  # searched no more: what is fixed stays
         if len(parents) == 1 and parents[0] in MOVES and not dropped:
@@ -652,5 +651,4 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"spec: cannot read {path}: {err.strerror}") from None
     if not text.strip():
         raise SpecError(f"spec: {path} is empty")
-    check_size(text, f"spec: {path}")
     return load_yaml(text, f"spec: {path}") or {}
