@@ -51,7 +51,7 @@ def test_compose_has_every_service_with_a_healthcheck():
 
 
 def test_the_worker_healthcheck_passes_where_a_raylet_runs(tmp_path):
-    """Run as the image would (sh, and the venv's tools only: its Python has no psutil) beside a process
+    """Run as the image would (sh alone) beside a process
     named raylet; a copy of sleep stands in for Ray's."""
     (test,) = [compose()["services"]["worker"]["healthcheck"]["test"]]
     assert test[0] == "CMD-SHELL"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import yaml
 from helpers import image_folder, parent_and_child_runs, tiny_spec, trial_rows
@@ -22,7 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sharetune.cli import app
-from sharetune.search import report
+from sharetune.search import report, tuner  # noqa: F401 (loaded before a search runs: a resume here refuses at once)
 from sharetune.search.cluster import RAY_GONE
 from sharetune.trainables import load_exported, load_preprocessing
 
@@ -44,11 +45,12 @@ def cli_search(tmp_path: Path, spec: dict) -> tuple[Path, dict, list[str]]:
 class Stop:
     """Stop a running `sharetune search` or `resume` by sending it `by` once `when(result line counts)`
     holds (to its whole process group, with the Ray it started, if `group`), then call
-    `then(folder, MlflowClient)`."""
+    `then(folder, MlflowClient)`. `meanwhile(folder, env, driver's pid)` runs just before it is stopped."""
     when: Callable[[list[int]], bool]
     by: signal.Signals = signal.SIGINT
     then: Callable[[Path, MlflowClient], None] = lambda folder, client: None
     group: bool = False
+    meanwhile: Callable[[Path, dict, int], None] = lambda folder, env, pid: None
 
 
 def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dict, subprocess.CompletedProcess]:
@@ -68,6 +70,7 @@ def stop_and_resume(tmp_path: Path, spec: dict, *stops: Stop) -> tuple[Path, dic
         while time.monotonic() < deadline and not stop.when(_result_lines(folder)):
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.2)
+        stop.meanwhile(folder, env, process.pid)
         if stop.group:
             os.killpg(process.pid, stop.by)
         else:
@@ -122,9 +125,23 @@ def test_a_search_interrupted_then_killed_resumes_with_nothing_lost_repeated_or_
         exported = CliRunner().invoke(app, ["export", str(folder), "--trial", finished, "--out", str(tmp_path / "finished.pt")])
         assert exported.exit_code == 0 and exported.stderr == "", exported.output
 
+    def second_driver(folder: Path, env: dict, pid: int) -> None:
+        """A resume typed in another terminal while the search runs is refused before it starts Ray (two drivers
+        each saved Tune's state over the other's: a trial lost its checkpoint); `list` says the search runs.
+        In this process, to be quick: the search runs on meanwhile."""
+        refused = CliRunner().invoke(app, ["resume", str(folder)], env=env)
+        assert (refused.exit_code, refused.stdout, refused.stderr) == (2, "", (
+            f"error: {folder}: pid {pid} on this machine is running this search; wait for it to end, or stop it "
+            "(Ctrl-C) and resume then\n")), refused.output
+        assert not ray.is_initialized()
+        listed = CliRunner().invoke(app, ["list", "--storage", str(folder.parent)])
+        (row,) = [line.split() for line in listed.stdout.splitlines() if line.endswith(str(folder))]
+        assert row[3] == "running", listed.stdout
+
     folder, env, resumed = stop_and_resume(
         tmp_path, spec,
-        Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15, then=export_unfinished),  # Ctrl-C: one trial done, one running, one not started
+        Stop(lambda lines: len(lines) >= 2 and lines[-1] >= 15, then=export_unfinished,  # Ctrl-C: one trial done, one running, one not started
+             meanwhile=second_driver),
         Stop(lambda lines: len(lines) == 3 and lines[0] >= 3, signal.SIGKILL, add_orphan),  # kill -9 of the resumed driver, mid-trial
         Stop(lambda lines: len(lines) == 3 and lines[0] >= 8, signal.SIGTERM, group=True))  # systemd's stop of the next
     assert "3/3 done" in resumed.stdout and "Pareto front" in resumed.stdout and "sharetune ui" in resumed.stdout

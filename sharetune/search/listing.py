@@ -1,9 +1,9 @@
 """Past searches under a storage location, read from their folders: what `sharetune list` shows.
 
-A search folder holds its spec (written before Ray starts, so its time is the search's start) and
-Tune's state (each trial's status and last results). Whether a search still runs cannot be told from
-its folder; one with trials left is `incomplete` (interrupted or running), and `sharetune resume`
-continues it; one its time limit ended with trials cut short is `out of time` (a resume does not renew
+A search folder holds its spec (written before Ray starts, so its time is the search's start), Tune's
+state (each trial's status and last results) and, while a driver runs it, that driver's lease: a search
+with a live lease is `running`; one with trials left and no driver is `incomplete`, and `sharetune
+resume` continues it; one its time limit ended with trials cut short is `out of time` (a resume does not renew
 the limit); one Tune records no trial of has `no trials` (none met the constraints, or it stopped
 before its first), and there is nothing to resume.
 """
@@ -15,6 +15,7 @@ from datetime import datetime
 
 from pyarrow import fs
 
+from sharetune.search.lease import running_driver
 from sharetune.search.outcome import CUT, ENDED, FAILED
 from sharetune.search.report import TRAINED, configurations, converged, proposed, trials_from_folder
 from sharetune.search.searcher import CONFIGURATION
@@ -36,11 +37,14 @@ class PastSearch:
     cut: int  # trials the search's time limit ended before their last epoch (the limit is spent: resume trains no more)
     best: dict[str, float]  # objective -> its best last value over the configurations that converged (their seeds' mean)
     damaged: str = ""  # why the folder cannot be read, where it cannot
+    running: bool = False  # a driver holds its lease now
 
     @property
     def status(self) -> str:
         if self.damaged:
             return "damaged"
+        if self.running:
+            return "running"
         if self.done == self.pending == 0:
             return "no trials"
         if self.pending:
@@ -54,10 +58,12 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
     """The search in `folder` as the report's table has it: the best of each objective is the summary's
     (over the configurations that trained to their end, by their seeds' mean)."""
     spec = folder.spec()
+    running = running_driver(folder) is not None
     try:
         table = trials_from_folder(folder)
     except FileNotFoundError:  # no trial yet
-        return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, cut=0, best={})
+        return PastSearch(folder, spec.name, started, spec.planned_trials(), done=0, failed=0, pending=0, cut=0, best={},
+                          running=running)
     trials = table[table["trial_id"].notna()]
     ended = trials["status"].isin(ENDED)
     done = converged(configurations(trials[trials["status"].isin(TRAINED)]))  # a diverged net's accuracy is no one's best
@@ -66,7 +72,8 @@ def describe(folder: SearchFolder, started: datetime | None = None) -> PastSearc
     trained = trials[CONFIGURATION].nunique() if CONFIGURATION in trials else len(trials)
     planned = trained * spec.repeats if spec.ran_out(proposed(table)) else spec.planned_trials()  # all a finite space held
     return PastSearch(folder, spec.name, started, planned, done=int(ended.sum()), failed=int((trials["status"] == FAILED).sum()),
-                      pending=int((~ended).sum()), cut=int((trials["status"] == CUT).sum()), best=best)
+                      pending=int((~ended).sum()), cut=int((trials["status"] == CUT).sum()), best=best,
+                      running=running)
 
 
 def past_searches(storage: str | None = None) -> list[PastSearch]:

@@ -207,6 +207,11 @@ class SearchFolder(str):
         with filesystem.open_input_stream(f"{path}/{filename}") as stream:
             return stream.read()
 
+    def remove(self, filename: str) -> None:
+        filesystem, path = self._filesystem()
+        with contextlib.suppress(FileNotFoundError):
+            filesystem.delete_file(f"{path}/{filename}")
+
     def is_search(self) -> bool:
         """Whether a search was started here (its spec is written before Ray starts)."""
         try:

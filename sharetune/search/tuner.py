@@ -8,6 +8,7 @@ but the folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -24,6 +25,7 @@ from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.asha import KeptASHA
 from sharetune.search.destinations import check_destinations, create_store
+from sharetune.search.lease import driving
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
@@ -125,51 +127,53 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
 
 def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
     """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
-    with StartSteps(terminal_console() if progress else None) as step:  # until the bar takes over
-        sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
-        step(f"loading {spec.data.name}")
-        data = load_data(spec)
-        step("checking the models at the dimensions' extremes")
-        extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
-        # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
-        spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
-        check_free_space(folder.storage)
-        optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
-        if optuna_storage is not None and folder.name in optuna.study.get_all_study_names(optuna_storage):
-            raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
-                            "give this one another --name")
-        step(ray_step(address))
-        start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
-        create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
-        folder.save_spec(spec)
-        folder.save_mlflow(uri, spec.name)
-        pretrained = _pretrained(spec, data, folder, step)
-        step("starting the trials")
-        # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
-        study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
-                                    directions=spec.directions)
-        with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
-            study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
-        searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),
-                                         repeats=spec.repeats, constraints=spec.constraints,
-                                         costs=ProposalCosts(spec, folder, data, pretrained),
-                                         space_size=spec.distinct_configurations())
-        callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
-        if progress:
-            callbacks.append(Progress(spec.objectives, spec.expected_trials(), spec.max_epochs()))
-        tuner = tune.Tuner(
-            _trainable(spec, data, pretrained, folder),
-            # The searcher ends the search: proposals answered without training do not count
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec, folder), num_samples=-1,
-                                        max_concurrent_trials=spec.budget.max_concurrent,
-                                        time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
-                                        reuse_actors=True),  # a worker per trial costs seconds of imports
-            run_config=tune.RunConfig(name=folder.name, **tune_storage(folder.storage), callbacks=callbacks, verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      # a trial whose worker or node dies goes on from its last checkpoint
-                                      failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
-        )
-    return Search(spec, folder, uri, fit(tuner, folder))
+    with contextlib.ExitStack() as driven:  # the folder's lease, from before it is written to the search's end
+        with StartSteps(terminal_console() if progress else None) as step:  # until the bar takes over
+            sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
+            step(f"loading {spec.data.name}")
+            data = load_data(spec)
+            step("checking the models at the dimensions' extremes")
+            extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
+            # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
+            spec = spec.model_copy(update={"hypervolume_reference": {**dense_reference(extremes), **spec.hypervolume_reference}})
+            check_free_space(folder.storage)
+            optuna_storage = _optuna_storage(spec.optuna_storage)  # a database that does not answer fails before Ray starts
+            if optuna_storage is not None and folder.name in optuna.study.get_all_study_names(optuna_storage):
+                raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
+                                "give this one another --name")
+            step(ray_step(address))
+            start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
+            driven.enter_context(driving(folder))  # two searches given one --name: the second stops here
+            create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
+            folder.save_spec(spec)
+            folder.save_mlflow(uri, spec.name)
+            pretrained = _pretrained(spec, data, folder, step)
+            step("starting the trials")
+            # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
+            study = optuna.create_study(storage=optuna_storage, sampler=sampler, study_name=folder.name,
+                                        directions=spec.directions)
+            with warnings.catch_warnings(category=optuna.exceptions.ExperimentalWarning, action="ignore"):
+                study.set_metric_names(list(spec.objectives))  # optuna-dashboard shows them
+            searcher = ConfigurationSearcher(OptunaSpace(spec), spec.objectives, study, folder, num_samples=spec.num_samples(),
+                                             repeats=spec.repeats, constraints=spec.constraints,
+                                             costs=ProposalCosts(spec, folder, data, pretrained),
+                                             space_size=spec.distinct_configurations())
+            callbacks = [MlflowLogger.for_search(spec, folder, uri), NoRetryWhenUnbuildable(), ResultLog()]
+            if progress:
+                callbacks.append(Progress(spec.objectives, spec.expected_trials(), spec.max_epochs()))
+            tuner = tune.Tuner(
+                _trainable(spec, data, pretrained, folder),
+                # The searcher ends the search: proposals answered without training do not count
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(spec, folder), num_samples=-1,
+                                            max_concurrent_trials=spec.budget.max_concurrent,
+                                            time_budget_s=spec.budget.time_limit_s, trial_dirname_creator=trial_dirname,
+                                            reuse_actors=True),  # a worker per trial costs seconds of imports
+                run_config=tune.RunConfig(name=folder.name, **tune_storage(folder.storage), callbacks=callbacks, verbose=0,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                          # a trial whose worker or node dies goes on from its last checkpoint
+                                          failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures)),
+            )
+        return Search(spec, folder, uri, fit(tuner, folder))
 
 
 def fit(tuner: tune.Tuner, folder: SearchFolder) -> int:
@@ -254,6 +258,11 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     stopped before Tune started its trials (while pretraining, say) starts them."""
     spec = folder.spec()
     cluster.check_reachable(address)
+    with driving(folder):  # a resume of a search that still runs stops here, before it changes anything
+        return _restore(spec, folder, address)
+
+
+def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None) -> Search:
     if not folder.tune_started():
         try:
             uri = folder.mlflow()[0]
