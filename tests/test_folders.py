@@ -282,3 +282,24 @@ def test_hidden_folders_and_files_are_no_classes_and_no_images(tmp_path):
         (root / split / "class_1" / "._0.png").write_bytes(b"macOS's metadata, not a png")
     data = load("imagefolder", root, img_size=16, val_fraction=0)
     assert data.class_names() == ["class_0", "class_1", "class_2"] and data._lists() == plain
+
+
+def test_a_trial_whose_node_lists_other_files_than_the_search_did_is_refused_in_one_line(tmp_path):
+    """Each trial lists the folder again on its own node (a shared filesystem, or a copy per node): a copy that
+    differs, or a folder changed while the search runs, would train and compare trials on other images."""
+    root = image_folder(tmp_path / "images")
+    data = load("imagefolder", root, img_size=16, val_fraction=0.25)
+    assert re.fullmatch(r"train 54, val 18, test 24 images; sha256 [0-9a-f]{16}", data.listing)
+    as_a_trial_gets_it = lambda: pickle.loads(pickle.dumps(data))  # noqa: E731
+    assert as_a_trial_gets_it().steps_per_epoch(8) == 7 and as_a_trial_gets_it().shard(1, 2).steps_per_epoch(8) == 7
+    started = data.listing
+    moved = root / "train" / "class_0" / "0.png"
+    moved.rename(root / "train" / "class_1" / "moved.png")  # the same count, another label: not the same data
+    with pytest.raises(DataError) as refused:
+        as_a_trial_gets_it().steps_per_epoch(8)
+    here = load("imagefolder", root, img_size=16, val_fraction=0.25).listing
+    assert here != started and re.fullmatch(r"train 54, val 18, test 24 images; sha256 [0-9a-f]{16}", here)
+    assert str(refused.value) == (f"{root}: its files here ({here}) are not those the search listed where it started "
+                                  f"({started}); give every node the same copy, unchanged while the search runs")
+    (root / "train" / "class_1" / "moved.png").rename(moved)
+    assert as_a_trial_gets_it().steps_per_epoch(8) == 7 and load("synthetic").listing is None

@@ -268,8 +268,22 @@ def test_a_folder_search_with_the_spin_recipe_learns_selects_on_val_and_resumes(
             "fixed": {"dim": 16, "depth": 2, "patch_size": 4, "kernel_size": 3, "epochs": 8, "batch_size": 16,
                       "lr": 0.01, "lr_batch": 0},  # the spin recipe, at a rate this tiny set learns in a few steps
             "dimensions": {"share_rate": {"choice": [1, 2]}}, "objectives": {"val_accuracy": "max"}}
+    def changed_meanwhile(folder: Path, client: MlflowClient) -> None:
+        """An image added while the search was stopped would shift its train/val split: resume refuses the
+        folder, before it starts Ray, until it is as it was."""
+        added = root / "train" / "class_0" / "added.png"
+        added.write_bytes((root / "train" / "class_0" / "0.png").read_bytes())
+        refused = CliRunner().invoke(app, ["resume", str(folder)])
+        listing = r"train (\d+), val 24, test 30 images; sha256 [0-9a-f]{16}"
+        line = re.fullmatch(rf"error: data\.root: {root}: its files now \({listing}\) are not those the search started "
+                            rf"with \({listing}\); put those back to resume it, or start a new search\n", refused.stderr)
+        assert refused.exit_code == 2 and line and line.groups() == ("97", "96"), refused.output
+        assert not ray.is_initialized()
+        added.unlink()
+
     # mid-trial: the first trial has reported three of its eight epochs; stopped as `kill` stops it
-    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3, signal.SIGTERM))
+    folder, env, resumed = stop_and_resume(tmp_path, spec, Stop(lambda lines: bool(lines) and lines[-1] >= 3, signal.SIGTERM,
+                                                                then=changed_meanwhile))
     # the model kept is the search's best on val, which the report's fronts (on test) need not show
     assert re.search(r"\nMLflow models: \d trials? on the front of the search's objectives \(val_accuracy max; the fronts "
                      r"above rank test_accuracy\):\n  trial ", resumed.stdout), resumed.stdout  # (two, where they tie on val)

@@ -104,6 +104,10 @@ class Preprocessing:
 class Batches(Protocol):
     name: str
     num_classes: int
+    # What the files read from disk are, in one line (each split's count and one hash of them), as listed
+    # where the search opened them: a node whose copy differs, or a resume after they changed, is refused.
+    # None for sets in memory, which every trial gets from the driver.
+    listing: str | None
 
     @property
     def input_shape(self) -> tuple[int, ...]: ...

@@ -12,7 +12,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ class TensorData:
     rank: int = 0  # a data-parallel worker's share (see shard)
     world: int = 1
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> its copies
+    listing: ClassVar[None] = None  # in memory: every trial gets the driver's copy
 
     def __getstate__(self) -> dict:
         """Tensors travel as NumPy arrays, which Ray's object store hands to every trial without a copy

@@ -9,6 +9,7 @@ split for selection is a stratified share of train/.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import warnings
@@ -74,6 +75,15 @@ def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
                             "case, in it or its sub-folders); add its images or remove it")
         per_class.append([(path, label) for path in images])
     return [item for row in itertools.zip_longest(*per_class) for item in row if item is not None]
+
+
+def _listing(root: Path, lists: dict[str, list[tuple[str, int]]]) -> str:
+    """Each split's count, and one hash of every file (its path from `root`) and label, in order."""
+    digest, start = hashlib.sha256(), len(str(root)) + 1
+    for split, files in lists.items():
+        for path, label in files:
+            digest.update(f"{split}/{path[start:]}\0{label}\n".encode(errors="surrogateescape"))  # names need not be UTF-8
+    return f"{', '.join(f'{split} {len(files)}' for split, files in lists.items())} images; sha256 {digest.hexdigest()[:16]}"
 
 
 class _Images(Dataset):
@@ -146,6 +156,7 @@ class ImageFolderData:
     name: str = FOLDER
     rank: int = 0  # a data-parallel worker's share (see shard)
     world: int = 1
+    listing: str | None = None  # the files' listing where the search opened the folder, which each node's must equal
     _cache: dict = field(default_factory=dict, repr=False, compare=False)  # file lists, loaders
     skipped: set = field(default_factory=set, repr=False, compare=False)  # unreadable files seen
 
@@ -165,7 +176,7 @@ class ImageFolderData:
             raise DataError(f"{root}: train/ and val/ hold one class folder ({train[0]!r}); a classifier needs at least "
                             "two classes: add a folder for each of the others")
         data = cls(root, train, **options)
-        data._lists()
+        data.listing = _listing(root, data._lists())
         return data
 
     @property
@@ -194,6 +205,9 @@ class ImageFolderData:
             if self.val_fraction:
                 kept, held = val_split(torch.tensor([label for _, label in train]), self.val_fraction, self.seed)
                 lists = {"train": [train[i] for i in kept.tolist()], "val": [train[i] for i in held.tolist()], "test": test}
+            if self.listing is not None and (here := _listing(self.root, lists)) != self.listing:
+                raise DataError(f"{self.root}: its files here ({here}) are not those the search listed where it started "
+                                f"({self.listing}); give every node the same copy, unchanged while the search runs")
             self._cache["lists"] = lists
         return self._cache["lists"]
 

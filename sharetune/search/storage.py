@@ -30,6 +30,7 @@ from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path,
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
+DATA_FILE = "sharetune-data.txt"  # the data's listing where the search started (Batches.listing), for `resume`
 SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training, each of a kind:
 INFEASIBLE_KIND, DUPLICATE_KIND = "infeasible", "duplicate"  # outside the constraints; a configuration proposed before
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
@@ -243,6 +244,16 @@ class SearchFolder(str):
             return parse_spec(load_yaml(data, SPEC_FILE, most_bytes=None), saved=True)
         except SpecError as err:
             raise SpecError(f"{self}: damaged spec: {err}") from None
+
+    def save_data_listing(self, listing: str | None) -> None:
+        if listing is not None:
+            self.write(DATA_FILE, listing.encode())
+
+    def data_listing(self) -> str | None:
+        """The data's listing where the search started; None for data in memory, and where an earlier version
+        started it."""
+        data = self.read(DATA_FILE)
+        return data.decode(errors="replace") if data is not None else None
 
     def save_mlflow(self, tracking_uri: str, experiment: str) -> None:
         """Where the search's runs live, and what they are tagged with: the folder (where it starts), and

@@ -132,6 +132,7 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
             sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
             step(f"loading {spec.data.name}")
             data = load_data(spec)
+            check_same_data(spec, data, folder)  # a resume of a search stopped before its trials started
             step("checking the models at the dimensions' extremes")
             extremes = check_search(spec, data)  # dry runs: the sampler past its warm-up, each extreme's model, the pretrained weights
             # The fronts' fixed reference: the largest dense model's costs, saved with the spec, unless it sets them
@@ -143,10 +144,11 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
                                 "give this one another --name")
             step(ray_step(address))
             start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
-            driven.enter_context(driving(folder))  # two searches given one --name: the second stops here
             create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
+            driven.enter_context(driving(folder))  # two searches given one --name: the second stops here
             folder.save_spec(spec)
             folder.save_mlflow(uri, spec.name)
+            folder.save_data_listing(data.listing)
             pretrained = _pretrained(spec, data, folder, step)
             step("starting the trials")
             # One study per search, named as its folder: a spec run again starts afresh (`resume` restores the study)
@@ -279,6 +281,7 @@ def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None) -> Sea
     with StartSteps(terminal_console()) as step:
         step(f"loading {spec.data.name}")
         data = load_data(spec)
+        check_same_data(spec, data, folder)
         step(ray_step(address))
         start_ray(spec, address)
         pretrained = _pretrained(spec, data, folder, step)
@@ -299,6 +302,15 @@ def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None) -> Sea
         search.note = (f"budget.time_limit_s: the search had spent its {spec.budget.time_limit_s:g} s, so nothing more "
                        "trained; a new search trains more")
     return search
+
+
+def check_same_data(spec: SearchSpec, data: Batches, folder: SearchFolder) -> None:
+    """A resumed search's trials go on with the files its first trials trained on (an image folder may have
+    changed since: its train/val split would shift, and trials would compare on different images)."""
+    started = folder.data_listing()
+    if started is not None and data.listing != started:
+        raise DataError(f"{spec.data.root}: its files now ({data.listing}) are not those the search started with "
+                        f"({started}); put those back to resume it, or start a new search", "data.root")
 
 
 def epochs_trained(folder: SearchFolder) -> int:
