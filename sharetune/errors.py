@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 from enum import IntEnum
+from typing import TypeVar
 
 # scheme://user:password@host: a user may hold @ (Azure's user@server), a password @ too (up to the last one)
+E = TypeVar("E", bound=BaseException)
 USER_PASSWORD = re.compile(r"([\w+.-]+://[^:/\s]*:)[^/\s]*@")
 
 
@@ -23,6 +25,18 @@ def first_line(err: BaseException) -> str:
     one-line error quotes (MLflow's own errors quote the tracking URI)."""
     lines = str(err).strip().splitlines()
     return without_passwords(lines[0]) if lines else ""
+
+
+def cause_of(err: BaseException | None, kind: type[E]) -> E | None:
+    """The `kind` error behind `err`: itself, what caused it, or a Ray Train rank's failure. Of a Ray task's
+    copy of it (RayTaskError, whose message adds the remote traceback), the error it copies."""
+    if err is None:
+        return None
+    if isinstance(err, kind):
+        copied = getattr(err, "cause", None)
+        return copied if isinstance(copied, kind) else err
+    ranks = getattr(err, "worker_failures", {})  # Ray Train's WorkerGroupError: rank -> its exception
+    return next(filter(None, (cause_of(failure, kind) for failure in ranks.values())), None) or cause_of(err.__cause__, kind)
 
 
 class ExitCode(IntEnum):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import MODEL_KINDS, build_kind, image_folder, tiny_spec
 
-from sharetune.data import load
+from sharetune.data import DataError, load
 from sharetune.models import deployed
 from sharetune.spaces import SpecError, SpinSettings, parse_spec
 from sharetune.trainables import (
@@ -120,12 +120,15 @@ def test_a_resized_spin_trial_counts_the_network_at_its_resolution():
     assert small.unique_params == large.unique_params and large.macs > 3 * small.macs
 
 
-def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures():
+def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(tmp_path):
     """What decides a trial's retries (sharetune.search.retries): a model that cannot be built, from
-    the trial itself, through a raise that wraps it, or from any rank of a Ray Train run."""
+    the trial itself, through a raise that wraps it, or from any rank of a Ray Train run; a node's data that
+    differs from the search's is not the configuration's fault."""
+    from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from sharetune.trainables.trial import ConfigurationError, built, configuration_error, run_trial
+    from sharetune.errors import cause_of
+    from sharetune.trainables.trial import ConfigurationError, built, run_trial
 
     data = load("synthetic")
     config = {"family": "spin", "model": "deit_tiny", "dim": 8, "depth": 1, "patch_size": 4}
@@ -141,10 +144,18 @@ def test_a_configuration_that_cannot_be_built_is_told_apart_from_other_failures(
     try:
         raise RuntimeError("the run failed") from unbuildable.value
     except RuntimeError as wrapped:
-        assert configuration_error(wrapped) is unbuildable.value
+        assert cause_of(wrapped, ConfigurationError) is unbuildable.value
     ranks = WorkerGroupError("a rank failed", {0: RuntimeError("gloo timed out"), 1: unbuildable.value})
-    assert configuration_error(ranks) is unbuildable.value
-    assert configuration_error(WorkerGroupError("a rank died", {0: RuntimeError("gloo timed out")})) is None
+    assert cause_of(ranks, ConfigurationError) is unbuildable.value
+    assert cause_of(WorkerGroupError("a rank died", {0: RuntimeError("gloo timed out")}), ConfigurationError) is None
+    folder = image_folder(tmp_path / "images")
+    images = pickle.loads(pickle.dumps(load("imagefolder", folder, img_size=16)))  # as a trial gets it
+    (folder / "train" / "class_0" / "0.png").unlink()  # this node's copy differs from the search's
+    with pytest.raises(DataError, match="are not those the search listed where it started"):
+        built({**config, "dim": 9, "img_size": 24}, images, None)
+    # a Ray task's copy of an error reads as it (pretraining's), with the remote traceback in its message
+    remote = RayTaskError("pretrain", "Traceback (most recent call last):\n...", DataError("x", "root")).as_instanceof_cause()
+    assert isinstance(remote, DataError) and "\n" in str(remote) and str(cause_of(remote, DataError)) == "root: x"
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -294,16 +294,20 @@ class ImageFolderData:
                 f"{largest ** 2 / (width * height):.0f} times the pixels to compute; img_size {max(width, height)} "
                 "trains at their size")
 
+    def _copy(self, **changes) -> "ImageFolderData":
+        """The same files, read otherwise: listed once (a walk of the whole folder), not once per copy."""
+        return replace(self, **{"skipped": set(), **changes}, _cache={"lists": self._lists()})
+
     def with_resolution(self, size: int | None) -> "ImageFolderData":
         """The same folder decoded at `size` (a trial's resolution: SPIN Table 4), or as it is."""
-        return self if size is None or size == self.img_size else replace(self, img_size=size, _cache={}, skipped=set())
+        return self if size is None or size == self.img_size else self._copy(img_size=size)
 
     def shard(self, rank: int, world: int) -> "ImageFolderData":
-        return replace(self, rank=rank, world=world, _cache={}, skipped=set())
+        return self._copy(rank=rank, world=world)
 
     def sample_inputs(self, count: int) -> Tensor:
         """The first `count` training images (the classes interleaved), as evaluation sees them; the same
         on every rank of a data-parallel trial (each builds the same sharing plan from them)."""
-        cpu, whole = torch.device("cpu"), replace(self, rank=0, world=1, _cache={})
+        cpu, whole = torch.device("cpu"), self._copy(rank=0, world=1, skipped=self.skipped)  # its unreadable ones count
         x, _ = next(whole._stream(whole._loader("train", count, cpu, 0, None), "train", cpu))
         return x

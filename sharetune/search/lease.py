@@ -7,11 +7,15 @@ search holds a lease on its folder: a small file naming it, rewritten every HEAR
 and removed when it ends. Another driver refuses the folder in one line while the lease is live; a
 lease left by a killed driver is not: on its machine the process is gone, elsewhere it was not
 rewritten for EXPIRES_S. `sharetune list` reads the same lease to show a search as running.
+
+Taking it is check, write, then read back SETTLE_S later (a driver confirms it once Ray has started,
+which takes longer): of two drivers that checked at once, the one whose lease stayed goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,28 +23,62 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import psutil
 
+from sharetune.errors import first_line
 from sharetune.search.storage import SearchFolder, StateError
+from sharetune.storage_filesystem import is_uri
 
 # Not a .json: Tune copies a search folder's .json files into its staging folder when it restores a
 # search and uploads them again with its state, which would put back an old heartbeat.
 LEASE_FILE = "sharetune-driver.lease"
 HEARTBEAT_S = 10.0
-EXPIRES_S = 60.0  # a lease from another machine not rewritten for this long is a killed driver's
+EXPIRES_S = 60.0  # a lease from another machine not rewritten for this long is a stopped driver's
+SETTLE_S = 1.0  # longer than any driver takes from reading the lease to writing its own
+RESUME_LATER = "wait for it to end, or stop it (Ctrl-C) and resume then"  # what a refused driver should do
+ANOTHER_NAME = "give this search another --name"
 
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def this_machine() -> str:
+    """What makes a pid name one process: the host, and on Linux its boot and pid namespace (containers
+    that share the host's name, or the host rebooted, give the same pid to other processes)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts += [Path("/proc/sys/kernel/random/boot_id").read_text().strip(), str(os.stat("/proc/self/ns/pid").st_ino)]
+    return " ".join(parts)
+
+
+def process_start(pid: int) -> float | None:
+    """When process `pid` started, as no clock change moves it; None where it is gone or a zombie. On
+    Linux its start in clock ticks since boot: psutil's create_time adds the boot time computed now,
+    which a stepped clock (NTP, a resumed VM) shifts."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():  # Linux: no such process
+            return None
+        try:  # no /proc: psutil's (psutil.AccessDenied for another user's process)
+            process = psutil.Process(pid)
+            return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+        except psutil.NoSuchProcess:
+            return None
+    state, *fields = stat.rpartition(b")")[2].split()  # after the command's name, which may hold anything
+    return None if state == b"Z" else float(fields[18])  # field 22 of proc_pid_stat(5): starttime
+
+
 @dataclass(frozen=True)
 class Driver:
-    """The process that holds a lease: `started` (its start time) tells it from a later process given the
-    same pid; `seen` is when it last rewrote the lease, by its clock."""
+    """The process that holds a lease. `started` tells it from a later process given the same pid; `seen`
+    is when it last rewrote the lease, by its clock; `host` is the part of `machine` people read."""
 
     host: str
+    machine: str
     pid: int
     started: float
     token: str
@@ -48,10 +86,11 @@ class Driver:
 
     @classmethod
     def this_process(cls) -> Driver:
-        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time(), uuid.uuid4().hex, time.time())
+        return cls(socket.gethostname(), this_machine(), os.getpid(), process_start(os.getpid()), uuid.uuid4().hex,
+                   time.time())
 
     def here(self) -> bool:
-        return self.host == socket.gethostname()
+        return self.machine == this_machine()
 
     def alive(self) -> bool:
         """Whether it still runs: on this machine, whether its process does; elsewhere, whether it rewrote
@@ -59,18 +98,15 @@ class Driver:
         if not self.here():
             return time.time() - self.seen < EXPIRES_S
         try:
-            process = psutil.Process(self.pid)
-            return abs(process.create_time() - self.started) < 1 and process.status() != psutil.STATUS_ZOMBIE
+            return self.pid > 0 and process_start(self.pid) == self.started
         except psutil.AccessDenied:  # another user's process, which may be the driver: it holds
             return True
-        except (psutil.Error, ValueError):  # no such process (or no pid at all): gone
-            return False
 
     def described(self) -> str:
         if self.here():
             return f"pid {self.pid} on this machine"
-        return (f"pid {self.pid} on {self.host}, its lease rewritten {time.time() - self.seen:.0f} s ago (one not "
-                f"rewritten for {EXPIRES_S:.0f} s is a stopped driver's)")
+        return (f"pid {self.pid} on {self.host}, its lease rewritten {max(time.time() - self.seen, 0):.0f} s ago (one "
+                f"not rewritten for {EXPIRES_S:.0f} s is a stopped driver's)")
 
 
 def _recorded(folder: SearchFolder) -> Driver | None:
@@ -80,8 +116,8 @@ def _recorded(folder: SearchFolder) -> Driver | None:
         return None
     try:
         record = json.loads(data)
-        return Driver(str(record["host"]), int(record["pid"]), float(record["started"]), str(record["token"]),
-                      float(record["seen"]))
+        return Driver(str(record["host"]), str(record["machine"]), int(record["pid"]), float(record["started"]),
+                      str(record["token"]), float(record["seen"]))
     except (ValueError, TypeError, KeyError):  # cut short, or not a lease: no driver holds it
         return None
 
@@ -92,14 +128,19 @@ def running_driver(folder: SearchFolder) -> Driver | None:
     return driver if driver is not None and driver.alive() else None
 
 
+def _write(folder: SearchFolder, driver: Driver) -> None:
+    folder.write(LEASE_FILE, json.dumps(asdict(driver)).encode())
+
+
 class _Heartbeat(threading.Thread):
-    """Rewrites the lease every HEARTBEAT_S until stopped; then removes it, if it is still this driver's."""
+    """Rewrites the lease every HEARTBEAT_S until stopped."""
 
     def __init__(self, folder: SearchFolder, driver: Driver) -> None:
         super().__init__(name="sharetune-lease", daemon=True)
         self.folder, self.driver, self.stopped = folder, driver, threading.Event()
 
     def run(self) -> None:
+        failing = False
         while not self.stopped.wait(HEARTBEAT_S):
             try:
                 holder = _recorded(self.folder)
@@ -108,46 +149,62 @@ class _Heartbeat(threading.Thread):
                     return
                 self.driver = replace(self.driver, seen=time.time())
                 _write(self.folder, self.driver)
-            except OSError:  # a full disk, a store that did not answer: the next beat tries again
-                continue
+                failing = False
+            except Exception as err:  # a full disk, a store that does not answer: the next beat tries again
+                if not failing:
+                    log.warning("%s: cannot rewrite this driver's lease (%s); another machine takes a lease not "
+                                "rewritten for %.0f s for a stopped driver's", self.folder, first_line(err), EXPIRES_S)
+                failing = True
 
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join()
+
+class Lease:
+    """A driver's hold on a search folder, as a context: taken on entry (StateError, in one line, where another
+    driver runs the search), `confirm`ed once Ray has started, released on exit. Inside a block that holds
+    the folder already (a resume that starts its search's trials) it is that block's."""
+
+    _held: dict[str, Lease] = {}  # folder -> the lease this process holds on it
+
+    def __init__(self, folder: SearchFolder, refusal: str = RESUME_LATER) -> None:
+        self.folder, self.refusal = folder, refusal
+        self.driver: Driver | None = None
+        self.heartbeat: _Heartbeat | None = None
+
+    def __enter__(self) -> Lease:
+        if self.folder in self._held:
+            return self._held[self.folder]
+        holder = running_driver(self.folder)
+        if holder is not None:
+            self._refuse(holder.described())
+        self.driver = Driver.this_process()
+        _write(self.folder, self.driver)
+        self._held[self.folder] = self
+        return self
+
+    def _refuse(self, who: str) -> None:
+        raise StateError(f"{self.folder}: {who} is running this search; {self.refusal}")
+
+    def confirm(self) -> None:
+        """Read the lease back, SETTLE_S after it was written: StateError where another driver's replaced it."""
+        if self.heartbeat is not None:
+            return
+        time.sleep(max(self.driver.seen + SETTLE_S - time.time(), 0))
+        holder = _recorded(self.folder)
+        if holder is None or holder.token != self.driver.token:  # (none: another took it, and has let go already)
+            self._refuse(holder.described() if holder is not None else "another driver")
+        self.heartbeat = _Heartbeat(self.folder, self.driver)
+        self.heartbeat.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.driver is None:  # another block's
+            return
+        del self._held[self.folder]
+        if self.heartbeat is not None:
+            self.heartbeat.stopped.set()
+            self.heartbeat.join(timeout=HEARTBEAT_S)  # a store that hangs does not hold the exit
+            self.driver = self.heartbeat.driver
         with contextlib.suppress(OSError):
             holder = _recorded(self.folder)
             if holder is not None and holder.token == self.driver.token:
                 self.folder.remove(LEASE_FILE)
-
-
-def _write(folder: SearchFolder, driver: Driver) -> None:
-    folder.write(LEASE_FILE, json.dumps(asdict(driver)).encode())
-
-
-_DRIVEN: set[str] = set()  # the folders this process holds the lease of
-
-
-@contextlib.contextmanager
-def driving(folder: SearchFolder) -> Iterator[None]:
-    """Hold `folder`'s lease while the block runs; StateError, in one line, where another driver holds it.
-    A block inside one that holds it already (a resume that starts its search's trials) holds it as well."""
-    if folder in _DRIVEN:
-        yield
-        return
-    holder = running_driver(folder)
-    driver = Driver.this_process()
-    if holder is None:
-        _write(folder, driver)
-        holder = _recorded(folder)  # two drivers that wrote at once: the one whose lease stayed goes on
-    if holder is None or holder.token != driver.token:
-        who = holder.described() if holder is not None else "another driver"
-        raise StateError(f"{folder}: {who} is running this search; wait for it to end, or stop it "
-                         "(Ctrl-C) and resume then")
-    heartbeat = _Heartbeat(folder, driver)
-    heartbeat.start()
-    _DRIVEN.add(folder)
-    try:
-        yield
-    finally:
-        _DRIVEN.discard(folder)
-        heartbeat.stop()
+            if not is_uri(self.folder):
+                os.rmdir(self.folder)  # where the search wrote nothing else (it was refused as Ray started)

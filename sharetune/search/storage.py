@@ -30,7 +30,7 @@ from sharetune.storage_filesystem import CHECKPOINT_PREFIX, filesystem_and_path,
 
 SPEC_FILE = "sharetune-spec.yaml"
 MLFLOW_FILE = "sharetune-mlflow.json"  # where this search's runs live
-DATA_FILE = "sharetune-data.txt"  # the data's listing where the search started (Batches.listing), for `resume`
+LISTING_FILE = "sharetune-data-listing.txt"  # the data's listing where the search started (Batches.listing)
 SKIPPED_FILE = "sharetune-skipped.jsonl"  # proposals answered without training, each of a kind:
 INFEASIBLE_KIND, DUPLICATE_KIND = "infeasible", "duplicate"  # outside the constraints; a configuration proposed before
 FINISHED, FAILED = "TERMINATED", "ERROR"  # Tune's statuses of a trial that ended
@@ -247,13 +247,16 @@ class SearchFolder(str):
 
     def save_data_listing(self, listing: str | None) -> None:
         if listing is not None:
-            self.write(DATA_FILE, listing.encode())
+            self.write(LISTING_FILE, listing.encode())
 
     def data_listing(self) -> str | None:
         """The data's listing where the search started; None for data in memory, and where an earlier version
-        started it."""
-        data = self.read(DATA_FILE)
-        return data.decode(errors="replace") if data is not None else None
+        started it. StateError, naming the file, where it is damaged."""
+        data = self.read(LISTING_FILE)
+        try:
+            return data.decode("ascii") if data is not None else None
+        except UnicodeDecodeError:
+            raise StateError(f"{self}: {LISTING_FILE} is damaged; it records the data the search started with") from None
 
     def save_mlflow(self, tracking_uri: str, experiment: str) -> None:
         """Where the search's runs live, and what they are tagged with: the folder (where it starts), and

@@ -25,7 +25,7 @@ from sharetune.metrics import STEP, ModelCosts, dense_reference
 from sharetune.search import cluster
 from sharetune.search.asha import KeptASHA
 from sharetune.search.destinations import check_destinations, create_store
-from sharetune.search.lease import driving
+from sharetune.search.lease import ANOTHER_NAME, RESUME_LATER, Lease, running_driver
 from sharetune.search.mlflow_logger import MlflowLogger, deliver_backlog, remove_orphans, tracking_uri
 from sharetune.search.mlflow_queue import check_queue
 from sharetune.search.moasha import MOASHA
@@ -119,14 +119,22 @@ def run(spec: SearchSpec, *, storage: str | Path | None = None, address: str | N
     spec = spec.with_data_root()
     check_destinations(str(storage or DEFAULT_STORAGE), name, tracking_uri(mlflow_uri))  # cheap: before the data loads
     folder = SearchFolder.at(storage or DEFAULT_STORAGE, name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if folder.is_search():  # a second search there would mix its trials and state into the first's
-        raise SpecError(f"--name: {folder} already holds a search; choose another name, or continue that one "
-                        f"with `sharetune resume {folder}`")
-    return _start(spec, folder, address, tracking_uri(mlflow_uri), progress)
+    check_new(folder)
+    return _start(spec, folder, address, tracking_uri(mlflow_uri), progress, new=True)
 
 
-def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool) -> Search:
-    """A search in `folder`, where Tune has not started one: checked, its spec and MLflow store saved, run."""
+def check_new(folder: SearchFolder) -> None:
+    """SpecError where `folder` holds a search: a second one there would mix its trials and state into the first's."""
+    if folder.is_search():
+        holder = running_driver(folder)
+        how = (f"{holder.described()} is running it; give this one another name" if holder is not None else
+               f"choose another name, or continue that one with `sharetune resume {folder}`")
+        raise SpecError(f"--name: {folder} already holds a search; {how}")
+
+
+def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str, progress: bool, *, new: bool) -> Search:
+    """A search in `folder`, where Tune has not started one (`new`: none was started there): checked, its spec
+    and MLflow store saved, run."""
     with contextlib.ExitStack() as driven:  # the folder's lease, from before it is written to the search's end
         with StartSteps(terminal_console() if progress else None) as step:  # until the bar takes over
             sampler = make_sampler(spec)  # bad sampler options fail here, before the data loads
@@ -143,9 +151,13 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
                 raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
                                 "give this one another --name")
             step(ray_step(address))
+            # one driver per folder: of two searches given one --name, the second stops here, before Ray starts
+            lease = driven.enter_context(Lease(folder, ANOTHER_NAME if new else RESUME_LATER))
             start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
+            lease.confirm()  # or here, where both took it at once
+            if new:
+                check_new(folder)  # one that started and ended while this one loaded its data
             create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
-            driven.enter_context(driving(folder))  # two searches given one --name: the second stops here
             folder.save_spec(spec)
             folder.save_mlflow(uri, spec.name)
             folder.save_data_listing(data.listing)
@@ -260,17 +272,17 @@ def resume(folder: SearchFolder, *, address: str | None = None) -> Search:
     stopped before Tune started its trials (while pretraining, say) starts them."""
     spec = folder.spec()
     cluster.check_reachable(address)
-    with driving(folder):  # a resume of a search that still runs stops here, before it changes anything
-        return _restore(spec, folder, address)
+    with Lease(folder) as lease:  # a resume of a search that still runs stops here, before it changes anything
+        return _restore(spec, folder, address, lease)
 
 
-def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None) -> Search:
+def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None, lease: Lease) -> Search:
     if not folder.tune_started():
         try:
             uri = folder.mlflow()[0]
         except FileNotFoundError:  # stopped before it recorded its store
             uri = tracking_uri(None)
-        return _start(spec, folder, address, uri, progress=True)
+        return _start(spec, folder, address, uri, progress=True, new=False)
     recorded = folder.tune_trial_ids()  # a folder with no readable Tune state fails here, untouched
     folder.check_in_place()
     check_queue(folder)
@@ -284,6 +296,7 @@ def _restore(spec: SearchSpec, folder: SearchFolder, address: str | None) -> Sea
         check_same_data(spec, data, folder)
         step(ray_step(address))
         start_ray(spec, address)
+        lease.confirm()
         pretrained = _pretrained(spec, data, folder, step)
         step("restoring the search's state")
         try:

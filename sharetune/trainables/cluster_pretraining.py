@@ -21,7 +21,8 @@ import ray
 import torch
 from ray.util.queue import Queue
 
-from sharetune.data import Batches
+from sharetune.data import Batches, DataError
+from sharetune.errors import cause_of
 from sharetune.spaces import SpinSettings
 from sharetune.spaces.spec import Resources
 from sharetune.trainables.distributed import DRIVER_MEMORY
@@ -55,7 +56,10 @@ def pretrain_on_cluster(settings: SpinSettings, data: Batches, *, resources: Res
             done = bool(ray.wait([weights], timeout=POLL_S)[0])
             for line in lines.get_nowait_batch(lines.qsize()):
                 say(line)
-        return ray.get(weights)
+        try:
+            return ray.get(weights)
+        except Exception as err:  # a remote DataError (this node's copy of the images differs) is the user's one line
+            raise cause_of(err, DataError) or err from None
     finally:
         lines.shutdown()
 

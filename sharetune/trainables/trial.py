@@ -18,8 +18,8 @@ import torch
 from ray import tune
 from torch import nn
 
-from sharetune.data import Batches
-from sharetune.errors import first_line
+from sharetune.data import Batches, DataError
+from sharetune.errors import cause_of, first_line
 from sharetune.metrics import ModelCosts, TrialMetrics
 from sharetune.spaces import FamilySettings, trial_settings
 from sharetune.spaces.spec import Resources
@@ -43,14 +43,6 @@ class ConfigurationError(Exception):
     """The trial's configuration cannot be built into a model that takes its data: every try fails alike."""
 
 
-def configuration_error(err: BaseException | None) -> ConfigurationError | None:
-    """The ConfigurationError behind `err`: itself, what caused it, or a Ray Train rank's failure."""
-    if err is None or isinstance(err, ConfigurationError):
-        return err
-    ranks = getattr(err, "worker_failures", {})  # Ray Train's WorkerGroupError: rank -> its exception
-    return next(filter(None, map(configuration_error, ranks.values())), None) or configuration_error(err.__cause__)
-
-
 def train_trial(config: dict, data: Batches, pretrained: dict | None, resources: Resources, storage: str) -> None:
     """Ray Tune entry point; `data` (tensors, or a folder's description) and `pretrained` come once per
     search through the object store. A folder streams through as many loader workers as the trial has CPUs.
@@ -63,7 +55,7 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None, resources:
             return train_distributed(config, data, pretrained, resources, storage)
         run_trial(config, data, pretrained, session=tune, cpus=resources.threads, device=pick_device())
     except Exception as err:
-        unbuildable = configuration_error(err)
+        unbuildable = cause_of(err, ConfigurationError)
         if unbuildable is not None:  # Tune takes this report before the error: the trial then gets no retry
             tune.report({CONFIGURATION_ERROR: str(unbuildable)})
         raise
@@ -72,15 +64,16 @@ def train_trial(config: dict, data: Batches, pretrained: dict | None, resources:
 def built(config: dict, data: Batches, pretrained: dict | None) -> tuple[FamilySettings, Batches, nn.Module, ModelCosts]:
     """The trial's settings, its data at the trial's resolution, its model (seeded) and the model's costs.
     ConfigurationError where the configuration does not build, or its model fails on an input of the
-    data's shape (counting the costs runs one); memory running out or a file that cannot be read is no
-    such error (a retry, maybe elsewhere, can help)."""
+    data's shape (counting the costs runs one); memory running out, a file that cannot be read or the
+    node's data (a DataError: its copy of an image folder differs) is no such error (a retry, maybe
+    elsewhere, can help)."""
     try:
         settings = trial_settings(config)
         data = data.with_resolution(settings.resolution)
         model = build_model(settings, data, pretrained)
         return settings, data, model, costs_of(model, data)
     except Exception as err:
-        if isinstance(err, (MemoryError, OSError)) or any(words in str(err) for words in ALLOCATION_FAILED):
+        if isinstance(err, (MemoryError, OSError, DataError)) or any(words in str(err) for words in ALLOCATION_FAILED):
             raise
         raise ConfigurationError(f"the configuration cannot be built: {type(err).__name__}: {first_line(err) or 'no message'}") from err
 
