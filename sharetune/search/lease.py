@@ -8,8 +8,9 @@ and removed when it ends. Another driver refuses the folder in one line while th
 lease left by a killed driver is not: on its machine the process is gone, elsewhere it was not
 rewritten for EXPIRES_S. `sharetune list` reads the same lease to show a search as running.
 
-Taking it is check, write, then read back SETTLE_S later (a driver confirms it once Ray has started,
-which takes longer): of two drivers that checked at once, the one whose lease stayed goes on.
+Taking it is check, write, then read back SETTLE_S later (a resume takes it before Ray starts and
+confirms it after, which takes longer): of two drivers that checked at once, the one whose lease
+stayed goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from sharetune.storage_filesystem import is_uri
 LEASE_FILE = "sharetune-driver.lease"
 HEARTBEAT_S = 10.0
 EXPIRES_S = 60.0  # a lease from another machine not rewritten for this long is a stopped driver's
-SETTLE_S = 1.0  # longer than any driver takes from reading the lease to writing its own
+SETTLE_S = 0.5  # longer than any driver takes from reading the lease to writing its own (an object store's too)
 RESUME_LATER = "wait for it to end, or stop it (Ctrl-C) and resume then"  # what a refused driver should do
 ANOTHER_NAME = "give this search another --name"
 
@@ -207,4 +208,4 @@ class Lease:
             if holder is not None and holder.token == self.driver.token:
                 self.folder.remove(LEASE_FILE)
             if not is_uri(self.folder):
-                os.rmdir(self.folder)  # where the search wrote nothing else (it was refused as Ray started)
+                os.rmdir(self.folder)  # where nothing else was written (a new search another driver took first)

@@ -151,13 +151,12 @@ def _start(spec: SearchSpec, folder: SearchFolder, address: str | None, uri: str
                 raise SpecError(f"optuna_storage: its study {folder.name} belongs to another search of that name; "
                                 "give this one another --name")
             step(ray_step(address))
-            # one driver per folder: of two searches given one --name, the second stops here, before Ray starts
-            lease = driven.enter_context(Lease(folder, ANOTHER_NAME if new else RESUME_LATER))
             start_ray(spec, address)  # an unreachable or too small cluster fails here, before the folder is written
-            lease.confirm()  # or here, where both took it at once
-            if new:
-                check_new(folder)  # one that started and ended while this one loaded its data
             create_store(uri)  # a new SQLite store: one its disk cannot hold fails here, not in every write after
+            # one driver per folder: of two searches given one --name at once, the second stops here
+            driven.enter_context(Lease(folder, ANOTHER_NAME if new else RESUME_LATER)).confirm()
+            if new:
+                check_new(folder)  # or one started and ended there while this one loaded its data
             folder.save_spec(spec)
             folder.save_mlflow(uri, spec.name)
             folder.save_data_listing(data.listing)
