@@ -105,7 +105,11 @@ class _WholeFile:
         if is_tune_state(self.path) and not _whole_json(self.partial):
             os.unlink(self.partial)
             return
-        os.replace(self.partial, self.path)
+        try:
+            os.replace(self.partial, self.path)
+        except OSError:  # the target is a folder, say
+            os.unlink(self.partial)
+            raise
         self._on_commit(self.path)
 
     def _guarded(self, operation, *args):

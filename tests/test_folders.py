@@ -3,6 +3,7 @@ the errors a bad folder gets."""
 
 import collections
 import contextlib
+import os
 import pickle
 import re
 import subprocess
@@ -141,7 +142,7 @@ def test_an_images_augmentation_depends_on_the_seed_the_epoch_and_the_image_alon
 
 def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     image_folder(tmp_path)
-    (tmp_path / "train" / "class_1" / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "train" / "class_1" / os.fsdecode(b"broken\xfe.png")).write_bytes(b"not a png at all")  # a name not UTF-8
     (tmp_path / "val" / "class_2" / "broken.png").write_bytes(b"")  # a test image: evaluation skips it, and says so
     data = load("imagefolder", tmp_path, img_size=16)
     model = create_model("convmixer", dim=8, depth=2, patch_size=4, kernel_size=3, num_classes=3)
@@ -150,7 +151,8 @@ def test_a_corrupt_image_is_skipped_and_counted_and_training_goes_on(tmp_path):
     assert len(results) == 2 and not results[-1].diverged
     assert [r.unreadable_images for r in results] == [2, 2]  # what a search's results and MLflow carry
     said = [str(w.message) for w in warned if "unreadable" in str(w.message)]
-    assert len(said) == 2 and re.search(r"skipped 1 unreadable images so far \(e.g. .*train/class_1/broken.png\); replace or remove", said[0])
+    assert len(said) == 2 and re.search(r"skipped 1 unreadable images so far \(e.g. .*train/class_1/broken\\xfe.png\); replace or "
+                                        "remove", said[0].encode().decode())  # printable: its bytes escaped
     assert re.search(r"skipped 2 unreadable images so far \(e.g. .*val/class_2/broken.png\)", said[1])  # once, not every epoch
 
 

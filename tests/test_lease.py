@@ -3,7 +3,6 @@ kills, and leases written as another machine's driver leaves them. A `resume` of
 to end, is in test_search_cli.py."""
 
 import json
-import logging
 import os
 import re
 import socket
@@ -18,15 +17,17 @@ from sharetune.search import lease
 from sharetune.search.lease import LEASE_FILE, Lease, running_driver, this_machine
 from sharetune.search.storage import SearchFolder, StateError
 
-HOLD = ("import sys\nfrom sharetune.search.lease import Lease\nfrom sharetune.search.storage import SearchFolder\n"
-        "with Lease(SearchFolder(sys.argv[1])) as lease:\n    lease.confirm()\n    print('held', flush=True)\n"
+HOLD = ("import sys\nfrom sharetune.search import lease\nfrom sharetune.search.storage import SearchFolder\n"
+        "lease.HEARTBEAT_S = float(sys.argv[2])\n"
+        "with lease.Lease(SearchFolder(sys.argv[1])) as held:\n    held.confirm()\n    print('held', flush=True)\n"
         "    sys.stdin.read()\n")
 REFUSED = "is running this search; wait for it to end, or stop it (Ctrl-C) and resume then"
 
 
-def holder(folder: SearchFolder) -> subprocess.Popen:
-    """A process that holds the folder's lease until its stdin closes."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def holder(folder: SearchFolder, beat_s: float = lease.HEARTBEAT_S) -> subprocess.Popen:
+    """A process that holds the folder's lease until its stdin closes, rewriting it every `beat_s`."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, folder, str(beat_s)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "held\n"
     return process
 
@@ -64,6 +65,11 @@ def test_a_second_driver_is_refused_while_the_first_runs_and_not_once_it_ended_o
         assert running_driver(folder).pid == os.getpid()
     assert folder.read(LEASE_FILE) is None and Path(folder).exists()  # the search's folder stays
     killed.wait(timeout=60)
+    made = SearchFolder(tmp_path / "made")
+    Path(made).mkdir()  # a user's, empty
+    with Lease(made):
+        pass
+    assert Path(made).is_dir()
 
 
 def test_of_two_drivers_that_took_the_lease_at_once_the_one_whose_lease_stayed_goes_on(tmp_path):
@@ -84,14 +90,19 @@ def test_another_machines_lease_holds_until_it_goes_unwritten_for_a_minute(tmp_p
     # a container that shares this host's name, with its own pids: its pid 57 is not this machine's
     write_lease(folder, host=socket.gethostname(), machine=f"{socket.gethostname()} another-boot 1", seen=time.time() - 5)
     assert re.search(f"pid 57 on {socket.gethostname()}, its lease rewritten [5-9] s ago", refusal(folder))
-    write_lease(folder, seen=time.time() - lease.EXPIRES_S - 1)
+    write_lease(folder, seen=time.time() + 30)  # its clock a little ahead
+    assert REFUSED in refusal(folder)
+    for seen in (time.time() - lease.EXPIRES_S - 1, time.time() + 3600, 1e300):  # not hours ahead: a damaged lease
+        write_lease(folder, seen=seen)
+        assert running_driver(folder) is None
     with Lease(folder) as held:
         held.confirm()
         assert running_driver(folder).pid == os.getpid()
 
 
 @pytest.mark.parametrize("data", [
-    b'{"host": "', b"[]", b"{}", b"\xff\xfe",  # cut short, not a lease
+    b'{"host": "', b"[]", b"{}", b"\xff\xfe", b"[" * 100_000, b" " * 5000,  # cut short, not a lease, too large for one
+    b'{"host": "h", "machine": "m", "pid": 1e400, "started": 0, "token": "t", "seen": 0}',
     json.dumps({"host": "h", "machine": "HERE", "pid": "x", "started": 0, "token": "t", "seen": 0}).encode(),
     json.dumps({"host": "h", "machine": "HERE", "pid": -1, "started": 0, "token": "t", "seen": 0}).encode(),
     json.dumps({"host": "h", "machine": "HERE", "pid": "SELF", "started": 1.0, "token": "t", "seen": 0}).encode(),  # a later process given its pid
@@ -106,22 +117,43 @@ def test_a_lease_that_names_no_running_driver_is_taken(tmp_path, data):
         assert running_driver(folder).pid == os.getpid()
 
 
-def test_the_lease_is_rewritten_while_held_and_a_driver_that_lost_it_says_so_and_leaves_the_new_one(tmp_path, monkeypatch,
-                                                                                                     caplog):
-    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+def test_the_lease_is_rewritten_while_held_and_a_driver_that_lost_it_stops_as_ctrl_c_stops_it(tmp_path):
     folder = SearchFolder(tmp_path / "search")
-    with caplog.at_level(logging.WARNING, logger=lease.__name__), Lease(folder) as held:
+    driver = holder(folder, beat_s=0.05)
+    first, deadline = running_driver(folder).seen, time.monotonic() + 30
+    while running_driver(folder).seen == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_driver(folder).seen > first
+    folder.remove(LEASE_FILE)  # deleted: the next beat writes it again
+    while folder.read(LEASE_FILE) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running_driver(folder).pid == driver.pid
+    write_lease(folder)  # another machine's driver took it over (this one's beats went unwritten past EXPIRES_S, say)
+    driver.wait(timeout=60)  # its stdin still open: it ends only by its heartbeat's Ctrl-C
+    stderr = driver.stderr.read()
+    assert driver.returncode != 0 and "KeyboardInterrupt" in stderr  # Ctrl-C, which a search ends on
+    assert re.search(rf"{folder}: pid 57 on ray-head-0, its lease rewritten \d s ago \(one not rewritten for 60 s is a "
+                     r"stopped driver's\) took this search over; stopping this driver, as Ctrl-C does\n", stderr), stderr
+    assert json.loads(folder.read(LEASE_FILE))["token"] == "theirs"  # its end left theirs
+
+
+def test_a_new_search_checked_again_under_its_own_lease_names_no_driver(tmp_path):
+    from sharetune.search.tuner import check_new
+    from sharetune.spaces import SpecError
+
+    folder = SearchFolder(tmp_path / "search")
+    (Path(tmp_path) / "search").mkdir()
+    (Path(folder) / "sharetune-spec.yaml").write_text("one that started and ended there meanwhile")
+    with Lease(folder) as held, pytest.raises(SpecError) as refused:
         held.confirm()
-        first = running_driver(folder).seen
-        deadline = time.monotonic() + 30
-        while running_driver(folder).seen == first and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert running_driver(folder).seen > first
-        # another machine's driver took it over (this one's beats went unwritten past EXPIRES_S, say)
-        write_lease(folder)
-        while "took this search over" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
-    (message,) = caplog.messages
-    assert re.fullmatch(rf"{folder}: pid 57 on ray-head-0, its lease rewritten \d s ago \(one not rewritten for 60 s is a "
-                        r"stopped driver's\) took this search over; their results may mix", message)
-    assert json.loads(folder.read(LEASE_FILE))["token"] == "theirs"  # this driver's end left theirs
+        check_new(folder)
+    assert str(refused.value) == (f"--name: {folder} already holds a search; choose another name, or continue that one "
+                                  f"with `sharetune resume {folder}`")
+
+
+def test_a_lease_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tmp_path):
+    folder = SearchFolder(tmp_path / "search")
+    (Path(folder) / LEASE_FILE).mkdir(parents=True)
+    with pytest.raises(IsADirectoryError), Lease(folder):
+        pytest.fail("taken")
+    assert [p.name for p in Path(folder).iterdir()] == [LEASE_FILE]

@@ -39,6 +39,12 @@ LAYOUT = ("an image folder needs root/train/<class>/<images> and root/val/<class
           "(root: data.root, or --data-dir for sharetune train)")
 
 
+def shown(path: str) -> str:
+    """A file's path as a line can show it: bytes of a name that are not UTF-8 as \\xNN (printing them
+    raised UnicodeEncodeError)."""
+    return path.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
 def _hidden(name: str) -> bool:
     """A dot name (.ipynb_checkpoints, macOS's ._x.jpg, .DS_Store) is a tool's, not a class or an image."""
     return name.startswith(".")
@@ -254,17 +260,17 @@ class ImageFolderData:
                     x, y = self._cache["last_share"]
                 else:
                     raise DataError(f"{self.root}: every image of rank {self.rank}'s share of its first batch is unreadable "
-                                    f"(e.g. {bad[0]}); replace or remove them")
+                                    f"(e.g. {shown(bad[0])}); replace or remove them")
             elif not len(x):
                 continue
             served = True
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if not served and self.skipped - known:  # an accuracy over none would divide by zero
-            raise DataError(f"{self.root}: every image of the {split} split is unreadable (e.g. {min(self.skipped - known)}); "
+            raise DataError(f"{self.root}: every image of the {split} split is unreadable (e.g. {shown(min(self.skipped - known))}); "
                             "replace or remove them")
         if self.skipped - known:
             warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable images so far "
-                          f"(e.g. {min(self.skipped - known)}); replace or remove them", stacklevel=3)
+                          f"(e.g. {shown(min(self.skipped - known))}); replace or remove them", stacklevel=3)
 
     def train_batches(self, epoch: int, batch_size: int, seed: int, device: torch.device, *,
                       augment: Augment = Augment(), workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,6 +40,7 @@ LEASE_FILE = "sharetune-driver.lease"
 HEARTBEAT_S = 10.0
 EXPIRES_S = 60.0  # a lease from another machine not rewritten for this long is a stopped driver's
 SETTLE_S = 0.5  # longer than any driver takes from reading the lease to writing its own (an object store's too)
+MOST_BYTES = 4096  # a lease is some 200 bytes: a larger file is not one, and is not read whole
 RESUME_LATER = "wait for it to end, or stop it (Ctrl-C) and resume then"  # what a refused driver should do
 ANOTHER_NAME = "give this search another --name"
 
@@ -96,12 +98,15 @@ class Driver:
     def alive(self) -> bool:
         """Whether it still runs: on this machine, whether its process does; elsewhere, whether it rewrote
         the lease within EXPIRES_S."""
-        if not self.here():
-            return time.time() - self.seen < EXPIRES_S
+        if not self.here():  # its clock may be a little ahead of this one's, not hours
+            return abs(time.time() - self.seen) < EXPIRES_S
         try:
             return self.pid > 0 and process_start(self.pid) == self.started
         except psutil.AccessDenied:  # another user's process, which may be the driver: it holds
             return True
+
+    def is_this_process(self) -> bool:
+        return self.here() and self.pid == os.getpid()
 
     def described(self) -> str:
         if self.here():
@@ -111,15 +116,19 @@ class Driver:
 
 
 def _recorded(folder: SearchFolder) -> Driver | None:
-    """The driver the folder's lease names; None where there is none or it cannot be read as one."""
-    data = folder.read(LEASE_FILE)
-    if data is None:
+    """The driver the folder's lease names; None where there is none or it is not one. StateError where it
+    cannot be read."""
+    try:
+        data = folder.read(LEASE_FILE, MOST_BYTES)
+    except OSError as err:
+        raise StateError(f"{folder}: its driver's lease {LEASE_FILE} cannot be read ({first_line(err)})") from None
+    if data is None or len(data) == MOST_BYTES:
         return None
     try:
         record = json.loads(data)
         return Driver(str(record["host"]), str(record["machine"]), int(record["pid"]), float(record["started"]),
                       str(record["token"]), float(record["seen"]))
-    except (ValueError, TypeError, KeyError):  # cut short, or not a lease: no driver holds it
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError):  # cut short, or not a lease
         return None
 
 
@@ -134,7 +143,9 @@ def _write(folder: SearchFolder, driver: Driver) -> None:
 
 
 class _Heartbeat(threading.Thread):
-    """Rewrites the lease every HEARTBEAT_S until stopped."""
+    """Rewrites the lease every HEARTBEAT_S until stopped. Where another driver's lease has replaced it (this
+    one's went unwritten past EXPIRES_S, or was deleted), it stops this driver as Ctrl-C does, so that two
+    drivers mix their results no longer than a beat."""
 
     def __init__(self, folder: SearchFolder, driver: Driver) -> None:
         super().__init__(name="sharetune-lease", daemon=True)
@@ -146,7 +157,9 @@ class _Heartbeat(threading.Thread):
             try:
                 holder = _recorded(self.folder)
                 if holder is not None and holder.token != self.driver.token:
-                    log.warning("%s: %s took this search over; their results may mix", self.folder, holder.described())
+                    log.warning("%s: %s took this search over; stopping this driver, as Ctrl-C does", self.folder,
+                                holder.described())
+                    os.kill(os.getpid(), signal.SIGINT)
                     return
                 self.driver = replace(self.driver, seen=time.time())
                 _write(self.folder, self.driver)
@@ -169,6 +182,7 @@ class Lease:
         self.folder, self.refusal = folder, refusal
         self.driver: Driver | None = None
         self.heartbeat: _Heartbeat | None = None
+        self.made = False  # whether writing the lease made the folder
 
     def __enter__(self) -> Lease:
         if self.folder in self._held:
@@ -177,6 +191,7 @@ class Lease:
         if holder is not None:
             self._refuse(holder.described())
         self.driver = Driver.this_process()
+        self.made = not is_uri(self.folder) and not Path(self.folder).exists()
         _write(self.folder, self.driver)
         self._held[self.folder] = self
         return self
@@ -203,9 +218,9 @@ class Lease:
             self.heartbeat.stopped.set()
             self.heartbeat.join(timeout=HEARTBEAT_S)  # a store that hangs does not hold the exit
             self.driver = self.heartbeat.driver
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, StateError):
             holder = _recorded(self.folder)
             if holder is not None and holder.token == self.driver.token:
                 self.folder.remove(LEASE_FILE)
-            if not is_uri(self.folder):
+            if self.made:
                 os.rmdir(self.folder)  # where nothing else was written (a new search another driver took first)

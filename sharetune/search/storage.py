@@ -201,12 +201,13 @@ class SearchFolder(str):
         with filesystem.open_output_stream(f"{path}/{filename}") as stream:
             stream.write(data)
 
-    def read(self, filename: str) -> bytes | None:
+    def read(self, filename: str, most_bytes: int | None = None) -> bytes | None:
+        """The file's bytes, up to `most_bytes` (None: all); None where there is no such file."""
         filesystem, path = self._filesystem()
         if filesystem.get_file_info(f"{path}/{filename}").type != fs.FileType.File:
             return None
         with filesystem.open_input_stream(f"{path}/{filename}") as stream:
-            return stream.read()
+            return stream.read(most_bytes)
 
     def remove(self, filename: str) -> None:
         filesystem, path = self._filesystem()

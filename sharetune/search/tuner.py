@@ -127,6 +127,8 @@ def check_new(folder: SearchFolder) -> None:
     """SpecError where `folder` holds a search: a second one there would mix its trials and state into the first's."""
     if folder.is_search():
         holder = running_driver(folder)
+        if holder is not None and holder.is_this_process():  # checked again once this driver took the lease
+            holder = None
         how = (f"{holder.described()} is running it; give this one another name" if holder is not None else
                f"choose another name, or continue that one with `sharetune resume {folder}`")
         raise SpecError(f"--name: {folder} already holds a search; {how}")
