@@ -144,8 +144,8 @@ def _write(folder: SearchFolder, driver: Driver) -> None:
 
 class _Heartbeat(threading.Thread):
     """Rewrites the lease every HEARTBEAT_S until stopped. Where another driver's lease has replaced it (this
-    one's went unwritten past EXPIRES_S, or was deleted), it stops this driver as Ctrl-C does, so that two
-    drivers mix their results no longer than a beat."""
+    one's went unwritten past EXPIRES_S, or was deleted), it stops this driver as `kill` does (a search takes
+    SIGTERM as Ctrl-C: sharetune.search.cluster), so that two drivers mix their results no longer than a beat."""
 
     def __init__(self, folder: SearchFolder, driver: Driver) -> None:
         super().__init__(name="sharetune-lease", daemon=True)
@@ -157,9 +157,9 @@ class _Heartbeat(threading.Thread):
             try:
                 holder = _recorded(self.folder)
                 if holder is not None and holder.token != self.driver.token:
-                    log.warning("%s: %s took this search over; stopping this driver, as Ctrl-C does", self.folder,
+                    log.warning("%s: %s took this search over; stopping this driver, as `kill` does", self.folder,
                                 holder.described())
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGTERM)  # a search's Ctrl-C, also where a script's `&` ignores SIGINT
                     return
                 self.driver = replace(self.driver, seen=time.time())
                 _write(self.folder, self.driver)
