@@ -9,7 +9,6 @@ from enum import IntEnum
 from typing import TypeVar
 
 # scheme://user:password@host: a user may hold @ (Azure's user@server), a password @ too (up to the last one)
-E = TypeVar("E", bound=BaseException)
 USER_PASSWORD = re.compile(r"([\w+.-]+://[^:/\s]*:)[^/\s]*@")
 
 
@@ -25,6 +24,9 @@ def first_line(err: BaseException) -> str:
     one-line error quotes (MLflow's own errors quote the tracking URI)."""
     lines = str(err).strip().splitlines()
     return without_passwords(lines[0]) if lines else ""
+
+
+E = TypeVar("E", bound=BaseException)
 
 
 def cause_of(err: BaseException | None, kind: type[E]) -> E | None:

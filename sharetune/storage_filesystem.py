@@ -108,7 +108,8 @@ class _WholeFile:
         try:
             os.replace(self.partial, self.path)
         except OSError:  # the target is a folder, say
-            os.unlink(self.partial)
+            with contextlib.suppress(OSError):
+                os.unlink(self.partial)
             raise
         self._on_commit(self.path)
 

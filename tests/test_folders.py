@@ -6,6 +6,7 @@ import contextlib
 import os
 import pickle
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -301,7 +302,7 @@ def test_a_trial_whose_node_lists_other_files_than_the_search_did_is_refused_in_
         as_a_trial_gets_it().steps_per_epoch(8)
     here = load("imagefolder", root, img_size=16, val_fraction=0.25).listing
     assert here != started and re.fullmatch(r"train 54, val 18, test 24 images; sha256 [0-9a-f]{16}", here)
-    assert str(refused.value) == (f"{root}: its files here ({here}) are not those the search listed where it started "
+    assert str(refused.value) == (f"{root}: its files on {socket.gethostname()} ({here}) are not those the search listed where it started "
                                   f"({started}); give every node the same copy, unchanged while the search runs")
     (root / "train" / "class_1" / "moved.png").rename(moved)
     assert as_a_trial_gets_it().steps_per_epoch(8) == 7 and load("synthetic").listing is None

@@ -5,7 +5,6 @@ to end, is in test_search_cli.py."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +40,8 @@ def refusal(folder: SearchFolder) -> str:
 
 def write_lease(folder: SearchFolder, **record) -> None:
     folder.write(LEASE_FILE, json.dumps({"host": "ray-head-0", "machine": "ray-head-0 boot pid-ns", "pid": 57,
-                                         "started": 1.0, "token": "theirs", "seen": time.time(), **record}).encode())
+                                         "started": 1.0, "token": "theirs", "seen": time.time(), "confirmed": True,
+                                         **record}).encode())
 
 
 def test_a_second_driver_is_refused_while_the_first_runs_and_not_once_it_ended_or_was_killed(tmp_path):
@@ -76,7 +76,7 @@ def test_a_second_driver_is_refused_while_the_first_runs_and_not_once_it_ended_o
 def test_of_two_drivers_that_took_the_lease_at_once_the_one_whose_lease_stayed_goes_on(tmp_path):
     folder = SearchFolder(tmp_path / "search")
     with pytest.raises(StateError) as refused, Lease(folder) as taken:
-        write_lease(folder)  # another machine's driver, which read no lease either, wrote its own just after
+        write_lease(folder, confirmed=False)  # another machine's driver, which read no lease either, wrote its own just after
         taken.confirm()
     assert re.fullmatch(rf"{folder}: pid 57 on ray-head-0, its lease rewritten \d s ago \(one not rewritten for 60 s is a "
                         rf"stopped driver's\) {re.escape(REFUSED)}", str(refused.value))
@@ -103,10 +103,10 @@ def test_another_machines_lease_holds_until_it_goes_unwritten_for_a_minute(tmp_p
 
 @pytest.mark.parametrize("data", [
     b'{"host": "', b"[]", b"{}", b"\xff\xfe", b"[" * 100_000, b" " * 5000,  # cut short, not a lease, too large for one
-    b'{"host": "h", "machine": "m", "pid": 1e400, "started": 0, "token": "t", "seen": 0}',
-    json.dumps({"host": "h", "machine": "HERE", "pid": "x", "started": 0, "token": "t", "seen": 0}).encode(),
-    json.dumps({"host": "h", "machine": "HERE", "pid": -1, "started": 0, "token": "t", "seen": 0}).encode(),
-    json.dumps({"host": "h", "machine": "HERE", "pid": "SELF", "started": 1.0, "token": "t", "seen": 0}).encode(),  # a later process given its pid
+    b'{"host": "h", "machine": "m", "pid": 1e400, "started": 0, "token": "t", "seen": 0, "confirmed": true}',
+    json.dumps({"host": "h", "machine": "HERE", "pid": "x", "started": 0, "token": "t", "seen": 0, "confirmed": True}).encode(),
+    json.dumps({"host": "h", "machine": "HERE", "pid": -1, "started": 0, "token": "t", "seen": 0, "confirmed": True}).encode(),
+    json.dumps({"host": "h", "machine": "HERE", "pid": "SELF", "started": 1.0, "token": "t", "seen": 0, "confirmed": True}).encode(),  # a later process given its pid
 ])
 def test_a_lease_that_names_no_running_driver_is_taken(tmp_path, data):
     folder = SearchFolder(tmp_path / "search")
@@ -118,24 +118,38 @@ def test_a_lease_that_names_no_running_driver_is_taken(tmp_path, data):
         assert running_driver(folder).pid == os.getpid()
 
 
-def test_the_lease_is_rewritten_while_held_and_a_driver_that_lost_it_stops_as_kill_stops_it(tmp_path):
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_the_lease_is_rewritten_while_held_and_a_driver_that_lost_it_stops_at_once(tmp_path):
     folder = SearchFolder(tmp_path / "search")
     driver = holder(folder, beat_s=0.05)
-    first, deadline = running_driver(folder).seen, time.monotonic() + 30
-    while running_driver(folder).seen == first and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running_driver(folder).seen > first
+    first = running_driver(folder)
+    assert first.confirmed
+    wait_for(lambda: running_driver(folder).seen > first.seen)
     folder.remove(LEASE_FILE)  # deleted: the next beat writes it again
-    while folder.read(LEASE_FILE) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert running_driver(folder).pid == driver.pid
-    write_lease(folder)  # another machine's driver took it over (this one's beats went unwritten past EXPIRES_S, say)
-    driver.wait(timeout=60)  # its stdin still open: it ends only by its heartbeat's Ctrl-C
+    wait_for(lambda: folder.read(LEASE_FILE) is not None)
+    # A resume that found it gone took it meanwhile; the running driver writes its own back, before the
+    # resume confirms (once its Ray started), which then refuses the folder
+    folder.remove(LEASE_FILE)
+    with pytest.raises(StateError) as refused, Lease(folder) as late:
+        wait_for(lambda: running_driver(folder).pid == driver.pid)
+        late.confirm()
+    assert f"pid {driver.pid} on this machine {REFUSED}" in str(refused.value) and driver.poll() is None
+    write_lease(folder, confirmed=False)  # another machine's driver that has not confirmed: this one's goes back
+    wait_for(lambda: running_driver(folder).pid == driver.pid)
+    write_lease(folder, confirmed=True)  # one that confirmed (this one's beats went unwritten past EXPIRES_S, say)
+    driver.wait(timeout=60)  # its stdin still open: it ends only by its heartbeat
     stderr = driver.stderr.read()
-    assert driver.returncode == -signal.SIGTERM  # which a search takes as Ctrl-C (here nothing takes it)
-    assert re.search(rf"{folder}: pid 57 on ray-head-0, its lease rewritten \d s ago \(one not rewritten for 60 s is a "
-                     r"stopped driver's\) took this search over; stopping this driver, as `kill` does\n", stderr), stderr
-    assert json.loads(folder.read(LEASE_FILE))["token"] == "theirs"  # its end left theirs
+    assert driver.returncode == 130 and re.fullmatch(
+        rf"error: {folder}: pid 57 on ray-head-0, its lease rewritten \d s ago \(one not rewritten for 60 s is a stopped "
+        r"driver's\) took this search over, its lease in place of this driver's; this driver stopped at once, as kill -9 "
+        r"stops one, and left the search to it\n", stderr), stderr
+    assert json.loads(folder.read(LEASE_FILE))["token"] == "theirs"  # left to it
 
 
 def test_a_new_search_checked_again_under_its_own_lease_names_no_driver(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import socket
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -212,8 +213,9 @@ class ImageFolderData:
                 kept, held = val_split(torch.tensor([label for _, label in train]), self.val_fraction, self.seed)
                 lists = {"train": [train[i] for i in kept.tolist()], "val": [train[i] for i in held.tolist()], "test": test}
             if self.listing is not None and (here := _listing(self.root, lists)) != self.listing:
-                raise DataError(f"{self.root}: its files here ({here}) are not those the search listed where it started "
-                                f"({self.listing}); give every node the same copy, unchanged while the search runs")
+                raise DataError(f"{self.root}: its files on {socket.gethostname()} ({here}) are not those the search listed "
+                                f"where it started ({self.listing}); give every node the same copy, unchanged while "
+                                "the search runs")
             self._cache["lists"] = lists
         return self._cache["lists"]
 

@@ -8,9 +8,11 @@ and removed when it ends. Another driver refuses the folder in one line while th
 lease left by a killed driver is not: on its machine the process is gone, elsewhere it was not
 rewritten for EXPIRES_S. `sharetune list` reads the same lease to show a search as running.
 
-Taking it is check, write, then read back SETTLE_S later (a resume takes it before Ray starts and
-confirms it after, which takes longer): of two drivers that checked at once, the one whose lease
-stayed goes on.
+Taking it is check, write, then read back SETTLE_S later and mark it confirmed (a resume takes it
+before Ray starts and confirms it after, which takes longer): of two drivers that checked at once, the
+one whose lease stayed goes on. A driver that finds another's confirmed lease in place of its own (its
+own deleted, or unwritten past EXPIRES_S) exits at once, as kill -9 would: a stop as Ctrl-C's would save
+Tune's state, prune checkpoints and end MLflow runs under the driver that went on.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import functools
 import json
 import logging
 import os
-import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from sharetune.errors import first_line
+from sharetune.errors import ExitCode, first_line
 from sharetune.search.storage import SearchFolder, StateError
 from sharetune.storage_filesystem import is_uri
 
@@ -62,7 +64,9 @@ def process_start(pid: int) -> float | None:
     Linux its start in clock ticks since boot: psutil's create_time adds the boot time computed now,
     which a stepped clock (NTP, a resumed VM) shifts."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()  # PermissionError under hidepid: see Driver.alive
+    except ProcessLookupError:  # it ended while read
+        return None
     except FileNotFoundError:
         if Path("/proc/self/stat").exists():  # Linux: no such process
             return None
@@ -78,7 +82,8 @@ def process_start(pid: int) -> float | None:
 @dataclass(frozen=True)
 class Driver:
     """The process that holds a lease. `started` tells it from a later process given the same pid; `seen`
-    is when it last rewrote the lease, by its clock; `host` is the part of `machine` people read."""
+    is when it last rewrote the lease, by its clock; `host` is the part of `machine` people read;
+    `confirmed`: it read its lease back and goes on."""
 
     host: str
     machine: str
@@ -86,6 +91,7 @@ class Driver:
     started: float
     token: str
     seen: float
+    confirmed: bool = False
 
     @classmethod
     def this_process(cls) -> Driver:
@@ -102,7 +108,7 @@ class Driver:
             return abs(time.time() - self.seen) < EXPIRES_S
         try:
             return self.pid > 0 and process_start(self.pid) == self.started
-        except psutil.AccessDenied:  # another user's process, which may be the driver: it holds
+        except (psutil.AccessDenied, PermissionError):  # another user's process, which may be the driver: it holds
             return True
 
     def is_this_process(self) -> bool:
@@ -127,7 +133,7 @@ def _recorded(folder: SearchFolder) -> Driver | None:
     try:
         record = json.loads(data)
         return Driver(str(record["host"]), str(record["machine"]), int(record["pid"]), float(record["started"]),
-                      str(record["token"]), float(record["seen"]))
+                      str(record["token"]), float(record["seen"]), record["confirmed"] is True)
     except (ValueError, TypeError, KeyError, OverflowError, RecursionError):  # cut short, or not a lease
         return None
 
@@ -142,27 +148,43 @@ def _write(folder: SearchFolder, driver: Driver) -> None:
     folder.write(LEASE_FILE, json.dumps(asdict(driver)).encode())
 
 
+def _stop_now(folder: SearchFolder, holder: Driver) -> None:
+    sys.stdout.flush()  # the last progress lines, where stdout is a pipe or a log
+    print(f"error: {folder}: {holder.described()} took this search over, its lease in place of this driver's; this "
+          "driver stopped at once, as kill -9 stops one, and left the search to it", file=sys.stderr, flush=True)
+    os._exit(ExitCode.INTERRUPTED)
+
+
 class _Heartbeat(threading.Thread):
-    """Rewrites the lease every HEARTBEAT_S until stopped. Where another driver's lease has replaced it (this
-    one's went unwritten past EXPIRES_S, or was deleted), it stops this driver as `kill` does (a search takes
-    SIGTERM as Ctrl-C: sharetune.search.cluster), so that two drivers mix their results no longer than a beat."""
+    """Rewrites the lease every HEARTBEAT_S until stopped, from the moment the driver takes it (a resume loads
+    its data before it confirms). Before this driver confirmed, another driver's lease means that one went
+    on first: this one leaves it be and is refused when it confirms. After, another's confirmed lease means
+    it took the search over: this driver stops at once; an unconfirmed one is refused when it confirms."""
 
     def __init__(self, folder: SearchFolder, driver: Driver) -> None:
         super().__init__(name="sharetune-lease", daemon=True)
-        self.folder, self.driver, self.stopped = folder, driver, threading.Event()
+        self.folder, self.driver = folder, driver
+        self.stopped, self.lock = threading.Event(), threading.Lock()  # a beat and a confirm do not interleave
+
+    def beat(self, confirming: bool = False) -> Driver | None:
+        """Rewrite the lease (`confirming` it); the other driver whose lease it left in place, if any."""
+        with self.lock:
+            holder = _recorded(self.folder)
+            if holder is not None and holder.token != self.driver.token:
+                if not self.driver.confirmed:
+                    return holder
+                if holder.confirmed:
+                    _stop_now(self.folder, holder)
+            if not self.stopped.is_set():  # a beat that outlived its lease (a slow store) writes nothing
+                self.driver = replace(self.driver, seen=time.time(), confirmed=self.driver.confirmed or confirming)
+                _write(self.folder, self.driver)
+        return None
 
     def run(self) -> None:
         failing = False
         while not self.stopped.wait(HEARTBEAT_S):
             try:
-                holder = _recorded(self.folder)
-                if holder is not None and holder.token != self.driver.token:
-                    log.warning("%s: %s took this search over; stopping this driver, as `kill` does", self.folder,
-                                holder.described())
-                    os.kill(os.getpid(), signal.SIGTERM)  # a search's Ctrl-C, also where a script's `&` ignores SIGINT
-                    return
-                self.driver = replace(self.driver, seen=time.time())
-                _write(self.folder, self.driver)
+                self.beat()
                 failing = False
             except Exception as err:  # a full disk, a store that does not answer: the next beat tries again
                 if not failing:
@@ -173,26 +195,28 @@ class _Heartbeat(threading.Thread):
 
 class Lease:
     """A driver's hold on a search folder, as a context: taken on entry (StateError, in one line, where another
-    driver runs the search), `confirm`ed once Ray has started, released on exit. Inside a block that holds
-    the folder already (a resume that starts its search's trials) it is that block's."""
+    driver runs the search), `confirm`ed before the driver writes anything else, released on exit. Inside a
+    block that holds the folder already (a resume that starts its search's trials) it is that block's."""
 
     _held: dict[str, Lease] = {}  # folder -> the lease this process holds on it
 
     def __init__(self, folder: SearchFolder, refusal: str = RESUME_LATER) -> None:
         self.folder, self.refusal = folder, refusal
-        self.driver: Driver | None = None
-        self.heartbeat: _Heartbeat | None = None
+        self.heartbeat: _Heartbeat | None = None  # this driver's, once it took the lease
         self.made = False  # whether writing the lease made the folder
+        self.written = 0.0  # when, by time.monotonic
 
     def __enter__(self) -> Lease:
         if self.folder in self._held:
             return self._held[self.folder]
         holder = running_driver(self.folder)
-        if holder is not None:
+        if holder is not None and not holder.is_this_process():  # (this process's: one a slow beat wrote back)
             self._refuse(holder.described())
-        self.driver = Driver.this_process()
+        driver = Driver.this_process()
         self.made = not is_uri(self.folder) and not Path(self.folder).exists()
-        _write(self.folder, self.driver)
+        _write(self.folder, driver)
+        self.written, self.heartbeat = time.monotonic(), _Heartbeat(self.folder, driver)
+        self.heartbeat.start()
         self._held[self.folder] = self
         return self
 
@@ -200,27 +224,24 @@ class Lease:
         raise StateError(f"{self.folder}: {who} is running this search; {self.refusal}")
 
     def confirm(self) -> None:
-        """Read the lease back, SETTLE_S after it was written: StateError where another driver's replaced it."""
-        if self.heartbeat is not None:
+        """Read the lease back, SETTLE_S after it was written, and mark it confirmed: StateError where another
+        driver's replaced it."""
+        if self.heartbeat.driver.confirmed:
             return
-        time.sleep(max(self.driver.seen + SETTLE_S - time.time(), 0))
-        holder = _recorded(self.folder)
-        if holder is None or holder.token != self.driver.token:  # (none: another took it, and has let go already)
-            self._refuse(holder.described() if holder is not None else "another driver")
-        self.heartbeat = _Heartbeat(self.folder, self.driver)
-        self.heartbeat.start()
+        time.sleep(max(self.written + SETTLE_S - time.monotonic(), 0))
+        other = self.heartbeat.beat(confirming=True)
+        if other is not None:
+            self._refuse(other.described())
 
     def __exit__(self, *exc) -> None:
-        if self.driver is None:  # another block's
+        if self.heartbeat is None:  # another block's
             return
         del self._held[self.folder]
-        if self.heartbeat is not None:
-            self.heartbeat.stopped.set()
-            self.heartbeat.join(timeout=HEARTBEAT_S)  # a store that hangs does not hold the exit
-            self.driver = self.heartbeat.driver
+        self.heartbeat.stopped.set()
+        self.heartbeat.join(timeout=HEARTBEAT_S)  # a store that hangs does not hold the exit
         with contextlib.suppress(OSError, StateError):
             holder = _recorded(self.folder)
-            if holder is not None and holder.token == self.driver.token:
+            if holder is not None and holder.token == self.heartbeat.driver.token:
                 self.folder.remove(LEASE_FILE)
             if self.made:
                 os.rmdir(self.folder)  # where nothing else was written (a new search another driver took first)

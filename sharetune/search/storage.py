@@ -215,7 +215,7 @@ class SearchFolder(str):
             filesystem.delete_file(f"{path}/{filename}")
 
     def is_search(self) -> bool:
-        """Whether a search was started here (its spec is written before Ray starts)."""
+        """Whether a search was started here (its spec is written before its trials start)."""
         try:
             return self.read(SPEC_FILE) is not None
         except (OSError, ValueError):
