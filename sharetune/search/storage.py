@@ -70,19 +70,36 @@ def vanished_staging_file(err: BaseException | None) -> bool:
 class StateSaveLog(logging.Filter):
     """Tune logs a failed save of its state with the whole traceback. On a full disk the search stops
     with its own line about it, so the record keeps its message and the error's one line; a save that
-    missed a temporary staging file is not a failure anyone can act on, so it is not logged."""
+    missed a temporary staging file is not a failure anyone can act on, so it is not logged. Tune tries
+    again every few seconds: a failure logged once is not logged again (a search folder made read-only
+    mid-run printed some 3,400 lines of the same traceback)."""
 
     full_disk = False  # whether a save failed on a full disk
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: set[str] = set()  # the failures logged so far, as their error's type and line
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and vanished_staging_file(record.exc_info[1]):
             return False
+        failure = _error_line(record.exc_info[1]) if record.exc_info else record.getMessage()
+        if failure in self.logged:
+            return False
+        self.logged.add(failure)
         full = full_disk_cause(record.exc_info[1]) if record.exc_info else None
         if full is not None:
             self.full_disk = True
             record.msg = f"{record.getMessage()}{full}"
             record.args, record.exc_info, record.exc_text = None, None, None
         return True
+
+
+def _error_line(err: BaseException) -> str:
+    """The innermost error behind `err` (Tune wraps the filesystem's), as its type and first line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
