@@ -105,12 +105,7 @@ class _WholeFile:
         if is_tune_state(self.path) and not _whole_json(self.partial):
             os.unlink(self.partial)
             return
-        try:
-            os.replace(self.partial, self.path)
-        except OSError:  # the target is a folder, say
-            with contextlib.suppress(OSError):
-                os.unlink(self.partial)
-            raise
+        self._guarded(os.replace, self.partial, self.path)  # fails where the target is a folder, say
         self._on_commit(self.path)
 
     def _guarded(self, operation, *args):

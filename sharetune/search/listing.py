@@ -1,6 +1,6 @@
 """Past searches under a storage location, read from their folders: what `sharetune list` shows.
 
-A search folder holds its spec (written before Ray starts, so its time is the search's start), Tune's
+A search folder holds its spec (written once Ray has started, so its time is the search's start), Tune's
 state (each trial's status and last results) and, while a driver runs it, that driver's lease: a search
 with a live lease is `running`; one with trials left and no driver is `incomplete`, and `sharetune
 resume` continues it; one its time limit ended with trials cut short is `out of time` (a resume does not renew
